@@ -1,0 +1,68 @@
+# cyber-moe: `make run` and `make test` do all set-up on a fresh machine (Python 3.11 + Debian).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PARAMS ?= params/default.yaml
+APT_UPDATED := $(VENV)/.apt-updated
+
+.PHONY: install run test check-clean check-export nbtest pytest lab serve dashboard bench clean-outputs sysdeps-test
+
+# (Re)install when pyproject.toml changes; the venv itself is created once.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11" >&2; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/cyber-moe pipeline --params $(PARAMS)
+
+# Debian packages that the integration tests start for real (installed only when missing).
+sysdeps-test:
+	@missing=""; \
+	[ -x /usr/lib/postgresql/15/bin/initdb ] || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# nbdev_clean must leave the notebooks as committed.
+check-clean: install
+	@tmp=$$(mktemp -d); cp -r nbs "$$tmp/nbs"; $(BIN)/nbdev_clean; \
+	if ! diff -r -q "$$tmp/nbs" nbs; then echo "error: nbdev_clean changed the notebooks above: run it and commit" >&2; rm -rf "$$tmp"; exit 1; fi; rm -rf "$$tmp"
+
+# nbdev_export must leave cyber_moe/ as committed: notebooks and package in sync.
+check-export: install
+	@tmp=$$(mktemp -d); cp -r cyber_moe "$$tmp/pkg"; $(BIN)/nbdev_export; \
+	if ! diff -r -q -x __pycache__ "$$tmp/pkg" cyber_moe; then echo "error: cyber_moe/ differs from what nbdev_export makes of nbs/: export and commit" >&2; rm -rf "$$tmp"; exit 1; fi; rm -rf "$$tmp"
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: install sysdeps-test
+	$(BIN)/pytest tests/
+
+test: check-clean check-export nbtest pytest
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+serve: install
+	$(BIN)/cyber-moe serve --model outputs/default/model
+
+dashboard: install
+	$(BIN)/cyber-moe dashboard
+
+bench: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python "$$b"; done
+
+clean-outputs:
+	rm -rf outputs
