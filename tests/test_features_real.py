@@ -4,6 +4,8 @@ import time
 
 import numpy as np
 import pandas as pd
+
+from cyber_moe.data import load_flows
 import pytest
 
 from cyber_moe.features import Preprocessor, population_stability_index, split_flows
@@ -12,20 +14,12 @@ from cyber_moe.schema import FAMILY, IS_ATTACK, UNSW_NB15, SchemaError
 UNSW_DEV = "unsw-nb15/UNSW_NB15_training-set.dev80.csv"
 
 
-# --- TEMPORARY FIXTURE: replace by the cyber_moe.data UNSW-NB15 loader once it exists -----------------------
-def _read_unsw_minimal(path) -> pd.DataFrame:
-    "Minimal stand-in for the loader: BOM-aware read, stripped headers, `family` and `is_attack` added."
-    df = pd.read_csv(path, encoding="utf-8-sig")
-    df.columns = [c.strip() for c in df.columns]
-    df[FAMILY] = df[UNSW_NB15.label].map(UNSW_NB15.canonical_label)
-    df[IS_ATTACK] = df[UNSW_NB15.binary_label].astype("int8")
-    return df
-# --- end of temporary fixture --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def unsw(shared_data):
-    return _read_unsw_minimal(shared_data / UNSW_DEV)
+    df, _ = load_flows("unsw-nb15", [shared_data / UNSW_DEV])
+    return df
 
 
 @pytest.fixture(scope="module")
