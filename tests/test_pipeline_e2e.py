@@ -31,9 +31,16 @@ def smoke_run(cli, root, tmp_path_factory):
 def test_pipeline_leaves_notebooks_metrics_model_and_record(smoke_run):
     run_dir = smoke_run / "smoke"
     nbs = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
-    assert nbs == ["00_setup.ipynb", "10_data.ipynb", "20_train.ipynb", "30_evaluate.ipynb"]
+    assert nbs == ["00_setup.ipynb", "10_data.ipynb", "20_train.ipynb", "30_evaluate.ipynb", "40_explain.ipynb", "50_report.ipynb"]
     rec = json.loads((run_dir / "run.json").read_text())
-    assert rec["status"] == "ok" and [s["status"] for s in rec["stages"]] == ["ok"] * 4
+    assert rec["status"] == "ok" and [s["status"] for s in rec["stages"]] == ["ok"] * 6
+    report = (run_dir / "report.html").read_text()
+    assert "Model vs baseline" in report and 'src="figures/shap_global.html"' in report
+    runs = (smoke_run / "runs.csv").read_text().splitlines()
+    assert runs[0].startswith("run_name,") and runs[1].startswith("smoke,")
+    imp = json.loads((run_dir / "explain" / "importance.json").read_text())
+    assert set(imp["p_attack"]["p_attack"]) == set(get_schema("nfstream").features)
+    assert set(json.loads((run_dir / "explain" / "drift.json").read_text())["psi"]) == set(get_schema("nfstream").features)
     m = json.loads((run_dir / "metrics.json").read_text())
     for who in ("model", "baseline"):
         assert {"binary", "family", "calibration"} <= set(m[who])
