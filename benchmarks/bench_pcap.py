@@ -12,7 +12,6 @@ unless --no-append.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import time
 from datetime import date
@@ -22,10 +21,7 @@ import numpy as np
 import torch
 
 from cyber_moe.alerts import alerts_ecs, alerts_eve, community_ids, score_pcap, watch
-from cyber_moe.bundle import ModelBundle
-from cyber_moe.config import ModelConfig
-from cyber_moe.features import Preprocessor
-from cyber_moe.models import MoEClassifier
+from cyber_moe.bundle import ModelBundle, untrained_bundle
 from cyber_moe.nfstream import NFSTREAM, pcap_to_flows
 from cyber_moe.synth import load_or_generate
 
@@ -34,16 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def default_bundle(train) -> ModelBundle:
     "A bundle on the nfstream schema with the default ModelConfig sizes (untrained weights, threshold at the median p_attack)."
-    pre = Preprocessor(schema=NFSTREAM).fit(train)
-    accepted = inspect.signature(MoEClassifier).parameters
-    kw = {k: v for k, v in ModelConfig().model_dump().items() if k in accepted}
-    kw.update(n_num=len(NFSTREAM.numeric), cat_cardinalities=list(pre.cat_cardinalities), n_time=len(NFSTREAM.timing),
-              n_classes=len(pre.classes))
-    torch.manual_seed(0)
-    net = MoEClassifier(**kw)
-    probe = ModelBundle(schema=NFSTREAM, preprocessor=pre, net=net, net_kwargs=kw)
-    thr = float(np.median(probe.predict(train.head(5000))["p_attack"]))
-    return ModelBundle(schema=NFSTREAM, preprocessor=pre, net=net, net_kwargs=kw, threshold=thr, name="bench", version="1")
+    b = untrained_bundle(train, schema=NFSTREAM, name="bench", version="1")
+    b.threshold = float(np.median(b.predict(train.head(5000))["p_attack"]))
+    return b
 
 
 def timed(fn):

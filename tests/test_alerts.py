@@ -1,20 +1,15 @@
 """Capture scoring and alerts (cyber_moe.alerts) end to end: a generated pcap, a saved and reloaded bundle of the
 default model size on the nfstream schema, alert files in ECS and Suricata-EVE shape, truncated captures, and
 `watch` replaying the pcap."""
-import inspect
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cyber_moe.alerts import (SID_BASE, community_id, make_alerts, save_verdicts, score_pcap, summary_table, watch,
                               write_alerts)
-from cyber_moe.bundle import ModelBundle, load_model_bundle, save_bundle
-from cyber_moe.config import ModelConfig
-from cyber_moe.features import Preprocessor
-from cyber_moe.models import MoEClassifier
+from cyber_moe.bundle import ModelBundle, load_model_bundle, save_bundle, untrained_bundle
 from cyber_moe.nfstream import NFSTREAM, PcapError, pcap_to_flows
 from cyber_moe.synth import load_or_generate
 
@@ -52,16 +47,8 @@ def capture(tmp_path_factory):
 def bundle(capture, tmp_path_factory):
     "A bundle of the default ModelConfig size on the nfstream schema, saved and loaded back as the CLI loads it."
     flows, _ = capture
-    pre = Preprocessor(schema=NFSTREAM).fit(flows)
-    accepted = inspect.signature(MoEClassifier).parameters
-    kw = {k: v for k, v in ModelConfig().model_dump().items() if k in accepted}
-    kw.update(n_num=len(NFSTREAM.numeric), cat_cardinalities=list(pre.cat_cardinalities), n_time=len(NFSTREAM.timing),
-              n_classes=len(pre.classes))
-    torch.manual_seed(1)
-    net = MoEClassifier(**kw)
-    probe = ModelBundle(schema=NFSTREAM, preprocessor=pre, net=net, net_kwargs=kw)
-    thr = float(np.quantile(probe.predict(flows)["p_attack"], 0.7))      # about 30% flagged: both kinds present
-    b = ModelBundle(schema=NFSTREAM, preprocessor=pre, net=net, net_kwargs=kw, threshold=thr, name="nfs-test", version="7")
+    b = untrained_bundle(flows, schema=NFSTREAM, seed=1, name="nfs-test", version="7")
+    b.threshold = float(np.quantile(b.predict(flows)["p_attack"], 0.7))      # about 30% flagged: both kinds present
     return load_model_bundle(save_bundle(b, tmp_path_factory.mktemp("model") / "model"))
 
 
