@@ -28,6 +28,8 @@ from cyber_moe.features import Preprocessor
 from cyber_moe.models import MoEClassifier, n_parameters
 from cyber_moe.schema import get_schema
 
+from common import emit_table
+
 ROOT = Path(__file__).resolve().parent.parent
 UNSW = ROOT.parent / "shared" / "data" / "unsw-nb15" / "UNSW_NB15_training-set.dev80.csv"
 
@@ -75,11 +77,7 @@ def main(argv=None) -> str:
     for n, t in times.items():
         ex, pr = statistics.median(t["explain"]), statistics.median(t["predict"])
         lines.append(f"| {n} | {2 * (n_feat - 1) * n + n + 1:,d} | {ex:.3f} | {pr:.4f} | x{ex / pr:,.0f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if a.append:
-        with a.append.open("a") as f: f.write("\n" + table)
-    return table
+    return emit_table(lines, a.append)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 
 from cyber_moe.models import MoEClassifier, n_parameters
 
+from common import emit_table
+
 CARDS = [135, 14, 12]  # proto, service, state in the UNSW-NB15 training partition, plus the unknown bucket
 
 
@@ -118,11 +120,7 @@ def main(argv=None) -> str:
     lines = [f"### bench_model.py, {date.today()} ({a.threads} threads, batch {a.batch}, {platform.machine()}, torch {torch.__version__})",
              "", "| model | params | flows/s | vs LightGBM |", "|---|---|---|---|"]
     lines += [f"| {n} | {k} | {r:,.0f} | {r / lgb:.2f}x |" for n, k, r in rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if a.append:
-        with a.append.open("a") as f: f.write("\n" + table)
-    return table
+    return emit_table(lines, a.append)
 
 
 if __name__ == "__main__":
