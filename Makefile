@@ -62,7 +62,7 @@ dashboard: install
 	$(BIN)/cyber-moe dashboard
 
 bench: install
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python "$$b"; done
+	@for b in benchmarks/bench_*.py benchmarks/serve.py; do echo "== $$b"; $(BIN)/python "$$b"; done
 
 clean-outputs:
 	rm -rf outputs
