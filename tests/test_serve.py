@@ -128,6 +128,17 @@ def test_the_old_services_payload_shape(client, unsw, unsw_bundles):
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]) and r.json()["request_id"] == r.headers["x-request-id"]
 
 
+def test_the_network_runs_on_onnx_runtime(client, unsw, unsw_bundles):
+    "The served bundle's checked ONNX graph scores by default; its numbers are torch's, and /ready and the OIP metadata say so."
+    assert client.get("/ready").json()["runtime"] == "onnx"
+    assert client.get("/v2/models/cyber-moe-unsw").json()["platform"] == "onnxruntime_onnx"
+    flows = records(unsw.iloc[100:300], UNSW_NB15.features)
+    torch_ref = load_model_bundle(unsw_bundles[0]).predict(pd.DataFrame(flows), class_probs=True)    # torch, frame path
+    got = client.post("/predict_batch", json=flows).json()["predictions"]
+    assert [p["family"] for p in got] == list(torch_ref["family"])
+    np.testing.assert_allclose([p["p_attack"] for p in got], torch_ref["p_attack"], rtol=0, atol=1e-5)
+
+
 def test_batch_equals_single_flows(client, unsw):
     flows = records(unsw.iloc[10:60], UNSW_NB15.features)
     b = client.post("/predict_batch", json=flows).json()
