@@ -114,7 +114,8 @@ def test_compose_dockerfile_and_provisioning_agree():
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*" and "!cyber_moe/" in ignore and "!app/" in ignore
     entry = DEPLOY / "docker-entrypoint.sh"
-    assert entry.stat().st_mode & 0o111 and "PROMETHEUS_MULTIPROC_DIR" in entry.read_text()
+    assert entry.stat().st_mode & 0o111 and "PROMETHEUS_MULTIPROC_DIR" in entry.read_text() and "CYBER_MOE_RELOAD_DIR" in entry.read_text()
+    assert "CYBER_MOE_RELOAD_DIR=" in docker                   # two workers: a reload sent to one reaches both
     r = subprocess.run(["sh", "-n", str(entry)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     prov = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/cyber-moe.yml").read_text())["providers"][0]

@@ -376,3 +376,60 @@ def test_two_workers_share_metrics(unsw_bundles, unsw, tmp_path):
         assert re.search(r"^cyber_moe_model_loaded 1\.0$", text, re.M)
         pids = {json.loads(ln)["pid"] for ln in s.log().splitlines() if ln.startswith("{") and '"route": "/predict"' in ln}
     assert len(pids) == 2, f"requests were served by {len(pids)} worker(s); expected both"
+
+
+def test_reload_reaches_every_worker(unsw_bundles, unsw, tmp_path):
+    "Two workers sharing CYBER_MOE_RELOAD_DIR: a reload sent to one is served by both within a poll interval."
+    env = {"CYBER_MOE_API_KEY": KEY, "CYBER_MOE_TORCH_THREADS": "1", "CYBER_MOE_RELOAD_DIR": str(tmp_path / "reload"),
+           "CYBER_MOE_RELOAD_POLL_SECONDS": "0.5", "CYBER_MOE_WARMUP_ROWS": "8"}
+    flow = records(unsw.iloc[:1], UNSW_NB15.features)[0]
+
+    def versions(n=40):                                  # a new connection per request: the kernel spreads them over both workers
+        out = []
+        for _ in range(n):
+            with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as c: out.append(c.post("/predict", json=flow).json()["model_version"])
+        return out
+
+    with Server(unsw_bundles[0], log_path=tmp_path / "server.log", workers=2, env=env, wait=False) as s:
+        s.wait_ready()
+        time.sleep(3)                                    # both workers loaded
+        assert set(versions()) == {"1"}
+        r = httpx.post(s.url + "/admin/reload", json={"model_uri": str(unsw_bundles[1])}, headers=AUTH, timeout=120)
+        assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
+        time.sleep(4)                                    # the other worker polls every 0.5 s and loads v2
+        assert set(versions()) == {"2"}
+        events = [json.loads(ln) for ln in s.log().splitlines() if ln.startswith("{")]
+    reloaded = {(e["pid"], e["via"]) for e in events if e.get("event") == "model_reloaded"}
+    assert {via for _, via in reloaded} == {"admin", "reload_dir"} and len({pid for pid, _ in reloaded}) == 2, reloaded
+    served_by = {e["pid"] for e in events if e.get("route") == "/predict"}
+    assert len(served_by) == 2, f"requests reached {len(served_by)} worker(s); the test needs both"
+
+
+def test_registry_alias_moves_the_model(unsw_bundles, unsw, tmp_path):
+    "Serving models:/NAME@champion: moving the alias in the registry swaps the served model, no call to the service."
+    import mlflow
+    from mlflow import MlflowClient
+    from cyber_moe.bundle import log_pyfunc
+    db, before = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(db)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri()))
+        for b in unsw_bundles:
+            with mlflow.start_run(): log_pyfunc(load_model_bundle(b), example=unsw.iloc[:5], registered_name="cyber-moe-unsw")
+        client = MlflowClient()
+        client.set_registered_model_alias("cyber-moe-unsw", "champion", "1")
+        env = {"CYBER_MOE_API_KEY": KEY, "MLFLOW_TRACKING_URI": db, "CYBER_MOE_ALIAS_POLL_SECONDS": "1",
+               "CYBER_MOE_RELOAD_POLL_SECONDS": "0.5", "CYBER_MOE_WARMUP_ROWS": "8"}
+        flow = records(unsw.iloc[:1], UNSW_NB15.features)[0]
+        with Server("models:/cyber-moe-unsw@champion", log_path=tmp_path / "server.log", env=env) as s:
+            with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as c:
+                assert c.post("/predict", json=flow).json()["model_version"] == "1"
+                client.set_registered_model_alias("cyber-moe-unsw", "champion", "2")
+                deadline, seen = time.time() + 30, "1"
+                while seen == "1" and time.time() < deadline:
+                    time.sleep(0.5)
+                    seen = c.post("/predict", json=flow).json()["model_version"]
+                assert seen == "2", s.log()[-2000:]
+            assert any('"via": "alias"' in ln for ln in s.log().splitlines())
+    finally:
+        mlflow.set_tracking_uri(before)
