@@ -108,14 +108,16 @@ def test_dashboard_page(run_outputs, serve, browser, root):
     metrics = json.loads((run_outputs / "smoke" / "metrics.json").read_text())
     page = _open(browser, serve(run_outputs), ".cm-verdict")
     try:
-        # every figure: 2 confusion matrices, PR/ROC, per-class F1, gate, reliability, SHAP, drift, flow scores, flow SHAP
+        # every figure: PR/ROC, 2 confusion matrices, per-class F1, gate, reliability, SHAP, drift, flow scores, flow SHAP
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 10", timeout=120_000)
         _assert_clean(page)
         body = page.inner_text("body")
         assert "smoke (outputs) · cyber-moe-synth v1" in body   # the run folder, tagged with its registered version
         for who in ("model", "baseline"):
             assert f"{metrics[who]['binary']['f1']:.4f}" in body and f"{metrics[who]['family']['macro_f1']:.4f}" in body
-        assert "operating point" in page.locator(".js-plotly-plot").nth(2).inner_text()
+        assert "operating point" in page.locator(".js-plotly-plot").nth(0).inner_text()
+        widths = page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => e.getBoundingClientRect().width)")
+        assert widths[0] > 1.6 * widths[1], widths       # the two-panel PR / ROC figure spans the page, the others share rows
         assert "from the run's explain stage" in body and "explain/drift.json" in body
         assert all(h > 100 for h in page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => e.getBoundingClientRect().height)"))
 
