@@ -151,6 +151,23 @@ def test_dashboard_page(run_outputs, serve, browser, root):
         assert page.locator(".cm-flow option").count() == 6
         _assert_clean(page)
 
+        # an uploaded capture: the first 1,500 packets of the run's generated pcap, metered by NFStream in the kernel
+        import dpkt
+        from cyber_moe.nfstream import pcap_to_flows
+        small = run_outputs.parent / "upload.pcap"
+        with open(sorted((run_outputs / "data").glob("*.pcap"))[0], "rb") as f, open(small, "wb") as g:
+            reader = dpkt.pcap.Reader(f)
+            writer = dpkt.pcap.Writer(g, linktype=reader.datalink())
+            for _, (ts, buf) in zip(range(1500), reader): writer.writepkt(buf, ts)
+        n_flows = len(pcap_to_flows(small))
+        assert 0 < n_flows < 500
+        with page.expect_file_chooser() as chooser:
+            page.locator(".cm-upload").click()
+        chooser.value.set_files(str(small))
+        _wait_verdict(page, "t.includes('upload.pcap')")
+        assert page.locator(".cm-flow option").count() == n_flows
+        _assert_clean(page)
+
         # screenshot of the whole page (the scrolling happens inside Voila's panel: grow the viewport to it)
         height = page.evaluate("Math.max(...Array.from(document.querySelectorAll('div')).map(d => d.scrollHeight))")
         page.set_viewport_size({"width": 1366, "height": int(height) + 40})
@@ -185,3 +202,25 @@ def test_registry_only_run(run_outputs, tmp_path):
     assert view.bundle.classes == view.metrics["run"]["classes"]
     assert view.test is None and view.importance is not None and view.drift is not None
     assert any("registered model without its run folder" in n for n in view.notes)
+
+
+def test_run_picker_switches_runs(run_outputs, serve, browser, tmp_path):
+    "Two run folders: the picker lists both and choosing the other rebuilds the page for it (figures, verdict, no error)."
+    out = tmp_path / "outputs"
+    shutil.copytree(run_outputs, out)
+    shutil.copytree(out / "smoke", out / "smoke-b")
+    (out / "smoke-b" / "metrics.json").touch()                      # the newest run is listed first
+    page = _open(browser, serve(out), ".cm-verdict")
+    try:
+        options = [o.replace("\xa0", " ") for o in page.locator(".cm-run select option").all_inner_texts()]   # ipywidgets writes U+00A0
+        assert len(options) == 2 and options[0].startswith("smoke-b") and options[1].startswith("smoke "), options
+        notes = [t.replace("\xa0", " ") for t in page.locator(".cm-note").all_inner_texts()]
+        assert any(t.startswith("smoke-b (outputs)") for t in notes), notes
+        page.select_option(".cm-run select", index=1)
+        page.wait_for_function("() => Array.from(document.querySelectorAll('.cm-note'))"
+                               ".some(n => n.innerText.replace(/\u00a0/g, ' ').startsWith('smoke (outputs)'))", timeout=120_000)
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 10", timeout=120_000)
+        _wait_verdict(page, "t.startsWith('Flow #0 of the test split')")
+        _assert_clean(page)
+    finally:
+        _close(page)
