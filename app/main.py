@@ -1,20 +1,10 @@
-"""The REST service as uvicorn imports it (`uvicorn app.main:app`): builds the app from the environment, nothing else.
+"""The REST service as uvicorn imports it from a checkout (`uvicorn app.main:app`): a thin shell over the package.
 
-CYBER_MOE_MODEL names the bundle to serve (a folder or an MLflow URI); every other setting comes from the
-variables listed in `cyber_moe.serve.ENV_VARS` (CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, PROMETHEUS_MULTIPROC_DIR, ...).
+The service starts from the installed package (`uvicorn --factory cyber_moe.serve.app:app_from_env`, as
+`cyber-moe serve` and the container do); this module is the same app for tools that want a module-level
+`app`. CYBER_MOE_MODEL names the bundle to serve; every other setting comes from the CYBER_MOE_* variables
+of `cyber_moe.serve.ServeSettings` (CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, PROMETHEUS_MULTIPROC_DIR, ...).
 """
-import os
+from cyber_moe.serve.app import app_from_env
 
-from cyber_moe.serve import MODEL_ENV_VAR, create_app, settings_from_env
-
-
-def build_app():
-    "The app for the model and settings in the environment; a clear error when no model is named."
-    uri = os.environ.get(MODEL_ENV_VAR, "").strip()
-    if not uri:
-        raise RuntimeError(f"{MODEL_ENV_VAR} is not set: set it to the model bundle folder or MLflow URI to serve, "
-                           "e.g. outputs/default/model or models:/cyber-moe-unsw-nb15/1")
-    return create_app(uri, settings_from_env(os.environ))
-
-
-app = build_app()
+app = app_from_env()

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from cyber_moe.alerts import alerts_ecs, alerts_eve, community_ids, score_pcap, watch
-from cyber_moe.bundle import ModelBundle, untrained_bundle
+from cyber_moe.bundle import ModelBundle
+from cyber_moe.testing import untrained_bundle
 from cyber_moe.nfstream import NFSTREAM, pcap_to_flows
 from cyber_moe.synth import load_or_generate
 

@@ -30,12 +30,10 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from test_serve import Server, records, unsw_frame  # noqa: E402  (the integration tests' uvicorn launcher)
-
-from cyber_moe.config import ModelConfig  # noqa: E402
-from cyber_moe.schema import UNSW_NB15  # noqa: E402
-from cyber_moe.serve import make_demo_bundle  # noqa: E402
+from cyber_moe.config import ModelConfig
+from cyber_moe.schema import UNSW_NB15
+from cyber_moe.serve import HTTP_PROTOCOL
+from cyber_moe.testing import Server, free_port, make_demo_bundle, records, unsw_frame
 
 BARE_APP = '''
 import json
@@ -166,7 +164,7 @@ def main(argv=None) -> dict:
         out["bare_seq"] = measured(sequential(url, singles, duration=5, headers={}))
         out["bare_single"] = measured(open_loop(url, singles, rate=args.rate, duration=args.duration, headers={}))
         out["bare_batch"] = measured(batches(url, batch, args.batch_size, duration=min(args.duration / 3, 20), concurrency=args.concurrency, headers={}))
-    with Server(bundle, log_path=tmp / "server.log", env=env) as s:
+    with Server(bundle, log_path=tmp / "server.log", env=env, args=("--http", HTTP_PROTOCOL)) as s:
         proc = psutil.Process(s.proc.pid)
         # warm-up with both request shapes, so the memory baseline holds what steady traffic needs (allocator arenas,
         # the runtime's buffers for a full chunk); growth after it is what the run leaks
@@ -201,7 +199,6 @@ class _bare_server:
 
     def __enter__(self) -> str:
         import subprocess
-        from test_serve import free_port
         port = free_port()
         self.log = open(self.tmp / "bare.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare:app", "--app-dir", str(self.tmp), "--host", "127.0.0.1",

@@ -27,8 +27,8 @@ from .schema import FlowSchema, SchemaError
 
 # %% auto #0
 __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'network_outputs', 'strip_columns', 'ModelBundle', 'weights_sha256', 'probe_arrays',
-           'OnnxNetwork', 'export_onnx', 'net_kwargs', 'untrained_bundle', 'save_bundle', 'load_bundle', 'BundlePyfunc',
-           'save_pyfunc', 'log_pyfunc', 'load_model_bundle', 'read_raw', 'score_file']
+           'OnnxNetwork', 'export_onnx', 'net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc', 'save_pyfunc',
+           'log_pyfunc', 'load_model_bundle', 'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 1
@@ -203,17 +203,6 @@ def net_kwargs(model_cfg, preprocessor: Preprocessor) -> dict:
     s = preprocessor.schema
     return dict(n_num=len(s.numeric), cat_cardinalities=list(preprocessor.cat_cardinalities), n_time=len(s.timing),
                 n_classes=len(preprocessor.classes), **model_cfg.model_dump(mode="json", exclude={"load_balance_weight"}))
-
-
-def untrained_bundle(frame: pd.DataFrame, *, schema: FlowSchema, model_cfg=None, seed: int = 0, threshold: float = 0.5,
-                     name: str = "untrained", version: str = "0") -> ModelBundle:
-    "A bundle of an untrained network (ModelConfig sizes by default) over a Preprocessor fit on `frame`: for tests and benchmarks."
-    from cyber_moe.config import ModelConfig
-    pre = Preprocessor(schema=schema).fit(frame)
-    kw = net_kwargs(model_cfg or ModelConfig(), pre)
-    torch.manual_seed(seed)
-    return ModelBundle(schema=schema, preprocessor=pre, net=MoEClassifier(**kw), net_kwargs=kw, threshold=threshold,
-                       name=name, version=version)
 
 # %% ../nbs/58_bundle.ipynb #31c35f78
 def _bundle_meta(b: ModelBundle) -> dict:

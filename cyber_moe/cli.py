@@ -189,13 +189,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     import tempfile
     import uvicorn
-    import cyber_moe
-    from cyber_moe.serve import MODEL_ENV_VAR
+    from cyber_moe.serve import HTTP_PROTOCOL, MODEL_ENV_VAR, check_model_uri
     if args.workers < 1: raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    root = find_project_root(Path(cyber_moe.__file__).resolve().parent.parent)
-    if not (root / "app" / "main.py").is_file():
-        raise FileNotFoundError(f"{root / 'app' / 'main.py'} not found: run `cyber-moe serve` from a cyber-moe checkout (or use deploy/Dockerfile)")
-    uri = args.model
+    try: uri = check_model_uri(args.model)
+    except ValueError as e: raise ConfigError(f"--model: {e}") from None
     if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):                    # a folder, not an MLflow URI such as models:/NAME/1
         if not Path(uri).is_dir(): raise FileNotFoundError(f"--model {uri}: no such folder (expected a bundle folder, an MLflow model folder or an MLflow URI)")
         uri = str(Path(uri).resolve())
@@ -205,8 +202,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and not os.environ.get("CYBER_MOE_RELOAD_DIR"):      # a reload sent to one worker reaches all
         os.environ["CYBER_MOE_RELOAD_DIR"] = tempfile.mkdtemp(prefix="cyber-moe-reload-")
     print(f"serving {uri} on http://{args.host}:{args.port} ({args.workers} worker(s)); /docs for the API, /ready for readiness", file=sys.stderr)
-    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, app_dir=str(root),
-                access_log=False, log_level="info")
+    uvicorn.run("cyber_moe.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                http=HTTP_PROTOCOL, access_log=False, log_level="info")      # the installed package: no checkout needed
     return 0
 
 
@@ -281,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", help="write the table between the results markers of this file (e.g. README.md)")
     p.set_defaults(func=_cmd_results)
     p = sub.add_parser("serve", help="serve a model bundle over HTTP: REST, Open Inference Protocol v2, Prometheus metrics",
-                       description="Run the REST service (app/main.py under uvicorn). Other settings come from environment variables: "
-                                   "CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, ... (cyber_moe.serve.ENV_VARS).")
+                       description="Run the REST service (cyber_moe.serve.app under uvicorn). Other settings come from environment variables: "
+                                   "CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, ... (cyber_moe.serve.ServeSettings).")
     p.add_argument("--model", required=True, metavar="URI", help="bundle folder, MLflow model folder, or MLflow URI such as models:/cyber-moe-unsw-nb15/1")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")

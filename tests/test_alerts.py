@@ -9,7 +9,8 @@ import pytest
 
 from cyber_moe.alerts import (SID_BASE, community_id, make_alerts, save_verdicts, score_pcap, summary_table, watch,
                               write_alerts)
-from cyber_moe.bundle import ModelBundle, load_model_bundle, save_bundle, untrained_bundle
+from cyber_moe.bundle import ModelBundle, load_model_bundle, save_bundle
+from cyber_moe.testing import untrained_bundle
 from cyber_moe.nfstream import NFSTREAM, PcapError, pcap_to_flows
 from cyber_moe.synth import load_or_generate
 

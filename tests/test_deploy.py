@@ -11,7 +11,8 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from cyber_moe.serve import METRIC_NAMES, ServeSettings, create_app, demo_flows, make_demo_bundle, DEMO_SCHEMA
+from cyber_moe.serve import METRIC_NAMES, ServeSettings, create_app
+from cyber_moe.testing import DEMO_SCHEMA, demo_flows, make_demo_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -109,7 +110,7 @@ def test_compose_dockerfile_and_provisioning_agree():
         for s in src.split():
             assert (ROOT / s).exists(), f"Dockerfile copies {s}, which is not in the project"
             assert not any(x in s for x in (".venv", "outputs", "..")), s
-    assert "uvicorn app.main:app" in docker and "USER 10001" in docker and "HEALTHCHECK" in docker and "/ready" in docker
+    assert "uvicorn --factory cyber_moe.serve.app:app_from_env" in docker and "USER 10001" in docker and "HEALTHCHECK" in docker and "/ready" in docker
     assert "EXPOSE 8000" in docker
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*" and "!cyber_moe/" in ignore and "!app/" in ignore

@@ -1,11 +1,7 @@
-"""The REST service under a real uvicorn process on 127.0.0.1: the old service's payloads, OIP v2, bad inputs,
+"""The REST service under a real uvicorn process on 127.0.0.1 (started through the package's app factory, as `cyber-moe serve` does): the old service's payloads, OIP v2, bad inputs,
 the API key, hot reload under load, Prometheus metrics (one and two workers) and the JSON access log."""
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,71 +13,21 @@ import pytest
 
 from cyber_moe.bundle import load_model_bundle
 from cyber_moe.schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15
-from cyber_moe.serve import METRIC_NAMES, OIP_OUTPUTS, make_demo_bundle
+from cyber_moe import testing
+from cyber_moe.serve import HTTP_PROTOCOL, METRIC_NAMES, OIP_OUTPUTS
+from cyber_moe.testing import make_demo_bundle, records, unsw_frame
 
 ROOT = Path(__file__).resolve().parent.parent
-UNSW_CSV = "unsw-nb15/UNSW_NB15_training-set.dev80.csv"
 CIC_CSV = "cicids2017/Friday-WorkingHours-Afternoon-DDos.pcap_ISCX.head299.csv"
 SMALL_NET = dict(d_token=16, n_blocks=1, d_temporal=16, n_temporal_layers=1, d_gate=16, d_head=32)
 KEY = "test-key-5c1f"
 AUTH = {"X-API-Key": KEY}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    "A uvicorn process running app/main.py on 127.0.0.1 (free port), started and stopped by the test."
-
-    def __init__(self, model, *, log_path: Path, workers: int = 1, env: dict | None = None, wait: bool = True):
-        self.model, self.workers, self.log_path, self.wait = str(model), workers, Path(log_path), wait
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        base = {k: v for k, v in os.environ.items() if not k.startswith("CYBER_MOE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        self.env = {**base, "CYBER_MOE_MODEL": self.model, **(env or {})}
-
-    def __enter__(self):
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--workers", str(self.workers), "--no-access-log", "--log-level", "warning"],
-                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        if self.wait: self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        t = time.time()
-        while time.time() - t < timeout:
-            if self.proc.poll() is not None: raise RuntimeError(f"uvicorn exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200: return
-            except httpx.HTTPError: pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.url} not ready after {timeout} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try: self.proc.wait(15)
-        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
-        self._log.close()
-
-
-def records(df: pd.DataFrame, cols) -> list[dict]:
-    "Rows as JSON objects (what a client would send), with the frame's own column names."
-    return json.loads(df[list(cols)].to_json(orient="records"))
-
-
-def unsw_frame(shared_data: Path, n: int = 4000, seed: int = 0) -> pd.DataFrame:
-    df = pd.read_csv(shared_data / UNSW_CSV, encoding="utf-8-sig").sample(n, random_state=seed).reset_index(drop=True)
-    df[FAMILY] = df["attack_cat"].fillna("").map(UNSW_NB15.canonical_label)
-    df[IS_ATTACK] = df["label"].astype("int8")
-    return df
+class Server(testing.Server):
+    "The service under uvicorn with the header timeout protocol, as `cyber-moe serve` and the container start it."
+    def __init__(self, model, **kw):
+        super().__init__(model, args=("--http", HTTP_PROTOCOL), **kw)
 
 
 @pytest.fixture(scope="session")

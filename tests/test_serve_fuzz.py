@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
                                                response_schema_conformance, status_code_conformance)
 
-from cyber_moe.serve import _explainer
+from cyber_moe.serve.app import _explainer
 from test_serve import AUTH, KEY, Server, unsw, unsw_bundles  # noqa: F401  (fixtures)
 
 MAX_EXAMPLES = 100
