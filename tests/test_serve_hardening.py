@@ -131,22 +131,35 @@ def test_reload_accepts_only_local_and_registry_uris_with_a_timeout(unsw_bundles
         hang.close()
 
 
-def test_replaced_models_are_freed(unsw_bundles, tmp_path):
-    "Forty reloads: the server's memory stays where a few reloads put it (frozen replaced models used to pile up)."
+@pytest.fixture(scope="module")
+def full_size_bundles(unsw, tmp_path_factory) -> tuple[Path, Path]:
+    "Two versions of an untrained MoE of the default size (what a replaced model really weighs)."
+    from cyber_moe.config import ModelConfig
+    from cyber_moe.schema import UNSW_NB15
+    from cyber_moe.testing import make_demo_bundle
+    d, net = tmp_path_factory.mktemp("full"), ModelConfig().model_dump(exclude={"load_balance_weight"})
+    return tuple(make_demo_bundle(d / f"v{i}", df=unsw, schema=UNSW_NB15, name="cyber-moe-unsw", version=str(i), seed=i, **net)
+                 for i in (1, 2))
+
+
+def test_replaced_models_are_freed(full_size_bundles, tmp_path):
+    "Forty reloads: the server's memory stays where a few reloads put it. Frozen replaced models (their validators'
+    generated classes sit in reference cycles) used to pile up: +8.8 MB over these 40 reloads before the fix, +0.8 MB after."
     env = {"CYBER_MOE_API_KEY": KEY, "CYBER_MOE_WARMUP_ROWS": "8", "CYBER_MOE_TORCH_THREADS": "1", "CYBER_MOE_ACCESS_LOG": "false"}
-    with Server(unsw_bundles[0], log_path=tmp_path / "server.log", env=env) as srv, \
+    with Server(full_size_bundles[0], log_path=tmp_path / "server.log", env=env) as srv, \
             httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) as c:
         proc = psutil.Process(srv.proc.pid)
 
         def reloads(n):
             for i in range(n):
-                r = c.post("/admin/reload", json={"model_uri": str(unsw_bundles[i % 2])})
+                r = c.post("/admin/reload", json={"model_uri": str(full_size_bundles[i % 2])})
                 assert r.status_code == 200, r.text
         reloads(8)
         before = proc.memory_info().rss
         reloads(40)
         grown = (proc.memory_info().rss - before) / 2**20
-    assert grown < 15, f"RSS grew by {grown:.1f} MB over 40 reloads"
+    print(f"RSS growth over 40 reloads: {grown:.1f} MB")
+    assert grown < 4, f"RSS grew by {grown:.1f} MB over 40 reloads"
 
 
 def test_cyber_moe_serve_runs_outside_a_checkout(unsw_bundles, tmp_path):
