@@ -143,8 +143,8 @@ def full_size_bundles(unsw, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_replaced_models_are_freed(full_size_bundles, tmp_path):
-    "Forty reloads: the server's memory stays where a few reloads put it. Frozen replaced models (their validators'
-    generated classes sit in reference cycles) used to pile up: +8.8 MB over these 40 reloads before the fix, +0.8 MB after."
+    """Forty reloads: the server's memory stays where a few reloads put it. Frozen replaced models (their validators'
+    generated classes sit in reference cycles) used to pile up: +8.8 MB over these 40 reloads before the fix, +0.8 MB after."""
     env = {"CYBER_MOE_API_KEY": KEY, "CYBER_MOE_WARMUP_ROWS": "8", "CYBER_MOE_TORCH_THREADS": "1", "CYBER_MOE_ACCESS_LOG": "false"}
     with Server(full_size_bundles[0], log_path=tmp_path / "server.log", env=env) as srv, \
             httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) as c:
