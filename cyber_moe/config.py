@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 __all__ = ['PINNED_PACKAGES', 'ConfigError', 'DataConfig', 'SplitConfig', 'ModelConfig', 'TrainConfig', 'BaselineConfig',
            'TuneConfig', 'RunConfig', 'find_project_root', 'set_dotted', 'parse_overrides', 'load_config',
            'save_config', 'seed_everything', 'select_device', 'setup_logging', 'package_versions', 'git_state',
-           'utc_now', 'write_json', 'write_run_record']
+           'utc_now', 'write_json', 'write_run_record', 'terminal_safe']
 
 # %% ../nbs/00_config.ipynb #d5bf6e3a
 class ConfigError(ValueError):
@@ -328,3 +328,12 @@ def write_run_record(cfg: RunConfig, **extra) -> Path:
                   packages=package_versions(), python=platform.python_version(), platform=platform.platform())
     record.update(extra)
     return write_json(path, record)
+
+# %% ../nbs/00_config.ipynb #cb69c21b
+_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+_UNSAFE = {i: (f"\\x{i:02x}" if i < 0x100 else f"\\u{i:04x}") for i in (*range(0x20), *range(0x7F, 0xA0), *_BIDI)}
+
+
+def terminal_safe(text: Any) -> str:
+    "`str(text)` with control and bidirectional-override characters written as visible escapes (`\\x1b`, `\\u202e`)."
+    return str(text).translate(_UNSAFE)
