@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import (ConfigError, RunConfig, find_project_root, load_config, save_config,
-                              setup_logging, utc_now, write_run_record)
+                              setup_logging, terminal_safe, utc_now, write_run_record)
 
 # %% auto #0
 __all__ = ['StageFailed', 'pipelines_dir', 'pipeline_stages', 'run_pipeline', 'build_parser', 'main']
@@ -120,7 +120,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     import json
     from cyber_moe.data import format_inspect, inspect_flows
     report = inspect_flows(args.files, source=args.source, release=args.release)
-    print(json.dumps(report, indent=2, ensure_ascii=False, default=str) if args.json else format_inspect(report))
+    print(json.dumps(report, indent=2, ensure_ascii=True, default=str) if args.json else format_inspect(report))
     return 1 if args.strict and any(f["severity"] == "error" for f in report["findings"]) else 0
 
 
@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         # our own input errors (ConfigError, SchemaError, DataError, ...) are ValueErrors defined in cyber_moe
         if isinstance(e, ValueError) and not type(e).__module__.startswith("cyber_moe."): raise
-        print(f"cyber-moe {args.command}: error: {e}", file=sys.stderr)
+        print(f"cyber-moe {args.command}: error: {terminal_safe(e)}", file=sys.stderr)   # messages quote file contents
         return 2
     except StageFailed as e:
-        print(f"cyber-moe {args.command}: {e}", file=sys.stderr)
+        print(f"cyber-moe {args.command}: {terminal_safe(e)}", file=sys.stderr)
         return 1

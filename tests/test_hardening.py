@@ -159,3 +159,57 @@ def test_truncated_pcapng_is_refused(nf_bundle, cli):
     assert check_pcap(ng) == {"format": "pcapng", "n_packets": 175, "truncated_at": None}
     part = run_cli(cli, "score", "--model", nf_bundle["model"], "--input", cut, "--allow-truncated")
     assert part.returncode == 0, part.stderr[-2000:]
+
+
+# ---- items 8, 11, 12: hostile data files through `cyber-moe data inspect` ------------------------------------------------
+@pytest.fixture(scope="module")
+def unsw_head(shared_data) -> tuple[bytes, list[bytes]]:
+    "The header and the first 200 rows of the real UNSW-NB15 file, as bytes."
+    with open(shared_data / "unsw-nb15" / "UNSW_NB15_training-set.dev80.csv", "rb") as f:
+        lines = [f.readline() for _ in range(201)]
+    return lines[0], lines[1:]
+
+
+def test_zip_bomb_is_refused(unsw_head, cli, tmp_path):
+    "A zip of a few hundred kB whose one member expands to 256 MB of valid rows (the issue's was 4.2 MB to 1 GB)."
+    import zipfile
+    header, rows = unsw_head
+    block = rows[0] * (2**20 // len(rows[0]))          # one valid row, repeated
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("UNSW_NB15_training-set.csv", "w", force_zip64=True) as fh:
+        fh.write(header)
+        for _ in range(256 * 2**20 // len(block)): fh.write(block)
+    assert bomb.stat().st_size < 4 * 2**20
+    r = run_cli(cli, "data", "inspect", bomb, timeout=120)
+    assert_refused(r, "likely zip bomb", "bomb.zip!UNSW_NB15_training-set.csv")
+
+
+def test_sparse_file_with_valid_header_is_refused_cleanly(unsw_head, cli, tmp_path):
+    "2 GB: a valid header, then a hole (zeros, no line break). The old reader aborted (SIGABRT, exit 134) or hung at exit."
+    sparse = tmp_path / "UNSW_NB15_training-set.csv"
+    sparse.write_bytes(unsw_head[0])
+    os.truncate(sparse, 2 * 2**30)
+    for _ in range(3):                                    # the abort was a race: 2 runs in 3
+        r = run_cli(cli, "data", "inspect", sparse, timeout=60)
+        assert_refused(r, "no line break in")
+
+
+def test_escape_sequences_in_labels_do_not_reach_the_terminal(unsw_head, cli, tmp_path):
+    header, rows = unsw_head
+    evil_label = b"Exploits\x1b]0;pwned\x07\x1b[2J\x1b[31m\xc2\x9b1A\xe2\x80\xae"
+    cols = header.decode().strip().split(",")
+    i = cols.index("attack_cat")
+    lines = []
+    for k, line in enumerate(rows[:50]):
+        cells = line.rstrip(b"\r\n").split(b",")
+        if k % 5 == 0: cells[i] = evil_label
+        lines.append(b",".join(cells))
+    f = tmp_path / "UNSW_NB15_training-set.csv"
+    f.write_bytes(header + b"\n".join(lines) + b"\n")
+    for args in ([], ["--json"]):
+        r = subprocess.run([cli, "data", "inspect", str(f), *args], capture_output=True, timeout=120)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-2000:]
+        for raw in (b"\x1b", b"\x07", b"\xc2\x9b", b"\xe2\x80\xae"):
+            assert raw not in out, (args, raw, out[-1500:])
+    assert b"Exploits\\x1b]0;pwned\\x07\\x1b[2J" in subprocess.run([cli, "data", "inspect", str(f)], capture_output=True, timeout=120).stdout
