@@ -213,3 +213,47 @@ def test_escape_sequences_in_labels_do_not_reach_the_terminal(unsw_head, cli, tm
         for raw in (b"\x1b", b"\x07", b"\xc2\x9b", b"\xe2\x80\xae"):
             assert raw not in out, (args, raw, out[-1500:])
     assert b"Exploits\\x1b]0;pwned\\x07\\x1b[2J" in subprocess.run([cli, "data", "inspect", str(f)], capture_output=True, timeout=120).stdout
+
+
+# ---- item 7: the container fails closed; compose publishes on loopback ------------------------------------------------
+ENTRYPOINT = Path(__file__).resolve().parent.parent / "deploy" / "docker-entrypoint.sh"
+SHOW_KEY = ["sh", "-c", 'echo "started key=[${CYBER_MOE_API_KEY-unset}]"']
+
+
+def _entry(tmp_path, key_file: bytes | None, **env) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CYBER_MOE_", "PROMETHEUS_MULTIPROC"))}
+    if key_file is not None:
+        (tmp_path / "api_key").write_bytes(key_file)
+        base["CYBER_MOE_API_KEY_FILE"] = str(tmp_path / "api_key")
+    return subprocess.run(["sh", str(ENTRYPOINT), *SHOW_KEY], capture_output=True, text=True, timeout=30, env={**base, **env})
+
+
+@pytest.mark.parametrize("key_file,env", [(b"", {}), (b"\n", {}), (b"  \t\n", {}), (None, {}),
+                                          (None, {"CYBER_MOE_API_KEY_FILE": "/nonexistent/api_key"}), (None, {"CYBER_MOE_API_KEY": " "})])
+def test_entrypoint_refuses_to_start_without_a_key(tmp_path, key_file, env):
+    r = _entry(tmp_path, key_file, **env)
+    assert r.returncode == 78 and "started" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert "no API key" in r.stderr and "CYBER_MOE_ALLOW_OPEN" in r.stderr
+
+
+def test_entrypoint_runs_with_a_key_or_when_told_to_run_open(tmp_path):
+    r = _entry(tmp_path, b"s3cret-key\n")
+    assert r.returncode == 0 and "started key=[s3cret-key]" in r.stdout, r.stderr
+    r = _entry(tmp_path, b"\n", CYBER_MOE_ALLOW_OPEN="true")
+    assert r.returncode == 0 and "started key=[unset]" in r.stdout and "WARNING" in r.stderr, r.stderr
+    r = _entry(tmp_path, None, CYBER_MOE_API_KEY="from-env")
+    assert r.returncode == 0 and "started key=[from-env]" in r.stdout, r.stderr
+
+
+def test_compose_publishes_ports_on_loopback_by_default():
+    import re
+    import yaml
+    compose = yaml.safe_load((ENTRYPOINT.parent / "docker-compose.yml").read_text())
+    published = []
+    for name, svc in compose["services"].items():
+        assert "CYBER_MOE_ALLOW_OPEN" not in (svc.get("environment") or {}), name
+        for p in svc.get("ports", []):
+            p = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m[2], str(p))       # compose's ${VAR:-default}, VAR unset
+            host = p.rsplit(":", 2)[0] if p.count(":") == 2 else None
+            published.append((name, host))
+    assert published and all(h == "127.0.0.1" for _, h in published), published
