@@ -88,11 +88,11 @@ def test_foreign_host_and_origin_are_refused(voila):
     proc, port = voila
     assert _get(port, Host="evil.example")[0] == 403
     assert _get(port, Host=f"evil.example:{port}", Origin=f"http://evil.example:{port}")[0] == 403
-    assert _get(port, "/voila/static/extension.js", Host="evil.example")[0] == 403
+    assert _get(port, "/voila/static/voila.js", Host="evil.example")[0] == 403
     assert _get(port, f"/api/kernels/00000000-0000-0000-0000-000000000000/channels", Host="evil.example")[0] == 403
     assert _get(port, Origin="http://evil.example")[0] == 403                       # cross-site, to the right host
     assert _kernels(proc.pid) == []                                                  # none of these started a kernel
-    assert _get(port, "/voila/static/extension.js", Host=f"localhost:{port}")[0] == 200
+    assert _get(port, "/voila/static/voila.js", Host=f"localhost:{port}")[0] == 200
 
 
 def test_kernels_capped_culled_and_no_tracebacks(voila):
