@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -27,10 +28,11 @@ from .models import MoEClassifier
 from .schema import FlowSchema, SchemaError
 
 # %% auto #0
-__all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'network_outputs', 'strip_columns', 'ModelBundle', 'weights_sha256',
-           'probe_arrays', 'OnnxNetwork', 'export_onnx', 'net_kwargs', 'untrained_bundle', 'BundleError',
-           'bundle_manifest', 'verify_manifest', 'check_net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc',
-           'save_pyfunc', 'log_pyfunc', 'load_model_bundle', 'read_raw', 'score_file']
+__all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES', 'network_outputs', 'strip_columns',
+           'ModelBundle', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx', 'net_kwargs',
+           'untrained_bundle', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs', 'save_bundle',
+           'load_bundle', 'BundlePyfunc', 'save_pyfunc', 'log_pyfunc', 'resolve_tracking_uri', 'load_model_bundle',
+           'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 1
@@ -422,16 +424,62 @@ def _pyfunc_data_dir(model_dir: Path) -> Path:
     return model_dir / flavor["data"]
 
 
-def load_model_bundle(uri: str | Path) -> ModelBundle:
-    "A bundle from a bundle folder, an MLflow model folder, or an MLflow URI such as `models:/cyber-moe-unsw-nb15/1`."
+MODEL_URI_SCHEMES = ("models", "runs")
+
+
+def _redact(uri: str) -> str:
+    "`uri` without a password (for messages)."
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", str(uri))
+
+
+def _project_tracking_uri() -> str | None:
+    "The project's default tracking store, `sqlite:///<checkout>/outputs/mlflow.db` (what `RunConfig.mlflow_uri` gives by default)."
+    import cyber_moe
+    from cyber_moe.config import find_project_root
+    for start in (Path(cyber_moe.__file__).resolve().parent.parent, Path.cwd()):
+        root = find_project_root(start)
+        if (root / "settings.ini").is_file(): return f"sqlite:///{root / 'outputs' / 'mlflow.db'}"
+    return None
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    "The MLflow tracking URI that `models:/` and `runs:/` resolve against: `tracking_uri`, else the one MLflow was given (MLFLOW_TRACKING_URI or `mlflow.set_tracking_uri`), else the project's `outputs/mlflow.db`."
+    if not tracking_uri:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+        import mlflow
+        tracking_uri = mlflow.get_tracking_uri() if is_tracking_uri_set() else _project_tracking_uri()
+    if not tracking_uri:
+        raise BundleError("no MLflow tracking store to resolve the model URI against: set MLFLOW_TRACKING_URI "
+                          "(e.g. sqlite:////path/to/outputs/mlflow.db or http://mlflow:5000), or give a model folder")
+    if tracking_uri.startswith("sqlite:///"):                # an SQLite store that does not exist would be created, empty
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise FileNotFoundError(f"no MLflow tracking store at {db} (from {_redact(tracking_uri)}): train or register a model first, "
+                                    "or set MLFLOW_TRACKING_URI to the store that holds it")
+    return str(tracking_uri)
+
+
+def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:
+    "A bundle from a bundle folder, an MLflow model folder, or a `models:/NAME/VERSION` / `runs:/ID/model` URI (resolved by `resolve_tracking_uri`)."
     p = Path(str(uri))
     if p.is_dir():
         if (p / "bundle.json").is_file(): return load_bundle(p)
         if (p / "MLmodel").is_file(): return load_bundle(_pyfunc_data_dir(p))
         raise FileNotFoundError(f"{p}: neither a model bundle (bundle.json) nor an MLflow model (MLmodel)")
-    if ":" not in str(uri): raise FileNotFoundError(f"{uri}: no such model folder (expected outputs/<run>/model or an MLflow URI such as models:/NAME/VERSION)")
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", str(uri))
+    if scheme is None or len(scheme[1]) == 1:               # no scheme (or a Windows drive letter): a folder that is not there
+        raise FileNotFoundError(f"{uri}: no such model folder (expected outputs/<run>/model or an MLflow URI such as models:/NAME/VERSION)")
+    if scheme[1].lower() not in MODEL_URI_SCHEMES:
+        raise BundleError(f"{_redact(uri)}: only model folders and {' / '.join(s + ':/' for s in MODEL_URI_SCHEMES)} URIs load a model "
+                          f"(not {scheme[1]}:); download other artifacts yourself and give the folder")
+    store = resolve_tracking_uri(tracking_uri)
     import mlflow
-    return load_bundle(_pyfunc_data_dir(Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))))
+    from mlflow.exceptions import MlflowException
+    try: local = mlflow.artifacts.download_artifacts(artifact_uri=str(uri), tracking_uri=store, registry_uri=store)
+    except MlflowException as e:
+        raise BundleError(f"{_redact(uri)}: not found in the MLflow tracking store {_redact(store)} ({str(e).splitlines()[0][:200]})") from None
+    return load_bundle(_pyfunc_data_dir(Path(local)))
+
 
 # %% ../nbs/58_bundle.ipynb #26a13511
 def read_raw(path: str | Path) -> pd.DataFrame:

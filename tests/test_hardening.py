@@ -257,3 +257,49 @@ def test_compose_publishes_ports_on_loopback_by_default():
             host = p.rsplit(":", 2)[0] if p.count(":") == 2 else None
             published.append((name, host))
     assert published and all(h == "127.0.0.1" for _, h in published), published
+
+
+# ---- item 13: models:/ resolves against the configured tracking store, never ./mlflow.db --------------------------------
+@pytest.fixture(scope="module")
+def registry(toy, tmp_path_factory):
+    "A tracking store (SQLite) in which the toy bundle is registered as version 1 of `toy-model`."
+    import mlflow
+    from cyber_moe.bundle import load_bundle, log_pyfunc
+    d = tmp_path_factory.mktemp("registry")
+    uri, before = f"sqlite:///{d / 'store.db'}", mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("harden", artifact_location=(d / "artifacts").as_uri()))
+        with mlflow.start_run():
+            log_pyfunc(load_bundle(toy["a"]), example=toy["flows"].head(5), registered_name="toy-model")
+    finally:
+        mlflow.set_tracking_uri(before)
+    return uri
+
+
+def test_models_uri_resolves_against_the_configured_store(toy, registry, cli, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run([cli, "score", "--model", "models:/toy-model/1", "--input", str(toy["csv"])], capture_output=True, text=True,
+                       timeout=180, cwd=elsewhere, env={**env, "MLFLOW_TRACKING_URI": registry})
+    assert r.returncode == 0 and "scored 300 flows with toy v1" in r.stdout, r.stderr[-3000:]
+    assert not list(elsewhere.iterdir()), list(elsewhere.iterdir())           # nothing written where the command ran
+
+
+def test_models_uri_without_a_store_is_a_clear_error(toy, cli, root, tmp_path):
+    "From another folder, with no MLFLOW_TRACKING_URI: the project's own store (outputs/mlflow.db), and no stray mlflow.db."
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    store = f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}"
+    r = subprocess.run([cli, "score", "--model", "models:/toy-model/1", "--input", str(toy["csv"])], capture_output=True, text=True,
+                       timeout=180, cwd=elsewhere, env={**env, "MLFLOW_TRACKING_URI": store})
+    assert_refused(r, "no MLflow tracking store at", str(tmp_path / "absent" / "mlflow.db"))
+    r = subprocess.run([cli, "score", "--model", "models:/toy-model/1", "--input", str(toy["csv"])], capture_output=True, text=True,
+                       timeout=180, cwd=elsewhere, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert str(root / "outputs" / "mlflow.db") in r.stderr or "toy-model" in r.stderr, r.stderr[-2000:]
+    assert not (elsewhere / "mlflow.db").exists() and not list(elsewhere.iterdir())
+    assert_refused(run_cli(cli, "score", "--model", "http://127.0.0.1:9/model", "--input", toy["csv"], cwd=elsewhere),
+                   "only model folders and models:/ / runs:/ URIs load a model")
