@@ -290,7 +290,7 @@ def check_net_kwargs(kw: Any, preprocessor: Preprocessor, weights: dict[str, tor
     if weights is not None:
         try:
             with torch.device("meta"): shape_only = MoEClassifier(**checked)       # shapes only: nothing allocated
-        except (ValueError, TypeError) as e: raise BundleError(f"net_kwargs: {e}") from None
+        except (ValueError, TypeError, RuntimeError, AssertionError) as e: raise BundleError(f"net_kwargs: {e}") from None
         want = {k: tuple(t.shape) for k, t in shape_only.state_dict().items()}
         got = {k: tuple(t.shape) for k, t in weights.items()} if isinstance(weights, dict) else {}
         diff = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
@@ -345,6 +345,8 @@ def load_bundle(path: str | Path) -> ModelBundle:
     if meta.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{meta_file}: bundle format {meta.get('format')} is not supported (expected {BUNDLE_FORMAT}); retrain or upgrade cyber-moe")
     verify_manifest(path, meta)
+    missing = [k for k in ("schema", "net_kwargs", "temperature_family", "temperature_binary", "threshold", "name", "version") if k not in meta]
+    if missing: raise BundleError(f"{meta_file}: missing {', '.join(missing)}")
     pre = Preprocessor.load(path / "preprocessor")
     if not isinstance(meta.get("schema"), dict) or FlowSchema.from_dict(meta["schema"]).to_dict() != pre.schema.to_dict():
         raise BundleError(f"{meta_file}: the schema differs from the one its preprocessing was fit with")
