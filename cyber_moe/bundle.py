@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -20,15 +21,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ValidationError
 
 from .features import Preprocessor
 from .models import MoEClassifier
 from .schema import FlowSchema, SchemaError
 
 # %% auto #0
-__all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'network_outputs', 'strip_columns', 'ModelBundle', 'weights_sha256', 'probe_arrays',
-           'OnnxNetwork', 'export_onnx', 'net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc', 'save_pyfunc',
-           'log_pyfunc', 'load_model_bundle', 'read_raw', 'score_file']
+__all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES', 'network_outputs', 'strip_columns',
+           'ModelBundle', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx', 'net_kwargs', 'BundleError',
+           'bundle_manifest', 'verify_manifest', 'check_net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc',
+           'save_pyfunc', 'log_pyfunc', 'resolve_tracking_uri', 'load_model_bundle', 'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 1
@@ -204,6 +207,87 @@ def net_kwargs(model_cfg, preprocessor: Preprocessor) -> dict:
     return dict(n_num=len(s.numeric), cat_cardinalities=list(preprocessor.cat_cardinalities), n_time=len(s.timing),
                 n_classes=len(preprocessor.classes), **model_cfg.model_dump(mode="json", exclude={"load_balance_weight"}))
 
+# %% ../nbs/58_bundle.ipynb #cf4ac1b8
+class BundleError(ValueError):
+    "A model bundle that must not be loaded: files changed, missing or added since it was saved, or sizes its schema does not allow."
+
+
+MANIFEST_EXCLUDE = ("bundle.json",)
+ModelBundle.digest = None    # sha256 of bundle.json: set by save_bundle and load_bundle
+_MAX_META_BYTES = 64 * 2**20
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20): h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_manifest(path: str | Path) -> dict[str, str]:
+    "The sha256 of every file in bundle folder `path` (but `bundle.json`), by POSIX path relative to it; symbolic links refused."
+    path = Path(path)
+    out: dict[str, str] = {}
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if f.is_symlink(): raise BundleError(f"{path}: {rel} is a symbolic link; a bundle holds regular files only")
+        if f.is_dir() or rel in MANIFEST_EXCLUDE: continue
+        if not f.is_file(): raise BundleError(f"{path}: {rel} is not a regular file")
+        out[rel] = _sha256_file(f)
+    return out
+
+
+def verify_manifest(path: str | Path, meta: dict) -> dict[str, str]:
+    "Raise `BundleError` unless the files of bundle folder `path` are exactly those of `meta['manifest']`, byte for byte; returns the manifest."
+    listed = meta.get("manifest")
+    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+        raise BundleError(f"{path}: bundle.json has no manifest of the bundle's files (saved by an older cyber-moe, or edited); "
+                          "re-save the model with save_bundle (or retrain it)")
+    found = bundle_manifest(path)
+    problems = [f"{k} missing" for k in sorted(set(listed) - set(found))]
+    problems += [f"{k} not in the manifest" for k in sorted(set(found) - set(listed))]
+    problems += [f"{k} changed (sha256 {found[k][:12]}..., manifest {listed[k][:12]}...)" for k in sorted(set(listed) & set(found)) if listed[k] != found[k]]
+    if problems:
+        raise BundleError(f"{path}: the bundle's files do not match its manifest ({'; '.join(problems[:5])}"
+                          f"{f'; and {len(problems) - 5} more' if len(problems) > 5 else ''}): it was altered after it was saved; refusing to load it")
+    return listed
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def check_net_kwargs(kw: Any, preprocessor: Preprocessor, weights: dict[str, torch.Tensor] | None = None) -> dict:
+    "`MoEClassifier` arguments read from a bundle, checked before any allocation: sizes of the schema, widths within `ModelConfig`, tensors of `weights`."
+    from cyber_moe.config import ModelConfig
+    if not isinstance(kw, dict): raise BundleError(f"net_kwargs: expected a mapping of MoEClassifier arguments, got {type(kw).__name__}")
+    s = preprocessor.schema
+    fixed = {"n_num": len(s.numeric), "cat_cardinalities": list(preprocessor.cat_cardinalities), "n_time": len(s.timing),
+             "n_classes": len(preprocessor.classes)}
+    for k, want in fixed.items():
+        got = kw.get(k)
+        if type(got) is not type(want) or got != want:
+            raise BundleError(f"net_kwargs.{k} = {_short(got)}, but the bundle's schema and preprocessing give {_short(want)}")
+    rest = {k: v for k, v in kw.items() if k not in fixed}
+    try: cfg = ModelConfig.model_validate(rest)
+    except ValidationError as e:
+        bad = "; ".join(f"net_kwargs.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {_short(err.get('input'))})" for err in e.errors()[:5])
+        raise BundleError(f"{bad}: outside what ModelConfig allows") from None
+    checked = {**fixed, **cfg.model_dump(mode="python", include=set(rest))}
+    if weights is not None:
+        try:
+            with torch.device("meta"): shape_only = MoEClassifier(**checked)       # shapes only: nothing allocated
+        except (ValueError, TypeError, RuntimeError, AssertionError) as e: raise BundleError(f"net_kwargs: {e}") from None
+        want = {k: tuple(t.shape) for k, t in shape_only.state_dict().items()}
+        got = {k: tuple(t.shape) for k, t in weights.items()} if isinstance(weights, dict) else {}
+        diff = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        if diff:
+            raise BundleError(f"weights.pt does not fit net_kwargs: {len(diff)} tensor(s) differ in name or shape "
+                              f"({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})")
+    return checked
+
+
 # %% ../nbs/58_bundle.ipynb #31c35f78
 def _bundle_meta(b: ModelBundle) -> dict:
     return {"format": BUNDLE_FORMAT, "name": b.name, "version": b.version, "schema": b.schema.to_dict(),
@@ -213,7 +297,7 @@ def _bundle_meta(b: ModelBundle) -> dict:
 
 
 def save_bundle(bundle: ModelBundle, path: str | Path, *, onnx: bool = True) -> Path:
-    "Write `bundle` to folder `path` (created; an existing bundle there is replaced), with its checked ONNX graph when `onnx`."
+    "Write `bundle` to folder `path` (created; an existing bundle there is replaced), with its checked ONNX graph when `onnx` and a manifest of every file."
     path = Path(path)
     if path.exists(): shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -228,28 +312,47 @@ def save_bundle(bundle: ModelBundle, path: str | Path, *, onnx: bool = True) -> 
         except Exception as e:                   # the bundle still scores with torch; say why there is no graph
             meta["onnx"] = {"error": f"{type(e).__name__}: {e}"}
             logging.getLogger(__name__).warning("bundle %s: no ONNX graph saved (%s); it scores with torch", path, meta["onnx"]["error"])
-    (path / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+    meta["manifest"] = bundle_manifest(path)
+    text = json.dumps(meta, indent=2, default=str)
+    (path / "bundle.json").write_text(text)
+    bundle.digest = hashlib.sha256(text.encode()).hexdigest()
     return path
 
 
 def load_bundle(path: str | Path) -> ModelBundle:
-    "Read a bundle folder written by `save_bundle` (or the `data` folder inside an MLflow pyfunc model)."
+    "Read a bundle folder written by `save_bundle` (or the `data` folder inside an MLflow pyfunc model); `BundleError` if any file differs from its manifest."
     path = Path(path)
     meta_file = path / "bundle.json"
     if not meta_file.is_file(): raise FileNotFoundError(f"{path}: not a cyber-moe model bundle (no bundle.json)")
-    meta = json.loads(meta_file.read_text())
+    if meta_file.stat().st_size > _MAX_META_BYTES:
+        raise BundleError(f"{meta_file}: {meta_file.stat().st_size:,} bytes, more than a bundle.json holds ({_MAX_META_BYTES:,})")
+    raw = meta_file.read_bytes()
+    try: meta = json.loads(raw)
+    except ValueError as e: raise BundleError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict): raise BundleError(f"{meta_file}: expected a JSON object")
     if meta.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{meta_file}: bundle format {meta.get('format')} is not supported (expected {BUNDLE_FORMAT}); retrain or upgrade cyber-moe")
-    net = MoEClassifier(**meta["net_kwargs"])
-    net.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
-    b = ModelBundle(schema=FlowSchema.from_dict(meta["schema"]), preprocessor=Preprocessor.load(path / "preprocessor"),
-                    net=net, net_kwargs=meta["net_kwargs"], temperature_family=meta["temperature_family"],
+    verify_manifest(path, meta)
+    missing = [k for k in ("schema", "net_kwargs", "temperature_family", "temperature_binary", "threshold", "name", "version") if k not in meta]
+    if missing: raise BundleError(f"{meta_file}: missing {', '.join(missing)}")
+    pre = Preprocessor.load(path / "preprocessor")
+    if not isinstance(meta.get("schema"), dict) or FlowSchema.from_dict(meta["schema"]).to_dict() != pre.schema.to_dict():
+        raise BundleError(f"{meta_file}: the schema differs from the one its preprocessing was fit with")
+    weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True, mmap=True)   # mapped, not read into memory
+    kw = check_net_kwargs(meta.get("net_kwargs"), pre, weights)
+    net = MoEClassifier(**kw)
+    net.load_state_dict(weights)
+    del weights
+    b = ModelBundle(schema=FlowSchema.from_dict(meta["schema"]), preprocessor=pre,
+                    net=net, net_kwargs=kw, temperature_family=meta["temperature_family"],
                     temperature_binary=meta["temperature_binary"], threshold=meta["threshold"],
                     name=meta["name"], version=meta["version"], extra=meta.get("extra"))
     onnx = meta.get("onnx") or {}
-    if onnx.get("file") and (path / onnx["file"]).is_file() and onnx.get("weights_sha256") == weights_sha256(net):
+    if onnx.get("file") in meta["manifest"] and onnx.get("weights_sha256") == weights_sha256(net):
         b._onnx = ((path / onnx["file"]).read_bytes(), {k: v for k, v in onnx.items() if k != "file"})
+    b.digest = hashlib.sha256(raw).hexdigest()
     return b
+
 
 # %% ../nbs/58_bundle.ipynb #48069688
 class BundlePyfunc:
@@ -311,16 +414,62 @@ def _pyfunc_data_dir(model_dir: Path) -> Path:
     return model_dir / flavor["data"]
 
 
-def load_model_bundle(uri: str | Path) -> ModelBundle:
-    "A bundle from a bundle folder, an MLflow model folder, or an MLflow URI such as `models:/cyber-moe-unsw-nb15/1`."
+MODEL_URI_SCHEMES = ("models", "runs")
+
+
+def _redact(uri: str) -> str:
+    "`uri` without a password (for messages)."
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", str(uri))
+
+
+def _project_tracking_uri() -> str | None:
+    "The project's default tracking store, `sqlite:///<checkout>/outputs/mlflow.db` (what `RunConfig.mlflow_uri` gives by default)."
+    import cyber_moe
+    from cyber_moe.config import find_project_root
+    for start in (Path(cyber_moe.__file__).resolve().parent.parent, Path.cwd()):
+        root = find_project_root(start)
+        if (root / "settings.ini").is_file(): return f"sqlite:///{root / 'outputs' / 'mlflow.db'}"
+    return None
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    "The MLflow tracking URI that `models:/` and `runs:/` resolve against: `tracking_uri`, else the one MLflow was given (MLFLOW_TRACKING_URI or `mlflow.set_tracking_uri`), else the project's `outputs/mlflow.db`."
+    if not tracking_uri:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+        import mlflow
+        tracking_uri = mlflow.get_tracking_uri() if is_tracking_uri_set() else _project_tracking_uri()
+    if not tracking_uri:
+        raise BundleError("no MLflow tracking store to resolve the model URI against: set MLFLOW_TRACKING_URI "
+                          "(e.g. sqlite:////path/to/outputs/mlflow.db or http://mlflow:5000), or give a model folder")
+    if tracking_uri.startswith("sqlite:///"):                # an SQLite store that does not exist would be created, empty
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise FileNotFoundError(f"no MLflow tracking store at {db} (from {_redact(tracking_uri)}): train or register a model first, "
+                                    "or set MLFLOW_TRACKING_URI to the store that holds it")
+    return str(tracking_uri)
+
+
+def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:
+    "A bundle from a bundle folder, an MLflow model folder, or a `models:/NAME/VERSION` / `runs:/ID/model` URI (resolved by `resolve_tracking_uri`)."
     p = Path(str(uri))
     if p.is_dir():
         if (p / "bundle.json").is_file(): return load_bundle(p)
         if (p / "MLmodel").is_file(): return load_bundle(_pyfunc_data_dir(p))
         raise FileNotFoundError(f"{p}: neither a model bundle (bundle.json) nor an MLflow model (MLmodel)")
-    if ":" not in str(uri): raise FileNotFoundError(f"{uri}: no such model folder (expected outputs/<run>/model or an MLflow URI such as models:/NAME/VERSION)")
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", str(uri))
+    if scheme is None or len(scheme[1]) == 1:               # no scheme (or a Windows drive letter): a folder that is not there
+        raise FileNotFoundError(f"{uri}: no such model folder (expected outputs/<run>/model or an MLflow URI such as models:/NAME/VERSION)")
+    if scheme[1].lower() not in MODEL_URI_SCHEMES:
+        raise BundleError(f"{_redact(uri)}: only model folders and {' / '.join(s + ':/' for s in MODEL_URI_SCHEMES)} URIs load a model "
+                          f"(not {scheme[1]}:); download other artifacts yourself and give the folder")
+    store = resolve_tracking_uri(tracking_uri)
     import mlflow
-    return load_bundle(_pyfunc_data_dir(Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))))
+    from mlflow.exceptions import MlflowException
+    try: local = mlflow.artifacts.download_artifacts(artifact_uri=str(uri), tracking_uri=store, registry_uri=store)
+    except MlflowException as e:
+        raise BundleError(f"{_redact(uri)}: not found in the MLflow tracking store {_redact(store)} ({str(e).splitlines()[0][:200]})") from None
+    return load_bundle(_pyfunc_data_dir(Path(local)))
+
 
 # %% ../nbs/58_bundle.ipynb #26a13511
 def read_raw(path: str | Path) -> pd.DataFrame:

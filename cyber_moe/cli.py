@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import (ConfigError, RunConfig, find_project_root, load_config, save_config,
-                              setup_logging, utc_now, write_run_record)
+                              setup_logging, terminal_safe, utc_now, write_run_record)
 
 # %% auto #0
 __all__ = ['StageFailed', 'pipelines_dir', 'pipeline_stages', 'run_pipeline', 'build_parser', 'main']
@@ -113,14 +113,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from cyber_moe.dashboard import launch
     outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
-    return launch(outputs_dir=outputs, run=args.run, port=args.port, open_browser=args.open)
+    return launch(outputs_dir=outputs, run=args.run, port=args.port, open_browser=args.open,
+                  allowed_hosts=args.allow_host, max_kernels=args.max_kernels)
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
     import json
     from cyber_moe.data import format_inspect, inspect_flows
     report = inspect_flows(args.files, source=args.source, release=args.release)
-    print(json.dumps(report, indent=2, ensure_ascii=False, default=str) if args.json else format_inspect(report))
+    print(json.dumps(report, indent=2, ensure_ascii=True, default=str) if args.json else format_inspect(report))
     return 1 if args.strict and any(f["severity"] == "error" for f in report["findings"]) else 0
 
 
@@ -287,11 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("dashboard", help="serve the analyst dashboard (Voila) on the runs of an outputs folder",
                        description="Start Voila on nbs/dashboards/analysis.ipynb at http://127.0.0.1:PORT/: model vs baseline, curves, "
-                                   "SHAP and drift views, single flows with their explanation. Ctrl-C stops it.")
+                                   "SHAP and drift views, single flows with their explanation. Ctrl-C or SIGTERM stops it and its kernels.")
     p.add_argument("--run", help="run shown first (folder name under the outputs folder; default: the newest)")
     p.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
     p.add_argument("--outputs", help="folder holding the runs (default: the project's outputs/)")
     p.add_argument("--open", action="store_true", help="open a browser tab")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name (besides localhost and loopback addresses) that browsers may use to reach the dashboard (repeatable)")
+    p.add_argument("--max-kernels", type=int, default=6, help="page views served at once, one kernel each (default 6; more get HTTP 503)")
     p.set_defaults(func=_cmd_dashboard)
     d = sub.add_parser("data", help="inspect data set files", description="Work with flow files as published.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -313,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         # our own input errors (ConfigError, SchemaError, DataError, ...) are ValueErrors defined in cyber_moe
         if isinstance(e, ValueError) and not type(e).__module__.startswith("cyber_moe."): raise
-        print(f"cyber-moe {args.command}: error: {e}", file=sys.stderr)
+        print(f"cyber-moe {args.command}: error: {terminal_safe(e)}", file=sys.stderr)   # messages quote file contents
         return 2
     except StageFailed as e:
-        print(f"cyber-moe {args.command}: {e}", file=sys.stderr)
+        print(f"cyber-moe {args.command}: {terminal_safe(e)}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 __all__ = ['PINNED_PACKAGES', 'ConfigError', 'DataConfig', 'SplitConfig', 'ModelConfig', 'TrainConfig', 'BaselineConfig',
            'TuneConfig', 'RunConfig', 'find_project_root', 'set_dotted', 'parse_overrides', 'load_config',
            'save_config', 'seed_everything', 'select_device', 'setup_logging', 'package_versions', 'git_state',
-           'utc_now', 'write_json', 'write_run_record']
+           'utc_now', 'write_json', 'write_run_record', 'terminal_safe']
 
 # %% ../nbs/00_config.ipynb #d5bf6e3a
 class ConfigError(ValueError):
@@ -58,24 +58,24 @@ class SplitConfig(_Section):
 
 
 class ModelConfig(_Section):
-    "Size and shape of the Mixture-of-Experts; `experts` selects the ablation."
+    "Size and shape of the Mixture-of-Experts; `experts` selects the ablation. Upper bounds keep a bundle's sizes allocatable."
     experts: list[Literal["tabular", "temporal"]] = Field(default_factory=lambda: ["tabular", "temporal"], min_length=1)
-    d_token: int = Field(32, ge=8)
-    n_blocks: int = Field(2, ge=1)
-    n_heads: int = Field(4, ge=1)
-    d_ffn_factor: float = Field(4 / 3, gt=0)
+    d_token: int = Field(32, ge=8, le=1024)
+    n_blocks: int = Field(2, ge=1, le=32)
+    n_heads: int = Field(4, ge=1, le=64)
+    d_ffn_factor: float = Field(4 / 3, gt=0, le=16)
     attention_dropout: float = Field(0.1, ge=0, lt=1)
     ffn_dropout: float = Field(0.1, ge=0, lt=1)
-    d_temporal: int = Field(96, ge=8)
-    n_temporal_layers: int = Field(3, ge=1)
-    d_gate: int = Field(64, ge=8)
-    gate_top_k: int | None = Field(None, ge=1)
+    d_temporal: int = Field(96, ge=8, le=1024)
+    n_temporal_layers: int = Field(3, ge=1, le=32)
+    d_gate: int = Field(64, ge=8, le=1024)
+    gate_top_k: int | None = Field(None, ge=1, le=64)
     gate_noise: bool = False
     load_balance_weight: float = Field(0.01, ge=0)
-    d_head: int = Field(384, ge=8)
+    d_head: int = Field(384, ge=8, le=4096)
     residual_dropout: float = Field(0.0, ge=0, lt=1)
     head_dropout: float = Field(0.1, ge=0, lt=1)
-    num_group_size: int = Field(1, ge=1, description="consecutive numeric features sharing one transformer token")
+    num_group_size: int = Field(1, ge=1, le=4096, description="consecutive numeric features sharing one transformer token")
 
 
 class TrainConfig(_Section):
@@ -328,3 +328,12 @@ def write_run_record(cfg: RunConfig, **extra) -> Path:
                   packages=package_versions(), python=platform.python_version(), platform=platform.platform())
     record.update(extra)
     return write_json(path, record)
+
+# %% ../nbs/00_config.ipynb #cb69c21b
+_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+_UNSAFE = {i: (f"\\x{i:02x}" if i < 0x100 else f"\\u{i:04x}") for i in (*range(0x20), *range(0x7F, 0xA0), *_BIDI)}
+
+
+def terminal_safe(text: Any) -> str:
+    "`str(text)` with control and bidirectional-override characters written as visible escapes (`\\x1b`, `\\u202e`)."
+    return str(text).translate(_UNSAFE)

@@ -23,14 +23,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from .config import terminal_safe
 from .schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema, SchemaError, get_schema
 
 # %% auto #0
-__all__ = ['UNSW_RAW_IDENTIFIERS', 'LOADERS', 'DataError', 'ChecksumError', 'FileRecord', 'LoadReport', 'FlowFile',
-           'expand_paths', 'sha256_of', 'read_header', 'clean_header', 'detect_source', 'read_flow_csv',
-           'recorded_checksum', 'unsw_raw_names', 'load_unsw_nb15', 'repair_label_text', 'parse_cic_timestamp',
-           'parse_cic_timestamps', 'load_cic_ids2017', 'engelen2021_time_test_mask', 'register_loader', 'load_flows',
-           'inspect_flows', 'format_inspect']
+__all__ = ['ZIP_MAX_MEMBER_BYTES', 'ZIP_MAX_RATIO', 'MAX_LINE_BYTES', 'UNSW_RAW_IDENTIFIERS', 'LOADERS', 'DataError',
+           'ChecksumError', 'FileRecord', 'LoadReport', 'FlowFile', 'expand_paths', 'sha256_of', 'read_header',
+           'clean_header', 'detect_source', 'read_flow_csv', 'recorded_checksum', 'unsw_raw_names', 'load_unsw_nb15',
+           'repair_label_text', 'parse_cic_timestamp', 'parse_cic_timestamps', 'load_cic_ids2017',
+           'engelen2021_time_test_mask', 'register_loader', 'load_flows', 'inspect_flows', 'format_inspect']
 
 # %% ../nbs/10_data.ipynb #fe526c1c
 class DataError(ValueError):
@@ -113,12 +114,31 @@ class FlowFile:
         if self.member is None:
             with open(self.path, "rb") as fh: yield fh
         else:
-            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as fh: yield fh
+            with zipfile.ZipFile(self.path) as zf:
+                _check_member(self.path, zf.getinfo(self.member))
+                with zf.open(self.member) as fh: yield fh
+
+
+ZIP_MAX_MEMBER_BYTES = 4 * 2**30
+ZIP_MAX_RATIO = 100
+
+
+def _check_member(path: Path, info: zipfile.ZipInfo) -> None:
+    "Refuse a zip member whose declared expanded size or compression ratio is beyond `ZIP_MAX_MEMBER_BYTES` / `ZIP_MAX_RATIO`."
+    name = f"{path}!{info.filename}"
+    if info.file_size > ZIP_MAX_MEMBER_BYTES:
+        raise DataError(f"{name}: expands to {info.file_size:,} bytes, more than the {ZIP_MAX_MEMBER_BYTES:,} allowed for one member; "
+                        "unpack it yourself if the file is genuine")
+    ratio = info.file_size / max(info.compress_size, 1)
+    if ratio > ZIP_MAX_RATIO:
+        raise DataError(f"{name}: compressed {ratio:,.0f} to 1 ({info.compress_size:,} bytes expanding to {info.file_size:,}), more than the "
+                        f"{ZIP_MAX_RATIO} to 1 a file of flows reaches: refusing a likely zip bomb")
 
 
 def _zip_members(path: Path) -> list[FlowFile]:
     with zipfile.ZipFile(path) as zf:
         names = sorted(n for n in zf.namelist() if n.lower().endswith(".csv") and not n.startswith("__MACOSX"))
+        for n in names: _check_member(path, zf.getinfo(n))
     if not names: raise DataError(f"{path}: the zip holds no .csv member; give the zip of the data set's CSV files")
     return [FlowFile(path, n) for n in names]
 
@@ -203,26 +223,50 @@ def detect_source(fields: list[str]) -> tuple[str | None, str | None]:
 _F32, _DICT, _BDICT = pa.float32(), pa.dictionary(pa.int32(), pa.string()), pa.dictionary(pa.int32(), pa.binary())
 
 
+MAX_LINE_BYTES = 1 << 20
+
+
+def _line_blocks(fh, *, block_size: int, max_line: int, name: str) -> Iterator[bytes]:
+    "Blocks of complete lines (each ends with a line break but the file's last) from binary stream `fh`."
+    carry, offset = b"", 0
+    while chunk := fh.read(block_size):
+        buf = carry + chunk if carry else chunk
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0:
+            if len(buf) > max_line:
+                raise DataError(f"{name}: no line break in {len(buf):,} bytes from byte {offset:,} (a line of flows is at most "
+                                f"{max_line:,} bytes): the file is not a CSV of flows, or it is damaged; re-download or re-extract it")
+            carry = buf
+            continue
+        yield buf[:cut]
+        carry, offset = buf[cut:], offset + cut
+    if carry: yield carry
+
+
 def read_flow_csv(ff: FlowFile, *, names: list[str], types: dict[str, pa.DataType], has_header: bool = True,
                   max_rows: int | None = None, on_batch: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None,
-                  block_size: int = 1 << 20, what: str = "flow") -> tuple[list[pa.RecordBatch], str | None]:
+                  block_size: int = 1 << 20, what: str = "flow", max_line: int = MAX_LINE_BYTES) -> tuple[list[pa.RecordBatch], str | None]:
     "Stream `ff` into record batches with the given column `types` (float32 for the rest); returns `(batches, sha256)`, sha256 None when `max_rows` cut the read short."
     types = {n: types.get(n, _F32) for n in names}
+    read_opts = pacsv.ReadOptions(column_names=names, use_threads=False)
+    convert = pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True)
     batches, n, complete = [], 0, True
     with ff.open() as raw:
         fh = _HashingReader(raw)
         try:
-            reader = pacsv.open_csv(
-                fh, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if has_header else 0,
-                                                   block_size=block_size),
-                convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
-                                                     quoted_strings_can_be_null=True))
-            for batch in reader:
-                if max_rows is not None and n + batch.num_rows >= max_rows:
-                    batch, complete = batch.slice(0, max_rows - n), False
-                if on_batch is not None: batch = on_batch(batch)
-                batches.append(batch)
-                n += batch.num_rows
+            header = has_header
+            for block in _line_blocks(fh, block_size=block_size, max_line=max_line, name=ff.name):
+                if header:                                   # the first block holds the whole header line
+                    header, block = False, block[block.find(b"\n") + 1:] if b"\n" in block else b""
+                    if not block: continue
+                table = pacsv.read_csv(pa.BufferReader(block), read_options=read_opts, convert_options=convert)
+                for batch in table.to_batches():
+                    if max_rows is not None and n + batch.num_rows >= max_rows:
+                        batch, complete = batch.slice(0, max_rows - n), False
+                    if on_batch is not None: batch = on_batch(batch)
+                    batches.append(batch)
+                    n += batch.num_rows
+                    if not complete: break
                 if not complete: break
         except (pa.ArrowInvalid, UnicodeDecodeError) as e:
             msg = str(e).splitlines()[0][:300]
@@ -230,6 +274,7 @@ def read_flow_csv(ff: FlowFile, *, names: list[str], types: dict[str, pa.DataTyp
                             "re-download or re-extract it") from None
         sha = fh.drain() if complete else None
     return batches, sha
+
 
 # %% ../nbs/10_data.ipynb #5e133736
 def _count_non_finite(batch: pa.RecordBatch, acc: dict[str, Counter]) -> None:
@@ -643,24 +688,27 @@ def inspect_flows(paths, source: str | None = None, *, release: str = "original"
 
 
 def format_inspect(report: dict) -> str:
-    "`inspect_flows` output as plain-text tables for a terminal."
-    out = [f"source: {report['source']}   rows: {report['rows']:,}   columns: {report['columns']}"]
-    out += [f"  file {f['name']}  rows {f['rows']:,}  sha256 {f['sha256'] or '-'}  "
+    "`inspect_flows` output as plain-text tables for a terminal (names and labels from the files shown with `terminal_safe`)."
+    t = terminal_safe
+    out = [f"source: {t(report['source'])}   rows: {report['rows']:,}   columns: {report['columns']}"]
+    out += [f"  file {t(f['name'])}  rows {f['rows']:,}  sha256 {f['sha256'] or '-'}  "
             f"{ {True: 'verified', False: 'MISMATCH', None: 'no recorded hash'}[f['verified']] }" for f in report["files"]]
-    w = max([len(k) for k in report["class_counts"]] + [5])
+    counts = {t(k): v for k, v in report["class_counts"].items()}
+    w = max([len(k) for k in counts] + [5])
     out.append(f"\n{'class':<{w}}  {'rows':>10}  {'share':>7}")
-    for k, v in sorted(report["class_counts"].items(), key=lambda kv: -kv[1]):
+    for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
         out.append(f"{k:<{w}}  {v:>10,}  {v / max(report['rows'], 1):>7.2%}")
     out.append(f"\nexact duplicate rows (identifiers left out): {report['duplicate_rows']:,}")
     out.append(f"rows whose features repeat with another family: {report['duplicate_features_conflicting_family']:,}")
     if report["non_finite"]:
         out.append(f"\n{'non-finite column':<28}  {'missing':>8}  {'nan':>8}  {'inf':>8}  {'-inf':>8}")
         for c, d in report["non_finite"].items():
-            out.append(f"{c:<28}  " + "  ".join(f"{d.get(k, 0):>8,}" for k in ("missing", "nan", "inf", "-inf")))
-    out.append(f"\nconstant columns: {', '.join(report['constant_columns']) or 'none'}")
-    out.append(f"identifier columns: {', '.join(report['identifier_columns']) or 'none'}")
-    out.append(f"unknown labels: {report['unknown_labels'] or 'none'}")
+            out.append(f"{t(c):<28}  " + "  ".join(f"{d.get(k, 0):>8,}" for k in ("missing", "nan", "inf", "-inf")))
+    out.append(f"\nconstant columns: {', '.join(map(t, report['constant_columns'])) or 'none'}")
+    out.append(f"identifier columns: {', '.join(map(t, report['identifier_columns'])) or 'none'}")
+    out.append(f"unknown labels: {t(report['unknown_labels']) if report['unknown_labels'] else 'none'}")
     if report["findings"]:
         out.append("\nids-lint rules that fire:")
-        out += [f"  {f['rule']} {f['severity']:<5} {f['name']}: {f['detail']}" for f in report["findings"]]
+        out += [f"  {f['rule']} {f['severity']:<5} {f['name']}: {t(f['detail'])}" for f in report["findings"]]
     return "\n".join(out)
+

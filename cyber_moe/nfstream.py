@@ -71,27 +71,54 @@ _PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">",   # microseco
 _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 
 
+_PCAPNG_BOM = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}   # section header's byte-order magic
+_PCAPNG_PACKET_BLOCKS = {2, 3, 6}                                     # obsolete, simple and enhanced packet blocks
+
+
+def _walk_pcap(mm, size: int, endian: str) -> tuple[int, int | None]:
+    "Classic pcap: `(complete packets, offset of the first cut record or None)`."
+    rec, off, n = struct.Struct(endian + "IIII"), 24, 0
+    while off + 16 <= size:
+        incl = rec.unpack_from(mm, off)[2]
+        if off + 16 + incl > size: return n, off
+        off += 16 + incl
+        n += 1
+    return n, (off if off != size else None)
+
+
+def _walk_pcapng(mm, size: int) -> tuple[int, int | None]:
+    "pcapng: `(complete packet blocks, offset of the first cut or inconsistent block or None)`; each section has its own byte order."
+    off, n, endian = 0, 0, None
+    while off < size:
+        if off + 12 > size: return n, off
+        btype = mm[off:off + 4]
+        if btype == _PCAPNG_MAGIC:
+            if off + 28 > size or mm[off + 8:off + 12] not in _PCAPNG_BOM: return n, off
+            endian = _PCAPNG_BOM[mm[off + 8:off + 12]]
+        elif endian is None: return n, off                          # the file must start with a section header
+        kind, length = struct.unpack_from(endian + "II", mm, off)
+        if length < 12 or length % 4 or off + length > size: return n, off
+        if struct.unpack_from(endian + "I", mm, off + length - 4)[0] != length: return n, off
+        n += kind in _PCAPNG_PACKET_BLOCKS
+        off += length
+    return n, None
+
+
 def check_pcap(path) -> dict:
-    "Walk a classic pcap's record headers: `{'format', 'n_packets', 'truncated_at'}` (byte offset, or None)."
+    "Walk a capture's record (pcap) or block (pcapng) headers: `{'format', 'n_packets', 'truncated_at'}` (byte offset, or None)."
     path = Path(path)
     if not path.is_file(): raise PcapError(f"{path}: no such capture file; give the path of a .pcap or .pcapng file")
     size = path.stat().st_size
     if size < 24: raise PcapError(f"{path}: {size} bytes, too short for a pcap file header (24 bytes): not a capture")
     with open(path, "rb") as f:
         magic = f.read(4)
-        if magic == _PCAPNG_MAGIC: return {"format": "pcapng", "n_packets": None, "truncated_at": None}
-        if magic not in _PCAP_MAGIC:
+        if magic != _PCAPNG_MAGIC and magic not in _PCAP_MAGIC:
             raise PcapError(f"{path}: not a pcap or pcapng file (first bytes {magic.hex()}); "
                             "convert it with `editcap -F pcap` or check that it is a capture")
-        endian = _PCAP_MAGIC[magic]
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            rec, off, n = struct.Struct(endian + "IIII"), 24, 0
-            while off + 16 <= size:
-                incl = rec.unpack_from(mm, off)[2]
-                if off + 16 + incl > size: return {"format": "pcap", "n_packets": n, "truncated_at": off}
-                off += 16 + incl
-                n += 1
-    return {"format": "pcap", "n_packets": n, "truncated_at": off if off != size else None}
+            if magic == _PCAPNG_MAGIC: fmt, (n, cut) = "pcapng", _walk_pcapng(mm, size)
+            else: fmt, (n, cut) = "pcap", _walk_pcap(mm, size, _PCAP_MAGIC[magic])
+    return {"format": fmt, "n_packets": n, "truncated_at": cut}
 
 
 def _meter(path: Path, opts: dict) -> tuple[list[str], list[list]]:

@@ -103,7 +103,7 @@ def test_compose_dockerfile_and_provisioning_agree():
                 assert (DEPLOY / src).exists() or src == "../outputs/default/model", f"{name}: {src} missing"
     api = compose["services"]["api"]
     assert api["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
-    assert api["environment"]["CYBER_MOE_MODEL"] == "/models/model" and "8000:8000" in api["ports"]
+    assert api["environment"]["CYBER_MOE_MODEL"] == "/models/model" and "${CYBER_MOE_BIND:-127.0.0.1}:8000:8000" in api["ports"]
     assert compose["secrets"]["api_key"]["file"] == "./secrets/api_key"
     docker = (DEPLOY / "Dockerfile").read_text()
     for src in re.findall(r"^COPY\s+(.+)\s+\S+$", docker, re.M):
