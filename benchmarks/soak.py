@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reload-every", type=float, default=20, help="seconds between reloads")
     ap.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    from cyber_moe.serve import DEMO_SCHEMA, demo_flows, make_demo_bundle
+    from cyber_moe.testing import DEMO_SCHEMA, demo_flows, make_demo_bundle
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     bundles = [str(make_demo_bundle(tmp / f"b{k}", seed=k, version=str(k + 1))) for k in range(2)]
     flows = json.loads(demo_flows(500, seed=3).loc[:, list(DEMO_SCHEMA.features)].to_json(orient="records"))
