@@ -320,6 +320,8 @@ def run_units(client, units: list[WorkUnit], model: str, out_dir: str | Path, ma
             if progress: progress.failed(u.id, failures[u.id]["error"])
         fut.release()
     if progress: progress.close()
+    for d in ("verdicts", "alerts"):        # every task of this run has ended: a temporary file left is from a killed attempt
+        for t in (Path(out_dir) / d).rglob(".*.tmp-*"): t.unlink(missing_ok=True)
     return {"results": results, "failures": failures, "skipped_done": len(units) - len(todo)}
 
 # %% ../nbs/88_distributed.ipynb #ebca18d5
