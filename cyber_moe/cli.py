@@ -137,7 +137,7 @@ def _cmd_score_many(args: argparse.Namespace) -> int:
     if args.alerts: raise ConfigError("--alerts FILE is for one capture; with several inputs the alerts go to OUTPUT/alerts/, one file per part")
     if args.scheduler and args.workers: raise ConfigError("give --scheduler ADDRESS or --workers N, not both")
     s = score_many(args.input, args.model, args.output, scheduler=args.scheduler, workers=args.workers, rows_per_task=args.rows_per_task,
-                   batch_size=args.batch_size, alert_format=args.alert_format, allow_truncated=args.allow_truncated)
+                   batch_size=args.batch_size or 1024, alert_format=args.alert_format, allow_truncated=args.allow_truncated)
     print(summary_text(s))
     return 1 if s["failures"] or s["skipped"] else 0
 
@@ -146,7 +146,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from cyber_moe.alerts import is_capture, make_alerts, save_verdicts, score_pcap, summary_table, write_alerts
     from cyber_moe.bundle import load_model_bundle, score_file
     if _score_is_many(args): return _cmd_score_many(args)
-    args.input = args.input[0]
+    args.input, args.batch_size = args.input[0], args.batch_size or 8192
     capture = is_capture(args.input)
     if not capture and (args.alerts or args.allow_truncated):
         raise ConfigError(f"--alerts and --allow-truncated need a packet capture (.pcap/.pcapng), not {args.input}")
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "several files, folders or quoted globs ('captures/*.pcap') are scored on Dask into --output DIR")
     p.add_argument("--output", help="CSV or parquet file for the verdicts (is_attack, p_attack, family, p_family, gate_<expert>; for a capture also the 5-tuple, timestamps and community_id); "
                                      "for several inputs a folder: verdicts/source=<input>/part-N.parquet, alerts/, manifest.json")
-    p.add_argument("--batch-size", type=int, default=8192, help="rows per forward pass")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)")
     p.add_argument("--alerts", metavar="FILE", help="capture input: write one JSON line per flagged flow to FILE")
     p.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
     p.add_argument("--allow-truncated", action="store_true", help="capture input: score the flows read before the cut of a truncated capture instead of stopping")

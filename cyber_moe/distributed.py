@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -39,7 +39,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 def _pattern_base(pattern: str) -> Path:
     "The folder part of a glob pattern, before its first wildcard."
     parts = Path(pattern).parts
-    head = [p for p in parts[: next((i for i, p in enumerate(parts) if _GLOB_CHARS.search(p)), len(parts))]]
+    head = parts[: next((i for i, p in enumerate(parts) if _GLOB_CHARS.search(p)), len(parts))]
     return Path(*head) if head else Path(".")
 
 
@@ -305,7 +305,7 @@ def run_units(client, units: list[WorkUnit], model: str, out_dir: str | Path, ma
     out_dir = str(Path(out_dir).resolve())
     todo = [u for u in units if not manifest.done(u.id)]
     token = uuid.uuid4().hex[:8]
-    futs = {client.submit(score_unit, u, model, out_dir, key=f"score-{_slug(u.id)}-{token}", pure=False, **task_opts): u for u in todo}
+    futs = {client.submit(score_unit, u, model, out_dir, key=f"score-{token}-{_slug(u.id)}", pure=False, **task_opts): u for u in todo}
     results, failures = {}, {}
     for fut in as_completed(list(futs)):
         u = futs[fut]
@@ -347,7 +347,7 @@ def summary_text(s: dict) -> str:
 
 
 def score_many(inputs: list[str], model: str | Path, output: str | Path, *, scheduler: str | None = None,
-               workers: int | None = None, rows_per_task: int = 1_000_000, runtime: str = "onnx", batch_size: int = 8192,
+               workers: int | None = None, rows_per_task: int = 1_000_000, runtime: str = "onnx", batch_size: int = 1024,
                alert_format: str = "ecs", allow_truncated: bool = False, stream: TextIO | None = None,
                dashboard_address: str | None = ":8787") -> dict:
     "Score files, folders and globs on a Dask cluster (address `scheduler`, or a LocalCluster of `workers` processes) into folder `output`."
@@ -367,7 +367,7 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
     ref = _model_ref(model)
     manifest = Manifest(out, model={"uri": ref, "name": bundle.name, "version": bundle.version}, settings={"rows_per_task": rows_per_task})
     units = plan_units(found, rows_per_task=int(manifest.settings["rows_per_task"]))
-    t0 = time.perf_counter()
+    t0 = t_run = time.perf_counter()
     res = {"results": {}, "failures": {}, "skipped_done": sum(manifest.done(u.id) for u in units)}
     if len(units) > res["skipped_done"]:
         stack = contextlib.ExitStack()
@@ -383,6 +383,7 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
         try:
             print(f"scoring {len(units) - res['skipped_done']:,} unit(s) of {len(found):,} input(s) with {bundle.name} v{bundle.version} "
                   f"on {len(client.scheduler_info()['workers'])} worker(s); dashboard: {client.dashboard_link}", file=stream, flush=True)
+            t_run = time.perf_counter()
             res = run_units(client, units, ref, out, manifest, progress=Progress(len(units) - res["skipped_done"], stream=stream),
                             runtime=runtime, batch_size=batch_size, alert_format=alert_format, allow_truncated=allow_truncated)
         finally:
@@ -390,6 +391,7 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
             if cluster is not None: cluster.close()
             stack.close()
     secs = time.perf_counter() - t0
+    run_secs = time.perf_counter() - t_run if res["results"] or res["failures"] else 0.0
     rows = sum(r["rows"] for r in res["results"].values())
     manifest.data["runs"].append({"finished_at": pd.Timestamp.now(tz="UTC").isoformat(), "scored": sorted(res["results"]),
                                   "failed": res["failures"], "skipped": skipped})
@@ -397,5 +399,5 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
     return {"output": str(out), "manifest": str(manifest.path), "n_inputs": len(found), "n_units": len(units),
             "n_units_scored": len(res["results"]), "n_units_done_before": res["skipped_done"], "failures": res["failures"],
             "skipped": skipped, "rows": rows, "flagged": sum(r["flagged"] for r in res["results"].values()),
-            "seconds": secs, "flows_per_s": rows / max(secs, 1e-9), "results": res["results"],
+            "seconds": secs, "run_seconds": run_secs, "flows_per_s": rows / max(secs, 1e-9), "results": res["results"],
             "complete": all(manifest.done(u.id) for u in units)}
