@@ -125,9 +125,29 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 1 if args.strict and any(f["severity"] == "error" for f in report["findings"]) else 0
 
 
+def _score_is_many(args: argparse.Namespace) -> bool:
+    "`score` runs on Dask for several inputs, a folder, a glob pattern, or when --scheduler/--workers is given."
+    one = args.input[0]
+    return (len(args.input) > 1 or args.scheduler is not None or args.workers is not None or Path(one).is_dir()
+            or (not Path(one).exists() and re.search(r"[*?[]", one) is not None))
+
+
+def _cmd_score_many(args: argparse.Namespace) -> int:
+    from cyber_moe.distributed import score_many, summary_text
+    if not args.output: raise ConfigError("--output DIR is required to score several inputs (a folder, a glob, or --scheduler/--workers)")
+    if args.alerts: raise ConfigError("--alerts FILE is for one capture; with several inputs the alerts go to OUTPUT/alerts/, one file per part")
+    if args.scheduler and args.workers: raise ConfigError("give --scheduler ADDRESS or --workers N, not both")
+    s = score_many(args.input, args.model, args.output, scheduler=args.scheduler, workers=args.workers, rows_per_task=args.rows_per_task,
+                   batch_size=args.batch_size or 1024, alert_format=args.alert_format, allow_truncated=args.allow_truncated)
+    print(summary_text(s))
+    return 1 if s["failures"] or s["skipped"] else 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from cyber_moe.alerts import is_capture, make_alerts, save_verdicts, score_pcap, summary_table, write_alerts
     from cyber_moe.bundle import load_model_bundle, score_file
+    if _score_is_many(args): return _cmd_score_many(args)
+    args.input, args.batch_size = args.input[0], args.batch_size or 8192
     capture = is_capture(args.input)
     if not capture and (args.alerts or args.allow_truncated):
         raise ConfigError(f"--alerts and --allow-truncated need a packet capture (.pcap/.pcapng), not {args.input}")
@@ -244,12 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or meter a packet capture (.pcap/.pcapng) with NFStream, score its flows with a model trained on NFStream flows, "
                                    "print a summary and optionally write alerts.")
     p.add_argument("--model", required=True, help="model folder (outputs/<run>/model) or MLflow URI (models:/cyber-moe-unsw-nb15/1)")
-    p.add_argument("--input", required=True, help="CSV or parquet file of flows, or a .pcap/.pcapng capture (detected by suffix or magic bytes)")
-    p.add_argument("--output", help="CSV or parquet file for the verdicts (is_attack, p_attack, family, p_family, gate_<expert>; for a capture also the 5-tuple, timestamps and community_id)")
-    p.add_argument("--batch-size", type=int, default=8192, help="rows per forward pass")
+    p.add_argument("--input", required=True, nargs="+", action="extend",
+                   help="CSV or parquet file of flows, or a .pcap/.pcapng capture (detected by suffix or magic bytes); "
+                        "several files, folders or quoted globs ('captures/*.pcap') are scored on Dask into --output DIR")
+    p.add_argument("--output", help="CSV or parquet file for the verdicts (is_attack, p_attack, family, p_family, gate_<expert>; for a capture also the 5-tuple, timestamps and community_id); "
+                                     "for several inputs a folder: verdicts/source=<input>/part-N.parquet, alerts/, manifest.json")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)")
     p.add_argument("--alerts", metavar="FILE", help="capture input: write one JSON line per flagged flow to FILE")
     p.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
     p.add_argument("--allow-truncated", action="store_true", help="capture input: score the flows read before the cut of a truncated capture instead of stopping")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="several inputs: run on this Dask scheduler, e.g. tcp://host:8786 "
+                                                          "(start capture-metering workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)")
+    p.add_argument("--workers", type=int, help="several inputs: start a local Dask cluster of N worker processes (default: one per core)")
+    p.add_argument("--rows-per-task", type=int, default=1_000_000, help="several inputs: Parquet files with more rows are split into row-group tasks")
     p.set_defaults(func=_cmd_score)
     w = sub.add_parser("watch", help="score live traffic on a network interface (or replay a pcap) and write alerts as flows end",
                        description="Capture with NFStream (same flow options as training), score flows in micro-batches as they end, "

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cyber_moe.bundle import ONNX_FILE, load_model_bundle, save_bundle, untrained_bundle
+from cyber_moe.bundle import ONNX_FILE, load_model_bundle, save_bundle
+from cyber_moe.testing import untrained_bundle
 from cyber_moe.config import ModelConfig
 from cyber_moe.schema import FAMILY, IS_ATTACK, FlowSchema
 
