@@ -40,13 +40,13 @@ from .settings import MODEL_ENV_VAR, ServeSettings, settings_from_env
 from .validation import FlowError, RawFlows, ServiceError, _names, parse_envelope, parse_json_body, tensor_columns
 
 # %% auto #0
-__all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'Settings', 'RequestId', 'workbench', 'operations', 'oip',
-           'ROUTERS', 'HeaderTimeoutHttpTools', 'HTTP_PROTOCOL', 'BodyTooLarge', 'BodyTimeout', 'JsonFormatter',
-           'json_logger', 'is_public', 'Door', 'describe', 'request_id', 'WorkbenchRoute', 'OIPRoute', 'UnknownModel',
-           'BatchTooLarge', 'served_model', 'app_settings', 'Scorer', 'off_loop', 'prediction_records', 'infer_outputs',
-           'model_metadata', 'predict', 'predict_batch', 'explain', 'health', 'readiness', 'ready', 'metrics_route',
-           'reload', 'v2_server', 'v2_live', 'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer', 'service_openapi',
-           'create_app', 'app_from_env', 'HeaderTimeoutH11']
+__all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'workbench', 'operations', 'oip', 'ROUTERS',
+           'HeaderTimeoutHttpTools', 'HTTP_PROTOCOL', 'BodyTooLarge', 'BodyTimeout', 'JsonFormatter', 'json_logger',
+           'is_public', 'Door', 'describe', 'request_id', 'WorkbenchRoute', 'OIPRoute', 'UnknownModel', 'BatchTooLarge',
+           'served_model', 'Scorer', 'off_loop', 'prediction_records', 'infer_outputs', 'model_metadata', 'predict',
+           'predict_batch', 'explain', 'health', 'readiness', 'ready', 'metrics_route', 'reload', 'v2_server',
+           'v2_live', 'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer', 'service_openapi', 'create_app',
+           'app_from_env', 'HeaderTimeoutH11']
 
 # %% ../../nbs/86_serve_app.ipynb #6a79991b
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
@@ -233,7 +233,7 @@ class BatchTooLarge(ServiceError):
     status = 413
 
 
-def served_model(request: Request) -> ServedModel:
+async def served_model(request: Request) -> ServedModel:
     "The model serving now (503 before one is; 404 when the path names another model)."
     served = request.app.state.slot.current()
     name = request.path_params.get("model_name")
@@ -241,14 +241,10 @@ def served_model(request: Request) -> ServedModel:
     return served
 
 
-def app_settings(request: Request) -> ServeSettings:
-    "The settings of the app serving the request."
-    return request.app.state.settings
-
-
+# async: FastAPI runs a plain `def` dependency in the thread pool, a thread hop per request. Settings and the
+# request id are read from the request itself (`request_id(request)`, `request.app.state.settings`): each
+# dependency costs tens of microseconds on every request.
 Served = Annotated[ServedModel, Depends(served_model)]
-Settings = Annotated[ServeSettings, Depends(app_settings)]
-RequestId = Annotated[str, Depends(request_id)]
 
 # %% ../../nbs/86_serve_app.ipynb #2405a91f
 class Scorer:
@@ -358,7 +354,8 @@ workbench = APIRouter(tags=["predict"], route_class=WorkbenchRoute, responses={4
 
 
 @workbench.post("/predict", response_model=PredictResponse, openapi_extra=_body_ref("Flow"), summary="Score one flow (a JSON object feature -> value)")
-async def predict(request: Request, served: Served, rid: RequestId):
+async def predict(request: Request, served: Served):
+    rid = request_id(request)
     raw = served.validator.values([parse_json_body(await request.body())])
     rec = prediction_records(await request.app.state.scorer.score(served, raw), served)[0]
     return {**rec, "model_name": served.name, "model_version": served.version, "request_id": rid}
@@ -375,8 +372,8 @@ def _batch(body: bytes, served: ServedModel, max_batch: int) -> RawFlows:
 
 @workbench.post("/predict_batch", response_model=BatchResponse, openapi_extra=_body_ref("FlowBatch"),
                 summary="Score a list of flows (at most max_batch)")
-async def predict_batch(request: Request, served: Served, settings: Settings, rid: RequestId):
-    body = await request.body()
+async def predict_batch(request: Request, served: Served):
+    settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     raw = await off_loop(_batch, body, served, settings.max_batch, inline=len(body) <= _BIG_BODY)
     recs = prediction_records(await request.app.state.scorer.score(served, raw), served)
     return {"predictions": recs, "n_flows": len(recs), "model_name": served.name, "model_version": served.version, "request_id": rid}
@@ -384,8 +381,8 @@ async def predict_batch(request: Request, served: Served, settings: Settings, ri
 
 @workbench.post("/explain", response_model=ExplainResponse, responses={501: _ERR}, openapi_extra=_body_ref("Flow"),
                 summary="SHAP: the features that moved the verdict on one flow most")
-async def explain(request: Request, served: Served, rid: RequestId,
-                  top_k: int = Query(5, ge=1, le=50, description="how many contributions")):
+async def explain(request: Request, served: Served, top_k: int = Query(5, ge=1, le=50, description="how many contributions")):
+    rid = request_id(request)
     extra = sorted(set(request.query_params) - {"top_k"})
     if extra: raise FlowError(f"unknown query parameter(s): {_names(extra)}; /explain takes top_k")
     fn, why = _explainer()
@@ -428,7 +425,8 @@ async def metrics_route(request: Request):
 @operations.post("/admin/reload", response_model=ReloadResponse, tags=["operations"],
                  responses={403: _ERR, 413: _ERR, 422: {"model": ReloadResponse}}, openapi_extra=_body_ref("ReloadRequest", required=False),
                  summary="Load a model (default: the same URI) and swap it in without dropping requests")
-async def reload(request: Request, response: Response, settings: Settings, rid: RequestId):
+async def reload(request: Request, response: Response):
+    settings, rid = request.app.state.settings, request_id(request)
     if settings.api_key is None:
         raise ServiceError("model reload is disabled: it needs an API key (set CYBER_MOE_API_KEY)", status=403)
     slot: ModelSlot = request.app.state.slot
@@ -490,8 +488,8 @@ def _infer_raw(body: bytes, served: ServedModel, settings: ServeSettings) -> tup
 
 @oip.post("/models/{model_name}/infer", response_model=InferResponse, responses={**_OIP_COMMON, 413: _OIP_ERR, 422: _OIP_ERR},
           openapi_extra=_body_ref("InferRequest"), summary="Inference (OIP v2 tensors in, verdict tensors out)")
-async def v2_infer(request: Request, model_name: str, served: Served, settings: Settings, rid: RequestId):
-    body = await request.body()
+async def v2_infer(request: Request, model_name: str, served: Served):
+    settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     req, raw = await off_loop(_infer_raw, body, served, settings, inline=len(body) <= _BIG_BODY)
     res = await request.app.state.scorer.score(served, raw)
     outputs = infer_outputs(res, served, [o.name for o in req.outputs] if req.outputs else None)
@@ -533,7 +531,7 @@ def service_openapi(app: FastAPI) -> dict:
     return schema
 
 # %% ../../nbs/86_serve_app.ipynb #13b6305e
-ROUTERS = (operations, workbench, oip)
+ROUTERS = (workbench, oip, operations)                         # the busiest routes are matched first
 
 
 def create_app(model_uri: str, settings: ServeSettings | None = None) -> FastAPI:
