@@ -34,11 +34,11 @@ from .schema import FAMILY, IS_ATTACK, FlowSchema, register_schema
 # %% auto #0
 __all__ = ['LAB_FAMILIES', 'TOOLS', 'BENIGN_ACTIVITIES', 'TOOL_BINARIES', 'LAB_BINARIES', 'LAB', 'DEBIAN_PACKAGES', 'LAB_NET',
            'SERVERS', 'SECRET_USER', 'SECRET_PASSWORD', 'WEB_PAGES', 'BUILDERS', 'WEB_APP', 'C2_SERVER', 'BEACON',
-           'log', 'NS_PREFIX', 'OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'ScenarioError', 'LabUnavailable',
-           'LabInterrupted', 'BenignSpec', 'StepSpec', 'Scenario', 'parse_scenario', 'load_scenario', 'Host', 'Command',
-           'StepPlan', 'SessionPlan', 'plan_session', 'write_work', 'lab_namespaces', 'check_available', 'Lab',
-           'signals_raise', 'run_session', 'label_flows', 'meter_capture', 'session_name', 'record_session',
-           'read_session']
+           'log', 'NS_PREFIX', 'OK_CODES', 'TOOL_OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'ScenarioError',
+           'LabUnavailable', 'LabInterrupted', 'BenignSpec', 'StepSpec', 'Scenario', 'parse_scenario', 'load_scenario',
+           'Host', 'Command', 'StepPlan', 'SessionPlan', 'plan_session', 'write_work', 'lab_namespaces',
+           'check_available', 'Lab', 'signals_raise', 'run_session', 'label_flows', 'meter_capture', 'session_name',
+           'record_session', 'read_session']
 
 # %% ../nbs/14_lab.ipynb #14ef0111
 LAB_FAMILIES = ("benign", "dos", "ddos", "portscan", "bruteforce", "slowhttp", "bot", "webattack")
@@ -59,7 +59,7 @@ TOOL_BINARIES = {   # what each tool (and the lab itself) needs on PATH
     "nmap": "nmap", "masscan": "masscan", "hping3": "hping3", "goldeneye": "goldeneye", "slowhttptest": "slowhttptest",
     "hydra": "hydra", "medusa": "medusa", "ncrack": "ncrack", "sqlmap": "sqlmap", "xss-probe": "curl",
     "traversal-probe": "curl", "beacon": "python3"}
-LAB_BINARIES = ("ip", "tcpdump", "timeout", "nginx", "sshd", "vsftpd", "dnsmasq", "curl", "ssh", "scp", "ssh-keygen", "dig", "python3")
+LAB_BINARIES = ("ip", "ss", "tcpdump", "timeout", "nginx", "sshd", "vsftpd", "dnsmasq", "curl", "ssh", "scp", "ssh-keygen", "dig", "python3")
 
 LAB = register_schema(FlowSchema(
     name="lab", numeric=NFSTREAM.numeric, categorical=NFSTREAM.categorical, timing=NFSTREAM.timing,
@@ -80,7 +80,7 @@ class LabInterrupted(KeyboardInterrupt):
     "SIGTERM or SIGINT arrived while a session was recording; the lab was cleaned up before this propagates."
 
 
-DEBIAN_PACKAGES = {"ip": "iproute2", "tcpdump": "tcpdump", "timeout": "coreutils", "nginx": "nginx-light",
+DEBIAN_PACKAGES = {"ip": "iproute2", "ss": "iproute2", "tcpdump": "tcpdump", "timeout": "coreutils", "nginx": "nginx-light",
                    "sshd": "openssh-server", "vsftpd": "vsftpd", "dnsmasq": "dnsmasq-base", "curl": "curl",
                    "ssh": "openssh-client", "scp": "openssh-client", "ssh-keygen": "openssh-client", "dig": "dnsutils",
                    "python3": "python3", "nmap": "nmap", "masscan": "masscan", "hping3": "hping3",
@@ -984,8 +984,9 @@ def signals_raise():
     finally:
         for s, h in old.items(): signal.signal(s, h)
 
-# %% ../nbs/14_lab.ipynb #23196186
+# %% ../nbs/14_lab.ipynb #d411b854
 OK_CODES = (0, 124)
+TOOL_OK_CODES = {"hping3": (0, 1, 124)}     # hping3 exits 1 when no probe got an answer (a flood to a closed UDP port, FIN floods)
 
 
 def _wait_listening(lab: Lab, host: str, port: int, proto: str = "tcp", timeout: float = 8.0) -> None:
@@ -1007,10 +1008,10 @@ def _tail(path: Path | None, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-400:]
 
 
-def _step_status(codes: list[int | None], crashed: bool, stopped: bool) -> str:
+def _step_status(codes: list[int | None], crashed: bool, stopped: bool, tool: str = "") -> str:
     if crashed: return "failed"
     if stopped: return "stopped"
-    return "ok" if all(c in OK_CODES for c in codes) else "failed"
+    return "ok" if all(c in TOOL_OK_CODES.get(tool, OK_CODES) for c in codes) else "failed"
 
 
 def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_event: Callable | None = None) -> dict:
@@ -1083,11 +1084,11 @@ def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_eve
         st = rec["step"]
         main = [(c, p) for c, p in rec["procs"] if not c.daemon]
         codes = [p.popen.returncode for _, p in main]
-        status = _step_status(codes, rec["crashed"], rec["stopped"])
+        status = _step_status(codes, rec["crashed"], rec["stopped"], st.tool)
         why = None
         if rec["crashed"]: why = "killed with SIGKILL part-way (inject_crash)"
         elif status == "failed":
-            why = "; ".join(f"{Path(c.argv[0]).name} exited {p.popen.returncode}: {_tail(p.log)}" for c, p in main if p.popen.returncode not in OK_CODES)
+            why = "; ".join(f"{Path(c.argv[0]).name} exited {p.popen.returncode}: {_tail(p.log)}" for c, p in main if p.popen.returncode not in TOOL_OK_CODES.get(st.tool, OK_CODES))
         steps.append({**st.to_dict(), "addresses": [plan.hosts[h].ip for h in st.hosts], "t_start": rec["t_start"],
                       "t_end": rec["t_end"], "status": status, "exit_codes": codes, "error": why})
     return {"t_start": t0, "t_end": t_clients_end, "t_capture_end": t1, "setup_s": round(setup_s, 2), "steps": steps,
