@@ -459,7 +459,7 @@ def _beacon(ctx: _Ctx):
     r, c2 = ctx.rng, ctx.c2
     cmds = [Command(c2.name, ["python3", str(ctx.work / "c2.py"), c2.ip, str(r.randint(0, 2**31))], daemon=True)]
     for h in ctx.me:
-        interval = r.choice([0.5, 1.0, 2.0, 3.0])
+        interval = round(r.choice([0.5, 1.0, 2.0, 3.0]) / ctx.intensity, 3)     # more intensity, more frequent beacons
         cmds.append(Command(h.name, ["python3", str(ctx.work / "beacon.py"), c2.ip, ctx.variant, str(interval),
                                      str(r.choice([0.1, 0.3, 0.5])), str(max(2, int(ctx.max_s) - 1)), str(r.randint(0, 2**31))],
                             delay=round(0.5 + r.uniform(0, 1.0), 2)))
