@@ -34,11 +34,11 @@ from .schema import FAMILY, IS_ATTACK, FlowSchema, register_schema
 # %% auto #0
 __all__ = ['LAB_FAMILIES', 'TOOLS', 'BENIGN_ACTIVITIES', 'TOOL_BINARIES', 'LAB_BINARIES', 'LAB', 'DEBIAN_PACKAGES', 'LAB_NET',
            'SERVERS', 'SECRET_USER', 'SECRET_PASSWORD', 'WEB_PAGES', 'BUILDERS', 'WEB_APP', 'C2_SERVER', 'BEACON',
-           'log', 'NS_PREFIX', 'OK_CODES', 'TOOL_OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'ScenarioError',
-           'LabUnavailable', 'LabInterrupted', 'BenignSpec', 'StepSpec', 'Scenario', 'parse_scenario', 'load_scenario',
-           'Host', 'Command', 'StepPlan', 'SessionPlan', 'plan_session', 'write_work', 'lab_namespaces',
-           'check_available', 'Lab', 'signals_raise', 'run_session', 'label_flows', 'meter_capture', 'session_name',
-           'record_session', 'read_session']
+           'log', 'NS_PREFIX', 'OK_CODES', 'TOOL_OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'LAB_TARGETS',
+           'ScenarioError', 'LabUnavailable', 'LabInterrupted', 'BenignSpec', 'StepSpec', 'Scenario', 'parse_scenario',
+           'load_scenario', 'Host', 'Command', 'StepPlan', 'SessionPlan', 'plan_session', 'write_work',
+           'lab_namespaces', 'check_available', 'Lab', 'signals_raise', 'run_session', 'label_flows', 'meter_capture',
+           'session_name', 'record_session', 'read_session', 'ensure_sessions', 'load_sessions', 'detection_rates']
 
 # %% ../nbs/14_lab.ipynb #14ef0111
 LAB_FAMILIES = ("benign", "dos", "ddos", "portscan", "bruteforce", "slowhttp", "bot", "webattack")
@@ -1230,3 +1230,72 @@ def read_session(out_dir) -> tuple[pd.DataFrame, dict]:
     if info.get("status") not in ("ok", "failed_steps"):
         raise FileNotFoundError(f"{out}: the session did not finish (status {info.get('status')!r}); record it again")
     return pd.read_parquet(pq), info
+
+# %% ../nbs/14_lab.ipynb #c2258e88
+def _recorded(folder: Path, sc: Scenario, seed: int) -> bool:
+    js = folder / "session.json"
+    if not js.is_file() or not (folder / "flows.parquet").is_file(): return False
+    info = json.loads(js.read_text())
+    return info.get("status") in ("ok", "failed_steps") and info.get("seed") == seed and info.get("scenario") == json.loads(json.dumps(sc.model_dump(), default=str))
+
+
+def ensure_sessions(scenario, seeds: list[int], root, *, python: str | None = None) -> list[Path]:
+    "Folders of the sessions of `scenario` for `seeds` under `root`, recording the missing ones in parallel."
+    import sys
+    path = Path(scenario)
+    sc = load_scenario(path)
+    check_available(plan_session(sc, 0, Path("/nonexistent")).binaries())
+    root = Path(root)
+    folders = [root / f"{session_name(sc, s)}" for s in seeds]
+    todo = [(s, f) for s, f in zip(seeds, folders) if not _recorded(f, sc, s)]
+    procs = []
+    try:
+        for s, f in todo:
+            shutil.rmtree(f, ignore_errors=True)
+            argv = [python or sys.executable, "-c", "import sys; from cyber_moe.cli import main; sys.exit(main(sys.argv[1:]))",
+                    "lab", "record", "--scenario", str(path), "--out", str(f), "--seed", str(s)]
+            log.info("recording lab session %s (seed %d) into %s", sc.name, s, f)
+            procs.append((s, f, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        for s, f, p in procs:
+            out, err = p.communicate()
+            if p.returncode == 3: raise LabUnavailable(err.strip().splitlines()[-1] if err.strip() else "the lab cannot run here")
+            if p.returncode == 1: log.warning("lab session %s seed %d: %s", sc.name, s, err.strip().splitlines()[-1])
+            elif p.returncode != 0:
+                raise RuntimeError(f"recording lab session {sc.name} seed {s} failed (exit {p.returncode}): {err.strip()[-600:]}")
+    except BaseException:
+        for _, _, p in procs:
+            if p.poll() is None: p.send_signal(signal.SIGTERM)
+        for _, _, p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired): p.wait(30)
+        raise
+    return folders
+
+
+def load_sessions(folders: list[Path]) -> tuple[pd.DataFrame, dict]:
+    "The labelled flows of recorded session folders, one frame (in folder order), and a description of each session."
+    frames, desc = [], []
+    for f in folders:
+        flows, info = read_session(f)
+        frames.append(flows)
+        desc.append({k: info.get(k) for k in ("session", "run_id", "seed", "status", "failed_steps", "capture_s", "n_flows",
+                                              "n_unattributed", "unattributed_reasons", "families", "tcpdump")} | {"folder": str(f)})
+    return pd.concat(frames, ignore_index=True), {"sessions": desc}
+
+# %% ../nbs/14_lab.ipynb #44354a21
+LAB_TARGETS = {"family_detection_min": 0.90, "benign_fpr_max": 0.01}
+
+
+def detection_rates(rows: pd.DataFrame, flagged) -> dict:
+    "Flagged share of each family's and each family/tool's flows, the benign false-positive rate, and the lab targets met."
+    fl = np.asarray(flagged, bool)
+    if len(fl) != len(rows): raise ValueError(f"detection_rates: {len(fl)} verdicts for {len(rows)} rows")
+    fam = rows[FAMILY].astype(str).to_numpy()
+    tool = rows["tool"].astype(str).to_numpy() if "tool" in rows.columns else np.full(len(rows), "")
+    def share(mask): n = int(mask.sum()); k = int(fl[mask].sum()); return {"n": n, "flagged": k, "rate": k / n if n else None}
+    fams = {f: share(fam == f) for f in sorted(set(fam))}
+    tools = {f"{f}/{t}": share((fam == f) & (tool == t)) for f, t in sorted(set(zip(fam, tool))) if f != "benign"}
+    attack = {f: v for f, v in fams.items() if f != "benign"}
+    fpr = fams.get("benign", {}).get("rate")
+    return {"families": fams, "tools": tools, "benign_fpr": fpr, "targets": dict(LAB_TARGETS),
+            "families_below_target": sorted(f for f, v in attack.items() if v["rate"] < LAB_TARGETS["family_detection_min"]),
+            "fpr_met": fpr is not None and fpr <= LAB_TARGETS["benign_fpr_max"]}
