@@ -77,6 +77,8 @@ def _cmd_lab_record(args: argparse.Namespace) -> int:
     fams = ", ".join(f"{k} {v:,}" for k, v in sorted(info["families"].items(), key=lambda kv: -kv[1]))
     print(f"session {info['session']} (run {info['run_id']}): {info['n_flows']:,} flows ({fams}); "
           f"{info['n_unattributed']:,} unattributed; capture {info['capture_s']:.1f} s; {args.out}")
+    if info.get("silent_steps"):
+        print(f"cyber-moe lab: warning: step(s) that made no flow: {', '.join(info['silent_steps'])} (see session.json)", file=sys.stderr)
     if info["failed_steps"]:
         errs = {s["name"]: s["error"] for s in info["steps"] if s["status"] == "failed"}
         print("cyber-moe lab: step(s) failed: " + "; ".join(f"{k} ({v})" for k, v in errs.items()) +

@@ -45,8 +45,8 @@ LAB_FAMILIES = ("benign", "dos", "ddos", "portscan", "bruteforce", "slowhttp", "
 
 TOOLS: dict[str, dict[str, tuple[str, ...]]] = {   # family -> tool -> variants
     "portscan": {"nmap": ("sT", "sS", "sF", "sX", "sN", "sA"), "masscan": ("syn",)},
-    "dos": {"hping3": ("syn", "ack", "udp", "fin"), "goldeneye": ("get", "post", "random")},
-    "ddos": {"hping3": ("syn", "udp", "ack"), "goldeneye": ("get", "random")},
+    "dos": {"hping3": ("syn", "ack", "udp", "fin"), "httpflood": ("get", "post"), "goldeneye": ("get", "post", "random")},
+    "ddos": {"hping3": ("syn", "udp", "ack"), "httpflood": ("get", "post"), "goldeneye": ("get", "random")},
     "slowhttp": {"slowhttptest": ("H", "B", "X")},
     "bruteforce": {"hydra": ("ssh", "ftp", "http"), "medusa": ("ssh", "ftp", "http"), "ncrack": ("ssh", "ftp")},
     "webattack": {"sqlmap": ("search", "item"), "xss-probe": ("get",), "traversal-probe": ("get",)},
@@ -58,7 +58,7 @@ BENIGN_ACTIVITIES = ("browse", "download", "login", "private", "ssh", "scp", "ft
 TOOL_BINARIES = {   # what each tool (and the lab itself) needs on PATH
     "nmap": "nmap", "masscan": "masscan", "hping3": "hping3", "goldeneye": "goldeneye", "slowhttptest": "slowhttptest",
     "hydra": "hydra", "medusa": "medusa", "ncrack": "ncrack", "sqlmap": "sqlmap", "xss-probe": "curl",
-    "traversal-probe": "curl", "beacon": "python3"}
+    "traversal-probe": "curl", "beacon": "python3", "httpflood": "curl"}
 LAB_BINARIES = ("ip", "ss", "tcpdump", "timeout", "nginx", "sshd", "vsftpd", "dnsmasq", "curl", "ssh", "scp", "ssh-keygen", "dig", "python3")
 
 LAB = register_schema(FlowSchema(
@@ -368,6 +368,30 @@ def _goldeneye(ctx: _Ctx):
     return tgt, cmds, {}
 
 
+_UAS = ["Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 13_5) AppleWebKit/605.1.15", "curl/7.88.1", "Wget/1.21.3"]
+
+
+def _httpflood(ctx: _Ctx):
+    "HULK-style flood: unique URLs, no-cache headers, a new connection per request, many in parallel."
+    r = ctx.rng
+    tgt = r.choice(list(SERVERS.values()))
+    cmds, files = [], {}
+    for h in ctx.me:
+        cfg = ctx.work / f"{ctx.name}-{h.name}.curl"
+        lines = []
+        for _ in range(ctx.n(r.choice([300, 500, 700]) / max(1, len(ctx.me)) * (2 if len(ctx.me) > 1 else 1), 20)):
+            path = r.choice(["", "index.html", "pages/p1.html", "app/search", "login.html", "static/style.css"])
+            q = "&".join(f"{''.join(r.choices('abcdefghijklmnopqrstuvwxyz', k=r.randint(3, 8)))}={r.randint(0, 10**6)}" for _ in range(r.randint(1, 3)))
+            lines += [f'url = "http://{tgt}/{path}?{q}"', 'output = "/dev/null"']
+        files[str(cfg)] = "\n".join(lines) + "\n"
+        argv = ["curl", "-s", "--parallel", "--parallel-max", str(r.choice([8, 16, 32])), "-H", "Connection: close",
+                "-H", "Cache-Control: no-cache", "-A", r.choice(_UAS), "--max-time", "5", "--config", str(cfg)]
+        if ctx.variant == "post": argv += ["--data", f"payload={r.randbytes(r.randint(20, 400)).hex()}"]
+        cmds.append(Command(h.name, argv, delay=round(r.uniform(0, 0.5), 2) if len(ctx.me) > 1 else 0.0))
+    return tgt, cmds, files
+
+
 def _slowhttptest(ctx: _Ctx):
     r = ctx.rng
     tgt = r.choice(list(SERVERS.values()))
@@ -466,7 +490,7 @@ def _beacon(ctx: _Ctx):
     return c2.ip, cmds, {}
 
 
-BUILDERS: dict[str, Callable] = {"nmap": _nmap, "masscan": _masscan, "hping3": _hping3, "goldeneye": _goldeneye,
+BUILDERS: dict[str, Callable] = {"nmap": _nmap, "masscan": _masscan, "hping3": _hping3, "goldeneye": _goldeneye, "httpflood": _httpflood,
                                  "slowhttptest": _slowhttptest, "hydra": _hydra, "medusa": _medusa, "ncrack": _ncrack,
                                  "sqlmap": _sqlmap, "xss-probe": _xss_probe, "traversal-probe": _traversal_probe, "beacon": _beacon}
 
@@ -1205,8 +1229,13 @@ def record_session(scenario: Scenario | str | Path, out_dir, *, seed: int = 0, i
     unattributed.to_parquet(out / "unattributed.parquet", index=False)
     _ground_truth(record, session).to_parquet(out / "labels.parquet", index=False)
     failed = [s["name"] for s in record["steps"] if s["status"] == "failed"]
-    info.update(status="ok" if not failed else "failed_steps", failed_steps=failed,
-                steps=[{k: s[k] for k in ("name", "family", "tool", "variant", "status", "exit_codes", "error", "t_start", "t_end", "target", "intensity")}
+    per_step = labelled["step"].value_counts()
+    for s in record["steps"]: s["n_flows"] = int(per_step.get(s["name"], 0))
+    silent = [s["name"] for s in record["steps"] if s["n_flows"] == 0]
+    if silent: log.warning("lab session %s: step(s) that made no flow: %s", session, ", ".join(silent))
+    info.update(status="ok" if not failed else "failed_steps", failed_steps=failed, silent_steps=silent,
+                steps=[{k: s[k] for k in ("name", "family", "tool", "variant", "status", "exit_codes", "error", "t_start", "t_end", "target",
+                                          "intensity", "n_flows")}
                        for s in record["steps"]],
                 capture_s=round(record["t_capture_end"] - record["t_start"], 2), setup_s=record["setup_s"], lab_s=round(lab_s, 2),
                 meter_s=round(meter_s, 2), tcpdump=record["tcpdump"], n_packets=flows.attrs.get("nfstream", {}).get("n_packets"),
