@@ -157,9 +157,11 @@ def _assign_session(df: pd.DataFrame, col: str, groups: np.ndarray, fam_idx: np.
     if set(test) >= set(sessions): raise ValueError(f"strategy 'session': every session ({', '.join(sessions)}) is a test session; keep one for training")
     is_test = df[col].astype(str).isin(test).to_numpy()
     part = np.full(len(df), 2, np.int8)
-    idx = np.flatnonzero(~is_test)
-    sub = _assign_random(pd.factorize(groups[idx])[0], pd.factorize(fam_idx[idx])[0], np.array([1 - val_frac, val_frac, 0.0]), seed)
-    part[idx] = np.where(sub == 0, 0, 1)        # validation rows come from the training sessions
+    part[~is_test] = 0
+    rng = np.random.default_rng(seed)
+    for k in np.unique(fam_idx[~is_test]):      # validation: val_frac of each class's rows of the training sessions, at random
+        rows = np.flatnonzero(~is_test & (fam_idx == k))
+        part[rng.permutation(rows)[:int(round(val_frac * len(rows)))]] = 1
     return part, {"train": [s for s in sessions if s not in test], "val": [s for s in sessions if s not in test], "test": test}
 
 
