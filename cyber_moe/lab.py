@@ -1010,7 +1010,8 @@ def signals_raise():
 
 # %% ../nbs/14_lab.ipynb #d411b854
 OK_CODES = (0, 124)
-TOOL_OK_CODES = {"hping3": (0, 1, 124)}     # hping3 exits 1 when no probe got an answer (a flood to a closed UDP port, FIN floods)
+TOOL_OK_CODES = {"hping3": (0, 1, 124),     # hping3 exits 1 when no probe got an answer (a flood to a closed UDP port, FIN floods)
+                 "httpflood": (0, 28, 124)}  # curl exits 28 when a request of the flood timed out: the server is swamped
 
 
 def _wait_listening(lab: Lab, host: str, port: int, proto: str = "tcp", timeout: float = 8.0) -> None:
