@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 PARAMS ?= params/default.yaml
 APT_UPDATED := $(VENV)/.apt-updated
 
-.PHONY: install run test check-clean check-export nbtest pytest lab serve dashboard bench clean-outputs sysdeps-test
+.PHONY: install run test check-clean check-export nbtest pytest lab serve dashboard bench clean-outputs sysdeps-test sysdeps-lab
 
 # (Re)install when pyproject.toml changes; the venv itself is created once.
 $(STAMP): pyproject.toml
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: install
+run: install sysdeps-lab
 	$(BIN)/cyber-moe pipeline --params $(PARAMS)
 
 # Debian packages that the integration tests start for real (installed only when missing).
@@ -32,6 +32,25 @@ sysdeps-test:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# Debian packages of the traffic lab (cyber_moe.lab), installed only when missing and only as root (without root the
+# lab is unavailable anyway and the run falls back to the simulator). policy-rc.d keeps the packages' own services
+# (nginx, sshd, vsftpd) from starting on the host: the lab starts its own, inside namespaces, with its own configs.
+LAB_PROGRAMS := ip:iproute2 tcpdump:tcpdump nginx:nginx-light sshd:openssh-server ssh:openssh-client vsftpd:vsftpd \
+	dnsmasq:dnsmasq-base curl:curl dig:dnsutils ss:iproute2 nmap:nmap masscan:masscan hping3:hping3 \
+	slowhttptest:slowhttptest goldeneye:goldeneye hydra:hydra medusa:medusa ncrack:ncrack sqlmap:sqlmap
+sysdeps-lab:
+	@if [ "$$(id -u)" != 0 ]; then echo "sysdeps-lab: not root, skipping the lab's Debian packages (the lab needs root anyway)"; exit 0; fi; \
+	missing=""; \
+	for pair in $(LAB_PROGRAMS); do prog=$${pair%%:*}; pkg=$${pair##*:}; \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$prog >/dev/null || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the lab:$$missing"; \
+	  made_policy=""; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=1; fi; \
+	  rc=0; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || rc=$$?; \
+	  if [ -n "$$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  exit $$rc; \
 	fi
 
 # nbdev_clean must leave the notebooks as committed.
@@ -47,7 +66,7 @@ check-export: install
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 2
 
-pytest: install sysdeps-test
+pytest: install sysdeps-test sysdeps-lab
 	$(BIN)/pytest tests/
 
 test: check-clean check-export nbtest pytest

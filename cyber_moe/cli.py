@@ -61,6 +61,46 @@ def run_pipeline(cfg: RunConfig, stages: list[Path], *, kernel_name: str = "pyth
     write_run_record(cfg, finished_at=utc_now(), status="ok", stages=done)
     return done
 
+# %% ../nbs/90_cli.ipynb #2fd2e733
+def _cmd_lab_record(args: argparse.Namespace) -> int:
+    import signal as _signal
+    from cyber_moe.lab import LabInterrupted, LabUnavailable, record_session
+    setup_logging("INFO")
+    try:
+        info = record_session(args.scenario, args.out, seed=args.seed, inject_crash=args.inject_crash)
+    except LabUnavailable as e:
+        print(f"cyber-moe lab: the lab cannot run here: {e}", file=sys.stderr)
+        return 3
+    except LabInterrupted as e:
+        print(f"cyber-moe lab: interrupted ({e}); namespaces, processes and temporary files removed", file=sys.stderr)
+        return 143 if "SIGTERM" in str(e) else 130
+    fams = ", ".join(f"{k} {v:,}" for k, v in sorted(info["families"].items(), key=lambda kv: -kv[1]))
+    print(f"session {info['session']} (run {info['run_id']}): {info['n_flows']:,} flows ({fams}); "
+          f"{info['n_unattributed']:,} unattributed; capture {info['capture_s']:.1f} s; {args.out}")
+    if info.get("silent_steps"):
+        print(f"cyber-moe lab: warning: step(s) that made no flow: {', '.join(info['silent_steps'])} (see session.json)", file=sys.stderr)
+    if info["failed_steps"]:
+        errs = {s["name"]: s["error"] for s in info["steps"] if s["status"] == "failed"}
+        print("cyber-moe lab: step(s) failed: " + "; ".join(f"{k} ({v})" for k, v in errs.items()) +
+              f"; capture and labels up to the failure are in {args.out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_lab_parser(sub) -> None:
+    "The `lab` subcommand: record sessions of the traffic lab."
+    lab = sub.add_parser("lab", help="the traffic lab: real tools and clients in network namespaces",
+                         description="Record sessions of the traffic lab (needs root and network namespaces).")
+    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    r = lsub.add_parser("record", help="record one session: capture.pcap, labels.parquet, flows.parquet",
+                        description="Build the lab, run the scenario's clients and attack steps, capture on the bridge, "
+                                    "remove everything, then meter and label the flows.")
+    r.add_argument("--scenario", required=True, help="scenario YAML, e.g. params/lab/smoke.yaml")
+    r.add_argument("--out", required=True, help="output folder of the session")
+    r.add_argument("--seed", type=int, default=0, help="draws timings, order, clients, targets, intensities and tool options")
+    r.add_argument("--inject-crash", metavar="STEP", help="(testing) kill this step's tool part-way, as a crash would")
+    r.set_defaults(func=_cmd_lab_record)
+
 # %% ../nbs/90_cli.ipynb #2be35753
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.set)
@@ -334,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.add_argument("--strict", action="store_true", help="exit 1 when an ids-lint error rule fires")
     di.set_defaults(func=_cmd_data_inspect)
+    _add_lab_parser(sub)
     return parser
 
 

@@ -38,7 +38,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     "Where the flows come from: the embedded generator or a data set's files as published."
-    source: Literal["synth", "unsw-nb15", "cic-ids2017", "nfstream"] = "synth"
+    source: Literal["synth", "unsw-nb15", "cic-ids2017", "nfstream", "lab"] = "synth"
     paths: list[str] = Field(default_factory=list, description="files, directories or zips in the data set's own format")
     release: Literal["original", "engelen2021"] = "original"
     verify_checksums: bool = True
@@ -46,12 +46,16 @@ class DataConfig(_Section):
     synth_seed: int = 0
     synth_days: int = Field(3, ge=1, le=14)
     synth_n_flows: int = Field(30_000, ge=1_000, description="approximate number of flows the generator aims for")
+    lab_scenario: str = Field("params/lab/default.yaml", description="source 'lab': scenario recorded for each seed below (unless paths lists session folders)")
+    lab_train_seeds: list[int] = Field(default_factory=lambda: [1], min_length=1, description="source 'lab': sessions for train + validation")
+    lab_test_seeds: list[int] = Field(default_factory=lambda: [2], min_length=1, description="source 'lab': held-out test sessions (other seeds)")
 
 
 class SplitConfig(_Section):
     "How flows are divided into train / validation / test; the test rows are never used for fitting or selection."
-    strategy: Literal["random", "time", "day", "file"] = "random"
-    group_col: str | None = Field(None, description="column whose values 'day'/'file' hold out whole (default 'day' / 'source_file')")
+    strategy: Literal["random", "time", "day", "file", "session"] = "random"
+    group_col: str | None = Field(None, description="column whose values 'day'/'file'/'session' hold out whole (default 'day' / 'source_file' / 'session')")
+    test_sessions: list[str] | None = Field(None, description="strategy 'session': the sessions held out for test (default: the source's test sessions, else the last one)")
     val_frac: float = Field(0.15, gt=0, lt=0.5)
     test_frac: float = Field(0.2, gt=0, lt=0.5)
     seed: int = 0
@@ -213,7 +217,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     else: out["outputs_dir"] = absolute("outputs")
     data = out.get("data")
     if isinstance(data, dict) and isinstance(data.get("paths"), list):
-        out["data"] = {**data, "paths": [absolute(p) for p in data["paths"]]}
+        out["data"] = data = {**data, "paths": [absolute(p) for p in data["paths"]]}
+    if isinstance(data, dict):
+        out["data"] = {**data, "lab_scenario": absolute(data.get("lab_scenario", "params/lab/default.yaml"))}
     def absolute_sqlite(uri):
         ok = isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
         return "sqlite:///" + absolute(uri[len("sqlite:///"):]) if ok else uri

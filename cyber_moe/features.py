@@ -142,6 +142,29 @@ def _assign_holdout(values: pd.Series, col: str, val_frac: float, test_frac: flo
     return gpart[codes], held
 
 
+def _assign_session(df: pd.DataFrame, col: str, groups: np.ndarray, fam_idx: np.ndarray, val_frac: float, seed: int,
+                    test_groups: Sequence[str] | None) -> tuple[np.ndarray, dict]:
+    "Split id per row: whole sessions of `col` to test (`test_groups`, else the last session), the rest train + val."
+    if df[col].isna().any():
+        raise SchemaError(f"strategy 'session': {int(df[col].isna().sum())} row(s) have no '{col}'; every flow must name its session")
+    sessions = [str(s) for s in pd.unique(df[col].astype(str))]
+    if len(sessions) < 2:
+        raise ValueError(f"strategy 'session' needs flows of at least 2 sessions (train and a held-out test session); found "
+                         f"{len(sessions)}: {', '.join(sessions)}; record another session with another seed")
+    test = [str(t) for t in test_groups] if test_groups else [sessions[-1]]
+    unknown = [t for t in test if t not in sessions]
+    if unknown: raise ValueError(f"strategy 'session': test session(s) {', '.join(unknown)} not in the flows; sessions: {', '.join(sessions)}")
+    if set(test) >= set(sessions): raise ValueError(f"strategy 'session': every session ({', '.join(sessions)}) is a test session; keep one for training")
+    is_test = df[col].astype(str).isin(test).to_numpy()
+    part = np.full(len(df), 2, np.int8)
+    part[~is_test] = 0
+    rng = np.random.default_rng(seed)
+    for k in np.unique(fam_idx[~is_test]):      # validation: val_frac of each class's rows of the training sessions, at random
+        rows = np.flatnonzero(~is_test & (fam_idx == k))
+        part[rng.permutation(rows)[:int(round(val_frac * len(rows)))]] = 1
+    return part, {"train": [s for s in sessions if s not in test], "val": [s for s in sessions if s not in test], "test": test}
+
+
 def _split_record(part, groups, fam, *, strategy, seed, val_frac, test_frac, group_col) -> dict:
     "The JSON-ready record of a split: sizes, classes per split, duplicate and label-conflict counts."
     n, n_groups = len(part), int(groups.max()) + 1
@@ -165,10 +188,11 @@ def _split_record(part, groups, fam, *, strategy, seed, val_frac, test_frac, gro
 
 
 def split_flows(df: pd.DataFrame, *, schema: FlowSchema, strategy: str = "random", val_frac: float = 0.15,
-                test_frac: float = 0.2, seed: int = 0, group_col: str | None = None) -> SplitResult:
-    "Split a flows frame into train / val / test by `strategy` ('random' duplicate-grouped, 'time', 'day' or 'file')."
-    if strategy not in ("random", "time", "day", "file"):
-        raise ValueError(f"split_flows: unknown strategy '{strategy}'; expected 'random', 'time', 'day' or 'file'")
+                test_frac: float = 0.2, seed: int = 0, group_col: str | None = None,
+                test_groups: Sequence[str] | None = None) -> SplitResult:
+    "Split a flows frame into train / val / test by `strategy` ('random' duplicate-grouped, 'time', 'day', 'file' or 'session')."
+    if strategy not in ("random", "time", "day", "file", "session"):
+        raise ValueError(f"split_flows: unknown strategy '{strategy}'; expected 'random', 'time', 'day', 'file' or 'session'")
     if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"split_flows: val_frac={val_frac} and test_frac={test_frac} must be in (0, 1) with a sum below 1")
     if FAMILY not in df.columns:
@@ -189,6 +213,12 @@ def split_flows(df: pd.DataFrame, *, schema: FlowSchema, strategy: str = "random
             raise SchemaError(f"split_flows: strategy 'time' needs the timestamp column '{ts}', which the frame lacks; "
                               "keep identifier columns when loading")
         part = _assign_time(_as_time(df[ts], ts), fam_idx, val_frac, test_frac)
+    elif strategy == "session":
+        group_col = group_col or "session"
+        if group_col not in df.columns:
+            raise SchemaError(f"split_flows: strategy 'session' holds out whole sessions of column '{group_col}', which the frame "
+                              "lacks; load lab sessions with data.source 'lab' (their flows carry 'session')")
+        part, held = _assign_session(df, group_col, groups, fam_idx, val_frac, seed, test_groups)
     else:
         group_col = group_col or {"day": "day", "file": "source_file"}[strategy]
         if group_col not in df.columns:

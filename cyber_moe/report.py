@@ -16,8 +16,8 @@ import pandas as pd
 from .config import RunConfig, write_json
 
 # %% auto #0
-__all__ = ['HEADLINE', 'START', 'END', 'stage_explain', 'fig_drift', 'headline_rows', 'build_report', 'index_runs',
-           'results_markdown', 'update_readme']
+__all__ = ['HEADLINE', 'START', 'END', 'stage_explain', 'fig_drift', 'headline_rows', 'detection_rows', 'build_report',
+           'index_runs', 'results_markdown', 'update_readme']
 
 # %% ../nbs/77_report.ipynb #b18be054
 def stage_explain(cfg: RunConfig, prep=None, *, n: int = 60, n_background: int = 10) -> dict:
@@ -83,6 +83,39 @@ def headline_rows(metrics: dict) -> dict[str, dict]:
     return {who: {label: metrics[who].get(sec, {}).get(key) for sec, key, label in HEADLINE} for who in ("model", "baseline")}
 
 
+def detection_rows(metrics: dict) -> tuple[dict, dict]:
+    "Lab runs: {family: {flows, MoE, LightGBM}} and {family/tool: ...} flagged shares on the held-out session (empty otherwise)."
+    det = metrics.get("detection")
+    if not det: return {}, {}
+    def rows(key):
+        return {k: {"flows": v["n"], "MoE flagged": v["rate"], "LightGBM flagged": det["baseline"][key].get(k, {}).get("rate")}
+                for k, v in det["model"][key].items()}
+    return rows("families"), rows("tools")
+
+
+def _origin_html(metrics: dict) -> str:
+    "A paragraph on where the data came from: lab sessions, or the simulator because the lab could not run."
+    o = metrics.get("run", {}).get("data_origin") or {}
+    if o.get("fallback"):
+        return f"<p><b>Data: the simulator, not the lab.</b> {html.escape(o['fallback']['message'])}</p>"
+    if o.get("used") == "lab":
+        return (f"<p>Data: traffic lab sessions {html.escape(', '.join(o.get('sessions') or []))}; held-out test session(s) "
+                f"{html.escape(', '.join(o.get('test_sessions') or []))}, recorded with another seed.</p>")
+    return ""
+
+
+def _detection_html(metrics: dict) -> str:
+    fam, tools = detection_rows(metrics)
+    if not fam: return ""
+    t = metrics["detection"]["model"]["targets"]
+    fpr = {who: metrics["detection"][who]["benign_fpr"] for who in ("model", "baseline")}
+    below = {who: ", ".join(metrics["detection"][who]["families_below_target"]) or "none" for who in ("model", "baseline")}
+    return (f"<h2>Detection per family and tool (held-out lab session)</h2><p>Targets: every attack family at least "
+            f"{t['family_detection_min']:.0%} of its flows flagged; benign false-positive rate at most {t['benign_fpr_max']:.0%}. "
+            f"Benign FPR: MoE {fpr['model']:.4f}, LightGBM {fpr['baseline']:.4f}. Families below target: MoE {html.escape(below['model'])}; "
+            f"LightGBM {html.escape(below['baseline'])}.</p>{_table(fam, '{:.4f}')}<h3>Per tool</h3>{_table(tools, '{:.4f}')}")
+
+
 def build_report(run_dir: str | Path) -> Path:
     "Write `<run_dir>/report.html`: config, data summary, model vs baseline, per-class results, every figure of the run."
     run_dir = Path(run_dir)
@@ -103,7 +136,8 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:24em}}</style></hea
 <p>Source <b>{html.escape(str(m.get('run', {}).get('source')))}</b>; test split of {m.get('run', {}).get('test_rows', 0):,} flows,
 never used for fitting, early stopping, checkpoint choice or calibration. Git commit {html.escape(str(rec.get('git', {}).get('commit')))}
 (dirty: {rec.get('git', {}).get('dirty')}); started {rec.get('started_at')}, finished {rec.get('finished_at')}.</p>
-<h2>Model vs baseline (test split)</h2>{_table(headline_rows(m))}
+{_origin_html(m)}
+<h2>Model vs baseline (test split)</h2>{_table(headline_rows(m))}{_detection_html(m)}
 <h2>Per class</h2>{_table(per_class, "{:.3f}")}
 <h2>Data and split</h2>{_table({k: v for k, v in split.get("class_rows", {}).items()}, "{}")}
 <p>Strategy {html.escape(str(split.get('strategy')))}, seed {split.get('seed')}; {split.get('n_duplicate_rows', '?')} duplicate rows kept on one side
@@ -148,6 +182,13 @@ def results_markdown(metrics_path: str | Path) -> str:
     out += ["", "| class | support | MoE F1 | baseline F1 |", "|---|---|---|---|"]
     for c, v in m["model"]["family"]["per_class"].items():
         out.append(f"| {c} | {v.get('support')} | {fmt(v.get('f1'))} | {fmt(m['baseline']['family']['per_class'].get(c, {}).get('f1'))} |")
+    fam, tools = detection_rows(m)
+    if fam:
+        out += ["", "Share of flows flagged as attacks in the held-out lab session (benign: the false-positive rate):", "",
+                "| family / tool | flows | MoE | LightGBM |", "|---|---|---|---|"]
+        out += [f"| {k} | {v['flows']:,} | {fmt(v['MoE flagged'])} | {fmt(v['LightGBM flagged'])} |" for k, v in {**fam, **tools}.items()]
+    fb = (m.get("run", {}).get("data_origin") or {}).get("fallback")
+    if fb: out += ["", f"Note: {fb['message']}"]
     return "\n".join(out)
 
 

@@ -84,7 +84,7 @@ class FlowSchema:
 
 # %% ../nbs/05_schema.ipynb #e539d64d
 SCHEMAS: dict[str, FlowSchema] = {}
-_PROVIDERS = {"nfstream": "cyber_moe.nfstream", "synth": "cyber_moe.nfstream"}
+_PROVIDERS = {"nfstream": "cyber_moe.nfstream", "synth": "cyber_moe.nfstream", "lab": "cyber_moe.lab"}
 
 
 def register_schema(schema: FlowSchema, *aliases: str) -> FlowSchema:

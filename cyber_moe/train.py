@@ -15,18 +15,46 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig, select_device, seed_everything, setup_logging, write_json
+from .config import RunConfig, select_device, seed_everything, setup_logging, write_json, write_run_record
 from .schema import FAMILY, FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe', 'calibrate',
            'fit_run_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'mlflow_run',
-           'registered_name', 'headline_metrics', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
+           'registered_name', 'headline_metrics', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate',
+           'train_run']
 
 # %% ../nbs/50_train.ipynb #a9eedbef
+def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
+    "Lab sessions: the folders in `data.paths` (the last one is the test session), or the scenario recorded for each seed."
+    from cyber_moe.lab import LAB, ensure_sessions, load_sessions, read_session
+    d = cfg.data
+    if d.paths:
+        folders = [Path(p) for p in d.paths]
+        test = [read_session(folders[-1])[1]["session"]]
+    else:
+        seeds = list(d.lab_train_seeds) + [s for s in d.lab_test_seeds if s not in d.lab_train_seeds]
+        if set(d.lab_train_seeds) & set(d.lab_test_seeds):
+            raise ValueError(f"data.lab_train_seeds {d.lab_train_seeds} and data.lab_test_seeds {d.lab_test_seeds} share a seed; "
+                             "a test session must be recorded with another seed")
+        folders = ensure_sessions(d.lab_scenario, seeds, Path(cfg.outputs_dir) / "lab")
+        test = [json.loads((f / "session.json").read_text())["session"] for f, s in zip(folders, seeds) if s in d.lab_test_seeds]
+    df, info = load_sessions(folders)
+    return df, LAB, {"kind": "lab", "scenario": d.lab_scenario if not d.paths else None, **info, "test_sessions": test}
+
+
 def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     "The flows of `cfg.data` with their schema and a description of their origin (files, hashes, counts)."
     d = cfg.data
+    if d.source == "lab":
+        from cyber_moe.lab import LabUnavailable
+        try: return _load_lab(cfg)
+        except LabUnavailable as e:
+            msg = f"the traffic lab cannot run here ({e}); falling back to the simulator (data.source synth, split random)"
+            setup_logging(cfg.log_level).warning(msg)
+            cfg = cfg.model_copy(update={"data": d.model_copy(update={"source": "synth"})})
+            df, schema, info = load_source(cfg)
+            return df, schema, {**info, "fallback": {"from": "lab", "to": "synth", "reason": str(e), "message": msg}}
     if d.source == "synth":
         from cyber_moe.synth import load_or_generate
         df, info = load_or_generate(seed=d.synth_seed, n_days=d.synth_days, n_flows_target=d.synth_n_flows,
@@ -71,8 +99,10 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
     from cyber_moe.features import Preprocessor, split_flows
     if frame is None: frame, schema, source = load_source(cfg)
     s = cfg.split
-    split = split_flows(frame, schema=schema, strategy=s.strategy, val_frac=s.val_frac, test_frac=s.test_frac,
-                        seed=s.seed, group_col=s.group_col)
+    source = source or {}
+    strategy = "random" if s.strategy == "session" and "fallback" in source else s.strategy   # simulated flows have no sessions
+    split = split_flows(frame, schema=schema, strategy=strategy, val_frac=s.val_frac, test_frac=s.test_frac,
+                        seed=s.seed, group_col=s.group_col, test_groups=s.test_sessions or source.get("test_sessions"))
     train = frame.iloc[split.train]
     pre = Preprocessor(schema=schema).fit(train)
     arrays = {}
@@ -273,6 +303,13 @@ def headline_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 # %% ../nbs/50_train.ipynb #2cd88016
+def data_origin(cfg: RunConfig, source: dict) -> dict:
+    "Which source a run asked for and which it used (the simulator when the lab could not run), for run.json, metrics and report."
+    fb = source.get("fallback")
+    return {"requested": cfg.data.source, "used": fb["to"] if fb else cfg.data.source, "fallback": fb,
+            "sessions": [s.get("session") for s in source.get("sessions", [])], "test_sessions": source.get("test_sessions")}
+
+
 def stage_data(cfg: RunConfig) -> Prepared:
     "Load, split and preprocess the run's flows; save `prepared/` and log the data description to MLflow."
     import mlflow
@@ -280,6 +317,9 @@ def stage_data(cfg: RunConfig) -> Prepared:
     seed_everything(cfg.seed)
     prep = prepare(cfg)
     folder = save_prepared(prep, cfg.run_dir)
+    origin = data_origin(cfg, prep.source)
+    write_run_record(cfg, data_origin=origin)
+    if origin["fallback"]: log.warning("data: %s", origin["fallback"]["message"])
     with mlflow_run(cfg):
         mlflow.log_artifacts(str(folder), "prepared")
         counts = prep.split.record.get("rows", {})
@@ -333,7 +373,12 @@ def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bo
     baseline = Baseline.load(cfg.run_dir / "baseline")
     metrics, preds = evaluate_run(prep, bundle.net, baseline, experts=list(bundle.experts), threshold=bundle.threshold)
     metrics["run"] = {"run_name": cfg.run_name, "source": cfg.data.source, "split": prep.split.record,
-                      "test_rows": int(len(prep.split.test)), "classes": prep.classes}
+                      "test_rows": int(len(prep.split.test)), "classes": prep.classes, "data_origin": data_origin(cfg, prep.source)}
+    if "tool" in prep.frame.columns:           # lab flows: detection per family and per tool on the held-out session
+        from cyber_moe.lab import detection_rates
+        test_rows = prep.rows("test")
+        metrics["detection"] = {who: detection_rates(test_rows, np.asarray(preds[who]["p_attack"]) >= bundle.threshold)
+                                for who in ("model", "baseline")}
     path = write_metrics(cfg.run_dir / "metrics.json", metrics)
     test = prep.arrays["test"]
     figs = evaluation_figures(y_family=test["y_family"], y_binary=test["y_binary"].astype(np.int64), predictions=preds,
