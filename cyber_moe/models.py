@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -51,8 +52,10 @@ class NumEmbedding(nn.Module):
         plain = [j for j in range(n_features) if j not in binned]
         self.binned, self.plain = binned, plain
         self.register_buffer("order", torch.argsort(torch.tensor(binned + plain, dtype=torch.long)), persistent=False)
-        self.ple = (rne.PiecewiseLinearEmbeddings([torch.tensor(bins[j], dtype=torch.float32) for j in binned], d_embedding,
-                                                  activation=False, version="B") if binned else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # "just two bin edges": a one-bin column is a min-max scaled one, still usable
+            self.ple = (rne.PiecewiseLinearEmbeddings([torch.tensor(bins[j], dtype=torch.float32) for j in binned], d_embedding,
+                                                      activation=False, version="B") if binned else None)
         if kind == "periodic":
             self.periodic = rne.PeriodicEmbeddings(n_features, d_embedding, n_frequencies=n_frequencies,
                                                    frequency_init_scale=frequency_scale, lite=False)
@@ -355,10 +358,13 @@ class TabMExpert(ExpertModule):
             kw = {k_: v for k_, v in (embedding_kw or {}).items() if k_ in ("n_frequencies", "frequency_scale")}
             self.embed = NumEmbedding(n_features=n, d_embedding=d_embedding, kind=embedding, bins=b, **kw)
         d_num = n * d_embedding if self.embed is not None else n
-        # the embeddings are applied here (a column without bins falls back to a linear one), so TabM sees flat numbers
-        self.net = tabm.TabM.make(n_num_features=d_num, cat_cardinalities=cards or None, d_out=None, k=k, n_blocks=n_blocks,
-                                  d_block=d_block, dropout=dropout,
-                                  start_scaling_init="normal" if self.embed is not None else "random-signs")
+        # embeddings and one-hot categories are made here (a column without bins falls back to a linear embedding; a float
+        # one-hot exports to ONNX), so TabM sees one flat float vector; TabM initialises its first adapter per input column
+        self.cards = cards
+        self.register_buffer("cat_offsets", torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0), persistent=False)
+        self.net = tabm.TabM(n_num_features=d_num + sum(cards), d_out=None, k=k, n_blocks=n_blocks, d_block=d_block,
+                             dropout=dropout, activation="ReLU", arch_type="tabm",
+                             start_scaling_init="normal" if self.embed is not None else "random-signs")
         self.k, self.d_out, self.eval_chunk_size = k, d_block, eval_chunk_size
 
     @classmethod
@@ -371,7 +377,12 @@ class TabMExpert(ExpertModule):
     def _forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
         x = torch.cat([x_num, x_time], 1) if self.use_time else x_num
         if self.embed is not None: x = self.embed(x).flatten(1)
-        return self.net(x if x.shape[1] else None, x_cat if x_cat.shape[1] else None)
+        if self.cards:
+            hot = x.new_zeros(x.shape[0], sum(self.cards))
+            hot = hot.scatter(1, x_cat + self.cat_offsets, 1.0)
+            x = torch.cat([x, hot], 1)
+        # TabM.forward's own input handling takes len(x), which fixes the batch size of an exported graph: call its parts
+        return self.net.backbone(self.net.ensemble_view(x))
 
 # %% ../nbs/30_models.ipynb #c04f9292
 def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:
