@@ -1,6 +1,7 @@
 """UNSW-NB15 targets of the MoE issue, measured in one run on this machine:
 
-- test split: MoE family macro-F1 vs the LightGBM baseline's, binary F1 gap (model - baseline);
+- test split: MoE family macro-F1 vs the LightGBM baseline's, binary F1 gap (model - baseline), both models' verdicts
+  by the same rule (cyber_moe.evaluate.decide) at their own validation operating points;
 - seconds per training epoch (about 43k training rows);
 - batch scoring through the MLflow pyfunc (raw rows in) in flows/s, as a ratio to LightGBM's predict rate
   on the same preprocessed rows measured in the same run.
@@ -64,6 +65,13 @@ def main() -> int:
     per_class = pd.DataFrame({"MoE": {c: v["f1"] for c, v in m["family"]["per_class"].items()},
                               "LightGBM": {c: v["f1"] for c, v in b["family"]["per_class"].items()}})
     print(per_class.round(3).to_string())
+    print(f"operating points (validation, rule {m['operating_point']['rule']}): MoE threshold {m['operating_point']['threshold']:.4f}, "
+          f"LightGBM {b['operating_point']['threshold']:.4f}")
+    targets = {"macro-F1 >= LightGBM + 0.02": m["family"]["macro_f1"] >= b["family"]["macro_f1"] + 0.02,
+               "binary F1 >= LightGBM - 0.003": m["binary"]["f1"] >= b["binary"]["f1"] - 0.003,
+               "FPR@99% recall <= 1.2 x LightGBM": m["binary"]["fpr_at_recall_99"] <= 1.2 * b["binary"]["fpr_at_recall_99"],
+               "pyfunc >= 20,000 flows/s": moe_rate >= 20_000, "epoch < 30 s": training["seconds_per_epoch"] < 30}
+    for k, ok in targets.items(): print(f"target {k}: {'met' if ok else 'MISSED'}")
     return 0
 
 

@@ -23,18 +23,20 @@ import pandas as pd
 import torch
 from pydantic import ValidationError
 
+from .evaluate import decide
 from .features import Preprocessor
 from .models import MoEClassifier
 from .schema import FlowSchema, SchemaError
 
 # %% auto #0
 __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES', 'network_outputs', 'strip_columns',
-           'ModelBundle', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx', 'net_kwargs', 'BundleError',
-           'bundle_manifest', 'verify_manifest', 'check_net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc',
-           'save_pyfunc', 'log_pyfunc', 'resolve_tracking_uri', 'load_model_bundle', 'read_raw', 'score_file']
+           'ModelBundle', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx', 'preprocessor_kwargs',
+           'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs', 'save_bundle',
+           'load_bundle', 'BundlePyfunc', 'save_pyfunc', 'log_pyfunc', 'resolve_tracking_uri', 'load_model_bundle',
+           'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2      # 2: one verdict from the family distribution and a validation operating point (issue 13)
 
 
 def network_outputs(net: MoEClassifier, arrays: dict, *, batch_size: int = 8192) -> dict[str, np.ndarray]:
@@ -85,18 +87,21 @@ class ModelBundle:
         out = (self.runtime(arrays, batch_size=batch_size) if self.runtime is not None
                else network_outputs(self.net, arrays, batch_size=batch_size))
         raw = {k: torch.from_numpy(v) for k, v in out.items()}
-        return {"p_attack": torch.sigmoid(raw["binary"] / self.temperature_binary).numpy(),
-                "p_classes": torch.softmax(raw["family"] / self.temperature_family, dim=-1).numpy(),
-                "gate": raw["gate"].numpy()}
+        p = torch.softmax(raw["family"].float() / self.temperature_family, dim=-1).numpy()
+        return {"p_attack": 1.0 - p[:, self.benign_index], "p_classes": p, "gate": raw["gate"].numpy()}
+
+    @property
+    def benign_index(self) -> int:
+        "Position of the benign class in `classes`."
+        return self.classes.index(self.schema.benign) if self.schema.benign in self.classes else 0
 
     def verdicts(self, arrays: dict[str, np.ndarray], *, batch_size: int = 8192) -> dict[str, np.ndarray]:
-        "`is_attack`, `p_attack`, `family` (names), `p_family`, `gate` [n, E] and `p_classes` [n, C] for preprocessed arrays."
+        "`is_attack`, `p_attack`, `family` (names), `p_family`, `gate` [n, E] and `p_classes` [n, C] for preprocessed arrays (rule: `decide`)."
         probs = self.predict_arrays(arrays, batch_size=batch_size)
         pc = probs["p_classes"].astype(np.float64)
-        top = pc.argmax(axis=1)
-        return {"is_attack": (probs["p_attack"] >= self.threshold).astype(np.int8), "p_attack": probs["p_attack"].astype(np.float64),
-                "family": np.asarray(self.classes, dtype=object)[top], "p_family": pc[np.arange(len(top)), top],
-                "gate": probs["gate"].astype(np.float64), "p_classes": pc}
+        v = decide(pc, self.threshold, benign_index=self.benign_index)
+        return {"is_attack": v["is_attack"], "p_attack": v["p_attack"], "family": np.asarray(self.classes, dtype=object)[v["family_index"]],
+                "p_family": v["p_family"], "gate": probs["gate"].astype(np.float64), "p_classes": pc}
 
     def predict(self, df: pd.DataFrame, *, batch_size: int = 8192, class_probs: bool = False) -> pd.DataFrame:
         "Verdicts for raw rows (the data set's own columns): `is_attack`, `p_attack`, `family`, `p_family`, `gate_<expert>`."
@@ -201,11 +206,24 @@ def export_onnx(net: MoEClassifier, *, atol: float = 1e-4) -> tuple[bytes, dict]
                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 # %% ../nbs/58_bundle.ipynb #ffdf7076
+def preprocessor_kwargs(model_cfg) -> dict:
+    "The `Preprocessor` arguments a `ModelConfig` needs: smooth or hard clipping, and tree bins when a part uses 'ple' embeddings."
+    num = model_cfg.numeric
+    bins = {"n_bins": num.n_bins, "min_samples_leaf": num.bin_min_samples_leaf} if "ple" in model_cfg.embedding_kinds() else None
+    return {"clip_mode": num.clip, "bins": bins}
+
+
 def net_kwargs(model_cfg, preprocessor: Preprocessor) -> dict:
-    "Keyword arguments of `MoEClassifier` for a `ModelConfig` and a fitted `Preprocessor`."
+    "Keyword arguments of `MoEClassifier` for a `ModelConfig` and a fitted `Preprocessor` (with its tree bins when the model uses them)."
     s = preprocessor.schema
+    bins = None
+    if "ple" in model_cfg.embedding_kinds():
+        bins = preprocessor.bins
+        if bins is None:
+            raise ValueError("the model uses piecewise-linear ('ple') embeddings but the preprocessor was fit without bins: "
+                             "build it with Preprocessor(..., **preprocessor_kwargs(model_cfg))")
     return dict(n_num=len(s.numeric), cat_cardinalities=list(preprocessor.cat_cardinalities), n_time=len(s.timing),
-                n_classes=len(preprocessor.classes), **model_cfg.model_dump(mode="json", exclude={"load_balance_weight"}))
+                n_classes=len(preprocessor.classes), bins=bins, **model_cfg.model_dump(mode="json", exclude={"load_balance_weight"}))
 
 # %% ../nbs/58_bundle.ipynb #cf4ac1b8
 class BundleError(ValueError):
@@ -264,7 +282,7 @@ def check_net_kwargs(kw: Any, preprocessor: Preprocessor, weights: dict[str, tor
     if not isinstance(kw, dict): raise BundleError(f"net_kwargs: expected a mapping of MoEClassifier arguments, got {type(kw).__name__}")
     s = preprocessor.schema
     fixed = {"n_num": len(s.numeric), "cat_cardinalities": list(preprocessor.cat_cardinalities), "n_time": len(s.timing),
-             "n_classes": len(preprocessor.classes)}
+             "n_classes": len(preprocessor.classes), "bins": preprocessor.bins}   # tree bins belong to the fitted preprocessing
     for k, want in fixed.items():
         got = kw.get(k)
         if type(got) is not type(want) or got != want:
@@ -331,7 +349,10 @@ def load_bundle(path: str | Path) -> ModelBundle:
     except ValueError as e: raise BundleError(f"{meta_file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict): raise BundleError(f"{meta_file}: expected a JSON object")
     if meta.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{meta_file}: bundle format {meta.get('format')} is not supported (expected {BUNDLE_FORMAT}); retrain or upgrade cyber-moe")
+        why = (" (format 1 read is_attack from the binary head, which could contradict family; format 2 derives both from one "
+               "calibrated distribution and a validation operating point)") if meta.get("format") == 1 else ""
+        raise ValueError(f"{meta_file}: bundle format {meta.get('format')} is not supported by this cyber-moe (expected {BUNDLE_FORMAT}){why}; "
+                         "retrain it with `cyber-moe train --params <the params file of its run>` (its config.yaml is in the run folder)")
     verify_manifest(path, meta)
     missing = [k for k in ("schema", "net_kwargs", "temperature_family", "temperature_binary", "threshold", "name", "version") if k not in meta]
     if missing: raise BundleError(f"{meta_file}: missing {', '.join(missing)}")

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # %% auto #0
-__all__ = ['PINNED_PACKAGES', 'ConfigError', 'DataConfig', 'SplitConfig', 'ModelConfig', 'TrainConfig', 'BaselineConfig',
-           'TuneConfig', 'RunConfig', 'find_project_root', 'set_dotted', 'parse_overrides', 'load_config',
-           'save_config', 'seed_everything', 'select_device', 'setup_logging', 'package_versions', 'git_state',
-           'utc_now', 'write_json', 'write_run_record', 'terminal_safe']
+__all__ = ['PINNED_PACKAGES', 'ConfigError', 'DataConfig', 'SplitConfig', 'NumericConfig', 'ModelConfig', 'TrainConfig',
+           'BaselineConfig', 'TuneConfig', 'RunConfig', 'find_project_root', 'set_dotted', 'parse_overrides',
+           'load_config', 'save_config', 'seed_everything', 'select_device', 'setup_logging', 'package_versions',
+           'git_state', 'utc_now', 'write_json', 'write_run_record', 'terminal_safe']
 
 # %% ../nbs/00_config.ipynb #d5bf6e3a
 class ConfigError(ValueError):
@@ -61,9 +61,25 @@ class SplitConfig(_Section):
     seed: int = 0
 
 
+class NumericConfig(_Section):
+    "How numeric features reach the networks: clipping of the scaled values, tree bins (piecewise-linear) and periodic embeddings."
+    clip: Literal["hard", "smooth"] = Field("hard", description="scaled values beyond the preprocessor's clip: cut ('hard') or squashed smoothly (RealMLP's x / sqrt(1 + (x/c)^2))")
+    n_bins: int = Field(48, ge=2, le=256, description="piecewise-linear embeddings: at most this many bins per column, cut by a decision tree on the training labels")
+    bin_min_samples_leaf: int = Field(64, ge=1, description="smallest training leaf of the bin-cutting trees")
+    n_frequencies: int = Field(48, ge=1, description="periodic embeddings: frequencies per feature")
+    frequency_scale: float = Field(0.01, gt=0, description="periodic embeddings: initial scale of the frequencies")
+    d_gate_embedding: int = Field(4, ge=1, description="width of each numeric feature's embedding in the gate (when gate_embedding is not 'none')")
+
+
+_EMBEDDING_KINDS = Literal["none", "linear", "ple", "periodic"]
+
+
 class ModelConfig(_Section):
-    "Size and shape of the Mixture-of-Experts; `experts` selects the ablation. Upper bounds keep a bundle's sizes allocatable."
-    experts: list[Literal["tabular", "temporal"]] = Field(default_factory=lambda: ["tabular", "temporal"], min_length=1)
+    "The Mixture-of-Experts: `experts` names registered experts (a list, or a mapping name -> settings); the gate and the head. Upper bounds keep a bundle's sizes allocatable."
+    experts: list[str] | dict[str, dict[str, Any] | None] = Field(
+        default_factory=lambda: ["tabular", "temporal"],
+        description="registered expert names (cyber_moe.models.EXPERTS), or a mapping name -> its settings, e.g. {tabm: {k: 16}}")
+    # flat settings of the two original experts (older params files and sweeps use them); nested settings win
     d_token: int = Field(32, ge=8, le=1024)
     n_blocks: int = Field(2, ge=1, le=32)
     n_heads: int = Field(4, ge=1, le=64)
@@ -75,11 +91,30 @@ class ModelConfig(_Section):
     d_gate: int = Field(64, ge=8, le=1024)
     gate_top_k: int | None = Field(None, ge=1, le=64)
     gate_noise: bool = False
+    gate_embedding: _EMBEDDING_KINDS = Field("none", description="numeric embedding of the gate's input")
     load_balance_weight: float = Field(0.01, ge=0)
     d_head: int = Field(384, ge=8, le=4096)
     residual_dropout: float = Field(0.0, ge=0, lt=1)
     head_dropout: float = Field(0.1, ge=0, lt=1)
     num_group_size: int = Field(1, ge=1, le=4096, description="consecutive numeric features sharing one transformer token")
+    numeric: NumericConfig = Field(default_factory=NumericConfig)
+
+    @model_validator(mode="after")
+    def _known_experts(self):
+        self.expert_settings()      # unknown expert names, settings or embedding kinds raise here, naming the valid ones
+        return self
+
+    def expert_settings(self) -> dict[str, dict[str, Any]]:
+        "Expert name -> its complete settings (defaults, then the flat keys above, then the nested ones)."
+        from cyber_moe.models import FLAT_SETTINGS, check_embedding, resolve_experts
+        out = resolve_experts(self.experts, {k: getattr(self, k) for k in FLAT_SETTINGS if k in type(self).model_fields})
+        for name, s in out.items():
+            if "embedding" in s: check_embedding(s["embedding"], f"expert {name!r}")
+        return out
+
+    def embedding_kinds(self) -> set[str]:
+        "The numeric embedding kinds this model uses (the preprocessor fits tree bins when 'ple' is among them)."
+        return {self.gate_embedding, *(s.get("embedding", "none") for s in self.expert_settings().values())}
 
 
 class TrainConfig(_Section):
@@ -89,6 +124,11 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     loss: Literal["weighted_ce", "focal", "ce"] = "weighted_ce"
+    class_weight_power: float = Field(1.0, ge=0, le=1, description="weighted losses: class weight (n / count)^power; 1 inverse frequency, 0.5 square root, 0 none")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="share of each family target spread over all classes")
+    operating_point: Literal["max_f1", "target_fpr"] = Field("max_f1", description="how is_attack's threshold on p_attack = 1 - p(benign) is chosen on validation")
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="operating_point 'target_fpr': the highest validation false-positive rate allowed")
+    class_weight_keep_binary: bool = Field(False, description="weighted losses: re-balance the attack families only (benign weight 1, attack rows keep their total weight)")
     focal_gamma: float = Field(2.0, ge=0)
     family_loss_weight: float = Field(1.0, ge=0)
     patience: int = Field(4, ge=1)

@@ -175,7 +175,7 @@ def _load_test(view: RunView, run_dir: Path, outputs_dir: Path) -> None:
     cfg = load_config(run_dir / "config.yaml", [f"outputs_dir={outputs_dir.resolve()}", f"run_name={run_dir.name}"])
     prep = load_prepared(cfg)
     b = view.bundle
-    again, view.predictions = evaluate_run(prep, b.net, Baseline.load(run_dir / "baseline"), experts=list(b.experts), threshold=b.threshold)
+    again, view.predictions = evaluate_run(prep, b, Baseline.load(run_dir / "baseline"))
     view.notes += [f"re-scored test split differs from metrics.json: {m}" for m in metric_mismatches(view.metrics, again)]
     view.test = prep.rows("test")
     view.targets = {k: prep.arrays["test"][k] for k in ("y_family", "y_binary")}

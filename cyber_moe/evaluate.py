@@ -17,11 +17,11 @@ from scipy.special import expit, log_expit, log_softmax, softmax
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 # %% auto #0
-__all__ = ['DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'binary_metrics', 'confusion_counts', 'family_metrics',
-           'reliability_bins', 'expected_calibration_error', 'negative_log_likelihood', 'apply_temperature',
-           'fit_temperature', 'gate_usage', 'calibration_metrics', 'evaluate_predictions', 'compare', 'write_metrics',
-           'fig_confusion', 'fig_pr_roc', 'fig_per_class_f1', 'fig_gate_usage', 'fig_reliability', 'evaluation_figures',
-           'save_figures']
+__all__ = ['OPERATING_RULES', 'DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'binary_metrics', 'confusion_counts',
+           'family_metrics', 'decide', 'choose_operating_point', 'reliability_bins', 'expected_calibration_error',
+           'negative_log_likelihood', 'apply_temperature', 'fit_temperature', 'gate_usage', 'calibration_metrics',
+           'evaluate_predictions', 'compare', 'write_metrics', 'fig_confusion', 'fig_pr_roc', 'fig_per_class_f1',
+           'fig_gate_usage', 'fig_reliability', 'evaluation_figures', 'save_figures']
 
 # %% ../nbs/55_evaluate.ipynb #b9439096
 def _labels(y, name: str, n_classes: int) -> np.ndarray:
@@ -102,14 +102,16 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def family_metrics(y_true, p_family, classes: list[str]) -> dict:
-    "Macro/weighted F1, accuracy, per-class precision/recall/F1/support and the confusion matrix of argmax predictions."
+def family_metrics(y_true, p_family, classes: list[str], y_pred=None) -> dict:
+    "Macro/weighted F1, accuracy, per-class precision/recall/F1/support and the confusion matrix of `y_pred` (default: argmax of `p_family`)."
     classes = [str(c) for c in classes]
     C = len(classes)
     y = _labels(y_true, "y_true", C)
     p = _probs(p_family, "p_family", len(y), C)
     if len(y) == 0: raise ValueError("family_metrics: no rows to score")
-    cm = confusion_counts(y, p.argmax(1), C)
+    pred = p.argmax(1) if y_pred is None else _labels(y_pred, "y_pred", C)
+    if len(pred) != len(y): raise ValueError(f"y_pred has {len(pred)} rows, y_true {len(y)}")
+    cm = confusion_counts(y, pred, C)
     tp = np.diag(cm)
     support, predicted = cm.sum(1), cm.sum(0)
     fp, fn = predicted - tp, support - tp
@@ -123,6 +125,49 @@ def family_metrics(y_true, p_family, classes: list[str]) -> dict:
            "confusion_matrix": {"classes": classes, "matrix": cm.tolist()}}
     absent = [c for i, c in enumerate(classes) if not support[i]]
     if absent: out["notes"] = [f"no test rows of {', '.join(absent)}: their recall is undefined and they are left out of the weighted F1"]
+    return out
+
+# %% ../nbs/55_evaluate.ipynb #41a9334a
+OPERATING_RULES = ("max_f1", "target_fpr")
+
+
+def decide(p_classes, threshold: float, *, benign_index: int = 0) -> dict[str, np.ndarray]:
+    "The verdict rule: p_attack = 1 - p(benign); is_attack = p_attack >= threshold; family = top attack family if is_attack else benign."
+    p = np.asarray(p_classes, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2: raise ValueError(f"decide: p_classes has shape {p.shape}, expected [n, n_classes >= 2]")
+    if not 0 < threshold < 1: raise ValueError(f"decide: threshold must be in (0, 1), got {threshold}")
+    if not 0 <= benign_index < p.shape[1]: raise ValueError(f"decide: benign_index {benign_index} outside 0..{p.shape[1] - 1}")
+    p_attack = np.clip(1.0 - p[:, benign_index], 0.0, 1.0)
+    is_attack = p_attack >= threshold
+    attack = p.copy()
+    attack[:, benign_index] = -np.inf
+    family = np.where(is_attack, attack.argmax(1), benign_index)
+    return {"is_attack": is_attack.astype(np.int8), "p_attack": p_attack, "family_index": family.astype(np.int64),
+            "p_family": p[np.arange(len(p)), family]}
+
+
+def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_fpr: float = 0.01) -> dict:
+    "The threshold on p_attack chosen on validation rows: maximum F1 (`max_f1`) or the most recall with FPR <= `target_fpr`; with its validation scores."
+    if rule not in OPERATING_RULES: raise ValueError(f"operating point rule {rule!r} unknown; valid rules: {', '.join(OPERATING_RULES)}")
+    y = _labels(y_binary, "y_binary", 2)
+    p = _probs(p_attack, "p_attack", len(y))
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"choose_operating_point: the validation rows need attacks and benign flows ({n_pos} attack, {n_neg} benign)")
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    last = np.r_[ps[1:] != ps[:-1], True]               # flagging p >= ps[i] takes every row up to the end of its tie
+    tp, fp, thr = np.cumsum(ys)[last], np.cumsum(1 - ys)[last], ps[last]
+    f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
+    fpr = fp / n_neg
+    if rule == "max_f1": i = int(np.argmax(f1))
+    else:
+        ok = np.flatnonzero(fpr <= target_fpr)
+        i = int(ok[-1]) if len(ok) else 0
+    t = float(np.clip(thr[i], 1e-6, 1 - 1e-6))
+    out = {"rule": rule, "threshold": t, "val_f1": float(f1[i]), "val_precision": _ratio(tp[i], tp[i] + fp[i]),
+           "val_recall": float(tp[i] / n_pos), "val_fpr": float(fpr[i]), "n_val": len(y)}
+    if rule == "target_fpr": out["target_fpr"] = float(target_fpr)
     return out
 
 # %% ../nbs/55_evaluate.ipynb #712597e2
@@ -230,12 +275,16 @@ def calibration_metrics(y_family, p_family, *, y_binary=None, p_attack=None, log
 
 def evaluate_predictions(*, y_family, y_binary, p_family, p_attack, classes: list[str], gate=None,
                          experts: list[str] | None = None, logits_val=None, y_val=None, logits=None,
-                         threshold: float = 0.5, n_bins: int = 15) -> dict:
-    "All metrics of one model's test predictions: {'binary', 'family', 'calibration'} and 'gate' when a gate is given."
+                         threshold: float = 0.5, n_bins: int = 15, family_pred=None, operating_point: dict | None = None) -> dict:
+    "All metrics of one model's test predictions: {'binary', 'family', 'calibration'}, 'gate' when a gate is given, 'operating_point' when given."
     out = {"binary": binary_metrics(y_binary, p_attack, threshold),
-           "family": family_metrics(y_family, p_family, classes),
+           "family": family_metrics(y_family, p_family, classes, family_pred),
            "calibration": calibration_metrics(y_family, p_family, y_binary=y_binary, p_attack=p_attack,
                                               logits_val=logits_val, y_val=y_val, logits=logits, n_bins=n_bins)}
+    if family_pred is not None:
+        out["family"]["macro_f1_argmax"] = family_metrics(y_family, p_family, classes)["macro_f1"]
+        out["family"]["prediction"] = "verdict (decide): top attack family when is_attack, else benign"
+    if operating_point is not None: out["operating_point"] = dict(operating_point)
     if gate is not None:
         if experts is None: raise ValueError("evaluate_predictions: gate given without experts (the expert names in gate order)")
         out["gate"] = gate_usage(gate, y_family, classes, experts)

@@ -234,7 +234,9 @@ def explain_flow(bundle: ModelBundle, row: dict | pd.Series | pd.DataFrame, *, t
     t0 = time.perf_counter()
     res = shap_rows(bundle, _one_row(row), background=background, n_background=n_background, n_permutations=n_permutations, seed=seed)
     pred = dict(zip(res.outputs, res.predictions[0]))
-    fam = bundle.classes[int(np.argmax([pred[f"p_{c}"] for c in bundle.classes]))]
+    from cyber_moe.evaluate import decide
+    verdict = decide(np.array([[pred[f"p_{c}"] for c in bundle.classes]]), bundle.threshold, benign_index=bundle.benign_index)
+    fam = bundle.classes[int(verdict["family_index"][0])]     # the bundle's own verdict rule
     name = f"p_{fam}" if target == "family" else target
     k = res.output(name)
     phi = res.values[0, :, k]
@@ -244,7 +246,7 @@ def explain_flow(bundle: ModelBundle, row: dict | pd.Series | pd.DataFrame, *, t
     return {"target": name, "base_value": float(res.base_values[k]), "value": float(res.predictions[0, k]),
             "contributions": [{"feature": res.features[j], "value": _plain(raw.iloc[j]), "contribution": float(phi[j])} for j in top],
             "rest": float(phi[order[len(top):]].sum()), "n_features": len(res.features),
-            "family": fam, "p_family": float(pred[f"p_{fam}"]), "is_attack": int(pred["p_attack"] >= bundle.threshold),
+            "family": fam, "p_family": float(pred[f"p_{fam}"]), "is_attack": int(verdict["is_attack"][0]),
             "gate": {e: float(pred[f"gate_{e}"]) for e in bundle.experts},
             "background": res.background, "n_background": res.n_background, "seconds": time.perf_counter() - t0}
 

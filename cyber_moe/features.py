@@ -17,8 +17,9 @@ from scipy.special import ndtri
 from .schema import FAMILY, IS_ATTACK, FlowSchema, SchemaError
 
 # %% auto #0
-__all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'feature_groups', 'SplitResult', 'split_flows',
-           'category_strings', 'reference_profile', 'population_stability_index', 'Preprocessor']
+__all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'CLIP_MODES', 'feature_groups', 'SplitResult',
+           'split_flows', 'category_strings', 'reference_profile', 'population_stability_index', 'fit_tree_bins',
+           'Preprocessor']
 
 # %% ../nbs/20_features.ipynb #28fccb26
 SPLITS = ("train", "val", "test")
@@ -321,6 +322,29 @@ def population_stability_index(profile: dict, df: pd.DataFrame, *, schema: FlowS
 _FORMAT = "cyber-moe-preprocessor"
 _FILE = "preprocessor.json"
 NONFINITE_POLICIES = ("nan_indicator", "clip", "error")
+CLIP_MODES = ("hard", "smooth")
+
+
+def fit_tree_bins(Z: np.ndarray, y: np.ndarray, columns: Sequence[str], *, n_bins: int = 48,
+                  min_samples_leaf: int = 64) -> tuple[list[list[float] | None], list[str]]:
+    "Bin edges per column of scaled training values `Z` from a decision tree on labels `y` (rtdl_num_embeddings.compute_bins); None and the column's name where none can be cut."
+    import warnings
+    import torch
+    from rtdl_num_embeddings import compute_bins
+    Z = np.asarray(Z, np.float32)
+    y_t = torch.as_tensor(np.asarray(y, np.int64))
+    edges, failed = [], []
+    for j, c in enumerate(columns):
+        x = Z[:, j]
+        if len(x) < 3 or not np.isfinite(x).all() or np.unique(x).size < 2:
+            edges.append(None); failed.append(c); continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # "just two bin edges": a one-bin column is still usable
+            b = compute_bins(torch.from_numpy(np.ascontiguousarray(x[:, None])), n_bins=min(n_bins, len(x) - 1),
+                             tree_kwargs={"min_samples_leaf": min_samples_leaf, "min_impurity_decrease": 1e-4},
+                             y=y_t, regression=False)[0]
+        edges.append([float(v) for v in b.tolist()])
+    return edges, failed
 
 
 def _skew(x: np.ndarray) -> float:
@@ -343,7 +367,7 @@ class Preprocessor:
     def __init__(self, *, schema: FlowSchema, scaler: str = "robust", log1p: bool | str | list[str] = "auto",
                  skew_threshold: float = 2.0, max_categories: int = 64, min_count: int = 1,
                  nonfinite: str = "nan_indicator", clip: float | None = 10.0, n_quantiles: int = 1000,
-                 n_profile_bins: int = 10):
+                 n_profile_bins: int = 10, clip_mode: str = "hard", bins: dict | None = None):
         if scaler not in ("robust", "quantile"): raise ValueError(f"Preprocessor: scaler '{scaler}' unknown; use 'robust' or 'quantile'")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Preprocessor: nonfinite '{nonfinite}' unknown; use one of {', '.join(NONFINITE_POLICIES)}")
@@ -352,12 +376,16 @@ class Preprocessor:
         if isinstance(log1p, (list, tuple)):
             bad = [c for c in log1p if c not in schema.numeric + schema.timing]
             if bad: raise ValueError(f"Preprocessor: log1p names non-numeric or unknown column(s): {', '.join(bad)}")
+        if clip_mode not in CLIP_MODES: raise ValueError(f"Preprocessor: clip_mode '{clip_mode}' unknown; use one of {', '.join(CLIP_MODES)}")
+        if bins is not None and (not isinstance(bins, dict) or set(bins) - {"n_bins", "min_samples_leaf"}):
+            raise ValueError(f"Preprocessor: bins must be None or a dict with n_bins and min_samples_leaf, not {bins!r}")
         if max_categories < 1 or min_count < 1 or n_quantiles < 2 or (clip is not None and clip <= 0):
             raise ValueError("Preprocessor: max_categories and min_count must be >= 1, n_quantiles >= 2, clip > 0 or None")
         self.schema = schema
         self.params = dict(scaler=scaler, log1p=list(log1p) if isinstance(log1p, (list, tuple)) else log1p,
                            skew_threshold=skew_threshold, max_categories=max_categories, min_count=min_count,
-                           nonfinite=nonfinite, clip=clip, n_quantiles=n_quantiles, n_profile_bins=n_profile_bins)
+                           nonfinite=nonfinite, clip=clip, n_quantiles=n_quantiles, n_profile_bins=n_profile_bins,
+                           clip_mode=clip_mode, bins=dict(bins) if bins else None)
         self.state: dict | None = None
         self.last_report: dict | None = None
 
@@ -386,6 +414,12 @@ class Preprocessor:
     def categorical_features(self) -> list[str]:
         "The columns of `feature_frame` that hold integer category codes."
         return list(self.schema.categorical)
+
+    @property
+    def bins(self) -> list[list[float] | None] | None:
+        "Tree bin edges per `num_columns` column, fitted on the training rows (None for a column without bins); None when fitted without bins."
+        b = self._fitted().get("bins")
+        return None if b is None else list(b["edges"])
 
     @property
     def reference(self) -> dict:
@@ -468,7 +502,21 @@ class Preprocessor:
         state["fit_report"] = {"n_rows": len(df), **self._numeric_report(num),
                                "log1p": [c for c, lg in zip(self.num_columns, state["num"]["log1p"]) if lg],
                                "other_rows": {c: v["n_other_rows"] for c, v in state["cat"].items() if v["n_other_rows"]}}
+        if p["bins"]: self._fit_bins(df, fam, where)
         return self
+
+    def _fit_bins(self, df: pd.DataFrame, fam: np.ndarray, where: str) -> None:
+        "Tree bins of every numeric column on its scaled training values and the family labels; constant columns are named in a warning."
+        import warnings
+        arr = self.transform(df, where=where)
+        Z = np.concatenate([arr["x_num"], arr["x_time"]], axis=1)
+        y = pd.Index(self.classes).get_indexer(fam)
+        edges, failed = fit_tree_bins(Z, y, self.num_columns, **self.params["bins"])
+        self.state["bins"] = {**self.params["bins"], "edges": edges, "plain": failed}
+        self.state["fit_report"]["bins_plain"] = failed
+        if failed:
+            warnings.warn(f"Preprocessor: no bins could be fitted for column(s) {', '.join(failed)} (a single value in the training "
+                          "rows); piecewise-linear embeddings use plain scaling for them", UserWarning, stacklevel=3)
 
     # ---- transforming -----------------------------------------------------------------------------
     def _compile(self) -> None:
@@ -493,6 +541,9 @@ class Preprocessor:
         c = self.params["clip"]
         if c is None: return Z, np.zeros(Z.shape, bool)
         clipped = np.isfinite(Z) & (np.abs(Z) > c)
+        if self.params.get("clip_mode", "hard") == "smooth":      # RealMLP: z / sqrt(1 + (z/c)^2), monotone, |result| < c
+            with np.errstate(invalid="ignore", over="ignore"):
+                return np.where(np.isfinite(Z), Z / np.sqrt(1 + (Z / c) ** 2), Z), clipped
         return np.where(clipped, np.clip(Z, -c, c), Z), clipped
 
     def _numeric_report(self, X: np.ndarray) -> dict:

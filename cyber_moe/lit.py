@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
@@ -25,7 +27,7 @@ log = logging.getLogger("cyber_moe")
 
 # %% auto #0
 __all__ = ['log', 'FEATURE_KEYS', 'TARGET_KEYS', 'FlowDataset', 'flow_loader', 'FlowDataModule', 'class_weights_from',
-           'focal_loss', 'MoELitModule', 'make_trainer']
+           'focal_loss', 'MoELitModule', 'EpochLog', 'make_trainer']
 
 # %% ../nbs/40_lit.ipynb #095d3291
 FEATURE_KEYS = ("x_num", "x_cat", "x_time")
@@ -91,8 +93,9 @@ class FlowDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader: return self._loader(self.test_ds, "test")
 
 # %% ../nbs/40_lit.ipynb #a7eb0675
-def class_weights_from(y: np.ndarray | Sequence[int], n_classes: int, *, max_weight: float = 50.0) -> Tensor:
-    "Inverse-frequency class weights `n / (n_classes * count)`, clipped to `max_weight`, as a float32 tensor [n_classes]."
+def class_weights_from(y: np.ndarray | Sequence[int], n_classes: int, *, max_weight: float = 50.0, power: float = 1.0,
+                       keep_binary: bool = False, benign_index: int = 0) -> Tensor:
+    "Class weights `(n / (n_classes * count)) ** power`, clipped to `max_weight`; with `keep_binary`, benign 1 and attack weights rescaled to keep the attack rows' total weight."
     y = np.asarray(y)
     if y.size == 0: raise ValueError("class_weights_from: no labels given (pass the training split's y_family)")
     if y.min() < 0 or y.max() >= n_classes:
@@ -100,8 +103,14 @@ def class_weights_from(y: np.ndarray | Sequence[int], n_classes: int, *, max_wei
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     absent = int((counts == 0).sum())
     if absent: log.warning("class_weights_from: %d of %d classes have no training rows; they get weight %s", absent, n_classes, max_weight)
-    w = np.where(counts > 0, y.size / (n_classes * np.maximum(counts, 1)), max_weight)
-    return torch.tensor(np.minimum(w, max_weight), dtype=torch.float32)
+    w = np.where(counts > 0, y.size / (n_classes * np.maximum(counts, 1)), max_weight) ** power
+    w = np.minimum(w, max_weight)
+    if keep_binary:     # re-balance among the attack families only: benign vs attack keep the weight they have in the data
+        attack = np.arange(n_classes) != benign_index
+        mass = (counts[attack] * w[attack]).sum()
+        if mass > 0: w[attack] *= counts[attack].sum() / mass
+        w[benign_index] = 1.0
+    return torch.tensor(w, dtype=torch.float32)
 
 
 def focal_loss(logits: Tensor, target: Tensor, *, gamma: float, weight: Tensor | None = None) -> Tensor:
@@ -127,7 +136,7 @@ class MoELitModule(L.LightningModule):
     def __init__(self, net: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int,
                  loss: Literal["weighted_ce", "focal", "ce"] = "weighted_ce", class_weights: Tensor | Sequence[float] | None = None,
                  focal_gamma: float = 2.0, family_loss_weight: float = 1.0, load_balance_weight: float = 0.01,
-                 warmup_frac: float = 0.1):
+                 warmup_frac: float = 0.1, label_smoothing: float = 0.0):
         super().__init__()
         if loss not in ("weighted_ce", "focal", "ce"): raise ValueError(f"loss={loss!r}: choose 'weighted_ce', 'focal' or 'ce'")
         n_classes = int(getattr(net, "n_classes"))
@@ -149,16 +158,22 @@ class MoELitModule(L.LightningModule):
         return self.net(batch["x_num"], batch["x_cat"], batch["x_time"])
 
     def family_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        "The family term chosen by `loss`."
+        "The family term chosen by `loss`; logits [B, C], or [B, k, C] for an ensemble (every member against the target)."
+        if logits.ndim == 3:
+            target = target.repeat_interleave(logits.shape[1])
+            logits = logits.flatten(0, 1)
         if self.hparams.loss == "focal":
             return focal_loss(logits, target, gamma=self.hparams.focal_gamma, weight=self.class_weights)
         weight = self.class_weights if self.hparams.loss == "weighted_ce" else None
-        return F.cross_entropy(logits.float(), target, weight=weight)
+        return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.hparams.get("label_smoothing", 0.0))
 
     def _step(self, batch: Mapping[str, Tensor], split: str) -> Tensor:
         out = self(batch)
-        bce = F.binary_cross_entropy_with_logits(out["binary"].float(), batch["y_binary"])
-        fam = self.family_loss(out["family"], batch["y_family"])
+        if "binary_k" in out:       # an ensemble: every member is trained on the targets
+            yb = batch["y_binary"][:, None].expand_as(out["binary_k"])
+            bce = F.binary_cross_entropy_with_logits(out["binary_k"].float(), yb)
+        else: bce = F.binary_cross_entropy_with_logits(out["binary"].float(), batch["y_binary"])
+        fam = self.family_loss(out.get("family_k", out["family"]), batch["y_family"])
         loss = bce + self.hparams.family_loss_weight * fam + self.hparams.load_balance_weight * out["aux_loss"].float()
         n = batch["y_family"].shape[0]
         getattr(self, f"{split}_binary").update(out["binary"].detach().float().sigmoid(), batch["y_binary"].long())
@@ -185,9 +200,10 @@ class MoELitModule(L.LightningModule):
     def on_test_epoch_end(self): self._epoch_end("test")
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        "Probabilities: p_attack [B], p_family [B, C] (rows sum to 1), gate weights [B, E]."
+        "Probabilities: p_family [B, C] (rows sum to 1), p_attack = 1 - p(benign) [B], gate weights [B, E]."
         out = self(batch)
-        return {"p_attack": out["binary"].float().sigmoid(), "p_family": out["family"].float().softmax(-1), "gate": out["gate"].float()}
+        p = out["family"].float().softmax(-1)
+        return {"p_attack": 1 - p[:, 0], "p_family": p, "gate": out["gate"].float()}
 
     def configure_optimizers(self):
         "AdamW (decay on weight matrices only) with linear warm-up then cosine decay over the whole run, stepped per batch."
@@ -210,11 +226,34 @@ class MoELitModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 # %% ../nbs/40_lit.ipynb #3d36aede
+class EpochLog(Callback):
+    "One log line per epoch (epoch, train and validation loss, validation macro-F1 and binary F1, seconds): progress readable in a log file."
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self.out = logger or logging.getLogger("cyber_moe")
+        self._t0, self._losses = 0.0, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0, self._losses = time.perf_counter(), []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if loss is not None: self._losses.append(float(loss))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        def val(k): return f"{float(m[k]):.4f}" if k in m else "n/a"
+        train_loss = f"{sum(self._losses) / len(self._losses):.4f}" if self._losses else "n/a"
+        self.out.info("epoch %d/%d: train loss %s, val loss %s, val family macro-F1 %s, val binary F1 %s, %.1f s",
+                      trainer.current_epoch + 1, trainer.max_epochs, train_loss, val("val/loss"), val("val/family_f1_macro"),
+                      val("val/binary_f1"), time.perf_counter() - self._t0)
+
+
 def make_trainer(*, max_epochs: int, accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
                  precision: str = "32-true", patience: int = 4, monitor: str = "val/family_f1_macro",
                  mode: Literal["max", "min"] = "max", default_root_dir: str | Path, logger=None,
                  enable_progress_bar: bool = True, extra_callbacks: Sequence[Callback] = (), **trainer_kw) -> L.Trainer:
-    "A Trainer with early stopping and best-checkpointing on the validation metric `monitor` (never on test)."
+    "A Trainer with early stopping and best-checkpointing on the validation metric `monitor` (never on test); one log line per epoch when stderr is not a terminal."
     if not monitor.startswith("val/"):
         raise ValueError(f"monitor={monitor!r}: model selection must use a validation metric ('val/...'), never train or test")
     root = Path(default_root_dir)
@@ -223,6 +262,8 @@ def make_trainer(*, max_epochs: int, accelerator: str = "auto", devices: int | s
                  ModelCheckpoint(dirpath=root / "checkpoints", monitor=monitor, mode=mode, save_top_k=1,
                                  filename="best-epoch{epoch}", auto_insert_metric_name=False),
                  *extra_callbacks]
+    enable_progress_bar = enable_progress_bar and sys.stderr.isatty()   # a progress bar in a log file is noise
+    if not enable_progress_bar and not any(isinstance(c, EpochLog) for c in callbacks): callbacks.append(EpochLog())
     return L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
                      default_root_dir=root, logger=logger, callbacks=callbacks, enable_progress_bar=enable_progress_bar,
                      enable_model_summary=False, log_every_n_steps=10, **trainer_kw)

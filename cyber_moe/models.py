@@ -5,16 +5,149 @@
 # %% ../nbs/30_models.ipynb #0dae1ef7
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable, Sequence
+import warnings
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['EXPERTS', 'FeatureTokenizer', 'MultiheadAttention', 'ReGLU', 'TransformerBlock', 'FTTransformer', 'TemporalCNN',
+__all__ = ['EMBEDDINGS', 'INPUTS', 'EXPERTS', 'DEFAULT_EXPERTS', 'FLAT_SETTINGS', 'check_embedding', 'NumEmbedding', 'Expert',
+           'register_expert', 'check_expert_names', 'resolve_experts', 'ExpertModule', 'FeatureTokenizer',
+           'MultiheadAttention', 'ReGLU', 'TransformerBlock', 'FTTransformer', 'TemporalCNN', 'TabMExpert',
            'load_balance_loss', 'Gate', 'MoEClassifier', 'n_parameters']
+
+# %% ../nbs/30_models.ipynb #330249a1
+EMBEDDINGS = ("none", "linear", "ple", "periodic")
+
+
+def check_embedding(kind: str, where: str = "embedding") -> str:
+    "`kind` if it is one of `EMBEDDINGS`, else a ValueError naming it and the valid kinds."
+    if kind not in EMBEDDINGS:
+        raise ValueError(f"{where}: unknown numeric embedding kind {kind!r}; valid kinds: {', '.join(EMBEDDINGS)}")
+    return kind
+
+
+class NumEmbedding(nn.Module):
+    "Scaled numeric values [B, n] -> per-feature vectors [B, n, d]: piecewise-linear over fitted bins, periodic or linear."
+
+    def __init__(self, *, n_features: int, d_embedding: int, kind: str, bins: Sequence[Sequence[float] | None] | None = None,
+                 n_frequencies: int = 48, frequency_scale: float = 0.01):
+        super().__init__()
+        import rtdl_num_embeddings as rne
+        check_embedding(kind)
+        if kind == "none": raise ValueError("NumEmbedding: kind 'none' means no embedding module; do not build one")
+        if n_features < 1: raise ValueError(f"NumEmbedding: n_features must be >= 1, got {n_features}")
+        self.kind, self.n_features, self.d_embedding = kind, n_features, d_embedding
+        binned: list[int] = []
+        if kind == "ple":
+            if bins is None:
+                raise ValueError("embedding 'ple' needs bin edges fitted on the training rows: fit the Preprocessor with bins "
+                                 "(prepare() does when a model part selects 'ple') and pass preprocessor.bins")
+            if len(bins) != n_features: raise ValueError(f"NumEmbedding: {len(bins)} bin lists for {n_features} features")
+            binned = [j for j, b in enumerate(bins) if b is not None and len(b) >= 2]
+        plain = [j for j in range(n_features) if j not in binned]
+        self.binned, self.plain = binned, plain
+        self.register_buffer("order", torch.argsort(torch.tensor(binned + plain, dtype=torch.long)), persistent=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # "just two bin edges": a one-bin column is a min-max scaled one, still usable
+            self.ple = (rne.PiecewiseLinearEmbeddings([torch.tensor(bins[j], dtype=torch.float32) for j in binned], d_embedding,
+                                                      activation=False, version="B") if binned else None)
+        if kind == "periodic":
+            self.periodic = rne.PeriodicEmbeddings(n_features, d_embedding, n_frequencies=n_frequencies,
+                                                   frequency_init_scale=frequency_scale, lite=False)
+            self.plain = []
+        else:
+            self.periodic = None
+            self.linear = rne.LinearEmbeddings(len(plain), d_embedding) if plain else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        "[B, n_features] -> [B, n_features, d_embedding]."
+        if self.periodic is not None: return self.periodic(x)
+        parts = []
+        if self.ple is not None: parts.append(self.ple(x[:, self.binned]))
+        if self.plain: parts.append(self.linear(x[:, self.plain]))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return out if not (self.binned and self.plain) else out[:, self.order]
+
+# %% ../nbs/30_models.ipynb #f3f463cc
+INPUTS = ("x_num", "x_cat", "x_time")
+
+
+@runtime_checkable
+class Expert(Protocol):
+    "What the MoE needs of an expert: the input groups it reads, its width `d_out`, its ensemble size `k`, and `_forward`."
+    inputs: tuple[str, ...]
+    d_out: int
+    k: int
+
+    def _forward(self, *xs: Tensor) -> Tensor: ...
+
+
+EXPERTS: dict[str, type] = {}
+
+
+def register_expert(name: str):
+    "Class decorator: make an expert class available as `name` in `model.experts`."
+    def add(cls):
+        bad = [i for i in cls.inputs if i not in INPUTS]
+        if bad: raise ValueError(f"expert {name!r} reads unknown input group(s) {bad}; input groups are {', '.join(INPUTS)}")
+        EXPERTS[name] = cls
+        cls.expert_name = name
+        return cls
+    return add
+
+
+def check_expert_names(names: Sequence[str]) -> tuple[str, ...]:
+    "`names` as a tuple if they are registered experts without repeats, else a ValueError naming the problem and the valid names."
+    names = tuple(names)
+    if not names: raise ValueError(f"experts is empty: choose at least one of {', '.join(EXPERTS)}")
+    unknown = [n for n in names if n not in EXPERTS]
+    if unknown: raise ValueError(f"unknown expert(s) {', '.join(map(repr, unknown))}; registered experts: {', '.join(EXPERTS)}")
+    if len(set(names)) != len(names): raise ValueError(f"experts={list(names)} names an expert twice")
+    return names
+
+
+def resolve_experts(experts: Sequence[str] | Mapping[str, Mapping | None], flat: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    "Expert name -> complete settings: the class defaults, then legacy flat keys (`flat`), then the nested settings given."
+    if isinstance(experts, str): experts = [experts]
+    items = [(n, dict(s or {})) for n, s in experts.items()] if isinstance(experts, Mapping) else [(n, {}) for n in experts]
+    check_expert_names([n for n, _ in items])
+    flat = dict(flat or {})
+    known = set().union(*(c.settings for c in EXPERTS.values() if c.legacy_flat))
+    stray = sorted(set(flat) - known)
+    if stray: raise ValueError(f"unknown model setting(s) {', '.join(stray)}; flat settings of the built-in experts: {', '.join(sorted(known))}")
+    out = {}
+    for name, given in items:
+        cls = EXPERTS[name]
+        bad = sorted(set(given) - set(cls.settings))
+        if bad: raise ValueError(f"expert {name!r}: unknown setting(s) {', '.join(bad)}; its settings: {', '.join(cls.settings)}")
+        legacy = {k: v for k, v in flat.items() if k in cls.settings} if cls.legacy_flat else {}
+        out[name] = {**cls.settings, **legacy, **given}
+    return out
+
+
+def _in_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], chunk_size: int | None) -> Tensor:
+    "`fn(*tensors)` computed over row chunks of `chunk_size` and concatenated (in one piece if None or small)."
+    n = tensors[0].shape[0]
+    if not chunk_size or n <= chunk_size: return fn(*tensors)
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(chunk_size) for t in tensors))])
+
+
+class ExpertModule(nn.Module):
+    "Base class of the registered experts: `forward` runs `_forward` in row chunks when evaluating."
+    inputs: ClassVar[tuple[str, ...]] = ()
+    settings: ClassVar[dict[str, Any]] = {}
+    legacy_flat: ClassVar[bool] = False
+    k: int = 1
+    eval_chunk_size: int | None = 256
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        "The expert's representation, [B, d_out] (or [B, k, d_out] for an ensemble)."
+        return _in_chunks(self._forward, xs, None if self.training else self.eval_chunk_size)
 
 # %% ../nbs/30_models.ipynb #a9414bb5
 def _uniform(*shape: int, d: int) -> nn.Parameter:
@@ -26,7 +159,8 @@ def _uniform(*shape: int, d: int) -> nn.Parameter:
 class FeatureTokenizer(nn.Module):
     "Numeric values [B, n_num] and category indices [B, n_cat] -> tokens [B, n_tokens, d_token]."
 
-    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], d_token: int, num_group_size: int = 1):
+    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], d_token: int, num_group_size: int = 1,
+                 embedding: str = "linear", bins: Sequence | None = None, embedding_kw: Mapping | None = None):
         super().__init__()
         cards = [int(c) for c in cat_cardinalities]
         if n_num < 0: raise ValueError(f"n_num must be >= 0, got {n_num}")
@@ -36,9 +170,17 @@ class FeatureTokenizer(nn.Module):
             raise ValueError("the tabular expert needs at least one feature: n_num is 0 and cat_cardinalities is empty; "
                              "drop 'tabular' from experts instead")
         if num_group_size < 1: raise ValueError(f"num_group_size must be >= 1, got {num_group_size}")
+        check_embedding(embedding, "tabular expert")
+        if embedding not in ("none", "linear") and num_group_size > 1:
+            raise ValueError(f"num_group_size={num_group_size} groups raw values into tokens; embedding {embedding!r} gives each "
+                             "feature its own token: use num_group_size 1 with it")
         self.n_num, self.n_cat, self.num_group_size = n_num, len(cards), num_group_size
         self.n_num_tokens = math.ceil(n_num / num_group_size)
-        if n_num:
+        self.num_embed = None
+        if n_num and embedding in ("ple", "periodic"):
+            kw = {k: v for k, v in (embedding_kw or {}).items() if k in ("n_frequencies", "frequency_scale")}
+            self.num_embed = NumEmbedding(n_features=n_num, d_embedding=d_token, kind=embedding, bins=bins, **kw)
+        elif n_num:
             self.num_weight = _uniform(self.n_num_tokens * num_group_size, d_token, d=d_token)
             self.num_bias = _uniform(self.n_num_tokens, d_token, d=d_token)
         if cards:
@@ -57,7 +199,8 @@ class FeatureTokenizer(nn.Module):
         parts = []
         if self.n_num:
             g, t = self.num_group_size, self.n_num_tokens
-            if g == 1: parts.append(x_num[..., None] * self.num_weight + self.num_bias)
+            if self.num_embed is not None: parts.append(self.num_embed(x_num))
+            elif g == 1: parts.append(x_num[..., None] * self.num_weight + self.num_bias)
             else:
                 x = F.pad(x_num, (0, t * g - self.n_num))
                 parts.append(torch.einsum("btg,tgd->btd", x.view(-1, t, g), self.num_weight.view(t, g, -1)) + self.num_bias)
@@ -65,13 +208,6 @@ class FeatureTokenizer(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 # %% ../nbs/30_models.ipynb #ac667b04
-def _in_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], chunk_size: int | None) -> Tensor:
-    "`fn(*tensors)` computed over row chunks of `chunk_size` and concatenated (in one piece if None or small)."
-    n = tensors[0].shape[0]
-    if not chunk_size or n <= chunk_size: return fn(*tensors)
-    return torch.cat([fn(*parts) for parts in zip(*(t.split(chunk_size) for t in tensors))])
-
-
 class MultiheadAttention(nn.Module):
     "Multi-head attention with attention dropout; queries [B, Tq, d] attend over keys/values [B, T, d]."
 
@@ -127,16 +263,22 @@ class TransformerBlock(nn.Module):
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
-class FTTransformer(nn.Module):
+@register_expert("tabular")
+class FTTransformer(ExpertModule):
     "The tabular expert: feature tokens + CLS through pre-norm transformer blocks -> CLS state [B, d_token]."
+    inputs = ("x_num", "x_cat")
+    settings = dict(d_token=32, n_blocks=2, n_heads=4, d_ffn_factor=4 / 3, attention_dropout=0.1, ffn_dropout=0.1,
+                    residual_dropout=0.0, num_group_size=1, embedding="linear")
+    legacy_flat = True
 
     def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], d_token: int = 32, n_blocks: int = 2,
                  n_heads: int = 4, d_ffn_factor: float = 4 / 3, attention_dropout: float = 0.1, ffn_dropout: float = 0.1,
-                 residual_dropout: float = 0.0, num_group_size: int = 1, eval_chunk_size: int | None = 256):
+                 residual_dropout: float = 0.0, num_group_size: int = 1, eval_chunk_size: int | None = 256,
+                 embedding: str = "linear", bins: Sequence | None = None, embedding_kw: Mapping | None = None):
         super().__init__()
         if n_blocks < 1: raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
         self.tokenizer = FeatureTokenizer(n_num=n_num, cat_cardinalities=cat_cardinalities, d_token=d_token,
-                                          num_group_size=num_group_size)
+                                          num_group_size=num_group_size, embedding=embedding, bins=bins, embedding_kw=embedding_kw)
         self.cls = _uniform(d_token, d=d_token)
         d_hidden = max(1, round(d_token * d_ffn_factor))
         self.blocks = nn.ModuleList(
@@ -146,19 +288,26 @@ class FTTransformer(nn.Module):
         self.norm = nn.LayerNorm(d_token)
         self.d_out, self.eval_chunk_size = d_token, eval_chunk_size
 
+    @classmethod
+    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
+              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "FTTransformer":
+        "The expert for these data sizes; it reads the numeric columns' bins (the first `n_num`)."
+        return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, bins=None if bins is None else bins[:n_num],
+                   embedding_kw=embedding_kw, eval_chunk_size=eval_chunk_size, **settings)
+
     def _forward(self, x_num: Tensor, x_cat: Tensor) -> Tensor:
         t = self.tokenizer(x_num, x_cat)
         x = torch.cat([t, self.cls.expand(t.shape[0], 1, -1)], 1)
         for i, block in enumerate(self.blocks): x = block(x, last_only=i == len(self.blocks) - 1)
         return self.norm(x[:, -1])
 
-    def forward(self, x_num: Tensor, x_cat: Tensor) -> Tensor:
-        "x_num [B, n_num], x_cat [B, n_cat] -> CLS representation [B, d_token]."
-        return _in_chunks(self._forward, (x_num, x_cat), None if self.training else self.eval_chunk_size)
-
 # %% ../nbs/30_models.ipynb #9bb1c794
-class TemporalCNN(nn.Module):
+@register_expert("temporal")
+class TemporalCNN(ExpertModule):
     "The timing expert: per-position embedding of [B, n_time] -> dilated residual 1D convolutions -> pooled [B, d_temporal]."
+    inputs = ("x_time",)
+    settings = dict(d_temporal=96, n_temporal_layers=3, kernel_size=3)
+    legacy_flat = True
 
     def __init__(self, *, n_time: int, d_temporal: int = 64, n_temporal_layers: int = 3, kernel_size: int = 3,
                  eval_chunk_size: int | None = 256):
@@ -174,14 +323,66 @@ class TemporalCNN(nn.Module):
         self.out = nn.Linear(2 * c, d_temporal)
         self.n_time, self.d_out, self.eval_chunk_size = n_time, d_temporal, eval_chunk_size
 
+    @classmethod
+    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
+              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "TemporalCNN":
+        "The expert for these data sizes (it reads only the timing features)."
+        return cls(n_time=n_time, eval_chunk_size=eval_chunk_size, **settings)
+
     def _forward(self, x_time: Tensor) -> Tensor:
         h = (x_time[..., None] * self.pos_weight + self.pos_bias).transpose(1, 2)
         for conv in self.convs: h = h + F.relu(conv(h))
         return F.relu(self.out(torch.cat([h.mean(-1), h.amax(-1)], 1)))
 
-    def forward(self, x_time: Tensor) -> Tensor:
-        "x_time [B, n_time] -> [B, d_temporal]."
-        return _in_chunks(self._forward, (x_time,), None if self.training else self.eval_chunk_size)
+# %% ../nbs/30_models.ipynb #1f151bf5
+@register_expert("tabm")
+class TabMExpert(ExpertModule):
+    "The TabM expert: an efficient ensemble of `k` MLPs over numeric embeddings and one-hot categories -> [B, k, d_block]."
+    inputs = ("x_num", "x_cat", "x_time")
+    settings = dict(k=16, n_blocks=2, d_block=256, dropout=0.1, embedding="ple", d_embedding=16, timing=True)
+
+    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, k: int = 16, n_blocks: int = 2,
+                 d_block: int = 256, dropout: float = 0.1, embedding: str = "ple", d_embedding: int = 16, timing: bool = True,
+                 bins: Sequence | None = None, embedding_kw: Mapping | None = None, eval_chunk_size: int | None = 2048):
+        super().__init__()
+        import tabm
+        check_embedding(embedding, "tabm expert")
+        if k < 1: raise ValueError(f"tabm expert: k must be >= 1, got {k}")
+        self.use_time = bool(timing) and n_time > 0
+        n = n_num + (n_time if self.use_time else 0)
+        cards = [int(c) for c in cat_cardinalities]
+        if n + len(cards) == 0: raise ValueError("tabm expert: no numeric or categorical features to read")
+        self.embed = None
+        if n and embedding not in ("none", "linear"):
+            b = None if bins is None else list(bins[:n_num]) + (list(bins[n_num:n_num + n_time]) if self.use_time else [])
+            kw = {k_: v for k_, v in (embedding_kw or {}).items() if k_ in ("n_frequencies", "frequency_scale")}
+            self.embed = NumEmbedding(n_features=n, d_embedding=d_embedding, kind=embedding, bins=b, **kw)
+        d_num = n * d_embedding if self.embed is not None else n
+        # embeddings and one-hot categories are made here (a column without bins falls back to a linear embedding; a float
+        # one-hot exports to ONNX), so TabM sees one flat float vector; TabM initialises its first adapter per input column
+        self.cards = cards
+        self.register_buffer("cat_offsets", torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0), persistent=False)
+        self.net = tabm.TabM(n_num_features=d_num + sum(cards), d_out=None, k=k, n_blocks=n_blocks, d_block=d_block,
+                             dropout=dropout, activation="ReLU", arch_type="tabm",
+                             start_scaling_init="normal" if self.embed is not None else "random-signs")
+        self.k, self.d_out, self.eval_chunk_size = k, d_block, eval_chunk_size
+
+    @classmethod
+    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
+              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "TabMExpert":
+        "The expert for these data sizes (numeric, categorical and, with `timing`, timing features)."
+        return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, bins=bins, embedding_kw=embedding_kw,
+                   eval_chunk_size=max(eval_chunk_size or 0, 2048), **settings)
+
+    def _forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
+        x = torch.cat([x_num, x_time], 1) if self.use_time else x_num
+        if self.embed is not None: x = self.embed(x).flatten(1)
+        if self.cards:
+            hot = x.new_zeros(x.shape[0], sum(self.cards))
+            hot = hot.scatter(1, x_cat + self.cat_offsets, 1.0)
+            x = torch.cat([x, hot], 1)
+        # TabM.forward's own input handling takes len(x), which fixes the batch size of an exported graph: call its parts
+        return self.net.backbone(self.net.ensemble_view(x))
 
 # %% ../nbs/30_models.ipynb #c04f9292
 def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:
@@ -195,18 +396,26 @@ class Gate(nn.Module):
     "MLP over all features -> expert weights [B, E] (dense softmax or sparse top-k) and a load-balancing loss."
 
     def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_experts: int, d_gate: int = 64,
-                 d_gate_embed: int = 4, top_k: int | None = None, noise: bool = False):
+                 d_gate_embed: int = 4, top_k: int | None = None, noise: bool = False, embedding: str = "none",
+                 d_embedding: int = 8, bins: Sequence | None = None, embedding_kw: Mapping | None = None):
         super().__init__()
         cards = [int(c) for c in cat_cardinalities]
         if n_experts < 2: raise ValueError(f"a gate needs at least 2 experts, got {n_experts}")
         if top_k is not None and not 1 <= top_k <= n_experts:
             raise ValueError(f"gate_top_k={top_k} must be between 1 and the number of experts ({n_experts}), or None for dense routing")
+        check_embedding(embedding, "gate")
         self.n_experts, self.top_k, self.noise = n_experts, top_k, noise
         self.n_cat = len(cards)
         if cards:
             self.register_buffer("cat_offsets", torch.tensor([0] + cards[:-1]).cumsum(0), persistent=False)
             self.cat_embed = nn.Embedding(sum(cards), d_gate_embed)
-        d_in = n_num + len(cards) * d_gate_embed + n_time
+        self.num_embed = None
+        d_numeric = n_num + n_time
+        if embedding not in ("none",) and n_num + n_time:
+            kw = {k: v for k, v in (embedding_kw or {}).items() if k in ("n_frequencies", "frequency_scale")}
+            self.num_embed = NumEmbedding(n_features=n_num + n_time, d_embedding=d_embedding, kind=embedding, bins=bins, **kw)
+            d_numeric = (n_num + n_time) * d_embedding
+        d_in = d_numeric + len(cards) * d_gate_embed
         if d_in == 0: raise ValueError("the gate has no input: n_num, cat_cardinalities and n_time are all empty")
         self.hidden = nn.Sequential(nn.Linear(d_in, d_gate), nn.ReLU())
         self.logits = nn.Linear(d_gate, n_experts)
@@ -220,8 +429,8 @@ class Gate(nn.Module):
         return self.top_k is not None and self.top_k < self.n_experts
 
     def features(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
-        "The gate's hidden layer [B, d_gate] over numeric values, category embeddings and timing values."
-        parts = [x_num, x_time]
+        "The gate's hidden layer [B, d_gate] over numeric values (or their embeddings), category embeddings and timing values."
+        parts = [x_num, x_time] if self.num_embed is None else [self.num_embed(torch.cat([x_num, x_time], 1)).flatten(1)]
         if self.n_cat: parts.append(self.cat_embed(x_cat + self.cat_offsets).flatten(1))
         return self.hidden(torch.cat(parts, 1))
 
@@ -242,50 +451,60 @@ class Gate(nn.Module):
         return torch.zeros_like(probs).scatter(1, idx, kept), aux
 
 # %% ../nbs/30_models.ipynb #c95ed1f2
-EXPERTS = ("tabular", "temporal")
+DEFAULT_EXPERTS = ("tabular", "temporal")
+# the flat keyword settings older params files use for the built-in experts (`model.d_token`, `model.d_temporal`, ...)
+FLAT_SETTINGS = tuple(dict.fromkeys(k for c in EXPERTS.values() if c.legacy_flat for k in c.settings))
+
+
+def _mean_of_softmax_logits(logits_k: Tensor) -> Tensor:
+    "[B, k, C] member logits -> [B, C] logits whose softmax is the mean of the k softmaxes."
+    return torch.logsumexp(logits_k.float().log_softmax(-1), dim=1) - math.log(logits_k.shape[1])
+
+
+def _mean_of_sigmoid_logit(logit_k: Tensor) -> Tensor:
+    "[B, k] member logits -> [B] logit of the mean of the k sigmoids."
+    p = logit_k.float().sigmoid().mean(1).clamp(1e-7, 1 - 1e-7)
+    return torch.log(p) - torch.log1p(-p)
 
 
 class MoEClassifier(nn.Module):
-    "Gate-weighted mixture of an FT-Transformer (tabular) and a TemporalCNN (timing) -> binary and family logits."
+    "Gate-weighted mixture of registered experts (`EXPERTS`) -> binary and family logits."
 
     def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_classes: int,
-                 experts: Sequence[str] = EXPERTS, d_token: int = 32, n_blocks: int = 2, n_heads: int = 4,
-                 d_ffn_factor: float = 4 / 3, attention_dropout: float = 0.1, ffn_dropout: float = 0.1,
-                 residual_dropout: float = 0.0, num_group_size: int = 1, d_temporal: int = 96, n_temporal_layers: int = 3,
-                 d_gate: int = 64, gate_top_k: int | None = None, gate_noise: bool = False, d_head: int = 384,
-                 head_dropout: float = 0.1, eval_chunk_size: int | None = 256):
+                 experts: Sequence[str] | Mapping[str, Mapping | None] = DEFAULT_EXPERTS, d_gate: int = 64,
+                 gate_top_k: int | None = None, gate_noise: bool = False, gate_embedding: str = "none",
+                 numeric: Mapping[str, Any] | None = None, d_head: int = 384, head_dropout: float = 0.1,
+                 bins: Sequence[Sequence[float] | None] | None = None, eval_chunk_size: int | None = 256, **flat):
         super().__init__()
-        experts = tuple(experts)
-        if not experts or len(set(experts)) != len(experts) or not set(experts) <= set(EXPERTS):
-            raise ValueError(f"experts={experts!r}: choose a non-empty subset of {EXPERTS} without repeats")
+        settings = resolve_experts(experts, flat)
         if n_classes < 2: raise ValueError(f"n_classes must be >= 2 (benign and at least one family), got {n_classes}")
-        self.experts, self.n_num, self.n_time, self.n_classes = experts, n_num, n_time, n_classes
+        if bins is not None and len(bins) != n_num + n_time:
+            raise ValueError(f"bins: {len(bins)} lists for {n_num + n_time} numeric and timing columns (use preprocessor.bins)")
+        self.experts, self.n_num, self.n_time, self.n_classes = tuple(settings), n_num, n_time, n_classes
+        self.expert_settings = settings
         self.cat_cardinalities = [int(c) for c in cat_cardinalities]
         self.register_buffer("_cards", torch.tensor(self.cat_cardinalities, dtype=torch.long), persistent=False)
-        nets: dict[str, nn.Module] = {}
-        if "tabular" in experts:
-            nets["tabular"] = FTTransformer(n_num=n_num, cat_cardinalities=cat_cardinalities, d_token=d_token,
-                                            n_blocks=n_blocks, n_heads=n_heads, d_ffn_factor=d_ffn_factor,
-                                            attention_dropout=attention_dropout, ffn_dropout=ffn_dropout,
-                                            residual_dropout=residual_dropout, num_group_size=num_group_size,
-                                            eval_chunk_size=eval_chunk_size)
-        if "temporal" in experts:
-            nets["temporal"] = TemporalCNN(n_time=n_time, d_temporal=d_temporal, n_temporal_layers=n_temporal_layers,
-                                           eval_chunk_size=eval_chunk_size)
-        self.nets = nn.ModuleDict({e: nets[e] for e in experts})
-        self.proj = nn.ModuleDict({e: nn.Linear(self.nets[e].d_out, d_head) for e in experts})
-        self.gate = (Gate(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_experts=len(experts),
-                          d_gate=d_gate, top_k=gate_top_k, noise=gate_noise) if len(experts) > 1 else None)
+        emb = dict(numeric or {})
+        self.nets = nn.ModuleDict({name: EXPERTS[name].build(n_num=n_num, cat_cardinalities=self.cat_cardinalities, n_time=n_time,
+                                                            bins=bins, embedding_kw=emb, eval_chunk_size=eval_chunk_size, **s)
+                                   for name, s in settings.items()})
+        self.k = max(int(getattr(net, "k", 1)) for net in self.nets.values())
+        self.proj = nn.ModuleDict({e: nn.Linear(self.nets[e].d_out, d_head) for e in self.experts})
+        self.gate = (Gate(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_experts=len(self.experts),
+                          d_gate=d_gate, top_k=gate_top_k, noise=gate_noise, embedding=gate_embedding,
+                          d_embedding=int(emb.get("d_gate_embedding", 4)), bins=bins, embedding_kw=emb)
+                     if len(self.experts) > 1 else None)
         self.head = nn.Sequential(nn.LayerNorm(d_head), nn.ReLU(), nn.Linear(d_head, d_head), nn.ReLU(), nn.Dropout(head_dropout))
         self.binary_out = nn.Linear(d_head, 1)
         self.family_out = nn.Linear(d_head, n_classes)
         self.d_head = d_head
 
     @classmethod
-    def from_config(cls, model_cfg, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_classes: int) -> "MoEClassifier":
+    def from_config(cls, model_cfg, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_classes: int,
+                    bins: Sequence | None = None) -> "MoEClassifier":
         "Build from a `cyber_moe.config.ModelConfig` (its `load_balance_weight` belongs to the training module, not the net)."
         kw = model_cfg.model_dump(exclude={"load_balance_weight"})
-        return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_classes=n_classes, **kw)
+        return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_classes=n_classes, bins=bins, **kw)
 
     def _check(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> None:
         "Raise ValueError when the arrays do not match the sizes this model was built with."
@@ -303,37 +522,56 @@ class MoEClassifier(nn.Module):
                                  "(0 is the unknown bucket): encode categories with the model's Preprocessor")
 
     def _represent(self, name: str, x_num: Tensor, x_cat: Tensor, x_time: Tensor, *, chunked: bool = True) -> Tensor:
-        "Expert `name`'s representation projected to [B, d_head] (in evaluation chunks unless `chunked` is False)."
-        net = self.nets[name] if chunked else self.nets[name]._forward
-        return self.proj[name](net(x_num, x_cat) if name == "tabular" else net(x_time))
+        "Expert `name`'s representation projected to [B, d_head] ([B, k, d_head] when the model has k > 1 members)."
+        net = self.nets[name]
+        given = {"x_num": x_num, "x_cat": x_cat, "x_time": x_time}
+        xs = [given[i] for i in net.inputs]
+        h = self.proj[name](net(*xs) if chunked else net._forward(*xs))
+        return h[:, None].expand(-1, self.k, -1) if self.k > 1 and h.ndim == 2 else h
+
+    def _outputs(self, mixed: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        "(binary [B], family [B, C], binary_k, family_k) from the mixed representation; the k-member outputs only when k > 1."
+        h = self.head(mixed)
+        b, f = self.binary_out(h).squeeze(-1), self.family_out(h)
+        if self.k == 1: return b, f, None, None
+        return _mean_of_sigmoid_logit(b), _mean_of_softmax_logits(f), b, f
 
     def forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> dict[str, Tensor]:
-        "x_num [B, n_num], x_cat int64 [B, n_cat], x_time [B, n_time] -> dict(binary [B], family [B, C], gate [B, E], aux_loss [])."
+        "-> dict(binary [B], family [B, C], gate [B, E], aux_loss []); with k > 1 members also binary_k [B, k], family_k [B, k, C]."
         self._check(x_num, x_cat, x_time)
         B = x_num.shape[0]
         if self.gate is None: weights, aux = x_num.new_ones(B, 1), x_num.new_zeros(())
         else: weights, aux = self.gate(x_num, x_cat, x_time)
         mixed = None
+        shape = (B, self.k, self.d_head) if self.k > 1 else (B, self.d_head)
         for e, name in enumerate(self.experts):
             w = weights[:, e]
             if self.gate is not None and self.gate.sparse:
                 rows = w.nonzero().squeeze(1)
                 if rows.numel() == 0: continue
-                part = w[rows, None] * self._represent(name, x_num[rows], x_cat[rows], x_time[rows])
-                if mixed is None: mixed = part.new_zeros(B, self.d_head)
+                r = self._represent(name, x_num[rows], x_cat[rows], x_time[rows])
+                part = w[rows].view(-1, *[1] * (r.ndim - 1)) * r
+                if mixed is None: mixed = part.new_zeros(shape)
                 mixed = mixed.index_add(0, rows, part)
             else:
-                part = w[:, None] * self._represent(name, x_num, x_cat, x_time)
+                r = self._represent(name, x_num, x_cat, x_time)
+                part = w.view(-1, *[1] * (r.ndim - 1)) * r
                 mixed = part if mixed is None else mixed + part
-        h = self.head(mixed)
-        return {"binary": self.binary_out(h).squeeze(-1), "family": self.family_out(h), "gate": weights, "aux_loss": aux}
+        b, f, b_k, f_k = self._outputs(mixed)
+        out = {"binary": b, "family": f, "gate": weights, "aux_loss": aux}
+        if b_k is not None: out.update(binary_k=b_k, family_k=f_k)
+        return out
 
     def infer(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         "(binary [B], family [B, C], gate [B, E]) with every expert on every row, unchecked, unchunked: the graph ONNX export records."
         w = self.gate(x_num, x_cat, x_time)[0] if self.gate is not None else x_num.new_ones(x_num.shape[0], 1)
-        mixed = sum(w[:, e, None] * self._represent(n, x_num, x_cat, x_time, chunked=False) for e, n in enumerate(self.experts))
-        h = self.head(mixed)
-        return self.binary_out(h).squeeze(-1), self.family_out(h), w
+        mixed = None
+        for e, n in enumerate(self.experts):
+            r = self._represent(n, x_num, x_cat, x_time, chunked=False)
+            part = w[:, e].view(-1, *[1] * (r.ndim - 1)) * r
+            mixed = part if mixed is None else mixed + part
+        b, f, _, _ = self._outputs(mixed)
+        return b, f, w
 
 # %% ../nbs/30_models.ipynb #8787c4c9
 def n_parameters(module: nn.Module) -> int:

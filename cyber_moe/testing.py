@@ -69,12 +69,13 @@ def untrained_bundle(frame: pd.DataFrame, *, schema: FlowSchema, model_cfg=None,
                      name: str = "untrained", version: str = "0"):
     "A `ModelBundle` of an untrained network (ModelConfig sizes by default) over a Preprocessor fit on `frame`."
     import torch
-    from cyber_moe.bundle import ModelBundle, net_kwargs
+    from cyber_moe.bundle import ModelBundle, net_kwargs, preprocessor_kwargs
     from cyber_moe.config import ModelConfig
     from cyber_moe.features import Preprocessor
     from cyber_moe.models import MoEClassifier
-    pre = Preprocessor(schema=schema).fit(frame)
-    kw = net_kwargs(model_cfg or ModelConfig(), pre)
+    model_cfg = model_cfg or ModelConfig()
+    pre = Preprocessor(schema=schema, **preprocessor_kwargs(model_cfg)).fit(frame)
+    kw = net_kwargs(model_cfg, pre)
     torch.manual_seed(seed)
     return ModelBundle(schema=schema, preprocessor=pre, net=MoEClassifier(**kw), net_kwargs=kw, threshold=threshold,
                        name=name, version=version)

@@ -20,9 +20,9 @@ from .schema import FAMILY, FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe', 'calibrate',
-           'fit_run_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'mlflow_run',
-           'registered_name', 'headline_metrics', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate',
-           'train_run']
+           'operating_point', 'fit_run_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted',
+           'mlflow_run', 'registered_name', 'headline_metrics', 'data_origin', 'stage_data', 'stage_train',
+           'stage_evaluate', 'train_run']
 
 # %% ../nbs/50_train.ipynb #a9eedbef
 def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
@@ -96,6 +96,7 @@ class Prepared:
 
 def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchema | None = None, source: dict | None = None) -> Prepared:
     "Split the run's flows and fit the preprocessing on the training rows only (loads the flows unless given)."
+    from cyber_moe.bundle import preprocessor_kwargs
     from cyber_moe.features import Preprocessor, split_flows
     if frame is None: frame, schema, source = load_source(cfg)
     s = cfg.split
@@ -104,7 +105,7 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
     split = split_flows(frame, schema=schema, strategy=strategy, val_frac=s.val_frac, test_frac=s.test_frac,
                         seed=s.seed, group_col=s.group_col, test_groups=s.test_sessions or source.get("test_sessions"))
     train = frame.iloc[split.train]
-    pre = Preprocessor(schema=schema).fit(train)
+    pre = Preprocessor(schema=schema, **preprocessor_kwargs(cfg.model)).fit(train)     # tree bins too when the model uses them
     arrays = {}
     for name in SPLITS:
         part = frame.iloc[getattr(split, name)]
@@ -151,10 +152,11 @@ def fit_moe(cfg: RunConfig, prep: Prepared, *, logger=None, callbacks=(), unknow
     net = MoEClassifier(**kwargs)
     dm = FlowDataModule(train=_with_unknown_codes(prep.arrays["train"], unknown_rate, cfg.seed), val=prep.arrays["val"],
                         batch_size=t.batch_size, num_workers=t.num_workers)
-    weights = class_weights_from(prep.arrays["train"]["y_family"], len(prep.classes)) if t.loss != "ce" else None
+    weights = (class_weights_from(prep.arrays["train"]["y_family"], len(prep.classes), power=t.class_weight_power,
+                                  keep_binary=t.class_weight_keep_binary) if t.loss != "ce" else None)
     module = MoELitModule(net, lr=t.lr, weight_decay=t.weight_decay, max_epochs=t.max_epochs, loss=t.loss,
                           class_weights=weights, focal_gamma=t.focal_gamma, family_loss_weight=t.family_loss_weight,
-                          load_balance_weight=m.load_balance_weight)
+                          load_balance_weight=m.load_balance_weight, label_smoothing=t.label_smoothing)
     device = select_device(t.accelerator, t.precision)
     trainer = make_trainer(max_epochs=t.max_epochs, accelerator=device["accelerator"], devices=t.devices, strategy=t.strategy,
                            precision=device["precision"], patience=t.patience, default_root_dir=str(cfg.run_dir / "lightning"),
@@ -185,6 +187,14 @@ def calibrate(net, prep: Prepared) -> dict[str, float]:
             "binary": fit_temperature(val["binary"], prep.arrays["val"]["y_binary"].astype(np.int64))}
 
 
+def operating_point(cfg: RunConfig, p_classes_val: np.ndarray, y_binary_val: np.ndarray) -> dict:
+    "The threshold on p_attack = 1 - p(benign) chosen on the validation rows by `cfg.train.operating_point` (max F1 or a target FPR)."
+    from cyber_moe.evaluate import choose_operating_point
+    p = np.asarray(p_classes_val, np.float64)
+    return choose_operating_point(np.asarray(y_binary_val).astype(np.int64), 1.0 - p[:, 0], rule=cfg.train.operating_point,
+                                  target_fpr=cfg.train.target_fpr)
+
+
 def fit_run_baseline(cfg: RunConfig, prep: Prepared):
     "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE."
     from cyber_moe.baseline import baseline_feature_names, categorical_indices, fit_baseline, stack_features
@@ -206,24 +216,40 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def evaluate_run(prep: Prepared, net, baseline, *, experts: list[str], threshold: float = 0.5) -> tuple[dict, dict]:
-    "Test metrics of the MoE and the baseline side by side (`compare` structure) and their test predictions."
+def evaluate_run(prep: Prepared, model, baseline, *, experts: list[str] | None = None, threshold: float | None = None,
+                 rule: str = "max_f1", target_fpr: float = 0.01) -> tuple[dict, dict]:
+    "Test metrics of the MoE (a `ModelBundle`, or a bare net) and the baseline side by side (`compare` structure), and their test predictions; both verdicts by `decide`."
     from cyber_moe.baseline import stack_features
-    from cyber_moe.bundle import network_outputs
-    from cyber_moe.evaluate import compare, evaluate_predictions
+    from cyber_moe.bundle import ModelBundle, network_outputs
+    from cyber_moe.evaluate import choose_operating_point, compare, decide, evaluate_predictions
     test, val = prep.arrays["test"], prep.arrays["val"]
     y = {"y_family": test["y_family"], "y_binary": test["y_binary"].astype(np.int64)}
+    y_val_bin = val["y_binary"].astype(np.int64)
+    def op_for(p_val):
+        return choose_operating_point(y_val_bin, 1.0 - p_val[:, 0], rule=rule, target_fpr=target_fpr)
+    is_bundle = isinstance(model, ModelBundle)
+    net, T = (model.net, model.temperature_family) if is_bundle else (model, 1.0)
+    experts = list(experts or getattr(net, "experts", ()))
     raw, raw_val = network_outputs(net, test), network_outputs(net, val)
-    model_pred = {"p_family": _softmax(raw["family"]), "p_attack": 1 / (1 + np.exp(-raw["binary"].astype(np.float64))), "gate": raw["gate"]}
-    model = evaluate_predictions(**y, p_family=model_pred["p_family"], p_attack=model_pred["p_attack"], classes=prep.classes,
-                                 gate=raw["gate"], experts=experts, logits_val=raw_val["family"], y_val=val["y_family"],
-                                 logits=raw["family"], threshold=threshold)
-    pb = baseline.predict_proba(stack_features(test))
-    base_pred = {"p_family": pb, "p_attack": 1 - pb[:, 0]}
-    base = evaluate_predictions(**y, p_family=pb, p_attack=base_pred["p_attack"], classes=prep.classes,
-                                logits_val=_log_probs(baseline.predict_proba(stack_features(val))), y_val=val["y_family"],
-                                logits=_log_probs(pb), threshold=threshold)
-    return compare(model, base), {"model": model_pred, "baseline": base_pred}
+    z, z_val = raw["family"] / T, raw_val["family"] / T
+    p_val = _softmax(z_val)
+    if is_bundle: op = model.extra.get("operating_point") or {"rule": "given", "threshold": model.threshold}
+    elif threshold is not None: op = {"rule": "given", "threshold": float(threshold)}
+    else: op = op_for(p_val)
+    p = _softmax(z)
+    v = decide(p, op["threshold"])
+    model_pred = {"p_family": p, "p_attack": v["p_attack"], "gate": raw["gate"], "is_attack": v["is_attack"], "family_index": v["family_index"]}
+    model_m = evaluate_predictions(**y, p_family=p, p_attack=v["p_attack"], classes=prep.classes, gate=raw["gate"], experts=experts,
+                                   logits_val=z_val, y_val=val["y_family"], logits=z, threshold=op["threshold"],
+                                   family_pred=v["family_index"], operating_point=op)
+    pb, pb_val = baseline.predict_proba(stack_features(test)), baseline.predict_proba(stack_features(val))
+    op_b = op_for(pb_val)                                           # the same rule, on the baseline's own validation scores
+    vb = decide(pb, op_b["threshold"])
+    base_pred = {"p_family": pb, "p_attack": vb["p_attack"], "is_attack": vb["is_attack"], "family_index": vb["family_index"]}
+    base = evaluate_predictions(**y, p_family=pb, p_attack=vb["p_attack"], classes=prep.classes, logits_val=_log_probs(pb_val),
+                                y_val=val["y_family"], logits=_log_probs(pb), threshold=op_b["threshold"],
+                                family_pred=vb["family_index"], operating_point=op_b)
+    return compare(model_m, base), {"model": model_pred, "baseline": base_pred}
 
 # %% ../nbs/50_train.ipynb #3f45a6e2
 def save_prepared(prep: Prepared, run_dir: str | Path) -> Path:
@@ -344,6 +370,9 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
                              temperature_family=temps["family"], temperature_binary=temps["binary"],
                              name=registered_name(cfg), version=run.info.run_id[:8],
                              extra={"run_name": cfg.run_name, "reference": prep.preprocessor.reference})
+        op = operating_point(cfg, bundle.predict_arrays(prep.arrays["val"])["p_classes"], prep.arrays["val"]["y_binary"])
+        bundle.threshold = op["threshold"]
+        bundle.extra["operating_point"] = op
         from cyber_moe.explain import attach_background, make_background
         attach_background(bundle, make_background(prep.rows("train"), schema=prep.schema, n=100, seed=cfg.seed))
         save_pyfunc(bundle, cfg.run_dir / "model", example=prep.rows("train").head(5))
@@ -355,7 +384,7 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
                    "best_val_score": fit.best_score, "train_seconds": round(fit.seconds, 2),
                    "seconds_per_epoch": round(fit.seconds / max(fit.epochs, 1), 2),
                    "baseline_seconds": round(base_seconds, 2), "baseline_best_iteration": baseline.best_iteration,
-                   "temperature": temps, "train_rows": len(prep.split.train)}
+                   "temperature": temps, "operating_point": op, "train_rows": len(prep.split.train)}
         write_json(cfg.run_dir / "training.json", summary)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
     log.info("trained: %s", summary)
@@ -371,7 +400,7 @@ def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bo
     prep = prep or load_prepared(cfg)
     bundle = load_model_bundle(cfg.run_dir / "model")
     baseline = Baseline.load(cfg.run_dir / "baseline")
-    metrics, preds = evaluate_run(prep, bundle.net, baseline, experts=list(bundle.experts), threshold=bundle.threshold)
+    metrics, preds = evaluate_run(prep, bundle, baseline, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
     metrics["run"] = {"run_name": cfg.run_name, "source": cfg.data.source, "split": prep.split.record,
                       "test_rows": int(len(prep.split.test)), "classes": prep.classes, "data_origin": data_origin(cfg, prep.source)}
     if "tool" in prep.frame.columns:           # lab flows: detection per family and per tool on the held-out session

@@ -8,6 +8,7 @@ import torch
 
 from cyber_moe.bundle import ModelBundle, load_bundle, save_bundle
 from cyber_moe.data import load_flows
+from cyber_moe.evaluate import choose_operating_point
 from cyber_moe.explain import (_encode, _evaluate, attach_background, bundle_background, explain_flow, fig_flow_explanation,
                                fig_global_importance, global_importance, make_background, shap_rows)
 from cyber_moe.features import Preprocessor, split_flows
@@ -37,7 +38,7 @@ def unsw(shared_data) -> pd.DataFrame:
 def train_bundle(frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: int = 0, **sizes) -> tuple[ModelBundle, pd.DataFrame]:
     "Split `frame`, fit the preprocessing and a small MoE (plain torch loop) on the training rows; the bundle and the test rows."
     split = split_flows(frame, schema=schema, seed=seed)
-    train, _, test = split.frames(frame)
+    train, val, test = split.frames(frame)
     pre = Preprocessor(schema=schema).fit(train)
     kw = dict(n_num=len(schema.numeric), cat_cardinalities=list(pre.cat_cardinalities), n_time=len(schema.timing),
               n_classes=len(pre.classes), **sizes)
@@ -55,6 +56,8 @@ def train_bundle(frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: i
                 + torch.nn.functional.cross_entropy(out["family"], t["y_family"][i], weight=w / w.mean()))
         opt.zero_grad(); loss.backward(); opt.step()
     b = ModelBundle(schema=schema, preprocessor=pre, net=net.eval(), net_kwargs=kw, name=f"test-{schema.name}")
+    # is_attack at the validation operating point, as stage_train sets it (p_attack = 1 - p(benign))
+    b.threshold = choose_operating_point(val[IS_ATTACK].to_numpy(), b.predict(val)["p_attack"].to_numpy())["threshold"]
     attach_background(b, make_background(train, schema=schema, n=100, seed=seed))
     return b, test
 
