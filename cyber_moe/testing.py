@@ -120,7 +120,11 @@ class Server:
         cmd = [sys.executable, "-m", "uvicorn", self.app, *(["--factory"] if self.app == FACTORY else []), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(self.workers), "--no-access-log", "--log-level", "warning", *self.args]
         self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        if self.wait: self.wait_ready()
+        if self.wait:
+            try: self.wait_ready()
+            except BaseException:                             # __exit__ does not run when __enter__ fails: stop the process here
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def wait_ready(self, timeout: float = 180) -> None:
