@@ -107,7 +107,7 @@ async def soak(url: str, flows: list[dict], *, duration: float, rate: float, rel
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=600, help="seconds of traffic (default 600)")
-    ap.add_argument("--rate", type=float, default=40, help="requests per second, all kinds together")
+    ap.add_argument("--rate", type=float, default=20, help="requests per second, all kinds together")
     ap.add_argument("--reload-every", type=float, default=20, help="seconds between reloads")
     ap.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
