@@ -49,6 +49,7 @@ class DataConfig(_Section):
     lab_scenario: str = Field("params/lab/default.yaml", description="source 'lab': scenario recorded for each seed below (unless paths lists session folders)")
     lab_train_seeds: list[int] = Field(default_factory=lambda: [1], min_length=1, description="source 'lab': sessions for train + validation")
     lab_test_seeds: list[int] = Field(default_factory=lambda: [2], min_length=1, description="source 'lab': held-out test sessions (other seeds)")
+    lab_dst_port: Literal["categorical", "numeric", "drop"] = Field("drop", description="source 'lab': the destination port as a category, a number, or not a feature (floods and scans of another session hit ports a vocabulary of one session does not hold)")
 
 
 class SplitConfig(_Section):

@@ -19,12 +19,23 @@ from .config import RunConfig, select_device, seed_everything, setup_logging, wr
 from .schema import FAMILY, FlowSchema, get_schema
 
 # %% auto #0
-__all__ = ['SPLITS', 'EXPERIMENT', 'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe', 'calibrate',
-           'operating_point', 'fit_run_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted',
-           'mlflow_run', 'registered_name', 'headline_metrics', 'data_origin', 'stage_data', 'stage_train',
-           'stage_evaluate', 'train_run']
+__all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe',
+           'calibrate', 'operating_point', 'fit_run_baseline', 'evaluate_run', 'save_prepared', 'load_prepared',
+           'flatten_dotted', 'mlflow_run', 'registered_name', 'headline_metrics', 'data_origin', 'stage_data',
+           'stage_train', 'stage_evaluate', 'train_run']
 
 # %% ../nbs/50_train.ipynb #a9eedbef
+def lab_schema(dst_port: str = "drop") -> FlowSchema:
+    "The lab's schema with the destination port as a category (`LAB` itself), a number, or an identifier only ('drop')."
+    import dataclasses
+    from cyber_moe.lab import LAB
+    if dst_port == "categorical": return LAB
+    if dst_port not in ("numeric", "drop"): raise ValueError(f"data.lab_dst_port is {dst_port!r}; valid: categorical, numeric, drop")
+    cat = tuple(c for c in LAB.categorical if c != "dst_port")
+    if dst_port == "numeric": return dataclasses.replace(LAB, name="lab", categorical=cat, numeric=LAB.numeric + ("dst_port",))
+    return dataclasses.replace(LAB, categorical=cat, identifiers=LAB.identifiers + ("dst_port",))
+
+
 def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     "Lab sessions: the folders in `data.paths` (the last one is the test session), or the scenario recorded for each seed."
     from cyber_moe.lab import LAB, ensure_sessions, load_sessions, read_session
@@ -40,7 +51,7 @@ def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
         folders = ensure_sessions(d.lab_scenario, seeds, Path(cfg.outputs_dir) / "lab")
         test = [json.loads((f / "session.json").read_text())["session"] for f, s in zip(folders, seeds) if s in d.lab_test_seeds]
     df, info = load_sessions(folders)
-    return df, LAB, {"kind": "lab", "scenario": d.lab_scenario if not d.paths else None, **info, "test_sessions": test}
+    return df, lab_schema(d.lab_dst_port), {"kind": "lab", "scenario": d.lab_scenario if not d.paths else None, **info, "test_sessions": test}
 
 
 def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
@@ -403,10 +414,10 @@ def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bo
     metrics, preds = evaluate_run(prep, bundle, baseline, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
     metrics["run"] = {"run_name": cfg.run_name, "source": cfg.data.source, "split": prep.split.record,
                       "test_rows": int(len(prep.split.test)), "classes": prep.classes, "data_origin": data_origin(cfg, prep.source)}
-    if "tool" in prep.frame.columns:           # lab flows: detection per family and per tool on the held-out session
+    if "tool" in prep.frame.columns:           # lab flows: detection per family and per tool on the held-out session, each model at its own threshold
         from cyber_moe.lab import detection_rates
         test_rows = prep.rows("test")
-        metrics["detection"] = {who: detection_rates(test_rows, np.asarray(preds[who]["p_attack"]) >= bundle.threshold)
+        metrics["detection"] = {who: detection_rates(test_rows, np.asarray(preds[who]["is_attack"], bool))
                                 for who in ("model", "baseline")}
     path = write_metrics(cfg.run_dir / "metrics.json", metrics)
     test = prep.arrays["test"]
