@@ -95,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--train", required=True); ap.add_argument("--test", required=True)
     ap.add_argument("--epochs", type=int, default=8); ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench_sequence.json")
+    ap.add_argument("--models", default="lightgbm,lightgbm+flat_seq,moe,moe+sequence", help="comma-separated subset to run")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     train, info_tr = read_session(a.train)
@@ -113,7 +114,9 @@ def main(argv=None):
 
     # LightGBM without / with the flat sequence columns (the raw splt values: trees need no scaling)
     seq_cols = list(schema.sequence_columns)
+    run = set(a.models.split(","))
     for name, extra in (("lightgbm", False), ("lightgbm+flat_seq", True)):
+        if name not in run: continue
         X = {k: stack_features(arrs[k]) for k in arrs}
         if extra:
             raw = {"fit": fit_df, "val": val_df, "test": test}
@@ -129,6 +132,7 @@ def main(argv=None):
     for name, experts in (("moe", {"tabular": small_tab, "temporal": {"d_temporal": 32}}),
                           ("moe+sequence", {"tabular": small_tab, "temporal": {"d_temporal": 32},
                                             "sequence": {"d_seq": 48, "n_packets": LAB_SEQUENCE}})):
+        if name not in run: continue
         t0 = time.perf_counter()
         net, hist = train_moe(experts, arrs["fit"], ys["fit"], arrs["val"], ys["val"], pre, epochs=a.epochs, seed=a.seed)
         names = ("x_num", "x_cat", "x_time") + (("x_seq",) if "sequence" in experts else ())
@@ -139,12 +143,13 @@ def main(argv=None):
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     m = res["models"]
+    if not m: return
     print("\n| model | family macro-F1 | " + " | ".join(f"{c} det." for c in classes if c != "benign") + " | benign flagged |")
     print("|---|---|" + "---|" * len(classes))
     for k, v in m.items():
         print(f"| {k} | {v['macro_f1']:.3f} | " + " | ".join(f"{v['detection'].get(c, float('nan')):.3f}" for c in classes if c != "benign")
               + f" | {v['detection'].get('benign', float('nan')):.3f} |")
-    if "gate" in m["moe+sequence"]:
+    if "gate" in m.get("moe+sequence", {}):
         ex = list(next(iter(m["moe+sequence"]["gate"].values())))
         print("\n| family | " + " | ".join(ex) + " |\n|---|" + "---|" * len(ex))
         for c, gw in m["moe+sequence"]["gate"].items(): print(f"| {c} | " + " | ".join(f"{gw[e]:.2f}" for e in ex) + " |")
