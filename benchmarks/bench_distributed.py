@@ -36,20 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def split_capture(pcap: Path, out_dir: Path, n: int) -> list[Path]:
-    "Cut a capture into `n` files of equal time spans (as `tcpdump -G` rotation would)."
-    import dpkt
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(pcap, "rb") as f: pkts = [(ts, bytes(buf)) for ts, buf in dpkt.pcap.Reader(f)]
-    t0, t1 = pkts[0][0], pkts[-1][0] + 1e-6
-    files = [out_dir / f"cap-{i:02d}.pcap" for i in range(n)]
-    hs = [open(p, "wb") for p in files]
-    ws = [dpkt.pcap.Writer(h, snaplen=65535) for h in hs]
-    for ts, buf in pkts: ws[min(n - 1, int((ts - t0) / (t1 - t0) * n))].writepkt(buf, ts=ts)
-    for h in hs: h.close()
-    return files
-
-
 def meter(path: str) -> int:
     "A Dask task: NFStream over one capture; the number of flows."
     from cyber_moe.nfstream import pcap_to_flows
@@ -78,7 +64,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
     from cyber_moe.bundle import save_bundle, score_file
-    from cyber_moe.testing import untrained_bundle
+    from cyber_moe.testing import split_capture, untrained_bundle
     from cyber_moe.distributed import score_many
     from cyber_moe.nfstream import NFSTREAM, pcap_to_flows
     from cyber_moe.synth import load_or_generate

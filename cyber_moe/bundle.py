@@ -300,17 +300,19 @@ def check_net_kwargs(kw: Any, preprocessor: Preprocessor, weights: dict[str, tor
     if not isinstance(kw, dict): raise BundleError(f"net_kwargs: expected a mapping of MoEClassifier arguments, got {type(kw).__name__}")
     s = preprocessor.schema
     fixed = {"n_num": len(s.numeric), "cat_cardinalities": list(preprocessor.cat_cardinalities), "n_time": len(s.timing),
-             "n_classes": len(preprocessor.classes), "bins": preprocessor.bins}   # tree bins belong to the fitted preprocessing
+             "n_classes": len(preprocessor.classes)}
     for k, want in fixed.items():
         got = kw.get(k)
         if type(got) is not type(want) or got != want:
             raise BundleError(f"net_kwargs.{k} = {_short(got)}, but the bundle's schema and preprocessing give {_short(want)}")
-    rest = {k: v for k, v in kw.items() if k not in fixed}
+    if kw.get("bins") != preprocessor.bins:   # tree bins belong to the fitted preprocessing
+        raise BundleError("net_kwargs.bins differ from the tree bins the bundle's preprocessing was fit with")
+    rest = {k: v for k, v in kw.items() if k not in fixed and k != "bins"}
     try: cfg = ModelConfig.model_validate(rest)
     except ValidationError as e:
         bad = "; ".join(f"net_kwargs.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {_short(err.get('input'))})" for err in e.errors()[:5])
         raise BundleError(f"{bad}: outside what ModelConfig allows") from None
-    checked = {**fixed, **cfg.model_dump(mode="python", include=set(rest))}
+    checked = {**fixed, **({"bins": kw["bins"]} if "bins" in kw else {}), **cfg.model_dump(mode="python", include=set(rest))}
     if weights is not None:
         try:
             with torch.device("meta"): shape_only = MoEClassifier(**checked)       # shapes only: nothing allocated

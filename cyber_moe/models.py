@@ -52,7 +52,10 @@ class NumEmbedding(nn.Module):
         plain = [j for j in range(n_features) if j not in binned]
         self.binned, self.plain = binned, plain
         self.register_buffer("order", torch.argsort(torch.tensor(binned + plain, dtype=torch.long)), persistent=False)
-        with warnings.catch_warnings():
+        if binned and not 1 <= d_embedding <= 1024: raise ValueError(f"NumEmbedding: d_embedding must be in 1..1024, got {d_embedding}")
+        # rtdl reads its bin tensors (.item()) while building: on the CPU even inside a meta-device context (shape checks of a
+        # bundle), which the bound above and bins equal to the fitted preprocessor's keep small
+        with warnings.catch_warnings(), torch.device("cpu"):
             warnings.simplefilter("ignore")     # "just two bin edges": a one-bin column is a min-max scaled one, still usable
             self.ple = (rne.PiecewiseLinearEmbeddings([torch.tensor(bins[j], dtype=torch.float32) for j in binned], d_embedding,
                                                       activation=False, version="B") if binned else None)

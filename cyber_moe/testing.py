@@ -20,7 +20,7 @@ from .schema import FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema
 
 # %% auto #0
 __all__ = ['DEMO_SCHEMA', 'UNSW_CSV', 'FACTORY', 'demo_flows', 'records', 'make_demo_bundle', 'untrained_bundle', 'unsw_frame',
-           'free_port', 'Server']
+           'free_port', 'split_capture', 'Server']
 
 # %% ../nbs/59_testing.ipynb #f1f66fee
 DEMO_SCHEMA = FlowSchema(name="demo", numeric=("bytes", "pkts", "Total Fwd Packets"), categorical=("proto", "Destination Port"),
@@ -97,6 +97,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+# %% ../nbs/59_testing.ipynb #faa1f777
+def split_capture(pcap: str | Path, out_dir: str | Path, n: int) -> list[Path]:
+    "Cut a classic pcap into `n` files of equal time spans, as `tcpdump -G` rotation would; returns their paths."
+    import dpkt
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    with open(pcap, "rb") as f: pkts = [(ts, bytes(buf)) for ts, buf in dpkt.pcap.Reader(f)]
+    if not pkts: raise ValueError(f"{pcap}: no packets to split")
+    t0, t1 = pkts[0][0], pkts[-1][0] + 1e-6
+    files = [out_dir / f"cap-{i:02d}.pcap" for i in range(n)]
+    handles = [open(f, "wb") for f in files]
+    writers = [dpkt.pcap.Writer(h, snaplen=65535) for h in handles]
+    for ts, buf in pkts: writers[min(n - 1, int((ts - t0) / (t1 - t0) * n))].writepkt(buf, ts=ts)
+    for h in handles: h.close()
+    return files
 
 # %% ../nbs/59_testing.ipynb #6481dfbf
 FACTORY = "cyber_moe.serve.app:app_from_env"

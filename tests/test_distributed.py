@@ -6,12 +6,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import dpkt
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,33 +17,13 @@ import pytest
 from cyber_moe.alerts import score_pcap
 from cyber_moe.config import ModelConfig
 from cyber_moe.bundle import load_model_bundle, save_bundle, score_file
-from cyber_moe.testing import untrained_bundle
+from cyber_moe.testing import free_port, split_capture, untrained_bundle
 from cyber_moe.nfstream import NFSTREAM
 from cyber_moe.synth import load_or_generate
 
 BIN = Path(sys.executable).parent
 N_CAPTURES, N_PARQUET, PARQUET_ROWS = 6, 12, 4000
 KEYS = ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms", "community_id")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def split_capture(pcap: Path, out_dir: Path, n: int) -> list[Path]:
-    "Cut a capture into `n` files of equal time spans, like `tcpdump -G` rotation."
-    with open(pcap, "rb") as f:
-        r = dpkt.pcap.Reader(f)
-        pkts = [(ts, bytes(buf)) for ts, buf in r]
-    t0, t1 = pkts[0][0], pkts[-1][0] + 1e-6
-    files = [out_dir / f"cap-{i:02d}.pcap" for i in range(n)]
-    handles = [open(p, "wb") for p in files]
-    writers = [dpkt.pcap.Writer(h, snaplen=65535) for h in handles]
-    for ts, buf in pkts: writers[min(n - 1, int((ts - t0) / (t1 - t0) * n))].writepkt(buf, ts=ts)
-    for h in handles: h.close()
-    return files
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cyber_moe.bundle import ModelBundle, save_pyfunc, untrained_bundle
+from cyber_moe.bundle import ModelBundle, save_pyfunc
+from cyber_moe.testing import untrained_bundle
 from cyber_moe.config import ModelConfig
 from cyber_moe.data import load_flows
 from cyber_moe.schema import FAMILY, IS_ATTACK, get_schema

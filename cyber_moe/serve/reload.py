@@ -53,7 +53,9 @@ def resolve_alias(uri: str) -> tuple[str, str | None]:
     m = _ALIAS_URI.match(str(uri))
     if not m: return str(uri), None
     from mlflow import MlflowClient
-    version = str(MlflowClient().get_model_version_by_alias(m["name"], m["alias"]).version)
+    from cyber_moe.bundle import resolve_tracking_uri
+    store = resolve_tracking_uri()          # the same store load_model_bundle resolves models:/ against
+    version = str(MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(m["name"], m["alias"]).version)
     return f"models:/{m['name']}/{version}", version
 
 
