@@ -30,10 +30,10 @@ from .schema import FlowSchema, SchemaError
 
 # %% auto #0
 __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES', 'network_outputs', 'strip_columns',
-           'ModelBundle', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx', 'preprocessor_kwargs',
-           'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs', 'save_bundle',
-           'load_bundle', 'BundlePyfunc', 'save_pyfunc', 'log_pyfunc', 'resolve_tracking_uri', 'load_model_bundle',
-           'read_raw', 'score_file']
+           'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx',
+           'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs',
+           'save_bundle', 'load_bundle', 'BundlePyfunc', 'save_pyfunc', 'log_pyfunc', 'resolve_tracking_uri',
+           'load_model_bundle', 'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 2      # 2: one verdict from the family distribution and a validation operating point (issue 13)
@@ -45,7 +45,7 @@ def network_outputs(net: MoEClassifier, arrays: dict, *, batch_size: int = 8192)
     net.eval()
     with torch.inference_mode():
         for s in range(0, len(arrays["x_num"]), batch_size):
-            r = net(*(torch.from_numpy(np.ascontiguousarray(arrays[k][s:s + batch_size])) for k in ("x_num", "x_cat", "x_time")))
+            r = net(*(torch.from_numpy(np.ascontiguousarray(arrays[k][s:s + batch_size])) for k in array_names(net) if k in arrays))
             for k in outs: outs[k].append(r[k].float().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
@@ -132,6 +132,11 @@ ONNX_FILE = "network.onnx"
 _ARRAYS, _OUTPUTS = ("x_num", "x_cat", "x_time"), ("binary", "family", "gate")
 
 
+def array_names(net: MoEClassifier) -> tuple[str, ...]:
+    "The input arrays `net` reads, in order: x_num, x_cat, x_time, and x_seq when it has a sequence expert."
+    return _ARRAYS + (("x_seq",) if getattr(net, "needs_sequences", False) else ())
+
+
 def weights_sha256(net: torch.nn.Module) -> str:
     "SHA-256 over a network's state dict (names, shapes, bytes): which weights an exported graph was made from."
     h = hashlib.sha256()
@@ -146,7 +151,16 @@ def probe_arrays(net: MoEClassifier, *, n_rows: int = 64, seed: int = 0) -> dict
     cards = net.cat_cardinalities
     return {"x_num": rng.standard_normal((n_rows, net.n_num)).astype(np.float32),
             "x_cat": np.stack([rng.integers(0, c, n_rows) for c in cards], 1).astype(np.int64) if cards else np.zeros((n_rows, 0), np.int64),
-            "x_time": rng.standard_normal((n_rows, net.n_time)).astype(np.float32)}
+            "x_time": rng.standard_normal((n_rows, net.n_time)).astype(np.float32),
+            **({"x_seq": _probe_sequences(net, n_rows, rng)} if "x_seq" in array_names(net) else {})}
+
+
+def _probe_sequences(net: MoEClassifier, n_rows: int, rng) -> np.ndarray:
+    "Random packet sequences [n_rows, N, 4] for `net`'s sequence expert: flows of 1..N packets, padding all 0."
+    N = max(int(getattr(net.nets[e], "n_packets", 0)) for e in net.experts)
+    m = (np.arange(N)[None] < rng.integers(1, N + 1, n_rows)[:, None]).astype(np.float32)
+    x = np.concatenate([rng.integers(0, 2, (n_rows, N, 1)), rng.standard_normal((n_rows, N, 2))], -1).astype(np.float32)
+    return np.concatenate([x * m[..., None], m[..., None]], -1)
 
 
 class _InferGraph(torch.nn.Module):
@@ -154,8 +168,8 @@ class _InferGraph(torch.nn.Module):
     def __init__(self, net: MoEClassifier):
         super().__init__(); self.net = net
 
-    def forward(self, x_num, x_cat, x_time):
-        return self.net.infer(x_num, x_cat, x_time)
+    def forward(self, x_num, x_cat, x_time, x_seq=None):
+        return self.net.infer(x_num, x_cat, x_time, x_seq)
 
 
 class OnnxNetwork:
@@ -167,12 +181,15 @@ class OnnxNetwork:
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = int(threads or 0), 1, 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")     # idle threads must not burn shared cores
         self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, arrays: dict[str, np.ndarray], *, batch_size: int = 8192) -> dict[str, np.ndarray]:
         "Binary logits [n], family logits [n, C] and gate weights [n, E] for preprocessed arrays."
         parts: dict[str, list] = {k: [] for k in _OUTPUTS}
         for s in range(0, len(arrays["x_num"]), batch_size):
-            feed = {k: np.ascontiguousarray(arrays[k][s:s + batch_size]) for k in _ARRAYS}
+            if "x_seq" in self.inputs and "x_seq" not in arrays:
+                raise ValueError("x_seq is missing: this model has a sequence expert and needs each flow's first packets")
+            feed = {k: np.ascontiguousarray(arrays[k][s:s + batch_size]) for k in self.inputs}
             for k, v in zip(_OUTPUTS, self.session.run(None, feed)): parts[k].append(v)
         return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
 
@@ -190,8 +207,9 @@ def export_onnx(net: MoEClassifier, *, atol: float = 1e-4) -> tuple[bytes, dict]
         for q in quiet: q.setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(graph_module, tuple(torch.from_numpy(probe[k]) for k in _ARRAYS), input_names=list(_ARRAYS),
-                                        output_names=list(_OUTPUTS), dynamic_shapes=({0: batch},) * 3, dynamo=True, verbose=False)
+            names = array_names(net)
+            program = torch.onnx.export(graph_module, tuple(torch.from_numpy(probe[k]) for k in names), input_names=list(names),
+                                        output_names=list(_OUTPUTS), dynamic_shapes={k: {0: batch} for k in names}, dynamo=True, verbose=False)
         graph = program.model_proto.SerializeToString()
     finally:
         for q, lv in zip(quiet, levels): q.setLevel(lv)

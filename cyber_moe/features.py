@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtri
 
-from .schema import FAMILY, IS_ATTACK, FlowSchema, SchemaError
+from .schema import FAMILY, IS_ATTACK, FlowSchema, SchemaError, sequence_array
 
 # %% auto #0
-__all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'CLIP_MODES', 'feature_groups', 'SplitResult',
-           'split_flows', 'category_strings', 'reference_profile', 'population_stability_index', 'fit_tree_bins',
-           'Preprocessor']
+__all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'CLIP_MODES', 'SEQ_FEATURES', 'feature_groups',
+           'SplitResult', 'split_flows', 'category_strings', 'reference_profile', 'population_stability_index',
+           'fit_tree_bins', 'Preprocessor', 'fit_sequence_scaling', 'scale_sequences']
 
 # %% ../nbs/20_features.ipynb #28fccb26
 SPLITS = ("train", "val", "test")
@@ -362,7 +362,7 @@ def _quantile_map(x: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 class Preprocessor:
-    "Raw flow rows -> model arrays (x_num, x_cat, x_time) and targets; every statistic from the rows given to `fit`."
+    "Raw flow rows -> model arrays (x_num, x_cat, x_time, and x_seq for a schema with sequences) and targets; every statistic from the rows given to `fit`."
 
     def __init__(self, *, schema: FlowSchema, scaler: str = "robust", log1p: bool | str | list[str] = "auto",
                  skew_threshold: float = 2.0, max_categories: int = 64, min_count: int = 1,
@@ -491,6 +491,7 @@ class Preprocessor:
             state["cat"][c] = {"vocab": [str(v) for v in keep.index],
                                "other": sorted(str(v) for v in vc.index.difference(keep.index)),
                                "n_other_rows": int(len(df) - keep.sum())}
+        if sc.sequence: state["seq"] = fit_sequence_scaling(df, sc, where=where)
         state["reference"] = reference_profile(df, schema=sc, n_bins=p["n_profile_bins"])
         self.state = state
         self._compile()
@@ -560,7 +561,9 @@ class Preprocessor:
         cols = _feature_columns(df, self.schema, where)
         X = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
         cats = [category_strings(df[cols[c]]) for c in self.schema.categorical]
-        return self.transform_values(X, cats, where=where, indicators=indicators)
+        out = self.transform_values(X, cats, where=where, indicators=indicators)
+        if self.schema.sequence: out["x_seq"] = scale_sequences(*sequence_array(df, self.schema, where=where), self._fitted()["seq"])
+        return out
 
     def transform_values(self, X: np.ndarray, cats: Sequence[np.ndarray], *, where: str = "input",
                          indicators: bool = False) -> dict[str, np.ndarray]:
@@ -637,3 +640,30 @@ class Preprocessor:
         pre.state = d["state"]
         pre._compile()
         return pre
+
+# %% ../nbs/20_features.ipynb #f3d73c9a
+SEQ_FEATURES = ("dir", "log_ps", "log_piat", "mask")   # channels of x_seq
+
+
+def _robust(v: np.ndarray) -> tuple[float, float]:
+    "(median, IQR or 1 when there is no spread) of `v`."
+    if len(v) == 0: return 0.0, 1.0
+    q1, med, q3 = np.quantile(v, [0.25, 0.5, 0.75])
+    return float(med), float(q3 - q1) if q3 > q1 else 1.0
+
+
+def fit_sequence_scaling(df: pd.DataFrame, schema: FlowSchema, *, where: str = "training rows") -> dict:
+    "Centre and scale of log1p(size) and log1p(inter-arrival ms) over the real packets of the training rows."
+    x, mask = sequence_array(df, schema, where=where)
+    if not mask.any(): raise SchemaError(f"{where}: no flow has a single packet in its sequence columns; nothing to fit")
+    ps_c, ps_s = _robust(np.log1p(x[..., 1][mask].astype("float64")))
+    pi_c, pi_s = _robust(np.log1p(x[..., 2][mask].astype("float64")))
+    return {"n": schema.sequence, "ps_center": ps_c, "ps_scale": ps_s, "piat_center": pi_c, "piat_scale": pi_s}
+
+
+def scale_sequences(x: np.ndarray, mask: np.ndarray, st: dict) -> np.ndarray:
+    "`sequence_array` output -> x_seq float32 [n, N, 4] (direction, scaled log size, scaled log time, mask); padding all 0."
+    m = mask.astype("float32")
+    ps = (np.log1p(x[..., 1].astype("float64")) - st["ps_center"]) / st["ps_scale"]
+    pi = (np.log1p(x[..., 2].astype("float64")) - st["piat_center"]) / st["piat_scale"]
+    return np.stack([x[..., 0] * m, ps * m, pi * m, m], axis=-1).astype("float32")

@@ -34,11 +34,12 @@ from .schema import FAMILY, IS_ATTACK, FlowSchema, register_schema
 # %% auto #0
 __all__ = ['LAB_FAMILIES', 'TOOLS', 'BENIGN_ACTIVITIES', 'TOOL_BINARIES', 'LAB_BINARIES', 'LAB', 'DEBIAN_PACKAGES', 'LAB_NET',
            'SERVERS', 'SECRET_USER', 'SECRET_PASSWORD', 'WEB_PAGES', 'BUILDERS', 'WEB_APP', 'C2_SERVER', 'BEACON',
-           'log', 'NS_PREFIX', 'OK_CODES', 'TOOL_OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'LAB_TARGETS',
-           'ScenarioError', 'LabUnavailable', 'LabInterrupted', 'BenignSpec', 'StepSpec', 'Scenario', 'parse_scenario',
-           'load_scenario', 'Host', 'Command', 'StepPlan', 'SessionPlan', 'plan_session', 'write_work',
-           'lab_namespaces', 'check_available', 'Lab', 'signals_raise', 'run_session', 'label_flows', 'meter_capture',
-           'session_name', 'record_session', 'read_session', 'ensure_sessions', 'load_sessions', 'detection_rates']
+           'log', 'NS_PREFIX', 'OK_CODES', 'TOOL_OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'LAB_SEQUENCE',
+           'LAB_TARGETS', 'ScenarioError', 'LabUnavailable', 'LabInterrupted', 'BenignSpec', 'StepSpec', 'Scenario',
+           'parse_scenario', 'load_scenario', 'Host', 'Command', 'StepPlan', 'SessionPlan', 'plan_session',
+           'write_work', 'lab_namespaces', 'check_available', 'Lab', 'signals_raise', 'run_session', 'label_flows',
+           'meter_capture', 'session_name', 'record_session', 'read_session', 'ensure_sessions', 'load_sessions',
+           'detection_rates']
 
 # %% ../nbs/14_lab.ipynb #14ef0111
 LAB_FAMILIES = ("benign", "dos", "ddos", "portscan", "bruteforce", "slowhttp", "bot", "webattack")
@@ -1166,9 +1167,12 @@ def label_flows(flows: pd.DataFrame, record: dict, session: str) -> tuple[pd.Dat
     return out[keep].reset_index(drop=True), unattributed.reset_index(drop=True)
 
 
-def meter_capture(pcap, **kw) -> pd.DataFrame:
-    "The one place the lab meters a capture with NFStream (the same options as every other capture; `kw` to `pcap_to_flows`)."
-    return pcap_to_flows(pcap, allow_truncated=True, **kw)
+LAB_SEQUENCE = 32   # packets per flow kept as a sequence (splt columns) in every lab session
+
+
+def meter_capture(pcap, *, splt: int = LAB_SEQUENCE, **kw) -> pd.DataFrame:
+    "The one place the lab meters a capture with NFStream (the same options as every other capture; `kw` to `pcap_to_flows`), with each flow's first `splt` packets."
+    return pcap_to_flows(pcap, allow_truncated=True, splt=splt, **kw)
 
 # %% ../nbs/14_lab.ipynb #0855f421
 def _ground_truth(record: dict, session: str) -> pd.DataFrame:

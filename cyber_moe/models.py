@@ -18,7 +18,7 @@ from torch import Tensor, nn
 __all__ = ['EMBEDDINGS', 'INPUTS', 'EXPERTS', 'DEFAULT_EXPERTS', 'FLAT_SETTINGS', 'check_embedding', 'NumEmbedding', 'Expert',
            'register_expert', 'check_expert_names', 'resolve_experts', 'ExpertModule', 'FeatureTokenizer',
            'MultiheadAttention', 'ReGLU', 'TransformerBlock', 'FTTransformer', 'TemporalCNN', 'TabMExpert',
-           'load_balance_loss', 'Gate', 'MoEClassifier', 'n_parameters']
+           'SequenceCNN', 'load_balance_loss', 'Gate', 'MoEClassifier', 'n_parameters']
 
 # %% ../nbs/30_models.ipynb #330249a1
 EMBEDDINGS = ("none", "linear", "ple", "periodic")
@@ -77,7 +77,7 @@ class NumEmbedding(nn.Module):
         return out if not (self.binned and self.plain) else out[:, self.order]
 
 # %% ../nbs/30_models.ipynb #f3f463cc
-INPUTS = ("x_num", "x_cat", "x_time")
+INPUTS = ("x_num", "x_cat", "x_time", "x_seq")   # x_seq: packet sequences [B, N, 4], only for schemas with sequences
 
 
 @runtime_checkable
@@ -387,6 +387,44 @@ class TabMExpert(ExpertModule):
         # TabM.forward's own input handling takes len(x), which fixes the batch size of an exported graph: call its parts
         return self.net.backbone(self.net.ensemble_view(x))
 
+# %% ../nbs/30_models.ipynb #b216a8a5
+@register_expert("sequence")
+class SequenceCNN(ExpertModule):
+    "The packet-sequence expert: x_seq [B, N, 4] -> per-packet embedding -> dilated residual 1D convolutions -> masked pooling -> [B, d_seq]."
+    inputs = ("x_seq",)
+    settings = dict(d_seq=64, n_seq_layers=3, kernel_size=3, dropout=0.1, n_packets=32)
+
+    def __init__(self, *, d_seq: int = 64, n_seq_layers: int = 3, kernel_size: int = 3, dropout: float = 0.1,
+                 n_packets: int = 32, eval_chunk_size: int | None = 1024):
+        super().__init__()
+        if kernel_size % 2 == 0: raise ValueError(f"sequence expert: kernel_size must be odd (same-length convolutions), got {kernel_size}")
+        if n_seq_layers < 1: raise ValueError(f"sequence expert: n_seq_layers must be >= 1, got {n_seq_layers}")
+        if n_packets < 1: raise ValueError(f"sequence expert: n_packets must be >= 1, got {n_packets}")
+        c = d_seq
+        self.embed = nn.Linear(3, c)
+        self.convs = nn.ModuleList(nn.Conv1d(c, c, kernel_size, dilation=2 ** i, padding="same") for i in range(n_seq_layers))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(c) for _ in range(n_seq_layers))
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(2 * c + 1, d_seq)
+        self.n_packets, self.d_out, self.eval_chunk_size = n_packets, d_seq, eval_chunk_size
+
+    @classmethod
+    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
+              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "SequenceCNN":
+        "The expert (it reads only the packet sequences)."
+        return cls(eval_chunk_size=max(eval_chunk_size or 0, 1024), **settings)
+
+    def _forward(self, x_seq: Tensor) -> Tensor:
+        m = x_seq[..., 3:4]                                        # [B, N, 1]: 1 for a real packet
+        h = (self.embed(x_seq[..., :3]) * m).transpose(1, 2)       # [B, c, N]
+        mt = m.transpose(1, 2)
+        for conv, norm in zip(self.convs, self.norms):
+            h = (h + self.drop(F.relu(norm(conv(h))))) * mt       # padding stays 0 after every block
+        n = mt.sum(-1).clamp_min(1.0)
+        mean = h.sum(-1) / n
+        mx = (h - (1 - mt) * 1e4).amax(-1) * (mt.sum(-1) > 0)      # max over real packets (0 for an empty flow)
+        return F.relu(self.out(torch.cat([mean, mx, mt.mean(-1)], 1)))
+
 # %% ../nbs/30_models.ipynb #c04f9292
 def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:
     "Switch load-balancing loss `E * sum_e f_e * P_e` from gate probabilities [B, E] and chosen experts [B] (1 = balanced, E = collapsed)."
@@ -509,9 +547,21 @@ class MoEClassifier(nn.Module):
         kw = model_cfg.model_dump(exclude={"load_balance_weight"})
         return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_classes=n_classes, bins=bins, **kw)
 
-    def _check(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> None:
+    @property
+    def needs_sequences(self) -> bool:
+        "True when an expert reads the packet sequences (`x_seq`)."
+        return any("x_seq" in self.nets[e].inputs for e in self.experts)
+
+    def _check(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> None:
         "Raise ValueError when the arrays do not match the sizes this model was built with."
         n_cat = len(self.cat_cardinalities)
+        if self.needs_sequences:
+            if x_seq is None:
+                raise ValueError("x_seq is missing: this model has a sequence expert and needs each flow's first packets "
+                                 "(x_seq [B, N, 4] from a Preprocessor whose schema has sequences; meter captures with splt=N)")
+            if x_seq.ndim != 3 or x_seq.shape[0] != x_num.shape[0] or x_seq.shape[2] != 4:
+                raise ValueError(f"x_seq has shape {tuple(x_seq.shape)} but the model expects [{x_num.shape[0]}, N, 4] "
+                                 "(direction, size, time, mask per packet)")
         for name, x, n in (("x_num", x_num, self.n_num), ("x_cat", x_cat, n_cat), ("x_time", x_time, self.n_time)):
             if x.ndim != 2 or x.shape[1] != n or x.shape[0] != x_num.shape[0]:
                 raise ValueError(f"{name} has shape {tuple(x.shape)} but the model expects [{x_num.shape[0]}, {n}]: "
@@ -524,10 +574,11 @@ class MoEClassifier(nn.Module):
                 raise ValueError(f"x_cat column {j} holds index {int(x_cat[bad.any(1), j][0])} outside 0..{self.cat_cardinalities[j] - 1} "
                                  "(0 is the unknown bucket): encode categories with the model's Preprocessor")
 
-    def _represent(self, name: str, x_num: Tensor, x_cat: Tensor, x_time: Tensor, *, chunked: bool = True) -> Tensor:
+    def _represent(self, name: str, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None, *,
+                   chunked: bool = True) -> Tensor:
         "Expert `name`'s representation projected to [B, d_head] ([B, k, d_head] when the model has k > 1 members)."
         net = self.nets[name]
-        given = {"x_num": x_num, "x_cat": x_cat, "x_time": x_time}
+        given = {"x_num": x_num, "x_cat": x_cat, "x_time": x_time, "x_seq": x_seq}
         xs = [given[i] for i in net.inputs]
         h = self.proj[name](net(*xs) if chunked else net._forward(*xs))
         return h[:, None].expand(-1, self.k, -1) if self.k > 1 and h.ndim == 2 else h
@@ -539,9 +590,9 @@ class MoEClassifier(nn.Module):
         if self.k == 1: return b, f, None, None
         return _mean_of_sigmoid_logit(b), _mean_of_softmax_logits(f), b, f
 
-    def forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> dict[str, Tensor]:
+    def forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> dict[str, Tensor]:
         "-> dict(binary [B], family [B, C], gate [B, E], aux_loss []); with k > 1 members also binary_k [B, k], family_k [B, k, C]."
-        self._check(x_num, x_cat, x_time)
+        self._check(x_num, x_cat, x_time, x_seq)
         B = x_num.shape[0]
         if self.gate is None: weights, aux = x_num.new_ones(B, 1), x_num.new_zeros(())
         else: weights, aux = self.gate(x_num, x_cat, x_time)
@@ -552,12 +603,12 @@ class MoEClassifier(nn.Module):
             if self.gate is not None and self.gate.sparse:
                 rows = w.nonzero().squeeze(1)
                 if rows.numel() == 0: continue
-                r = self._represent(name, x_num[rows], x_cat[rows], x_time[rows])
+                r = self._represent(name, x_num[rows], x_cat[rows], x_time[rows], None if x_seq is None else x_seq[rows])
                 part = w[rows].view(-1, *[1] * (r.ndim - 1)) * r
                 if mixed is None: mixed = part.new_zeros(shape)
                 mixed = mixed.index_add(0, rows, part)
             else:
-                r = self._represent(name, x_num, x_cat, x_time)
+                r = self._represent(name, x_num, x_cat, x_time, x_seq)
                 part = w.view(-1, *[1] * (r.ndim - 1)) * r
                 mixed = part if mixed is None else mixed + part
         b, f, b_k, f_k = self._outputs(mixed)
@@ -565,12 +616,12 @@ class MoEClassifier(nn.Module):
         if b_k is not None: out.update(binary_k=b_k, family_k=f_k)
         return out
 
-    def infer(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def infer(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         "(binary [B], family [B, C], gate [B, E]) with every expert on every row, unchecked, unchunked: the graph ONNX export records."
         w = self.gate(x_num, x_cat, x_time)[0] if self.gate is not None else x_num.new_ones(x_num.shape[0], 1)
         mixed = None
         for e, n in enumerate(self.experts):
-            r = self._represent(n, x_num, x_cat, x_time, chunked=False)
+            r = self._represent(n, x_num, x_cat, x_time, x_seq, chunked=False)
             part = w[:, e].view(-1, *[1] * (r.ndim - 1)) * r
             mixed = part if mixed is None else mixed + part
         b, f, _, _ = self._outputs(mixed)

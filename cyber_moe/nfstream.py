@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 from nfstream import NFStreamer
 
-from .schema import FAMILY, FlowSchema, register_schema
+from .schema import FAMILY, SEQ_PREFIX, FlowSchema, register_schema
 
 # %% auto #0
-__all__ = ['RATES', 'NFSTREAM_IDENTIFIERS', 'NFSTREAM', 'derive_columns', 'PcapError', 'check_pcap', 'pcap_to_flows']
+__all__ = ['RATES', 'NFSTREAM_IDENTIFIERS', 'NFSTREAM', 'derive_columns', 'PcapError', 'check_pcap', 'flatten_splt',
+           'pcap_to_flows']
 
 # %% ../nbs/12_nfstream.ipynb #ac0bc995
 _FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
@@ -121,6 +122,20 @@ def check_pcap(path) -> dict:
     return {"format": fmt, "n_packets": n, "truncated_at": cut}
 
 
+_SPLT_LISTS = {"dir": "splt_direction", "ps": "splt_ps", "piat": "splt_piat_ms"}
+
+
+def flatten_splt(flows: pd.DataFrame, n: int) -> pd.DataFrame:
+    "Replace NFStream's list columns (splt_direction, splt_ps, splt_piat_ms; -1 padded) by flat `splt_dir_i`, `splt_ps_i`, `splt_piat_i`."
+    cols = {}
+    for ch, src in _SPLT_LISTS.items():
+        a = np.array([list(v) for v in flows[src]], dtype="float64").reshape(len(flows), n)
+        for i in range(n): cols[f"{SEQ_PREFIX[ch]}{i}"] = a[:, i]
+    out = pd.concat([flows.drop(columns=list(_SPLT_LISTS.values())), pd.DataFrame(cols, index=flows.index)], axis=1)
+    out.attrs = flows.attrs
+    return out
+
+
 def _meter(path: Path, opts: dict) -> tuple[list[str], list[list]]:
     "Run NFStream over `path`; raise `PcapError` naming how many flows were read if it fails part-way."
     keys, rows = None, []
@@ -134,12 +149,13 @@ def _meter(path: Path, opts: dict) -> tuple[list[str], list[list]]:
 
 
 def pcap_to_flows(path, *, idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20,
-                  n_meters: int = 0, allow_truncated: bool = False) -> pd.DataFrame:
-    "Meter the pcap at `path` with NFStream: one row per bidirectional flow, sorted by time, with `RATES` added."
+                  n_meters: int = 0, allow_truncated: bool = False, splt: int = 0) -> pd.DataFrame:
+    "Meter the pcap at `path` with NFStream: one row per bidirectional flow, sorted by time, with `RATES` added; `splt` > 0 adds each flow's first `splt` packets as flat sequence columns."
     path = Path(path)
     info = check_pcap(path)
     opts = dict(statistical_analysis=True, idle_timeout=idle_timeout, active_timeout=active_timeout,
                 accounting_mode=1, n_dissections=n_dissections, n_meters=n_meters)
+    if splt: opts["splt_analysis"] = int(splt)
     keys, rows = _meter(path, opts)
     if info["truncated_at"] is not None and not allow_truncated:
         raise PcapError(f"{path}: capture truncated at byte {info['truncated_at']} of {path.stat().st_size}: "
@@ -152,5 +168,6 @@ def pcap_to_flows(path, *, idle_timeout: int = 120, active_timeout: int = 1800, 
     flows = flows.sort_values(["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"],
                               kind="stable", ignore_index=True)
     flows["id"] = np.arange(len(flows), dtype="int64")
+    if splt: flows = flatten_splt(flows, int(splt))
     flows.attrs["nfstream"] = {**opts, "n_packets": info["n_packets"], "truncated": info["truncated_at"] is not None}
     return derive_columns(flows)

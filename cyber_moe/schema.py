@@ -10,12 +10,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 # %% auto #0
-__all__ = ['FAMILY', 'IS_ATTACK', 'SCHEMAS', 'UNSW_NB15', 'CIC_IDS2017', 'SchemaError', 'FlowSchema', 'register_schema',
-           'get_schema']
+__all__ = ['FAMILY', 'IS_ATTACK', 'SEQ_CHANNELS', 'SEQ_PREFIX', 'SCHEMAS', 'UNSW_NB15', 'CIC_IDS2017', 'sequence_columns',
+           'SchemaError', 'FlowSchema', 'register_schema', 'get_schema', 'sequence_array']
 
 # %% ../nbs/05_schema.ipynb #1ef2048f
 FAMILY = "family"
 IS_ATTACK = "is_attack"
+
+
+SEQ_CHANNELS = ("dir", "ps", "piat")   # direction (0 src->dst, 1 dst->src), size (bytes), inter-arrival time (ms)
+SEQ_PREFIX = {ch: f"splt_{ch}_" for ch in SEQ_CHANNELS}
+
+
+def sequence_columns(n: int) -> tuple[str, ...]:
+    "The flat column names of an `n`-packet sequence, channel by channel: splt_dir_0.., splt_ps_0.., splt_piat_0.."
+    return tuple(f"{SEQ_PREFIX[ch]}{i}" for ch in SEQ_CHANNELS for i in range(n))
 
 
 class SchemaError(ValueError):
@@ -36,6 +45,7 @@ class FlowSchema:
     timestamp: str | None = None
     binary_label: str | None = None
     label_aliases: dict[str, str] = field(default_factory=dict)
+    sequence: int = 0   # packets per flow of the packet-sequence kind (0: the source has no sequences)
 
     def __post_init__(self):
         seen: dict[str, str] = {}
@@ -43,6 +53,10 @@ class FlowSchema:
             for c in getattr(self, kind):
                 if c in seen: raise ValueError(f"schema {self.name}: column '{c}' is both {seen[c]} and {kind}")
                 seen[c] = kind
+        if not isinstance(self.sequence, int) or self.sequence < 0:
+            raise ValueError(f"schema {self.name}: sequence must be a packet count >= 0, got {self.sequence!r}")
+        for c in self.sequence_columns:
+            if c in seen: raise ValueError(f"schema {self.name}: column '{c}' is both {seen[c]} and sequence")
         if self.benign not in self.classes: raise ValueError(f"schema {self.name}: benign class '{self.benign}' not in classes")
 
     @property
@@ -55,15 +69,27 @@ class FlowSchema:
         "Every raw feature column a model of this schema needs, in a fixed order (numeric, categorical, timing)."
         return self.numeric + self.categorical + self.timing
 
+    @property
+    def sequence_columns(self) -> tuple[str, ...]:
+        "Flat columns of the packet sequence (`splt_dir_i`, `splt_ps_i`, `splt_piat_i` for i < `sequence`); empty without sequences."
+        return sequence_columns(self.sequence)
+
     def missing(self, columns: Iterable[str], *, labels: bool = False) -> list[str]:
-        "Required columns absent from `columns` (features, plus the label column when `labels`)."
+        "Required columns absent from `columns` (features, sequence columns, plus the label column when `labels`)."
         have = set(columns)
-        need = list(self.features) + ([self.label] if labels else [])
+        need = list(self.features) + list(self.sequence_columns) + ([self.label] if labels else [])
         return [c for c in need if c not in have]
 
     def check_columns(self, columns: Iterable[str], *, labels: bool = False, where: str = "input") -> None:
-        "Raise `SchemaError` naming `where` and every missing column, if any is missing."
+        "Raise `SchemaError` naming `where` and every missing column, if any is missing (missing packet sequences said as such)."
+        columns = list(columns)
         miss = self.missing(columns, labels=labels)
+        seq = set(self.sequence_columns)
+        if seq and seq.issubset(miss):
+            raise SchemaError(f"{where}: this {self.name} model needs each flow's first {self.sequence} packets "
+                              f"(columns {SEQ_PREFIX['dir']}0..{self.sequence - 1}, {SEQ_PREFIX['ps']}0.., "
+                              f"{SEQ_PREFIX['piat']}0..) and the input has none: meter the capture with "
+                              f"splt={self.sequence} (NFStream splt_analysis) or use a model without a sequence expert")
         if miss:
             raise SchemaError(f"{where}: not a {self.name} flow table: {len(miss)} missing column(s): {', '.join(miss)}")
 
@@ -153,3 +179,39 @@ CIC_IDS2017 = register_schema(FlowSchema(
                    "Web Attack \u2013 XSS": "Web Attack - XSS",
                    "Web Attack \u2013 Sql Injection": "Web Attack - Sql Injection"},
 ), "cicids2017")
+
+# %% ../nbs/05_schema.ipynb #15f23f58
+def _seq_fail(where: str, col: str, rows, what: str):
+    raise SchemaError(f"{where}: column {col}: {what} (rows {', '.join(map(str, list(rows)[:5]))}"
+                      f"{' ...' if len(rows) > 5 else ''})")
+
+
+def sequence_array(df, schema: FlowSchema, *, where: str = "input"):
+    "`(x float32 [n, N, 3], mask bool [n, N])` from a frame's sequence columns, validated; padded positions are 0 in `x`."
+    import numpy as np
+    n = schema.sequence
+    if n == 0: raise SchemaError(f"{where}: schema {schema.name} has no packet sequences")
+    schema_cols = set(schema.sequence_columns)
+    extra = sorted(c for c in df.columns if str(c).startswith(tuple(SEQ_PREFIX.values())) and c not in schema_cols)
+    if extra:
+        raise SchemaError(f"{where}: sequence columns beyond the model's {n} packets ({', '.join(extra[:5])}): "
+                          f"the flows were metered with a different sequence length; meter with splt={n}")
+    schema.check_columns([*df.columns, *schema.features], where=where)
+    arr = {ch: df[[f"{SEQ_PREFIX[ch]}{i}" for i in range(n)]].to_numpy(dtype="float64") for ch in SEQ_CHANNELS}
+    d, ps, piat = arr["dir"], arr["ps"], arr["piat"]
+    pad = d == -1
+    for name, a, ok in (("dir", d, np.isin(d, (0, 1)) | pad),
+                        ("ps", ps, pad | (np.isfinite(ps) & (ps >= 0))),
+                        ("piat", piat, pad | (np.isfinite(piat) & (piat >= 0)))):
+        if not ok.all():
+            r, i = np.nonzero(~ok)
+            what = {"dir": "direction must be 0 or 1 (or -1 for padding)", "ps": "packet size must be finite and >= 0",
+                    "piat": "inter-arrival time must be finite and >= 0"}[name]
+            _seq_fail(where, f"{SEQ_PREFIX[name]}{i[0]}", np.unique(r), f"{what}, got {a[r[0], i[0]]!r}")
+    later = np.logical_and.accumulate(pad[:, ::-1], axis=1)[:, ::-1]   # padded from here to the end
+    if (pad != later).any():
+        r, i = np.nonzero(pad != later)
+        _seq_fail(where, f"{SEQ_PREFIX['dir']}{i[0]}", np.unique(r), "padding (-1) followed by a real packet")
+    mask = ~pad
+    x = np.stack([np.where(mask, d, 0.0), np.where(mask, ps, 0.0), np.where(mask, piat, 0.0)], axis=-1)
+    return x.astype("float32"), mask

@@ -16,7 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cyber_moe.lab import (LAB, LabUnavailable, check_available, lab_namespaces, load_scenario, meter_capture,
+from dataclasses import replace
+
+from cyber_moe.schema import sequence_array
+from cyber_moe.lab import (LAB, LAB_SEQUENCE, LabUnavailable, check_available, lab_namespaces, load_scenario, meter_capture,
                            plan_session)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +82,9 @@ def test_every_family_present_and_every_flow_accounted(sessions):
         assert set(labels["family"]) == set(sc.families)
         assert (flows.groupby("family").size() >= 5).all(), flows["family"].value_counts()
         LAB.check_columns(flows.columns, labels=True, where=str(out))
+        # every flow carries its first LAB_SEQUENCE packets: real packets first, then -1 padding
+        x, mask = sequence_array(flows, replace(LAB, sequence=LAB_SEQUENCE), where=str(out))
+        assert (mask.sum(axis=1) == flows["bidirectional_packets"].clip(upper=LAB_SEQUENCE)).all()
         assert (flows["is_attack"] == (flows["family"] != "benign")).all()
         # every metered flow is either labelled or reported with a reason
         metered = meter_capture(out / "capture.pcap")
