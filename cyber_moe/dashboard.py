@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,13 +26,12 @@ from .config import find_project_root
 from .schema import FAMILY, SchemaError
 
 # %% auto #0
-__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'LOWER_IS_BETTER', 'OUTCOMES', 'CSS', 'DEFAULT_MAX_KERNELS',
-           'DEFAULT_CULL_IDLE_SECONDS', 'RunRef', 'run_folders', 'tracking_uri_for', 'registry_versions', 'find_runs',
-           'no_run_message', 'RunView', 'metric_mismatches', 'read_importance', 'load_run', 'comparison_table',
-           'table_html', 'mark_operating_points', 'run_figures', 'fig_shap_global', 'compute_importance', 'flow_table',
-           'choose_flows', 'read_upload', 'flow_verdict', 'verdict_html', 'fig_flow_scores', 'fig_drift_view',
-           'show_figure', 'Dashboard', 'dashboard_notebook', 'voila_command', 'dashboard_env', 'start', 'stop',
-           'wait_until_serving', 'launch']
+__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'LOWER_IS_BETTER', 'OUTCOMES', 'CSS', 'RunRef', 'run_folders', 'tracking_uri_for',
+           'registry_versions', 'find_runs', 'no_run_message', 'RunView', 'metric_mismatches', 'read_importance',
+           'load_run', 'comparison_table', 'table_html', 'mark_operating_points', 'run_figures', 'fig_shap_global',
+           'compute_importance', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict', 'verdict_html',
+           'fig_flow_scores', 'fig_drift_view', 'show_figure', 'Dashboard', 'dashboard_notebook', 'voila_command',
+           'dashboard_env', 'start', 'wait_until_serving', 'launch']
 
 # %% ../nbs/75_dashboard.ipynb #baf057fd
 ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
@@ -612,20 +610,9 @@ def dashboard_notebook() -> Path:
                             "run the dashboard from a checkout of the project")
 
 
-DEFAULT_MAX_KERNELS, DEFAULT_CULL_IDLE_SECONDS = 6, 300
-
-
-def voila_command(*, notebook: str | Path, port: int = 8866, ip: str = "127.0.0.1", open_browser: bool = False,
-                  allowed_hosts: tuple[str, ...] | list[str] = (), max_kernels: int = DEFAULT_MAX_KERNELS,
-                  cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS, cull_interval_seconds: int | None = None) -> list[str]:
-    "The command line that serves `notebook` on `ip:port` with this Python's Voila, limited as `cyber_moe.dashboard_server` describes."
-    if max_kernels < 1: raise ValueError(f"max_kernels must be >= 1, got {max_kernels}")
-    if cull_idle_seconds < 1: raise ValueError(f"cull_idle_seconds must be >= 1, got {cull_idle_seconds}")
-    interval = cull_interval_seconds or max(1, min(60, cull_idle_seconds // 5))
-    cmd = [sys.executable, "-m", "cyber_moe.dashboard_server", str(notebook), f"--port={int(port)}", f"--Voila.ip={ip}",
-           f"--CappedKernelManager.max_kernels={int(max_kernels)}",
-           f"--MappingKernelManager.cull_idle_timeout={int(cull_idle_seconds)}", f"--MappingKernelManager.cull_interval={int(interval)}"]
-    cmd += [f"--CyberMoeVoila.allowed_hosts={h}" for h in ("localhost", *allowed_hosts)]
+def voila_command(*, notebook: str | Path, port: int = 8866, ip: str = "127.0.0.1", open_browser: bool = False) -> list[str]:
+    "The command line that serves `notebook` with Voila (this Python's Voila) on `ip:port`."
+    cmd = [sys.executable, "-m", "voila", str(notebook), f"--port={int(port)}", f"--Voila.ip={ip}", "--show_tracebacks=True"]
     return cmd if open_browser else cmd + ["--no-browser"]
 
 
@@ -638,33 +625,12 @@ def dashboard_env(*, outputs_dir: str | Path, run: str | None = None, base: dict
     return env
 
 
-def _die_with_parent() -> None:
-    "In a child process (Linux): ask the kernel for SIGTERM when the parent exits, even if it is killed outright."
-    import ctypes
-    try: ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)      # PR_SET_PDEATHSIG
-    except OSError: pass
-
-
 def start(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, ip: str = "127.0.0.1",
-          open_browser: bool = False, notebook: str | Path | None = None, allowed_hosts: tuple[str, ...] | list[str] = (),
-          max_kernels: int = DEFAULT_MAX_KERNELS, cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS,
-          cull_interval_seconds: int | None = None, **popen) -> subprocess.Popen:
+          open_browser: bool = False, notebook: str | Path | None = None, **popen) -> subprocess.Popen:
     "Start Voila on the dashboard for the runs of `outputs_dir` and return the process (not waited for)."
     nb = Path(notebook) if notebook else dashboard_notebook()
-    cmd = voila_command(notebook=nb, port=port, ip=ip, open_browser=open_browser, allowed_hosts=allowed_hosts, max_kernels=max_kernels,
-                        cull_idle_seconds=cull_idle_seconds, cull_interval_seconds=cull_interval_seconds)
-    return subprocess.Popen(cmd, env=dashboard_env(outputs_dir=outputs_dir, run=run), cwd=str(nb.parent), **popen)
-
-
-def stop(proc: subprocess.Popen, *, timeout: float = 20.0) -> int:
-    "Stop Voila: SIGTERM (it shuts its kernels down), then SIGKILL to its process group after `timeout` s; returns its exit code."
-    if proc.poll() is None:
-        proc.terminate()
-        try: proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try: os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError): proc.kill()
-    return proc.wait()
+    return subprocess.Popen(voila_command(notebook=nb, port=port, ip=ip, open_browser=open_browser),
+                            env=dashboard_env(outputs_dir=outputs_dir, run=run), cwd=str(nb.parent), **popen)
 
 
 def wait_until_serving(base_url: str, *, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> float:
@@ -682,27 +648,12 @@ def wait_until_serving(base_url: str, *, timeout: float = 90.0, proc: subprocess
         time.sleep(0.5)
 
 
-class _Stop(Exception):
-    "A stop signal (SIGTERM, SIGHUP) turned into an exception of the main thread."
-
-
-def launch(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, open_browser: bool = False,
-           allowed_hosts: tuple[str, ...] | list[str] = (), max_kernels: int = DEFAULT_MAX_KERNELS,
-           cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS, stop_timeout: float = 20.0) -> int:
-    "Serve the dashboard with Voila until Ctrl-C, SIGTERM or SIGHUP (what `cyber-moe dashboard` runs); returns Voila's exit code."
+def launch(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, open_browser: bool = False) -> int:
+    "Serve the dashboard with Voila until Ctrl-C (what `cyber-moe dashboard` runs); returns Voila's exit code."
     if not Path(outputs_dir).is_dir(): print(f"note: {outputs_dir} does not exist yet; the dashboard will say that there is no run", file=sys.stderr)
-    def on_signal(signum, frame): raise _Stop(signum)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    proc = None
-    try:
-        proc = start(outputs_dir=outputs_dir, run=run, port=port, open_browser=open_browser, allowed_hosts=allowed_hosts,
-                     max_kernels=max_kernels, cull_idle_seconds=cull_idle_seconds, start_new_session=True,
-                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        print(f"dashboard: http://127.0.0.1:{port}/ (runs of {Path(outputs_dir).resolve()}; Ctrl-C stops)", file=sys.stderr)
+    proc = start(outputs_dir=outputs_dir, run=run, port=port, open_browser=open_browser)
+    print(f"dashboard: http://127.0.0.1:{port}/ (runs of {Path(outputs_dir).resolve()}; Ctrl-C stops)", file=sys.stderr)
+    try: return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
         return proc.wait()
-    except (KeyboardInterrupt, _Stop):
-        return stop(proc, timeout=stop_timeout) if proc is not None else 1
-    finally:
-        if proc is not None and proc.poll() is None: stop(proc, timeout=stop_timeout)
-        for s, h in previous.items(): signal.signal(s, h)
-
