@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Sequence, Union
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic_core import from_json
 
 from ..features import category_strings
@@ -85,6 +85,12 @@ class RawFlows:
                    [category_strings(df[c]) for c in categorical])
 
 
+def _integral(x: float) -> float:
+    "A float category must be a whole number, exactly (pydantic's multiple_of allows a tolerance)."
+    if not x.is_integer(): raise ValueError("not an integer")
+    return x
+
+
 def category_value(x: Any) -> str:
     "A validated categorical value as the preprocessor compares it: a string stripped, a number (integral) without '.0'."
     return x.strip() if isinstance(x, str) else str(int(x))
@@ -102,7 +108,7 @@ class FlowValidator:
         self._num = Annotated[float, Field(strict=True, allow_inf_nan=False)]
         self._cat = Union[Annotated[str, Field(strict=True, max_length=max_category_chars)],
                           Annotated[int, Field(strict=True, ge=-2**53, le=2**53)],
-                          Annotated[float, Field(strict=True, ge=-2**53, le=2**53, multiple_of=1)]]    # 80.0 is JSON's integer 80
+                          Annotated[float, Field(strict=True, ge=-2**53, le=2**53), AfterValidator(_integral)]]    # 80.0 is JSON's integer 80
         self._msg = {"num": "must be a finite number",
                      "cat": f"must be a string of at most {max_category_chars} characters or an integer (|x| <= 2**53)"}
         fields = {f"f{i}": (self._cat if f in self.categorical else self._num, Field(alias=f)) for i, f in enumerate(self.features)}
