@@ -26,7 +26,7 @@ from .config import find_project_root
 from .schema import FAMILY, SchemaError
 
 # %% auto #0
-__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'LOWER_IS_BETTER', 'OUTCOMES', 'CSS', 'RunRef', 'run_folders', 'tracking_uri_for',
+__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'RunRef', 'run_folders', 'tracking_uri_for',
            'registry_versions', 'find_runs', 'no_run_message', 'RunView', 'metric_mismatches', 'read_importance',
            'load_run', 'comparison_table', 'table_html', 'mark_operating_points', 'run_figures', 'fig_shap_global',
            'compute_importance', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict', 'verdict_html',
@@ -208,28 +208,20 @@ def load_run(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str | None =
     return view
 
 # %% ../nbs/75_dashboard.ipynb #aec7272d
-LOWER_IS_BETTER = frozenset({"FPR @95% recall", "FPR @99% recall", "ECE", "ECE after T"})
-
-
 def comparison_table(metrics: dict) -> pd.DataFrame:
     "Headline test metrics of `metrics.json`: MoE, baseline, their difference and the better side, one row per metric."
-    from cyber_moe.report import headline_rows
+    from cyber_moe.headline import HEADLINE, better_side, headline_rows
     rows = headline_rows(metrics)
     df = pd.DataFrame({"MoE": rows["model"], "baseline": rows["baseline"]}).astype(float)
     df["MoE - baseline"] = df["MoE"] - df["baseline"]
-    sign = np.where(df.index.isin(list(LOWER_IS_BETTER)), -1.0, 1.0)
-    d = sign * df["MoE - baseline"].to_numpy()
-    df["better"] = np.where(np.isnan(d), "", np.where(d > 0, "MoE", np.where(d < 0, "baseline", "tie")))
+    df["better"] = [better_side(m, a, b) for m, a, b in zip(HEADLINE, df["MoE"], df["baseline"])]
     return df
 
 
 def table_html(df: pd.DataFrame, *, digits: int = 4) -> str:
-    "A compact HTML table of `df` (numbers to `digits` decimals, missing values as a dash)."
-    cell = lambda v: "—" if v is None or (isinstance(v, float) and np.isnan(v)) else (f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v)))
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join(f"<tr><th>{html.escape(str(i))}</th>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for i, row in zip(df.index, df.itertuples(index=False)))
-    return f'<table class="cm-table"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>'
+    "A compact HTML table of `df` (numbers to `digits` decimals, missing values as a dash): `headline.html_table` styled for the dashboard."
+    from cyber_moe.headline import html_table
+    return html_table(df, fmt=f"{{:.{digits}f}}", css_class="cm-table")
 
 
 def mark_operating_points(fig, metrics: dict):

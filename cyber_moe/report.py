@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from .config import RunConfig, write_json
+from .headline import HEADLINE, headline_rows, html_table
 
 # %% auto #0
-__all__ = ['HEADLINE', 'START', 'END', 'stage_explain', 'fig_drift', 'headline_rows', 'detection_rows', 'build_report',
-           'index_runs', 'results_markdown', 'update_readme']
+__all__ = ['START', 'END', 'stage_explain', 'fig_drift', 'detection_rows', 'build_report', 'index_runs', 'results_markdown',
+           'update_readme']
 
 # %% ../nbs/77_report.ipynb #b18be054
 def stage_explain(cfg: RunConfig, prep=None, *, n: int = 60, n_background: int = 10) -> dict:
@@ -60,29 +61,7 @@ def fig_drift(psi: dict[str, float], *, top_k: int = 25, threshold: float = 0.25
                       height=max(300, 22 * len(items) + 120), margin=dict(l=220))
     return fig
 
-# %% ../nbs/77_report.ipynb #c4029bec
-def _table(rows: dict[str, dict], fmt: str = "{:.4f}") -> str:
-    "An HTML table of {row: {column: value}}."
-    cols = list(dict.fromkeys(c for r in rows.values() for c in r))
-    cell = lambda v: fmt.format(v) if isinstance(v, float) else ("—" if v is None else html.escape(str(v)))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>"
-                   for k, r in rows.items())
-    return f"<table><tr><th></th>{head}</tr>{body}</table>"
-
-
-HEADLINE = (("binary", "f1", "binary F1"), ("binary", "precision", "precision"), ("binary", "recall", "recall"),
-            ("binary", "roc_auc", "ROC-AUC"), ("binary", "pr_auc", "PR-AUC"), ("binary", "fpr_at_recall_95", "FPR @95% recall"),
-            ("binary", "fpr_at_recall_99", "FPR @99% recall"), ("family", "macro_f1", "family macro-F1"),
-            ("family", "accuracy", "family accuracy"), ("calibration", "ece_family", "ECE"),
-            ("calibration", "ece_family_scaled", "ECE after T"))
-
-
-def headline_rows(metrics: dict) -> dict[str, dict]:
-    "{model|baseline: {metric label: value}} of the headline test metrics in a `metrics.json`."
-    return {who: {label: metrics[who].get(sec, {}).get(key) for sec, key, label in HEADLINE} for who in ("model", "baseline")}
-
-
+# %% ../nbs/77_report.ipynb #c45bd9f6
 def detection_rows(metrics: dict) -> tuple[dict, dict]:
     "Lab runs: {family: {flows, MoE, LightGBM}} and {family/tool: ...} flagged shares on the held-out session (empty otherwise)."
     det = metrics.get("detection")
@@ -92,7 +71,7 @@ def detection_rows(metrics: dict) -> tuple[dict, dict]:
                 for k, v in det["model"][key].items()}
     return rows("families"), rows("tools")
 
-
+# %% ../nbs/77_report.ipynb #2157934c
 def _origin_html(metrics: dict) -> str:
     "A paragraph on where the data came from: lab sessions, or the simulator because the lab could not run."
     o = metrics.get("run", {}).get("data_origin") or {}
@@ -113,9 +92,9 @@ def _detection_html(metrics: dict) -> str:
     return (f"<h2>Detection per family and tool (held-out lab session)</h2><p>Targets: every attack family at least "
             f"{t['family_detection_min']:.0%} of its flows flagged; benign false-positive rate at most {t['benign_fpr_max']:.0%}. "
             f"Benign FPR: MoE {fpr['model']:.4f}, LightGBM {fpr['baseline']:.4f}. Families below target: MoE {html.escape(below['model'])}; "
-            f"LightGBM {html.escape(below['baseline'])}.</p>{_table(fam, '{:.4f}')}<h3>Per tool</h3>{_table(tools, '{:.4f}')}")
+            f"LightGBM {html.escape(below['baseline'])}.</p>{html_table(fam)}<h3>Per tool</h3>{html_table(tools)}")
 
-
+# %% ../nbs/77_report.ipynb #217f30a6
 def build_report(run_dir: str | Path) -> Path:
     "Write `<run_dir>/report.html`: config, data summary, model vs baseline, per-class results, every figure of the run."
     run_dir = Path(run_dir)
@@ -137,19 +116,19 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:24em}}</style></hea
 never used for fitting, early stopping, checkpoint choice or calibration. Git commit {html.escape(str(rec.get('git', {}).get('commit')))}
 (dirty: {rec.get('git', {}).get('dirty')}); started {rec.get('started_at')}, finished {rec.get('finished_at')}.</p>
 {_origin_html(m)}
-<h2>Model vs baseline (test split)</h2>{_table(headline_rows(m))}{_detection_html(m)}
-<h2>Per class</h2>{_table(per_class, "{:.3f}")}
-<h2>Data and split</h2>{_table({k: v for k, v in split.get("class_rows", {}).items()}, "{}")}
+<h2>Model vs baseline (test split)</h2>{html_table(headline_rows(m))}{_detection_html(m)}
+<h2>Per class</h2>{html_table(per_class, fmt="{:.3f}")}
+<h2>Data and split</h2>{html_table(split.get("class_rows", {}))}
 <p>Strategy {html.escape(str(split.get('strategy')))}, seed {split.get('seed')}; {split.get('n_duplicate_rows', '?')} duplicate rows kept on one side
 (rows with a copy in another split: {split.get('n_cross_split_duplicate_rows', '?')}).</p>
-<h2>Training</h2>{_table({"MoE": training}, "{:.4g}") if training else "<p>no training record</p>"}
+<h2>Training</h2>{html_table({"MoE": training}, fmt="{:.4g}") if training else "<p>no training record</p>"}
 <h2>Figures</h2>{frames}
 <h2>Configuration</h2><pre>{html.escape(cfg)}</pre></body></html>"""
     path = run_dir / "report.html"
     path.write_text(page)
     return path
 
-
+# %% ../nbs/77_report.ipynb #bca33776
 def index_runs(outputs_dir: str | Path) -> Path:
     "Write `<outputs_dir>/runs.csv`: one line per run folder that has a `metrics.json`, with its headline test metrics."
     outputs_dir = Path(outputs_dir)
@@ -165,7 +144,7 @@ def index_runs(outputs_dir: str | Path) -> Path:
     pd.DataFrame(lines).to_csv(path, index=False)
     return path
 
-# %% ../nbs/77_report.ipynb #bc82a67b
+# %% ../nbs/77_report.ipynb #d178b59e
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -178,7 +157,7 @@ def results_markdown(metrics_path: str | Path) -> str:
     out = [f"Test split of run `{metrics_path.parent.name}` ({m.get('run', {}).get('source')}, "
            f"{m.get('run', {}).get('test_rows', 0):,} flows; generated from `{metrics_path.as_posix()}`):", "",
            "| metric | MoE | LightGBM baseline |", "|---|---|---|"]
-    out += [f"| {label} | {fmt(rows['model'][label])} | {fmt(rows['baseline'][label])} |" for _, _, label in HEADLINE]
+    out += [f"| {label} | {fmt(rows['model'][label])} | {fmt(rows['baseline'][label])} |" for label in (m.label for m in HEADLINE)]
     out += ["", "| class | support | MoE F1 | baseline F1 |", "|---|---|---|---|"]
     for c, v in m["model"]["family"]["per_class"].items():
         out.append(f"| {c} | {v.get('support')} | {fmt(v.get('f1'))} | {fmt(m['baseline']['family']['per_class'].get(c, {}).get('f1'))} |")

@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .headline import headline_flat
 from .config import RunConfig, select_device, seed_everything, setup_logging, write_json, write_run_record
 from .schema import FAMILY, FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe',
            'calibrate', 'operating_point', 'fit_run_baseline', 'evaluate_run', 'save_prepared', 'load_prepared',
-           'flatten_dotted', 'mlflow_run', 'registered_name', 'headline_metrics', 'data_origin', 'stage_data',
-           'stage_train', 'stage_evaluate', 'train_run']
+           'flatten_dotted', 'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train',
+           'stage_evaluate', 'train_run']
 
 # %% ../nbs/50_train.ipynb #a9eedbef
 def lab_schema(dst_port: str = "drop") -> FlowSchema:
@@ -325,20 +326,6 @@ def registered_name(cfg: RunConfig) -> str:
     "The MLflow registry name of this run's model: `cyber-moe-<data source>`."
     return f"cyber-moe-{cfg.data.source}"
 
-
-def headline_metrics(metrics: dict) -> dict[str, float]:
-    "The flat `model.*` / `baseline.*` numbers logged to MLflow (F1s, AUCs, FPR at recall, ECE)."
-    keep = {"binary": ("f1", "precision", "recall", "roc_auc", "pr_auc", "fpr_at_recall_95", "fpr_at_recall_99"),
-            "family": ("macro_f1", "weighted_f1", "accuracy"), "calibration": ("ece_family", "ece_family_scaled", "ece_binary")}
-    out = {}
-    for who in ("model", "baseline"):
-        for sec, keys in keep.items():
-            for k in keys:
-                v = metrics.get(who, {}).get(sec, {}).get(k)
-                if isinstance(v, dict): v = v.get("fpr")
-                if isinstance(v, (int, float)) and np.isfinite(v): out[f"test.{who}.{sec}.{k}"] = float(v)
-    return out
-
 # %% ../nbs/50_train.ipynb #2cd88016
 def data_origin(cfg: RunConfig, source: dict) -> dict:
     "Which source a run asked for and which it used (the simulator when the lab could not run), for run.json, metrics and report."
@@ -425,7 +412,7 @@ def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bo
                               metrics={"model": metrics["model"], "baseline": metrics["baseline"]})
     save_figures(figs, cfg.run_dir / "figures")
     with mlflow_run(cfg, resume=True):
-        mlflow.log_metrics(headline_metrics(metrics))
+        mlflow.log_metrics(headline_flat(metrics))
         mlflow.log_artifact(str(path))
         mlflow.log_artifacts(str(cfg.run_dir / "figures"), "figures")
         if register: log_pyfunc(bundle, example=prep.rows("train").head(5), registered_name=registered_name(cfg))
