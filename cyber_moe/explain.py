@@ -72,7 +72,7 @@ def bundle_background(bundle: ModelBundle) -> pd.DataFrame | None:
 def reference_flow(bundle: ModelBundle) -> pd.DataFrame:
     "One raw row of the training medians (numeric, timing) and most frequent categories: the fallback background."
     pre, sc = bundle.preprocessor, bundle.schema
-    med = dict(zip(pre.state["num"]["columns"], pre.state["num"]["median"]))
+    med = dict(zip(pre.state.num.columns, pre.state.num.median))
     ref = pre.reference["categorical"]
     row = {c: med[c] if c in med else (ref[c]["values"][0] if ref[c]["values"] else None) for c in sc.features}
     return pd.DataFrame([row], columns=list(sc.features))

@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 from scipy.special import ndtri
 
 from .schema import FAMILY, IS_ATTACK, FlowSchema, SchemaError, sequence_array
@@ -19,7 +20,8 @@ from .schema import FAMILY, IS_ATTACK, FlowSchema, SchemaError, sequence_array
 # %% auto #0
 __all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'CLIP_MODES', 'SEQ_FEATURES', 'feature_groups',
            'SplitResult', 'split_flows', 'category_strings', 'reference_profile', 'population_stability_index',
-           'fit_tree_bins', 'Preprocessor', 'fit_sequence_scaling', 'scale_sequences']
+           'fit_tree_bins', 'NumericScaler', 'CategoryEncoder', 'FittedState', 'Preprocessor', 'fit_sequence_scaling',
+           'scale_sequences']
 
 # %% ../nbs/20_features.ipynb #28fccb26
 SPLITS = ("train", "val", "test")
@@ -318,13 +320,14 @@ def population_stability_index(profile: dict, df: pd.DataFrame, *, schema: FlowS
         out[c] = psi(np.append(ref["shares"], ref["other_share"]), np.append(q, 1 - q.sum()))
     return out
 
-# %% ../nbs/20_features.ipynb #5064e9a5
+# %% ../nbs/20_features.ipynb #101f268e
 _FORMAT = "cyber-moe-preprocessor"
 _FILE = "preprocessor.json"
+_VERSIONS = (1,)        # layouts of preprocessor.json this code reads; 1: {classes, num, cat, reference, fit_report, seq?, bins?}
 NONFINITE_POLICIES = ("nan_indicator", "clip", "error")
 CLIP_MODES = ("hard", "smooth")
 
-
+# %% ../nbs/20_features.ipynb #6dcffe70
 def fit_tree_bins(Z: np.ndarray, y: np.ndarray, columns: Sequence[str], *, n_bins: int = 48,
                   min_samples_leaf: int = 64) -> tuple[list[list[float] | None], list[str]]:
     "Bin edges per column of scaled training values `Z` from a decision tree on labels `y` (rtdl_num_embeddings.compute_bins); None and the column's name where none can be cut."
@@ -346,7 +349,7 @@ def fit_tree_bins(Z: np.ndarray, y: np.ndarray, columns: Sequence[str], *, n_bin
         edges.append([float(v) for v in b.tolist()])
     return edges, failed
 
-
+# %% ../nbs/20_features.ipynb #54038734
 def _skew(x: np.ndarray) -> float:
     "Sample skewness of finite values (0 for fewer than 3 values or no spread)."
     if len(x) < 3: return 0.0
@@ -361,6 +364,162 @@ def _quantile_map(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     return ndtri(np.clip(u, 1e-7, 1 - 1e-7))
 
 
+def _nonfinite_counts(X: np.ndarray, columns: Sequence[str]) -> dict:
+    "Counts per column of NaN, +Infinity and -Infinity in raw matrix `X` (columns with none left out)."
+    out = {}
+    for kind, m in (("nan", np.isnan(X)), ("posinf", X == np.inf), ("neginf", X == -np.inf)):
+        for j in np.flatnonzero(m.any(0)):
+            out.setdefault(columns[j], {})[kind] = int(m[:, j].sum())
+    return out
+
+# %% ../nbs/20_features.ipynb #fcdcaa78
+@dataclass(frozen=True)
+class NumericScaler:
+    "Fitted per-column statistics of the numeric pipeline (log1p, robust or quantile scaling, non-finite fill values), in `columns` order."
+    columns: list[str]
+    log1p: list[bool]
+    log_unit: list[float]
+    skew: list[float]
+    center: list[float]
+    scale: list[float]
+    scale_rule: list[str]
+    quantiles: list[list[float] | None]
+    median: list[float]
+    min: list[float]
+    max: list[float]
+    fill: dict[str, list[float]] | None = None     # scaled values for nan / posinf / neginf, set by `with_fill`
+
+    @classmethod
+    def fit(cls, X: np.ndarray, columns: Sequence[str], *, log1p: bool | str | list[str] = "auto", skew_threshold: float = 2.0,
+            quantile: bool = False, n_quantiles: int = 1000) -> "NumericScaler":
+        "Per-column log1p decision, scaling statistics, median, min and max from the training matrix `X` [n, len(columns)]."
+        st = {k: [] for k in ("log1p", "log_unit", "skew", "center", "scale", "scale_rule", "quantiles", "median", "min", "max")}
+        for j, c in enumerate(columns):
+            x = X[:, j][np.isfinite(X[:, j])]
+            if len(x) == 0: raise SchemaError(f"training rows: column '{c}' has no finite value; the preprocessor cannot scale it")
+            sk = _skew(x)
+            lg = (c in log1p) if isinstance(log1p, list) else (bool(log1p) if log1p != "auto" else bool(x.min() >= 0 and sk > skew_threshold))
+            if lg and x.min() < 0:
+                raise SchemaError(f"training rows: column '{c}' has negative values ({x.min()}); log1p cannot be forced on it")
+            unit = float(np.median(x[x > 0])) if lg and (x > 0).any() else 1.0
+            y = np.log1p(x / unit) if lg else x
+            q = np.quantile(y, [0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0])
+            for rule, spread in (("iqr", q[4] - q[2]), ("q01-q99", q[5] - q[1]), ("range", q[6] - q[0]), ("constant", 1.0)):
+                if spread > 0: break
+            st["log1p"].append(lg); st["log_unit"].append(unit); st["skew"].append(sk); st["center"].append(float(q[3]))
+            st["scale"].append(float(spread)); st["scale_rule"].append(rule)
+            st["quantiles"].append(np.quantile(y, np.linspace(0, 1, min(n_quantiles, len(y)))).tolist() if quantile else None)
+            st["median"].append(float(np.median(x))); st["min"].append(float(x.min())); st["max"].append(float(x.max()))
+        return cls(columns=list(columns), **st)
+
+# %% ../nbs/20_features.ipynb #5d97b8c0
+@patch(as_prop=True)
+def log_mask(self: NumericScaler) -> np.ndarray:
+    "Boolean [n_columns]: which columns get log1p."
+    return self._arrays[0]
+
+
+@patch(as_prop=True)
+def _arrays(self: NumericScaler) -> tuple:
+    "(log mask, log unit, center, scale, quantile arrays or None, fill arrays or None), built once per scaler."
+    a = self.__dict__.get("_compiled")
+    if a is None:
+        q = [np.array(v) for v in self.quantiles] if self.quantiles and self.quantiles[0] is not None else None
+        fill = {k: np.array(v) for k, v in self.fill.items()} if self.fill else None
+        a = (np.array(self.log1p, bool), np.array(self.log_unit), np.array(self.center), np.array(self.scale), q, fill)
+        object.__setattr__(self, "_compiled", a)
+    return a
+
+
+@patch
+def apply(self: NumericScaler, X: np.ndarray, *, clip: float | None = 10.0, clip_mode: str = "hard") -> tuple[np.ndarray, np.ndarray]:
+    "log1p (where chosen), robust or quantile scaling, clipping of raw `X`; returns (scaled, was_clipped). Non-finite values pass through."
+    log, unit, center, scl, qs, _ = self._arrays
+    X = X.copy()
+    X[:, log] = np.log1p(X[:, log] / unit[log])
+    if qs is None: Z = (X - center) / scl
+    else:
+        Z = np.empty_like(X)
+        for j, q in enumerate(qs): Z[:, j] = _quantile_map(X[:, j], q)
+        Z[~np.isfinite(X)] = X[~np.isfinite(X)]
+    if clip is None: return Z, np.zeros(Z.shape, bool)
+    clipped = np.isfinite(Z) & (np.abs(Z) > clip)
+    if clip_mode == "smooth":      # RealMLP: z / sqrt(1 + (z/c)^2), monotone, |result| < c
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.where(np.isfinite(Z), Z / np.sqrt(1 + (Z / clip) ** 2), Z), clipped
+    return np.where(clipped, np.clip(Z, -clip, clip), Z), clipped
+
+
+@patch
+def with_fill(self: NumericScaler, nonfinite: str, *, clip: float | None = 10.0, clip_mode: str = "hard") -> NumericScaler:
+    "A copy with the scaled fill values: NaN -> the median; +/-Infinity -> the max / min under nonfinite='clip', else the median."
+    fill = self.apply(np.array([self.median, self.max, self.min]), clip=clip, clip_mode=clip_mode)[0]
+    ext = nonfinite == "clip"
+    return replace(self, fill={"nan": fill[0].tolist(), "posinf": (fill[1] if ext else fill[0]).tolist(),
+                               "neginf": (fill[2] if ext else fill[0]).tolist()})
+
+# %% ../nbs/20_features.ipynb #9b16f159
+@dataclass(frozen=True)
+class CategoryEncoder:
+    "One categorical column's fitted codes: 2.. for `vocab` (most frequent first), 1 for the rarer training values in `other`, 0 for values never seen."
+    vocab: list[str]
+    other: list[str]
+    n_other_rows: int
+
+    @classmethod
+    def fit(cls, values: np.ndarray, *, max_categories: int = 64, min_count: int = 1) -> "CategoryEncoder":
+        "The `max_categories` most frequent of the training category strings `values` with at least `min_count` rows (ties by value)."
+        vc = pd.Series(values).value_counts()
+        vc = vc.iloc[np.lexsort((vc.index.to_numpy(dtype=str), -vc.to_numpy()))]   # by count, then by value
+        keep = vc[vc >= min_count].iloc[:max_categories]
+        return cls(vocab=[str(v) for v in keep.index], other=sorted(str(v) for v in vc.index.difference(keep.index)),
+                   n_other_rows=int(len(values) - keep.sum()))
+
+    @property
+    def cardinality(self) -> int:
+        "Number of codes, the unknown (0) and other (1) buckets included."
+        return len(self.vocab) + 2
+
+    def encode(self, values: Sequence[str]) -> np.ndarray:
+        "int64 codes of category strings `values`."
+        codes = self.__dict__.get("_codes")
+        if codes is None:
+            codes = {**{s: 1 for s in self.other}, **{s: i + 2 for i, s in enumerate(self.vocab)}}
+            object.__setattr__(self, "_codes", codes)
+        get = codes.get
+        return np.array([get(v, 0) for v in values], np.int64)
+
+# %% ../nbs/20_features.ipynb #c962c6da
+@dataclass
+class FittedState:
+    "Everything `Preprocessor.fit` learns: classes, the numeric scaler, one encoder per categorical column, the drift reference, and optional sequence scaling and tree bins."
+    classes: list[str]
+    num: NumericScaler
+    cat: dict[str, CategoryEncoder]
+    reference: dict
+    fit_report: dict = field(default_factory=dict)
+    seq: dict | None = None
+    bins: dict | None = None
+
+    def to_dict(self) -> dict:
+        "Plain JSON-ready dict (the layout of `preprocessor.json`'s `state`)."
+        d = {"classes": list(self.classes), "num": asdict(self.num), "cat": {c: asdict(e) for c, e in self.cat.items()}}
+        if self.seq is not None: d["seq"] = self.seq
+        d |= {"reference": self.reference, "fit_report": self.fit_report}
+        if self.bins is not None: d["bins"] = self.bins
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "preprocessor state") -> "FittedState":
+        "Rebuild from `to_dict` output; a missing or unexpected entry is an error naming it."
+        try:
+            return cls(classes=list(d["classes"]), num=NumericScaler(**d["num"]), cat={c: CategoryEncoder(**e) for c, e in d["cat"].items()},
+                       reference=d["reference"], fit_report=d.get("fit_report", {}), seq=d.get("seq"), bins=d.get("bins"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: not the fitted-state layout this cyber-moe reads ({type(e).__name__}: {e}); "
+                             f"re-save it with this version or load it with the version that wrote it") from None
+
+# %% ../nbs/20_features.ipynb #18b20083
 class Preprocessor:
     "Raw flow rows -> model arrays (x_num, x_cat, x_time, and x_seq for a schema with sequences) and targets; every statistic from the rows given to `fit`."
 
@@ -386,260 +545,204 @@ class Preprocessor:
                            skew_threshold=skew_threshold, max_categories=max_categories, min_count=min_count,
                            nonfinite=nonfinite, clip=clip, n_quantiles=n_quantiles, n_profile_bins=n_profile_bins,
                            clip_mode=clip_mode, bins=dict(bins) if bins else None)
-        self.state: dict | None = None
-        self.last_report: dict | None = None
+        self.state: FittedState | None = None
 
-    # ---- shapes and names -------------------------------------------------------------------------
-    @property
-    def num_columns(self) -> list[str]:
-        "Numeric then timing columns: the order of the numeric pipeline (x_num columns, then x_time columns)."
-        return list(self.schema.numeric + self.schema.timing)
-
-    @property
-    def classes(self) -> list[str]:
-        "Family names, benign first, then the other classes seen in training in schema order."
-        return list(self._fitted()["classes"])
-
-    @property
-    def cat_cardinalities(self) -> list[int]:
-        "Number of codes per categorical column, including the unknown (0) and other (1) buckets."
-        return [len(self._fitted()["cat"][c]["vocab"]) + 2 for c in self.schema.categorical]
-
-    @property
-    def feature_names(self) -> list[str]:
-        "Columns of `feature_frame`: the schema's features (numeric, categorical, timing)."
-        return list(self.schema.features)
-
-    @property
-    def categorical_features(self) -> list[str]:
-        "The columns of `feature_frame` that hold integer category codes."
-        return list(self.schema.categorical)
-
-    @property
-    def bins(self) -> list[list[float] | None] | None:
-        "Tree bin edges per `num_columns` column, fitted on the training rows (None for a column without bins); None when fitted without bins."
-        b = self._fitted().get("bins")
-        return None if b is None else list(b["edges"])
-
-    @property
-    def reference(self) -> dict:
-        "The `reference_profile` of the training rows (for drift checks)."
-        return self._fitted()["reference"]
-
-    def _fitted(self) -> dict:
+    def _fitted(self) -> FittedState:
         if self.state is None: raise RuntimeError("Preprocessor is not fitted: call .fit(train_df) or Preprocessor.load(dir)")
         return self.state
 
     def __repr__(self):
-        fit = f"{len(self.state['classes'])} classes" if self.state else "not fitted"
+        fit = f"{len(self.state.classes)} classes" if self.state else "not fitted"
         return f"Preprocessor({self.schema.name}, scaler={self.params['scaler']}, nonfinite={self.params['nonfinite']}, {fit})"
 
-    # ---- fitting ----------------------------------------------------------------------------------
-    def _families(self, df: pd.DataFrame, where: str) -> np.ndarray:
-        "Family name per row: the `family` column, else the schema's label column through `canonical_label`."
-        if FAMILY in df.columns: return df[FAMILY].astype(str).to_numpy()
-        if self.schema.label in df.columns: return df[self.schema.label].map(self.schema.canonical_label).to_numpy(dtype=object)
-        raise SchemaError(f"{where}: no '{FAMILY}' or '{self.schema.label}' column to read classes from; load with the {self.schema.name} loader")
+# %% ../nbs/20_features.ipynb #8f2fd22e
+@patch(as_prop=True)
+def num_columns(self: Preprocessor) -> list[str]:
+    "Numeric then timing columns: the order of the numeric pipeline (x_num columns, then x_time columns)."
+    return list(self.schema.numeric + self.schema.timing)
 
-    def _fit_numeric(self, X: np.ndarray) -> dict:
-        "Per-column log1p decision, scaling statistics and non-finite fill values from training matrix `X`."
-        p, cols = self.params, self.num_columns
-        st = {k: [] for k in ("log1p", "log_unit", "skew", "center", "scale", "scale_rule", "quantiles", "median", "min", "max")}
-        for j, c in enumerate(cols):
-            x = X[:, j][np.isfinite(X[:, j])]
-            if len(x) == 0:
-                raise SchemaError(f"training rows: column '{c}' has no finite value; the preprocessor cannot scale it")
-            sk = _skew(x)
-            lg = (c in p["log1p"]) if isinstance(p["log1p"], list) else (
-                bool(p["log1p"]) if p["log1p"] != "auto" else bool(x.min() >= 0 and sk > p["skew_threshold"]))
-            if lg and x.min() < 0:
-                raise SchemaError(f"training rows: column '{c}' has negative values ({x.min()}); log1p cannot be forced on it")
-            unit = float(np.median(x[x > 0])) if lg and (x > 0).any() else 1.0
-            y = np.log1p(x / unit) if lg else x
-            q = np.quantile(y, [0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0])
-            for rule, spread in (("iqr", q[4] - q[2]), ("q01-q99", q[5] - q[1]), ("range", q[6] - q[0]), ("constant", 1.0)):
-                if spread > 0: break
-            st["log1p"].append(lg); st["log_unit"].append(unit); st["skew"].append(sk); st["center"].append(float(q[3]))
-            st["scale"].append(float(spread)); st["scale_rule"].append(rule)
-            st["quantiles"].append(np.quantile(y, np.linspace(0, 1, min(p["n_quantiles"], len(y)))).tolist()
-                                   if p["scaler"] == "quantile" else None)
-            st["median"].append(float(np.median(x))); st["min"].append(float(x.min())); st["max"].append(float(x.max()))
-        st["columns"] = cols
-        return st
+@patch(as_prop=True)
+def classes(self: Preprocessor) -> list[str]:
+    "Family names, benign first, then the other classes seen in training in schema order."
+    return list(self._fitted().classes)
 
-    def fit(self, df: pd.DataFrame) -> "Preprocessor":
-        "Learn every statistic from `df`, the training rows (never validation or test rows)."
-        where, p, sc = "training rows", self.params, self.schema
-        cols = _feature_columns(df, sc, where)
-        num = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
-        fam = self._families(df, where)
-        seen = set(fam)
-        unknown = sorted(seen - set(sc.classes))
-        if unknown:
-            raise SchemaError(f"{where}: label(s) not among the {sc.name} classes: {', '.join(unknown)}; "
-                              "add them to the schema's classes or label_aliases")
-        if p["nonfinite"] == "error" and not np.isfinite(num).all():
-            bad = self._numeric_report(num)["nonfinite"]
-            raise SchemaError(f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in bad.items())}; "
-                              "fix the data or use nonfinite='nan_indicator' or 'clip'")
-        state = {"classes": [sc.benign] + [c for c in sc.classes if c in seen and c != sc.benign],
-                 "num": self._fit_numeric(num), "cat": {}}
-        for c in sc.categorical:
-            vc = pd.Series(category_strings(df[cols[c]])).value_counts()
-            vc = vc.iloc[np.lexsort((vc.index.to_numpy(dtype=str), -vc.to_numpy()))]   # by count, then by value
-            keep = vc[vc >= p["min_count"]].iloc[:p["max_categories"]]
-            state["cat"][c] = {"vocab": [str(v) for v in keep.index],
-                               "other": sorted(str(v) for v in vc.index.difference(keep.index)),
-                               "n_other_rows": int(len(df) - keep.sum())}
-        if sc.sequence: state["seq"] = fit_sequence_scaling(df, sc, where=where)
-        state["reference"] = reference_profile(df, schema=sc, n_bins=p["n_profile_bins"])
-        self.state = state
-        self._compile()
-        fill = self._scale(np.array([state["num"][k] for k in ("median", "max", "min")]))[0]
-        state["num"]["fill"] = {"nan": fill[0].tolist(),
-                                "posinf": (fill[1] if p["nonfinite"] == "clip" else fill[0]).tolist(),
-                                "neginf": (fill[2] if p["nonfinite"] == "clip" else fill[0]).tolist()}
-        self._compile()
-        state["fit_report"] = {"n_rows": len(df), **self._numeric_report(num),
-                               "log1p": [c for c, lg in zip(self.num_columns, state["num"]["log1p"]) if lg],
-                               "other_rows": {c: v["n_other_rows"] for c, v in state["cat"].items() if v["n_other_rows"]}}
-        if p["bins"]: self._fit_bins(df, fam, where)
-        return self
+@patch(as_prop=True)
+def cat_cardinalities(self: Preprocessor) -> list[int]:
+    "Number of codes per categorical column, including the unknown (0) and other (1) buckets."
+    return [self._fitted().cat[c].cardinality for c in self.schema.categorical]
 
-    def _fit_bins(self, df: pd.DataFrame, fam: np.ndarray, where: str) -> None:
-        "Tree bins of every numeric column on its scaled training values and the family labels; constant columns are named in a warning."
-        import warnings
-        arr = self.transform(df, where=where)
-        Z = np.concatenate([arr["x_num"], arr["x_time"]], axis=1)
-        y = pd.Index(self.classes).get_indexer(fam)
-        edges, failed = fit_tree_bins(Z, y, self.num_columns, **self.params["bins"])
-        self.state["bins"] = {**self.params["bins"], "edges": edges, "plain": failed}
-        self.state["fit_report"]["bins_plain"] = failed
-        if failed:
-            warnings.warn(f"Preprocessor: no bins could be fitted for column(s) {', '.join(failed)} (a single value in the training "
-                          "rows); piecewise-linear embeddings use plain scaling for them", UserWarning, stacklevel=3)
+@patch(as_prop=True)
+def feature_names(self: Preprocessor) -> list[str]:
+    "Columns of `feature_frame`: the schema's features (numeric, categorical, timing)."
+    return list(self.schema.features)
 
-    # ---- transforming -----------------------------------------------------------------------------
-    def _compile(self) -> None:
-        "Numpy arrays and category indexes from `state`, for fast transforms."
-        n = self.state["num"]
-        self._log, self._unit = np.array(n["log1p"], bool), np.array(n["log_unit"])
-        self._center, self._scl = np.array(n["center"]), np.array(n["scale"])
-        self._q = [np.array(q) for q in n["quantiles"]] if self.params["scaler"] == "quantile" else None
-        self._fill = {k: np.array(v) for k, v in n["fill"].items()} if "fill" in n else None
-        # category string -> code: 2.. for the vocabulary, 1 for training values beyond the cap (unknown values get 0)
-        self._codes = {c: {**{s: 1 for s in v["other"]}, **{s: i + 2 for i, s in enumerate(v["vocab"])}} for c, v in self.state["cat"].items()}
+@patch(as_prop=True)
+def categorical_features(self: Preprocessor) -> list[str]:
+    "The columns of `feature_frame` that hold integer category codes."
+    return list(self.schema.categorical)
 
-    def _scale(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        "log1p (where chosen), robust or quantile scaling, clipping; returns (scaled, was_clipped). Non-finite values pass through."
-        X = X.copy()
-        X[:, self._log] = np.log1p(X[:, self._log] / self._unit[self._log])
-        if self._q is None: Z = (X - self._center) / self._scl
-        else:
-            Z = np.empty_like(X)
-            for j, q in enumerate(self._q): Z[:, j] = _quantile_map(X[:, j], q)
-            Z[~np.isfinite(X)] = X[~np.isfinite(X)]
-        c = self.params["clip"]
-        if c is None: return Z, np.zeros(Z.shape, bool)
-        clipped = np.isfinite(Z) & (np.abs(Z) > c)
-        if self.params.get("clip_mode", "hard") == "smooth":      # RealMLP: z / sqrt(1 + (z/c)^2), monotone, |result| < c
-            with np.errstate(invalid="ignore", over="ignore"):
-                return np.where(np.isfinite(Z), Z / np.sqrt(1 + (Z / c) ** 2), Z), clipped
-        return np.where(clipped, np.clip(Z, -c, c), Z), clipped
+@patch(as_prop=True)
+def bins(self: Preprocessor) -> list[list[float] | None] | None:
+    "Tree bin edges per `num_columns` column, fitted on the training rows (None for a column without bins); None when fitted without bins."
+    b = self._fitted().bins
+    return None if b is None else list(b["edges"])
 
-    def _numeric_report(self, X: np.ndarray) -> dict:
-        "Counts per column of NaN, +Infinity and -Infinity in raw matrix `X` (columns with none left out)."
-        out = {}
-        for kind, m in (("nan", np.isnan(X)), ("posinf", X == np.inf), ("neginf", X == -np.inf)):
-            for j in np.flatnonzero(m.any(0)):
-                out.setdefault(self.num_columns[j], {})[kind] = int(m[:, j].sum())
-        return {"nonfinite": out}
+@patch(as_prop=True)
+def reference(self: Preprocessor) -> dict:
+    "The `reference_profile` of the training rows (for drift checks)."
+    return self._fitted().reference
 
-    def transform(self, df: pd.DataFrame, *, where: str = "input", indicators: bool = False) -> dict[str, np.ndarray]:
-        "Raw rows (columns by name, any order, extras ignored) -> dict x_num float32, x_cat int64, x_time float32."
-        self._fitted()
-        cols = _feature_columns(df, self.schema, where)
-        X = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
-        cats = [category_strings(df[cols[c]]) for c in self.schema.categorical]
-        out = self.transform_values(X, cats, where=where, indicators=indicators)
-        if self.schema.sequence: out["x_seq"] = scale_sequences(*sequence_array(df, self.schema, where=where), self._fitted()["seq"])
-        return out
+# %% ../nbs/20_features.ipynb #e5f75550
+@patch
+def _families(self: Preprocessor, df: pd.DataFrame, where: str) -> np.ndarray:
+    "Family name per row: the `family` column, else the schema's label column through `canonical_label`."
+    if FAMILY in df.columns: return df[FAMILY].astype(str).to_numpy()
+    if self.schema.label in df.columns: return df[self.schema.label].map(self.schema.canonical_label).to_numpy(dtype=object)
+    raise SchemaError(f"{where}: no '{FAMILY}' or '{self.schema.label}' column to read classes from; load with the {self.schema.name} loader")
 
-    def transform_values(self, X: np.ndarray, cats: Sequence[np.ndarray], *, where: str = "input",
-                         indicators: bool = False) -> dict[str, np.ndarray]:
-        "`transform` without a frame: raw values [n, len(num_columns)] and one array of category strings per categorical feature."
-        st, p, sc = self._fitted(), self.params, self.schema
-        X = np.asarray(X, np.float64)
-        if X.ndim != 2 or X.shape[1] != len(self.num_columns) or len(cats) != len(sc.categorical) or any(len(c) != len(X) for c in cats):
-            raise ValueError(f"{where}: expected raw values [n, {len(self.num_columns)}] (columns {', '.join(self.num_columns[:4])}...) and "
-                             f"{len(sc.categorical)} category arrays of n strings ({', '.join(sc.categorical)}); got {X.shape} and "
-                             f"{[len(c) for c in cats]}")
-        X = X.astype(np.float32).astype(np.float64)          # the float32 rounding of _numeric_matrix, for callers without a frame
-        rep = {"n_rows": len(X), **self._numeric_report(X)}
-        nonfin = ~np.isfinite(X)
-        if p["nonfinite"] == "error" and nonfin.any():
-            raise SchemaError(f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in rep['nonfinite'].items())}; "
-                              "fix the data or use nonfinite='nan_indicator' or 'clip'")
-        neg = self._log & (X < 0) & ~nonfin
-        kinds = {"nan": np.isnan(X), "posinf": X == np.inf, "neginf": X == -np.inf}
-        Z, clipped = self._scale(np.where(neg | nonfin, 0.0, X))
-        clipped &= ~nonfin
-        for kind, m in kinds.items():
-            Z = np.where(m, self._fill[kind], Z)
-        rep["negative_to_zero"] = {self.num_columns[j]: int(neg[:, j].sum()) for j in np.flatnonzero(neg.any(0))}
-        rep["clipped"] = {self.num_columns[j]: int(clipped[:, j].sum()) for j in np.flatnonzero(clipped.any(0))}
-        x_cat = np.empty((len(X), len(sc.categorical)), np.int64)
-        rep["unknown_categories"], rep["other_categories"] = {}, {}
-        for j, name in enumerate(sc.categorical):
-            get = self._codes[name].get
-            x_cat[:, j] = code = np.array([get(v, 0) for v in cats[j]], np.int64)
-            for key, k in (("unknown_categories", 0), ("other_categories", 1)):
-                if (code == k).any(): rep[key][name] = int((code == k).sum())
-        self.last_report = rep
-        n_num = len(sc.numeric)
-        out = {"x_num": Z[:, :n_num].astype(np.float32), "x_cat": x_cat, "x_time": Z[:, n_num:].astype(np.float32)}
-        if indicators: out["x_nonfinite"] = nonfin.astype(np.uint8)
-        return out
 
-    def encode_targets(self, df: pd.DataFrame, *, where: str = "input") -> dict[str, np.ndarray]:
-        "`y_family` int64 (index into `.classes`) and `y_binary` float32 0/1; labels never seen in training raise."
-        fam = self._families(df, where)
-        idx = pd.Index(self.classes).get_indexer(fam)
-        if (idx < 0).any():
-            bad = pd.Series(fam[idx < 0]).value_counts()
-            raise SchemaError(f"{where}: label(s) never seen in training: {', '.join(f'{k} ({v} rows)' for k, v in bad.items())}; "
-                              f"the model knows {', '.join(self.classes)}")
-        yb = df[IS_ATTACK].to_numpy(np.float32) if IS_ATTACK in df.columns else (idx != 0).astype(np.float32)
-        return {"y_family": idx.astype(np.int64), "y_binary": yb}
+@patch
+def fit(self: Preprocessor, df: pd.DataFrame) -> Preprocessor:
+    "Learn every statistic from `df`, the training rows (never validation or test rows)."
+    where, p, sc = "training rows", self.params, self.schema
+    cols = _feature_columns(df, sc, where)
+    num = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
+    fam = self._families(df, where)
+    seen = set(fam)
+    unknown = sorted(seen - set(sc.classes))
+    if unknown:
+        raise SchemaError(f"{where}: label(s) not among the {sc.name} classes: {', '.join(unknown)}; "
+                          "add them to the schema's classes or label_aliases")
+    if p["nonfinite"] == "error" and not np.isfinite(num).all():
+        bad = _nonfinite_counts(num, self.num_columns)
+        raise SchemaError(f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in bad.items())}; "
+                          "fix the data or use nonfinite='nan_indicator' or 'clip'")
+    scaler = NumericScaler.fit(num, self.num_columns, log1p=p["log1p"], skew_threshold=p["skew_threshold"],
+                               quantile=p["scaler"] == "quantile", n_quantiles=p["n_quantiles"])
+    scaler = scaler.with_fill(p["nonfinite"], clip=p["clip"], clip_mode=p["clip_mode"])
+    cat = {c: CategoryEncoder.fit(category_strings(df[cols[c]]), max_categories=p["max_categories"], min_count=p["min_count"])
+           for c in sc.categorical}
+    self.state = FittedState(classes=[sc.benign] + [c for c in sc.classes if c in seen and c != sc.benign], num=scaler, cat=cat,
+                             reference=reference_profile(df, schema=sc, n_bins=p["n_profile_bins"]),
+                             seq=fit_sequence_scaling(df, sc, where=where) if sc.sequence else None)
+    self.state.fit_report = {"n_rows": len(df), "nonfinite": _nonfinite_counts(num, self.num_columns),
+                             "log1p": [c for c, lg in zip(self.num_columns, scaler.log1p) if lg],
+                             "other_rows": {c: e.n_other_rows for c, e in cat.items() if e.n_other_rows}}
+    if p["bins"]: self._fit_bins(df, fam, where)
+    return self
 
-    def feature_frame(self, arrays: dict[str, np.ndarray]) -> pd.DataFrame:
-        "A flat frame (schema.features order) of `transform` output for the LightGBM baseline; categoricals as int codes."
-        sc = self.schema
-        parts = [pd.DataFrame(arrays["x_num"], columns=list(sc.numeric)), pd.DataFrame(arrays["x_cat"], columns=list(sc.categorical)),
-                 pd.DataFrame(arrays["x_time"], columns=list(sc.timing))]
-        out = pd.concat(parts, axis=1)
-        out.attrs["categorical"] = self.categorical_features
-        return out
 
-    def save(self, path: str | Path) -> Path:
-        "Write `preprocessor.json` (schema, parameters, every fitted statistic) into folder `path`; returns the file."
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        f = path / _FILE
-        f.write_text(json.dumps({"format": _FORMAT, "version": 1, "schema": self.schema.to_dict(), "params": self.params,
-                                 "state": self._fitted()}, allow_nan=False))
-        return f
+@patch
+def _fit_bins(self: Preprocessor, df: pd.DataFrame, fam: np.ndarray, where: str) -> None:
+    "Tree bins of every numeric column on its scaled training values and the family labels; constant columns are named in a warning."
+    import warnings
+    arr = self.transform(df, where=where)
+    Z = np.concatenate([arr["x_num"], arr["x_time"]], axis=1)
+    y = pd.Index(self.classes).get_indexer(fam)
+    edges, failed = fit_tree_bins(Z, y, self.num_columns, **self.params["bins"])
+    self.state.bins = {**self.params["bins"], "edges": edges, "plain": failed}
+    self.state.fit_report["bins_plain"] = failed
+    if failed:
+        warnings.warn(f"Preprocessor: no bins could be fitted for column(s) {', '.join(failed)} (a single value in the training "
+                      "rows); piecewise-linear embeddings use plain scaling for them", UserWarning, stacklevel=3)
 
-    @classmethod
-    def load(cls, path: str | Path) -> "Preprocessor":
-        "Rebuild a fitted preprocessor from the folder (or file) written by `save`."
-        f = Path(path); f = f / _FILE if f.is_dir() else f
-        if not f.exists(): raise FileNotFoundError(f"{f}: no saved preprocessor (expected the {_FILE} that Preprocessor.save writes)")
-        d = json.loads(f.read_text())
-        if d.get("format") != _FORMAT: raise ValueError(f"{f}: not a saved cyber-moe preprocessor (format {d.get('format')!r})")
-        pre = cls(schema=FlowSchema.from_dict(d["schema"]), **d["params"])
-        pre.state = d["state"]
-        pre._compile()
-        return pre
+# %% ../nbs/20_features.ipynb #64da71b8
+@patch
+def transform(self: Preprocessor, df: pd.DataFrame, *, where: str = "input", indicators: bool = False,
+              report: bool = False) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict]:
+    "Raw rows (columns by name, any order, extras ignored) -> dict x_num float32, x_cat int64, x_time float32; with `report`, (arrays, report)."
+    st = self._fitted()
+    cols = _feature_columns(df, self.schema, where)
+    X = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
+    cats = [category_strings(df[cols[c]]) for c in self.schema.categorical]
+    out, rep = self.transform_values(X, cats, where=where, indicators=indicators)
+    if self.schema.sequence: out["x_seq"] = scale_sequences(*sequence_array(df, self.schema, where=where), st.seq)
+    return (out, rep) if report else out
+
+# %% ../nbs/20_features.ipynb #1915411a
+@patch
+def transform_values(self: Preprocessor, X: np.ndarray, cats: Sequence[np.ndarray], *, where: str = "input",
+                     indicators: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    "`transform` without a frame: raw values [n, len(num_columns)] and one array of category strings per categorical feature -> (arrays, report)."
+    st, p, sc = self._fitted(), self.params, self.schema
+    X = np.asarray(X, np.float64)
+    if X.ndim != 2 or X.shape[1] != len(self.num_columns) or len(cats) != len(sc.categorical) or any(len(c) != len(X) for c in cats):
+        raise ValueError(f"{where}: expected raw values [n, {len(self.num_columns)}] (columns {', '.join(self.num_columns[:4])}...) and "
+                         f"{len(sc.categorical)} category arrays of n strings ({', '.join(sc.categorical)}); got {X.shape} and "
+                         f"{[len(c) for c in cats]}")
+    X = X.astype(np.float32).astype(np.float64)          # the float32 rounding of _numeric_matrix, for callers without a frame
+    rep = {"n_rows": len(X), "nonfinite": _nonfinite_counts(X, self.num_columns)}
+    nonfin = ~np.isfinite(X)
+    if p["nonfinite"] == "error" and nonfin.any():
+        raise SchemaError(f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in rep['nonfinite'].items())}; "
+                          "fix the data or use nonfinite='nan_indicator' or 'clip'")
+    neg = st.num.log_mask & (X < 0) & ~nonfin
+    Z, clipped = st.num.apply(np.where(neg | nonfin, 0.0, X), clip=p["clip"], clip_mode=p.get("clip_mode", "hard"))
+    clipped &= ~nonfin
+    fill = st.num._arrays[5]
+    for kind, m in (("nan", np.isnan(X)), ("posinf", X == np.inf), ("neginf", X == -np.inf)):
+        Z = np.where(m, fill[kind], Z)
+    rep["negative_to_zero"] = {self.num_columns[j]: int(neg[:, j].sum()) for j in np.flatnonzero(neg.any(0))}
+    rep["clipped"] = {self.num_columns[j]: int(clipped[:, j].sum()) for j in np.flatnonzero(clipped.any(0))}
+    x_cat = np.empty((len(X), len(sc.categorical)), np.int64)
+    rep["unknown_categories"], rep["other_categories"] = {}, {}
+    for j, name in enumerate(sc.categorical):
+        x_cat[:, j] = code = st.cat[name].encode(cats[j])
+        for key, k in (("unknown_categories", 0), ("other_categories", 1)):
+            if (code == k).any(): rep[key][name] = int((code == k).sum())
+    n_num = len(sc.numeric)
+    out = {"x_num": Z[:, :n_num].astype(np.float32), "x_cat": x_cat, "x_time": Z[:, n_num:].astype(np.float32)}
+    if indicators: out["x_nonfinite"] = nonfin.astype(np.uint8)
+    return out, rep
+
+# %% ../nbs/20_features.ipynb #ee302b00
+@patch
+def encode_targets(self: Preprocessor, df: pd.DataFrame, *, where: str = "input") -> dict[str, np.ndarray]:
+    "`y_family` int64 (index into `.classes`) and `y_binary` float32 0/1; labels never seen in training raise."
+    fam = self._families(df, where)
+    idx = pd.Index(self.classes).get_indexer(fam)
+    if (idx < 0).any():
+        bad = pd.Series(fam[idx < 0]).value_counts()
+        raise SchemaError(f"{where}: label(s) never seen in training: {', '.join(f'{k} ({v} rows)' for k, v in bad.items())}; "
+                          f"the model knows {', '.join(self.classes)}")
+    yb = df[IS_ATTACK].to_numpy(np.float32) if IS_ATTACK in df.columns else (idx != 0).astype(np.float32)
+    return {"y_family": idx.astype(np.int64), "y_binary": yb}
+
+
+@patch
+def feature_frame(self: Preprocessor, arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    "A flat frame (schema.features order) of `transform` output for the LightGBM baseline; categoricals as int codes."
+    sc = self.schema
+    parts = [pd.DataFrame(arrays["x_num"], columns=list(sc.numeric)), pd.DataFrame(arrays["x_cat"], columns=list(sc.categorical)),
+             pd.DataFrame(arrays["x_time"], columns=list(sc.timing))]
+    out = pd.concat(parts, axis=1)
+    out.attrs["categorical"] = self.categorical_features
+    return out
+
+# %% ../nbs/20_features.ipynb #0dd2e17b
+@patch
+def save(self: Preprocessor, path: str | Path) -> Path:
+    "Write `preprocessor.json` (schema, parameters, every fitted statistic) into folder `path`; returns the file."
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    f = path / _FILE
+    f.write_text(json.dumps({"format": _FORMAT, "version": _VERSIONS[-1], "schema": self.schema.to_dict(), "params": self.params,
+                             "state": self._fitted().to_dict()}, allow_nan=False))
+    return f
+
+
+@patch(cls_method=True)
+def load(cls: Preprocessor, path: str | Path) -> Preprocessor:
+    "Rebuild a fitted preprocessor from the folder (or file) written by `save`."
+    f = Path(path); f = f / _FILE if f.is_dir() else f
+    if not f.exists(): raise FileNotFoundError(f"{f}: no saved preprocessor (expected the {_FILE} that Preprocessor.save writes)")
+    d = json.loads(f.read_text())
+    if d.get("format") != _FORMAT: raise ValueError(f"{f}: not a saved cyber-moe preprocessor (format {d.get('format')!r})")
+    if d.get("version") not in _VERSIONS:
+        raise ValueError(f"{f}: preprocessor format version {d.get('version')!r} is not one this cyber-moe reads "
+                         f"({', '.join(map(str, _VERSIONS))}); load the bundle with the cyber-moe version that saved it")
+    pre = cls(schema=FlowSchema.from_dict(d["schema"]), **d["params"])
+    pre.state = FittedState.from_dict(d["state"], where=str(f))
+    return pre
 
 # %% ../nbs/20_features.ipynb #f3d73c9a
 SEQ_FEATURES = ("dir", "log_ps", "log_piat", "mask")   # channels of x_seq

@@ -69,23 +69,23 @@ def test_random_split_is_stratified(unsw, split):
 
 def test_scaler_statistics_come_from_training_rows_only(unsw, parts, pre):
     train = parts[0]
-    num = pre.state["num"]
+    num = pre.state.num
     checked_differs = 0
     for c in ("sttl", "sbytes", "dur", "ct_srv_src"):
-        j = num["columns"].index(c)
-        f = (lambda v: np.log1p(v / num["log_unit"][j])) if num["log1p"][j] else (lambda v: v)
-        if num["log1p"][j]:
+        j = num.columns.index(c)
+        f = (lambda v: np.log1p(v / num.log_unit[j])) if num.log1p[j] else (lambda v: v)
+        if num.log1p[j]:
             x = train[c].to_numpy(float)
-            assert num["log_unit"][j] == np.median(x[x > 0])
+            assert num.log_unit[j] == np.median(x[x > 0])
         q25, q50, q75 = np.quantile(f(train[c].to_numpy(float)), [0.25, 0.5, 0.75])
-        assert num["center"][j] == q50 and num["scale"][j] == q75 - q25 and num["scale_rule"][j] == "iqr", c
+        assert num.center[j] == q50 and num.scale[j] == q75 - q25 and num.scale_rule[j] == "iqr", c
         a25, a50, a75 = np.quantile(f(unsw[c].to_numpy(float)), [0.25, 0.5, 0.75])
         checked_differs += (a50, a75 - a25) != (q50, q75 - q25)
     assert checked_differs >= 1
-    assert dict(zip(num["columns"], num["log1p"]))["sbytes"] and not dict(zip(num["columns"], num["log1p"]))["sttl"]
+    assert dict(zip(num.columns, num.log1p))["sbytes"] and not dict(zip(num.columns, num.log1p))["sttl"]
     pq = Preprocessor(schema=UNSW_NB15, scaler="quantile", n_quantiles=500).fit(train)
     j = pq.num_columns.index("sttl")
-    assert pq.state["num"]["quantiles"][j] == np.quantile(train["sttl"].to_numpy(float), np.linspace(0, 1, 500)).tolist()
+    assert pq.state.num.quantiles[j] == np.quantile(train["sttl"].to_numpy(float), np.linspace(0, 1, 500)).tolist()
 
 
 def test_transform_contract_speed_and_targets(unsw, parts, pre):
@@ -108,7 +108,7 @@ def test_transform_contract_speed_and_targets(unsw, parts, pre):
     ff = pre.feature_frame(arr)
     assert list(ff.columns) == list(UNSW_NB15.features) and ff.attrs["categorical"] == ["proto", "service", "state"]
     # the grouped split leaves some rare protocol values out of training entirely: they land in bucket 0
-    rep = pre.transform(parts[2]) and pre.last_report
+    rep = pre.transform(parts[2], report=True)[1]
     unseen = set(parts[2]["proto"]) - set(parts[0]["proto"])
     assert rep["unknown_categories"].get("proto", 0) == int(parts[2]["proto"].isin(unseen).sum())
 
@@ -131,12 +131,12 @@ def test_unknown_category_and_nonfinite_policy(unsw, parts, pre):
     base = pre.transform(rows)
     rows["proto"] = ["never-seen-proto", "tcp", "udp", "tcp", "tcp", "udp"]
     rows["rate"] = pd.Series(["Infinity", "-Infinity", "NaN", "", "12.5", "Infinity"], index=rows.index)
-    got = pre.transform(rows, indicators=True)
+    got, rep = pre.transform(rows, indicators=True, report=True)
     assert got["x_cat"][0, 0] == 0 and (got["x_cat"][1:, 0] > 1).all()
-    assert pre.last_report["unknown_categories"]["proto"] == 1
-    assert pre.last_report["nonfinite"] == {"rate": {"nan": 2, "posinf": 2, "neginf": 1}}
+    assert rep["unknown_categories"]["proto"] == 1
+    assert rep["nonfinite"] == {"rate": {"nan": 2, "posinf": 2, "neginf": 1}}
     jr = UNSW_NB15.timing.index("rate")
-    fill = pre.state["num"]["fill"]["nan"][pre.num_columns.index("rate")]
+    fill = pre.state.num.fill["nan"][pre.num_columns.index("rate")]
     assert np.allclose(got["x_time"][[0, 1, 2, 3, 5], jr], fill) and got["x_time"][4, jr] != fill
     assert got["x_nonfinite"][:, pre.num_columns.index("rate")].tolist() == [1, 1, 1, 1, 0, 1]
     assert np.array_equal(got["x_num"], base["x_num"])

@@ -116,7 +116,8 @@ class ServedModel:
 
     def score(self, raw: RawFlows) -> dict[str, np.ndarray]:
         "`ModelBundle.verdicts` for validated flows: preprocessing, network and calibration without a frame."
-        return self.bundle.verdicts(self.bundle.preprocessor.transform_values(raw.num, raw.cats, where="request"), batch_size=self.chunk_rows)
+        arrays, _ = self.bundle.preprocessor.transform_values(raw.num, raw.cats, where="request")
+        return self.bundle.verdicts(arrays, batch_size=self.chunk_rows)
 
 # %% ../../nbs/84_serve_reload.ipynb #1a60d69a
 def load_served(uri: str | Path, settings: ServeSettings) -> ServedModel:
