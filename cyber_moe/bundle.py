@@ -32,8 +32,8 @@ from .schema import FlowSchema, SchemaError
 __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES', 'network_outputs', 'strip_columns',
            'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx',
            'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs',
-           'save_bundle', 'load_bundle', 'BundlePyfunc', 'save_pyfunc', 'log_pyfunc', 'resolve_tracking_uri',
-           'load_model_bundle', 'read_raw', 'score_file']
+           'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs', 'save_pyfunc', 'log_pyfunc',
+           'resolve_tracking_uri', 'load_model_bundle', 'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 2      # 2: one verdict from the family distribution and a validation operating point (issue 13)
@@ -409,14 +409,24 @@ def _load_pyfunc(path: str) -> BundlePyfunc:
     return BundlePyfunc(load_bundle(path))
 
 
+def signature_inputs(schema: FlowSchema, example: pd.DataFrame) -> list[tuple[str, str]]:
+    "(column, MLflow type) of every raw input, features then sequence columns, typed from the `example` frame's dtypes: integers long, other numbers double, categories string unless integer."
+    ex = strip_columns(example)
+    cols = list(schema.features) + list(schema.sequence_columns)
+    missing = [c for c in cols if c not in ex.columns]
+    if missing: raise SchemaError(f"pyfunc example rows: missing column(s) {', '.join(missing)} of schema {schema.name}")
+    integer = lambda c: ex[c].dtype.kind in "iu"
+    return [(c, "long" if integer(c) else "string" if c in schema.categorical else "double") for c in cols]
+
+
 def _signature_example(bundle: ModelBundle, example: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
-    "Input example (raw feature columns) and signature: every feature required, of any type (files differ in int/float/text)."
+    "Input example (raw feature and sequence columns) and signature: each input typed by `signature_inputs`, each output by a prediction."
     from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
-    ex = strip_columns(example).loc[:, list(bundle.schema.features)].head(5).copy()
-    inputs = Schema([ColSpec(AnyType(), c) for c in bundle.schema.features])
+    from mlflow.types.schema import ColSpec, Schema
+    types = signature_inputs(bundle.schema, example)
+    ex = strip_columns(example).loc[:, [c for c, _ in types]].head(5).copy()
     out_sig = infer_signature(ex, bundle.predict(ex), params={"class_probs": False})
-    return ex, ModelSignature(inputs=inputs, outputs=out_sig.outputs, params=out_sig.params)
+    return ex, ModelSignature(inputs=Schema([ColSpec(t, c) for c, t in types]), outputs=out_sig.outputs, params=out_sig.params)
 
 
 def _requirements() -> list[str]:
