@@ -409,24 +409,30 @@ def _load_pyfunc(path: str) -> BundlePyfunc:
     return BundlePyfunc(load_bundle(path))
 
 
+def _mlflow_type(s: pd.Series, categorical: bool) -> str:
+    "MLflow column type of raw column `s`: 'long' for integers, 'any' for a pandas categorical (MLflow has no such type), else 'string' or 'double'."
+    if s.dtype.kind in "iu": return "long"
+    if isinstance(s.dtype, pd.CategoricalDtype): return "any"
+    return "string" if categorical else "double"
+
+
 def signature_inputs(schema: FlowSchema, example: pd.DataFrame) -> list[tuple[str, str]]:
-    "(column, MLflow type) of every raw input, features then sequence columns, typed from the `example` frame's dtypes: integers long, other numbers double, categories string unless integer."
+    "(column, MLflow type) of every raw input, features then sequence columns, typed from the `example` frame's dtypes by `_mlflow_type`."
     ex = strip_columns(example)
     cols = list(schema.features) + list(schema.sequence_columns)
     missing = [c for c in cols if c not in ex.columns]
     if missing: raise SchemaError(f"pyfunc example rows: missing column(s) {', '.join(missing)} of schema {schema.name}")
-    integer = lambda c: ex[c].dtype.kind in "iu"
-    return [(c, "long" if integer(c) else "string" if c in schema.categorical else "double") for c in cols]
+    return [(c, _mlflow_type(ex[c], c in schema.categorical)) for c in cols]
 
 
 def _signature_example(bundle: ModelBundle, example: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
     "Input example (raw feature and sequence columns) and signature: each input typed by `signature_inputs`, each output by a prediction."
     from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema
     types = signature_inputs(bundle.schema, example)
     ex = strip_columns(example).loc[:, [c for c, _ in types]].head(5).copy()
     out_sig = infer_signature(ex, bundle.predict(ex), params={"class_probs": False})
-    return ex, ModelSignature(inputs=Schema([ColSpec(t, c) for c, t in types]), outputs=out_sig.outputs, params=out_sig.params)
+    return ex, ModelSignature(inputs=Schema([ColSpec(AnyType() if t == "any" else t, c) for c, t in types]), outputs=out_sig.outputs, params=out_sig.params)
 
 
 def _requirements() -> list[str]:
