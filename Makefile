@@ -8,14 +8,14 @@ STAMP := $(VENV)/.installed-stamp
 PARAMS ?= params/default.yaml
 APT_UPDATED := $(VENV)/.apt-updated
 
-.PHONY: install run test check-clean check-export nbtest pytest lab serve dashboard bench clean-outputs sysdeps-test sysdeps-lab
+.PHONY: install run test lint check-clean check-export nbtest pytest lab serve dashboard bench clean-outputs sysdeps-test sysdeps-lab
 
 # (Re)install when pyproject.toml changes; the venv itself is created once.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[serve,lab,research,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -69,7 +69,14 @@ nbtest: install
 pytest: install sysdeps-test sysdeps-lab
 	$(BIN)/pytest tests/
 
-test: check-clean check-export nbtest pytest
+# ruff: lint the notebooks and the package; format-check what is already formatted. After the notebooks are
+# formatted (`ruff format nbs && nbdev_export && nbdev_clean`), run with RUFF_FORMAT="nbs app tests benchmarks".
+RUFF_FORMAT ?= nbs/06_headline.ipynb
+lint: install
+	$(BIN)/ruff check cyber_moe nbs
+	$(BIN)/ruff format --check $(RUFF_FORMAT)
+
+test: lint check-clean check-export nbtest pytest
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=nbs

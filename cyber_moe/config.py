@@ -8,7 +8,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 import platform
 import random
 import subprocess

@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit, log_softmax, softmax
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go   # imported where a figure is drawn: scoring a bundle does not need plotly
 
 # %% auto #0
 __all__ = ['OPERATING_RULES', 'DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'binary_metrics', 'confusion_counts',
@@ -355,6 +357,7 @@ def _thin(*arrays: np.ndarray, max_points: int = 2000) -> list[np.ndarray]:
 
 def fig_confusion(confusion: dict, *, title: str = "Confusion matrix (share of each true class)") -> go.Figure:
     "Heatmap of `family_metrics(...)['confusion_matrix']` normalised per true class; hover shows the counts."
+    import plotly.graph_objects as go
     classes, cm = confusion["classes"], np.asarray(confusion["matrix"], dtype=np.float64)
     rows = cm.sum(1, keepdims=True)
     share = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
@@ -368,6 +371,7 @@ def fig_confusion(confusion: dict, *, title: str = "Confusion matrix (share of e
 
 def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_points: int = 2000) -> go.Figure:
     "PR and ROC curves of each model in `scores` ({name: (y_binary, p_attack)}), with the operating points at `recalls` and their FPR."
+    from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Precision-recall", "ROC"))
     for j, (name, (y, p)) in enumerate(scores.items()):
         color = MODEL_COLORS[j % len(MODEL_COLORS)]
@@ -398,6 +402,7 @@ def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_p
 
 def fig_per_class_f1(family: dict) -> go.Figure:
     "Grouped bars of per-class F1 for each model in `family` ({name: family_metrics(...)}); hover shows support."
+    import plotly.graph_objects as go
     fig = go.Figure()
     for j, (name, fm) in enumerate(family.items()):
         cls = list(fm["per_class"])
@@ -412,6 +417,7 @@ def fig_per_class_f1(family: dict) -> go.Figure:
 
 def fig_gate_usage(usage: dict) -> go.Figure:
     "Heatmap of the mean gate weight per expert (columns) for each true class and overall (rows), from `gate_usage`."
+    import plotly.graph_objects as go
     rows = [*usage["per_class"], "overall"]
     z = [[usage["per_class"][r][e] for e in usage["experts"]] for r in usage["per_class"]] + [[usage["overall"][e] for e in usage["experts"]]]
     fig = go.Figure(go.Heatmap(z=z, x=usage["experts"], y=rows, zmin=0, zmax=1, colorscale="Viridis", name="gate",
@@ -423,6 +429,7 @@ def fig_gate_usage(usage: dict) -> go.Figure:
 
 def fig_reliability(probs: dict, *, n_bins: int = 15) -> go.Figure:
     "Reliability diagram (top-label accuracy vs confidence per bin) for each model in `probs` ({name: (y_true, probs)})."
+    import plotly.graph_objects as go
     fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
                                line=dict(color="grey", dash="dash")))
     for j, (name, (y, p)) in enumerate(probs.items()):

@@ -17,13 +17,16 @@ __all__ = ['HEADLINE', 'SIDES', 'Metric', 'headline_rows', 'headline_flat', 'bet
 @dataclass(frozen=True)
 class Metric:
     "One headline test metric: its dotted `key` in a side of `metrics.json`, its `label`, and which `direction` is better."
+
     key: str
     label: str
     direction: Literal["higher", "lower"] = "higher"
 
     def __post_init__(self):
-        if self.key.count(".") != 1: raise ValueError(f"Metric key must be 'section.name', got {self.key!r}")
-        if self.direction not in ("higher", "lower"): raise ValueError(f"Metric {self.key}: direction must be 'higher' or 'lower', got {self.direction!r}")
+        if self.key.count(".") != 1:
+            raise ValueError(f"Metric key must be 'section.name', got {self.key!r}")
+        if self.direction not in ("higher", "lower"):
+            raise ValueError(f"Metric {self.key}: direction must be 'higher' or 'lower', got {self.direction!r}")
 
     def value(self, side: dict) -> float | None:
         "This metric's number in one side (`metrics['model']`) of `metrics.json`; None when absent or not finite."
@@ -33,12 +36,19 @@ class Metric:
 
 # %% ../nbs/06_headline.ipynb #5ce47599
 HEADLINE: tuple[Metric, ...] = (
-    Metric("binary.f1", "binary F1"), Metric("binary.precision", "precision"), Metric("binary.recall", "recall"),
-    Metric("binary.roc_auc", "ROC-AUC"), Metric("binary.pr_auc", "PR-AUC"),
-    Metric("binary.fpr_at_recall_95", "FPR @95% recall", "lower"), Metric("binary.fpr_at_recall_99", "FPR @99% recall", "lower"),
-    Metric("family.macro_f1", "family macro-F1"), Metric("family.weighted_f1", "family weighted F1"),
-    Metric("family.accuracy", "family accuracy"), Metric("calibration.ece_family", "ECE", "lower"),
-    Metric("calibration.ece_family_scaled", "ECE after T", "lower"), Metric("calibration.ece_binary", "binary ECE", "lower"),
+    Metric("binary.f1", "binary F1"),
+    Metric("binary.precision", "precision"),
+    Metric("binary.recall", "recall"),
+    Metric("binary.roc_auc", "ROC-AUC"),
+    Metric("binary.pr_auc", "PR-AUC"),
+    Metric("binary.fpr_at_recall_95", "FPR @95% recall", "lower"),
+    Metric("binary.fpr_at_recall_99", "FPR @99% recall", "lower"),
+    Metric("family.macro_f1", "family macro-F1"),
+    Metric("family.weighted_f1", "family weighted F1"),
+    Metric("family.accuracy", "family accuracy"),
+    Metric("calibration.ece_family", "ECE", "lower"),
+    Metric("calibration.ece_family_scaled", "ECE after T", "lower"),
+    Metric("calibration.ece_binary", "binary ECE", "lower"),
 )
 "The headline test metrics, in the order tables show them."
 SIDES = ("model", "baseline")
@@ -55,29 +65,35 @@ def headline_flat(metrics: dict) -> dict[str, float]:
     for who in SIDES:
         for m in HEADLINE:
             v = m.value(metrics.get(who, {}))
-            if v is not None: out[f"test.{who}.{m.key}"] = v
+            if v is not None:
+                out[f"test.{who}.{m.key}"] = v
     return out
 
 
 def better_side(metric: Metric, model: float | None, baseline: float | None) -> str:
     "'MoE', 'baseline' or 'tie' by `metric.direction`; '' when either value is missing."
-    if model is None or baseline is None or math.isnan(model) or math.isnan(baseline): return ""
+    if model is None or baseline is None or math.isnan(model) or math.isnan(baseline):
+        return ""
     d = (model - baseline) * (1 if metric.direction == "higher" else -1)
     return "MoE" if d > 0 else "baseline" if d < 0 else "tie"
 
 # %% ../nbs/06_headline.ipynb #7e6cf339
 def _cell(v, fmt: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)): return "—"
-    if isinstance(v, float): return fmt.format(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return fmt.format(v)
     return html.escape(str(v))
 
 
 def html_table(rows, *, fmt: str = "{:.4f}", css_class: str | None = None) -> str:
     "An HTML table of `rows`, {row: {column: value}} or a DataFrame (index as rows); floats by `fmt`, missing as a dash."
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"): rows = rows.to_dict(orient="index")
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+        rows = rows.to_dict(orient="index")
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th>" + "".join(f"<td>{_cell(r.get(c), fmt)}</td>" for c in cols) + "</tr>"
-                   for k, r in rows.items())
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th>" + "".join(f"<td>{_cell(r.get(c), fmt)}</td>" for c in cols) + "</tr>" for k, r in rows.items()
+    )
     cls = f' class="{html.escape(css_class)}"' if css_class else ""
     return f"<table{cls}><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"

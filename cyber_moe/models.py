@@ -5,7 +5,6 @@
 # %% ../nbs/30_models.ipynb #0dae1ef7
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable

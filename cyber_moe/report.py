@@ -5,12 +5,10 @@
 # %% ../nbs/77_report.ipynb #81f7f382
 from __future__ import annotations
 
-import csv
 import html
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .config import RunConfig, write_json
