@@ -33,7 +33,7 @@ __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES'
            'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx',
            'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs',
            'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs', 'save_pyfunc', 'log_pyfunc',
-           'resolve_tracking_uri', 'load_model_bundle', 'read_raw', 'score_file']
+           'model_uri_scheme', 'resolve_tracking_uri', 'load_model_bundle', 'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 2      # 2: one verdict from the family distribution and a validation operating point (issue 13)
@@ -479,6 +479,22 @@ def _redact(uri: str) -> str:
     return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", str(uri))
 
 
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def model_uri_scheme(uri: str | Path) -> str | None:
+    "The MLflow scheme ('models' or 'runs') of model URI `uri`, None for a local path; `BundleError` for any other scheme (the one allow-list of the CLI, the bundle loader and the service's reload)."
+    uri = str(uri).strip()
+    m = _SCHEME.match(uri)
+    if m is None or len(m["scheme"]) == 1: return None          # no scheme, or a Windows drive letter: a local path
+    scheme = m["scheme"].lower()
+    if scheme not in MODEL_URI_SCHEMES or not uri[len(scheme) + 1:].startswith("/"):
+        raise BundleError(f"model URI {_redact(uri)[:200]!r}: scheme '{scheme}:' is not accepted; only model folders and "
+                          f"{' / '.join(s + ':/' for s in MODEL_URI_SCHEMES)} URIs load a model (models:/NAME/VERSION, models:/NAME@ALIAS, "
+                          "runs:/RUN_ID/PATH); download other artifacts yourself and give the folder")
+    return scheme
+
+
 def _project_tracking_uri() -> str | None:
     "The project's default tracking store, `sqlite:///<checkout>/outputs/mlflow.db` (what `RunConfig.mlflow_uri` gives by default)."
     import cyber_moe
@@ -513,12 +529,8 @@ def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> Mo
         if (p / "bundle.json").is_file(): return load_bundle(p)
         if (p / "MLmodel").is_file(): return load_bundle(_pyfunc_data_dir(p))
         raise FileNotFoundError(f"{p}: neither a model bundle (bundle.json) nor an MLflow model (MLmodel)")
-    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", str(uri))
-    if scheme is None or len(scheme[1]) == 1:               # no scheme (or a Windows drive letter): a folder that is not there
+    if model_uri_scheme(uri) is None:                        # a local path that is not there
         raise FileNotFoundError(f"{uri}: no such model folder (expected outputs/<run>/model or an MLflow URI such as models:/NAME/VERSION)")
-    if scheme[1].lower() not in MODEL_URI_SCHEMES:
-        raise BundleError(f"{_redact(uri)}: only model folders and {' / '.join(s + ':/' for s in MODEL_URI_SCHEMES)} URIs load a model "
-                          f"(not {scheme[1]}:); download other artifacts yourself and give the folder")
     store = resolve_tracking_uri(tracking_uri)
     import mlflow
     from mlflow.exceptions import MlflowException

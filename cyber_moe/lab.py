@@ -101,6 +101,16 @@ def _range(v, name):
     raise ValueError(f"{name} must be a number or a [low, high] pair with low <= high, got {v!r}")
 
 
+def _bounded(v, name: str, low: float, high: float | None = None, *, whole: bool = False, unit: str = "") -> list:
+    "`_range(v, name)` within bounds: whole numbers in low..high (`whole`), else (low, high], or >= low without `high`."
+    lo, hi = _range(v, name)
+    if whole: ok, where = low <= lo and hi <= high, f"lie in {low}..{high}"
+    elif high is None: ok, where = lo >= low, f"be >= {low}"
+    else: ok, where = lo > low and hi <= high, f"lie in ({low}, {high}]"
+    if not ok: raise ValueError(f"{name} must {where}{unit}, got {v!r}")
+    return [int(lo), int(hi)] if whole else [lo, hi]
+
+
 class BenignSpec(_Strict):
     "The benign clients: how many hosts, how often each starts an activity, and the mix of activities."
     clients: list[int] = Field(default_factory=lambda: [3, 3], description="[min, max] number of client hosts")
@@ -110,16 +120,12 @@ class BenignSpec(_Strict):
     @field_validator("clients", mode="before")
     @classmethod
     def _clients(cls, v):
-        lo, hi = _range(v, "benign.clients")
-        if lo < 1 or hi > 40: raise ValueError(f"benign.clients must lie in 1..40, got {v!r}")
-        return [int(lo), int(hi)]
+        return _bounded(v, "benign.clients", 1, 40, whole=True)
 
     @field_validator("rate", mode="before")
     @classmethod
     def _rate(cls, v):
-        lo, hi = _range(v, "benign.rate")
-        if lo <= 0 or hi > 20: raise ValueError(f"benign.rate must lie in (0, 20] activities/s, got {v!r}")
-        return [lo, hi]
+        return _bounded(v, "benign.rate", 0, 20, unit=" activities/s")
 
     @field_validator("mix")
     @classmethod
@@ -144,23 +150,17 @@ class StepSpec(_Strict):
     @field_validator("at", mode="before")
     @classmethod
     def _at(cls, v):
-        lo, hi = _range(v, "at")
-        if lo < 0: raise ValueError(f"at must be >= 0 seconds, got {v!r}")
-        return [lo, hi]
+        return _bounded(v, "at", 0, unit=" seconds")
 
     @field_validator("intensity", mode="before")
     @classmethod
     def _intensity(cls, v):
-        lo, hi = _range(v, "intensity")
-        if lo <= 0 or hi > 20: raise ValueError(f"intensity must lie in (0, 20], got {v!r}")
-        return [lo, hi]
+        return _bounded(v, "intensity", 0, 20)
 
     @field_validator("hosts", mode="before")
     @classmethod
     def _hosts(cls, v):
-        lo, hi = _range(v, "hosts")
-        if lo < 1 or hi > 16: raise ValueError(f"hosts must lie in 1..16, got {v!r}")
-        return [int(lo), int(hi)]
+        return _bounded(v, "hosts", 1, 16, whole=True)
 
     @field_validator("family")
     @classmethod

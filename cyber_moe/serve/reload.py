@@ -24,25 +24,18 @@ from .settings import ServeSettings
 from .validation import FlowValidator, RawFlows, ServiceError, _names
 
 # %% auto #0
-__all__ = ['MODEL_URI_SCHEMES', 'POINTER_FILE', 'check_model_uri', 'resolve_alias', 'read_model_pointer', 'publish_model',
-           'ServedModel', 'load_served', 'ModelNotReady', 'settle', 'ModelSlot']
+__all__ = ['POINTER_FILE', 'check_model_uri', 'resolve_alias', 'read_model_pointer', 'publish_model', 'ServedModel',
+           'load_served', 'ModelNotReady', 'settle', 'ModelSlot']
 
 # %% ../../nbs/84_serve_reload.ipynb #60ebd61c
-MODEL_URI_SCHEMES = ("models", "runs")
-_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
-
-
 def check_model_uri(uri: str | Path) -> str:
-    "`uri` if it names a local folder or an MLflow `models:/` or `runs:/` URI; ValueError naming what is accepted otherwise."
+    "`uri` if it names a local folder or an MLflow `models:/` or `runs:/` URI (`bundle.model_uri_scheme`); ValueError naming what is accepted otherwise."
+    from cyber_moe.bundle import model_uri_scheme
     uri = str(uri).strip()
     if not uri: raise ValueError("model URI is empty: give a bundle folder or models:/NAME/VERSION")
-    m = _SCHEME.match(uri)
-    if m is None: return uri
-    scheme = m["scheme"].lower()
-    if scheme not in MODEL_URI_SCHEMES or not uri[len(scheme) + 1:].startswith("/"):
-        raise ValueError(f"model URI {uri[:200]!r}: scheme '{scheme}:' is not accepted; give a local folder, "
-                         "models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
+    model_uri_scheme(uri)
     return uri
+
 
 # %% ../../nbs/84_serve_reload.ipynb #bcf9977a
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
