@@ -26,7 +26,7 @@ __all__ = ['PINNED_PACKAGES', 'ConfigError', 'DataConfig', 'SplitConfig', 'Numer
            'load_config', 'save_config', 'seed_everything', 'select_device', 'setup_logging', 'package_versions',
            'git_state', 'utc_now', 'write_json', 'write_run_record', 'terminal_safe']
 
-# %% ../nbs/00_config.ipynb #d5bf6e3a
+# %% ../nbs/00_config.ipynb #66d328ec
 class ConfigError(ValueError):
     "A params file or override that does not fit `RunConfig`; the message names the file and the key."
 
@@ -73,7 +73,7 @@ class NumericConfig(_Section):
 
 _EMBEDDING_KINDS = Literal["none", "linear", "ple", "periodic"]
 
-
+# %% ../nbs/00_config.ipynb #29bc1055
 class ModelConfig(_Section):
     "The Mixture-of-Experts: `experts` names registered experts (a list, or a mapping name -> settings); the gate and the head. Upper bounds keep a bundle's sizes allocatable."
     experts: list[str] | dict[str, dict[str, Any] | None] = Field(
@@ -116,7 +116,7 @@ class ModelConfig(_Section):
         "The numeric embedding kinds this model uses (the preprocessor fits tree bins when 'ple' is among them)."
         return {self.gate_embedding, *(s.get("embedding", "none") for s in self.expert_settings().values())}
 
-
+# %% ../nbs/00_config.ipynb #275fbaa4
 class TrainConfig(_Section):
     "Optimisation of the MoE; early stopping and checkpoint selection look at validation only."
     max_epochs: int = Field(20, ge=1)
@@ -160,7 +160,7 @@ class TuneConfig(_Section):
     space: dict[str, dict[str, Any]] | None = Field(None, description="dotted config key -> {choices: [...]} or {low, high, log, step}; "
                                                                       "default cyber_moe.tune.DEFAULT_SPACE; checked by cyber_moe.tune.validate_space")
 
-
+# %% ../nbs/00_config.ipynb #8ebb8878
 class RunConfig(_Section):
     "One run of the workbench: what `params/*.yaml` holds, with every path resolved."
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -190,7 +190,7 @@ class RunConfig(_Section):
         "Where MLflow stores this project's artefacts when it creates the experiment."
         return (Path(self.outputs_dir).resolve() / "mlartifacts").as_uri()
 
-# %% ../nbs/00_config.ipynb #76ed939e
+# %% ../nbs/00_config.ipynb #c0c95133
 def find_project_root(start: str | Path | None = None) -> Path:
     "The nearest folder at or above `start` (default: the current directory) that holds `settings.ini`, else the current directory."
     here = Path(start or Path.cwd()).resolve()
@@ -248,7 +248,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[s
         pairs.append((key.strip(), value))
     return pairs
 
-
+# %% ../nbs/00_config.ipynb #481d88b0
 def _resolve_paths(raw: dict, base: Path) -> dict:
     "Make the path-valued keys of a raw config absolute, relative to `base`."
     def absolute(p): return str((base / Path(p).expanduser()).resolve()) if isinstance(p, str) else p

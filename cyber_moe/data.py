@@ -91,7 +91,7 @@ class LoadReport:
         if path is not None: Path(path).write_text(text + "\n", encoding="utf-8")
         return text
 
-# %% ../nbs/10_data.ipynb #e1982659
+# %% ../nbs/10_data.ipynb #c60ddf2a
 @dataclass(frozen=True)
 class FlowFile:
     "One CSV to read: a file on disk, or a member of a zip (`member` set)."
@@ -142,7 +142,7 @@ def _zip_members(path: Path) -> list[FlowFile]:
     if not names: raise DataError(f"{path}: the zip holds no .csv member; give the zip of the data set's CSV files")
     return [FlowFile(path, n) for n in names]
 
-
+# %% ../nbs/10_data.ipynb #a1b972ed
 def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[FlowFile]:
     "The CSV files named by `paths`: files, folders (their *.csv and *.zip, sorted) and zips (their *.csv members)."
     if isinstance(paths, (str, Path)): paths = [paths]
@@ -314,7 +314,7 @@ def _to_frame(batches: list[pa.RecordBatch]) -> pd.DataFrame:
         del chunks
     return pd.DataFrame(data, copy=False)
 
-# %% ../nbs/10_data.ipynb #e781eee8
+# %% ../nbs/10_data.ipynb #4e120519
 _RELEASE_VERSIONS = {"original": {"flows": "original-flows", "ml": "original-ml"},
                      "engelen2021": {"engelen2021": "engelen2021"}}
 
@@ -372,11 +372,11 @@ def _finish(df: pd.DataFrame, schema: FlowSchema, report: LoadReport, *, strict:
     report.class_counts = {str(k): int(v) for k, v in df[FAMILY].value_counts().items() if v}
     return df
 
-
+# %% ../nbs/10_data.ipynb #2407efcf
 def _report_non_finite(acc: dict[str, Counter], report: LoadReport) -> None:
     report.non_finite = {c: {k: int(v) for k, v in cnt.items() if v} for c, cnt in acc.items() if sum(cnt.values())}
 
-# %% ../nbs/10_data.ipynb #e9575e1f
+# %% ../nbs/10_data.ipynb #eba576f9
 UNSW_RAW_IDENTIFIERS = ("srcip", "sport", "dstip", "dsport", "stime", "ltime")
 _UNSW_RAW_RENAME = {"smeansz": "smean", "dmeansz": "dmean", "res_bdy_len": "response_body_len",
                     "sintpkt": "sinpkt", "dintpkt": "dinpkt"}
@@ -396,7 +396,7 @@ def unsw_raw_names(features_csv: FlowFile | str | Path) -> list[str]:
         raise DataError(f"{ff.name}: expected the 49 column names of the raw UNSW-NB15 files, found {len(names)}")
     return names
 
-
+# %% ../nbs/10_data.ipynb #625a781f
 def load_unsw_nb15(paths, *, max_rows: int | None = None, verify_checksums: bool = True,
                    strict: bool = True) -> tuple[pd.DataFrame, LoadReport]:
     "Load UNSW-NB15 partitions (45 columns) or raw files (49, with NUSW-NB15_features.csv) into a flows frame and a `LoadReport`."
@@ -452,7 +452,7 @@ def load_unsw_nb15(paths, *, max_rows: int | None = None, verify_checksums: bool
                  label0_attack=int((bad & (df[IS_ATTACK] == 1).to_numpy()).sum()))
     return df, report
 
-# %% ../nbs/10_data.ipynb #128cc830
+# %% ../nbs/10_data.ipynb #ead03a16
 _ENGELEN_RENAME = {
     "Src IP": "Source IP", "Src Port": "Source Port", "Dst IP": "Destination IP", "Dst Port": "Destination Port",
     "Total Fwd Packet": "Total Fwd Packets", "Total Bwd packets": "Total Backward Packets",
@@ -512,7 +512,7 @@ def _cic_names(fields: list[str], variant: str) -> list[str]:
     names = clean_header(fields)
     return [_ENGELEN_RENAME.get(n, n) for n in names] if variant == "engelen2021" else names
 
-
+# %% ../nbs/10_data.ipynb #6f07780a
 def _cic_on_batch(b: pa.RecordBatch, ff: FlowFile, acc: dict, state: Counter) -> pa.RecordBatch:
     "Drop lines without any value, check and drop the duplicate Fwd Header Length, count non-finite values."
     lab = b.column("Label")
@@ -531,7 +531,7 @@ def _cic_on_batch(b: pa.RecordBatch, ff: FlowFile, acc: dict, state: Counter) ->
     _count_non_finite(b, acc)
     return _with_source_file(b, ff.name)
 
-
+# %% ../nbs/10_data.ipynb #f6ec8e26
 def load_cic_ids2017(paths, *, max_rows: int | None = None, verify_checksums: bool = True, release: str = "original",
                      attempted: str = "benign", strict: bool = True) -> tuple[pd.DataFrame, LoadReport]:
     "Load CIC-IDS2017 CSVs, folders or zips (original TrafficLabelling / MachineLearningCSV, or `release='engelen2021'`) into a flows frame and a `LoadReport`."
@@ -636,7 +636,7 @@ def load_flows(source: str, paths, *, max_rows: int | None = None, verify_checks
     if max_rows is not None and max_rows <= 0: raise ValueError(f"max_rows must be positive, got {max_rows}")
     return LOADERS[name](paths, max_rows=max_rows, verify_checksums=verify_checksums, release=release)
 
-# %% ../nbs/10_data.ipynb #da2ff4ac
+# %% ../nbs/10_data.ipynb #0cb8997e
 def _lint_rules() -> dict[str, object]:
     from idsdata.lint import RULES
     return {r.id: r for r in RULES}
@@ -686,7 +686,7 @@ def inspect_flows(paths, source: str | None = None, *, release: str = "original"
         "constant_columns": constant, "identifier_columns": present_ids, "unknown_labels": rep.unknown_labels,
         "findings": finds, "load_report": rep.to_dict()}
 
-
+# %% ../nbs/10_data.ipynb #a7af0f8c
 def format_inspect(report: dict) -> str:
     "`inspect_flows` output as plain-text tables for a terminal (names and labels from the files shown with `terminal_safe`)."
     t = terminal_safe
@@ -711,4 +711,3 @@ def format_inspect(report: dict) -> str:
         out.append("\nids-lint rules that fire:")
         out += [f"  {f['rule']} {f['severity']:<5} {f['name']}: {t(f['detail'])}" for f in report["findings"]]
     return "\n".join(out)
-

@@ -128,7 +128,7 @@ def plan_units(inputs: list[dict], *, rows_per_task: int = 1_000_000) -> list[Wo
                                   n_rows=n_rows if rg is None else rows))
     return units
 
-# %% ../nbs/88_distributed.ipynb #bf3b1c9b
+# %% ../nbs/88_distributed.ipynb #449f5e91
 _BUNDLES: dict = {}
 _BUNDLE_LOCK = threading.Lock()
 RUNTIMES = ("onnx", "torch")
@@ -184,7 +184,7 @@ def _flow_alerts(df: pd.DataFrame, pred: pd.DataFrame, bundle, alert_format: str
     scored = pd.concat([ids, community_ids(ids).to_frame(), verdict], axis=1).assign(attack_family=fam)
     return make_alerts(scored, bundle, alert_format=alert_format)
 
-
+# %% ../nbs/88_distributed.ipynb #1dcec6fd
 def _read_unit(unit: WorkUnit) -> pd.DataFrame:
     "The rows of a flow unit: the whole file (as `read_raw` reads it) or its row groups."
     from cyber_moe.bundle import read_raw, strip_columns
@@ -324,7 +324,7 @@ def run_units(client, units: list[WorkUnit], model: str, out_dir: str | Path, ma
         for t in (Path(out_dir) / d).rglob(".*.tmp-*"): t.unlink(missing_ok=True)
     return {"results": results, "failures": failures, "skipped_done": len(units) - len(todo)}
 
-# %% ../nbs/88_distributed.ipynb #ebca18d5
+# %% ../nbs/88_distributed.ipynb #3a0d358d
 class ClusterError(ValueError):
     "The Dask scheduler given cannot be reached: the message names its address."
 
@@ -345,7 +345,7 @@ def summary_text(s: dict) -> str:
     lines.append(f"verdicts: {s['output']}/verdicts  alerts: {s['output']}/alerts  manifest: {s['manifest']}")
     return "\n".join(lines)
 
-
+# %% ../nbs/88_distributed.ipynb #7f357fcd
 def score_many(inputs: list[str], model: str | Path, output: str | Path, *, scheduler: str | None = None,
                workers: int | None = None, rows_per_task: int = 1_000_000, runtime: str = "onnx", batch_size: int = 1024,
                alert_format: str = "ecs", allow_truncated: bool = False, stream: TextIO | None = None,

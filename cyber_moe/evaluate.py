@@ -172,7 +172,7 @@ def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_f
     if rule == "target_fpr": out["target_fpr"] = float(target_fpr)
     return out
 
-# %% ../nbs/55_evaluate.ipynb #712597e2
+# %% ../nbs/55_evaluate.ipynb #b3af94ac
 def _prob_table(probs) -> np.ndarray:
     "Checked [n, C] probabilities: [n, C] as they are, a 1-D array p(class 1) as [1 - p, p]."
     p = np.asarray(probs, dtype=np.float64)
@@ -233,7 +233,7 @@ def _nll_at(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     if s.ndim == 1: return float(-np.mean(np.where(y == 1, log_expit(s), log_expit(-s))))
     return float(-np.mean(log_softmax(s, axis=1)[np.arange(len(y)), y]))
 
-
+# %% ../nbs/55_evaluate.ipynb #e6125765
 def fit_temperature(logits_val, y_val, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     "The temperature T minimising the NLL of `y_val` under `logits_val / T` (validation rows only)."
     z = _logits(logits_val, "logits_val")
@@ -342,7 +342,7 @@ def write_metrics(path: str | Path, metrics: dict) -> Path:
     path.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
     return path
 
-# %% ../nbs/55_evaluate.ipynb #3fed78c1
+# %% ../nbs/55_evaluate.ipynb #08d1460b
 # one colour per model, in the order models are given, shared by every figure (and the dashboard)
 MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
@@ -399,7 +399,7 @@ def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_p
     fig.update_layout(title="Attack vs benign", width=1100, height=500)
     return fig
 
-
+# %% ../nbs/55_evaluate.ipynb #8d04e8f8
 def fig_per_class_f1(family: dict) -> go.Figure:
     "Grouped bars of per-class F1 for each model in `family` ({name: family_metrics(...)}); hover shows support."
     import plotly.graph_objects as go
@@ -454,7 +454,7 @@ def evaluation_figures(*, y_family, y_binary, predictions: dict, metrics: dict, 
         if "gate" in m: figs[f"gate_{name}"] = fig_gate_usage(m["gate"])
     return figs
 
-
+# %% ../nbs/55_evaluate.ipynb #afabc59c
 def save_figures(figs: dict, out_dir: str | Path, *, include_plotlyjs: bool | str = "directory") -> dict[str, Path]:
     "Write each figure as `<name>.html` in `out_dir`; with 'directory' plotly.min.js is written once beside them (works offline)."
     if include_plotlyjs == "cdn": raise ValueError("save_figures: include_plotlyjs='cdn' needs internet access; use 'directory' or True")

@@ -53,7 +53,7 @@ def feature_groups(df: pd.DataFrame, *, schema: FlowSchema) -> np.ndarray:
     h = pd.util.hash_pandas_object(df[cols], index=False).to_numpy()
     return pd.factorize(h)[0].astype(np.int64)
 
-# %% ../nbs/20_features.ipynb #cd08b8a8
+# %% ../nbs/20_features.ipynb #e2e0da4d
 @dataclass
 class SplitResult:
     "Positional row indices (sorted int64) of train / val / test, and a JSON-ready `record` of how they were made."
@@ -113,7 +113,7 @@ def _as_time(s: pd.Series, col: str) -> np.ndarray:
                           f"e.g. {s[bad].iloc[0]!r} (row {int(np.flatnonzero(bad)[0])}); fix the file or use strategy 'random'")
     return t
 
-
+# %% ../nbs/20_features.ipynb #553845d8
 def _assign_time(t: np.ndarray, fam_idx: np.ndarray, val_frac: float, test_frac: float) -> np.ndarray:
     "Split id per row: within each class, the latest `test_frac` of rows is test, the `val_frac` before it val."
     part = np.zeros(len(t), np.int8)
@@ -167,7 +167,7 @@ def _assign_session(df: pd.DataFrame, col: str, groups: np.ndarray, fam_idx: np.
         part[rng.permutation(rows)[:int(round(val_frac * len(rows)))]] = 1
     return part, {"train": [s for s in sessions if s not in test], "val": [s for s in sessions if s not in test], "test": test}
 
-
+# %% ../nbs/20_features.ipynb #e8a9901b
 def _split_record(part, groups, fam, *, strategy, seed, val_frac, test_frac, group_col) -> dict:
     "The JSON-ready record of a split: sizes, classes per split, duplicate and label-conflict counts."
     n, n_groups = len(part), int(groups.max()) + 1
@@ -189,7 +189,7 @@ def _split_record(part, groups, fam, *, strategy, seed, val_frac, test_frac, gro
         "test_policy": TEST_POLICY,
     }
 
-
+# %% ../nbs/20_features.ipynb #b5868ccd
 def split_flows(df: pd.DataFrame, *, schema: FlowSchema, strategy: str = "random", val_frac: float = 0.15,
                 test_frac: float = 0.2, seed: int = 0, group_col: str | None = None,
                 test_groups: Sequence[str] | None = None) -> SplitResult:

@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['EMBEDDINGS', 'INPUTS', 'EXPERTS', 'DEFAULT_EXPERTS', 'FLAT_SETTINGS', 'check_embedding', 'NumEmbedding', 'Expert',
@@ -75,7 +76,7 @@ class NumEmbedding(nn.Module):
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out if not (self.binned and self.plain) else out[:, self.order]
 
-# %% ../nbs/30_models.ipynb #f3f463cc
+# %% ../nbs/30_models.ipynb #1490b828
 INPUTS = ("x_num", "x_cat", "x_time", "x_seq")   # x_seq: packet sequences [B, N, 4], only for schemas with sequences
 
 
@@ -131,7 +132,7 @@ def resolve_experts(experts: Sequence[str] | Mapping[str, Mapping | None], flat:
         out[name] = {**cls.settings, **legacy, **given}
     return out
 
-
+# %% ../nbs/30_models.ipynb #ca806d4c
 def _in_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], chunk_size: int | None) -> Tensor:
     "`fn(*tensors)` computed over row chunks of `chunk_size` and concatenated (in one piece if None or small)."
     n = tensors[0].shape[0]
@@ -209,7 +210,7 @@ class FeatureTokenizer(nn.Module):
         if self.n_cat: parts.append(self.cat_embed(x_cat + self.cat_offsets) + self.cat_bias)
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
-# %% ../nbs/30_models.ipynb #ac667b04
+# %% ../nbs/30_models.ipynb #43388d90
 class MultiheadAttention(nn.Module):
     "Multi-head attention with attention dropout; queries [B, Tq, d] attend over keys/values [B, T, d]."
 
@@ -264,7 +265,7 @@ class TransformerBlock(nn.Module):
         x = x_q + self.drop(self.attn(h_q, h))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
-
+# %% ../nbs/30_models.ipynb #0d700bcf
 @register_expert("tabular")
 class FTTransformer(ExpertModule):
     "The tabular expert: feature tokens + CLS through pre-norm transformer blocks -> CLS state [B, d_token]."
@@ -424,14 +425,14 @@ class SequenceCNN(ExpertModule):
         mx = (h - (1 - mt) * 1e4).amax(-1) * (mt.sum(-1) > 0)      # max over real packets (0 for an empty flow)
         return F.relu(self.out(torch.cat([mean, mx, mt.mean(-1)], 1)))
 
-# %% ../nbs/30_models.ipynb #c04f9292
+# %% ../nbs/30_models.ipynb #3e0e51d0
 def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:
     "Switch load-balancing loss `E * sum_e f_e * P_e` from gate probabilities [B, E] and chosen experts [B] (1 = balanced, E = collapsed)."
     n_experts = probs.shape[1]
     fraction = torch.bincount(assigned, minlength=n_experts).to(probs.dtype) / max(1, assigned.numel())
     return n_experts * (fraction * probs.mean(0)).sum()
 
-
+# %% ../nbs/30_models.ipynb #5e64e007
 class Gate(nn.Module):
     "MLP over all features -> expert weights [B, E] (dense softmax or sparse top-k) and a load-balancing loss."
 
@@ -490,7 +491,7 @@ class Gate(nn.Module):
         else: kept = top.softmax(-1)
         return torch.zeros_like(probs).scatter(1, idx, kept), aux
 
-# %% ../nbs/30_models.ipynb #c95ed1f2
+# %% ../nbs/30_models.ipynb #f1474bd5
 DEFAULT_EXPERTS = ("tabular", "temporal")
 # the flat keyword settings older params files use for the built-in experts (`model.d_token`, `model.d_temporal`, ...)
 FLAT_SETTINGS = tuple(dict.fromkeys(k for c in EXPERTS.values() if c.legacy_flat for k in c.settings))
@@ -506,7 +507,7 @@ def _mean_of_sigmoid_logit(logit_k: Tensor) -> Tensor:
     p = logit_k.float().sigmoid().mean(1).clamp(1e-7, 1 - 1e-7)
     return torch.log(p) - torch.log1p(-p)
 
-
+# %% ../nbs/30_models.ipynb #f4f99217
 class MoEClassifier(nn.Module):
     "Gate-weighted mixture of registered experts (`EXPERTS`) -> binary and family logits."
 
@@ -551,80 +552,90 @@ class MoEClassifier(nn.Module):
         "True when an expert reads the packet sequences (`x_seq`)."
         return any("x_seq" in self.nets[e].inputs for e in self.experts)
 
-    def _check(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> None:
-        "Raise ValueError when the arrays do not match the sizes this model was built with."
-        n_cat = len(self.cat_cardinalities)
-        if self.needs_sequences:
-            if x_seq is None:
-                raise ValueError("x_seq is missing: this model has a sequence expert and needs each flow's first packets "
-                                 "(x_seq [B, N, 4] from a Preprocessor whose schema has sequences; meter captures with splt=N)")
-            if x_seq.ndim != 3 or x_seq.shape[0] != x_num.shape[0] or x_seq.shape[2] != 4:
-                raise ValueError(f"x_seq has shape {tuple(x_seq.shape)} but the model expects [{x_num.shape[0]}, N, 4] "
-                                 "(direction, size, time, mask per packet)")
-        for name, x, n in (("x_num", x_num, self.n_num), ("x_cat", x_cat, n_cat), ("x_time", x_time, self.n_time)):
-            if x.ndim != 2 or x.shape[1] != n or x.shape[0] != x_num.shape[0]:
-                raise ValueError(f"{name} has shape {tuple(x.shape)} but the model expects [{x_num.shape[0]}, {n}]: "
-                                 "feed the arrays of the Preprocessor the model was built for")
-        if x_cat.dtype != torch.long: raise ValueError(f"x_cat must be int64 category indices, got {x_cat.dtype}")
-        if n_cat and x_cat.numel():
-            bad = (x_cat < 0) | (x_cat >= self._cards)
-            if bad.any():
-                j = int(bad.any(0).nonzero()[0])
-                raise ValueError(f"x_cat column {j} holds index {int(x_cat[bad.any(1), j][0])} outside 0..{self.cat_cardinalities[j] - 1} "
-                                 "(0 is the unknown bucket): encode categories with the model's Preprocessor")
+# %% ../nbs/30_models.ipynb #30547ac4
+@patch
+def _check(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> None:
+    "Raise ValueError when the arrays do not match the sizes this model was built with."
+    n_cat = len(self.cat_cardinalities)
+    if self.needs_sequences:
+        if x_seq is None:
+            raise ValueError("x_seq is missing: this model has a sequence expert and needs each flow's first packets "
+                             "(x_seq [B, N, 4] from a Preprocessor whose schema has sequences; meter captures with splt=N)")
+        if x_seq.ndim != 3 or x_seq.shape[0] != x_num.shape[0] or x_seq.shape[2] != 4:
+            raise ValueError(f"x_seq has shape {tuple(x_seq.shape)} but the model expects [{x_num.shape[0]}, N, 4] "
+                             "(direction, size, time, mask per packet)")
+    for name, x, n in (("x_num", x_num, self.n_num), ("x_cat", x_cat, n_cat), ("x_time", x_time, self.n_time)):
+        if x.ndim != 2 or x.shape[1] != n or x.shape[0] != x_num.shape[0]:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but the model expects [{x_num.shape[0]}, {n}]: "
+                             "feed the arrays of the Preprocessor the model was built for")
+    if x_cat.dtype != torch.long: raise ValueError(f"x_cat must be int64 category indices, got {x_cat.dtype}")
+    if n_cat and x_cat.numel():
+        bad = (x_cat < 0) | (x_cat >= self._cards)
+        if bad.any():
+            j = int(bad.any(0).nonzero()[0])
+            raise ValueError(f"x_cat column {j} holds index {int(x_cat[bad.any(1), j][0])} outside 0..{self.cat_cardinalities[j] - 1} "
+                             "(0 is the unknown bucket): encode categories with the model's Preprocessor")
 
-    def _represent(self, name: str, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None, *,
-                   chunked: bool = True) -> Tensor:
-        "Expert `name`'s representation projected to [B, d_head] ([B, k, d_head] when the model has k > 1 members)."
-        net = self.nets[name]
-        given = {"x_num": x_num, "x_cat": x_cat, "x_time": x_time, "x_seq": x_seq}
-        xs = [given[i] for i in net.inputs]
-        h = self.proj[name](net(*xs) if chunked else net._forward(*xs))
-        return h[:, None].expand(-1, self.k, -1) if self.k > 1 and h.ndim == 2 else h
 
-    def _outputs(self, mixed: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        "(binary [B], family [B, C], binary_k, family_k) from the mixed representation; the k-member outputs only when k > 1."
-        h = self.head(mixed)
-        b, f = self.binary_out(h).squeeze(-1), self.family_out(h)
-        if self.k == 1: return b, f, None, None
-        return _mean_of_sigmoid_logit(b), _mean_of_softmax_logits(f), b, f
+@patch
+def _represent(self: MoEClassifier, name: str, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None, *,
+               chunked: bool = True) -> Tensor:
+    "Expert `name`'s representation projected to [B, d_head] ([B, k, d_head] when the model has k > 1 members)."
+    net = self.nets[name]
+    given = {"x_num": x_num, "x_cat": x_cat, "x_time": x_time, "x_seq": x_seq}
+    xs = [given[i] for i in net.inputs]
+    h = self.proj[name](net(*xs) if chunked else net._forward(*xs))
+    return h[:, None].expand(-1, self.k, -1) if self.k > 1 and h.ndim == 2 else h
 
-    def forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> dict[str, Tensor]:
-        "-> dict(binary [B], family [B, C], gate [B, E], aux_loss []); with k > 1 members also binary_k [B, k], family_k [B, k, C]."
-        self._check(x_num, x_cat, x_time, x_seq)
-        B = x_num.shape[0]
-        if self.gate is None: weights, aux = x_num.new_ones(B, 1), x_num.new_zeros(())
-        else: weights, aux = self.gate(x_num, x_cat, x_time)
-        mixed = None
-        shape = (B, self.k, self.d_head) if self.k > 1 else (B, self.d_head)
-        for e, name in enumerate(self.experts):
-            w = weights[:, e]
-            if self.gate is not None and self.gate.sparse:
-                rows = w.nonzero().squeeze(1)
-                if rows.numel() == 0: continue
-                r = self._represent(name, x_num[rows], x_cat[rows], x_time[rows], None if x_seq is None else x_seq[rows])
-                part = w[rows].view(-1, *[1] * (r.ndim - 1)) * r
-                if mixed is None: mixed = part.new_zeros(shape)
-                mixed = mixed.index_add(0, rows, part)
-            else:
-                r = self._represent(name, x_num, x_cat, x_time, x_seq)
-                part = w.view(-1, *[1] * (r.ndim - 1)) * r
-                mixed = part if mixed is None else mixed + part
-        b, f, b_k, f_k = self._outputs(mixed)
-        out = {"binary": b, "family": f, "gate": weights, "aux_loss": aux}
-        if b_k is not None: out.update(binary_k=b_k, family_k=f_k)
-        return out
 
-    def infer(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        "(binary [B], family [B, C], gate [B, E]) with every expert on every row, unchecked, unchunked: the graph ONNX export records."
-        w = self.gate(x_num, x_cat, x_time)[0] if self.gate is not None else x_num.new_ones(x_num.shape[0], 1)
-        mixed = None
-        for e, n in enumerate(self.experts):
-            r = self._represent(n, x_num, x_cat, x_time, x_seq, chunked=False)
-            part = w[:, e].view(-1, *[1] * (r.ndim - 1)) * r
+@patch
+def _outputs(self: MoEClassifier, mixed: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    "(binary [B], family [B, C], binary_k, family_k) from the mixed representation; the k-member outputs only when k > 1."
+    h = self.head(mixed)
+    b, f = self.binary_out(h).squeeze(-1), self.family_out(h)
+    if self.k == 1: return b, f, None, None
+    return _mean_of_sigmoid_logit(b), _mean_of_softmax_logits(f), b, f
+
+# %% ../nbs/30_models.ipynb #99e041e3
+@patch
+def forward(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> dict[str, Tensor]:
+    "-> dict(binary [B], family [B, C], gate [B, E], aux_loss []); with k > 1 members also binary_k [B, k], family_k [B, k, C]."
+    self._check(x_num, x_cat, x_time, x_seq)
+    B = x_num.shape[0]
+    if self.gate is None: weights, aux = x_num.new_ones(B, 1), x_num.new_zeros(())
+    else: weights, aux = self.gate(x_num, x_cat, x_time)
+    mixed = None
+    shape = (B, self.k, self.d_head) if self.k > 1 else (B, self.d_head)
+    for e, name in enumerate(self.experts):
+        w = weights[:, e]
+        if self.gate is not None and self.gate.sparse:
+            rows = w.nonzero().squeeze(1)
+            if rows.numel() == 0: continue
+            r = self._represent(name, x_num[rows], x_cat[rows], x_time[rows], None if x_seq is None else x_seq[rows])
+            part = w[rows].view(-1, *[1] * (r.ndim - 1)) * r
+            if mixed is None: mixed = part.new_zeros(shape)
+            mixed = mixed.index_add(0, rows, part)
+        else:
+            r = self._represent(name, x_num, x_cat, x_time, x_seq)
+            part = w.view(-1, *[1] * (r.ndim - 1)) * r
             mixed = part if mixed is None else mixed + part
-        b, f, _, _ = self._outputs(mixed)
-        return b, f, w
+    b, f, b_k, f_k = self._outputs(mixed)
+    out = {"binary": b, "family": f, "gate": weights, "aux_loss": aux}
+    if b_k is not None: out.update(binary_k=b_k, family_k=f_k)
+    return out
+
+
+@patch
+def infer(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    "(binary [B], family [B, C], gate [B, E]) with every expert on every row, unchecked, unchunked: the graph ONNX export records."
+    w = self.gate(x_num, x_cat, x_time)[0] if self.gate is not None else x_num.new_ones(x_num.shape[0], 1)
+    mixed = None
+    for e, n in enumerate(self.experts):
+        r = self._represent(n, x_num, x_cat, x_time, x_seq, chunked=False)
+        part = w[:, e].view(-1, *[1] * (r.ndim - 1)) * r
+        mixed = part if mixed is None else mixed + part
+    b, f, _, _ = self._outputs(mixed)
+    return b, f, w
 
 # %% ../nbs/30_models.ipynb #8787c4c9
 def n_parameters(module: nn.Module) -> int:

@@ -62,7 +62,7 @@ def derive_columns(flows: pd.DataFrame) -> pd.DataFrame:
         flows[name] = flows[count].to_numpy(dtype="float64") / seconds
     return flows
 
-# %% ../nbs/12_nfstream.ipynb #8dc1f0c8
+# %% ../nbs/12_nfstream.ipynb #fb9749a2
 class PcapError(ValueError):
     "A capture NFStream cannot read, or can read only in part: the message names the file and what to do."
 
@@ -121,7 +121,7 @@ def check_pcap(path) -> dict:
             else: fmt, (n, cut) = "pcap", _walk_pcap(mm, size, _PCAP_MAGIC[magic])
     return {"format": fmt, "n_packets": n, "truncated_at": cut}
 
-
+# %% ../nbs/12_nfstream.ipynb #872d3598
 _SPLT_LISTS = {"dir": "splt_direction", "ps": "splt_ps", "piat": "splt_piat_ms"}
 
 

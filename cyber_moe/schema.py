@@ -9,11 +9,13 @@ import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
+from fastcore.basics import patch
+
 # %% auto #0
 __all__ = ['FAMILY', 'IS_ATTACK', 'SEQ_CHANNELS', 'SEQ_PREFIX', 'SCHEMAS', 'UNSW_NB15', 'CIC_IDS2017', 'sequence_columns',
            'SchemaError', 'FlowSchema', 'register_schema', 'get_schema', 'sequence_array']
 
-# %% ../nbs/05_schema.ipynb #1ef2048f
+# %% ../nbs/05_schema.ipynb #49f44d1b
 FAMILY = "family"
 IS_ATTACK = "is_attack"
 
@@ -30,7 +32,7 @@ def sequence_columns(n: int) -> tuple[str, ...]:
 class SchemaError(ValueError):
     "Input that does not fit a `FlowSchema`: the message names the source, the file and the columns or labels at fault."
 
-
+# %% ../nbs/05_schema.ipynb #bfb698d7
 @dataclass(frozen=True)
 class FlowSchema:
     "The columns of one source's flow table: features by kind (timing in order), label, identifiers and known classes."
@@ -74,39 +76,48 @@ class FlowSchema:
         "Flat columns of the packet sequence (`splt_dir_i`, `splt_ps_i`, `splt_piat_i` for i < `sequence`); empty without sequences."
         return sequence_columns(self.sequence)
 
-    def missing(self, columns: Iterable[str], *, labels: bool = False) -> list[str]:
-        "Required columns absent from `columns` (features, sequence columns, plus the label column when `labels`)."
-        have = set(columns)
-        need = list(self.features) + list(self.sequence_columns) + ([self.label] if labels else [])
-        return [c for c in need if c not in have]
+# %% ../nbs/05_schema.ipynb #26bbc150
+@patch
+def missing(self: FlowSchema, columns: Iterable[str], *, labels: bool = False) -> list[str]:
+    "Required columns absent from `columns` (features, sequence columns, plus the label column when `labels`)."
+    have = set(columns)
+    need = list(self.features) + list(self.sequence_columns) + ([self.label] if labels else [])
+    return [c for c in need if c not in have]
 
-    def check_columns(self, columns: Iterable[str], *, labels: bool = False, where: str = "input") -> None:
-        "Raise `SchemaError` naming `where` and every missing column, if any is missing (missing packet sequences said as such)."
-        columns = list(columns)
-        miss = self.missing(columns, labels=labels)
-        seq = set(self.sequence_columns)
-        if seq and seq.issubset(miss):
-            raise SchemaError(f"{where}: this {self.name} model needs each flow's first {self.sequence} packets "
-                              f"(columns {SEQ_PREFIX['dir']}0..{self.sequence - 1}, {SEQ_PREFIX['ps']}0.., "
-                              f"{SEQ_PREFIX['piat']}0..) and the input has none: meter the capture with "
-                              f"splt={self.sequence} (NFStream splt_analysis) or use a model without a sequence expert")
-        if miss:
-            raise SchemaError(f"{where}: not a {self.name} flow table: {len(miss)} missing column(s): {', '.join(miss)}")
 
-    def canonical_label(self, raw: str) -> str:
-        "The class name for a raw label value (stray spaces stripped, aliases applied); unknown names pass through."
-        s = " ".join(str(raw).split())
-        return self.label_aliases.get(s, s)
+@patch
+def check_columns(self: FlowSchema, columns: Iterable[str], *, labels: bool = False, where: str = "input") -> None:
+    "Raise `SchemaError` naming `where` and every missing column, if any is missing (missing packet sequences said as such)."
+    columns = list(columns)
+    miss = self.missing(columns, labels=labels)
+    seq = set(self.sequence_columns)
+    if seq and seq.issubset(miss):
+        raise SchemaError(f"{where}: this {self.name} model needs each flow's first {self.sequence} packets "
+                          f"(columns {SEQ_PREFIX['dir']}0..{self.sequence - 1}, {SEQ_PREFIX['ps']}0.., "
+                          f"{SEQ_PREFIX['piat']}0..) and the input has none: meter the capture with "
+                          f"splt={self.sequence} (NFStream splt_analysis) or use a model without a sequence expert")
+    if miss:
+        raise SchemaError(f"{where}: not a {self.name} flow table: {len(miss)} missing column(s): {', '.join(miss)}")
 
-    def to_dict(self) -> dict:
-        "A JSON-ready description, stored in every model bundle."
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "FlowSchema":
-        "Rebuild a schema from `to_dict` output."
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+@patch
+def canonical_label(self: FlowSchema, raw: str) -> str:
+    "The class name for a raw label value (stray spaces stripped, aliases applied); unknown names pass through."
+    s = " ".join(str(raw).split())
+    return self.label_aliases.get(s, s)
+
+
+@patch
+def to_dict(self: FlowSchema) -> dict:
+    "A JSON-ready description, stored in every model bundle."
+    d = asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@patch(cls_method=True)
+def from_dict(cls: FlowSchema, d: dict) -> "FlowSchema":
+    "Rebuild a schema from `to_dict` output."
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 # %% ../nbs/05_schema.ipynb #e539d64d
 SCHEMAS: dict[str, FlowSchema] = {}

@@ -20,6 +20,7 @@ import pandas as pd
 
 from .nfstream import NFSTREAM, pcap_to_flows
 from .schema import FAMILY, IS_ATTACK
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['EPOCH', 'GENERATOR_VERSION', 'FAMILIES', 'ATTACK_SHARES', 'SYN', 'ACK', 'PSH', 'FIN', 'RST', 'MSS', 'SERVERS',
@@ -66,7 +67,7 @@ OPEN_PORTS = {"web": (80, 443), "web2": (80, 443, 8080), "dns": (53,), "ssh": (2
 _SCAN_PORTS = (21, 22, 23, 25, 53, 80, 110, 111, 135, 139, 143, 443, 445, 587, 993, 995, 1433, 1723, 3306, 3389,
                5432, 5666, 5900, 8000, 8080, 8443, 8888, 9100)
 
-# %% ../nbs/15_synth.ipynb #461c3a13
+# %% ../nbs/15_synth.ipynb #e179819d
 class Wire:
     "Packets of one generation (appended in any order, time-sorted before writing) and their ground truth."
 
@@ -94,7 +95,7 @@ class Wire:
         "Record the ground truth of one connection: family, 5-tuple, first and last packet time."
         self.truth.append((family, proto, cli.ip, cport, srv.ip, sport, t0, t1))
 
-
+# %% ../nbs/15_synth.ipynb #eb8fab42
 class Tcp:
     "One TCP connection between a client and a server, built packet by packet with a moving clock."
 
@@ -123,61 +124,73 @@ class Tcp:
         "Let `seconds` pass with nothing on the wire."
         self.t += seconds
 
-    def connect(self, *, answered: bool = True, syn_tries: int = 1) -> bool:
-        "SYN (sent `syn_tries` times, 1 s, 2 s, 4 s apart), then SYN/ACK and ACK unless nobody answers."
-        for i in range(syn_tries):
-            if i: self.t += 2.0 ** (i - 1) * (1 + 0.02 * self.r.random())
-            self.packet(True, SYN, opts=self.opts)
-            self.cseq -= 1                       # a retransmitted SYN reuses the initial sequence number
-        self.cseq += 1
-        if not answered: return False
-        self.half(); self.packet(False, SYN | ACK, opts=self.opts[:4])
-        self.half(); self.packet(True, ACK)
-        return True
+# %% ../nbs/15_synth.ipynb #374462ad
+@patch
+def connect(self: Tcp, *, answered: bool = True, syn_tries: int = 1) -> bool:
+    "SYN (sent `syn_tries` times, 1 s, 2 s, 4 s apart), then SYN/ACK and ACK unless nobody answers."
+    for i in range(syn_tries):
+        if i: self.t += 2.0 ** (i - 1) * (1 + 0.02 * self.r.random())
+        self.packet(True, SYN, opts=self.opts)
+        self.cseq -= 1                       # a retransmitted SYN reuses the initial sequence number
+    self.cseq += 1
+    if not answered: return False
+    self.half(); self.packet(False, SYN | ACK, opts=self.opts[:4])
+    self.half(); self.packet(True, ACK)
+    return True
 
-    def send(self, from_cli: bool, n_bytes: int, *, ack_each: bool = True):
-        "Send `n_bytes` as MSS segments (PSH on the last), with delayed ACKs and the odd retransmission."
-        r, sent = self.r, 0
-        while sent < n_bytes:
-            seg = min(MSS, n_bytes - sent)
-            sent += seg
-            last = sent >= n_bytes
-            if self.loss and r.random() < self.loss:  # lost: sent, then sent again after the retransmission timeout
-                self.packet(from_cli, ACK | (PSH if last else 0), seg)
-                if from_cli: self.cseq -= seg
-                else: self.sseq -= seg
-                self.t += max(0.2, 3 * self.rtt) * (1 + 0.1 * r.random())
+
+@patch
+def send(self: Tcp, from_cli: bool, n_bytes: int, *, ack_each: bool = True):
+    "Send `n_bytes` as MSS segments (PSH on the last), with delayed ACKs and the odd retransmission."
+    r, sent = self.r, 0
+    while sent < n_bytes:
+        seg = min(MSS, n_bytes - sent)
+        sent += seg
+        last = sent >= n_bytes
+        if self.loss and r.random() < self.loss:  # lost: sent, then sent again after the retransmission timeout
             self.packet(from_cli, ACK | (PSH if last else 0), seg)
-            self.t += 0.00012 + 0.0003 * r.random()
-            if not last and (sent // MSS) % 10 == 0: self.half(2)
-            if ack_each and ((sent // MSS) % 2 == 0 or last):
-                t_save = self.t
-                self.half(); self.t += (0.04 if last and seg < MSS else 0.0) * r.random()
-                self.packet(not from_cli, ACK)
-                if not last: self.t = t_save
-        self.half()
+            if from_cli: self.cseq -= seg
+            else: self.sseq -= seg
+            self.t += max(0.2, 3 * self.rtt) * (1 + 0.1 * r.random())
+        self.packet(from_cli, ACK | (PSH if last else 0), seg)
+        self.t += 0.00012 + 0.0003 * r.random()
+        if not last and (sent // MSS) % 10 == 0: self.half(2)
+        if ack_each and ((sent // MSS) % 2 == 0 or last):
+            t_save = self.t
+            self.half(); self.t += (0.04 if last and seg < MSS else 0.0) * r.random()
+            self.packet(not from_cli, ACK)
+            if not last: self.t = t_save
+    self.half()
 
-    def exchange(self, req: int, resp: int, *, server_time: float = 0.0):
-        "A request from the client, then the server's answer after `server_time` seconds."
-        self.send(True, req, ack_each=resp == 0)
-        self.t += server_time
-        if resp: self.send(False, resp)
 
-    def close(self, by_client: bool = True):
-        "FIN/ACK from one side, FIN/ACK back, last ACK."
-        self.packet(by_client, FIN | ACK); self.half()
-        self.packet(not by_client, FIN | ACK); self.half()
-        self.packet(by_client, ACK)
-        self.done()
+@patch
+def exchange(self: Tcp, req: int, resp: int, *, server_time: float = 0.0):
+    "A request from the client, then the server's answer after `server_time` seconds."
+    self.send(True, req, ack_each=resp == 0)
+    self.t += server_time
+    if resp: self.send(False, resp)
 
-    def reset(self, by_client: bool = True):
-        "Abort the connection with RST/ACK."
-        self.packet(by_client, RST | ACK)
-        self.done()
 
-    def done(self):
-        "Record the connection's ground truth (family, 5-tuple, first and last packet time)."
-        self.w.label(self.family, 6, self.cli, self.cport, self.srv, self.sport, self.t0, self.t)
+@patch
+def close(self: Tcp, by_client: bool = True):
+    "FIN/ACK from one side, FIN/ACK back, last ACK."
+    self.packet(by_client, FIN | ACK); self.half()
+    self.packet(not by_client, FIN | ACK); self.half()
+    self.packet(by_client, ACK)
+    self.done()
+
+# %% ../nbs/15_synth.ipynb #d60366e4
+@patch
+def reset(self: Tcp, by_client: bool = True):
+    "Abort the connection with RST/ACK."
+    self.packet(by_client, RST | ACK)
+    self.done()
+
+
+@patch
+def done(self: Tcp):
+    "Record the connection's ground truth (family, 5-tuple, first and last packet time)."
+    self.w.label(self.family, 6, self.cli, self.cport, self.srv, self.sport, self.t0, self.t)
 
 # %% ../nbs/15_synth.ipynb #4df6163f
 CLIENTS = tuple(_host(f"10.0.1.{i}") for i in range(1, 61))
@@ -238,7 +251,7 @@ def _when(r, n_days: int, *, hours=None) -> float:
     h = r.choices(range(24), weights=_HOURLY)[0]
     return EPOCH + day * 86400 + (h + r.random()) * 3600
 
-# %% ../nbs/15_synth.ipynb #5a423462
+# %% ../nbs/15_synth.ipynb #7ac3d9ad
 def _web(w: Wire, t: float, cli: Host):
     "Browsing: a few requests per connection over HTTP or TLS, think times, keep-alive idle or reset at the end."
     r = w.rng
@@ -275,7 +288,7 @@ def _dns(w: Wire, t: float, cli: Host):
     w.udp(t1, srv, cli, 53, sp, q + r.randint(16, 260))
     w.label("benign", 17, cli, sp, srv, 53, t, t1)
 
-
+# %% ../nbs/15_synth.ipynb #fc63c797
 def _ssh(w: Wire, t: float, cli: Host):
     "Logins: failed (typos by people, stale passwords in scripts), scripted commands, interactive shells."
     r = w.rng
@@ -326,7 +339,7 @@ def _smtp(w: Wire, t: float, cli: Host):
     c.exchange(_logn(r, 6000, 1.3, 5_000_000), r.randint(20, 60), server_time=r.uniform(0.01, 0.4))
     c.exchange(6, r.randint(14, 40)); c.close(by_client=False)
 
-
+# %% ../nbs/15_synth.ipynb #69474d3d
 def _monitor(w: Wire, t: float, cli: Host):
     "The monitoring host checks a service: connect, read the banner or ask for /health, close."
     r = w.rng
@@ -386,7 +399,7 @@ def _poll(w: Wire, t: float, cli: Host, srv: Host, port: int, req: tuple, resp: 
     c.exchange(r.randint(*req), r.randint(*resp), server_time=r.lognormvariate(-3.5, 0.8))
     c.wait(r.uniform(0.0, 0.2)); c.close(by_client=r.random() < 0.7)
 
-
+# %% ../nbs/15_synth.ipynb #da038f38
 BENIGN_MIX = {_web: 0.38, _dns: 0.28, _ssh: 0.035, _ftp: 0.015, _smtp: 0.04, _monitor: 0.03, _refused: 0.02,
               _longlived: 0.04}
 POLL_SHARE = 0.15   # benign flows that come from periodic pollers (updates, telemetry, mail checks)
@@ -414,7 +427,7 @@ def _benign(w: Wire, n_flows: int, n_days: int):
             t += period * (1 + r.uniform(-jitter, jitter))
         left -= max(n, 1)
 
-# %% ../nbs/15_synth.ipynb #9c6d42e4
+# %% ../nbs/15_synth.ipynb #64004828
 ATTACKERS = tuple(_host(f"192.0.2.{i}") for i in range(10, 60))
 C2 = tuple(_host(f"203.0.113.{i}") for i in range(200, 210))
 
@@ -454,7 +467,7 @@ def _dos(w: Wire, n_flows: int, n_days: int):
 
 _CGNAT = tuple(range(64, 128))
 
-
+# %% ../nbs/15_synth.ipynb #b41ba1a2
 def _ddos(w: Wire, n_flows: int, n_days: int):
     "Many sources at once: LOIC-like repeated identical HTTP requests on one connection, and UDP floods."
     r = w.rng
@@ -514,7 +527,7 @@ def _portscan(w: Wire, n_flows: int, n_days: int):
                 else: c.half(); c.packet(False, RST | ACK)
                 c.done()
 
-
+# %% ../nbs/15_synth.ipynb #919ff34d
 def _bruteforce(w: Wire, n_flows: int, n_days: int):
     "Patator-like password guessing on SSH or FTP: scripted timing, a few tries per connection, server failures."
     r = w.rng
@@ -562,7 +575,7 @@ def _slowhttp(w: Wire, n_flows: int, n_days: int):
             elif r.random() < 0.5: c.reset()
             else: c.close()
 
-
+# %% ../nbs/15_synth.ipynb #1e738515
 def _bot(w: Wire, n_flows: int, n_days: int):
     "Infected desktops beaconing to a command server (HTTP or TLS, jittered period), now and then uploading loot."
     r = w.rng
@@ -587,7 +600,7 @@ def _bot(w: Wire, n_flows: int, n_days: int):
 ATTACKS = {"dos": _dos, "ddos": _ddos, "portscan": _portscan, "bruteforce": _bruteforce, "slowhttp": _slowhttp,
            "bot": _bot}
 
-# %% ../nbs/15_synth.ipynb #47a0e3c9
+# %% ../nbs/15_synth.ipynb #ea1a53ac
 SNAPLEN = 128
 
 
@@ -630,7 +643,7 @@ def _ends(proto, a_ip, a_port, b_ip, b_port) -> pd.DataFrame:
     b = b_ip.map(ip_int).to_numpy("int64") << 16 | b_port.to_numpy("int64")
     return pd.DataFrame({"_p": proto.to_numpy("int64"), "_lo": np.minimum(a, b), "_hi": np.maximum(a, b)})
 
-
+# %% ../nbs/15_synth.ipynb #0045b247
 def label_flows(flows: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     "Give each NFStream flow the family of the simulated connection with its 5-tuple that was open at its first packet."
     by = ["_p", "_lo", "_hi"]

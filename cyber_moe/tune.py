@@ -28,7 +28,7 @@ __all__ = ['DEFAULT_SPACE', 'MONITOR', 'PARENT_ATTR', 'FINGERPRINT_ATTR', 'SPACE
            'experiment_id', 'parent_run', 'SweepProgress', 'Objective', 'make_pruner', 'open_study', 'run_worker',
            'TuneResult', 'register_best', 'tune']
 
-# %% ../nbs/60_tune.ipynb #866518d5
+# %% ../nbs/60_tune.ipynb #7481b4e1
 DEFAULT_SPACE: dict[str, dict] = {
     "model.d_token": {"choices": [16, 32, 64]},
     "model.n_blocks": {"low": 1, "high": 3},
@@ -72,7 +72,7 @@ def _corner_values(spec: dict) -> list:
     "The values of `spec` that the config must accept: every choice, or both ends of the range."
     return list(spec["choices"]) if "choices" in spec else [spec["low"], spec["high"]]
 
-
+# %% ../nbs/60_tune.ipynb #fad30d82
 def validate_space(space: dict[str, dict], cfg: RunConfig) -> dict[str, dict]:
     "Check that every key of `space` is a config key with a well-formed entry that `cfg` accepts; returns `space`."
     if not space: raise ConfigError("the search space is empty: give at least one key, e.g. {'train.lr': {'low': 1e-4, 'high': 1e-2, 'log': True}}")
@@ -266,7 +266,7 @@ class Objective:
             self.client.set_terminated(run_id, status)
             shutil.rmtree(cfg.run_dir, ignore_errors=True)
 
-# %% ../nbs/60_tune.ipynb #f679f5e6
+# %% ../nbs/60_tune.ipynb #897ea8d1
 def _make_sampler(seed: int):
     import optuna
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
@@ -302,7 +302,7 @@ def _sweep_data(cfg: RunConfig) -> Prepared:
     save_prepared(prep, cfg.run_dir)
     return prep
 
-
+# %% ../nbs/60_tune.ipynb #64068faf
 def run_worker(cfg: RunConfig | dict, *, study_name: str, storage: str, n_trials: int | None, timeout: float | None = None,
                worker: int | None = None, sampler_seed: int = 0, pruner=None, torch_threads: int | None = None,
                show_progress_bar: bool = False, prep: Prepared | None = None) -> int:
@@ -335,7 +335,7 @@ def run_worker(cfg: RunConfig | dict, *, study_name: str, storage: str, n_trials
                    show_progress_bar=show_progress_bar)
     return len(mine)
 
-# %% ../nbs/60_tune.ipynb #c1b346e3
+# %% ../nbs/60_tune.ipynb #e8893452
 @dataclass
 class TuneResult:
     "What a sweep did: its study, the trials of this session, the best trial and the runs that record it."
@@ -383,7 +383,7 @@ def _run_processes(cfg: RunConfig, shares: list[int], *, total: int, show_progre
     failed = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
     if failed: raise RuntimeError(f"tune: worker(s) {', '.join(f'{n} (exit code {c})' for n, c in failed)} failed; their errors are in the log above")
 
-
+# %% ../nbs/60_tune.ipynb #ae3f2066
 def register_best(cfg: RunConfig, study, prep: Prepared, *, parent_run_id: str, register: bool = True) -> tuple[str, dict]:
     "Retrain the study's best configuration in a nested run, score the test split once, register it; returns (run id, metrics)."
     from mlflow.entities import Param
@@ -404,7 +404,7 @@ def register_best(cfg: RunConfig, study, prep: Prepared, *, parent_run_id: str, 
     client.set_terminated(run_id, "FINISHED")
     return run_id, metrics
 
-
+# %% ../nbs/60_tune.ipynb #42352dd2
 def tune(cfg: RunConfig, *, n_trials: int, study_name: str | None = None, storage: str | None = None, workers: int = 1,
          timeout: float | None = None, space: dict[str, dict] | None = None, sampler_seed: int = 0, pruner=None,
          torch_threads: int | None = None, register: bool = True, show_progress_bar: bool = True) -> TuneResult:
