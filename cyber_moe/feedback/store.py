@@ -134,6 +134,7 @@ def _script():
     from alembic.script import ScriptDirectory
     from cyber_moe.feedback.migrations import MIGRATIONS_DIR
     cfg = Config()
+    cfg.set_main_option("path_separator", "os")                          # a folder with spaces stays one folder
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("version_locations", str(MIGRATIONS_DIR))        # the revisions sit next to __init__.py, no versions/
     return cfg, ScriptDirectory.from_config(cfg)
