@@ -48,9 +48,9 @@ __all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'workbench', 'o
            'is_public', 'Door', 'describe', 'request_id', 'WorkbenchRoute', 'OIPRoute', 'UnknownModel', 'BatchTooLarge',
            'served_model', 'Scorer', 'off_loop', 'prediction_records', 'infer_outputs', 'model_metadata', 'mark_alerts',
            'predict', 'predict_batch', 'explain', 'health', 'readiness', 'ready', 'metrics_route', 'reload',
-           'store_call', 'post_feedback', 'get_alerts', 'post_rule', 'get_rules', 'delete_rule', 'v2_server', 'v2_live',
-           'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer', 'service_openapi', 'create_app', 'app_from_env',
-           'HeaderTimeoutH11']
+           'store_call', 'no_extra_query', 'post_feedback', 'get_alerts', 'post_rule', 'get_rules', 'delete_rule',
+           'v2_server', 'v2_live', 'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer', 'service_openapi',
+           'create_app', 'app_from_env', 'HeaderTimeoutH11']
 
 # %% ../../nbs/86_serve_app.ipynb #6a79991b
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
@@ -472,13 +472,23 @@ async def store_call(request: Request, fn: Callable):
         raise FlowError(str(e), [{"loc": [m.group(1)] if m else [], "msg": str(e), "type": "value_error"}]) from None
 
 
+def no_extra_query(request: Request, allowed: set) -> None:
+    "422 naming query parameters a route does not take."
+    extra = sorted(set(request.query_params) - allowed)
+    if extra: raise FlowError(f"unknown query parameter(s): {_names(extra)}; {request.url.path} takes "
+                              + (_names(sorted(allowed)) if allowed else "none"))
+
+
 def _rule_record(r: RuleView) -> dict:
     return {**r.__dict__, "active": r.active()}
 
 
-@feedback.post("/feedback", response_model=VerdictResponse, summary="Record an analyst's verdict (tp / fp) on an alert")
-async def post_feedback(request: Request, body: FeedbackRequest):
-    rid, link = request_id(request), request.app.state.feedback
+@feedback.post("/feedback", response_model=VerdictResponse, openapi_extra=_body_ref("FeedbackRequest"),
+               summary="Record an analyst's verdict (tp / fp) on an alert")
+async def post_feedback(request: Request):
+    rid, link, settings = request_id(request), request.app.state.feedback, request.app.state.settings
+    no_extra_query(request, set())
+    body = parse_envelope(FeedbackRequest, await request.body(), where="feedback", max_errors=settings.max_errors)
 
     def run(store):
         link.flush(2.0)                                       # an alert raised a moment ago is written first
@@ -501,8 +511,7 @@ async def get_alerts(request: Request, order: Literal["newest", "uncertain"] = "
                      family: str | None = Query(None, max_length=128, pattern=_NO_NUL), src_ip: str | None = Query(None, max_length=64, pattern=_NO_NUL),
                      verdict: Literal["tp", "fp", "none"] | None = Query(None, description="latest verdict; none: not triaged yet"),
                      suppressed: Literal["exclude", "include", "only"] = Query("exclude", description="alerts a rule silenced")):
-    extra = sorted(set(request.query_params) - _ALERT_QUERY)
-    if extra: raise FlowError(f"unknown query parameter(s): {_names(extra)}; /alerts takes {_names(sorted(_ALERT_QUERY))}")
+    no_extra_query(request, _ALERT_QUERY)
     sup = {"exclude": False, "include": None, "only": True}[suppressed]
     df = await store_call(request, lambda s: s.alerts(order, limit=limit, offset=offset, model_name=model_name, family=family,
                                                       src_ip=src_ip, verdict=verdict, suppressed=sup))
@@ -510,9 +519,12 @@ async def get_alerts(request: Request, order: Literal["newest", "uncertain"] = "
     return {"alerts": rows, "n": len(rows), "order": order, "request_id": request_id(request)}
 
 
-@feedback.post("/rules", response_model=RuleRecord, status_code=201, summary="Create a suppression rule (src, dst_port, family: at least one)")
-async def post_rule(request: Request, body: RuleRequest):
-    served, link = request.app.state.slot.served, request.app.state.feedback
+@feedback.post("/rules", response_model=RuleRecord, status_code=201, openapi_extra=_body_ref("RuleRequest"),
+               summary="Create a suppression rule (src, dst_port, family: at least one)")
+async def post_rule(request: Request):
+    served, link, settings = request.app.state.slot.served, request.app.state.feedback, request.app.state.settings
+    no_extra_query(request, set())
+    body = parse_envelope(RuleRequest, await request.body(), where="rule", max_errors=settings.max_errors)
     fams = [c for c in served.classes if c != served.bundle.schema.benign] if served is not None else None
     r = await store_call(request, lambda s: s.add_rule(src=body.src, dst_port=body.dst_port, family=body.family, expires_at=body.expires_at,
                                                        reason=body.reason, creator=body.creator, families=fams))
@@ -521,13 +533,15 @@ async def post_rule(request: Request, body: RuleRequest):
 
 
 @feedback.get("/rules", response_model=RuleList, summary="Suppression rules, with how many alerts each silenced")
-async def get_rules(request: Request, active: bool = Query(False, description="only the rules in force now")):
-    rules = await store_call(request, lambda s: s.list_rules(active_only=active))
+async def get_rules(request: Request, active: Literal["true", "false"] = Query("false", description="true: only the rules in force now")):
+    no_extra_query(request, {"active"})
+    rules = await store_call(request, lambda s: s.list_rules(active_only=active == "true"))
     return {"rules": [_rule_record(r) for r in rules], "request_id": request_id(request)}
 
 
 @feedback.delete("/rules/{rule_id}", response_model=RuleRecord, summary="Delete a suppression rule (its alerts stay stored)")
 async def delete_rule(request: Request, rule_id: int = Path(ge=1, le=2**31 - 1)):
+    no_extra_query(request, set())
     r = await store_call(request, lambda s: s.delete_rule(rule_id))
     await run_in_threadpool(request.app.state.feedback.refresh_rules)
     return _rule_record(r)
@@ -587,11 +601,11 @@ async def v2_infer(request: Request, model_name: str, served: Served):
 
 # %% ../../nbs/86_serve_app.ipynb #1cc146dc
 def _fill_components(comps: dict, served: ServedModel | None, settings: ServeSettings) -> None:
-    "The body components of the routes that read their body themselves: Flow, FlowBatch, InferRequest, ReloadRequest."
+    "The body components of the routes that read their body themselves: Flow, FlowBatch, InferRequest, ReloadRequest, FeedbackRequest, RuleRequest."
     comps["Flow"] = (served.validator.json_schema(max_category_chars=settings.max_category_chars) if served else
                      {"title": "Flow", "type": "object", "description": "model not loaded yet: its features are not known",
                       "additionalProperties": {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "integer"}]}})
-    for model in (InferRequest, ReloadRequest):
+    for model in (InferRequest, ReloadRequest, FeedbackRequest, RuleRequest):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.update(js.pop("$defs", {}))
         comps[model.__name__] = js
@@ -608,7 +622,7 @@ def service_openapi(app: FastAPI) -> dict:
     for path, ops in schema["paths"].items():
         for op in ops.values():
             for p in op.get("parameters", []):
-                if p["name"] == "model_name" and served: p["schema"] = {"type": "string", "enum": [served.name], "title": "Model Name"}
+                if p["name"] == "model_name" and p.get("in") == "path" and served: p["schema"] = {"type": "string", "enum": [served.name], "title": "Model Name"}
             if settings.api_key is not None and not is_public(path):
                 op["security"] = [{"APIKeyHeader": []}]
                 for code, what in (("401", "no API key"), ("403", "wrong API key")):

@@ -5,10 +5,10 @@
 # %% ../../nbs/81_serve_schemas.ipynb #6c596764
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # %% auto #0
 __all__ = ['OIP_DATATYPES', 'OIP_OUTPUTS', 'FieldError', 'ErrorResponse', 'OIPError', 'Prediction', 'PredictResponse',
@@ -79,20 +79,21 @@ class ExplainResponse(_Served):
     top_k: int
 
 # %% ../../nbs/81_serve_schemas.ipynb #80f6d680
-_Name = Annotated[str, Field(min_length=1, max_length=256)]
+_NO_NUL = r"^[^\x00]*$"                                       # text columns of PostgreSQL refuse NUL characters
+_Name = Annotated[str, Field(min_length=1, max_length=256, pattern=_NO_NUL)]
 
 
 class FeedbackRequest(BaseModel):
     "`POST /feedback`: an analyst's verdict on one alert, named by its id, its request id (and row) or its Community ID."
     model_config = ConfigDict(extra="forbid")
-    alert_id: str | None = Field(None, min_length=1, max_length=160, description="the alert's id (as GET /alerts lists it)")
-    request_id: str | None = Field(None, min_length=1, max_length=128, description="the X-Request-ID of the /predict or /predict_batch that raised it")
-    row: int | None = Field(None, ge=0, le=10**6, description="with request_id: the flow's position in the batch")
-    community_id: str | None = Field(None, min_length=1, max_length=64, description="the flow's Community ID (the newest alert of that flow)")
+    alert_id: str | None = Field(None, min_length=1, max_length=160, pattern=_NO_NUL, description="the alert's id (as GET /alerts lists it)")
+    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=_NO_NUL, description="the X-Request-ID of the /predict or /predict_batch that raised it")
+    row: int | None = Field(None, ge=0, le=10**6, strict=True, description="with request_id: the flow's position in the batch")
+    community_id: str | None = Field(None, min_length=1, max_length=64, pattern=_NO_NUL, description="the flow's Community ID (the newest alert of that flow)")
     verdict: Literal["tp", "fp"] = Field(description="tp: a true positive; fp: a false positive")
-    family: str | None = Field(None, min_length=1, max_length=128, description="the right family: a corrected attack family, or benign (default: the alert's for tp, benign for fp)")
-    note: str | None = Field(None, max_length=4096)
-    analyst: str | None = Field(None, min_length=1, max_length=256)
+    family: str | None = Field(None, min_length=1, max_length=128, pattern=_NO_NUL, description="the right family: a corrected attack family, or benign (default: the alert's for tp, benign for fp)")
+    note: str | None = Field(None, max_length=4096, pattern=_NO_NUL)
+    analyst: _Name | None = None
 
     @model_validator(mode="after")
     def _one_name(self):
@@ -157,12 +158,21 @@ class AlertList(BaseModel):
 class RuleRequest(BaseModel):
     "`POST /rules`: flows matching every field set are stored but not alerted, until `expires_at` (none: until deleted)."
     model_config = ConfigDict(extra="forbid")
-    src: str | None = Field(None, min_length=1, max_length=64, description="source address or network (CIDR), e.g. 198.18.0.5 or 198.18.0.0/24")
-    dst_port: int | None = Field(None, ge=0, le=65535)
-    family: str | None = Field(None, min_length=1, max_length=128, description="an attack family of the served model")
+    src: str | None = Field(None, min_length=1, max_length=64, pattern=_NO_NUL, description="source address or network (CIDR), e.g. 198.18.0.5 or 198.18.0.0/24")
+    dst_port: int | None = Field(None, ge=0, le=65535, strict=True)
+    family: str | None = Field(None, min_length=1, max_length=128, pattern=_NO_NUL, description="an attack family of the served model")
     expires_at: AwareDatetime | None = Field(None, description="when the rule stops (with a time zone); none: never")
-    reason: str = Field(min_length=1, max_length=1024, description="why the traffic is known")
+    reason: str = Field(min_length=1, max_length=1024, pattern=_NO_NUL, description="why the traffic is known")
     creator: _Name = Field(description="who made the rule")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_range(cls, v):
+        "A time that has a UTC equivalent (9999-12-31T23:00:00-05:00 has none)."
+        if v is not None:
+            try: v.astimezone(timezone.utc)
+            except OverflowError: raise ValueError("out of the range of dates (years 1 to 9999 in UTC)") from None
+        return v
 
 
 class RuleRecord(BaseModel):
