@@ -34,18 +34,22 @@ def request_alerts(served, raw: RawFlows, v: dict[str, np.ndarray], request_id: 
     pc = np.asarray(v["p_classes"])[rows][:, attack]
     fams = [classes[attack[j]] for j in pc.argmax(axis=1)] if attack else [str(f) for f in np.asarray(v["family"])[rows]]
     num_cols, cats = list(served.validator.num_columns), list(schema.categorical)
+    nums = raw.num[rows]
+    finite = bool(np.isfinite(nums).all())                   # the validator admits only finite numbers; be safe anyway
+    nums = nums.tolist() if finite else [[x if np.isfinite(x) else None for x in r] for r in nums.tolist()]
+    catv = [raw.cats[j][rows].tolist() for j in range(len(cats))]
     port = next((f for f in PORT_FEATURES if f in cats or f in num_cols), None)
+    ports = (catv[cats.index(port)] if port in cats else [r[num_cols.index(port)] for r in nums]) if port else [None] * len(rows)
     thr = float(getattr(served.bundle, "threshold", 0.5))
+    pa, pf = np.asarray(v["p_attack"])[rows].tolist(), np.asarray(v["p_family"])[rows].tolist()
     out = []
     for k, i in enumerate(rows.tolist()):
-        feats = {c: (float(raw.num[i, j]) if np.isfinite(raw.num[i, j]) else None) for j, c in enumerate(num_cols)}
-        feats.update({c: str(raw.cats[j][i]) for j, c in enumerate(cats)})
-        dst = feats.get(port) if port else None
-        try: dst = None if dst is None else int(float(dst))
-        except ValueError: dst = None
-        pa = float(v["p_attack"][i])
+        feats = dict(zip(num_cols, nums[k]))
+        for j, c in enumerate(cats): feats[c] = str(catv[j][k])
+        try: dst = None if ports[k] is None else int(float(ports[k]))
+        except (TypeError, ValueError): dst = None
         out.append({"id": rest_alert_id(request_id, i if batch else None), "request_id": request_id, "dst_port": dst,
-                    "p_attack": pa, "p_family": float(v["p_family"][i]), "family": fams[k], "margin": pa - thr, "features": feats})
+                    "p_attack": pa[k], "p_family": pf[k], "family": fams[k], "margin": pa[k] - thr, "features": feats})
     return rows, out
 
 # %% ../../nbs/85_serve_feedback.ipynb #4330ae0f
