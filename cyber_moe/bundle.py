@@ -413,8 +413,9 @@ def _signature_example(bundle: ModelBundle, example: pd.DataFrame) -> tuple[pd.D
     "Input example (raw feature columns) and signature: every feature required, of any type (files differ in int/float/text)."
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
-    ex = strip_columns(example).loc[:, list(bundle.schema.features)].head(5).copy()
-    inputs = Schema([ColSpec(AnyType(), c) for c in bundle.schema.features])
+    cols = list(bundle.schema.features) + list(bundle.schema.sequence_columns)      # a sequence model reads the flat splt_* columns too
+    ex = strip_columns(example).loc[:, cols].head(5).copy()
+    inputs = Schema([ColSpec(AnyType(), c) for c in cols])
     out_sig = infer_signature(ex, bundle.predict(ex), params={"class_probs": False})
     return ex, ModelSignature(inputs=inputs, outputs=out_sig.outputs, params=out_sig.params)
 
