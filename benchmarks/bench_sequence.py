@@ -58,6 +58,34 @@ def summarise(metrics: dict, pred: dict, rows, classes) -> dict:
     return out
 
 
+def evaluate_baseline(prep, baseline, *, rule: str, target_fpr: float) -> tuple[dict, dict]:
+    "The baseline half of `cyber_moe.train.evaluate_run` (same operating-point rule on its own validation scores, same metrics)."
+    from cyber_moe.baseline import sequence_length_of
+    from cyber_moe.evaluate import choose_operating_point, decide, evaluate_predictions
+    from cyber_moe.train import _log_probs, baseline_matrix
+    test, val = prep.arrays["test"], prep.arrays["val"]
+    n_seq = sequence_length_of(baseline.feature_names)
+    pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
+    op = choose_operating_point(val["y_binary"].astype(np.int64), 1.0 - pb_val[:, 0], rule=rule, target_fpr=target_fpr)
+    v = decide(pb, op["threshold"])
+    m = evaluate_predictions(y_family=test["y_family"], y_binary=test["y_binary"].astype(np.int64), p_family=pb, p_attack=v["p_attack"],
+                             classes=prep.classes, logits_val=_log_probs(pb_val), y_val=val["y_family"], logits=_log_probs(pb),
+                             threshold=op["threshold"], family_pred=v["family_index"], operating_point=op)
+    return m, {"is_attack": v["is_attack"]}
+
+
+class _NoBaseline:
+    "evaluate_run scores a baseline next to the net; the MoE-only runs hand it one that predicts the class prior."
+    def __init__(self, prep): self.p = np.bincount(prep.arrays["train"]["y_family"], minlength=len(prep.classes)) / len(prep.arrays["train"]["y_family"]); self.feature_names = []
+    def predict_proba(self, X): return np.tile(self.p, (len(X), 1))
+
+
+def evaluate_moe(prep, net, *, rule: str, target_fpr: float) -> tuple[dict, dict]:
+    "The MoE half of `cyber_moe.train.evaluate_run` (the net's own validation operating point)."
+    m, preds = evaluate_run(prep, net, _NoBaseline(prep), rule=rule, target_fpr=target_fpr)
+    return m["model"], preds["model"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True, help="recorded lab session folder to train and validate on")
@@ -66,6 +94,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=None, help="train.max_epochs (default: the config's)")
     ap.add_argument("--seeds", default="42", help="comma-separated training seeds (each MoE is trained once per seed)")
     ap.add_argument("--out", default="outputs/bench_sequence.json")
+    ap.add_argument("--cap-per-family", type=int, default=None,
+                    help="train the MoEs on at most this many training rows per family (random, seeded; validation, test and "
+                         "the preprocessing fit stay as they are): a shorter run on a loaded machine")
     ap.add_argument("--models", default="lightgbm,lightgbm+flat_seq,moe,moe+sequence", help="comma-separated subset to run")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -86,37 +117,43 @@ def main(argv=None):
            "load_before": os.getloadavg(), "models": {}}
     run = set(a.models.split(","))
     print("prepared", res["rows"], flush=True)
+    prep_moe = prep
+    if a.cap_per_family:
+        from dataclasses import replace as dc_replace
+        rng = np.random.default_rng(0)
+        fam = prep.rows("train")["family"].astype(str).to_numpy()
+        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(fam == f))[:a.cap_per_family] for f in np.unique(fam)]))
+        split = dc_replace(prep.split, train=prep.split.train[keep]) if hasattr(prep.split, "__dataclass_fields__") else prep.split
+        if split is prep.split: raise SystemExit("--cap-per-family: the split is not a dataclass")
+        prep_moe = dc_replace(prep, split=split, arrays={**prep.arrays, "train": {k: v[keep] for k, v in prep.arrays["train"].items()}})
+        res["moe_train_rows"] = int(len(keep)); res["cap_per_family"] = a.cap_per_family
+        print("MoE training rows capped:", len(keep), flush=True)
 
-    baselines = {}
     for name, n_seq in (("lightgbm", 0), ("lightgbm+flat_seq", prep.schema.sequence)):
         if name not in run: continue
         t = time.perf_counter()
-        baselines[name] = fit_run_baseline(base_cfg, prep, sequence=n_seq)
-        baselines[name]._train_s = round(time.perf_counter() - t, 1)
+        b = fit_run_baseline(base_cfg, prep, sequence=n_seq)
+        train_s = time.perf_counter() - t
+        mb, pb = evaluate_baseline(prep, b, rule=base_cfg.train.operating_point, target_fpr=base_cfg.train.target_fpr)
+        res["models"][name] = {**summarise(mb, pb, test_rows, prep.classes), "n_features": b.n_features, "train_s": round(train_s, 1),
+                               "best_iteration": b.best_iteration, "load": os.getloadavg()}
+        print(name, round(res["models"][name]["macro_f1"], 4), flush=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1, default=float))
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name, experts in (("moe", plain), ("moe+sequence", with_seq)):
             if name not in run: continue
             cfg = base_cfg.model_copy(update={"seed": seed, "run_name": f"bench-sequence-{name.replace('+', '-')}-{seed}",
                                               "model": base_cfg.model.model_copy(update={"experts": experts})})
             t = time.perf_counter()
-            fit = fit_moe(cfg, prep, enable_progress_bar=False)
+            fit = fit_moe(cfg, prep_moe, enable_progress_bar=False)
             train_s = time.perf_counter() - t
-            if not baselines:    # evaluate_run scores a baseline next to the net: a tiny stand-in when the baselines are not run here
-                tiny = base_cfg.model_copy(update={"baseline": base_cfg.baseline.model_copy(update={"n_estimators": 2})})
-                baselines["_stand_in"] = fit_run_baseline(tiny, prep, sequence=0)
-            any_base = next(iter(baselines.values()))
-            m, preds = evaluate_run(prep, fit.net, any_base, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
+            m = evaluate_moe(prep, fit.net, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
             key = name if len(a.seeds.split(",")) == 1 else f"{name} seed {seed}"
-            res["models"][key] = {**summarise(m["model"], preds["model"], test_rows, prep.classes), "train_s": round(train_s, 1),
+            res["models"][key] = {**summarise(m[0], m[1], test_rows, prep.classes), "train_s": round(train_s, 1),
                                   "epochs": fit.epochs, "best_epoch": fit.best_epoch, "best_val_macro_f1": fit.best_score,
                                   "load": os.getloadavg()}
             print(key, round(res["models"][key]["macro_f1"], 4), f"{train_s:.0f}s", flush=True)
-            for bname, b in baselines.items():      # the same evaluate_run scores the baselines (each at its own operating point)
-                if bname not in res["models"] and bname != "_stand_in":
-                    mb, pb = evaluate_run(prep, fit.net, b, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
-                    res["models"][bname] = {**summarise(mb["baseline"], pb["baseline"], test_rows, prep.classes),
-                                            "n_features": b.n_features, "train_s": b._train_s}
-                    print(bname, round(res["models"][bname]["macro_f1"], 4), flush=True)
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(res, indent=1, default=float))
     res["load_after"] = os.getloadavg()
