@@ -1,9 +1,16 @@
-"""The packet-sequence expert on a held-out lab session (issue 14), in one run:
+"""The packet-sequence expert on a held-out lab session (issue 14), in one run, through the project's own training path.
 
-MoE without / with the sequence expert, LightGBM without / with the same sequence numbers as flat columns.
-Train on one recorded session (85 % fit, 15 % validation for early stopping / best epoch), test on another.
-Reports family macro-F1, per-family detection (share of a family's flows given any attack family) and the
-MoE's mean gate weight per family.
+Four models on one split and one preprocessing (`cyber_moe.train.prepare` of the run config: `params/default.yaml`
+by default, train on the first session folder, test on the last, validation rows from the training session):
+
+- MoE without the sequence expert (the config's experts, e.g. the default TabM),
+- MoE with it (the same experts plus `sequence`),
+- LightGBM on the flow statistics, and LightGBM with the same packets as flat `splt_*` columns.
+
+Both MoEs are trained by `fit_moe` (Lightning, early stopping and checkpoint on validation macro-F1) with the
+config's training settings; every model's verdict comes from `evaluate_run` (one operating point chosen on
+validation by the config's rule). Reports family macro-F1, detection per family, per tool and per slow-HTTP
+variant, the benign false-positive rate, and the MoE's mean gate weight per family; the load average is recorded.
 
     .venv/bin/python benchmarks/bench_sequence.py --train outputs/seqlab/default-1 --test outputs/seqlab/default-2
 """
@@ -11,148 +18,164 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from cyber_moe.baseline import categorical_indices, class_weights, fit_baseline, stack_features
-from cyber_moe.evaluate import family_metrics, gate_usage
-from cyber_moe.features import Preprocessor
-from cyber_moe.lab import LAB, LAB_SEQUENCE, read_session
-from cyber_moe.models import MoEClassifier
+from cyber_moe.config import load_config, setup_logging
+from cyber_moe.lab import detection_rates
+from cyber_moe.train import evaluate_run, fit_moe, fit_run_baseline, prepare
 
-
-def split_val(df: pd.DataFrame, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    "Stratified (by family) positions of fit and validation rows."
-    rng = np.random.default_rng(seed)
-    val = np.concatenate([rng.choice(g, max(1, int(round(len(g) * frac))), replace=False)
-                          for g in df.groupby("family").indices.values() if len(g) > 1])
-    fit = np.setdiff1d(np.arange(len(df)), val)
-    return fit, np.sort(val)
+SEQUENCE = {"d_seq": 64, "n_seq_layers": 3, "kernel_size": 3, "dropout": 0.1, "n_packets": 32}
 
 
-def _tensors(arr: dict, names, rows=None) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(arr[k] if rows is None else arr[k][rows])) for k in names]
+def _experts(cfg) -> dict:
+    e = cfg.model.experts
+    return dict(e) if isinstance(e, dict) else {n: None for n in e}
 
 
-def predict_moe(net: MoEClassifier, arr: dict, names) -> tuple[np.ndarray, np.ndarray]:
-    "(family probabilities, gate weights) over all rows."
-    net.eval()
-    p, g = [], []
-    with torch.inference_mode():
-        for s in range(0, len(arr["x_num"]), 4096):
-            out = net(*_tensors(arr, names, slice(s, s + 4096)))
-            p.append(out["family"].softmax(-1).numpy()); g.append(out["gate"].numpy())
-    return np.concatenate(p), np.concatenate(g)
+def variant_detection(rows, flagged, family: str = "slowhttp") -> dict:
+    "Flagged share of each variant of `family` (slowhttptest H = slowloris, B = slow body, X = slow read)."
+    fl = np.asarray(flagged, bool)
+    out = {}
+    for v in sorted(rows.loc[rows["family"] == family, "variant"].astype(str).unique()):
+        m = ((rows["family"] == family) & (rows["variant"].astype(str) == v)).to_numpy()
+        out[v] = {"n": int(m.sum()), "rate": float(fl[m].mean())}
+    return out
 
 
-def train_moe(experts: dict, arr_fit, y_fit, arr_val, y_val, pre: Preprocessor, *, epochs: int, seed: int,
-              batch: int = 256, lr: float = 2e-3) -> tuple[MoEClassifier, dict]:
-    "A plain AdamW loop (family CE with balanced class weights + binary BCE + 0.01 load balance); the epoch of best validation macro-F1 is kept."
-    torch.manual_seed(seed)
-    names = ("x_num", "x_cat", "x_time") + (("x_seq",) if "sequence" in experts else ())
-    C = len(pre.classes)
-    net = MoEClassifier(n_num=arr_fit["x_num"].shape[1], cat_cardinalities=pre.cat_cardinalities, n_time=arr_fit["x_time"].shape[1],
-                        n_classes=C, experts=experts, d_head=128, d_gate=32)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    w = torch.tensor(class_weights(y_fit, C), dtype=torch.float32)
-    y_t, yb_t = torch.from_numpy(y_fit), torch.from_numpy((y_fit != 0).astype(np.float32))
-    rng = np.random.default_rng(seed)
-    best, best_state, hist = -1.0, None, []
-    for ep in range(epochs):
-        net.train()
-        perm = rng.permutation(len(y_fit))
-        for s in range(0, len(perm), batch):
-            r = perm[s:s + batch]
-            if len(r) < 2: continue
-            out = net(*_tensors(arr_fit, names, r))
-            loss = (F.cross_entropy(out["family"], y_t[r], weight=w) + F.binary_cross_entropy_with_logits(out["binary"], yb_t[r])
-                    + 0.01 * out["aux_loss"])
-            opt.zero_grad(); loss.backward(); opt.step()
-        p, _ = predict_moe(net, arr_val, names)
-        f1 = family_metrics(y_val, p, pre.classes)["macro_f1"]
-        hist.append(round(f1, 4))
-        if f1 > best: best, best_state = f1, {k: v.clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(best_state)
-    return net, {"val_macro_f1_per_epoch": hist, "best_val_macro_f1": best}
+def summarise(metrics: dict, pred: dict, rows, classes) -> dict:
+    det = detection_rates(rows, np.asarray(pred["is_attack"], bool))
+    fam = metrics["family"]
+    out = {"macro_f1": fam["macro_f1"], "f1": {c: v["f1"] for c, v in fam["per_class"].items() if v.get("support")},
+           "binary_f1": metrics["binary"]["f1"], "threshold": metrics["binary"]["threshold"],
+           "detection": {f: v["rate"] for f, v in det["families"].items()}, "benign_fpr": det["benign_fpr"],
+           "tools": {t: v["rate"] for t, v in det["tools"].items()}, "slowhttp_variants": variant_detection(rows, pred["is_attack"])}
+    if "gate" in metrics: out["gate"] = metrics["gate"]["per_class"]
+    return out
 
 
-def summarise(y, p, classes, families) -> dict:
-    "Family macro-F1 and per-family detection (share of the family's flows given an attack family; for benign, flagged share)."
-    m = family_metrics(y, p, classes)
-    pred = p.argmax(1)
-    det = {c: float((pred[y == i] != 0).mean()) for i, c in enumerate(classes) if (y == i).any()}
-    return {"macro_f1": m["macro_f1"], "detection": det, "f1": {c: v["f1"] for c, v in m["per_class"].items() if v["support"]}}
+def evaluate_baseline(prep, baseline, *, rule: str, target_fpr: float) -> tuple[dict, dict]:
+    "The baseline half of `cyber_moe.train.evaluate_run` (same operating-point rule on its own validation scores, same metrics)."
+    from cyber_moe.baseline import sequence_length_of
+    from cyber_moe.evaluate import choose_operating_point, decide, evaluate_predictions
+    from cyber_moe.train import _log_probs, baseline_matrix
+    test, val = prep.arrays["test"], prep.arrays["val"]
+    n_seq = sequence_length_of(baseline.feature_names)
+    pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
+    op = choose_operating_point(val["y_binary"].astype(np.int64), 1.0 - pb_val[:, 0], rule=rule, target_fpr=target_fpr)
+    v = decide(pb, op["threshold"])
+    m = evaluate_predictions(y_family=test["y_family"], y_binary=test["y_binary"].astype(np.int64), p_family=pb, p_attack=v["p_attack"],
+                             classes=prep.classes, logits_val=_log_probs(pb_val), y_val=val["y_family"], logits=_log_probs(pb),
+                             threshold=op["threshold"], family_pred=v["family_index"], operating_point=op)
+    return m, {"is_attack": v["is_attack"]}
+
+
+class _NoBaseline:
+    "evaluate_run scores a baseline next to the net; the MoE-only runs hand it one that predicts the class prior."
+    def __init__(self, prep): self.p = np.bincount(prep.arrays["train"]["y_family"], minlength=len(prep.classes)) / len(prep.arrays["train"]["y_family"]); self.feature_names = []
+    def predict_proba(self, X): return np.tile(self.p, (len(X), 1))
+
+
+def evaluate_moe(prep, net, *, rule: str, target_fpr: float) -> tuple[dict, dict]:
+    "The MoE half of `cyber_moe.train.evaluate_run` (the net's own validation operating point)."
+    m, preds = evaluate_run(prep, net, _NoBaseline(prep), rule=rule, target_fpr=target_fpr)
+    return m["model"], preds["model"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", required=True); ap.add_argument("--test", required=True)
-    ap.add_argument("--epochs", type=int, default=8); ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", required=True, help="recorded lab session folder to train and validate on")
+    ap.add_argument("--test", required=True, help="recorded lab session folder held out for test (another seed)")
+    ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument("--epochs", type=int, default=None, help="train.max_epochs (default: the config's)")
+    ap.add_argument("--seeds", default="42", help="comma-separated training seeds (each MoE is trained once per seed)")
     ap.add_argument("--out", default="outputs/bench_sequence.json")
+    ap.add_argument("--cap-per-family", type=int, default=None,
+                    help="train the MoEs on at most this many training rows per family (random, seeded; validation, test and "
+                         "the preprocessing fit stay as they are): a shorter run on a loaded machine")
     ap.add_argument("--models", default="lightgbm,lightgbm+flat_seq,moe,moe+sequence", help="comma-separated subset to run")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    train, info_tr = read_session(a.train)
-    test, info_te = read_session(a.test)
-    schema = replace(LAB, sequence=LAB_SEQUENCE)
-    fit_rows, val_rows = split_val(train, 0.15, a.seed)
-    fit_df, val_df = train.iloc[fit_rows].reset_index(drop=True), train.iloc[val_rows].reset_index(drop=True)
-    pre = Preprocessor(schema=schema).fit(fit_df)
-    classes = pre.classes
-    test = test[test["family"].isin(classes)].reset_index(drop=True)
-    arrs = {k: pre.transform(d, where=k) for k, d in (("fit", fit_df), ("val", val_df), ("test", test))}
-    ys = {k: pre.encode_targets(d)["y_family"] for k, d in (("fit", fit_df), ("val", val_df), ("test", test))}
-    res = {"train": info_tr["session"], "test": info_te["session"], "n_fit": len(fit_df), "n_val": len(val_df), "n_test": len(test),
-           "classes": classes, "sequence": LAB_SEQUENCE, "epochs": a.epochs, "models": {}}
-    fams = classes
-
-    # LightGBM without / with the flat sequence columns (the raw splt values: trees need no scaling)
-    seq_cols = list(schema.sequence_columns)
+    setup_logging("INFO")          # one line per epoch (EpochLog)
+    over = [f"data.paths=[{Path(a.train).resolve()},{Path(a.test).resolve()}]", "run_name=bench-sequence", "split.strategy=session"]
+    if a.epochs: over.append(f"train.max_epochs={a.epochs}")
+    base_cfg = load_config(a.params, over)
+    plain = _experts(base_cfg)
+    plain.pop("sequence", None)
+    with_seq = {**plain, "sequence": SEQUENCE}
+    cfg_seq = base_cfg.model_copy(update={"model": base_cfg.model.model_copy(update={"experts": with_seq})})
+    t0 = time.perf_counter()
+    prep = prepare(cfg_seq)            # one split, one preprocessing (with sequence scaling) for all four models
+    test_rows = prep.rows("test")
+    res = {"params": a.params, "train": str(a.train), "test": str(a.test), "classes": prep.classes,
+           "rows": {s: int(len(getattr(prep.split, s))) for s in ("train", "val", "test")}, "prepare_s": round(time.perf_counter() - t0, 1),
+           "experts": {"moe": plain, "moe+sequence": with_seq}, "max_epochs": base_cfg.train.max_epochs,
+           "load_before": os.getloadavg(), "models": {}}
     run = set(a.models.split(","))
-    for name, extra in (("lightgbm", False), ("lightgbm+flat_seq", True)):
-        if name not in run: continue
-        X = {k: stack_features(arrs[k]) for k in arrs}
-        if extra:
-            raw = {"fit": fit_df, "val": val_df, "test": test}
-            X = {k: np.concatenate([X[k], raw[k][seq_cols].to_numpy(np.float32)], 1) for k in X}
-        t0 = time.perf_counter()
-        b = fit_baseline(X_train=X["fit"], y_train=ys["fit"], X_val=X["val"], y_val=ys["val"], categorical_idx=categorical_indices(schema),
-                         n_classes=len(classes), classes=classes, class_weight="balanced", seed=a.seed)
-        res["models"][name] = {**summarise(ys["test"], b.predict_proba(X["test"]), classes, fams),
-                               "n_features": X["fit"].shape[1], "train_s": round(time.perf_counter() - t0, 1)}
-        print(name, round(res["models"][name]["macro_f1"], 4), flush=True)
+    print("prepared", res["rows"], flush=True)
+    prep_moe = prep
+    if a.cap_per_family:
+        from dataclasses import replace as dc_replace
+        rng = np.random.default_rng(0)
+        fam = prep.rows("train")["family"].astype(str).to_numpy()
+        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(fam == f))[:a.cap_per_family] for f in np.unique(fam)]))
+        split = dc_replace(prep.split, train=prep.split.train[keep]) if hasattr(prep.split, "__dataclass_fields__") else prep.split
+        if split is prep.split: raise SystemExit("--cap-per-family: the split is not a dataclass")
+        prep_moe = dc_replace(prep, split=split, arrays={**prep.arrays, "train": {k: v[keep] for k, v in prep.arrays["train"].items()}})
+        res["moe_train_rows"] = int(len(keep)); res["cap_per_family"] = a.cap_per_family
+        print("MoE training rows capped:", len(keep), flush=True)
 
-    small_tab = {"d_token": 32, "n_blocks": 1, "n_heads": 4}
-    for name, experts in (("moe", {"tabular": small_tab, "temporal": {"d_temporal": 32}}),
-                          ("moe+sequence", {"tabular": small_tab, "temporal": {"d_temporal": 32},
-                                            "sequence": {"d_seq": 48, "n_packets": LAB_SEQUENCE}})):
+    for name, n_seq in (("lightgbm", 0), ("lightgbm+flat_seq", prep.schema.sequence)):
         if name not in run: continue
-        t0 = time.perf_counter()
-        net, hist = train_moe(experts, arrs["fit"], ys["fit"], arrs["val"], ys["val"], pre, epochs=a.epochs, seed=a.seed)
-        names = ("x_num", "x_cat", "x_time") + (("x_seq",) if "sequence" in experts else ())
-        p, g = predict_moe(net, arrs["test"], names)
-        res["models"][name] = {**summarise(ys["test"], p, classes, fams), **hist, "train_s": round(time.perf_counter() - t0, 1),
-                               "gate": gate_usage(g, ys["test"], classes, list(net.experts))["per_class"]}
+        t = time.perf_counter()
+        b = fit_run_baseline(base_cfg, prep, sequence=n_seq)
+        train_s = time.perf_counter() - t
+        mb, pb = evaluate_baseline(prep, b, rule=base_cfg.train.operating_point, target_fpr=base_cfg.train.target_fpr)
+        res["models"][name] = {**summarise(mb, pb, test_rows, prep.classes), "n_features": b.n_features, "train_s": round(train_s, 1),
+                               "best_iteration": b.best_iteration, "load": os.getloadavg()}
         print(name, round(res["models"][name]["macro_f1"], 4), flush=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1, default=float))
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for name, experts in (("moe", plain), ("moe+sequence", with_seq)):
+            if name not in run: continue
+            cfg = base_cfg.model_copy(update={"seed": seed, "run_name": f"bench-sequence-{name.replace('+', '-')}-{seed}",
+                                              "model": base_cfg.model.model_copy(update={"experts": experts})})
+            t = time.perf_counter()
+            fit = fit_moe(cfg, prep_moe, enable_progress_bar=False)
+            train_s = time.perf_counter() - t
+            m = evaluate_moe(prep, fit.net, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
+            key = name if len(a.seeds.split(",")) == 1 else f"{name} seed {seed}"
+            res["models"][key] = {**summarise(m[0], m[1], test_rows, prep.classes), "train_s": round(train_s, 1),
+                                  "epochs": fit.epochs, "best_epoch": fit.best_epoch, "best_val_macro_f1": fit.best_score,
+                                  "load": os.getloadavg()}
+            print(key, round(res["models"][key]["macro_f1"], 4), f"{train_s:.0f}s", flush=True)
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=1, default=float))
+    res["load_after"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    m = res["models"]
-    if not m: return
-    print("\n| model | family macro-F1 | " + " | ".join(f"{c} det." for c in classes if c != "benign") + " | benign flagged |")
-    print("|---|---|" + "---|" * len(classes))
+    Path(a.out).write_text(json.dumps(res, indent=1, default=float))
+    print_tables(res)
+
+
+def print_tables(res: dict) -> None:
+    m, classes = res["models"], res["classes"]
+    att = [c for c in classes if c != "benign"]
+    print("\n| model | family macro-F1 | " + " | ".join(f"{c} det." for c in att) + " | benign FPR | slow read (X) |")
+    print("|---|---|" + "---|" * (len(att) + 2))
     for k, v in m.items():
-        print(f"| {k} | {v['macro_f1']:.3f} | " + " | ".join(f"{v['detection'].get(c, float('nan')):.3f}" for c in classes if c != "benign")
-              + f" | {v['detection'].get('benign', float('nan')):.3f} |")
-    if "gate" in m.get("moe+sequence", {}):
-        ex = list(next(iter(m["moe+sequence"]["gate"].values())))
-        print("\n| family | " + " | ".join(ex) + " |\n|---|" + "---|" * len(ex))
-        for c, gw in m["moe+sequence"]["gate"].items(): print(f"| {c} | " + " | ".join(f"{gw[e]:.2f}" for e in ex) + " |")
+        x = v["slowhttp_variants"].get("X", {}).get("rate", float("nan"))
+        print(f"| {k} | {v['macro_f1']:.3f} | " + " | ".join(f"{v['detection'].get(c, float('nan')):.3f}" for c in att)
+              + f" | {v['benign_fpr']:.4f} | {x:.2f} |")
+    for k, v in m.items():
+        if "gate" not in v: continue
+        ex = list(next(iter(v["gate"].values())))
+        print(f"\n{k}: mean gate weight per family\n| family | " + " | ".join(ex) + " |\n|---|" + "---|" * len(ex))
+        for c, gw in v["gate"].items(): print(f"| {c} | " + " | ".join(f"{gw[e]:.2f}" for e in ex) + " |")
 
 
 if __name__ == "__main__":

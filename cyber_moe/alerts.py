@@ -24,7 +24,7 @@ from nfstream import NFStreamer
 
 from . import __version__
 from .bundle import ModelBundle
-from .nfstream import NFSTREAM, PcapError, check_pcap, derive_columns, pcap_to_flows
+from .nfstream import NFSTREAM, PcapError, check_pcap, derive_columns, flatten_splt, pcap_to_flows
 from .feedback import StoreUnavailable, flow_alert_id
 from .schema import SchemaError
 
@@ -79,8 +79,9 @@ def is_capture(path: str | Path) -> bool:
 
 
 def _check_nfstream_bundle(bundle: ModelBundle) -> None:
-    "Refuse a model trained on another schema: its features do not exist in NFStream flows."
-    if bundle.schema.name != NFSTREAM.name:
+    "Refuse a model trained on another schema: its features do not exist in NFStream flows (lab models read NFStream's own columns)."
+    nfs = set(NFSTREAM.features) | set(NFSTREAM.identifiers)
+    if bundle.schema.name != NFSTREAM.name and not set(bundle.schema.features) <= nfs:
         raise SchemaError(f"model {bundle.name} v{bundle.version} was trained on '{bundle.schema.name}' flows; scoring a capture "
                           f"needs a model trained on NFStream flows (schema '{NFSTREAM.name}', e.g. the default pipeline's model)")
 
@@ -110,10 +111,13 @@ _ORDER = ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_po
 _END = object()
 
 
-def _streamer_opts(idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0) -> dict:
-    "The NFStreamer options of `pcap_to_flows` (statistics on, same accounting), so scored flows match the training flows."
-    return dict(statistical_analysis=True, idle_timeout=idle_timeout, active_timeout=active_timeout, accounting_mode=1,
+def _streamer_opts(idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0,
+                   splt: int = 0) -> dict:
+    "The NFStreamer options of `pcap_to_flows` (statistics on, same accounting; `splt` packets per flow when > 0), so scored flows match the training flows."
+    opts = dict(statistical_analysis=True, idle_timeout=idle_timeout, active_timeout=active_timeout, accounting_mode=1,
                 n_dissections=n_dissections, n_meters=n_meters)
+    if splt: opts["splt_analysis"] = int(splt)
+    return opts
 
 
 def _reader(streamer: NFStreamer, q: queue.Queue) -> None:
@@ -137,12 +141,13 @@ def _torch_threads(n: int):
 def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batch_size: int = 256, max_delay_s: float = 1.0,
                    max_flows: int | None = None, n_threads: int | None = None, bpf_filter: str | None = None,
                    features: bool = False, **nfstream_opts) -> Iterator[pd.DataFrame]:
-    "Yield `score_flows` frames for the flows NFStream meters from `source` (pcap or interface), `batch_size` at most, as they end."
+    "Yield `score_flows` frames for the flows NFStream meters from `source` (pcap or interface), `batch_size` at most, as they end; a sequence model's flows are metered with its `splt`."
     _check_nfstream_bundle(bundle)
+    splt = int(bundle.schema.sequence)
     if batch_size < 1 or max_delay_s <= 0: raise ValueError(f"batch_size must be >= 1 and max_delay_s > 0, got {batch_size}, {max_delay_s}")
     is_file = Path(str(source)).is_file() or is_capture(source)
     info = check_pcap(source) if is_file else None
-    try: streamer = NFStreamer(source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **_streamer_opts(**nfstream_opts))
+    try: streamer = NFStreamer(source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **_streamer_opts(**nfstream_opts, splt=splt))
     except ValueError as e:
         raise CaptureError(f"{source}: NFStream cannot open it ({e}); give a pcap file or the name of a network interface "
                            "(`ip link` lists them) and run with capture rights (root or CAP_NET_RAW)") from None
@@ -154,7 +159,9 @@ def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batc
     keys, rows, first_at, err = None, [], None, None
 
     def batch() -> pd.DataFrame:
-        with _torch_threads(n_threads): out = score_flows(bundle, derive_columns(pd.DataFrame(rows, columns=keys)), features=features)
+        flows = pd.DataFrame(rows, columns=keys)
+        if splt: flows = flatten_splt(flows, splt)
+        with _torch_threads(n_threads): out = score_flows(bundle, derive_columns(flows), features=features)
         stats["n_flows"] += len(rows); stats["n_batches"] += 1
         rows.clear()
         return out
@@ -188,7 +195,7 @@ def score_pcap(bundle: ModelBundle, pcap_path: str | Path, *, allow_truncated: b
     _check_nfstream_bundle(bundle)
     info = check_pcap(pcap_path)
     if info["truncated_at"] is not None and not allow_truncated:
-        try: pcap_to_flows(pcap_path, **nfstream_opts)           # its error counts the flows read before the cut
+        try: pcap_to_flows(pcap_path, **nfstream_opts, splt=int(bundle.schema.sequence))   # its error counts the flows read before the cut
         except PcapError as e: raise PcapError(f"{e} (command line: --allow-truncated)") from e
     stats: dict = {}
     parts = list(scored_batches(pcap_path, bundle, stats=stats, batch_size=batch_size, n_threads=n_threads,

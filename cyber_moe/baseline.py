@@ -13,17 +13,19 @@ from typing import Callable, Literal
 import lightgbm as lgb
 import numpy as np
 
+from .schema import SEQ_PREFIX, SchemaError, sequence_columns
+
 # %% auto #0
-__all__ = ['baseline_feature_names', 'categorical_indices', 'stack_features', 'Baseline', 'class_weights', 'fit_baseline',
-           'measure_predict_rate']
+__all__ = ['baseline_feature_names', 'categorical_indices', 'stack_features', 'flat_sequence', 'sequence_length_of', 'Baseline',
+           'class_weights', 'fit_baseline', 'measure_predict_rate']
 
 # %% ../nbs/45_baseline.ipynb #b1ce8644
 _BLOCKS = ("x_num", "x_cat", "x_time")
 
 
-def baseline_feature_names(schema) -> list[str]:
-    "Column names of the baseline matrix for `schema`: numeric, then categorical, then timing features."
-    return [*schema.numeric, *schema.categorical, *schema.timing]
+def baseline_feature_names(schema, sequence: int = 0) -> list[str]:
+    "Column names of the baseline matrix for `schema`: numeric, then categorical, then timing features, then `sequence` packets' flat columns."
+    return [*schema.numeric, *schema.categorical, *schema.timing, *sequence_columns(sequence)]
 
 
 def categorical_indices(schema) -> list[int]:
@@ -45,6 +47,21 @@ def stack_features(arrays: dict) -> np.ndarray:
     if cat.size and (not np.issubdtype(cat.dtype, np.integer) or cat.min() < 0 or cat.max() >= 2**24):
         raise ValueError("stack_features: 'x_cat' must hold non-negative integer codes below 2**24 (float32 keeps them exact)")
     return np.concatenate([b.astype(np.float32, copy=False) for b in blocks], axis=1)
+
+# %% ../nbs/45_baseline.ipynb #d15bce02
+def flat_sequence(df, n: int, *, where: str = "input") -> np.ndarray:
+    "The raw packet-sequence columns of `df` (`sequence_columns(n)`) as float32 [rows, 3 n], for the baseline."
+    cols = list(sequence_columns(n))
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{where}: the baseline reads each flow's first {n} packets but {len(missing)} sequence column(s) are missing "
+                          f"(e.g. {', '.join(missing[:3])}); meter captures with splt={n}")
+    return df[cols].to_numpy(np.float32)
+
+
+def sequence_length_of(feature_names) -> int:
+    "Packets per flow a baseline matrix with these column names holds as flat columns (0: none)."
+    return sum(1 for c in feature_names if str(c).startswith(SEQ_PREFIX["dir"]))
 
 # %% ../nbs/45_baseline.ipynb #a38db2d6
 _MODEL_FILE, _META_FILE = "model.txt", "baseline.json"

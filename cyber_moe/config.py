@@ -144,6 +144,8 @@ class BaselineConfig(_Section):
     n_estimators: int = Field(400, ge=1)
     num_leaves: int = Field(63, ge=2)
     learning_rate: float = Field(0.05, gt=0)
+    sequence: bool | None = Field(None, description="append each flow's packet sequence as flat splt_* columns (the fair baseline for "
+                                  "the sequence expert); None: on when the flows carry sequences (lab, pcaps metered with splt)")
 
 
 class TuneConfig(_Section):

@@ -29,9 +29,9 @@ from .schema import FAMILY, SchemaError
 __all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'RunRef', 'run_folders', 'tracking_uri_for',
            'registry_versions', 'find_runs', 'no_run_message', 'RunView', 'metric_mismatches', 'read_importance',
            'load_run', 'comparison_table', 'table_html', 'mark_operating_points', 'run_figures', 'fig_shap_global',
-           'compute_importance', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict', 'verdict_html',
-           'fig_flow_scores', 'fig_drift_view', 'show_figure', 'Dashboard', 'dashboard_notebook', 'voila_command',
-           'dashboard_env', 'start', 'wait_until_serving', 'launch']
+           'compute_importance', 'temporal_expert_note', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict',
+           'verdict_html', 'fig_flow_scores', 'fig_drift_view', 'show_figure', 'Dashboard', 'dashboard_notebook',
+           'voila_command', 'dashboard_env', 'start', 'wait_until_serving', 'launch']
 
 # %% ../nbs/75_dashboard.ipynb #baf057fd
 ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
@@ -267,6 +267,16 @@ def compute_importance(view: RunView, *, n: int = 12, n_background: int = 10, se
     if view.test is None: raise ValueError("no test flows for this run (see the notes): SHAP needs the run folder's config.yaml and prepared/")
     res = shap_rows(view.bundle, view.test.iloc[stratified_positions(view.test, n, seed)], n_background=n_background, seed=seed)
     return {"p_attack": res.importance(None), "family": res.importance("family"), "expert": res.importance("expert")}
+
+# %% ../nbs/75_dashboard.ipynb #88eb7d3a
+def temporal_expert_note(metrics: dict, bundle=None) -> str:
+    "One HTML line: the MoE's temporal expert (sequence / timing-vector / none) and what its LightGBM baseline read."
+    from cyber_moe.train import temporal_expert
+    r = metrics.get("run", {})
+    kind = r.get("temporal_expert") or (temporal_expert(bundle.experts, bundle.schema.sequence) if bundle is not None else "unknown")
+    n = r.get("baseline_sequence_packets")
+    base = "" if n is None else f"; LightGBM: flow statistics{f' + first {n} packets as flat columns' if n else ''}"
+    return f'<p class="cm-note">Temporal expert: <b>{html.escape(str(kind))}</b>{html.escape(base)}</p>'
 
 # %% ../nbs/75_dashboard.ipynb #f19d5032
 OUTCOMES = ("all", "correct", "wrong")

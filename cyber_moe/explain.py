@@ -16,9 +16,9 @@ from .bundle import ModelBundle, strip_columns
 from .schema import FAMILY, FlowSchema, SchemaError
 
 # %% auto #0
-__all__ = ['BACKGROUND_KEY', 'KIND_COLORS', 'stratified_positions', 'make_background', 'attach_background', 'bundle_background',
-           'reference_flow', 'FlowShap', 'shap_rows', 'explain_flow', 'global_importance', 'feature_kind',
-           'fig_flow_explanation', 'fig_global_importance']
+__all__ = ['BACKGROUND_KEY', 'SEQ_PLAYERS', 'KIND_COLORS', 'stratified_positions', 'make_background', 'attach_background',
+           'bundle_background', 'reference_flow', 'FlowShap', 'shap_rows', 'explain_flow', 'global_importance',
+           'feature_kind', 'fig_flow_explanation', 'fig_global_importance']
 
 # %% ../nbs/70_explain.ipynb #26bfe341
 BACKGROUND_KEY = "background"
@@ -43,7 +43,12 @@ def make_background(train: pd.DataFrame, *, schema: FlowSchema, n: int = 100, se
     train = strip_columns(pd.DataFrame(train))
     schema.check_columns(train.columns, where="make_background input (training rows)")
     if n < 1 or len(train) == 0: raise ValueError(f"make_background: need n >= 1 and training rows, got n={n} and {len(train)} row(s)")
-    return train.iloc[stratified_positions(train, n, seed)].loc[:, list(schema.features)].reset_index(drop=True)
+    return train.iloc[stratified_positions(train, n, seed)].loc[:, _raw_columns(schema)].reset_index(drop=True)
+
+
+def _raw_columns(schema: FlowSchema) -> list[str]:
+    "The raw columns a bundle reads: its features, then the flat packet-sequence columns when it has sequences."
+    return list(schema.features) + list(schema.sequence_columns)
 
 
 def _json_column(s: pd.Series) -> list:
@@ -57,8 +62,8 @@ def attach_background(bundle: ModelBundle, background: pd.DataFrame) -> ModelBun
     bg = strip_columns(pd.DataFrame(background))
     bundle.schema.check_columns(bg.columns, where="attach_background input")
     if bg.empty: raise ValueError("attach_background: the background has no rows; pass training rows (make_background)")
-    bundle.extra[BACKGROUND_KEY] = {"columns": list(bundle.schema.features),
-                                    "data": {c: _json_column(bg[c]) for c in bundle.schema.features}}
+    cols = _raw_columns(bundle.schema)
+    bundle.extra[BACKGROUND_KEY] = {"columns": cols, "data": {c: _json_column(bg[c]) for c in cols}}
     return bundle
 
 
@@ -75,7 +80,10 @@ def reference_flow(bundle: ModelBundle) -> pd.DataFrame:
     med = dict(zip(pre.state.num.columns, pre.state.num.median))
     ref = pre.reference["categorical"]
     row = {c: med[c] if c in med else (ref[c]["values"][0] if ref[c]["values"] else None) for c in sc.features}
-    return pd.DataFrame([row], columns=list(sc.features))
+    if sc.sequence:     # one packet of the median training size, the rest padding
+        row |= {c: -1.0 for c in sc.sequence_columns}
+        row |= {"splt_dir_0": 0.0, "splt_ps_0": float(np.expm1(pre.state["seq"]["ps_center"])), "splt_piat_0": 0.0}
+    return pd.DataFrame([row], columns=_raw_columns(sc))
 
 # %% ../nbs/70_explain.ipynb #6c2bf2a1
 def _outputs(bundle: ModelBundle) -> list[str]:
@@ -83,21 +91,35 @@ def _outputs(bundle: ModelBundle) -> list[str]:
     return ["p_attack", *[f"p_{c}" for c in bundle.classes], *[f"gate_{e}" for e in bundle.experts]]
 
 
+SEQ_PLAYERS = ("seq_direction", "seq_size", "seq_iat")   # one player per packet-sequence channel: all its positions at once
+
+
+def _players(bundle: ModelBundle) -> tuple[list[str], np.ndarray]:
+    "(player names, player of each encoded column): the raw features, then for a sequence model one player per channel."
+    M = len(bundle.schema.features)
+    if not bundle.schema.sequence: return list(bundle.schema.features), np.arange(M)
+    ch = np.tile(np.array([0, 1, 2, 1]), bundle.schema.sequence)   # x_seq channels dir, size, time, mask: the mask goes with size
+    return list(bundle.schema.features) + list(SEQ_PLAYERS), np.concatenate([np.arange(M), M + ch])
+
+
 def _encode(bundle: ModelBundle, df: pd.DataFrame, where: str) -> np.ndarray:
-    "float64 [n, M] preprocessed values in `schema.features` order (category codes as floats): one column per raw feature."
+    "float64 [n, M (+ 4 N)] preprocessed values in `schema.features` order (category codes as floats), then the flat x_seq of a sequence model."
     a = bundle.preprocessor.transform(df, where=where)
     z = np.hstack([a["x_num"].astype(np.float64), a["x_cat"].astype(np.float64), a["x_time"].astype(np.float64)])
     if z.shape[1] != len(bundle.schema.features):
         raise RuntimeError(f"{where}: the preprocessor made {z.shape[1]} array columns for {len(bundle.schema.features)} raw features; "
                            "explanations need one column per raw feature")
+    if "x_seq" in a: z = np.hstack([z, a["x_seq"].reshape(len(z), -1).astype(np.float64)])
     return z
 
 
 def _evaluate(bundle: ModelBundle, z: np.ndarray) -> np.ndarray:
     "Model outputs [n, 1 + n_classes + n_experts] (p_attack, family probabilities, gate weights) of encoded rows `z`."
-    n_num, n_cat = len(bundle.schema.numeric), len(bundle.schema.categorical)
-    p = bundle.predict_arrays({"x_num": z[:, :n_num].astype(np.float32), "x_cat": np.rint(z[:, n_num:n_num + n_cat]).astype(np.int64),
-                               "x_time": z[:, n_num + n_cat:].astype(np.float32)})
+    n_num, n_cat, M = len(bundle.schema.numeric), len(bundle.schema.categorical), len(bundle.schema.features)
+    arrays = {"x_num": z[:, :n_num].astype(np.float32), "x_cat": np.rint(z[:, n_num:n_num + n_cat]).astype(np.int64),
+              "x_time": z[:, n_num + n_cat:M].astype(np.float32)}
+    if bundle.schema.sequence: arrays["x_seq"] = np.ascontiguousarray(z[:, M:].reshape(len(z), bundle.schema.sequence, 4).astype(np.float32))
+    p = bundle.predict_arrays(arrays)
     return np.column_stack([p["p_attack"], p["p_classes"], p["gate"]]).astype(np.float64)
 
 
@@ -117,6 +139,17 @@ def _credit(order: np.ndarray, v: np.ndarray, base: np.ndarray, fx: np.ndarray, 
     fwd = np.vstack([base, v[:m - 1], fx])        # value after adding the first k features, k = 0..m
     bwd = np.vstack([fx, v[m - 1:], base])        # value after removing the first k features, k = 0..m
     phi[order] += (fwd[1:] - fwd[:-1]) + (bwd[:-1] - bwd[1:])
+
+
+def _player_values(bundle: ModelBundle, rows: pd.DataFrame) -> pd.DataFrame:
+    "The raw value of every player per row: the feature's value; for a sequence channel the list of its real packets' values."
+    out = rows.loc[:, list(bundle.schema.features)].reset_index(drop=True)
+    if bundle.schema.sequence:
+        from cyber_moe.schema import sequence_array
+        x, mask = sequence_array(rows, bundle.schema, where="rows to explain")
+        for c, name in enumerate(SEQ_PLAYERS):
+            out[name] = [[float(v) for v in x[r, mask[r], c]] for r in range(len(x))]
+    return out
 
 
 @dataclass
@@ -175,19 +208,19 @@ def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFra
     rng = np.random.default_rng(seed)
     rows = strip_columns(pd.DataFrame(rows))
     if rows.empty: raise SchemaError("no rows to explain: the input frame is empty")
-    feats = list(bundle.schema.features)
+    feats, player = _players(bundle)
     bundle.schema.check_columns(rows.columns, where="rows to explain")
     z = _encode(bundle, rows, "rows to explain")
     zb, what = _background_matrix(bundle, background, n_background, rng)
     base = _evaluate(bundle, zb).mean(0)
     fx = _evaluate(bundle, z)
-    n, M, N = len(z), len(feats), len(zb)
+    n, M, N, C = len(z), len(feats), len(zb), z.shape[1]
     phi = np.zeros((n, M, len(base)))
     jobs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, order, masks) waiting for one batched evaluation
 
     def run():
         if not jobs: return
-        x = np.concatenate([np.where(mk[:, None, :], z[i][None, None, :], zb[None, :, :]).reshape(-1, M) for i, _, mk in jobs])
+        x = np.concatenate([np.where(mk[:, player][:, None, :], z[i][None, None, :], zb[None, :, :]).reshape(-1, C) for i, _, mk in jobs])
         v = _evaluate(bundle, x)
         at = 0
         for i, order, mk in jobs:
@@ -196,7 +229,7 @@ def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFra
         jobs.clear()
 
     for i in range(n):
-        varying = np.flatnonzero((zb != z[i]).any(0))
+        varying = np.unique(player[(zb != z[i]).any(0)])
         if len(varying) == 0: continue  # the flow equals every background row: all contributions are 0
         for _ in range(n_permutations):
             order = rng.permutation(varying)
@@ -205,7 +238,7 @@ def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFra
     run()
     phi /= 2 * n_permutations
     return FlowShap(values=phi, base_values=base, predictions=fx, features=feats, outputs=_outputs(bundle),
-                    rows=rows.loc[:, feats].reset_index(drop=True), n_background=N, background=what,
+                    rows=_player_values(bundle, rows), n_background=N, background=what,
                     seconds=time.perf_counter() - t0, info={"n_permutations": n_permutations, "seed": seed})
 
 # %% ../nbs/70_explain.ipynb #2b3aa0c2
@@ -261,17 +294,19 @@ def global_importance(bundle: ModelBundle, frame: pd.DataFrame, *, background: p
                      seed=seed).importance(by)
 
 # %% ../nbs/70_explain.ipynb #84c39bc2
-KIND_COLORS = {"numeric": "#4C78A8", "categorical": "#F58518", "timing": "#54A24B"}
+KIND_COLORS = {"numeric": "#4C78A8", "categorical": "#F58518", "timing": "#54A24B", "sequence": "#B279A2"}
 
 
 def feature_kind(schema: FlowSchema, name: str) -> str:
-    "'numeric', 'categorical' or 'timing': the kind of raw feature `name` in `schema`."
+    "'numeric', 'categorical', 'timing' or 'sequence' (a packet-sequence channel): the kind of player `name` in `schema`."
     for kind in ("numeric", "categorical", "timing"):
         if name in getattr(schema, kind): return kind
+    if schema.sequence and name in SEQ_PLAYERS: return "sequence"
     raise KeyError(f"'{name}' is not a feature of schema {schema.name}")
 
 
 def _short(v: Any) -> str:
+    if isinstance(v, list): return "[" + ", ".join(f"{x:.3g}" for x in v[:4]) + (f", … {len(v)} packets]" if len(v) > 4 else "]")
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

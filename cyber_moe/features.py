@@ -655,15 +655,15 @@ def transform(self: Preprocessor, df: pd.DataFrame, *, where: str = "input", ind
     cols = _feature_columns(df, self.schema, where)
     X = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
     cats = [category_strings(df[cols[c]]) for c in self.schema.categorical]
-    out, rep = self.transform_values(X, cats, where=where, indicators=indicators)
-    if self.schema.sequence: out["x_seq"] = scale_sequences(*sequence_array(df, self.schema, where=where), st.seq)
+    seq = sequence_array(df, self.schema, where=where) if self.schema.sequence else None
+    out, rep = self.transform_values(X, cats, where=where, indicators=indicators, seq=seq)
     return (out, rep) if report else out
 
 # %% ../nbs/20_features.ipynb #1915411a
 @patch
 def transform_values(self: Preprocessor, X: np.ndarray, cats: Sequence[np.ndarray], *, where: str = "input",
-                     indicators: bool = False) -> tuple[dict[str, np.ndarray], dict]:
-    "`transform` without a frame: raw values [n, len(num_columns)] and one array of category strings per categorical feature -> (arrays, report)."
+                     indicators: bool = False, seq: tuple | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    "`transform` without a frame: raw values [n, len(num_columns)], one array of category strings per categorical feature and, for a schema with sequences, `seq` = `sequence_array`'s (x, mask) -> (arrays, report)."
     st, p, sc = self._fitted(), self.params, self.schema
     X = np.asarray(X, np.float64)
     if X.ndim != 2 or X.shape[1] != len(self.num_columns) or len(cats) != len(sc.categorical) or any(len(c) != len(X) for c in cats):
@@ -693,6 +693,11 @@ def transform_values(self: Preprocessor, X: np.ndarray, cats: Sequence[np.ndarra
     n_num = len(sc.numeric)
     out = {"x_num": Z[:, :n_num].astype(np.float32), "x_cat": x_cat, "x_time": Z[:, n_num:].astype(np.float32)}
     if indicators: out["x_nonfinite"] = nonfin.astype(np.uint8)
+    if sc.sequence:
+        if seq is None: raise SchemaError(f"{where}: this model needs each flow's first {sc.sequence} packets (direction, size, time); none were given")
+        if seq[0].shape != (len(X), sc.sequence, 3):
+            raise SchemaError(f"{where}: packet sequences of shape {seq[0].shape}, expected ({len(X)}, {sc.sequence}, 3)")
+        out["x_seq"] = scale_sequences(seq[0], seq[1], st.seq)
     return out, rep
 
 # %% ../nbs/20_features.ipynb #ee302b00

@@ -26,13 +26,15 @@ from torchmetrics.classification import (BinaryAUROC, BinaryF1Score, MulticlassA
 log = logging.getLogger("cyber_moe")
 
 # %% auto #0
-__all__ = ['log', 'FEATURE_KEYS', 'TARGET_KEYS', 'FlowDataset', 'flow_loader', 'FlowDataModule', 'class_weights_from',
-           'focal_loss', 'MoELitModule', 'EpochLog', 'make_trainer']
+__all__ = ['log', 'FEATURE_KEYS', 'SEQUENCE_KEY', 'TARGET_KEYS', 'FlowDataset', 'flow_loader', 'FlowDataModule',
+           'class_weights_from', 'focal_loss', 'MoELitModule', 'EpochLog', 'make_trainer']
 
 # %% ../nbs/40_lit.ipynb #095d3291
 FEATURE_KEYS = ("x_num", "x_cat", "x_time")
+SEQUENCE_KEY = "x_seq"   # packet sequences [n, N, 4]: carried along when the arrays hold them (schemas with sequences)
 TARGET_KEYS = ("y_family", "y_binary")
-_DTYPES = {"x_num": torch.float32, "x_cat": torch.long, "x_time": torch.float32, "y_family": torch.long, "y_binary": torch.float32}
+_DTYPES = {"x_num": torch.float32, "x_cat": torch.long, "x_time": torch.float32, "x_seq": torch.float32,
+           "y_family": torch.long, "y_binary": torch.float32}
 
 
 class FlowDataset(Dataset):
@@ -41,6 +43,7 @@ class FlowDataset(Dataset):
     def __init__(self, arrays: Mapping[str, np.ndarray], *, targets: bool = True, name: str = "arrays"):
         keys = FEATURE_KEYS + (TARGET_KEYS if targets else ())
         missing = [k for k in keys if k not in arrays]
+        if SEQUENCE_KEY in arrays: keys = keys + (SEQUENCE_KEY,)
         if missing:
             raise KeyError(f"{name}: missing {', '.join(missing)} (expected the dict of Preprocessor.transform plus "
                            f"encode_targets: {', '.join(keys)})")
@@ -49,6 +52,8 @@ class FlowDataset(Dataset):
         if len(set(n.values())) != 1: raise ValueError(f"{name}: arrays differ in length: {n}")
         for k in FEATURE_KEYS:
             if self.tensors[k].ndim != 2: raise ValueError(f"{name}: {k} must be 2-D [rows, features], got shape {tuple(self.tensors[k].shape)}")
+        if SEQUENCE_KEY in self.tensors and (self.tensors[SEQUENCE_KEY].ndim != 3 or self.tensors[SEQUENCE_KEY].shape[2] != 4):
+            raise ValueError(f"{name}: x_seq must be [rows, packets, 4] (direction, size, time, mask), got shape {tuple(self.tensors[SEQUENCE_KEY].shape)}")
         self.n = next(iter(n.values()))
 
     def __len__(self) -> int: return self.n
@@ -154,8 +159,8 @@ class MoELitModule(L.LightningModule):
             setattr(self, f"{split}_binary", b); setattr(self, f"{split}_family", f)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        "The network's outputs for a dict batch."
-        return self.net(batch["x_num"], batch["x_cat"], batch["x_time"])
+        "The network's outputs for a dict batch (with its packet sequences `x_seq` when the batch has them)."
+        return self.net(batch["x_num"], batch["x_cat"], batch["x_time"], batch.get("x_seq"))
 
     def family_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         "The family term chosen by `loss`; logits [B, C], or [B, k, C] for an ensemble (every member against the target)."

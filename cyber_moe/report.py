@@ -81,6 +81,15 @@ def _origin_html(metrics: dict) -> str:
     return ""
 
 
+def _models_html(metrics: dict) -> str:
+    "Which temporal expert the MoE has (packet sequence or timing vector) and whether LightGBM read the sequence as flat columns."
+    r = metrics.get("run", {})
+    if "temporal_expert" not in r: return ""
+    n = r.get("baseline_sequence_packets") or 0
+    base = f"flow statistics + each flow's first {n} packets as flat splt_* columns" if n else "flow statistics"
+    return f"<p>Temporal expert of the MoE: <b>{html.escape(str(r['temporal_expert']))}</b>. LightGBM reads: {html.escape(base)}.</p>"
+
+
 def _detection_html(metrics: dict) -> str:
     fam, tools = detection_rows(metrics)
     if not fam: return ""
@@ -113,7 +122,7 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:24em}}</style></hea
 <p>Source <b>{html.escape(str(m.get('run', {}).get('source')))}</b>; test split of {m.get('run', {}).get('test_rows', 0):,} flows,
 never used for fitting, early stopping, checkpoint choice or calibration. Git commit {html.escape(str(rec.get('git', {}).get('commit')))}
 (dirty: {rec.get('git', {}).get('dirty')}); started {rec.get('started_at')}, finished {rec.get('finished_at')}.</p>
-{_origin_html(m)}
+{_origin_html(m)}{_models_html(m)}
 <h2>Model vs baseline (test split)</h2>{html_table(headline_rows(m))}{_detection_html(m)}
 <h2>Per class</h2>{html_table(per_class, fmt="{:.3f}")}
 <h2>Data and split</h2>{html_table(split.get("class_rows", {}))}

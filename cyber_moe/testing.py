@@ -20,8 +20,8 @@ import pandas as pd
 from .schema import FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema
 
 # %% auto #0
-__all__ = ['DEMO_SCHEMA', 'UNSW_CSV', 'PG_BIN', 'FACTORY', 'demo_flows', 'records', 'make_demo_bundle', 'untrained_bundle',
-           'unsw_frame', 'free_port', 'split_capture', 'as_postgres', 'postgres_cluster', 'Server']
+__all__ = ['DEMO_SCHEMA', 'UNSW_CSV', 'PG_BIN', 'FACTORY', 'demo_flows', 'records', 'with_sequences', 'make_demo_bundle',
+           'untrained_bundle', 'unsw_frame', 'free_port', 'split_capture', 'as_postgres', 'postgres_cluster', 'Server']
 
 # %% ../nbs/59_testing.ipynb #f1f66fee
 DEMO_SCHEMA = FlowSchema(name="demo", numeric=("bytes", "pkts", "Total Fwd Packets"), categorical=("proto", "Destination Port"),
@@ -46,6 +46,22 @@ def demo_flows(n: int = 1000, *, seed: int = 0) -> pd.DataFrame:
 def records(df: pd.DataFrame, cols) -> list[dict]:
     "Rows as JSON objects (what a client would send), with the frame's own column names."
     return json.loads(df[list(cols)].to_json(orient="records"))
+
+# %% ../nbs/59_testing.ipynb #5ca41ad0
+def with_sequences(df: pd.DataFrame, n: int = 8, *, seed: int = 0) -> pd.DataFrame:
+    "`df` with generated packet sequences of `n` packets (`splt_dir_i`, `splt_ps_i`, `splt_piat_i`; -1 padding) that differ for attacks."
+    rng = np.random.default_rng(seed)
+    k = len(df)
+    att = (df[IS_ATTACK].to_numpy() == 1) if IS_ATTACK in df.columns else np.zeros(k, bool)
+    length = np.where(att, rng.integers(1, max(2, n // 2) + 1, k), rng.integers(max(1, n // 2), n + 1, k))
+    real = np.arange(n)[None] < length[:, None]
+    d = rng.integers(0, 2, (k, n)).astype(float); d[:, 0] = 0
+    ps = np.round(rng.lognormal(np.where(att, 6.5, 5.0)[:, None], 0.5, (k, n)))
+    piat = rng.exponential(np.where(att, 0.5, 20.0)[:, None], (k, n)); piat[:, 0] = 0
+    cols = {}
+    for ch, a in (("dir", d), ("ps", ps), ("piat", piat)):
+        for i in range(n): cols[f"splt_{ch}_{i}"] = np.where(real[:, i], a[:, i], -1.0)
+    return pd.concat([df.reset_index(drop=True), pd.DataFrame(cols)], axis=1)
 
 # %% ../nbs/59_testing.ipynb #0394c77c
 def make_demo_bundle(path: str | Path, *, df: pd.DataFrame | None = None, schema: FlowSchema = DEMO_SCHEMA,

@@ -20,26 +20,51 @@ from .config import RunConfig, select_device, seed_everything, setup_logging, wr
 from .schema import FAMILY, FlowSchema, get_schema
 
 # %% auto #0
-__all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe',
-           'calibrate', 'operating_point', 'fit_run_baseline', 'evaluate_run', 'save_prepared', 'load_prepared',
-           'flatten_dotted', 'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train',
-           'stage_evaluate', 'train_run']
+__all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
+           'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe', 'calibrate',
+           'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline', 'evaluate_run',
+           'save_prepared', 'load_prepared', 'flatten_dotted', 'mlflow_run', 'registered_name', 'data_origin',
+           'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
 
 # %% ../nbs/50_train.ipynb #a9eedbef
-def lab_schema(dst_port: str = "drop") -> FlowSchema:
-    "The lab's schema with the destination port as a category (`LAB` itself), a number, or an identifier only ('drop')."
+def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
+    "The lab's schema with the destination port as a category (`LAB` itself), a number, or an identifier only ('drop'); `sequence` packets per flow as the sequence kind (0: none)."
     import dataclasses
     from cyber_moe.lab import LAB
-    if dst_port == "categorical": return LAB
-    if dst_port not in ("numeric", "drop"): raise ValueError(f"data.lab_dst_port is {dst_port!r}; valid: categorical, numeric, drop")
+    if dst_port not in ("categorical", "numeric", "drop"): raise ValueError(f"data.lab_dst_port is {dst_port!r}; valid: categorical, numeric, drop")
+    s = LAB if not sequence else dataclasses.replace(LAB, sequence=int(sequence))
+    if dst_port == "categorical": return s
     cat = tuple(c for c in LAB.categorical if c != "dst_port")
-    if dst_port == "numeric": return dataclasses.replace(LAB, name="lab", categorical=cat, numeric=LAB.numeric + ("dst_port",))
-    return dataclasses.replace(LAB, categorical=cat, identifiers=LAB.identifiers + ("dst_port",))
+    if dst_port == "numeric": return dataclasses.replace(s, name="lab", categorical=cat, numeric=LAB.numeric + ("dst_port",))
+    return dataclasses.replace(s, categorical=cat, identifiers=LAB.identifiers + ("dst_port",))
+
+
+def model_reads_sequences(model_cfg) -> bool:
+    "True when one of the config's experts reads packet sequences (`x_seq`, e.g. the 'sequence' expert)."
+    from cyber_moe.models import EXPERTS
+    names = [model_cfg.experts] if isinstance(model_cfg.experts, str) else list(model_cfg.experts)
+    return any("x_seq" in EXPERTS[n].inputs for n in names if n in EXPERTS)
+
+
+def frame_sequence_length(frame: pd.DataFrame) -> int:
+    "Packets per flow the frame carries as flat sequence columns (`splt_dir_i`, `splt_ps_i`, `splt_piat_i` for every i < n; 0: none)."
+    from cyber_moe.schema import SEQ_CHANNELS, SEQ_PREFIX
+    cols, n = set(frame.columns), 0
+    while all(f"{SEQ_PREFIX[ch]}{n}" in cols for ch in SEQ_CHANNELS): n += 1
+    return n
+
+
+def temporal_expert(experts, sequence: int = 0) -> str:
+    "Which temporal expert a model has, in words for bundle, report and dashboard: the packet sequence, the timing vector, or none."
+    names = list(experts)
+    if "sequence" in names: return f"sequence (each flow's first {sequence} packets)" if sequence else "sequence"
+    if "temporal" in names: return "timing-vector (per-flow timing statistics)"
+    return "none"
 
 
 def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     "Lab sessions: the folders in `data.paths` (the last one is the test session), or the scenario recorded for each seed."
-    from cyber_moe.lab import LAB, ensure_sessions, load_sessions, read_session
+    from cyber_moe.lab import LAB_SEQUENCE, ensure_sessions, load_sessions, read_session
     d = cfg.data
     if d.paths:
         folders = [Path(p) for p in d.paths]
@@ -52,7 +77,8 @@ def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
         folders = ensure_sessions(d.lab_scenario, seeds, Path(cfg.outputs_dir) / "lab")
         test = [json.loads((f / "session.json").read_text())["session"] for f, s in zip(folders, seeds) if s in d.lab_test_seeds]
     df, info = load_sessions(folders)
-    return df, lab_schema(d.lab_dst_port), {"kind": "lab", "scenario": d.lab_scenario if not d.paths else None, **info, "test_sessions": test}
+    schema = lab_schema(d.lab_dst_port, sequence=LAB_SEQUENCE if model_reads_sequences(cfg.model) else 0)
+    return df, schema, {"kind": "lab", "scenario": d.lab_scenario if not d.paths else None, **info, "test_sessions": test}
 
 
 def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
@@ -111,6 +137,9 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
     from cyber_moe.bundle import preprocessor_kwargs
     from cyber_moe.features import Preprocessor, split_flows
     if frame is None: frame, schema, source = load_source(cfg)
+    if model_reads_sequences(cfg.model) and not schema.sequence:
+        raise ValueError(f"model.experts includes a packet-sequence expert but the {schema.name} flows have no packet sequences "
+                         "(published CSV data sets do not; the lab and pcaps metered with splt do): use the 'temporal' expert instead")
     s = cfg.split
     source = source or {}
     strategy = "random" if s.strategy == "session" and "fallback" in source else s.strategy   # simulated flows have no sessions
@@ -207,15 +236,32 @@ def operating_point(cfg: RunConfig, p_classes_val: np.ndarray, y_binary_val: np.
                                   target_fpr=cfg.train.target_fpr)
 
 
-def fit_run_baseline(cfg: RunConfig, prep: Prepared):
-    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE."
-    from cyber_moe.baseline import baseline_feature_names, categorical_indices, fit_baseline, stack_features
+def baseline_sequence(cfg: RunConfig, prep: Prepared) -> int:
+    "Packets per flow the run's baseline reads as flat columns: `baseline.sequence` (None: all the flows carry, else 0)."
+    n = frame_sequence_length(prep.frame)
+    if cfg.baseline.sequence is False: return 0
+    if cfg.baseline.sequence and not n:
+        raise ValueError(f"baseline.sequence is true but the {prep.schema.name} flows carry no packet sequence columns (splt_dir_0, ...)")
+    return n
+
+
+def baseline_matrix(prep: Prepared, split: str, sequence: int = 0) -> np.ndarray:
+    "The baseline's matrix of split `split`: the preprocessed flow statistics, then `sequence` packets as flat raw columns."
+    from cyber_moe.baseline import flat_sequence, stack_features
+    X = stack_features(prep.arrays[split])
+    return np.concatenate([X, flat_sequence(prep.rows(split), sequence, where=f"{split} split")], 1) if sequence else X
+
+
+def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None):
+    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`)."
+    from cyber_moe.baseline import baseline_feature_names, categorical_indices, fit_baseline
     b = cfg.baseline
-    return fit_baseline(X_train=stack_features(prep.arrays["train"]), y_train=prep.arrays["train"]["y_family"],
-                        X_val=stack_features(prep.arrays["val"]), y_val=prep.arrays["val"]["y_family"],
+    n = baseline_sequence(cfg, prep) if sequence is None else sequence
+    return fit_baseline(X_train=baseline_matrix(prep, "train", n), y_train=prep.arrays["train"]["y_family"],
+                        X_val=baseline_matrix(prep, "val", n), y_val=prep.arrays["val"]["y_family"],
                         categorical_idx=categorical_indices(prep.schema), n_classes=len(prep.classes),
                         n_estimators=b.n_estimators, num_leaves=b.num_leaves, learning_rate=b.learning_rate,
-                        seed=cfg.seed, classes=prep.classes, benign_index=0, feature_names=baseline_feature_names(prep.schema))
+                        seed=cfg.seed, classes=prep.classes, benign_index=0, feature_names=baseline_feature_names(prep.schema, n))
 
 # %% ../nbs/50_train.ipynb #94b0451a
 def _log_probs(p: np.ndarray) -> np.ndarray:
@@ -231,7 +277,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def evaluate_run(prep: Prepared, model, baseline, *, experts: list[str] | None = None, threshold: float | None = None,
                  rule: str = "max_f1", target_fpr: float = 0.01) -> tuple[dict, dict]:
     "Test metrics of the MoE (a `ModelBundle`, or a bare net) and the baseline side by side (`compare` structure), and their test predictions; both verdicts by `decide`."
-    from cyber_moe.baseline import stack_features
+    from cyber_moe.baseline import sequence_length_of
     from cyber_moe.bundle import ModelBundle, network_outputs
     from cyber_moe.evaluate import choose_operating_point, compare, decide, evaluate_predictions
     test, val = prep.arrays["test"], prep.arrays["val"]
@@ -254,7 +300,8 @@ def evaluate_run(prep: Prepared, model, baseline, *, experts: list[str] | None =
     model_m = evaluate_predictions(**y, p_family=p, p_attack=v["p_attack"], classes=prep.classes, gate=raw["gate"], experts=experts,
                                    logits_val=z_val, y_val=val["y_family"], logits=z, threshold=op["threshold"],
                                    family_pred=v["family_index"], operating_point=op)
-    pb, pb_val = baseline.predict_proba(stack_features(test)), baseline.predict_proba(stack_features(val))
+    n_seq = sequence_length_of(baseline.feature_names)
+    pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
     op_b = op_for(pb_val)                                           # the same rule, on the baseline's own validation scores
     vb = decide(pb, op_b["threshold"])
     base_pred = {"p_family": pb, "p_attack": vb["p_attack"], "is_attack": vb["is_attack"], "family_index": vb["family_index"]}
@@ -356,6 +403,7 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
     "Train the MoE and the baseline; save `model/` (pyfunc bundle) and `baseline/`; returns a training summary."
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
+    from cyber_moe.baseline import sequence_length_of
     from cyber_moe.bundle import ModelBundle, save_pyfunc
     from cyber_moe.models import n_parameters
     log = setup_logging(cfg.log_level)
@@ -367,7 +415,8 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
         bundle = ModelBundle(schema=prep.schema, preprocessor=prep.preprocessor, net=fit.net, net_kwargs=fit.net_kwargs,
                              temperature_family=temps["family"], temperature_binary=temps["binary"],
                              name=registered_name(cfg), version=run.info.run_id[:8],
-                             extra={"run_name": cfg.run_name, "reference": prep.preprocessor.reference})
+                             extra={"run_name": cfg.run_name, "reference": prep.preprocessor.reference,
+                                    "temporal_expert": temporal_expert(fit.net.experts, prep.schema.sequence)})
         op = operating_point(cfg, bundle.predict_arrays(prep.arrays["val"])["p_classes"], prep.arrays["val"]["y_binary"])
         bundle.threshold = op["threshold"]
         bundle.extra["operating_point"] = op
@@ -382,7 +431,8 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
                    "best_val_score": fit.best_score, "train_seconds": round(fit.seconds, 2),
                    "seconds_per_epoch": round(fit.seconds / max(fit.epochs, 1), 2),
                    "baseline_seconds": round(base_seconds, 2), "baseline_best_iteration": baseline.best_iteration,
-                   "temperature": temps, "operating_point": op, "train_rows": len(prep.split.train)}
+                   "temperature": temps, "operating_point": op, "train_rows": len(prep.split.train),
+                   "temporal_expert": bundle.extra["temporal_expert"], "baseline_sequence_packets": sequence_length_of(baseline.feature_names)}
         write_json(cfg.run_dir / "training.json", summary)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
     log.info("trained: %s", summary)
@@ -392,7 +442,7 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
 def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bool = True) -> dict:
     "Score the test split with the saved model and baseline; write `metrics.json` and `figures/`; log and register."
     import mlflow
-    from cyber_moe.baseline import Baseline
+    from cyber_moe.baseline import Baseline, sequence_length_of
     from cyber_moe.bundle import load_model_bundle, log_pyfunc
     from cyber_moe.evaluate import evaluation_figures, save_figures, write_metrics
     prep = prep or load_prepared(cfg)
@@ -400,7 +450,9 @@ def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bo
     baseline = Baseline.load(cfg.run_dir / "baseline")
     metrics, preds = evaluate_run(prep, bundle, baseline, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
     metrics["run"] = {"run_name": cfg.run_name, "source": cfg.data.source, "split": prep.split.record,
-                      "test_rows": int(len(prep.split.test)), "classes": prep.classes, "data_origin": data_origin(cfg, prep.source)}
+                      "test_rows": int(len(prep.split.test)), "classes": prep.classes, "data_origin": data_origin(cfg, prep.source),
+                      "temporal_expert": bundle.extra.get("temporal_expert") or temporal_expert(bundle.experts, prep.schema.sequence),
+                      "baseline_sequence_packets": sequence_length_of(baseline.feature_names)}
     if "tool" in prep.frame.columns:           # lab flows: detection per family and per tool on the held-out session, each model at its own threshold
         from cyber_moe.lab import detection_rates
         test_rows = prep.rows("test")

@@ -105,11 +105,13 @@ class ServedModel:
             else:
                 edges = prof.get("numeric", {}).get(f, {}).get("edges") or [0.0]
                 row[f] = float(edges[len(edges) // 2])
+        if self.validator.sequence:                       # a flow of two packets, one each way (warm-up and examples)
+            row.update(splt_direction=[0, 1], splt_ps=[60.0, 60.0], splt_piat_ms=[0.0, 1.0])
         return row
 
     def score(self, raw: RawFlows) -> dict[str, np.ndarray]:
         "`ModelBundle.verdicts` for validated flows: preprocessing, network and calibration without a frame."
-        arrays, _ = self.bundle.preprocessor.transform_values(raw.num, raw.cats, where="request")
+        arrays, _ = self.bundle.preprocessor.transform_values(raw.num, raw.cats, where="request", seq=raw.seq)
         return self.bundle.verdicts(arrays, batch_size=self.chunk_rows)
 
 # %% ../../nbs/84_serve_reload.ipynb #1a60d69a

@@ -15,12 +15,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from pydantic_core import from_json
 
 from ..features import category_strings
-from ..schema import FlowSchema
+from ..schema import FlowSchema, SchemaError, sequence_array, sequence_columns
 from .schemas import InferInput
 
 # %% auto #0
-__all__ = ['ServiceError', 'FlowError', 'parse_json_body', 'parse_envelope', 'RawFlows', 'category_value', 'FlowValidator',
-           'values', 'frame', 'columns_values', 'tensor_columns', 'json_schema']
+__all__ = ['SEQ_FIELDS', 'ServiceError', 'FlowError', 'parse_json_body', 'parse_envelope', 'RawFlows', 'category_value',
+           'FlowValidator', 'values', 'frame', 'columns_values', 'tensor_columns', 'json_schema']
 
 # %% ../../nbs/82_serve_validation.ipynb #9a5e2c9a
 class ServiceError(Exception):
@@ -71,18 +71,23 @@ def parse_envelope(model: type[BaseModel], body: bytes, *, where: str, optional:
 # %% ../../nbs/82_serve_validation.ipynb #74dad8ce
 @dataclass(frozen=True)
 class RawFlows:
-    "Validated flows as raw values: `num` [n, numeric + timing features] and one array of category strings per categorical feature."
+    "Validated flows as raw values: `num` [n, numeric + timing features], one array of category strings per categorical feature, and for a sequence model `seq` = (x [n, N, 3], mask [n, N])."
     num: np.ndarray
     cats: list
+    seq: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.num)
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, *, num_columns: Sequence[str], categorical: Sequence[str]) -> "RawFlows":
-        "The raw values of a frame's numeric (`num_columns` order) and categorical columns."
+    def from_frame(cls, df: pd.DataFrame, *, num_columns: Sequence[str], categorical: Sequence[str], schema: FlowSchema | None = None) -> "RawFlows":
+        "The raw values of a frame's numeric (`num_columns` order) and categorical columns (and its packet sequences when `schema` has them)."
         return cls(df[list(num_columns)].to_numpy(np.float64).reshape(len(df), len(num_columns)),
-                   [category_strings(df[c]) for c in categorical])
+                   [category_strings(df[c]) for c in categorical],
+                   sequence_array(df, schema, where="flows") if schema is not None and schema.sequence else None)
+
+
+SEQ_FIELDS = ("splt_direction", "splt_ps", "splt_piat_ms")   # a flow's first packets in JSON, NFStream's own names
 
 
 def _integral(x: float) -> float:
@@ -112,13 +117,26 @@ class FlowValidator:
         self._msg = {"num": "must be a finite number",
                      "cat": f"must be a string of at most {max_category_chars} characters or an integer (|x| <= 2**53)"}
         fields = {f"f{i}": (self._cat if f in self.categorical else self._num, Field(alias=f)) for i, f in enumerate(self.features)}
+        self.sequence = int(schema.sequence)
+        self.seq_fields = SEQ_FIELDS if self.sequence else ()
+        if self.sequence:                           # each a list of the flow's first 1..N packets, NFStream's order
+            n = self.sequence
+            elem = {"seq_dir": Annotated[int, Field(strict=True, ge=0, le=1)],
+                    "seq_num": Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]}
+            for f, kind in zip(SEQ_FIELDS, ("seq_dir", "seq_num", "seq_num")):
+                fields[f] = (Annotated[list[elem[kind]], Field(min_length=1, max_length=n)], Field(alias=f))
+            self._msg.update({
+                "splt_direction": f"must be a list of 1 to {n} packet directions, each 0 (source to destination) or 1",
+                "splt_ps": f"must be a list of 1 to {n} packet sizes, each a finite number >= 0",
+                "splt_piat_ms": f"must be a list of 1 to {n} inter-arrival times (ms), each a finite number >= 0"})
+            self._set = frozenset(self.features + SEQ_FIELDS)
         model = create_model("Flow", __config__=ConfigDict(extra="forbid"), **fields)
         self._one, self._many = TypeAdapter(model), TypeAdapter(list[model])
         self._col = {"num": TypeAdapter(list[self._num]), "cat": TypeAdapter(list[self._cat])}
 
     def kind(self, feature: str) -> str:
-        "'cat' for a categorical feature, 'num' for numeric and timing ones."
-        return "cat" if feature in self.categorical else "num"
+        "'cat' for a categorical feature, 'num' for numeric and timing ones, the field's own name for a packet-sequence field."
+        return feature if feature in self.seq_fields else "cat" if feature in self.categorical else "num"
 
     def _strip_keys(self, flow: Any, where: str) -> dict:
         if not isinstance(flow, dict): raise FlowError(f"{where}: expected a JSON object of feature -> value, got {type(flow).__name__}")
@@ -156,7 +174,8 @@ def _message(self: FlowValidator, problems: list[dict], *, batch: bool, where: s
         rows = sorted({p["loc"][0] for p in these}) if batch else []
         parts.append(f"{label}: {_names(names)}" + (f" in row(s) {_names(rows, 8)}" if batch else ""))
     if any(p["type"] == "missing" for p in problems) and not any(p["type"] == "unknown" for p in problems):
-        parts.append(f"the model needs all of: {_names(self.features, 80)}")
+        parts.append(f"the model needs all of: {_names(self.features + self.seq_fields, 80)}"
+                     + (f" (splt_*: each flow's first 1..{self.sequence} packets as lists)" if self.sequence else ""))
     more = f" ({n_errors} problems in all; the first {len(problems)} are listed)" if n_errors > len(problems) else ""
     return f"{where}: " + "; ".join(parts) + more
 
@@ -205,13 +224,33 @@ def _validated(self: FlowValidator, flows: list, *, where: str, batch: bool) -> 
         if batch: raise self._batch_error(flows, where=where) from None
         found = self._problems(e.errors(**_ERRS), offset=None)
         raise FlowError(self._message(found, batch=False, where=where, n_errors=len(found)), found) from None
+    if self.sequence:                                     # the three lists describe the same packets
+        bad = [(i, f) for i, fl in enumerate(flows) for f in SEQ_FIELDS[1:] if len(fl[f]) != len(fl[SEQ_FIELDS[0]])]
+        if bad:
+            errs = [{"loc": ([i] if batch else []) + [f], "msg": f"must hold one value per packet of splt_direction", "type": "invalid"}
+                    for i, f in bad[:self.max_errors]]
+            rows = f" in row(s) {_names(sorted({i for i, _ in bad}), 8)}" if batch else ""
+            raise FlowError(f"{where}: invalid value(s): {_names([f for _, f in bad])} must hold as many packets as splt_direction{rows}",
+                            errs, len(bad))
     return flows
+
+
+def _sequences(self: FlowValidator, column: Callable[[str], list], n: int) -> tuple | None:
+    "(x float32 [n, N, 3], mask [n, N]) from validated sequence lists (`column(field)`: n lists each), padding 0 as `sequence_array` gives."
+    if not self.sequence: return None
+    x, mask = np.zeros((n, self.sequence, 3), np.float32), np.zeros((n, self.sequence), bool)
+    for j, f in enumerate(SEQ_FIELDS):
+        for r, v in enumerate(column(f)):
+            x[r, :len(v), j] = v
+            if j == 0: mask[r, :len(v)] = True
+    return x, mask
 
 
 def _raw(self: FlowValidator, column: Callable[[str], list], n: int) -> RawFlows:
     "`RawFlows` of n validated flows from `column(feature)`, that feature's n values."
     return RawFlows(np.array([column(c) for c in self.num_columns], np.float64).reshape(len(self.num_columns), n).T,
-                    [np.array([category_value(x) for x in column(c)], dtype=object) for c in self.schema.categorical])
+                    [np.array([category_value(x) for x in column(c)], dtype=object) for c in self.schema.categorical],
+                    self._sequences(column, n))
 
 
 def values(self: FlowValidator, flows: list, *, where: str = "flow", batch: bool = False) -> RawFlows:
@@ -222,7 +261,12 @@ def values(self: FlowValidator, flows: list, *, where: str = "flow", batch: bool
 
 def frame(self: FlowValidator, flows: list, *, where: str = "flow", batch: bool = False) -> pd.DataFrame:
     "Validated flows as a frame with the schema's feature columns (in schema order); FlowError otherwise."
-    df = pd.DataFrame.from_records(self._validated(flows, where=where, batch=batch), columns=list(self.features))
+    flows = self._validated(flows, where=where, batch=batch)
+    df = pd.DataFrame.from_records(flows, columns=list(self.features))
+    if self.sequence:                                     # the flat splt_* columns a frame holds, -1 after a flow's last packet
+        x, mask = self._sequences(lambda c: [f[c] for f in flows], len(flows))
+        flat = np.where(mask[..., None], x, -1.0).transpose(0, 2, 1).reshape(len(flows), -1)
+        df = pd.concat([df, pd.DataFrame(flat.astype(np.float64), columns=list(self.schema.sequence_columns))], axis=1)
     for c in self.schema.categorical:                     # integral floats as ints: 80.0 is port 80, not the category '80.0'
         col = df[c]
         if col.dtype.kind == "f": df[c] = col.astype(np.int64)
@@ -231,13 +275,21 @@ def frame(self: FlowValidator, flows: list, *, where: str = "flow", batch: bool 
 
 
 FlowValidator._validated, FlowValidator._raw, FlowValidator.values, FlowValidator.frame = _validated, _raw, values, frame
+FlowValidator._sequences = _sequences
 
 # %% ../../nbs/82_serve_validation.ipynb #c80651e2
 def columns_values(self: FlowValidator, columns: dict[str, list], *, where: str = "inputs") -> RawFlows:
     "Validated columns (feature -> list of values, equal lengths) as `RawFlows`; integral floats are accepted as categories."
     cols = {k.strip(): v for k, v in columns.items()}
     if len(cols) != len(columns): raise FlowError(f"{where}: a feature is given twice (names are compared without surrounding spaces)")
-    missing, unknown = [f for f in self.features if f not in cols], [c for c in cols if c not in self._set]
+    seq_cols = list(self.schema.sequence_columns)
+    seq = {c: cols.pop(c) for c in seq_cols if c in cols}
+    if self.sequence and len(seq) < len(seq_cols):
+        miss = [c for c in seq_cols if c not in seq]
+        raise FlowError(f"{where}: missing packet-sequence column(s) {_names(miss, 6)}: this model reads each flow's first {self.sequence} "
+                        f"packets as flat columns {seq_cols[0]}..{seq_cols[-1]} (-1 after a flow's last packet)",
+                        [{"loc": [c], "msg": "missing feature", "type": "missing"} for c in miss[:self.max_errors]], len(miss))
+    missing, unknown = [f for f in self.features if f not in cols], [c for c in cols if c not in self.features]
     if missing or unknown:
         parts = ([f"missing feature(s): {_names(missing)}"] if missing else []) + ([f"unknown feature(s): {_names(unknown)}"] if unknown else [])
         errs = [{"loc": [f], "msg": "missing feature", "type": "missing"} for f in missing] + \
@@ -253,7 +305,18 @@ def columns_values(self: FlowValidator, columns: dict[str, list], *, where: str 
     if errs:
         raise FlowError(f"{where}: invalid value(s): " + "; ".join(f"{e['loc'][0]} {e['msg']}" for e in errs[:12]),
                         errs[:self.max_errors], len(errs))
-    return self._raw(out.__getitem__, len(out[self.features[0]]))
+    n = len(out[self.features[0]])
+    if not self.sequence: return self._raw(out.__getitem__, n)
+    try:
+        df = pd.DataFrame({c: np.asarray(v, dtype=np.float64) for c, v in seq.items()})
+        if len(df) != n: raise SchemaError(f"{where}: the packet-sequence columns hold {len(df)} rows, the features {n}")
+        x_mask = sequence_array(df, self.schema, where=where)
+    except (ValueError, TypeError) as e:            # SchemaError is a ValueError; non-numbers fail the float conversion
+        msg = str(e) if isinstance(e, SchemaError) else f"{where}: packet-sequence columns must hold numbers ({e})"
+        field = next((c for c in seq_cols if c in msg), seq_cols[0])
+        raise FlowError(msg, [{"loc": [field], "msg": msg, "type": "invalid"}], 1) from None
+    raw = self._raw(out.__getitem__, n)
+    return RawFlows(raw.num, raw.cats, x_mask)
 
 
 FlowValidator.columns_values = columns_values
@@ -300,10 +363,18 @@ def json_schema(self: FlowValidator, *, max_category_chars: int = 256) -> dict:
     cat = {"anyOf": [{"type": "string", "maxLength": max_category_chars},        # an integer: 80 and 80.0 alike, as JSON means them
                      {"type": "number", "multipleOf": 1, "minimum": -2**53, "maximum": 2**53}]}
     return {"title": f"Flow ({self.schema.name})", "type": "object", "additionalProperties": False,
-            "required": list(self.features),
+            "required": list(self.features + self.seq_fields),
             "description": (f"One flow of {self.schema.name}: every feature of the model, by the data set's own column name "
                             "(surrounding spaces are ignored, so CIC-IDS2017's ' Flow Duration' is accepted)."),
-            "properties": {f: dict(cat if f in self.categorical else num) for f in self.features}}
+            "properties": {f: dict(cat if f in self.categorical else num) for f in self.features} | _seq_schema(self)}
+
+
+def _seq_schema(self: FlowValidator) -> dict:
+    "JSON schema of the packet-sequence lists (none without sequences)."
+    if not self.sequence: return {}
+    item = {"splt_direction": {"type": "integer", "enum": [0, 1]}, "splt_ps": {"type": "number", "minimum": 0},
+            "splt_piat_ms": {"type": "number", "minimum": 0}}
+    return {f: {"type": "array", "minItems": 1, "maxItems": self.sequence, "items": item[f], "description": self._msg[f]} for f in SEQ_FIELDS}
 
 
 FlowValidator.json_schema = json_schema
