@@ -158,7 +158,7 @@ FACTORY = "cyber_moe.serve.app:app_from_env"
 
 
 class Server:
-    "A uvicorn process serving `model` on 127.0.0.1 (free port), started and stopped as a context manager."
+    "A uvicorn process serving `model` on 127.0.0.1 (free port), started and stopped as a context manager; its feedback store sits next to the log."
 
     def __init__(self, model, *, log_path: Path, workers: int = 1, env: dict | None = None, wait: bool = True,
                  app: str = FACTORY, args: tuple = (), cwd: str | Path | None = None):
@@ -167,7 +167,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("CYBER_MOE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        self.env = {**base, "CYBER_MOE_MODEL": self.model, **(env or {})}
+        self.env = {**base, "CYBER_MOE_MODEL": self.model,     # the feedback store next to the log, not in the project's outputs/
+                    "CYBER_MOE_FEEDBACK_URL": f"sqlite:///{self.log_path.resolve().parent / 'feedback.db'}", **(env or {})}
 
     def __enter__(self):
         import httpx  # noqa: F401  (fail here, not in wait_ready, when it is missing)

@@ -134,6 +134,7 @@ def _script():
     from alembic.script import ScriptDirectory
     from cyber_moe.feedback.migrations import MIGRATIONS_DIR
     cfg = Config()
+    cfg.set_main_option("path_separator", "os")                          # a folder with spaces stays one folder
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("version_locations", str(MIGRATIONS_DIR))        # the revisions sit next to __init__.py, no versions/
     return cfg, ScriptDirectory.from_config(cfg)
@@ -467,7 +468,7 @@ def _insert_ignore(dialect: str, table: sa.Table):
 def _add_alerts(self: FeedbackStore, records: Sequence[dict] | pd.DataFrame, *, model_name: str, model_version: str,
                 source: str, classes: Sequence[str] | None = None, benign: str | None = None, threshold: float | None = None,
                 rules: Sequence[RuleView] | None = None, now: datetime | None = None) -> AddResult:
-    "Store alert `records` of one model, suppressing those an active rule matches; returns ids, suppressions and counts."
+    "Store alert `records` of one model, suppressing those an active rule matches (or as a record's `suppressed_by` says); returns ids, suppressions, counts."
     if isinstance(records, pd.DataFrame): records = records.to_dict(orient="records")
     now = now or utc_now()
     if classes or threshold is not None: self.register_model(model_name, model_version, classes=classes, benign=benign, threshold=threshold)
@@ -476,16 +477,23 @@ def _add_alerts(self: FeedbackStore, records: Sequence[dict] | pd.DataFrame, *, 
     for rec in records:
         miss = [k for k in ("id", "p_attack", "family") if rec.get(k) is None]
         if miss: raise InvalidFeedback(f"alert record lacks {', '.join(miss)}: {dict(list(rec.items())[:6])}")
-        rule = next((r for r in rules if r.matches(rec.get("src_ip"), rec.get("dst_port"), rec.get("family"))), None)
+        if "suppressed_by" in rec: rid = rec["suppressed_by"]          # decided by the caller (the service, with its cached rules)
+        else:
+            rule = next((r for r in rules if r.matches(rec.get("src_ip"), rec.get("dst_port"), rec.get("family"))), None)
+            rid = None if rule is None else rule.id
         row = {k: _json_safe(rec.get(k)) for k in _ALERT_COLS if k not in ("features", "created_at", "suppressed_by")}
         row.update(model_name=str(model_name), model_version=str(model_version), source=source, created_at=now,
-                   suppressed_by=None if rule is None else rule.id, id=str(rec["id"]),
+                   suppressed_by=None if rid is None else int(rid), id=str(rec["id"]),
                    features=None if rec.get("features") is None else {str(k): _json_safe(v) for k, v in rec["features"].items()})
         if row.get("margin") is None and threshold is not None: row["margin"] = float(row["p_attack"]) - float(threshold)
-        rows.append(row); sup.append(None if rule is None else rule.id)
+        rows.append(row); sup.append(row["suppressed_by"])
     def run():
         with self._session.begin() as s:
             if not rows: return set()
+            named = {r["suppressed_by"] for r in rows if r["suppressed_by"] is not None}
+            gone = named - set(s.scalars(sa.select(Rule.id).where(Rule.id.in_(named)))) if named else set()
+            for r in rows:                                 # a rule deleted since the caller decided: the alert stays unsuppressed
+                if r["suppressed_by"] in gone: r["suppressed_by"] = None
             new = set(s.scalars(_insert_ignore(s.bind.dialect.name, Alert.__table__).returning(Alert.id), rows))
             for rid, n in Counter(r["suppressed_by"] for r in rows if r["id"] in new and r["suppressed_by"] is not None).items():
                 s.execute(sa.update(Rule).where(Rule.id == rid).values(n_suppressed=Rule.n_suppressed + n))
