@@ -14,7 +14,7 @@ from .config import (ConfigError, RunConfig, find_project_root, load_config, sav
                               setup_logging, terminal_safe, utc_now, write_run_record)
 
 # %% auto #0
-__all__ = ['StageFailed', 'pipelines_dir', 'pipeline_stages', 'run_pipeline', 'build_parser', 'main']
+__all__ = ['DEFAULT_RETRAIN_MODEL', 'StageFailed', 'pipelines_dir', 'pipeline_stages', 'run_pipeline', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #d7cd12b9
 class StageFailed(RuntimeError):
@@ -100,6 +100,49 @@ def _add_lab_parser(sub) -> None:
     r.add_argument("--seed", type=int, default=0, help="draws timings, order, clients, targets, intensities and tool options")
     r.add_argument("--inject-crash", metavar="STEP", help="(testing) kill this step's tool part-way, as a crash would")
     r.set_defaults(func=_cmd_lab_record)
+
+# %% ../nbs/90_cli.ipynb #83eaaeb6
+DEFAULT_RETRAIN_MODEL = "models:/cyber-moe-lab@champion"
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from cyber_moe.retrain import load_confirmed, report_markdown, retrain_from_feedback
+    if not args.from_feedback: raise ConfigError("retrain: say where the new labels come from: --from-feedback (analysts' confirmed verdicts)")
+    if not 0 <= args.tolerance < 1: raise ConfigError(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if args.epochs < 1: raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
+    store = args.store or f"sqlite:///{outputs.resolve() / 'feedback.db'}"
+    setup_logging("INFO")
+    confirmed = load_confirmed(store)
+    out = Path(args.out) if args.out else outputs / "retrain" / utc_now().replace(":", "").replace("+0000", "Z")
+    report = retrain_from_feedback(confirmed, model=args.model, out_dir=out, run_dir=args.run, outputs_dir=outputs,
+                                   tracking_uri=args.tracking_uri, epochs=args.epochs, tolerance=args.tolerance,
+                                   fine_tune_model=not args.threshold_only, register=not args.no_register, seed=args.seed)
+    print(report_markdown(report))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _add_retrain_parser(sub) -> None:
+    "The `retrain` subcommand: learn from the analysts' confirmed verdicts."
+    p = sub.add_parser("retrain", help="learn from analysts' verdicts: re-choose the operating point, fine-tune, register a challenger, promote if it wins",
+                       description="Read confirmed verdicts from the feedback store; re-choose the operating point on them; fine-tune the model "
+                                   "from its weights on them plus its original training rows; compare candidate and champion on held-out "
+                                   "feedback and the original test split; register the candidate as alias 'challenger' and move 'champion' "
+                                   "to it only when it wins on both.")
+    p.add_argument("--from-feedback", action="store_true", help="learn from the feedback store's confirmed verdicts (required)")
+    p.add_argument("--model", default=DEFAULT_RETRAIN_MODEL, help=f"the model to improve: models:/NAME@ALIAS, models:/NAME/VERSION or a model folder (default {DEFAULT_RETRAIN_MODEL})")
+    p.add_argument("--store", help="feedback store URL (default sqlite:///<outputs>/feedback.db; postgresql+psycopg://user@host/db), or a Parquet/CSV file of confirmed verdicts")
+    p.add_argument("--run", help="folder of the run that trained the model (default <outputs>/<the bundle's run_name>): its original training rows")
+    p.add_argument("--outputs", help="the project's outputs folder (default: outputs/ of this checkout)")
+    p.add_argument("--out", help="folder for report.json and report.md (default <outputs>/retrain/<UTC time>)")
+    p.add_argument("--tracking-uri", help="MLflow tracking store (default MLFLOW_TRACKING_URI or <outputs>/mlflow.db)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="how much worse on the test split the candidate may be and still be promoted (default 0.01)")
+    p.add_argument("--threshold-only", action="store_true", help="only re-choose the operating point on the confirmed verdicts (no fine-tuning)")
+    p.add_argument("--no-register", action="store_true", help="compare and report only: register nothing, move no alias")
+    p.add_argument("--seed", type=int, default=0, help="seed of the feedback split and the fine-tune")
+    p.set_defaults(func=_cmd_retrain)
 
 # %% ../nbs/90_cli.ipynb #2be35753
 def _cmd_pipeline(args: argparse.Namespace) -> int:
@@ -414,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--strict", action="store_true", help="exit 1 when an ids-lint error rule fires")
     di.set_defaults(func=_cmd_data_inspect)
     _add_lab_parser(sub)
+    _add_retrain_parser(sub)
     return parser
 
 

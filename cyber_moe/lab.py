@@ -34,7 +34,7 @@ from .schema import FAMILY, IS_ATTACK, FlowSchema, register_schema
 # %% auto #0
 __all__ = ['LAB_FAMILIES', 'TOOLS', 'BENIGN_ACTIVITIES', 'TOOL_BINARIES', 'LAB_BINARIES', 'LAB', 'DEBIAN_PACKAGES', 'LAB_NET',
            'SERVERS', 'SECRET_USER', 'SECRET_PASSWORD', 'WEB_PAGES', 'BUILDERS', 'WEB_APP', 'C2_SERVER', 'BEACON',
-           'log', 'NS_PREFIX', 'OK_CODES', 'TOOL_OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'LAB_SEQUENCE',
+           'POLLER', 'log', 'NS_PREFIX', 'OK_CODES', 'TOOL_OK_CODES', 'GRACE_BEFORE_S', 'GRACE_AFTER_S', 'LAB_SEQUENCE',
            'LAB_TARGETS', 'ScenarioError', 'LabUnavailable', 'LabInterrupted', 'BenignSpec', 'StepSpec', 'Scenario',
            'parse_scenario', 'load_scenario', 'Host', 'Command', 'StepPlan', 'SessionPlan', 'plan_session',
            'write_work', 'lab_namespaces', 'check_available', 'Lab', 'signals_raise', 'run_session', 'label_flows',
@@ -52,6 +52,7 @@ TOOLS: dict[str, dict[str, tuple[str, ...]]] = {   # family -> tool -> variants
     "bruteforce": {"hydra": ("ssh", "ftp", "http"), "medusa": ("ssh", "ftp", "http"), "ncrack": ("ssh", "ftp")},
     "webattack": {"sqlmap": ("search", "item"), "xss-probe": ("get",), "traversal-probe": ("get",)},
     "bot": {"beacon": ("get", "post")},
+    "benign": {"poller": ("http", "tcp")},   # benign services run as steps: their flows are labelled benign
 }
 
 BENIGN_ACTIVITIES = ("browse", "download", "login", "private", "ssh", "scp", "ftp", "dns", "update", "idle")
@@ -59,7 +60,7 @@ BENIGN_ACTIVITIES = ("browse", "download", "login", "private", "ssh", "scp", "ft
 TOOL_BINARIES = {   # what each tool (and the lab itself) needs on PATH
     "nmap": "nmap", "masscan": "masscan", "hping3": "hping3", "goldeneye": "goldeneye", "slowhttptest": "slowhttptest",
     "hydra": "hydra", "medusa": "medusa", "ncrack": "ncrack", "sqlmap": "sqlmap", "xss-probe": "curl",
-    "traversal-probe": "curl", "beacon": "python3", "httpflood": "curl"}
+    "traversal-probe": "curl", "beacon": "python3", "httpflood": "curl", "poller": "python3"}
 LAB_BINARIES = ("ip", "ss", "tcpdump", "timeout", "nginx", "sshd", "vsftpd", "dnsmasq", "curl", "ssh", "scp", "ssh-keygen", "dig", "python3")
 
 LAB = register_schema(FlowSchema(
@@ -137,7 +138,7 @@ class BenignSpec(_Strict):
 
 
 class StepSpec(_Strict):
-    "One attack step: a family, the tool that makes it, when it starts, how long it may run, how hard it pushes."
+    "One step: an attack family (or `benign`, a service such as a monitoring poller), the tool that makes it, when it starts, how long it may run, how hard it pushes."
     family: str
     tool: str
     name: str | None = None
@@ -491,9 +492,26 @@ def _beacon(ctx: _Ctx):
     return c2.ip, cmds, {}
 
 
+def _poller(ctx: _Ctx):
+    "A monitoring poller (benign): every few seconds, with little jitter, an HTTP status check or a TCP connect check of lab services."
+    r, web, infra = ctx.rng, SERVERS["web"], SERVERS["infra"]
+    if ctx.variant == "http":
+        pool = [f"http://{web}/status.json", f"http://{infra}/status.json", f"http://{web}/app/item?id=1", f"http://{infra}/updates/manifest.json"]
+    else:
+        pool = [f"{web}:22", f"{web}:80", f"{web}:21", f"{infra}:22", f"{infra}:80"]
+    cmds = []
+    for h in ctx.me:
+        targets = r.sample(pool, r.randint(1, 3))
+        interval = round(r.choice([1.0, 2.0, 3.0]) / ctx.intensity, 3)     # machines poll on a fixed period
+        cmds.append(Command(h.name, ["python3", str(ctx.work / "poller.py"), ctx.variant, str(interval), str(r.choice([0.02, 0.05, 0.1])),
+                                     str(max(2, int(ctx.max_s) - 1)), str(r.randint(0, 2**31)), *targets], delay=round(r.uniform(0, 0.5), 2)))
+    return web, cmds, {}
+
+
 BUILDERS: dict[str, Callable] = {"nmap": _nmap, "masscan": _masscan, "hping3": _hping3, "goldeneye": _goldeneye, "httpflood": _httpflood,
                                  "slowhttptest": _slowhttptest, "hydra": _hydra, "medusa": _medusa, "ncrack": _ncrack,
-                                 "sqlmap": _sqlmap, "xss-probe": _xss_probe, "traversal-probe": _traversal_probe, "beacon": _beacon}
+                                 "sqlmap": _sqlmap, "xss-probe": _xss_probe, "traversal-probe": _traversal_probe, "beacon": _beacon,
+                                 "poller": _poller}
 
 # %% ../nbs/14_lab.ipynb #1e3f6992
 _SSH_OPTS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR"
@@ -704,6 +722,24 @@ while time.time() < end:
 '''
 
 
+POLLER = r'''
+import random, socket, sys, time, urllib.request
+mode, interval, jitter, seconds, seed, targets = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
+rng, end = random.Random(seed), time.time() + seconds
+while time.time() < end:
+    for t in targets:
+        try:
+            if mode == "tcp":
+                host, port = t.rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=2): pass
+            else:
+                urllib.request.urlopen(urllib.request.Request(t, headers={"User-Agent": "lab-monitor/2.1"}), timeout=3).read()
+        except Exception:
+            pass
+    time.sleep(max(0.05, interval * (1 + rng.uniform(-jitter, jitter))))
+'''
+
+
 def _nginx_conf(work: Path, ip: str, root: Path, tag: str) -> str:
     t = work / f"nginx-{tag}"
     return f"""daemon off;
@@ -830,6 +866,8 @@ def write_work(plan: SessionPlan) -> None:
     (w / "webapp.py").write_text(WEB_APP)
     (w / "c2.py").write_text(C2_SERVER)
     (w / "beacon.py").write_text(BEACON)
+    (w / "poller.py").write_text(POLLER)
+    (w / "www" / "status.json").write_text(json.dumps({"status": "ok", "checks": {"disk": "ok", "load": "ok"}}))
     for tag, ip in SERVERS.items():
         (w / f"nginx-{tag}.conf").write_text(_nginx_conf(w, ip, w / "www", tag))
         (w / f"sshd-{tag}.conf").write_text(_sshd_conf(w, ip, tag))
@@ -1181,7 +1219,7 @@ def _ground_truth(record: dict, session: str) -> pd.DataFrame:
     for s in record["steps"]:
         for a, h in zip(s["addresses"], s["hosts"]):
             rows.append({"session": session, "step": s["name"], "family": s["family"], "tool": s["tool"], "variant": s["variant"],
-                         "address": a, "host": h, "role": "c2" if h.endswith("c2") else "attacker", "target": s["target"],
+                         "address": a, "host": h, "role": "client" if s["family"] == "benign" else "c2" if h.endswith("c2") else "attacker", "target": s["target"],
                          "t_start": s["t_start"], "t_end": s["t_end"], "status": s["status"],
                          "exit_codes": json.dumps(s["exit_codes"]), "error": s["error"] or "", "command": " && ".join(s["commands"])})
     for role, hosts in (("client", record["clients"]), ("server", record["servers"])):
@@ -1204,7 +1242,7 @@ def record_session(scenario: Scenario | str | Path, out_dir, *, seed: int = 0, i
     if inject_crash is not None:
         names = [s.name or f"s{i:02d}-{s.family}-{s.tool}" for i, s in enumerate(sc.steps, start=1)]
         if inject_crash not in names: raise ScenarioError(f"inject_crash: no step named '{inject_crash}'; steps: {', '.join(names)}")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()          # tcpdump runs in another namespace and folder: give it an absolute path
     out.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(3)
     check_available(plan_session(sc, seed, Path("/nonexistent")).binaries())
