@@ -13,13 +13,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy import event, exc as sa_exc
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 # %% auto #0
 __all__ = ['FEEDBACK_ENV_VAR', 'VERDICTS', 'ORDERS', 'FeedbackError', 'UnknownAlert', 'InvalidFeedback', 'StoreUnavailable',

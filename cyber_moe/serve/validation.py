@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from pydantic_core import from_json
 
 from ..features import category_strings
-from ..schema import FlowSchema, SchemaError, sequence_array, sequence_columns
+from ..schema import FlowSchema, SchemaError, sequence_array
 from .schemas import InferInput
 
 # %% auto #0
@@ -227,7 +227,7 @@ def _validated(self: FlowValidator, flows: list, *, where: str, batch: bool) -> 
     if self.sequence:                                     # the three lists describe the same packets
         bad = [(i, f) for i, fl in enumerate(flows) for f in SEQ_FIELDS[1:] if len(fl[f]) != len(fl[SEQ_FIELDS[0]])]
         if bad:
-            errs = [{"loc": ([i] if batch else []) + [f], "msg": f"must hold one value per packet of splt_direction", "type": "invalid"}
+            errs = [{"loc": ([i] if batch else []) + [f], "msg": "must hold one value per packet of splt_direction", "type": "invalid"}
                     for i, f in bad[:self.max_errors]]
             rows = f" in row(s) {_names(sorted({i for i, _ in bad}), 8)}" if batch else ""
             raise FlowError(f"{where}: invalid value(s): {_names([f for _, f in bad])} must hold as many packets as splt_direction{rows}",
