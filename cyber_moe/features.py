@@ -651,7 +651,7 @@ def _fit_bins(self: Preprocessor, df: pd.DataFrame, fam: np.ndarray, where: str)
 def transform(self: Preprocessor, df: pd.DataFrame, *, where: str = "input", indicators: bool = False,
               report: bool = False) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict]:
     "Raw rows (columns by name, any order, extras ignored) -> dict x_num float32, x_cat int64, x_time float32; with `report`, (arrays, report)."
-    st = self._fitted()
+    self._fitted()
     cols = _feature_columns(df, self.schema, where)
     X = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
     cats = [category_strings(df[cols[c]]) for c in self.schema.categorical]
