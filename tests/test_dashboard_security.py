@@ -1,7 +1,9 @@
 """Issue 18, items 4 and 6, against real Voila processes: Host/Origin allow-list, a cap on kernels, idle kernels culled,
 no tracebacks in pages, and `cyber-moe dashboard` stopping Voila and every kernel on SIGTERM."""
+import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,6 +113,27 @@ def test_kernels_capped_culled_and_no_tracebacks(voila):
     while _kernels(proc.pid) and time.monotonic() < deadline: time.sleep(0.5)
     assert _kernels(proc.pid) == []
     assert _get(port)[0] == 200                                                     # capacity is back
+
+
+def _ws_handshake(port: int, kernel_id: str, origin: str, host: str | None = None) -> int:
+    "The HTTP status of a websocket upgrade to the kernel channels of `kernel_id`, sent from `origin` naming `host` (default 127.0.0.1:`port`)."
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall((f"GET /api/kernels/{kernel_id}/channels HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n").encode())
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def test_foreign_origin_websocket_is_refused(voila):
+    """A script on evil.example opening the websocket of a live kernel: refused, also after DNS rebinding (Host and Origin both
+    evil.example, which jupyter_server's own same-origin check lets through); the page's own origin gets the upgrade (101)."""
+    proc, port = voila
+    code, page = _get(port)
+    assert code == 200
+    kernel_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", page)[0]
+    assert _ws_handshake(port, kernel_id, "http://evil.example") == 403
+    assert _ws_handshake(port, kernel_id, f"http://evil.example:{port}", host=f"evil.example:{port}") == 403   # rebinding
+    assert _ws_handshake(port, kernel_id, f"http://127.0.0.1:{port}") == 101
 
 
 def test_cli_dashboard_stops_voila_and_kernels_on_sigterm(cli, tmp_path):
