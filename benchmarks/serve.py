@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--torch-threads", type=int, default=1, help="CYBER_MOE_TORCH_THREADS of the server")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder with unsw-nb15/ (the shared data)")
     ap.add_argument("--access-log", action="store_true", help="keep the service's JSON access log on (its default; off by default here)")
+    ap.add_argument("--no-feedback", action="store_true", help="CYBER_MOE_FEEDBACK=false: no alert stored, no rule applied "
+                    "(the untrained model flags most flows, so the default run writes an alert for most of them)")
     ap.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -157,7 +159,8 @@ def main(argv=None) -> dict:
     (tmp / "bare.py").write_text(BARE_APP)
     key = {"X-API-Key": "bench-key"}
     env = {"CYBER_MOE_API_KEY": "bench-key", "CYBER_MOE_MAX_BATCH": str(max(4096, args.batch_size)),
-           "CYBER_MOE_TORCH_THREADS": str(args.torch_threads), "CYBER_MOE_ACCESS_LOG": "true" if args.access_log else "false"}
+           "CYBER_MOE_TORCH_THREADS": str(args.torch_threads), "CYBER_MOE_ACCESS_LOG": "true" if args.access_log else "false",
+           "CYBER_MOE_FEEDBACK": "false" if args.no_feedback else "true"}
     out: dict = {"args": vars(args), "net": net}
 
     with _bare_server(tmp) as url:
@@ -222,7 +225,7 @@ def render(o: dict) -> str:
     return "\n".join([
         f"## REST service (`benchmarks/serve.py`), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        f"Loopback, one uvicorn worker, torch threads {a['torch_threads']}, access log {'on' if a.get('access_log') else 'off'}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"Loopback, one uvicorn worker, torch threads {a['torch_threads']}, access log {'on' if a.get('access_log') else 'off'}, feedback store {'off' if a.get('no_feedback') else 'on (SQLite; every flagged flow an alert)'}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"load average at the end {load[0]:.1f} (other jobs share the machine). Model: untrained MoE of the default size "
         f"(d_token {o['net']['d_token']}, {o['net']['n_blocks']} blocks, temporal {o['net']['d_temporal']}x{o['net']['n_temporal_layers']}) over "
         f"UNSW-NB15's 42 features. Bare = a FastAPI route that parses the same JSON and returns a constant, same server settings.",

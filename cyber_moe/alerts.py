@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import queue
 import threading
@@ -24,13 +25,14 @@ from nfstream import NFStreamer
 from . import __version__
 from .bundle import ModelBundle
 from .nfstream import NFSTREAM, PcapError, check_pcap, derive_columns, pcap_to_flows
+from .feedback import StoreUnavailable, flow_alert_id
 from .schema import SchemaError
 
 # %% auto #0
 __all__ = ['FLOW_COLUMNS', 'CAPTURE_SUFFIXES', 'ALERT_FORMATS', 'ECS_VERSION', 'SID_BASE', 'TRANSPORT', 'EVE_PROTO', 'CATEGORY',
            'community_id', 'community_ids', 'is_capture', 'score_flows', 'CaptureError', 'scored_batches', 'score_pcap',
-           'severity', 'alerts_ecs', 'alerts_eve', 'make_alerts', 'alert_line', 'write_alerts', 'save_verdicts',
-           'summary_table', 'watch']
+           'severity', 'suppressed_mask', 'alerts_ecs', 'alerts_eve', 'make_alerts', 'alert_line', 'write_alerts',
+           'save_verdicts', 'alert_records', 'store_alerts', 'summary_table', 'watch']
 
 # %% ../nbs/85_alerts.ipynb #75366da8
 _PORTLESS = frozenset({communityid.PROTO_ICMP, communityid.PROTO_ICMP6})  # need type/code, which NFStream does not report
@@ -83,8 +85,8 @@ def _check_nfstream_bundle(bundle: ModelBundle) -> None:
                           f"needs a model trained on NFStream flows (schema '{NFSTREAM.name}', e.g. the default pipeline's model)")
 
 
-def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = 8192) -> pd.DataFrame:
-    "Verdicts for NFStream flows (rates derived): the `FLOW_COLUMNS`, `community_id`, the bundle's verdicts and `attack_family`."
+def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = 8192, features: bool = False) -> pd.DataFrame:
+    "Verdicts for NFStream flows (rates derived): the `FLOW_COLUMNS`, `community_id`, the bundle's verdicts, `attack_family` (and the model's `features`)."
     _check_nfstream_bundle(bundle)
     bundle.schema.check_columns(flows.columns, where="NFStream flows")
     pred = bundle.predict(flows, batch_size=batch_size, class_probs=True)
@@ -93,7 +95,9 @@ def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = 8
     pred["attack_family"] = np.asarray(attack, dtype=object)[probs.argmax(axis=1)]
     pred = pred.drop(columns=[f"p_{c}" for c in bundle.classes])
     ids = flows[[c for c in FLOW_COLUMNS if c in flows.columns]]
-    out = pd.concat([ids, community_ids(flows).to_frame(), pred], axis=1).reset_index(drop=True)
+    parts = [ids, community_ids(flows).to_frame(), pred]
+    if features: parts.append(flows[[f for f in bundle.schema.features if f not in ids.columns and f not in pred.columns]])
+    out = pd.concat(parts, axis=1).reset_index(drop=True)
     out.attrs["model"] = {"name": bundle.name, "version": bundle.version}
     return out
 
@@ -132,7 +136,7 @@ def _torch_threads(n: int):
 
 def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batch_size: int = 256, max_delay_s: float = 1.0,
                    max_flows: int | None = None, n_threads: int | None = None, bpf_filter: str | None = None,
-                   **nfstream_opts) -> Iterator[pd.DataFrame]:
+                   features: bool = False, **nfstream_opts) -> Iterator[pd.DataFrame]:
     "Yield `score_flows` frames for the flows NFStream meters from `source` (pcap or interface), `batch_size` at most, as they end."
     _check_nfstream_bundle(bundle)
     if batch_size < 1 or max_delay_s <= 0: raise ValueError(f"batch_size must be >= 1 and max_delay_s > 0, got {batch_size}, {max_delay_s}")
@@ -150,7 +154,7 @@ def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batc
     keys, rows, first_at, err = None, [], None, None
 
     def batch() -> pd.DataFrame:
-        with _torch_threads(n_threads): out = score_flows(bundle, derive_columns(pd.DataFrame(rows, columns=keys)))
+        with _torch_threads(n_threads): out = score_flows(bundle, derive_columns(pd.DataFrame(rows, columns=keys)), features=features)
         stats["n_flows"] += len(rows); stats["n_batches"] += 1
         rows.clear()
         return out
@@ -179,7 +183,7 @@ def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batc
 
 
 def score_pcap(bundle: ModelBundle, pcap_path: str | Path, *, allow_truncated: bool = False, batch_size: int = 2048,
-               n_threads: int | None = None, **nfstream_opts) -> pd.DataFrame:
+               n_threads: int | None = None, features: bool = False, **nfstream_opts) -> pd.DataFrame:
     "Meter `pcap_path` with NFStream (`pcap_to_flows` options in `nfstream_opts`) and score every flow; rows in `pcap_to_flows` order."
     _check_nfstream_bundle(bundle)
     info = check_pcap(pcap_path)
@@ -187,7 +191,8 @@ def score_pcap(bundle: ModelBundle, pcap_path: str | Path, *, allow_truncated: b
         try: pcap_to_flows(pcap_path, **nfstream_opts)           # its error counts the flows read before the cut
         except PcapError as e: raise PcapError(f"{e} (command line: --allow-truncated)") from e
     stats: dict = {}
-    parts = list(scored_batches(pcap_path, bundle, stats=stats, batch_size=batch_size, n_threads=n_threads, **nfstream_opts))
+    parts = list(scored_batches(pcap_path, bundle, stats=stats, batch_size=batch_size, n_threads=n_threads,
+                                 features=features, **nfstream_opts))
     if not parts:
         raise PcapError(f"{pcap_path}: NFStream found no IP flow in {info['n_packets']} packet(s); "
                         "check that the capture holds Ethernet/IP traffic")
@@ -232,12 +237,18 @@ _OPTIONAL = ("ip_version", "application_name", "src2dst_packets", "src2dst_bytes
              "family", "p_family")
 
 
+def suppressed_mask(scored: pd.DataFrame) -> np.ndarray:
+    "True for the flows a suppression rule silenced (column `suppressed_by`, set by `store_alerts`); all False without it."
+    if "suppressed_by" not in scored.columns: return np.zeros(len(scored), bool)
+    return scored["suppressed_by"].notna().to_numpy()
+
+
 def _flagged(scored: pd.DataFrame, bundle: ModelBundle) -> dict[str, list]:
     "Columns of the flagged rows as Python lists (JSON-ready; optional columns absent -> None), plus derived alert fields."
     miss = [c for c in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms",
                         "bidirectional_last_seen_ms", "community_id", "is_attack", "p_attack", "attack_family") if c not in scored.columns]
     if miss: raise SchemaError(f"alerts: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
-    df = scored[scored["is_attack"].to_numpy() == 1]
+    df = scored[(scored["is_attack"].to_numpy() == 1) & ~suppressed_mask(scored)]
     n = len(df)
     c = {k: df[k].astype(object).where(df[k].notna(), None).tolist() for k in df.columns}
     for k in _OPTIONAL: c.setdefault(k, [None] * n)
@@ -264,7 +275,7 @@ def _app_proto(name) -> str | None:
 
 
 def alerts_ecs(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
-    "One ECS alert document (nested objects) per flagged flow of `scored` (from `score_pcap`/`score_flows`), in row order."
+    "One ECS alert document (nested objects) per flagged, unsuppressed flow of `scored` (from `score_pcap`/`score_flows`), in row order."
     c = _flagged(scored, bundle)
     out = []
     for i in range(c["_n"]):
@@ -293,7 +304,7 @@ def alerts_ecs(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
 
 
 def alerts_eve(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
-    "One Suricata-EVE `alert` record per flagged flow of `scored` (from `score_pcap`/`score_flows`), in row order."
+    "One Suricata-EVE `alert` record per flagged, unsuppressed flow of `scored` (from `score_pcap`/`score_flows`), in row order."
     c = _flagged(scored, bundle)
     rev = int(bundle.version) if str(bundle.version).isdigit() else 1
     out = []
@@ -345,6 +356,42 @@ def save_verdicts(scored: pd.DataFrame, path: str | Path) -> Path:
     else: scored.to_csv(path, index=False)
     return path
 
+# %% ../nbs/85_alerts.ipynb #86c4331d
+def alert_records(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
+    "Feedback-store records of the flagged flows of `scored`: stable id, 5-tuple, times, verdict and the features present."
+    miss = [c for c in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms", "is_attack", "p_attack",
+                        "attack_family") if c not in scored.columns]
+    if miss: raise SchemaError(f"alert_records: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
+    df = scored[scored["is_attack"].to_numpy() == 1]
+    feats = [f for f in bundle.schema.features if f in df.columns]
+    cols = {k: df[k].astype(object).where(df[k].notna(), None).tolist() if k in df.columns else [None] * len(df)
+            for k in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms",
+                      "community_id", "p_attack", "p_family", "attack_family")}
+    fv = df[feats].astype(object).where(df[feats].notna(), None).to_dict(orient="records") if feats else [None] * len(df)
+    out = []
+    for i in range(len(df)):
+        c = {k: v[i] for k, v in cols.items()}
+        out.append({"id": flow_alert_id(bundle.name, bundle.version, c["protocol"], c["src_ip"], c["src_port"], c["dst_ip"], c["dst_port"],
+                                        c["bidirectional_first_seen_ms"]),
+                    "community_id": c["community_id"], "src_ip": c["src_ip"], "src_port": c["src_port"], "dst_ip": c["dst_ip"],
+                    "dst_port": c["dst_port"], "protocol": c["protocol"], "first_seen_ms": c["bidirectional_first_seen_ms"],
+                    "last_seen_ms": c["bidirectional_last_seen_ms"], "p_attack": float(c["p_attack"]),
+                    "p_family": None if c["p_family"] is None else float(c["p_family"]), "family": c["attack_family"],
+                    "margin": float(c["p_attack"]) - bundle.threshold, "features": fv[i]})
+    return out
+
+
+def store_alerts(store, scored: pd.DataFrame, bundle: ModelBundle, *, source: str):
+    "Store the flagged flows of `scored` in `store` (a FeedbackStore), applying its rules; returns `scored` with `suppressed_by`, and the AddResult."
+    recs = alert_records(scored, bundle)
+    res = store.add_alerts(recs, model_name=bundle.name, model_version=bundle.version, source=source, classes=bundle.classes,
+                           benign=bundle.schema.benign, threshold=bundle.threshold)
+    sup = pd.Series(pd.NA, index=scored.index, dtype="Int64")
+    sup[scored.index[scored["is_attack"].to_numpy() == 1]] = pd.array(res.suppressed_by, dtype="Int64")
+    out = scored.assign(suppressed_by=sup)
+    out.attrs = dict(scored.attrs)
+    return out, res
+
 # %% ../nbs/85_alerts.ipynb #b2dba366
 def summary_table(scored: pd.DataFrame) -> str:
     "A text summary of scored flows: totals, then one line per flagged attack family (most flows first)."
@@ -353,6 +400,9 @@ def summary_table(scored: pd.DataFrame) -> str:
     cap = scored.attrs.get("capture", {})
     if cap.get("truncated"): lines.append(f"capture truncated: only the {n:,} flows read before the cut were scored")
     if cap.get("n_without_community_id"): lines.append(f"{cap['n_without_community_id']:,} ICMP flow(s) without a Community ID")
+    n_sup = int(suppressed_mask(scored).sum())
+    if n_sup: lines.append(f"{n_sup:,} flagged flow(s) suppressed by rules (stored, not alerted): " + ", ".join(
+        f"rule {int(r)} {k:,}" for r, k in scored["suppressed_by"].dropna().value_counts().sort_index().items()))
     if len(flagged):
         g = flagged.groupby("attack_family", sort=False)
         tab = pd.DataFrame({"flows": g.size(), "share": g.size() / n, "mean p_attack": g["p_attack"].mean(),
@@ -366,17 +416,31 @@ def summary_table(scored: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/85_alerts.ipynb #ec604b4f
+_log = logging.getLogger("cyber_moe.alerts")
+
+
 def watch(source: str | Path, bundle: ModelBundle, *, on_alert: Callable[[dict], None], alert_format: str = "ecs",
           batch_size: int = 256, max_delay_s: float = 1.0, max_flows: int | None = None,
           on_batch: Callable[[pd.DataFrame], None] | None = None, n_threads: int | None = None, bpf_filter: str | None = None,
-          idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0) -> dict:
-    "Score the flows NFStream meters from `source` (interface name or pcap file) in micro-batches; `on_alert` per alert; returns counts."
+          idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0,
+          feedback=None, retry_s: float = 30.0) -> dict:
+    "Score the flows NFStream meters from `source` (interface or pcap) in micro-batches; store alerts in `feedback`, `on_alert` per unsuppressed one."
     if alert_format not in ALERT_FORMATS: raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
-    stats: dict = {"n_alerts": 0}
-    clock = time.perf_counter()
+    stats: dict = {"n_alerts": 0, "n_suppressed": 0, "suppressed": {}, "n_stored": 0, "feedback_error": None}
+    clock, down_until = time.perf_counter(), 0.0
     for scored in scored_batches(source, bundle, stats=stats, batch_size=batch_size, max_delay_s=max_delay_s, max_flows=max_flows,
-                                 n_threads=n_threads, bpf_filter=bpf_filter, idle_timeout=idle_timeout,
+                                 n_threads=n_threads, bpf_filter=bpf_filter, idle_timeout=idle_timeout, features=feedback is not None,
                                  active_timeout=active_timeout, n_dissections=n_dissections, n_meters=n_meters):
+        if feedback is not None and time.monotonic() >= down_until and int(scored["is_attack"].sum()):
+            try:
+                scored, res = store_alerts(feedback, scored, bundle, source="watch")
+                stats["n_stored"] += res.n_new
+                for r in res.suppressed_by:
+                    if r is not None: stats["suppressed"][r] = stats["suppressed"].get(r, 0) + 1
+                stats["n_suppressed"] += res.n_suppressed
+            except StoreUnavailable as e:                 # detection goes on without feedback; try the store again later
+                if stats["feedback_error"] is None: _log.warning("%s; alerts are raised without suppression and not stored", e)
+                stats["feedback_error"], down_until = str(e), time.monotonic() + retry_s
         for a in make_alerts(scored, bundle, alert_format=alert_format):
             on_alert(a)
             stats["n_alerts"] += 1

@@ -183,8 +183,29 @@ def _cmd_score_many(args: argparse.Namespace) -> int:
     return 1 if s["failures"] or s["skipped"] else 0
 
 
+def _open_feedback(args: argparse.Namespace):
+    "The feedback store of --feedback (or CYBER_MOE_FEEDBACK_URL, or outputs/feedback.db); None with a warning when it cannot be opened."
+    import os
+    from cyber_moe.feedback import FEEDBACK_ENV_VAR, FeedbackStore, StoreUnavailable, default_url
+    if args.no_feedback: return None
+    url = args.feedback or os.environ.get(FEEDBACK_ENV_VAR) or default_url(find_project_root() / "outputs")
+    try: return FeedbackStore(url)
+    except StoreUnavailable as e:
+        print(f"cyber-moe {args.command}: warning: {terminal_safe(e)}; going on without feedback (alerts not stored, no suppression rules)", file=sys.stderr)
+        return None
+
+
+def _feedback_line(store, res: dict) -> str:
+    "One line on what the store did with a run's alerts (`res`: alerts suppressed per rule id)."
+    from cyber_moe.feedback import redact_url
+    rules = ", ".join(f"rule {r} {n:,}" for r, n in sorted(res.items()))
+    return f"feedback store {redact_url(store.url)}: " + (f"suppressed {sum(res.values()):,} ({rules})" if rules else "no alert suppressed")
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
-    from cyber_moe.alerts import is_capture, make_alerts, save_verdicts, score_pcap, summary_table, write_alerts
+    from cyber_moe.alerts import FLOW_COLUMNS, is_capture, make_alerts, save_verdicts, score_pcap, store_alerts, summary_table, write_alerts
+    from collections import Counter
+    from cyber_moe.feedback import StoreUnavailable
     from cyber_moe.bundle import load_model_bundle, score_file
     if _score_is_many(args): return _cmd_score_many(args)
     args.input, args.batch_size = args.input[0], args.batch_size or 8192
@@ -193,7 +214,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError(f"--alerts and --allow-truncated need a packet capture (.pcap/.pcapng), not {args.input}")
     bundle = load_model_bundle(args.model)
     if capture:
-        out = score_pcap(bundle, args.input, allow_truncated=args.allow_truncated, batch_size=args.batch_size)
+        store = _open_feedback(args) if args.alerts else None
+        out = score_pcap(bundle, args.input, allow_truncated=args.allow_truncated, batch_size=args.batch_size, features=store is not None)
+        if store is not None:
+            try:
+                out, res = store_alerts(store, out, bundle, source="score")
+                print(_feedback_line(store, dict(Counter(r for r in res.suppressed_by if r is not None))) + f"; {res.n_new:,} new alert(s) stored")
+            except StoreUnavailable as e:
+                print(f"cyber-moe score: warning: {terminal_safe(e)}; alerts written without suppression and not stored", file=sys.stderr)
+            finally: store.close()
+            out = out.drop(columns=[c for c in bundle.schema.features if c in out.columns and c not in FLOW_COLUMNS])
         if args.output: save_verdicts(out, args.output)
         print(f"scored {args.input} with {bundle.name} v{bundle.version}: " + summary_table(out))
         if args.alerts:
@@ -212,6 +242,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     from cyber_moe.alerts import alert_line, watch
     from cyber_moe.bundle import load_model_bundle
     bundle = load_model_bundle(args.model)
+    store = _open_feedback(args)
     sink = open(args.alerts, "a", encoding="utf-8") if args.alerts else sys.stdout
     def on_alert(alert: dict) -> None:
         sink.write(alert_line(alert))
@@ -219,11 +250,14 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     try:
         stats = watch(args.interface or args.pcap, bundle, on_alert=on_alert, alert_format=args.alert_format,
                       batch_size=args.batch_size, max_delay_s=args.max_delay, max_flows=args.max_flows,
-                      bpf_filter=args.bpf, idle_timeout=args.idle_timeout)
+                      bpf_filter=args.bpf, idle_timeout=args.idle_timeout, feedback=store)
     finally:
         if sink is not sys.stdout: sink.close()
-    print(f"watched {stats['source']}: {stats['n_flows']:,} flows, {stats['n_alerts']:,} alert(s) in {stats['seconds']:.1f} s"
-          + (" (stopped by Ctrl-C)" if stats["interrupted"] else ""), file=sys.stderr)
+        if store is not None: store.close()
+    print(f"watched {stats['source']}: {stats['n_flows']:,} flows, {stats['n_alerts']:,} alert(s), {stats['n_suppressed']:,} suppressed "
+          f"in {stats['seconds']:.1f} s" + (" (stopped by Ctrl-C)" if stats["interrupted"] else ""), file=sys.stderr)
+    if store is not None: print(_feedback_line(store, stats["suppressed"]) + f"; {stats['n_stored']:,} new alert(s) stored", file=sys.stderr)
+    if stats["feedback_error"]: print(f"cyber-moe watch: warning: {terminal_safe(stats['feedback_error'])}", file=sys.stderr)
     return 0
 
 
@@ -274,6 +308,13 @@ def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_feedback_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--feedback", metavar="URL", help="feedback store that keeps the alerts and holds the suppression rules "
+                   "(default: $CYBER_MOE_FEEDBACK_URL, else sqlite:///<project>/outputs/feedback.db), e.g. postgresql+psycopg://user@host/db")
+    g.add_argument("--no-feedback", action="store_true", help="neither store alerts nor apply suppression rules")
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The `cyber-moe` argument parser with one sub-parser per subcommand."
     parser = argparse.ArgumentParser(prog="cyber-moe", description="Network intrusion detection workbench with a Mixture-of-Experts.")
@@ -312,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)")
     p.add_argument("--alerts", metavar="FILE", help="capture input: write one JSON line per flagged flow to FILE")
     p.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
+    _add_feedback_args(p)
     p.add_argument("--allow-truncated", action="store_true", help="capture input: score the flows read before the cut of a truncated capture instead of stopping")
     p.add_argument("--scheduler", metavar="ADDRESS", help="several inputs: run on this Dask scheduler, e.g. tcp://host:8786 "
                                                           "(start capture-metering workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)")
@@ -327,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pcap", help="replay this capture file instead of a live interface")
     w.add_argument("--alerts", metavar="FILE", help="append alerts to this JSON-lines file, flushed per alert (default: standard output)")
     w.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
+    _add_feedback_args(w)
     w.add_argument("--bpf", metavar="FILTER", help="BPF capture filter, e.g. 'tcp or udp'")
     w.add_argument("--batch-size", type=int, default=256, help="score at most this many flows at once")
     w.add_argument("--max-delay", type=float, default=1.0, help="seconds a finished flow may wait for its batch to fill")

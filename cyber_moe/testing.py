@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import pandas as pd
 from .schema import FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema
 
 # %% auto #0
-__all__ = ['DEMO_SCHEMA', 'UNSW_CSV', 'FACTORY', 'demo_flows', 'records', 'make_demo_bundle', 'untrained_bundle', 'unsw_frame',
-           'free_port', 'split_capture', 'Server']
+__all__ = ['DEMO_SCHEMA', 'UNSW_CSV', 'PG_BIN', 'FACTORY', 'demo_flows', 'records', 'make_demo_bundle', 'untrained_bundle',
+           'unsw_frame', 'free_port', 'split_capture', 'as_postgres', 'postgres_cluster', 'Server']
 
 # %% ../nbs/59_testing.ipynb #f1f66fee
 DEMO_SCHEMA = FlowSchema(name="demo", numeric=("bytes", "pkts", "Total Fwd Packets"), categorical=("proto", "Destination Port"),
@@ -113,12 +114,51 @@ def split_capture(pcap: str | Path, out_dir: str | Path, n: int) -> list[Path]:
     for h in handles: h.close()
     return files
 
+# %% ../nbs/59_testing.ipynb #a4f92497
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def as_postgres(*cmd) -> list[str]:
+    "`cmd` run as the `postgres` system user when we are root (initdb and postgres refuse to run as root)."
+    cmd = [str(c) for c in cmd]
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@contextmanager
+def postgres_cluster(database: str = "cyber_moe", *, pg_bin: str | Path = PG_BIN):
+    "A throw-away PostgreSQL cluster on 127.0.0.1 with an empty `database`: yields `postgresql+psycopg://postgres@127.0.0.1:PORT/DB`."
+    import shutil
+    import tempfile
+    pg_bin = Path(pg_bin)
+    missing = [b for b in ("initdb", "pg_ctl", "postgres") if not (pg_bin / b).is_file()]
+    if missing: raise FileNotFoundError(f"PostgreSQL server binaries {missing} not found in {pg_bin}: `apt-get install -y postgresql` (make does this)")
+    root = Path(tempfile.mkdtemp(prefix="cyber-moe-pg-"))
+    data, port = root / "data", free_port()
+    if os.geteuid() == 0: shutil.chown(root, "postgres", "postgres")
+    started = False
+    try:
+        subprocess.run(as_postgres(pg_bin / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"),
+                       check=True, capture_output=True, text=True)
+        r = subprocess.run(as_postgres(pg_bin / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60",
+                                       "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start"), capture_output=True, text=True)
+        started = r.returncode == 0
+        if not started:
+            log = (root / "server.log").read_text() if (root / "server.log").is_file() else ""
+            raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr}\n{log[-2000:]}")
+        import psycopg
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{database}"')
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
+    finally:
+        if started: subprocess.run(as_postgres(pg_bin / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
 # %% ../nbs/59_testing.ipynb #6481dfbf
 FACTORY = "cyber_moe.serve.app:app_from_env"
 
 
 class Server:
-    "A uvicorn process serving `model` on 127.0.0.1 (free port), started and stopped as a context manager."
+    "A uvicorn process serving `model` on 127.0.0.1 (free port), started and stopped as a context manager; its feedback store sits next to the log."
 
     def __init__(self, model, *, log_path: Path, workers: int = 1, env: dict | None = None, wait: bool = True,
                  app: str = FACTORY, args: tuple = (), cwd: str | Path | None = None):
@@ -127,7 +167,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("CYBER_MOE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        self.env = {**base, "CYBER_MOE_MODEL": self.model, **(env or {})}
+        self.env = {**base, "CYBER_MOE_MODEL": self.model,     # the feedback store next to the log, not in the project's outputs/
+                    "CYBER_MOE_FEEDBACK_URL": f"sqlite:///{self.log_path.resolve().parent / 'feedback.db'}", **(env or {})}
 
     def __enter__(self):
         import httpx  # noqa: F401  (fail here, not in wait_ready, when it is missing)

@@ -163,7 +163,54 @@ def test_cli_score_pcap_writes_alerts(cli, bundle, capture, scored, tmp_path):
     import subprocess
     from cyber_moe.bundle import save_bundle
     model = save_bundle(bundle, tmp_path / "model")
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
     r = subprocess.run([cli, "score", "--model", str(model), "--input", str(capture[1]), "--alerts", str(tmp_path / "a.jsonl"),
-                        "--alert-format", "eve"], capture_output=True, text=True)
+                        "--alert-format", "eve", "--feedback", url], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n = int(scored["is_attack"].sum())
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == n
+    assert f"{n:,} new alert(s) stored" in r.stdout and "no alert suppressed" in r.stdout, r.stdout
+
+
+def test_cli_score_and_watch_apply_suppression_rules(cli, bundle, capture, scored, tmp_path):
+    "A rule made from one alert's source silences that source in `score --alerts` and `watch`; the flows are still scored and stored."
+    import subprocess
+    from cyber_moe.bundle import save_bundle
+    from cyber_moe.feedback import FeedbackStore
+    model = save_bundle(bundle, tmp_path / "model")
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    flagged = scored[scored["is_attack"] == 1]
+    src = flagged["src_ip"].value_counts().index[0]
+    n_sup = int((flagged["src_ip"] == src).sum())
+    assert 0 < n_sup < len(flagged)
+    with FeedbackStore(url) as fb: rule = fb.add_rule(src=src, reason="the backup server", creator="pytest")
+    r = subprocess.run([cli, "score", "--model", str(model), "--input", str(capture[1]), "--alerts", str(tmp_path / "a.jsonl"),
+                        "--output", str(tmp_path / "v.parquet"), "--feedback", url], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    alerts = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(alerts) == len(flagged) - n_sup and all(a["source"]["ip"] != src for a in alerts)
+    assert f"suppressed {n_sup:,} (rule {rule.id} {n_sup:,})" in r.stdout, r.stdout
+    assert f"{n_sup:,} flagged flow(s) suppressed by rules" in r.stdout
+    v = pd.read_parquet(tmp_path / "v.parquet")
+    assert len(v) == len(scored) and int(v["is_attack"].sum()) == len(flagged)            # still scored
+    assert int(v["suppressed_by"].notna().sum()) == n_sup and "bidirectional_packets" not in v.columns
+    w = subprocess.run([cli, "watch", "--model", str(model), "--pcap", str(capture[1]), "--alerts", str(tmp_path / "w.jsonl"),
+                        "--feedback", url], capture_output=True, text=True)
+    assert w.returncode == 0, w.stderr
+    assert len((tmp_path / "w.jsonl").read_text().splitlines()) == len(flagged) - n_sup
+    assert f"{n_sup:,} suppressed" in w.stderr and "0 new alert(s) stored" in w.stderr, w.stderr
+    with FeedbackStore(url) as fb:
+        assert fb.count_alerts(suppressed=None) == len(flagged) and fb.count_alerts(suppressed=True) == n_sup
+        assert fb.get_rule(rule.id).n_suppressed == n_sup                                     # stored once, counted once
+
+
+def test_cli_score_goes_on_when_the_store_is_unreachable(cli, bundle, capture, scored, tmp_path):
+    import subprocess
+    from cyber_moe.bundle import save_bundle
+    from cyber_moe.testing import free_port
+    model = save_bundle(bundle, tmp_path / "model")
+    r = subprocess.run([cli, "score", "--model", str(model), "--input", str(capture[1]), "--alerts", str(tmp_path / "a.jsonl"),
+                        "--feedback", f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/fb"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == int(scored["is_attack"].sum())
+    assert "going on without feedback" in r.stderr and "secret" not in r.stderr, r.stderr

@@ -1,60 +1,22 @@
 """Two worker processes on one Optuna study in a real, throw-away PostgreSQL cluster."""
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
 import optuna
 import pytest
 from mlflow import MlflowClient
 
+from cyber_moe.testing import free_port, postgres_cluster  # noqa: F401  (free_port: test_tune_mlflow_server imports it from here)
 from cyber_moe.tune import tune
 from test_tune import SPACE, check_study, check_trial_runs, tiny_cfg
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def as_postgres(*cmd) -> list[str]:
-    "`cmd` run as the `postgres` system user when we are root (initdb and postgres refuse to run as root)."
-    cmd = [str(c) for c in cmd]
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 @pytest.fixture
 def postgres_url():
     "A PostgreSQL 15 cluster in a temporary folder on 127.0.0.1 with an empty database; stopped and removed afterwards."
-    missing = [b for b in ("initdb", "pg_ctl", "postgres") if not (PG_BIN / b).is_file()]
-    if missing:
-        pytest.fail(f"PostgreSQL server binaries {missing} not found in {PG_BIN}: `apt-get install -y postgresql` (make does this)")
-    root = Path(tempfile.mkdtemp(prefix="cyber-moe-pg-"))
-    data, port = root / "data", free_port()
-    if os.geteuid() == 0: shutil.chown(root, "postgres", "postgres")
-    started = False
     try:
-        subprocess.run(as_postgres(PG_BIN / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"),
-                       check=True, capture_output=True, text=True)
-        r = subprocess.run(as_postgres(PG_BIN / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60",
-                                       "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start"), capture_output=True, text=True)
-        started = r.returncode == 0
-        if not started:
-            log = (root / "server.log").read_text() if (root / "server.log").is_file() else ""
-            pytest.fail(f"pg_ctl start failed ({r.returncode}): {r.stderr}\n{log[-2000:]}")
-        import psycopg
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
-            conn.execute("CREATE DATABASE sweeps")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/sweeps"
-    finally:
-        if started: subprocess.run(as_postgres(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        with postgres_cluster("sweeps") as url: yield url
+    except FileNotFoundError as e: pytest.fail(str(e))
 
 
 def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):

@@ -16,12 +16,12 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import Annotated, Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import prometheus_client as prom
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -30,23 +30,27 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 
+from ..feedback import InvalidFeedback, RuleView, UnknownAlert, UnknownRule
 from ..schema import SchemaError
+from .feedback import FeedbackLink
 from .metrics import ServeMetrics
 from .reload import ModelNotReady, ModelSlot, ServedModel, publish_model
-from .schemas import (OIP_OUTPUTS, BatchResponse, ErrorResponse, ExplainResponse, Health, InferRequest, InferResponse,
-                                     ModelMetadata, ModelReady, OIPError, PredictResponse, Readiness, ReloadRequest, ReloadResponse,
-                                     ServerLive, ServerMetadata, ServerReady)
+from .schemas import (OIP_OUTPUTS, AlertList, BatchResponse, ErrorResponse, ExplainResponse, FeedbackRequest, Health,
+                                     InferRequest, InferResponse, ModelMetadata, ModelReady, OIPError, PredictResponse, Readiness,
+                                     ReloadRequest, ReloadResponse, RuleList, RuleRecord, RuleRequest, ServerLive, ServerMetadata,
+                                     ServerReady, VerdictResponse)
 from .settings import MODEL_ENV_VAR, ServeSettings, settings_from_env
 from .validation import FlowError, RawFlows, ServiceError, _names, parse_envelope, parse_json_body, tensor_columns
 
 # %% auto #0
-__all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'workbench', 'operations', 'oip', 'ROUTERS',
+__all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'workbench', 'operations', 'feedback', 'oip', 'ROUTERS',
            'HeaderTimeoutHttpTools', 'HTTP_PROTOCOL', 'BodyTooLarge', 'BodyTimeout', 'JsonFormatter', 'json_logger',
            'is_public', 'Door', 'describe', 'request_id', 'WorkbenchRoute', 'OIPRoute', 'UnknownModel', 'BatchTooLarge',
-           'served_model', 'Scorer', 'off_loop', 'prediction_records', 'infer_outputs', 'model_metadata', 'predict',
-           'predict_batch', 'explain', 'health', 'readiness', 'ready', 'metrics_route', 'reload', 'v2_server',
-           'v2_live', 'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer', 'service_openapi', 'create_app',
-           'app_from_env', 'HeaderTimeoutH11']
+           'served_model', 'Scorer', 'off_loop', 'prediction_records', 'infer_outputs', 'model_metadata', 'mark_alerts',
+           'predict', 'predict_batch', 'explain', 'health', 'readiness', 'ready', 'metrics_route', 'reload',
+           'store_call', 'post_feedback', 'get_alerts', 'post_rule', 'get_rules', 'delete_rule', 'v2_server', 'v2_live',
+           'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer', 'service_openapi', 'create_app', 'app_from_env',
+           'HeaderTimeoutH11']
 
 # %% ../../nbs/86_serve_app.ipynb #6a79991b
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
@@ -350,6 +354,14 @@ def _body_ref(ref: str, required: bool = True) -> dict:
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}}
 
 
+def mark_alerts(recs: list[dict], alerts: tuple[list, list] | None) -> list[dict]:
+    "Prediction records with the alert id and suppressing rule of each flagged flow (`FeedbackLink.on_scored` output)."
+    if alerts is not None:
+        for rec, a, s in zip(recs, *alerts):
+            if a is not None: rec["alert_id"], rec["suppressed_by"] = a, s
+    return recs
+
+
 workbench = APIRouter(tags=["predict"], route_class=WorkbenchRoute, responses={413: _ERR, 422: _ERR, 503: _ERR})
 
 
@@ -357,7 +369,8 @@ workbench = APIRouter(tags=["predict"], route_class=WorkbenchRoute, responses={4
 async def predict(request: Request, served: Served):
     rid = request_id(request)
     raw = served.validator.values([parse_json_body(await request.body())])
-    rec = prediction_records(await request.app.state.scorer.score(served, raw), served)[0]
+    v = await request.app.state.scorer.score(served, raw)
+    rec = mark_alerts(prediction_records(v, served), request.app.state.feedback.on_scored(served, raw, v, rid, batch=False))[0]
     return {**rec, "model_name": served.name, "model_version": served.version, "request_id": rid}
 
 
@@ -375,7 +388,8 @@ def _batch(body: bytes, served: ServedModel, max_batch: int) -> RawFlows:
 async def predict_batch(request: Request, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     raw = await off_loop(_batch, body, served, settings.max_batch, inline=len(body) <= _BIG_BODY)
-    recs = prediction_records(await request.app.state.scorer.score(served, raw), served)
+    v = await request.app.state.scorer.score(served, raw)
+    recs = mark_alerts(prediction_records(v, served), request.app.state.feedback.on_scored(served, raw, v, rid, batch=True))
     return {"predictions": recs, "n_flows": len(recs), "model_name": served.name, "model_version": served.version, "request_id": rid}
 
 
@@ -400,17 +414,17 @@ async def health():
     return Health()
 
 
-def readiness(slot: ModelSlot) -> tuple[int, Readiness]:
-    "(status, body) of the readiness routes: 200 with the model, or 503 with the reason."
-    s = slot.served
-    if s is None: return 503, Readiness(ready=False, detail=slot.error or f"model at {slot.uri} is still loading")
-    return 200, Readiness(ready=True, model_name=s.name, model_version=s.version, runtime=s.runtime)
+def readiness(slot: ModelSlot, feedback: FeedbackLink | None = None) -> tuple[int, Readiness]:
+    "(status, body) of the readiness routes: 200 with the model, or 503 with the reason; the feedback store's state either way."
+    s, fb = slot.served, feedback.status() if feedback is not None else None
+    if s is None: return 503, Readiness(ready=False, detail=slot.error or f"model at {slot.uri} is still loading", feedback=fb)
+    return 200, Readiness(ready=True, model_name=s.name, model_version=s.version, runtime=s.runtime, feedback=fb)
 
 
 @operations.get("/ready", response_model=Readiness, response_model_exclude_none=True, tags=["health"], responses={503: {"model": Readiness}},
                 summary="Readiness: model loaded and warmed (503 until then)")
 async def ready(request: Request, response: Response):
-    response.status_code, body = readiness(request.app.state.slot)
+    response.status_code, body = readiness(request.app.state.slot, request.app.state.feedback)
     return body
 
 
@@ -443,6 +457,80 @@ async def reload(request: Request, response: Response):
         slot.generation = await run_in_threadpool(publish_model, settings.reload_dir, uri=uri, base_uri=slot.base_uri)
     return ReloadResponse(reloaded=True, model_name=new.name, model_version=new.version, model_uri=uri, previous=prev,
                           seconds=time.perf_counter() - t, request_id=rid)
+
+# %% ../../nbs/86_serve_app.ipynb #36fe5680
+feedback = APIRouter(tags=["feedback"], route_class=WorkbenchRoute, responses={404: _ERR, 422: _ERR, 503: _ERR})
+_NO_NUL = r"^[^\x00]*$"
+
+
+async def store_call(request: Request, fn: Callable):
+    "`fn(store)` in the thread pool: unknown alert or rule 404, refused input 422, store off or unreachable 503."
+    try: return await run_in_threadpool(request.app.state.feedback.call, fn)
+    except (UnknownAlert, UnknownRule) as e: raise ServiceError(str(e), status=404) from None
+    except InvalidFeedback as e:
+        m = re.match(r"^(\w+): ", str(e))
+        raise FlowError(str(e), [{"loc": [m.group(1)] if m else [], "msg": str(e), "type": "value_error"}]) from None
+
+
+def _rule_record(r: RuleView) -> dict:
+    return {**r.__dict__, "active": r.active()}
+
+
+@feedback.post("/feedback", response_model=VerdictResponse, summary="Record an analyst's verdict (tp / fp) on an alert")
+async def post_feedback(request: Request, body: FeedbackRequest):
+    rid, link = request_id(request), request.app.state.feedback
+
+    def run(store):
+        link.flush(2.0)                                       # an alert raised a moment ago is written first
+        aid = store.resolve(alert_id=body.alert_id, community_id=body.community_id, request_id=body.request_id, row=body.row)
+        return store.record_verdict(aid, body.verdict, family=body.family, note=body.note, analyst=body.analyst)
+    return {**await store_call(request, run), "request_id": rid}
+
+
+def _jsonable_rows(df: pd.DataFrame) -> list[dict]:
+    "A frame's rows as dicts with None for missing values."
+    return df.astype(object).where(df.notna(), None).to_dict(orient="records")
+
+
+_ALERT_QUERY = {"order", "limit", "offset", "model_name", "family", "src_ip", "verdict", "suppressed"}
+
+
+@feedback.get("/alerts", response_model=AlertList, summary="The alert queue: newest or most uncertain first, with the latest verdict")
+async def get_alerts(request: Request, order: Literal["newest", "uncertain"] = "newest", limit: int = Query(100, ge=1, le=1000),
+                     offset: int = Query(0, ge=0, le=10**9), model_name: str | None = Query(None, max_length=256, pattern=_NO_NUL),
+                     family: str | None = Query(None, max_length=128, pattern=_NO_NUL), src_ip: str | None = Query(None, max_length=64, pattern=_NO_NUL),
+                     verdict: Literal["tp", "fp", "none"] | None = Query(None, description="latest verdict; none: not triaged yet"),
+                     suppressed: Literal["exclude", "include", "only"] = Query("exclude", description="alerts a rule silenced")):
+    extra = sorted(set(request.query_params) - _ALERT_QUERY)
+    if extra: raise FlowError(f"unknown query parameter(s): {_names(extra)}; /alerts takes {_names(sorted(_ALERT_QUERY))}")
+    sup = {"exclude": False, "include": None, "only": True}[suppressed]
+    df = await store_call(request, lambda s: s.alerts(order, limit=limit, offset=offset, model_name=model_name, family=family,
+                                                      src_ip=src_ip, verdict=verdict, suppressed=sup))
+    rows = _jsonable_rows(df)
+    return {"alerts": rows, "n": len(rows), "order": order, "request_id": request_id(request)}
+
+
+@feedback.post("/rules", response_model=RuleRecord, status_code=201, summary="Create a suppression rule (src, dst_port, family: at least one)")
+async def post_rule(request: Request, body: RuleRequest):
+    served, link = request.app.state.slot.served, request.app.state.feedback
+    fams = [c for c in served.classes if c != served.bundle.schema.benign] if served is not None else None
+    r = await store_call(request, lambda s: s.add_rule(src=body.src, dst_port=body.dst_port, family=body.family, expires_at=body.expires_at,
+                                                       reason=body.reason, creator=body.creator, families=fams))
+    await run_in_threadpool(link.refresh_rules)               # in force in this worker now
+    return _rule_record(r)
+
+
+@feedback.get("/rules", response_model=RuleList, summary="Suppression rules, with how many alerts each silenced")
+async def get_rules(request: Request, active: bool = Query(False, description="only the rules in force now")):
+    rules = await store_call(request, lambda s: s.list_rules(active_only=active))
+    return {"rules": [_rule_record(r) for r in rules], "request_id": request_id(request)}
+
+
+@feedback.delete("/rules/{rule_id}", response_model=RuleRecord, summary="Delete a suppression rule (its alerts stay stored)")
+async def delete_rule(request: Request, rule_id: int = Path(ge=1, le=2**31 - 1)):
+    r = await store_call(request, lambda s: s.delete_rule(rule_id))
+    await run_in_threadpool(request.app.state.feedback.refresh_rules)
+    return _rule_record(r)
 
 # %% ../../nbs/86_serve_app.ipynb #babef5f2
 oip = APIRouter(prefix="/v2", tags=["oip-v2"], route_class=OIPRoute)
@@ -492,6 +580,7 @@ async def v2_infer(request: Request, model_name: str, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     req, raw = await off_loop(_infer_raw, body, served, settings, inline=len(body) <= _BIG_BODY)
     res = await request.app.state.scorer.score(served, raw)
+    request.app.state.feedback.on_scored(served, raw, res, rid, batch=True)
     outputs = infer_outputs(res, served, [o.name for o in req.outputs] if req.outputs else None)
     return {"model_name": served.name, "model_version": served.version, "id": req.id or rid,
             "parameters": {"request_id": rid}, "outputs": outputs}
@@ -531,7 +620,7 @@ def service_openapi(app: FastAPI) -> dict:
     return schema
 
 # %% ../../nbs/86_serve_app.ipynb #13b6305e
-ROUTERS = (workbench, oip, operations)                         # the busiest routes are matched first
+ROUTERS = (workbench, oip, operations, feedback)               # the busiest routes are matched first
 
 
 def create_app(model_uri: str, settings: ServeSettings | None = None) -> FastAPI:
@@ -541,18 +630,21 @@ def create_app(model_uri: str, settings: ServeSettings | None = None) -> FastAPI
     metrics = ServeMetrics(multiprocess_dir=settings.prometheus_multiproc_dir)
     log = json_logger("cyber_moe.serve")
     slot = ModelSlot(str(model_uri), settings, metrics, log)
+    link = FeedbackLink(settings, metrics, log)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tasks = [asyncio.create_task(slot.initial_load()), asyncio.create_task(slot.follow())]
+        link.start()
         yield
         for task in tasks:
             if not task.done(): task.cancel()
+        await run_in_threadpool(link.stop)
 
     app = FastAPI(title="cyber-moe", version=cyber_moe.__version__, lifespan=lifespan,
                   description="Network intrusion detection with a Mixture-of-Experts: score raw flows, "
                               "workbench routes and Open Inference Protocol v2.")
-    app.state.settings, app.state.metrics, app.state.slot = settings, metrics, slot
+    app.state.settings, app.state.metrics, app.state.slot, app.state.feedback = settings, metrics, slot, link
     app.state.scorer, app.state.openapi_cache = Scorer(settings, metrics), {}
     for router in ROUTERS: app.include_router(router)
 

@@ -104,7 +104,8 @@ DriftMonitor.psi = _psi
 # %% ../../nbs/83_serve_metrics.ipynb #ffebfb91
 METRIC_NAMES = ("cyber_moe_predictions_total", "cyber_moe_flows_total", "cyber_moe_prediction_confidence", "cyber_moe_expert_gate_weight",
                 "cyber_moe_prediction_duration_seconds", "cyber_moe_http_requests_total", "cyber_moe_http_request_duration_seconds",
-                "cyber_moe_model_loaded", "cyber_moe_model_info", "cyber_moe_model_reloads_total", "cyber_moe_feature_drift_psi")
+                "cyber_moe_model_loaded", "cyber_moe_model_info", "cyber_moe_model_reloads_total", "cyber_moe_feature_drift_psi",
+                "cyber_moe_alerts_total", "cyber_moe_alerts_suppressed_total")
 _PROB_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -159,6 +160,11 @@ class ServeMetrics:
         self.reloads = prom.Counter("cyber_moe_model_reloads_total", "Model reloads by result (ok / failed).", ["result"], registry=r)
         self.drift = prom.Gauge("cyber_moe_feature_drift_psi", "Population stability index of a feature over the recent window vs training.",
                                 ["feature"], multiprocess_mode="livemax", registry=r)
+        self.alerts = prom.Counter("cyber_moe_alerts_total", "Flows flagged as attacks, by what became of them (alerted / suppressed).",
+                                   ["outcome"], registry=r)
+        for o in ("alerted", "suppressed"): self.alerts.labels(o)
+        self.suppressed = prom.Counter("cyber_moe_alerts_suppressed_total", "Alerts a suppression rule silenced (still scored and stored), by rule id.",
+                                       ["rule"], registry=r)
         self.loaded.set(0)
         self._drift_at = 0.0
 

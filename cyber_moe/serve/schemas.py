@@ -5,15 +5,17 @@
 # %% ../../nbs/81_serve_schemas.ipynb #6c596764
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 # %% auto #0
 __all__ = ['OIP_DATATYPES', 'OIP_OUTPUTS', 'FieldError', 'ErrorResponse', 'OIPError', 'Prediction', 'PredictResponse',
-           'BatchResponse', 'ExplainResponse', 'Health', 'Readiness', 'ReloadRequest', 'ReloadResponse', 'InferInput',
-           'RequestedOutput', 'InferRequest', 'InferOutput', 'InferResponse', 'TensorMeta', 'ModelMetadata',
-           'ServerMetadata', 'ServerLive', 'ServerReady', 'ModelReady']
+           'BatchResponse', 'ExplainResponse', 'FeedbackRequest', 'VerdictResponse', 'AlertRecord', 'AlertList',
+           'RuleRequest', 'RuleRecord', 'RuleList', 'Health', 'Readiness', 'ReloadRequest', 'ReloadResponse',
+           'InferInput', 'RequestedOutput', 'InferRequest', 'InferOutput', 'InferResponse', 'TensorMeta',
+           'ModelMetadata', 'ServerMetadata', 'ServerLive', 'ServerReady', 'ModelReady']
 
 # %% ../../nbs/81_serve_schemas.ipynb #afdcb824
 class FieldError(BaseModel):
@@ -44,6 +46,9 @@ class Prediction(BaseModel):
     p_family: float
     class_probs: dict[str, float] = Field(description="calibrated probability of each family")
     gate: dict[str, float] = Field(description="weight the gate gave each expert")
+    alert_id: str | None = Field(None, description="id of the alert this flow raised (flagged flows with the feedback store on): "
+                                                   "the request id, or REQUEST_ID:ROW in a batch")
+    suppressed_by: int | None = Field(None, description="id of the suppression rule that silenced this alert (stored, not alerted)")
 
 
 class _Served(BaseModel):
@@ -73,6 +78,112 @@ class ExplainResponse(_Served):
     contributions: Any
     top_k: int
 
+# %% ../../nbs/81_serve_schemas.ipynb #80f6d680
+_Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class FeedbackRequest(BaseModel):
+    "`POST /feedback`: an analyst's verdict on one alert, named by its id, its request id (and row) or its Community ID."
+    model_config = ConfigDict(extra="forbid")
+    alert_id: str | None = Field(None, min_length=1, max_length=160, description="the alert's id (as GET /alerts lists it)")
+    request_id: str | None = Field(None, min_length=1, max_length=128, description="the X-Request-ID of the /predict or /predict_batch that raised it")
+    row: int | None = Field(None, ge=0, le=10**6, description="with request_id: the flow's position in the batch")
+    community_id: str | None = Field(None, min_length=1, max_length=64, description="the flow's Community ID (the newest alert of that flow)")
+    verdict: Literal["tp", "fp"] = Field(description="tp: a true positive; fp: a false positive")
+    family: str | None = Field(None, min_length=1, max_length=128, description="the right family: a corrected attack family, or benign (default: the alert's for tp, benign for fp)")
+    note: str | None = Field(None, max_length=4096)
+    analyst: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_name(self):
+        given = [k for k in ("alert_id", "request_id", "community_id") if getattr(self, k) is not None]
+        if len(given) != 1: raise ValueError(f"name the alert by exactly one of alert_id, request_id, community_id (got {', '.join(given) or 'none'})")
+        if self.row is not None and self.request_id is None: raise ValueError("row goes with request_id (a row of a batch request)")
+        return self
+
+
+class VerdictResponse(BaseModel):
+    "A recorded verdict: every one is kept, the latest is the alert's."
+    model_config = ConfigDict(protected_namespaces=())
+    id: int
+    alert_id: str
+    verdict: Literal["tp", "fp"]
+    label: str = Field(description="the family the analyst says the flow belongs to (benign for a false positive without one)")
+    note: str | None = None
+    analyst: str | None = None
+    created_at: datetime
+    model_name: str
+    model_version: str
+    request_id: str
+
+
+class AlertRecord(BaseModel):
+    "An alert in the triage queue, with its latest verdict (none yet: null)."
+    model_config = ConfigDict(protected_namespaces=())
+    id: str
+    community_id: str | None = None
+    request_id: str | None = None
+    source: str
+    src_ip: str | None = None
+    src_port: int | None = None
+    dst_ip: str | None = None
+    dst_port: int | None = None
+    protocol: int | None = None
+    first_seen_ms: int | None = None
+    last_seen_ms: int | None = None
+    model_name: str
+    model_version: str
+    p_attack: float
+    p_family: float | None = None
+    margin: float | None = Field(None, description="p_attack minus the model's threshold: small is uncertain")
+    family: str
+    created_at: datetime
+    suppressed_by: int | None = None
+    verdict: Literal["tp", "fp"] | None = None
+    label: str | None = None
+    note: str | None = None
+    analyst: str | None = None
+    verdict_at: datetime | None = None
+
+
+class AlertList(BaseModel):
+    "`GET /alerts`: a page of the queue."
+    alerts: list[AlertRecord]
+    n: int
+    order: Literal["newest", "uncertain"]
+    request_id: str
+
+
+class RuleRequest(BaseModel):
+    "`POST /rules`: flows matching every field set are stored but not alerted, until `expires_at` (none: until deleted)."
+    model_config = ConfigDict(extra="forbid")
+    src: str | None = Field(None, min_length=1, max_length=64, description="source address or network (CIDR), e.g. 198.18.0.5 or 198.18.0.0/24")
+    dst_port: int | None = Field(None, ge=0, le=65535)
+    family: str | None = Field(None, min_length=1, max_length=128, description="an attack family of the served model")
+    expires_at: AwareDatetime | None = Field(None, description="when the rule stops (with a time zone); none: never")
+    reason: str = Field(min_length=1, max_length=1024, description="why the traffic is known")
+    creator: _Name = Field(description="who made the rule")
+
+
+class RuleRecord(BaseModel):
+    "A suppression rule with how many alerts it silenced."
+    id: int
+    src: str | None = None
+    dst_port: int | None = None
+    family: str | None = None
+    expires_at: datetime | None = None
+    reason: str
+    creator: str
+    created_at: datetime
+    n_suppressed: int
+    active: bool
+
+
+class RuleList(BaseModel):
+    "`GET /rules`."
+    rules: list[RuleRecord]
+    request_id: str
+
 # %% ../../nbs/81_serve_schemas.ipynb #53d282ee
 class Health(BaseModel):
     "Liveness: the process answers."
@@ -86,6 +197,7 @@ class Readiness(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     runtime: str | None = Field(None, description="what runs the network: onnx (ONNX Runtime) or torch")
+    feedback: str | None = Field(None, description="the feedback store: ok, off, or unavailable with the reason (scoring goes on without it)")
     detail: str | None = None
 
 

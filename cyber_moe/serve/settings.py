@@ -51,6 +51,12 @@ class ServeSettings(BaseSettings):
     alias_poll_seconds: float = Field(30.0, ge=0, description="how often a models:/NAME@ALIAS model checks where its alias points (0: never)")
     header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send a request's headers within this time, else it is closed")
     body_timeout_seconds: float = Field(30.0, gt=0, description="a request's body must arrive within this time, else 408")
+    feedback: bool = Field(True, description="store alerts in the feedback store and apply its suppression rules (false: neither)")
+    feedback_url: str | None = Field(None, description="database of the feedback store, e.g. postgresql+psycopg://user@host/db "
+                                                      "(default: SQLite at outputs/feedback.db under the working directory)")
+    feedback_retry_seconds: float = Field(15.0, gt=0, description="how often an unreachable feedback store is tried again")
+    rules_refresh_seconds: float = Field(5.0, gt=0, description="how often the suppression rules are re-read (rules made in another process)")
+    feedback_queue: int = Field(10_000, ge=1, description="alerts waiting to be written at most; more are dropped (and counted) while the store is down")
 
     @model_validator(mode="before")
     @classmethod
