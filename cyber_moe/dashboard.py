@@ -34,7 +34,8 @@ __all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'LOWER_IS_BETTER', 'OUTCOMES', '
            'table_html', 'mark_operating_points', 'metrics_figures', 'run_figures', 'fig_shap_global',
            'compute_importance', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict', 'verdict_html',
            'fig_flow_scores', 'fig_drift_view', 'figure_bundle', 'show_figure', 'headline_metrics', 'Dashboard',
-           'dashboard_notebook', 'voila_command', 'dashboard_env', 'start', 'stop', 'wait_until_serving', 'launch']
+           'alert_label', 'rules_html', 'fig_precision', 'Triage', 'dashboard_notebook', 'voila_command',
+           'dashboard_env', 'start', 'stop', 'wait_until_serving', 'launch']
 
 # %% ../nbs/75_dashboard.ipynb #baf057fd
 ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
@@ -428,7 +429,8 @@ class Dashboard:
     "The analyst dashboard over the runs of `outputs_dir` (and its MLflow registry): one ipywidgets tree in `.widget`."
 
     def __init__(self, *, outputs_dir: str | Path, run: str | None = None, tracking_uri: str | None = None,
-                 max_flows: int = 500, top_k: int = 12, n_shap: int = 12, background: bool = True):
+                 max_flows: int = 500, top_k: int = 12, n_shap: int = 12, background: bool = True,
+                 feedback_url: str | None = None, analyst: str = "analyst"):
         import ipywidgets as W
         self.W, self.outputs_dir, self.tracking_uri = W, Path(outputs_dir), tracking_uri
         self.max_flows, self.top_k, self.n_shap, self.background = max_flows, top_k, n_shap, background
@@ -447,6 +449,14 @@ class Dashboard:
         except Exception as e:  # a broken registry must not hide the run folders
             self.refs = run_folders(self.outputs_dir)
             self._notice = _msg(f"MLflow registry not read ({type(e).__name__}: {e}); showing run folders only", "cm-error")
+        self.triage = None
+        url = feedback_url or (f"sqlite:///{(self.outputs_dir / 'feedback.db').resolve()}" if (self.outputs_dir / "feedback.db").is_file() else None)
+        if url is not None:
+            try:
+                from cyber_moe.feedback import FeedbackStore
+                self.triage = Triage(FeedbackStore(url), analyst=analyst)
+            except Exception as e:  # the runs are still worth showing without the store
+                self._notice += _msg(f"feedback store not opened ({type(e).__name__}: {e}): no alert triage", "cm-error")
         self.run_select = W.Dropdown(options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run",
                                      layout=W.Layout(width="min(100%, 640px)"))
         self.run_select.add_class("cm-run")
@@ -498,7 +508,8 @@ class Dashboard:
         # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
         # ipywidgets layout never reached the page: Voila drew it half-width)
         grid = self._grid([*[self._figure(f) for f in metrics_figures(self.metrics).values()], self.slots["reliability"]])
-        self.body.children = [headline, self.notes, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], grid,
+        triage = [W.HTML("<h3>Alert triage</h3>"), self.triage.widget] if self.triage is not None else []
+        self.body.children = [headline, self.notes, *triage, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], grid,
                               W.HTML("<h3>SHAP: what drives the verdicts</h3>"), self.slots["shap"],
                               W.HTML("<h3>Drift: test split against the training reference</h3>"), self.slots["drift"],
                               W.HTML("<h3>Investigate a flow</h3>"), self.slots["flows"]]
@@ -531,6 +542,7 @@ class Dashboard:
         view = load_run(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
         if gen != self._generation: return
         self.view = view
+        if self.triage is not None: self.triage.bundle = view.bundle   # explanations with the shown run's model
         r = view.metrics.get("run", {})
         self.status.value = self._notice + _msg(f"{ref.label}: source {r.get('source')}, {r.get('test_rows', '?')} test flows, "
                                  f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s")
@@ -675,6 +687,156 @@ class Dashboard:
         exp = explain_flow(b, row, top_k=self.top_k, target=self.target.value)
         fig = fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60})
         show_figure(self.shap_out, fig)
+
+# %% ../nbs/75_dashboard.ipynb #d7a1c0e2
+def alert_label(a: dict) -> str:
+    "One line of the alert queue: time, 5-tuple, family, p_attack, model and the latest verdict."
+    t = pd.Timestamp(a["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if a.get("created_at") is not None else "?"
+    v = a.get("verdict")
+    mark = f" [{v} {a.get('label')}]" if isinstance(v, str) else ""
+    return (f"{t} {a.get('src_ip') or '?'}:{a.get('src_port') or '?'} → {a.get('dst_ip') or '?'}:{a.get('dst_port') or '?'} "
+            f"{a['family']} p_attack {float(a['p_attack']):.3f} ({a['model_name']} v{a['model_version']}){mark}")
+
+
+def rules_html(rules) -> str:
+    "The suppression rules as an HTML table, with how many alerts each silenced."
+    if not rules: return _msg("no suppression rules yet")
+    df = pd.DataFrame([{"id": r.id, "source": r.src or "any", "dst port": "any" if r.dst_port is None else str(r.dst_port),
+                        "family": r.family or "any", "expires": "never" if r.expires_at is None else r.expires_at.strftime("%Y-%m-%d %H:%M"),
+                        "active": "yes" if r.active() else "expired", "reason": r.reason, "by": r.creator,
+                        "alerts silenced": str(r.n_suppressed)} for r in rules]).set_index("id")
+    return table_html(df).replace('class="cm-table"', 'class="cm-table cm-rules"', 1)
+
+
+def fig_precision(frames: dict[str, pd.DataFrame]):
+    "Precision over time per model (and version) from analysts' verdicts (`FeedbackStore.precision_over_time` frames by model)."
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for name, df in frames.items():
+        for ver, g in df.groupby("model_version"):
+            fig.add_scatter(x=g["period"], y=g["precision"], mode="lines+markers", name=f"{name} v{ver}",
+                            customdata=g[["n_tp", "n_verdicts"]].to_numpy(), hovertemplate="%{x}: precision %{y:.3f} (%{customdata[0]} of %{customdata[1]})<extra></extra>")
+    fig.update_layout(title="Precision of alerts from analysts' verdicts", yaxis=dict(range=[0, 1.05], title="precision"), height=320,
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+class Triage:
+    "Alert triage over a `FeedbackStore`: the queue, one alert with its explanation, a verdict, suppression rules, precision over time."
+
+    def __init__(self, store, *, bundle=None, analyst: str = "analyst", limit: int = 200, top_k: int = 10):
+        import ipywidgets as W
+        self.W, self.store, self.bundle, self.analyst, self.limit, self.top_k = W, store, bundle, analyst, limit, top_k
+        self.alert: dict | None = None
+        self.order = W.ToggleButtons(options=[("newest", "newest"), ("most uncertain", "uncertain")], description="Queue",
+                                     style={"button_width": "120px"})
+        self.queue = W.Select(options=[], rows=8, layout=W.Layout(width="min(100%, 900px)"))
+        self.detail, self.msg, self.rules = W.HTML(), W.HTML(), W.HTML()
+        self.explain_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
+        self.precision_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
+        self.verdict = W.ToggleButtons(options=[("true positive", "tp"), ("false positive", "fp")], description="Verdict",
+                                       style={"button_width": "120px"})
+        self.family = W.Dropdown(options=[], description="Right family", layout=W.Layout(width="auto"))
+        self.note = W.Text(description="Note", layout=W.Layout(width="min(100%, 500px)"))
+        self.mark = W.Button(description="Mark alert", icon="check", layout=W.Layout(width="auto"))
+        self.rule_src, self.rule_port, self.rule_family = (W.Checkbox(value=v, description=d, indent=False, layout=W.Layout(width="auto"))
+                                                           for v, d in ((True, "same source"), (True, "same destination port"), (False, "same family")))
+        self.rule_days = W.BoundedIntText(value=7, min=1, max=3650, description="Expires in (days)", style={"description_width": "auto"},
+                                          layout=W.Layout(width="auto"))
+        self.rule_reason = W.Text(description="Reason", layout=W.Layout(width="min(100%, 500px)"))
+        self.rule_button = W.Button(description="Suppress like this", icon="bell-slash", layout=W.Layout(width="auto"))
+        for w, cls in ((self.queue, "cm-queue"), (self.detail, "cm-alert-box"), (self.verdict, "cm-verdict-choice"), (self.family, "cm-right-family"),
+                       (self.note, "cm-verdict-note"), (self.mark, "cm-mark"), (self.rule_reason, "cm-rule-reason"),
+                       (self.rule_button, "cm-rule-create"), (self.rule_days, "cm-rule-days"), (self.rule_family, "cm-rule-family"),
+                       (self.msg, "cm-triage-msg")):
+            w.add_class(cls)
+        self.order.observe(lambda ch: self._guard(self.refresh), names="value")
+        self.queue.observe(lambda ch: self._guard(self.open, ch["new"]), names="value")
+        self.verdict.observe(lambda ch: self._guard(self._families), names="value")
+        self.mark.on_click(lambda b: self._guard(self.mark_alert))
+        self.rule_button.on_click(lambda b: self._guard(self.create_rule))
+        row = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        self.widget = W.VBox([self.order, self.queue, self.detail, self.explain_out,
+                              row([self.verdict, self.family]), row([self.note, self.mark]),
+                              row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]), row([self.rule_reason, self.rule_button]),
+                              self.msg, W.HTML("<h4>Suppression rules</h4>"), self.rules, self.precision_out],
+                             layout=W.Layout(width="100%"))
+        self.refresh()
+
+    def _guard(self, fn, *args) -> None:
+        try: fn(*args)
+        except Exception as e: self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
+
+    def refresh(self, keep: str | None = None) -> None:
+        "Reload the queue (in the chosen order), the rules and the precision figure."
+        df = self.store.alerts(self.order.value, limit=self.limit)
+        options = [(alert_label(a), a["id"]) for a in df.to_dict(orient="records")]
+        self.queue.options = options
+        if not options:
+            self.detail.value, self.alert = _msg("no alerts in the feedback store yet: `cyber-moe score --alerts`, `watch` and the REST app store them"), None
+        elif keep in {v for _, v in options}: self.queue.value = keep
+        elif self.queue.value is None: self.queue.value = options[0][1]
+        self.rules.value = rules_html(self.store.list_rules())
+        models = sorted(set(df["model_name"])) if len(df) else []
+        frames = {m: self.store.precision_over_time(m) for m in models}
+        frames = {m: f for m, f in frames.items() if len(f)}
+        if frames: show_figure(self.precision_out, fig_precision(frames))
+        else: self.precision_out.outputs = ()
+
+    def _families(self) -> None:
+        a = self.alert
+        if a is None: return
+        classes = self.store.families(a["model_name"], a["model_version"]) or sorted({a["family"], "benign"})
+        if self.verdict.value == "tp": opts = [c for c in classes if c != "benign"]
+        else: opts = ["benign", *[c for c in classes if c not in ("benign", a["family"])]]
+        self.family.options = opts
+        self.family.value = a["family"] if self.verdict.value == "tp" and a["family"] in opts else opts[0]
+
+    def open(self, alert_id: str | None) -> None:
+        "Show alert `alert_id`: its fields, its verdicts so far and its explanation (SHAP with the run's model when it can score the flow)."
+        if alert_id is None: return
+        a = self.alert = self.store.get_alert(alert_id)
+        said = "; ".join(f"{v['verdict']} {v['label']} by {v['analyst']}" + (f" ({v['note']})" if v['note'] else "") for v in a["verdicts"]) or "none yet"
+        self.detail.value = (f'<div class="cm-alert" data-id="{html.escape(a["id"], quote=True)}"><b>Alert {html.escape(a["id"])}</b>: '
+                             f"{html.escape(alert_label(a))}<br>Community ID {html.escape(str(a.get('community_id')))}; verdicts: {html.escape(said)}</div>")
+        self._families()
+        self.explain_out.outputs = ()
+        feats = a.get("features") or {}
+        if self.bundle is not None and feats:
+            from cyber_moe.explain import explain_flow, fig_flow_explanation
+            try:
+                exp = explain_flow(self.bundle, pd.DataFrame([feats]), top_k=self.top_k)
+                show_figure(self.explain_out, fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60}))
+                return
+            except Exception as e:   # the alert came from another model's features: show them instead
+                self.detail.value += _msg(f"no SHAP with this run's model ({type(e).__name__}: {e}); the alert's features follow")
+        if feats:
+            top = pd.DataFrame({"value": pd.Series(feats)}).head(self.top_k)
+            self.detail.value += "<b>Features</b>" + table_html(top)
+
+    def mark_alert(self) -> None:
+        "Record the chosen verdict (with the right family and note) on the open alert."
+        if self.alert is None: raise ValueError("no alert open: choose one in the queue")
+        v = self.store.record_verdict(self.alert["id"], self.verdict.value, family=self.family.value, note=self.note.value.strip() or None,
+                                      analyst=self.analyst)
+        self.msg.value = _msg(f"alert {v['alert_id']} marked {v['verdict']} ({v['label']})", "cm-note cm-marked")
+        self.note.value = ""
+        self.refresh(keep=self.alert["id"])
+        self.open(self.alert["id"])
+
+    def create_rule(self) -> None:
+        "A suppression rule from the open alert: its source, destination port and/or family, an expiry and a reason."
+        from datetime import timedelta
+        if self.alert is None: raise ValueError("no alert open: choose one in the queue")
+        a = self.alert
+        r = self.store.add_rule(src=a["src_ip"] if self.rule_src.value else None, dst_port=a["dst_port"] if self.rule_port.value else None,
+                                family=a["family"] if self.rule_family.value else None, reason=self.rule_reason.value,
+                                expires_at=pd.Timestamp.now(tz="UTC").to_pydatetime() + timedelta(days=int(self.rule_days.value)),
+                                creator=self.analyst)
+        self.msg.value = _msg(f"rule {r.id} created: it silences matching alerts from now on", "cm-note cm-rule-made")
+        self.rule_reason.value = ""
+        self.refresh(keep=a["id"])
+
 
 # %% ../nbs/75_dashboard.ipynb #68b6a4e9
 def dashboard_notebook() -> Path:

@@ -216,7 +216,19 @@ def test_run_picker_switches_runs(run_outputs, serve, browser, tmp_path):
         assert len(options) == 2 and options[0].startswith("smoke-b") and options[1].startswith("smoke "), options
         notes = [t.replace("\xa0", " ") for t in page.locator(".cm-note").all_inner_texts()]
         assert any(t.startswith("smoke-b (outputs)") for t in notes), notes
+        # record, as the page changes, what is on screen once the chosen run's headline table shows
+        page.evaluate("""() => { window.cmLog = []; const note = k => { if (!window.cmLog.includes(k)) window.cmLog.push(k); };
+            new MutationObserver(() => {
+                const h = document.querySelector('.cm-headline');
+                if (!h || h.dataset.run !== 'smoke') return;
+                note('headline');
+                if (document.querySelector('.cm-pending')) note('pending');
+                else if (window.cmLog.includes('pending') && document.querySelector('.cm-verdict')) note('filled');
+            }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }""")
         page.select_option(".cm-run select", index=1)
+        page.wait_for_function("() => window.cmLog.includes('filled')", timeout=120_000)
+        # the headline table came first, with the heavy views still marked "computing ...", and they were filled in place later
+        assert page.evaluate("window.cmLog") == ["headline", "pending", "filled"], page.evaluate("window.cmLog")
         page.wait_for_function("() => Array.from(document.querySelectorAll('.cm-note'))"
                                ".some(n => n.innerText.replace(/\u00a0/g, ' ').startsWith('smoke (outputs)'))", timeout=120_000)
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 10", timeout=120_000)
