@@ -748,7 +748,7 @@ class Triage:
         for w, cls in ((self.queue, "cm-queue"), (self.detail, "cm-alert-box"), (self.verdict, "cm-verdict-choice"), (self.family, "cm-right-family"),
                        (self.note, "cm-verdict-note"), (self.mark, "cm-mark"), (self.rule_reason, "cm-rule-reason"),
                        (self.rule_button, "cm-rule-create"), (self.rule_days, "cm-rule-days"), (self.rule_family, "cm-rule-family"),
-                       (self.msg, "cm-triage-msg")):
+                       (self.msg, "cm-triage-msg"), (self.order, "cm-order")):
             w.add_class(cls)
         self.order.observe(lambda ch: self._guard(self.refresh), names="value")
         self.queue.observe(lambda ch: self._guard(self.open, ch["new"]), names="value")
