@@ -412,7 +412,8 @@ def show_figure(out, fig) -> None:
     out.outputs = (figure_bundle(fig),)
 
 
-PENDING = {"pr_roc": "computing the precision-recall and ROC curves (re-scoring the test split) ...",
+PENDING = {"figures": "drawing the confusion matrices, per-class F1 and gate usage ...",
+           "pr_roc": "computing the precision-recall and ROC curves (re-scoring the test split) ...",
            "reliability": "computing the reliability diagram ...",
            "shap": "computing SHAP ...", "drift": "computing drift ...", "flows": "loading the test flows ..."}
 
@@ -493,7 +494,7 @@ class Dashboard:
                               grid_template_columns="repeat(auto-fit, minmax(min(100%, 520px), 1fr))"))
 
     def select_run(self, index: int) -> None:
-        "Show run `index` of `self.refs`: its headline table and metric figures at once, then (in a thread) the views that need its model."
+        "Show run `index` of `self.refs`: its headline table at once, then (in a thread) the figures and the views that need its model."
         W = self.W
         ref = self.refs[index]
         self._generation += 1
@@ -507,9 +508,8 @@ class Dashboard:
                           + table_html(comparison_table(self.metrics)) + "</div>")
         # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
         # ipywidgets layout never reached the page: Voila drew it half-width)
-        grid = self._grid([*[self._figure(f) for f in metrics_figures(self.metrics).values()], self.slots["reliability"]])
         triage = [W.HTML("<h3>Alert triage</h3>"), self.triage.widget] if self.triage is not None else []
-        self.body.children = [headline, self.notes, *triage, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], grid,
+        self.body.children = [headline, self.notes, *triage, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], self.slots["figures"],
                               W.HTML("<h3>SHAP: what drives the verdicts</h3>"), self.slots["shap"],
                               W.HTML("<h3>Drift: test split against the training reference</h3>"), self.slots["drift"],
                               W.HTML("<h3>Investigate a flow</h3>"), self.slots["flows"]]
@@ -537,8 +537,13 @@ class Dashboard:
                 if k not in self.timings: box.children = [self.W.HTML(_msg(f"not shown: {text}", "cm-error"))]
 
     def _fill(self, ref: RunRef, gen: int, t0: float) -> None:
-        "Load the model and test flows of `ref`, then replace each placeholder of load `gen` by its view (unless another run was chosen)."
+        "Draw the metric figures, load the model and test flows of `ref`, and replace each placeholder of load `gen` by its view (unless another run was chosen)."
         W = self.W
+        # metrics.json's figures first (plotting imports take seconds on a cold kernel), the reliability diagram's place kept in their grid
+        figures = self._grid([*[self._figure(f) for f in metrics_figures(self.metrics).values()], self.slots["reliability"]])
+        if gen != self._generation: return
+        self.slots["figures"].children = [figures]
+        self._shown_view(gen, "figures", t0)
         view = load_run(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
         if gen != self._generation: return
         self.view = view
