@@ -196,7 +196,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from cyber_moe.dashboard import launch
     outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
-    return launch(outputs_dir=outputs, run=args.run, port=args.port, open_browser=args.open)
+    return launch(outputs_dir=outputs, run=args.run, port=args.port, open_browser=args.open,
+                  allowed_hosts=args.allow_host, max_kernels=args.max_kernels)
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -440,11 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("dashboard", help="serve the analyst dashboard (Voila) on the runs of an outputs folder",
                        description="Start Voila on nbs/dashboards/analysis.ipynb at http://127.0.0.1:PORT/: model vs baseline, curves, "
-                                   "SHAP and drift views, single flows with their explanation. Ctrl-C stops it.")
+                                   "SHAP and drift views, single flows with their explanation. Ctrl-C or SIGTERM stops it and its kernels.")
     p.add_argument("--run", help="run shown first (folder name under the outputs folder; default: the newest)")
     p.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
     p.add_argument("--outputs", help="folder holding the runs (default: the project's outputs/)")
     p.add_argument("--open", action="store_true", help="open a browser tab")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name (besides localhost and loopback addresses) that browsers may use to reach the dashboard (repeatable)")
+    p.add_argument("--max-kernels", type=int, default=6, help="page views served at once, one kernel each (default 6; more get HTTP 503)")
     p.set_defaults(func=_cmd_dashboard)
     d = sub.add_parser("data", help="inspect data set files", description="Work with flow files as published.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")

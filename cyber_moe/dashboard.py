@@ -8,9 +8,11 @@ from __future__ import annotations
 import html
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,12 +28,14 @@ from .config import find_project_root
 from .schema import FAMILY, SchemaError
 
 # %% auto #0
-__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'RunRef', 'run_folders', 'tracking_uri_for',
-           'registry_versions', 'find_runs', 'no_run_message', 'RunView', 'metric_mismatches', 'read_importance',
-           'load_run', 'comparison_table', 'table_html', 'mark_operating_points', 'run_figures', 'fig_shap_global',
-           'compute_importance', 'temporal_expert_note', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict',
-           'verdict_html', 'fig_flow_scores', 'fig_drift_view', 'show_figure', 'Dashboard', 'dashboard_notebook',
-           'voila_command', 'dashboard_env', 'start', 'wait_until_serving', 'launch']
+__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'PENDING', 'DEFAULT_MAX_KERNELS', 'DEFAULT_CULL_IDLE_SECONDS',
+           'RunRef', 'run_folders', 'tracking_uri_for', 'registry_versions', 'find_runs', 'no_run_message', 'RunView',
+           'metric_mismatches', 'read_importance', 'load_run', 'comparison_table', 'table_html',
+           'mark_operating_points', 'metrics_figures', 'run_figures', 'fig_shap_global', 'compute_importance',
+           'temporal_expert_note', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict', 'verdict_html',
+           'fig_flow_scores', 'fig_drift_view', 'figure_bundle', 'show_figure', 'headline_metrics', 'Dashboard',
+           'alert_label', 'rules_html', 'fig_precision', 'Triage', 'dashboard_notebook', 'voila_command',
+           'dashboard_env', 'start', 'stop', 'wait_until_serving', 'launch']
 
 # %% ../nbs/75_dashboard.ipynb #baf057fd
 ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
@@ -238,18 +242,24 @@ def mark_operating_points(fig, metrics: dict):
     return fig
 
 
-def run_figures(view: RunView) -> dict:
-    "The figures of a run: confusion matrices, per-class F1, gate usage (from metrics.json), PR/ROC and reliability (re-scored)."
-    from cyber_moe.evaluate import fig_confusion, fig_gate_usage, fig_per_class_f1, fig_pr_roc, fig_reliability
-    m = view.metrics
-    figs = {f"confusion_{who}": fig_confusion(m[who]["family"]["confusion_matrix"], title=f"Confusion matrix, {who} (share of each true class)")
+def metrics_figures(metrics: dict) -> dict:
+    "The figures that `metrics.json` alone gives (no model, no flows): confusion matrices, per-class F1, gate usage."
+    from cyber_moe.evaluate import fig_confusion, fig_gate_usage, fig_per_class_f1
+    figs = {f"confusion_{who}": fig_confusion(metrics[who]["family"]["confusion_matrix"], title=f"Confusion matrix, {who} (share of each true class)")
             for who in ("model", "baseline")}
+    figs["per_class_f1"] = fig_per_class_f1({who: metrics[who]["family"] for who in ("model", "baseline")})
+    if "gate" in metrics["model"]: figs["gate_model"] = fig_gate_usage(metrics["model"]["gate"])
+    return figs
+
+
+def run_figures(view: RunView) -> dict:
+    "The figures of a run: `metrics_figures`, and PR/ROC (operating points marked) and reliability from the re-scored test split."
+    from cyber_moe.evaluate import fig_pr_roc, fig_reliability
+    m = view.metrics
+    figs = metrics_figures(m)
     if view.predictions is not None:
         y_bin, y_fam = view.targets["y_binary"].astype(np.int64), view.targets["y_family"]
         figs["pr_roc"] = mark_operating_points(fig_pr_roc({w: (y_bin, p["p_attack"]) for w, p in view.predictions.items()}), m)
-    figs["per_class_f1"] = fig_per_class_f1({who: m[who]["family"] for who in ("model", "baseline")})
-    if "gate" in m["model"]: figs["gate_model"] = fig_gate_usage(m["model"]["gate"])
-    if view.predictions is not None:
         figs["reliability"] = fig_reliability({w: (y_fam, p["p_family"]) for w, p in view.predictions.items()})
     return figs
 
@@ -381,6 +391,8 @@ CSS = """<style>
 .cm-error{color:#b00020;padding:6px;border:1px solid #b00020;background:#fff5f5;margin:4px 0}
 .cm-nodata{font-size:15px;padding:12px;border:1px solid #c77700;background:#fff8e1}
 .cm-note{color:#555;font-size:12px}
+.cm-pending{color:#555;font-style:italic;padding:10px;border:1px dashed #bbb;background:#fcfcfc;margin:4px 0}
+.cm-progress{color:#555;font-size:12px}
 </style>"""
 
 
@@ -388,36 +400,71 @@ def _msg(text: str, kind: str = "cm-note") -> str:
     return f'<div class="{kind}">{html.escape(text)}</div>'
 
 
-def show_figure(out, fig) -> None:
-    "Replace the content of ipywidgets Output `out` with plotly figure `fig`, sized by its container."
+def figure_bundle(fig) -> dict:
+    "The display_data output that shows plotly figure `fig` (plotly's mime type), sized by its container."
+    import plotly.io as pio
     fig.update_layout(width=None, autosize=True)
-    with out:
-        out.clear_output(wait=True)
-        fig.show(renderer="plotly_mimetype", config={"displaylogo": False})
+    spec = json.loads(pio.to_json(fig, validate=False))
+    spec["config"] = {"displaylogo": False}
+    return {"output_type": "display_data", "data": {"application/vnd.plotly.v1+json": spec}, "metadata": {}}
+
+
+def show_figure(out, fig) -> None:
+    "Replace the content of ipywidgets Output `out` with plotly figure `fig` (safe from any thread: no output capture)."
+    out.outputs = (figure_bundle(fig),)
+
+
+PENDING = {"figures": "drawing the confusion matrices, per-class F1 and gate usage ...",
+           "pr_roc": "computing the precision-recall and ROC curves (re-scoring the test split) ...",
+           "reliability": "computing the reliability diagram ...",
+           "shap": "computing SHAP ...", "drift": "computing drift ...", "flows": "loading the test flows ..."}
+
+
+def headline_metrics(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str | None = None) -> dict:
+    "The `metrics.json` of run `ref` alone (no model, no flows): what the headline table and metric figures need."
+    if ref.run_dir is not None: return _read_json(ref.run_dir / "metrics.json")
+    import mlflow
+    uri = tracking_uri or tracking_uri_for(outputs_dir)
+    return _read_json(Path(mlflow.artifacts.download_artifacts(tracking_uri=uri, run_id=ref.run_id, artifact_path="metrics.json")))
 
 
 class Dashboard:
     "The analyst dashboard over the runs of `outputs_dir` (and its MLflow registry): one ipywidgets tree in `.widget`."
 
     def __init__(self, *, outputs_dir: str | Path, run: str | None = None, tracking_uri: str | None = None,
-                 max_flows: int = 500, top_k: int = 12, n_shap: int = 12):
+                 max_flows: int = 500, top_k: int = 12, n_shap: int = 12, background: bool = True,
+                 feedback_url: str | None = None, analyst: str = "analyst"):
         import ipywidgets as W
         self.W, self.outputs_dir, self.tracking_uri = W, Path(outputs_dir), tracking_uri
-        self.max_flows, self.top_k, self.n_shap = max_flows, top_k, n_shap
+        self.max_flows, self.top_k, self.n_shap, self.background = max_flows, top_k, n_shap, background
         self.view: RunView | None = None
+        self.metrics: dict | None = None
+        self.timings: dict[str, float] = {}   # view -> seconds from choosing the run to the view shown
+        self.loader: threading.Thread | None = None
+        self._generation = 0                  # bumped by every run choice; a slower, older load never draws
         self.flows: pd.DataFrame | None = None   # the rows the flow selector picks from (test split or upload)
         self.flow_info: pd.DataFrame | None = None
         self.status, self._notice = W.HTML(), ""   # _notice: a problem of the page itself, kept above every run's status
+        self.progress = W.HTML()
+        self.progress.add_class("cm-progress-box")
         self.body = W.VBox(layout=W.Layout(width="100%"))
         try: self.refs = find_runs(self.outputs_dir, tracking_uri=tracking_uri)
         except Exception as e:  # a broken registry must not hide the run folders
             self.refs = run_folders(self.outputs_dir)
             self._notice = _msg(f"MLflow registry not read ({type(e).__name__}: {e}); showing run folders only", "cm-error")
+        self.triage = None
+        url = feedback_url or (f"sqlite:///{(self.outputs_dir / 'feedback.db').resolve()}" if (self.outputs_dir / "feedback.db").is_file() else None)
+        if url is not None:
+            try:
+                from cyber_moe.feedback import FeedbackStore
+                self.triage = Triage(FeedbackStore(url), analyst=analyst)
+            except Exception as e:  # the runs are still worth showing without the store
+                self._notice += _msg(f"feedback store not opened ({type(e).__name__}: {e}): no alert triage", "cm-error")
         self.run_select = W.Dropdown(options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run",
                                      layout=W.Layout(width="min(100%, 640px)"))
         self.run_select.add_class("cm-run")
         header = W.HTML(CSS + f'<div class="cm-note">Outputs folder: {html.escape(str(self.outputs_dir.resolve()))}</div>')
-        self.widget = W.VBox([header, self.run_select, self.status, self.body], layout=W.Layout(width="100%"))
+        self.widget = W.VBox([header, self.run_select, self.status, self.progress, self.body], layout=W.Layout(width="100%"))
         self.status.value = self._notice
         if not self.refs:
             self.run_select.layout.display = "none"
@@ -449,26 +496,73 @@ class Dashboard:
                               grid_template_columns="repeat(auto-fit, minmax(min(100%, 520px), 1fr))"))
 
     def select_run(self, index: int) -> None:
-        "Load run `index` of `self.refs` and rebuild the page."
+        "Show run `index` of `self.refs`: its headline table at once, then (in a thread) the figures and the views that need its model."
         W = self.W
         ref = self.refs[index]
+        self._generation += 1
+        gen, t0 = self._generation, time.perf_counter()
+        self.view, self.timings = None, {}
         self.status.value = self._notice + _msg(f"loading {ref.label} ...")
-        self.body.children = []
-        view = self.view = load_run(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
+        self.metrics = headline_metrics(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
+        self.slots = {k: W.VBox([W.HTML(_msg(text, "cm-pending"))], layout=W.Layout(width="100%", min_width="0")) for k, text in PENDING.items()}
+        self.notes = W.HTML()
+        headline = W.HTML(f'<h3>Model vs baseline (test split)</h3><div class="cm-headline" data-run="{html.escape(ref.name, quote=True)}">'
+                          + table_html(comparison_table(self.metrics)) + "</div>")
+        # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
+        # ipywidgets layout never reached the page: Voila drew it half-width)
+        triage = [W.HTML("<h3>Alert triage</h3>"), self.triage.widget] if self.triage is not None else []
+        self.body.children = [headline, self.notes, *triage, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], self.slots["figures"],
+                              W.HTML("<h3>SHAP: what drives the verdicts</h3>"), self.slots["shap"],
+                              W.HTML("<h3>Drift: test split against the training reference</h3>"), self.slots["drift"],
+                              W.HTML("<h3>Investigate a flow</h3>"), self.slots["flows"]]
+        self._shown_view(gen, "headline", t0)
+        if self.background:
+            self.loader = threading.Thread(target=self._fill_guarded, args=(ref, gen, t0), name=f"dashboard-load-{ref.name}", daemon=True)
+            self.loader.start()
+        else: self._fill(ref, gen, t0)
+
+    def _shown_view(self, gen: int, name: str, t0: float) -> None:
+        "Record that view `name` of load `gen` is drawn, and say which views are still being computed."
+        if gen != self._generation: return
+        self.timings[name] = time.perf_counter() - t0
+        done = " · ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        waiting = [k for k in PENDING if k not in self.timings]
+        self.progress.value = _msg(f"shown: {done}" + (f"; still computing: {', '.join(waiting)}" if waiting else ""), "cm-progress")
+
+    def _fill_guarded(self, ref: RunRef, gen: int, t0: float) -> None:
+        try: self._fill(ref, gen, t0)
+        except Exception as e:  # the thread has no caller: the error goes to the page, and no view stays "computing" for ever
+            if gen != self._generation: return
+            text = f"{type(e).__name__}: {e}"
+            self.status.value = self._notice + _msg(text, "cm-error")
+            for k, box in self.slots.items():
+                if k not in self.timings: box.children = [self.W.HTML(_msg(f"not shown: {text}", "cm-error"))]
+
+    def _fill(self, ref: RunRef, gen: int, t0: float) -> None:
+        "Draw the metric figures, load the model and test flows of `ref`, and replace each placeholder of load `gen` by its view (unless another run was chosen)."
+        W = self.W
+        # metrics.json's figures first (plotting imports take seconds on a cold kernel), the reliability diagram's place kept in their grid
+        figures = self._grid([*[self._figure(f) for f in metrics_figures(self.metrics).values()], self.slots["reliability"]])
+        if gen != self._generation: return
+        self.slots["figures"].children = [figures]
+        self._shown_view(gen, "figures", t0)
+        view = load_run(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
+        if gen != self._generation: return
+        self.view = view
+        if self.triage is not None: self.triage.bundle = view.bundle   # explanations with the shown run's model
         r = view.metrics.get("run", {})
         self.status.value = self._notice + _msg(f"{ref.label}: source {r.get('source')}, {r.get('test_rows', '?')} test flows, "
                                  f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s")
-        notes = W.HTML("".join(_msg("note: " + n) for n in view.notes))
+        self.notes.value = "".join(_msg("note: " + n) for n in view.notes)
         figs = run_figures(view)
-        sections = [W.HTML("<h3>Model vs baseline (test split)</h3>" + table_html(comparison_table(view.metrics))), notes,
-                    # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
-                    # ipywidgets layout never reached the page: Voila drew it half-width)
-                    W.HTML("<h3>Test-split figures</h3>"), *[self._figure(figs.pop(k)) for k in ("pr_roc",) if k in figs],
-                    self._grid([self._figure(f) for f in figs.values()]),
-                    W.HTML("<h3>SHAP: what drives the verdicts</h3>"), self._shap_section(),
-                    W.HTML("<h3>Drift: test split against the training reference</h3>"), self._drift_section(),
-                    W.HTML("<h3>Investigate a flow</h3>"), self._flow_section()]
-        self.body.children = sections
+        for k in ("pr_roc", "reliability"):
+            self.slots[k].children = [self._figure(figs[k])] if k in figs else [W.HTML(_msg("no test flows to draw it from (see the notes above)"))]
+        self._shown_view(gen, "pr_roc", t0)
+        self._shown_view(gen, "reliability", t0)
+        for k, build in (("shap", self._shap_section), ("drift", self._drift_section), ("flows", self._flow_section)):
+            if gen != self._generation: return
+            self.slots[k].children = [build()]
+            self._shown_view(gen, k, t0)
 
     def _shap_section(self):
         W, view = self.W, self.view
@@ -578,7 +672,7 @@ class Dashboard:
         self.flow.options = choices
         if not choices:
             self.verdict.value, self._shown = _msg("no flow matches these filters"), None
-            for o in (self.scores_out, self.shap_out): o.clear_output()
+            for o in (self.scores_out, self.shap_out): o.outputs = ()
         else:
             if self.flow.value is None: self.flow.value = choices[0][1]   # ipywidgets keeps no selection after new options
             self.show_flow(self.flow.value)  # no-op when the selector's change event already showed it
@@ -601,6 +695,156 @@ class Dashboard:
         fig = fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60})
         show_figure(self.shap_out, fig)
 
+# %% ../nbs/75_dashboard.ipynb #d7a1c0e2
+def alert_label(a: dict) -> str:
+    "One line of the alert queue: time, 5-tuple, family, p_attack, model and the latest verdict."
+    t = pd.Timestamp(a["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if a.get("created_at") is not None else "?"
+    v = a.get("verdict")
+    mark = f" [{v} {a.get('label')}]" if isinstance(v, str) else ""
+    return (f"{t} {a.get('src_ip') or '?'}:{a.get('src_port') or '?'} → {a.get('dst_ip') or '?'}:{a.get('dst_port') or '?'} "
+            f"{a['family']} p_attack {float(a['p_attack']):.3f} ({a['model_name']} v{a['model_version']}){mark}")
+
+
+def rules_html(rules) -> str:
+    "The suppression rules as an HTML table, with how many alerts each silenced."
+    if not rules: return _msg("no suppression rules yet")
+    df = pd.DataFrame([{"id": r.id, "source": r.src or "any", "dst port": "any" if r.dst_port is None else str(r.dst_port),
+                        "family": r.family or "any", "expires": "never" if r.expires_at is None else r.expires_at.strftime("%Y-%m-%d %H:%M"),
+                        "active": "yes" if r.active() else "expired", "reason": r.reason, "by": r.creator,
+                        "alerts silenced": str(r.n_suppressed)} for r in rules]).set_index("id")
+    return table_html(df).replace('class="cm-table"', 'class="cm-table cm-rules"', 1)
+
+
+def fig_precision(frames: dict[str, pd.DataFrame]):
+    "Precision over time per model (and version) from analysts' verdicts (`FeedbackStore.precision_over_time` frames by model)."
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for name, df in frames.items():
+        for ver, g in df.groupby("model_version"):
+            fig.add_scatter(x=g["period"], y=g["precision"], mode="lines+markers", name=f"{name} v{ver}",
+                            customdata=g[["n_tp", "n_verdicts"]].to_numpy(), hovertemplate="%{x}: precision %{y:.3f} (%{customdata[0]} of %{customdata[1]})<extra></extra>")
+    fig.update_layout(title="Precision of alerts from analysts' verdicts", yaxis=dict(range=[0, 1.05], title="precision"), height=320,
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+class Triage:
+    "Alert triage over a `FeedbackStore`: the queue, one alert with its explanation, a verdict, suppression rules, precision over time."
+
+    def __init__(self, store, *, bundle=None, analyst: str = "analyst", limit: int = 200, top_k: int = 10):
+        import ipywidgets as W
+        self.W, self.store, self.bundle, self.analyst, self.limit, self.top_k = W, store, bundle, analyst, limit, top_k
+        self.alert: dict | None = None
+        self.order = W.ToggleButtons(options=[("newest", "newest"), ("most uncertain", "uncertain")], description="Queue",
+                                     style={"button_width": "120px"})
+        self.queue = W.Select(options=[], rows=8, layout=W.Layout(width="min(100%, 900px)"))
+        self.detail, self.msg, self.rules = W.HTML(), W.HTML(), W.HTML()
+        self.explain_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
+        self.precision_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
+        self.verdict = W.ToggleButtons(options=[("true positive", "tp"), ("false positive", "fp")], description="Verdict",
+                                       style={"button_width": "120px"})
+        self.family = W.Dropdown(options=[], description="Right family", layout=W.Layout(width="auto"))
+        self.note = W.Text(description="Note", layout=W.Layout(width="min(100%, 500px)"))
+        self.mark = W.Button(description="Mark alert", icon="check", layout=W.Layout(width="auto"))
+        self.rule_src, self.rule_port, self.rule_family = (W.Checkbox(value=v, description=d, indent=False, layout=W.Layout(width="auto"))
+                                                           for v, d in ((True, "same source"), (True, "same destination port"), (False, "same family")))
+        self.rule_days = W.BoundedIntText(value=7, min=1, max=3650, description="Expires in (days)", style={"description_width": "auto"},
+                                          layout=W.Layout(width="auto"))
+        self.rule_reason = W.Text(description="Reason", layout=W.Layout(width="min(100%, 500px)"))
+        self.rule_button = W.Button(description="Suppress like this", icon="bell-slash", layout=W.Layout(width="auto"))
+        for w, cls in ((self.queue, "cm-queue"), (self.detail, "cm-alert-box"), (self.verdict, "cm-verdict-choice"), (self.family, "cm-right-family"),
+                       (self.note, "cm-verdict-note"), (self.mark, "cm-mark"), (self.rule_reason, "cm-rule-reason"),
+                       (self.rule_button, "cm-rule-create"), (self.rule_days, "cm-rule-days"), (self.rule_family, "cm-rule-family"),
+                       (self.msg, "cm-triage-msg"), (self.order, "cm-order")):
+            w.add_class(cls)
+        self.order.observe(lambda ch: self._guard(self.refresh), names="value")
+        self.queue.observe(lambda ch: self._guard(self.open, ch["new"]), names="value")
+        self.verdict.observe(lambda ch: self._guard(self._families), names="value")
+        self.mark.on_click(lambda b: self._guard(self.mark_alert))
+        self.rule_button.on_click(lambda b: self._guard(self.create_rule))
+        row = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        self.widget = W.VBox([self.order, self.queue, self.detail, self.explain_out,
+                              row([self.verdict, self.family]), row([self.note, self.mark]),
+                              row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]), row([self.rule_reason, self.rule_button]),
+                              self.msg, W.HTML("<h4>Suppression rules</h4>"), self.rules, self.precision_out],
+                             layout=W.Layout(width="100%"))
+        self.refresh()
+
+    def _guard(self, fn, *args) -> None:
+        try: fn(*args)
+        except Exception as e: self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
+
+    def refresh(self, keep: str | None = None) -> None:
+        "Reload the queue (in the chosen order), the rules and the precision figure."
+        df = self.store.alerts(self.order.value, limit=self.limit)
+        options = [(alert_label(a), a["id"]) for a in df.to_dict(orient="records")]
+        self.queue.options = options
+        if not options:
+            self.detail.value, self.alert = _msg("no alerts in the feedback store yet: `cyber-moe score --alerts`, `watch` and the REST app store them"), None
+        elif keep in {v for _, v in options}: self.queue.value = keep
+        elif self.queue.value is None: self.queue.value = options[0][1]
+        self.rules.value = rules_html(self.store.list_rules())
+        models = sorted(set(df["model_name"])) if len(df) else []
+        frames = {m: self.store.precision_over_time(m) for m in models}
+        frames = {m: f for m, f in frames.items() if len(f)}
+        if frames: show_figure(self.precision_out, fig_precision(frames))
+        else: self.precision_out.outputs = ()
+
+    def _families(self) -> None:
+        a = self.alert
+        if a is None: return
+        classes = self.store.families(a["model_name"], a["model_version"]) or sorted({a["family"], "benign"})
+        if self.verdict.value == "tp": opts = [c for c in classes if c != "benign"]
+        else: opts = ["benign", *[c for c in classes if c not in ("benign", a["family"])]]
+        self.family.options = opts
+        self.family.value = a["family"] if self.verdict.value == "tp" and a["family"] in opts else opts[0]
+
+    def open(self, alert_id: str | None) -> None:
+        "Show alert `alert_id`: its fields, its verdicts so far and its explanation (SHAP with the run's model when it can score the flow)."
+        if alert_id is None: return
+        a = self.alert = self.store.get_alert(alert_id)
+        said = "; ".join(f"{v['verdict']} {v['label']} by {v['analyst']}" + (f" ({v['note']})" if v['note'] else "") for v in a["verdicts"]) or "none yet"
+        self.detail.value = (f'<div class="cm-alert" data-id="{html.escape(a["id"], quote=True)}"><b>Alert {html.escape(a["id"])}</b>: '
+                             f"{html.escape(alert_label(a))}<br>Community ID {html.escape(str(a.get('community_id')))}; verdicts: {html.escape(said)}</div>")
+        self._families()
+        self.explain_out.outputs = ()
+        feats = a.get("features") or {}
+        if self.bundle is not None and feats:
+            from cyber_moe.explain import explain_flow, fig_flow_explanation
+            try:
+                exp = explain_flow(self.bundle, pd.DataFrame([feats]), top_k=self.top_k)
+                show_figure(self.explain_out, fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60}))
+                return
+            except Exception as e:   # the alert came from another model's features: show them instead
+                self.detail.value += _msg(f"no SHAP with this run's model ({type(e).__name__}: {e}); the alert's features follow")
+        if feats:
+            top = pd.DataFrame({"value": pd.Series(feats)}).head(self.top_k)
+            self.detail.value += "<b>Features</b>" + table_html(top)
+
+    def mark_alert(self) -> None:
+        "Record the chosen verdict (with the right family and note) on the open alert."
+        if self.alert is None: raise ValueError("no alert open: choose one in the queue")
+        v = self.store.record_verdict(self.alert["id"], self.verdict.value, family=self.family.value, note=self.note.value.strip() or None,
+                                      analyst=self.analyst)
+        self.msg.value = _msg(f"alert {v['alert_id']} marked {v['verdict']} ({v['label']})", "cm-note cm-marked")
+        self.note.value = ""
+        self.refresh(keep=self.alert["id"])
+        self.open(self.alert["id"])
+
+    def create_rule(self) -> None:
+        "A suppression rule from the open alert: its source, destination port and/or family, an expiry and a reason."
+        from datetime import timedelta
+        if self.alert is None: raise ValueError("no alert open: choose one in the queue")
+        a = self.alert
+        r = self.store.add_rule(src=a["src_ip"] if self.rule_src.value else None, dst_port=a["dst_port"] if self.rule_port.value else None,
+                                family=a["family"] if self.rule_family.value else None, reason=self.rule_reason.value,
+                                expires_at=pd.Timestamp.now(tz="UTC").to_pydatetime() + timedelta(days=int(self.rule_days.value)),
+                                creator=self.analyst)
+        self.msg.value = _msg(f"rule {r.id} created: it silences matching alerts from now on", "cm-note cm-rule-made")
+        self.rule_reason.value = ""
+        self.refresh(keep=a["id"])
+
+
 # %% ../nbs/75_dashboard.ipynb #68b6a4e9
 def dashboard_notebook() -> Path:
     "The dashboard notebook `nbs/dashboards/analysis.ipynb` of the checkout this package was installed from."
@@ -612,9 +856,20 @@ def dashboard_notebook() -> Path:
                             "run the dashboard from a checkout of the project")
 
 
-def voila_command(*, notebook: str | Path, port: int = 8866, ip: str = "127.0.0.1", open_browser: bool = False) -> list[str]:
-    "The command line that serves `notebook` with Voila (this Python's Voila) on `ip:port`."
-    cmd = [sys.executable, "-m", "voila", str(notebook), f"--port={int(port)}", f"--Voila.ip={ip}", "--show_tracebacks=True"]
+DEFAULT_MAX_KERNELS, DEFAULT_CULL_IDLE_SECONDS = 6, 300
+
+
+def voila_command(*, notebook: str | Path, port: int = 8866, ip: str = "127.0.0.1", open_browser: bool = False,
+                  allowed_hosts: tuple[str, ...] | list[str] = (), max_kernels: int = DEFAULT_MAX_KERNELS,
+                  cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS, cull_interval_seconds: int | None = None) -> list[str]:
+    "The command line that serves `notebook` on `ip:port` with this Python's Voila, limited as `cyber_moe.dashboard_server` describes."
+    if max_kernels < 1: raise ValueError(f"max_kernels must be >= 1, got {max_kernels}")
+    if cull_idle_seconds < 1: raise ValueError(f"cull_idle_seconds must be >= 1, got {cull_idle_seconds}")
+    interval = cull_interval_seconds or max(1, min(60, cull_idle_seconds // 5))
+    cmd = [sys.executable, "-m", "cyber_moe.dashboard_server", str(notebook), f"--port={int(port)}", f"--Voila.ip={ip}",
+           f"--CappedKernelManager.max_kernels={int(max_kernels)}",
+           f"--MappingKernelManager.cull_idle_timeout={int(cull_idle_seconds)}", f"--MappingKernelManager.cull_interval={int(interval)}"]
+    cmd += [f"--CyberMoeVoila.allowed_hosts={h}" for h in ("localhost", *allowed_hosts)]
     return cmd if open_browser else cmd + ["--no-browser"]
 
 
@@ -627,12 +882,33 @@ def dashboard_env(*, outputs_dir: str | Path, run: str | None = None, base: dict
     return env
 
 
+def _die_with_parent() -> None:
+    "In a child process (Linux): ask the kernel for SIGTERM when the parent exits, even if it is killed outright."
+    import ctypes
+    try: ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)      # PR_SET_PDEATHSIG
+    except OSError: pass
+
+
 def start(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, ip: str = "127.0.0.1",
-          open_browser: bool = False, notebook: str | Path | None = None, **popen) -> subprocess.Popen:
+          open_browser: bool = False, notebook: str | Path | None = None, allowed_hosts: tuple[str, ...] | list[str] = (),
+          max_kernels: int = DEFAULT_MAX_KERNELS, cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS,
+          cull_interval_seconds: int | None = None, **popen) -> subprocess.Popen:
     "Start Voila on the dashboard for the runs of `outputs_dir` and return the process (not waited for)."
     nb = Path(notebook) if notebook else dashboard_notebook()
-    return subprocess.Popen(voila_command(notebook=nb, port=port, ip=ip, open_browser=open_browser),
-                            env=dashboard_env(outputs_dir=outputs_dir, run=run), cwd=str(nb.parent), **popen)
+    cmd = voila_command(notebook=nb, port=port, ip=ip, open_browser=open_browser, allowed_hosts=allowed_hosts, max_kernels=max_kernels,
+                        cull_idle_seconds=cull_idle_seconds, cull_interval_seconds=cull_interval_seconds)
+    return subprocess.Popen(cmd, env=dashboard_env(outputs_dir=outputs_dir, run=run), cwd=str(nb.parent), **popen)
+
+
+def stop(proc: subprocess.Popen, *, timeout: float = 20.0) -> int:
+    "Stop Voila: SIGTERM (it shuts its kernels down), then SIGKILL to its process group after `timeout` s; returns its exit code."
+    if proc.poll() is None:
+        proc.terminate()
+        try: proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try: os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError): proc.kill()
+    return proc.wait()
 
 
 def wait_until_serving(base_url: str, *, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> float:
@@ -650,12 +926,27 @@ def wait_until_serving(base_url: str, *, timeout: float = 90.0, proc: subprocess
         time.sleep(0.5)
 
 
-def launch(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, open_browser: bool = False) -> int:
-    "Serve the dashboard with Voila until Ctrl-C (what `cyber-moe dashboard` runs); returns Voila's exit code."
+class _Stop(Exception):
+    "A stop signal (SIGTERM, SIGHUP) turned into an exception of the main thread."
+
+
+def launch(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, open_browser: bool = False,
+           allowed_hosts: tuple[str, ...] | list[str] = (), max_kernels: int = DEFAULT_MAX_KERNELS,
+           cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS, stop_timeout: float = 20.0) -> int:
+    "Serve the dashboard with Voila until Ctrl-C, SIGTERM or SIGHUP (what `cyber-moe dashboard` runs); returns Voila's exit code."
     if not Path(outputs_dir).is_dir(): print(f"note: {outputs_dir} does not exist yet; the dashboard will say that there is no run", file=sys.stderr)
-    proc = start(outputs_dir=outputs_dir, run=run, port=port, open_browser=open_browser)
-    print(f"dashboard: http://127.0.0.1:{port}/ (runs of {Path(outputs_dir).resolve()}; Ctrl-C stops)", file=sys.stderr)
-    try: return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
+    def on_signal(signum, frame): raise _Stop(signum)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    proc = None
+    try:
+        proc = start(outputs_dir=outputs_dir, run=run, port=port, open_browser=open_browser, allowed_hosts=allowed_hosts,
+                     max_kernels=max_kernels, cull_idle_seconds=cull_idle_seconds, start_new_session=True,
+                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        print(f"dashboard: http://127.0.0.1:{port}/ (runs of {Path(outputs_dir).resolve()}; Ctrl-C stops)", file=sys.stderr)
         return proc.wait()
+    except (KeyboardInterrupt, _Stop):
+        return stop(proc, timeout=stop_timeout) if proc is not None else 1
+    finally:
+        if proc is not None and proc.poll() is None: stop(proc, timeout=stop_timeout)
+        for s, h in previous.items(): signal.signal(s, h)
+

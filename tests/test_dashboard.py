@@ -216,7 +216,19 @@ def test_run_picker_switches_runs(run_outputs, serve, browser, tmp_path):
         assert len(options) == 2 and options[0].startswith("smoke-b") and options[1].startswith("smoke "), options
         notes = [t.replace("\xa0", " ") for t in page.locator(".cm-note").all_inner_texts()]
         assert any(t.startswith("smoke-b (outputs)") for t in notes), notes
+        # record, as the page changes, what is on screen once the chosen run's headline table shows
+        page.evaluate("""() => { window.cmLog = []; const note = k => { if (!window.cmLog.includes(k)) window.cmLog.push(k); };
+            new MutationObserver(() => {
+                const h = document.querySelector('.cm-headline');
+                if (!h || h.dataset.run !== 'smoke') return;
+                note('headline');
+                if (document.querySelector('.cm-pending')) note('pending');
+                else if (window.cmLog.includes('pending') && document.querySelector('.cm-verdict')) note('filled');
+            }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }""")
         page.select_option(".cm-run select", index=1)
+        page.wait_for_function("() => window.cmLog.includes('filled')", timeout=120_000)
+        # the headline table came first, with the heavy views still marked "computing ...", and they were filled in place later
+        assert page.evaluate("window.cmLog") == ["headline", "pending", "filled"], page.evaluate("window.cmLog")
         page.wait_for_function("() => Array.from(document.querySelectorAll('.cm-note'))"
                                ".some(n => n.innerText.replace(/\u00a0/g, ' ').startsWith('smoke (outputs)'))", timeout=120_000)
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 10", timeout=120_000)
@@ -224,3 +236,42 @@ def test_run_picker_switches_runs(run_outputs, serve, browser, tmp_path):
         _assert_clean(page)
     finally:
         _close(page)
+
+
+def test_triage_marks_and_suppresses(run_outputs, serve, browser, tmp_path):
+    "An analyst opens the most uncertain alert, marks it a false positive (benign, with a note) and suppresses its source and port: both are in the store."
+    from cyber_moe.feedback import FeedbackStore
+    out = tmp_path / "outputs"
+    shutil.copytree(run_outputs, out)
+    classes = json.loads((out / "smoke" / "metrics.json").read_text())["run"]["classes"]
+    flows = pd.read_parquet([p for p in sorted((out / "data").glob("*.parquet")) if "truth" not in p.name][0]).head(3)
+    recs = [{"id": f"a{i}", "src_ip": f"198.18.0.{i + 1}", "src_port": 40000 + i, "dst_ip": "198.18.1.1", "dst_port": 80, "protocol": 6,
+             "p_attack": p, "family": classes[1], "features": flows.iloc[i].to_dict()} for i, p in enumerate([0.97, 0.62, 0.99])]
+    url = f"sqlite:///{out / 'feedback.db'}"
+    with FeedbackStore(url) as store:
+        store.add_alerts(recs, model_name="cyber-moe-synth", model_version="1", source="test", classes=classes, threshold=0.5)
+    page = _open(browser, serve(out), ".cm-queue select")
+    try:
+        page.wait_for_function("document.querySelectorAll('.cm-queue option').length === 3", timeout=60_000)
+        page.locator(".cm-order button", has_text="most uncertain").click()
+        page.wait_for_function("document.querySelector('.cm-queue option').textContent.includes('198.18.0.2')", timeout=60_000)
+        page.select_option(".cm-queue select", index=0)
+        page.wait_for_selector('.cm-alert[data-id="a1"]', timeout=60_000)
+        page.locator(".cm-verdict-choice button", has_text="false positive").click()
+        page.wait_for_function("document.querySelector('.cm-right-family select').value.length > 0 && "
+                               "document.querySelector('.cm-right-family select').selectedOptions[0].textContent === 'benign'", timeout=60_000)
+        page.fill(".cm-verdict-note input", "monitoring poller")
+        page.locator(".cm-mark").click()
+        page.wait_for_selector(".cm-marked", timeout=60_000)
+        page.fill(".cm-rule-reason input", "poller host")
+        page.locator(".cm-rule-create").click()
+        page.wait_for_selector(".cm-rule-made", timeout=60_000)
+        assert "poller host" in page.locator(".cm-rules").inner_text()
+        _assert_clean(page)
+    finally:
+        _close(page)
+    with FeedbackStore(url) as store:
+        assert [(v["verdict"], v["label"], v["note"]) for v in store.verdicts("a1")] == [("fp", "benign", "monitoring poller")]
+        rule = store.list_rules()[-1]
+        assert (rule.src.split("/")[0], rule.dst_port, rule.family, rule.reason) == ("198.18.0.2", 80, None, "poller host")
+        assert rule.active()
