@@ -82,7 +82,7 @@ def reference_flow(bundle: ModelBundle) -> pd.DataFrame:
     row = {c: med[c] if c in med else (ref[c]["values"][0] if ref[c]["values"] else None) for c in sc.features}
     if sc.sequence:     # one packet of the median training size, the rest padding
         row |= {c: -1.0 for c in sc.sequence_columns}
-        row |= {"splt_dir_0": 0.0, "splt_ps_0": float(np.expm1(pre.state["seq"]["ps_center"])), "splt_piat_0": 0.0}
+        row |= {"splt_dir_0": 0.0, "splt_ps_0": float(np.expm1(pre.state.seq["ps_center"])), "splt_piat_0": 0.0}
     return pd.DataFrame([row], columns=_raw_columns(sc))
 
 # %% ../nbs/70_explain.ipynb #6c2bf2a1
