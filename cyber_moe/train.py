@@ -236,12 +236,12 @@ def operating_point(cfg: RunConfig, p_classes_val: np.ndarray, y_binary_val: np.
 
 
 def baseline_sequence(cfg: RunConfig, prep: Prepared) -> int:
-    "Packets per flow the run's baseline reads as flat columns: `baseline.sequence` (None: all the flows carry, else 0)."
-    n = frame_sequence_length(prep.frame)
+    "Packets per flow the run's baseline reads as flat columns: `baseline.sequence` (None: the packets the MoE reads, i.e. the schema's sequence)."
     if cfg.baseline.sequence is False: return 0
-    if cfg.baseline.sequence and not n:
-        raise ValueError(f"baseline.sequence is true but the {prep.schema.name} flows carry no packet sequence columns (splt_dir_0, ...)")
-    return n
+    if cfg.baseline.sequence is None: return prep.schema.sequence
+    n = frame_sequence_length(prep.frame)
+    if not n: raise ValueError(f"baseline.sequence is true but the {prep.schema.name} flows carry no packet sequence columns (splt_dir_0, ...)")
+    return prep.schema.sequence or n
 
 
 def baseline_matrix(prep: Prepared, split: str, sequence: int = 0) -> np.ndarray:
