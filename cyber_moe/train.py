@@ -98,6 +98,14 @@ def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
                                     out_dir=Path(cfg.outputs_dir) / "data")
         schema = get_schema("synth")
         info = dict(info)
+        if model_reads_sequences(cfg.model):     # the generator's capture metered again with each flow's first packets
+            import dataclasses
+            from cyber_moe.lab import LAB_SEQUENCE
+            from cyber_moe.nfstream import pcap_to_flows
+            from cyber_moe.synth import label_flows
+            df = label_flows(pcap_to_flows(info["pcap"], splt=LAB_SEQUENCE), pd.read_parquet(info["truth"]))
+            df.attrs = {}
+            schema = dataclasses.replace(schema, sequence=LAB_SEQUENCE)
     else:
         from cyber_moe.data import load_flows
         if not d.paths: raise ValueError(f"data.paths is empty: source '{d.source}' needs the data set's files (e.g. data.paths=[../shared/data/...])")
