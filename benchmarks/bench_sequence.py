@@ -13,6 +13,9 @@ validation by the config's rule). Reports family macro-F1, detection per family,
 variant, the benign false-positive rate, and the MoE's mean gate weight per family; the load average is recorded.
 
     .venv/bin/python benchmarks/bench_sequence.py --train outputs/seqlab/default-1 --test outputs/seqlab/default-2
+    # the bounded run recorded in RESULTS.md (loaded machine), one process per model:
+    #   ... --models moe+sequence --epochs 4 --cap-per-family 2500 --out outputs/bench_sequence_moe+sequence.json
+Sessions: `cyber-moe lab record --scenario params/lab/default.yaml --seed 1|2` into outputs/seqlab/default-1|2.
 """
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ class BaselineConfig(_Section):
     num_leaves: int = Field(63, ge=2)
     learning_rate: float = Field(0.05, gt=0)
     sequence: bool | None = Field(None, description="append each flow's packet sequence as flat splt_* columns (the fair baseline for "
-                                  "the sequence expert); None: on when the flows carry sequences (lab, pcaps metered with splt)")
+                                  "the sequence expert); None: on when the model reads sequences (the schema has them); true: whatever the flows carry")
 
 
 class TuneConfig(_Section):

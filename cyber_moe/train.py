@@ -99,6 +99,14 @@ def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
                                     out_dir=Path(cfg.outputs_dir) / "data")
         schema = get_schema("synth")
         info = dict(info)
+        if model_reads_sequences(cfg.model):     # the generator's capture metered again with each flow's first packets
+            import dataclasses
+            from cyber_moe.lab import LAB_SEQUENCE
+            from cyber_moe.nfstream import pcap_to_flows
+            from cyber_moe.synth import label_flows
+            df = label_flows(pcap_to_flows(info["pcap"], splt=LAB_SEQUENCE), pd.read_parquet(info["truth"]))
+            df.attrs = {}
+            schema = dataclasses.replace(schema, sequence=LAB_SEQUENCE)
     else:
         from cyber_moe.data import load_flows
         if not d.paths: raise ValueError(f"data.paths is empty: source '{d.source}' needs the data set's files (e.g. data.paths=[../shared/data/...])")
@@ -237,12 +245,12 @@ def operating_point(cfg: RunConfig, p_classes_val: np.ndarray, y_binary_val: np.
 
 
 def baseline_sequence(cfg: RunConfig, prep: Prepared) -> int:
-    "Packets per flow the run's baseline reads as flat columns: `baseline.sequence` (None: all the flows carry, else 0)."
-    n = frame_sequence_length(prep.frame)
+    "Packets per flow the run's baseline reads as flat columns: `baseline.sequence` (None: the packets the MoE reads, i.e. the schema's sequence)."
     if cfg.baseline.sequence is False: return 0
-    if cfg.baseline.sequence and not n:
-        raise ValueError(f"baseline.sequence is true but the {prep.schema.name} flows carry no packet sequence columns (splt_dir_0, ...)")
-    return n
+    if cfg.baseline.sequence is None: return prep.schema.sequence
+    n = frame_sequence_length(prep.frame)
+    if not n: raise ValueError(f"baseline.sequence is true but the {prep.schema.name} flows carry no packet sequence columns (splt_dir_0, ...)")
+    return prep.schema.sequence or n
 
 
 def baseline_matrix(prep: Prepared, split: str, sequence: int = 0) -> np.ndarray:

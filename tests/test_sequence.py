@@ -4,6 +4,7 @@ refusing bad sequences with 422s that name the field, and flows without sequence
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ SEQ_MODEL = ModelConfig(experts={"tabm": {"k": 2, "d_block": 32, "embedding": "n
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     "A small generated capture and its flows metered with N packets each (families drawn at random: the model is untrained)."
-    d = tmp_path_factory.mktemp("seqcap")
+    d = tmp_path_factory.mktemp("seqcap") / "data"       # outputs_dir/data: the cache load_source reads too
     _, info = load_or_generate(seed=3, n_days=1, n_flows_target=1500, out_dir=d)
     flows = pcap_to_flows(info["pcap"], splt=N)
     rng = np.random.default_rng(0)
@@ -158,3 +159,17 @@ def test_pyfunc_and_onnx_score_sequences(capture, bundle_dir, tmp_path):
     np.testing.assert_allclose(got["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-6)
     bundle.use_onnx(threads=1)
     np.testing.assert_allclose(bundle.predict(flows.head(300))["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-4)
+
+
+def test_simulator_gives_sequences_to_a_sequence_model(capture):
+    "The simulator (the lab's fallback without root) meters its capture again with 32 packets when the model reads sequences."
+    from cyber_moe.config import RunConfig
+    from cyber_moe.train import load_source
+    pcap, flows = capture
+    cfg = RunConfig(run_name="s", outputs_dir=str(Path(pcap).parent.parent), model=SEQ_MODEL.model_dump(),
+                    data={"source": "synth", "synth_seed": 3, "synth_days": 1, "synth_n_flows": 1500})
+    df, schema, _ = load_source(cfg)
+    assert schema.sequence == 32 and "splt_piat_31" in df.columns and len(df) == len(flows)
+    plain, s0, _ = load_source(cfg.model_copy(update={"model": ModelConfig()}))
+    assert s0.sequence == 0 and "splt_dir_0" not in plain.columns
+    assert (df["family"].to_numpy() == plain["family"].to_numpy()).all()
