@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import io
 import json
 import logging
@@ -33,7 +34,8 @@ __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES'
            'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx',
            'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs',
            'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs', 'save_pyfunc', 'log_pyfunc',
-           'model_uri_scheme', 'resolve_tracking_uri', 'load_model_bundle', 'read_raw', 'score_file']
+           'model_uri_scheme', 'resolve_tracking_uri', 'use_mlflow_store', 'load_model_bundle', 'read_raw',
+           'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 2      # 2: one verdict from the family distribution and a validation operating point (issue 13)
@@ -522,6 +524,22 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return str(tracking_uri)
 
 
+@contextlib.contextmanager
+def use_mlflow_store(uri: str):
+    "Point MLflow's tracking and registry at `uri` for the block, then restore exactly what was there (module state and the MLFLOW_* variables MLflow's setters write into the environment)."
+    from mlflow.tracking._model_registry import utils as reg
+    from mlflow.tracking._tracking_service import utils as trk
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = trk._tracking_uri, reg._registry_uri, {n: os.environ.get(n) for n in names}
+    trk._tracking_uri, reg._registry_uri = uri, uri
+    try: yield uri
+    finally:
+        trk._tracking_uri, reg._registry_uri = saved[0], saved[1]
+        for n, v in saved[2].items():
+            if v is None: os.environ.pop(n, None)
+            else: os.environ[n] = v
+
+
 def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:
     "A bundle from a bundle folder, an MLflow model folder, or a `models:/NAME/VERSION` / `runs:/ID/model` URI (resolved by `resolve_tracking_uri`)."
     p = Path(str(uri))
@@ -534,7 +552,8 @@ def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> Mo
     store = resolve_tracking_uri(tracking_uri)
     import mlflow
     from mlflow.exceptions import MlflowException
-    try: local = mlflow.artifacts.download_artifacts(artifact_uri=str(uri), tracking_uri=store, registry_uri=store)
+    try:                                # MLflow 3 resolves a version's `models:/m-...` source against the global store: pin it
+        with use_mlflow_store(store): local = mlflow.artifacts.download_artifacts(artifact_uri=str(uri), tracking_uri=store, registry_uri=store)
     except MlflowException as e:
         raise BundleError(f"{_redact(uri)}: not found in the MLflow tracking store {_redact(store)} ({str(e).splitlines()[0][:200]})") from None
     return load_bundle(_pyfunc_data_dir(Path(local)))

@@ -297,21 +297,20 @@ def register_candidate(bundle: ModelBundle, *, name: str, tracking_uri: str, art
     "Log `bundle` in a new MLflow run, register it as `name`, alias it `challenger` (and `champion` when `promote`); the version and run id."
     import mlflow
     from mlflow import MlflowClient
-    from cyber_moe.bundle import log_pyfunc
+    from cyber_moe.bundle import log_pyfunc, use_mlflow_store
     from cyber_moe.train import EXPERIMENT, flatten_dotted
-    mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        remote = tracking_uri.startswith(("http://", "https://"))
-        mlflow.create_experiment(EXPERIMENT, artifact_location=None if remote else artifact_location)
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"retrain-{name}") as run:
-        bundle.version = run.info.run_id[:8]
-        flat = flatten_dotted({k: report[k] for k in ("champion", "candidate") if k in report})
-        mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
-        mlflow.log_params({"retrain.from_model": report.get("model", ""), "retrain.promote": promote,
-                           "retrain.tolerance": report.get("decision", {}).get("tolerance")})
-        mlflow.log_dict(report, "retrain_report.json")
-        info = log_pyfunc(bundle, example=example, registered_name=name)
+    with use_mlflow_store(tracking_uri):                 # MLflow's global store for this call only (its setters also write the environment)
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            remote = tracking_uri.startswith(("http://", "https://"))
+            mlflow.create_experiment(EXPERIMENT, artifact_location=None if remote else artifact_location)
+        with mlflow.start_run(run_name=f"retrain-{name}", experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
+            bundle.version = run.info.run_id[:8]
+            flat = flatten_dotted({k: report[k] for k in ("champion", "candidate") if k in report})
+            mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
+            mlflow.log_params({"retrain.from_model": report.get("model", ""), "retrain.promote": promote,
+                               "retrain.tolerance": report.get("decision", {}).get("tolerance")})
+            mlflow.log_dict(report, "retrain_report.json")
+            info = log_pyfunc(bundle, example=example, registered_name=name)
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -342,9 +341,6 @@ def retrain_from_feedback(confirmed: pd.DataFrame, *, model: str | Path, out_dir
     t0 = time.perf_counter()
     name, ref = _model_name(str(model))
     store = resolve_tracking_uri(tracking_uri) if (name or register) else tracking_uri
-    if name:                                  # models:/ URIs resolve against the registry MLflow was given, whatever the call says
-        import mlflow
-        mlflow.set_tracking_uri(store); mlflow.set_registry_uri(store)
     champion = load_model_bundle(model, tracking_uri=store)
     name = name or champion.name
     labelled = feedback_targets(confirmed, champion.classes, benign=champion.schema.benign)
