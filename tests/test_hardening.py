@@ -265,16 +265,13 @@ def test_compose_publishes_ports_on_loopback_by_default():
 def registry(toy, tmp_path_factory):
     "A tracking store (SQLite) in which the toy bundle is registered as version 1 of `toy-model`."
     import mlflow
-    from cyber_moe.bundle import load_bundle, log_pyfunc
+    from cyber_moe.bundle import load_bundle, log_pyfunc, use_mlflow_store
     d = tmp_path_factory.mktemp("registry")
-    uri, before = f"sqlite:///{d / 'store.db'}", mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    uri = f"sqlite:///{d / 'store.db'}"
+    with use_mlflow_store(uri):                     # MLflow's global store for this fixture only
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("harden", artifact_location=(d / "artifacts").as_uri()))
         with mlflow.start_run():
             log_pyfunc(load_bundle(toy["a"]), example=toy["flows"].head(5), registered_name="toy-model")
-    finally:
-        mlflow.set_tracking_uri(before)
     return uri
 
 

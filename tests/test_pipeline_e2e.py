@@ -62,8 +62,9 @@ def test_model_folder_scores_raw_rows_through_mlflow_and_registry(smoke_run):
     pred = model.predict(raw)
     assert len(pred) == 300 and list(pred.columns[:4]) == ["is_attack", "p_attack", "family", "p_family"]
     assert pred["p_attack"].between(0, 1).all() and set(pred["family"]) <= set(get_schema("nfstream").classes)
-    mlflow.set_tracking_uri(f"sqlite:///{smoke_run / 'mlflow.db'}")
-    reg = mlflow.pyfunc.load_model("models:/cyber-moe-synth/1").predict(raw)
+    from cyber_moe.bundle import use_mlflow_store
+    with use_mlflow_store(f"sqlite:///{smoke_run / 'mlflow.db'}"):      # not left behind for the tests after this one
+        reg = mlflow.pyfunc.load_model("models:/cyber-moe-synth/1").predict(raw)
     pd.testing.assert_series_equal(reg["p_attack"], pred["p_attack"])
 
 

@@ -355,10 +355,9 @@ def test_registry_alias_moves_the_model(unsw_bundles, unsw, tmp_path):
     "Serving models:/NAME@champion: moving the alias in the registry swaps the served model, no call to the service."
     import mlflow
     from mlflow import MlflowClient
-    from cyber_moe.bundle import log_pyfunc
-    db, before = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(db)
-    try:
+    from cyber_moe.bundle import log_pyfunc, use_mlflow_store
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with use_mlflow_store(db):                      # MLflow's global store for this test only
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri()))
         for b in unsw_bundles:
             with mlflow.start_run(): log_pyfunc(load_model_bundle(b), example=unsw.iloc[:5], registered_name="cyber-moe-unsw")
@@ -377,5 +376,3 @@ def test_registry_alias_moves_the_model(unsw_bundles, unsw, tmp_path):
                     seen = c.post("/predict", json=flow).json()["model_version"]
                 assert seen == "2", s.log()[-2000:]
             assert any('"via": "alias"' in ln for ln in s.log().splitlines())
-    finally:
-        mlflow.set_tracking_uri(before)

@@ -159,7 +159,7 @@ def test_replaced_models_are_freed(full_size_bundles, tmp_path):
         reloads(40)
         grown = (proc.memory_info().rss - before) / 2**20
     print(f"RSS growth over 40 reloads: {grown:.1f} MB")
-    assert grown < 4, f"RSS grew by {grown:.1f} MB over 40 reloads"
+    assert grown < 6, f"RSS grew by {grown:.1f} MB over 40 reloads"   # +8.8 MB before the fix; +0.8 to +4.6 MB after, depending on what ran before
 
 
 def test_cyber_moe_serve_runs_outside_a_checkout(unsw_bundles, tmp_path):
