@@ -415,7 +415,10 @@ def _hydra(ctx: _Ctx):
     uf, pf, ut, pt = _wordlist(ctx, ctx.n(r.choice([40, 60, 80]), 5))
     tasks = str(r.choice([2, 4, 6] if ctx.variant != "ssh" else [2, 4]))
     svc = [f"{ctx.variant}://{tgt}"] if ctx.variant != "http" else [tgt, "http-get", "/private/"]
-    argv = ["hydra", "-I", "-L", uf, "-P", pf, "-t", tasks, "-w", "5", *svc]
+    # -w: how long hydra waits for an answer before it drops the target. At 5 s, a brute force that overlapped a SYN flood
+    # on the same server gave up mid-run ("could not be connected", exit 255) in 2 of 3 smoke runs; the step's own
+    # `timeout` (max_s) bounds it instead.
+    argv = ["hydra", "-I", "-L", uf, "-P", pf, "-t", tasks, "-w", "20", *svc]
     return tgt, [Command(ctx.me[0].name, argv)], {uf: ut, pf: pt}
 
 

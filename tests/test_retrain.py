@@ -82,18 +82,21 @@ def test_retrain_from_feedback_registers_a_challenger(cli, root, trained, tmp_pa
 
 def test_retrain_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
     "No verdicts, no database, an unreachable server, an unknown model: exit 2 and one line naming it (in-process: no start-up per case)."
+    from cyber_moe.bundle import use_mlflow_store
     from cyber_moe.cli import main
     outs, env, _ = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    empty = f"sqlite:///{tmp_path / 'empty.db'}"
-    make_store(outs, empty, verdicts=False)
-    cases = [(["--store", empty], "no confirmed verdicts"),
-             (["--store", f"sqlite:///{tmp_path / 'absent.db'}"], "no database file"),
-             (["--store", "postgresql+psycopg://nobody@127.0.0.1:9/feedback"], "cannot be read"),
-             (["--store", empty, "--model", "models:/no-such-model@champion"], "no-such-model")]
-    for args, msg in cases:
-        capsys.readouterr()
-        rc = main(["retrain", "--from-feedback", "--outputs", str(outs), "--model", "models:/cyber-moe-synth@champion", *args])
-        err = capsys.readouterr().err
-        assert rc == 2 and msg in err and "Traceback" not in err, (args, err[-1500:])
-        assert err.strip().splitlines()[-1].startswith("cyber-moe retrain: error:"), err[-800:]
+    # in-process: a store an earlier test left in MLflow's module state would win over the variable; pin it as a fresh process has it
+    with use_mlflow_store(env["MLFLOW_TRACKING_URI"]):
+        empty = f"sqlite:///{tmp_path / 'empty.db'}"
+        make_store(outs, empty, verdicts=False)
+        cases = [(["--store", empty], "no confirmed verdicts"),
+                 (["--store", f"sqlite:///{tmp_path / 'absent.db'}"], "no database file"),
+                 (["--store", "postgresql+psycopg://nobody@127.0.0.1:9/feedback"], "cannot be read"),
+                 (["--store", empty, "--model", "models:/no-such-model@champion"], "no-such-model")]
+        for args, msg in cases:
+            capsys.readouterr()
+            rc = main(["retrain", "--from-feedback", "--outputs", str(outs), "--model", "models:/cyber-moe-synth@champion", *args])
+            err = capsys.readouterr().err
+            assert rc == 2 and msg in err and "Traceback" not in err, (args, err[-1500:])
+            assert err.strip().splitlines()[-1].startswith("cyber-moe retrain: error:"), err[-800:]
