@@ -298,12 +298,9 @@ def register_candidate(bundle: ModelBundle, *, name: str, tracking_uri: str, art
     import mlflow
     from mlflow import MlflowClient
     from cyber_moe.bundle import log_pyfunc, use_mlflow_store
-    from cyber_moe.train import EXPERIMENT, flatten_dotted
+    from cyber_moe.train import ensure_experiment, flatten_dotted
     with use_mlflow_store(tracking_uri):                 # MLflow's global store for this call only (its setters also write the environment)
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            remote = tracking_uri.startswith(("http://", "https://"))
-            mlflow.create_experiment(EXPERIMENT, artifact_location=None if remote else artifact_location)
-        with mlflow.start_run(run_name=f"retrain-{name}", experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
+        with mlflow.start_run(run_name=f"retrain-{name}", experiment_id=ensure_experiment(tracking_uri, artifact_location)) as run:
             bundle.version = run.info.run_id[:8]
             flat = flatten_dotted({k: report[k] for k in ("champion", "candidate") if k in report})
             mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})

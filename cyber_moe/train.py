@@ -23,8 +23,8 @@ from .schema import FAMILY, FlowSchema, get_schema
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
            'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe', 'calibrate',
            'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline', 'evaluate_run',
-           'save_prepared', 'load_prepared', 'flatten_dotted', 'mlflow_run', 'registered_name', 'data_origin',
-           'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
+           'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run', 'registered_name',
+           'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
 
 # %% ../nbs/50_train.ipynb #a9eedbef
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
@@ -360,13 +360,20 @@ def flatten_dotted(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def ensure_experiment(tracking_uri: str, artifact_location: str | None) -> str:
+    "The id of the project's experiment in MLflow's current store (`tracking_uri`), created when missing with its artefacts under `artifact_location`."
+    import mlflow
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None: return exp.experiment_id
+    remote = tracking_uri.startswith(("http://", "https://"))          # a tracking server keeps its own artefact store
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=None if remote else artifact_location)
+
+
 def mlflow_run(cfg: RunConfig, *, resume: bool = False):
     "An active MLflow run for `cfg` (a context manager); `resume` re-enters the run recorded in `<run_dir>/mlflow.json`."
     import mlflow
     mlflow.set_tracking_uri(cfg.mlflow_uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        remote = cfg.mlflow_uri.startswith(("http://", "https://"))    # a tracking server keeps its own artefact store
-        mlflow.create_experiment(EXPERIMENT, artifact_location=None if remote else cfg.artifact_location)
+    ensure_experiment(cfg.mlflow_uri, cfg.artifact_location)
     mlflow.set_experiment(EXPERIMENT)
     rec = cfg.run_dir / "mlflow.json"
     if resume and rec.is_file():
