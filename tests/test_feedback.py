@@ -135,6 +135,8 @@ def test_bad_input_is_named(client):
     r = client.post("/rules", json={"src": "not-an-address", "reason": "x", "creator": "ana"})
     assert r.status_code == 422 and "src: 'not-an-address'" in r.json()["detail"]
     assert client.delete("/rules/999999").status_code == 404
+    r = client.get("/alerts", params=[("family", "dos"), ("family", "scan")])
+    assert r.status_code == 422 and "given more than once: family" in r.json()["detail"], r.text
     for method, path in (("get", "/alerts"), ("get", "/rules"), ("post", "/feedback"), ("post", "/rules")):
         assert getattr(httpx, method)(client.base_url.join(path), timeout=30).status_code == 401, path   # behind the key
 

@@ -32,10 +32,10 @@ from starlette.requests import ClientDisconnect
 
 from ..feedback import InvalidFeedback, RuleView, UnknownAlert, UnknownRule
 from ..schema import SchemaError
-from .feedback import FeedbackLink
+from .feedback import FeedbackLink, ScoredAlerts
 from .metrics import ServeMetrics
 from .reload import ModelNotReady, ModelSlot, ServedModel, publish_model
-from .schemas import (OIP_OUTPUTS, AlertList, BatchResponse, ErrorResponse, ExplainResponse, FeedbackRequest, Health,
+from .schemas import (_NO_NUL, OIP_OUTPUTS, AlertList, BatchResponse, ErrorResponse, ExplainResponse, FeedbackRequest, Health,
                                      InferRequest, InferResponse, ModelMetadata, ModelReady, OIPError, PredictResponse, Readiness,
                                      ReloadRequest, ReloadResponse, RuleList, RuleRecord, RuleRequest, ServerLive, ServerMetadata,
                                      ServerReady, VerdictResponse)
@@ -46,11 +46,11 @@ from .validation import FlowError, RawFlows, ServiceError, _names, parse_envelop
 __all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'workbench', 'operations', 'feedback', 'oip', 'ROUTERS',
            'HeaderTimeoutHttpTools', 'HTTP_PROTOCOL', 'BodyTooLarge', 'BodyTimeout', 'JsonFormatter', 'json_logger',
            'is_public', 'Door', 'describe', 'request_id', 'WorkbenchRoute', 'OIPRoute', 'UnknownModel', 'BatchTooLarge',
-           'served_model', 'Scorer', 'off_loop', 'prediction_records', 'infer_outputs', 'model_metadata', 'mark_alerts',
-           'predict', 'predict_batch', 'explain', 'health', 'readiness', 'ready', 'metrics_route', 'reload',
-           'store_call', 'no_extra_query', 'post_feedback', 'get_alerts', 'post_rule', 'get_rules', 'delete_rule',
-           'v2_server', 'v2_live', 'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer', 'service_openapi',
-           'create_app', 'app_from_env', 'HeaderTimeoutH11']
+           'served_model', 'Scorer', 'off_loop', 'prediction_records', 'infer_outputs', 'model_metadata',
+           'raise_alerts', 'mark_alerts', 'predict', 'predict_batch', 'explain', 'health', 'readiness', 'ready',
+           'metrics_route', 'reload', 'store_call', 'no_extra_query', 'post_feedback', 'get_alerts', 'post_rule',
+           'get_rules', 'delete_rule', 'v2_server', 'v2_live', 'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer',
+           'service_openapi', 'create_app', 'app_from_env', 'HeaderTimeoutH11']
 
 # %% ../../nbs/86_serve_app.ipynb #6a79991b
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
@@ -354,10 +354,20 @@ def _body_ref(ref: str, required: bool = True) -> dict:
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}}
 
 
-def mark_alerts(recs: list[dict], alerts: tuple[list, list] | None) -> list[dict]:
-    "Prediction records with the alert id and suppressing rule of each flagged flow (`FeedbackLink.on_scored` output)."
+async def raise_alerts(request: Request, served: ServedModel, raw: RawFlows, v: dict, rid: str, *, batch: bool,
+                       wait_s: float = 2.0) -> ScoredAlerts | None:
+    "Queue a scored request's alerts and answer once they are stored (at most `wait_s`), so its alert ids resolve in every worker."
+    alerts = request.app.state.feedback.on_scored(served, raw, v, rid, batch=batch)
+    if alerts is not None and alerts.written is not None:
+        t = time.monotonic() + wait_s
+        while not alerts.written.is_set() and time.monotonic() < t: await asyncio.sleep(0.002)
+    return alerts
+
+
+def mark_alerts(recs: list[dict], alerts: ScoredAlerts | None) -> list[dict]:
+    "Prediction records with the alert id and suppressing rule of each flagged flow."
     if alerts is not None:
-        for rec, a, s in zip(recs, *alerts):
+        for rec, a, s in zip(recs, alerts.ids, alerts.suppressed_by):
             if a is not None: rec["alert_id"], rec["suppressed_by"] = a, s
     return recs
 
@@ -370,7 +380,7 @@ async def predict(request: Request, served: Served):
     rid = request_id(request)
     raw = served.validator.values([parse_json_body(await request.body())])
     v = await request.app.state.scorer.score(served, raw)
-    rec = mark_alerts(prediction_records(v, served), request.app.state.feedback.on_scored(served, raw, v, rid, batch=False))[0]
+    rec = mark_alerts(prediction_records(v, served), await raise_alerts(request, served, raw, v, rid, batch=False))[0]
     return {**rec, "model_name": served.name, "model_version": served.version, "request_id": rid}
 
 
@@ -389,7 +399,7 @@ async def predict_batch(request: Request, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     raw = await off_loop(_batch, body, served, settings.max_batch, inline=len(body) <= _BIG_BODY)
     v = await request.app.state.scorer.score(served, raw)
-    recs = mark_alerts(prediction_records(v, served), request.app.state.feedback.on_scored(served, raw, v, rid, batch=True))
+    recs = mark_alerts(prediction_records(v, served), await raise_alerts(request, served, raw, v, rid, batch=True))
     return {"predictions": recs, "n_flows": len(recs), "model_name": served.name, "model_version": served.version, "request_id": rid}
 
 
@@ -460,7 +470,6 @@ async def reload(request: Request, response: Response):
 
 # %% ../../nbs/86_serve_app.ipynb #36fe5680
 feedback = APIRouter(tags=["feedback"], route_class=WorkbenchRoute, responses={404: _ERR, 422: _ERR, 503: _ERR})
-_NO_NUL = r"^[^\x00]*$"
 
 
 async def store_call(request: Request, fn: Callable):
@@ -473,10 +482,12 @@ async def store_call(request: Request, fn: Callable):
 
 
 def no_extra_query(request: Request, allowed: set) -> None:
-    "422 naming query parameters a route does not take."
+    "422 naming query parameters a route does not take, or that are given more than once (each takes one value)."
     extra = sorted(set(request.query_params) - allowed)
     if extra: raise FlowError(f"unknown query parameter(s): {_names(extra)}; {request.url.path} takes "
                               + (_names(sorted(allowed)) if allowed else "none"))
+    again = sorted(k for k in set(request.query_params) if len(request.query_params.getlist(k)) > 1)
+    if again: raise FlowError(f"query parameter(s) given more than once: {_names(again)}; each takes one value")
 
 
 def _rule_record(r: RuleView) -> dict:
@@ -594,7 +605,7 @@ async def v2_infer(request: Request, model_name: str, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     req, raw = await off_loop(_infer_raw, body, served, settings, inline=len(body) <= _BIG_BODY)
     res = await request.app.state.scorer.score(served, raw)
-    request.app.state.feedback.on_scored(served, raw, res, rid, batch=True)
+    await raise_alerts(request, served, raw, res, rid, batch=True)
     outputs = infer_outputs(res, served, [o.name for o in req.outputs] if req.outputs else None)
     return {"model_name": served.name, "model_version": served.version, "id": req.id or rid,
             "parameters": {"request_id": rid}, "outputs": outputs}

@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .settings import ServeSettings
 from .validation import RawFlows, ServiceError
 
 # %% auto #0
-__all__ = ['PORT_FEATURES', 'request_alerts', 'FeedbackDown', 'FeedbackLink']
+__all__ = ['PORT_FEATURES', 'request_alerts', 'FeedbackDown', 'FeedbackLink', 'ScoredAlerts']
 
 # %% ../../nbs/85_serve_feedback.ipynb #885f9cbe
 PORT_FEATURES = ("dst_port", "Destination Port", "dsport")
@@ -129,8 +130,15 @@ def _refresh_rules(self: FeedbackLink) -> None:
 FeedbackLink.call, FeedbackLink.refresh_rules = _call, _refresh_rules
 
 # %% ../../nbs/85_serve_feedback.ipynb #9c982386
-def _on_scored(self: FeedbackLink, served, raw: RawFlows, v: dict, request_id: str, *, batch: bool) -> tuple[list, list] | None:
-    "Queue the alerts of a scored request; (alert id per flow, None while the store is down; suppressing rule per flow), or None when none is flagged."
+class ScoredAlerts(NamedTuple):
+    "A scored request's alerts: the alert id per flow (None while the store is down), its suppressing rule, and an event set once they are stored."
+    ids: list
+    suppressed_by: list
+    written: threading.Event | None
+
+
+def _on_scored(self: FeedbackLink, served, raw: RawFlows, v: dict, request_id: str, *, batch: bool) -> ScoredAlerts | None:
+    "Queue the alerts of a scored request and return them (`ScoredAlerts`), or None when no flow is flagged."
     if not self.enabled: return None
     rows, recs = request_alerts(served, raw, v, request_id, batch=batch)
     if not len(rows): return None
@@ -146,17 +154,20 @@ def _on_scored(self: FeedbackLink, served, raw: RawFlows, v: dict, request_id: s
     n_sup = sum(s is not None for s in sup)
     if n_sup: self.metrics.alerts.labels("suppressed").inc(n_sup)
     if len(recs) - n_sup: self.metrics.alerts.labels("alerted").inc(len(recs) - n_sup)
-    self.submit(served, recs)
-    return ids, sup
+    return ScoredAlerts(ids, sup, self.submit(served, recs))
 
 
-def _submit(self: FeedbackLink, served, recs: list[dict]) -> None:
-    "Put alert records on the writer's queue (dropped and counted when it is full)."
+def _submit(self: FeedbackLink, served, recs: list[dict]) -> threading.Event | None:
+    "Put alert records on the writer's queue: an event set once they are written (or dropped); None when the queue is full (dropped, counted)."
+    done = threading.Event()
     try:
         with self._cv:
-            self._q.put_nowait((served.name, served.version, served, recs))
+            self._q.put_nowait((served.name, served.version, served, recs, done))
             self._pending += 1
-    except queue.Full: self.n_dropped += len(recs)
+        return done
+    except queue.Full:
+        self.n_dropped += len(recs)
+        return None
 
 
 def _flush(self: FeedbackLink, timeout: float = 5.0) -> bool:
@@ -168,14 +179,14 @@ FeedbackLink.on_scored, FeedbackLink.submit, FeedbackLink.flush = _on_scored, _s
 
 # %% ../../nbs/85_serve_feedback.ipynb #d39ae2ca
 def _write(self: FeedbackLink, items: list) -> None:
-    "Store queued (model name, version, served, records) items; drop them when the store cannot be reached."
+    "Store queued (model name, version, served, records, done event) items; drop them when the store cannot be reached."
     store = self.store or self.open()
     try:
         if store is None:
             self.n_dropped += sum(len(it[3]) for it in items)
             return
         groups: dict = {}
-        for name, version, served, recs in items: groups.setdefault((name, version), (served, []))[1].extend(recs)
+        for name, version, served, recs, _ in items: groups.setdefault((name, version), (served, []))[1].extend(recs)
         for (name, version), (served, recs) in groups.items():
             first = (name, version) not in self._models
             try:
@@ -190,6 +201,7 @@ def _write(self: FeedbackLink, items: list) -> None:
                 self.n_dropped += len(recs)
                 self.log.error("feedback store refused alerts", exc_info=e, extra={"fields": {"event": "feedback_write_failed"}})
     finally:
+        for it in items: it[4].set()
         with self._cv:
             self._pending -= len(items)
             self._cv.notify_all()
