@@ -63,7 +63,6 @@ def run_pipeline(cfg: RunConfig, stages: list[Path], *, kernel_name: str = "pyth
 
 # %% ../nbs/90_cli.ipynb #2fd2e733
 def _cmd_lab_record(args: argparse.Namespace) -> int:
-    import signal as _signal
     from cyber_moe.lab import LabInterrupted, LabUnavailable, record_session
     setup_logging("INFO")
     try:

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -827,7 +827,7 @@ def _dnsmasq_argv(work: Path, ip: str) -> list[str]:
 def _services(plan: SessionPlan) -> list[Command]:
     "The server daemons of a session, each a command in its server's namespace."
     w = plan.work
-    web, infra = SERVERS["web"], SERVERS["infra"]
+    infra = SERVERS["infra"]
     return [
         Command("web", ["python3", str(w / "webapp.py"), "8081", str(w / "app.db"), str(w / "docs")]),
         Command("web", ["nginx", "-c", str(w / "nginx-web.conf")]),

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .headline import headline_flat
 from .config import RunConfig, select_device, seed_everything, setup_logging, write_json, write_run_record
-from .schema import FAMILY, FlowSchema, get_schema
+from .schema import FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
