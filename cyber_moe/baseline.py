@@ -12,6 +12,7 @@ from typing import Callable, Literal
 
 import lightgbm as lgb
 import numpy as np
+from fastcore.basics import patch
 
 from .schema import SEQ_PREFIX, SchemaError, sequence_columns
 
@@ -63,7 +64,7 @@ def sequence_length_of(feature_names) -> int:
     "Packets per flow a baseline matrix with these column names holds as flat columns (0: none)."
     return sum(1 for c in feature_names if str(c).startswith(SEQ_PREFIX["dir"]))
 
-# %% ../nbs/45_baseline.ipynb #a38db2d6
+# %% ../nbs/45_baseline.ipynb #b3079f9c
 _MODEL_FILE, _META_FILE = "model.txt", "baseline.json"
 
 
@@ -109,17 +110,6 @@ class Baseline:
         "Probability that each row is an attack: 1 - p(benign family)."
         return 1.0 - self.predict_proba(X)[:, self.benign_index]
 
-    def save(self, out_dir: str | Path) -> Path:
-        "Write `model.txt` (LightGBM text format, trees up to the best iteration) and `baseline.json` into `out_dir`."
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.booster.save_model(out / _MODEL_FILE, num_iteration=self.best_iteration)
-        meta = {"classes": self.classes, "benign_index": self.benign_index, "feature_names": self.feature_names,
-                "categorical_idx": self.categorical_idx, "best_iteration": self.best_iteration,
-                "params": self.params, "history": self.history, "lightgbm": lgb.__version__}
-        (out / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
-
     @classmethod
     def load(cls, in_dir: str | Path, *, n_jobs: int = 2) -> "Baseline":
         "Read a baseline written by `save`; `n_jobs` threads predict."
@@ -132,8 +122,23 @@ class Baseline:
                    feature_names=meta["feature_names"], categorical_idx=meta["categorical_idx"],
                    best_iteration=meta["best_iteration"], params=meta.get("params"), history=meta.get("history"), n_jobs=n_jobs)
 
-    def __repr__(self):
-        return f"Baseline({len(self.classes)} classes, {self.n_features} features, {self.best_iteration} iterations)"
+# %% ../nbs/45_baseline.ipynb #6dce1b73
+@patch
+def save(self: Baseline, out_dir: str | Path) -> Path:
+    "Write `model.txt` (LightGBM text format, trees up to the best iteration) and `baseline.json` into `out_dir`."
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    self.booster.save_model(out / _MODEL_FILE, num_iteration=self.best_iteration)
+    meta = {"classes": self.classes, "benign_index": self.benign_index, "feature_names": self.feature_names,
+            "categorical_idx": self.categorical_idx, "best_iteration": self.best_iteration,
+            "params": self.params, "history": self.history, "lightgbm": lgb.__version__}
+    (out / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@patch
+def __repr__(self: Baseline):
+    return f"Baseline({len(self.classes)} classes, {self.n_features} features, {self.best_iteration} iterations)"
 
 # %% ../nbs/45_baseline.ipynb #b52e6344
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:

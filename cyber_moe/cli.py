@@ -63,7 +63,6 @@ def run_pipeline(cfg: RunConfig, stages: list[Path], *, kernel_name: str = "pyth
 
 # %% ../nbs/90_cli.ipynb #2fd2e733
 def _cmd_lab_record(args: argparse.Namespace) -> int:
-    import signal as _signal
     from cyber_moe.lab import LabInterrupted, LabUnavailable, record_session
     setup_logging("INFO")
     try:
@@ -144,7 +143,20 @@ def _add_retrain_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the feedback split and the fine-tune")
     p.set_defaults(func=_cmd_retrain)
 
-# %% ../nbs/90_cli.ipynb #2be35753
+# %% ../nbs/90_cli.ipynb #57f48937
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", required=True, help="YAML run configuration, e.g. params/default.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. train.max_epochs=3")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_feedback_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--feedback", metavar="URL", help="feedback store that keeps the alerts and holds the suppression rules "
+                   "(default: $CYBER_MOE_FEEDBACK_URL, else sqlite:///<project>/outputs/feedback.db), e.g. postgresql+psycopg://user@host/db")
+    g.add_argument("--no-feedback", action="store_true", help="neither store alerts nor apply suppression rules")
+
+# %% ../nbs/90_cli.ipynb #f1a2a74f
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.set)
     folder = Path(args.pipelines) if args.pipelines else pipelines_dir()
@@ -159,6 +171,16 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pipeline_parser(sub) -> None:
+    "The `pipeline` subcommand: run the pipeline notebooks for one params file."
+    p = sub.add_parser("pipeline", help="run the pipeline notebooks with papermill for one params file",
+                       description="Execute nbs/pipelines/*.ipynb in order into outputs/<run_name>/notebooks/.")
+    _add_params_args(p)
+    p.add_argument("--pipelines", help="folder of pipeline notebooks (default: nbs/pipelines of this checkout)")
+    p.add_argument("--stages", nargs="+", help="run only these stages (notebook names without .ipynb)")
+    p.set_defaults(func=_cmd_pipeline)
+
+# %% ../nbs/90_cli.ipynb #9ecf2561
 def _cmd_train(args: argparse.Namespace) -> int:
     from cyber_moe.train import train_run
     cfg = load_config(args.params, args.set)
@@ -171,6 +193,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_parser(sub) -> None:
+    "The `train` subcommand: train, evaluate and register in one process."
+    p = sub.add_parser("train", help="train the MoE and the LightGBM baseline, evaluate both on the test split, save and register the model",
+                       description="Data, split, preprocessing, MoE + baseline training, test metrics, model bundle and MLflow run, in one process.")
+    _add_params_args(p)
+    p.set_defaults(func=_cmd_train)
+
+# %% ../nbs/90_cli.ipynb #5157c950
 def _cmd_tune(args: argparse.Namespace) -> int:
     from cyber_moe.train import registered_name
     from cyber_moe.tune import default_storage, make_pruner, redact, run_worker, tune
@@ -193,21 +223,21 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from cyber_moe.dashboard import launch
-    outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
-    return launch(outputs_dir=outputs, run=args.run, port=args.port, open_browser=args.open,
-                  allowed_hosts=args.allow_host, max_kernels=args.max_kernels)
+def _add_tune_parser(sub) -> None:
+    "The `tune` subcommand: an Optuna sweep, then retrain, test and register the best."
+    p = sub.add_parser("tune", help="Optuna sweep over model, gate and optimiser settings; retrain, test and register the best",
+                       description="Run (or continue) an Optuna study: each trial a nested MLflow run, pruning per epoch on validation; "
+                                   "the best configuration is retrained, scored on the test split once and registered. "
+                                   "Settings in the params file's `tune` section; the flags below override them.")
+    _add_params_args(p)
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<outputs>/optuna.db), e.g. postgresql+psycopg://user@host:5432/db")
+    p.add_argument("--workers", type=int, help="worker processes on this host (trials split between them)")
+    p.add_argument("--n-trials", type=int, help="trials to add to the study")
+    p.add_argument("--study", help="study name (default: tune.study_name or run_name); an existing study is continued")
+    p.add_argument("--worker", action="store_true", help="only join an existing study as a worker (another host); no retraining or registration")
+    p.set_defaults(func=_cmd_tune)
 
-
-def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    import json
-    from cyber_moe.data import format_inspect, inspect_flows
-    report = inspect_flows(args.files, source=args.source, release=args.release)
-    print(json.dumps(report, indent=2, ensure_ascii=True, default=str) if args.json else format_inspect(report))
-    return 1 if args.strict and any(f["severity"] == "error" for f in report["findings"]) else 0
-
-
+# %% ../nbs/90_cli.ipynb #07dfda61
 def _score_is_many(args: argparse.Namespace) -> bool:
     "`score` runs on Dask for several inputs, a folder, a glob pattern, or when --scheduler/--workers is given."
     one = args.input[0]
@@ -225,7 +255,7 @@ def _cmd_score_many(args: argparse.Namespace) -> int:
     print(summary_text(s))
     return 1 if s["failures"] or s["skipped"] else 0
 
-
+# %% ../nbs/90_cli.ipynb #4fd6f67a
 def _open_feedback(args: argparse.Namespace):
     "The feedback store of --feedback (or CYBER_MOE_FEEDBACK_URL, or outputs/feedback.db); None with a warning when it cannot be opened."
     import os
@@ -244,7 +274,7 @@ def _feedback_line(store, res: dict) -> str:
     rules = ", ".join(f"rule {r} {n:,}" for r, n in sorted(res.items()))
     return f"feedback store {redact_url(store.url)}: " + (f"suppressed {sum(res.values()):,} ({rules})" if rules else "no alert suppressed")
 
-
+# %% ../nbs/90_cli.ipynb #3653cf14
 def _cmd_score(args: argparse.Namespace) -> int:
     from cyber_moe.alerts import FLOW_COLUMNS, is_capture, make_alerts, save_verdicts, score_pcap, store_alerts, summary_table, write_alerts
     from collections import Counter
@@ -280,7 +310,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.output: print(f"verdicts: {args.output}")
     return 0
 
+# %% ../nbs/90_cli.ipynb #372c1d46
+def _add_score_parser(sub) -> None:
+    "The `score` subcommand: verdicts for a file of flows, a capture, or many inputs on Dask."
+    p = sub.add_parser("score", help="score a file of flows or a packet capture with a trained model",
+                       description="Read flows in the data set's own format (CSV as published, or parquet) and write one verdict per row, in order; "
+                                   "or meter a packet capture (.pcap/.pcapng) with NFStream, score its flows with a model trained on NFStream flows, "
+                                   "print a summary and optionally write alerts.")
+    p.add_argument("--model", required=True, help="model folder (outputs/<run>/model) or MLflow URI (models:/cyber-moe-unsw-nb15/1)")
+    p.add_argument("--input", required=True, nargs="+", action="extend",
+                   help="CSV or parquet file of flows, or a .pcap/.pcapng capture (detected by suffix or magic bytes); "
+                        "several files, folders or quoted globs ('captures/*.pcap') are scored on Dask into --output DIR")
+    p.add_argument("--output", help="CSV or parquet file for the verdicts (is_attack, p_attack, family, p_family, gate_<expert>; for a capture also the 5-tuple, timestamps and community_id); "
+                                     "for several inputs a folder: verdicts/source=<input>/part-N.parquet, alerts/, manifest.json")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)")
+    p.add_argument("--alerts", metavar="FILE", help="capture input: write one JSON line per flagged flow to FILE")
+    p.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
+    _add_feedback_args(p)
+    p.add_argument("--allow-truncated", action="store_true", help="capture input: score the flows read before the cut of a truncated capture instead of stopping")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="several inputs: run on this Dask scheduler, e.g. tcp://host:8786 "
+                                                          "(start capture-metering workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)")
+    p.add_argument("--workers", type=int, help="several inputs: start a local Dask cluster of N worker processes (default: one per core)")
+    p.add_argument("--rows-per-task", type=int, default=1_000_000, help="several inputs: Parquet files with more rows are split into row-group tasks")
+    p.set_defaults(func=_cmd_score)
 
+# %% ../nbs/90_cli.ipynb #c20476c0
 def _cmd_watch(args: argparse.Namespace) -> int:
     from cyber_moe.alerts import alert_line, watch
     from cyber_moe.bundle import load_model_bundle
@@ -303,7 +357,27 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     if stats["feedback_error"]: print(f"cyber-moe watch: warning: {terminal_safe(stats['feedback_error'])}", file=sys.stderr)
     return 0
 
+# %% ../nbs/90_cli.ipynb #aa0063e4
+def _add_watch_parser(sub) -> None:
+    "The `watch` subcommand: score live traffic (or a replayed capture) as flows end."
+    w = sub.add_parser("watch", help="score live traffic on a network interface (or replay a pcap) and write alerts as flows end",
+                       description="Capture with NFStream (same flow options as training), score flows in micro-batches as they end, "
+                                   "and write each alert as a JSON line as soon as it is made. Live capture needs root or CAP_NET_RAW; Ctrl-C stops.")
+    w.add_argument("--model", required=True, help="model folder or MLflow URI of a model trained on NFStream flows")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--interface", help="network interface to capture from, e.g. eth0 (`ip link` lists them)")
+    src.add_argument("--pcap", help="replay this capture file instead of a live interface")
+    w.add_argument("--alerts", metavar="FILE", help="append alerts to this JSON-lines file, flushed per alert (default: standard output)")
+    w.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
+    _add_feedback_args(w)
+    w.add_argument("--bpf", metavar="FILTER", help="BPF capture filter, e.g. 'tcp or udp'")
+    w.add_argument("--batch-size", type=int, default=256, help="score at most this many flows at once")
+    w.add_argument("--max-delay", type=float, default=1.0, help="seconds a finished flow may wait for its batch to fill")
+    w.add_argument("--max-flows", type=int, help="stop after this many flows")
+    w.add_argument("--idle-timeout", type=int, default=120, help="seconds without packets that end a flow (the models are trained with 120)")
+    w.set_defaults(func=_cmd_watch)
 
+# %% ../nbs/90_cli.ipynb #269225ae
 def _cmd_explain(args: argparse.Namespace) -> int:
     import json
     from cyber_moe.bundle import load_model_bundle, read_raw
@@ -314,6 +388,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_explain_parser(sub) -> None:
+    "The `explain` subcommand: SHAP contributions for one flow."
+    p = sub.add_parser("explain", help="SHAP: the raw features that moved a model's verdict on one flow",
+                       description="Explain one flow of a file (SHAP over the raw feature columns, background from training rows).")
+    p.add_argument("--model", required=True, help="model folder or MLflow URI")
+    p.add_argument("--input", required=True, help="CSV or parquet file of flows")
+    p.add_argument("--row", type=int, default=0, help="position of the flow in the file")
+    p.add_argument("--top-k", type=int, default=10, help="how many contributions")
+    p.set_defaults(func=_cmd_explain)
+
+# %% ../nbs/90_cli.ipynb #34b63941
 def _cmd_results(args: argparse.Namespace) -> int:
     from cyber_moe.report import results_markdown, update_readme
     metrics = Path(args.run) / "metrics.json"
@@ -323,6 +408,15 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_results_parser(sub) -> None:
+    "The `results` subcommand: a run's results table, printed or written into the README."
+    p = sub.add_parser("results", help="print a run's results table (Markdown) or write it into the README",
+                       description="Render outputs/<run>/metrics.json as the README's results table; never type numbers by hand.")
+    p.add_argument("--run", required=True, help="run folder, e.g. outputs/unsw-nb15")
+    p.add_argument("--readme", help="write the table between the results markers of this file (e.g. README.md)")
+    p.set_defaults(func=_cmd_results)
+
+# %% ../nbs/90_cli.ipynb #2ee1a529
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     import tempfile
@@ -345,92 +439,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_params_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", required=True, help="YAML run configuration, e.g. params/default.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. train.max_epochs=3")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _add_feedback_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--feedback", metavar="URL", help="feedback store that keeps the alerts and holds the suppression rules "
-                   "(default: $CYBER_MOE_FEEDBACK_URL, else sqlite:///<project>/outputs/feedback.db), e.g. postgresql+psycopg://user@host/db")
-    g.add_argument("--no-feedback", action="store_true", help="neither store alerts nor apply suppression rules")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    "The `cyber-moe` argument parser with one sub-parser per subcommand."
-    parser = argparse.ArgumentParser(prog="cyber-moe", description="Network intrusion detection workbench with a Mixture-of-Experts.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("pipeline", help="run the pipeline notebooks with papermill for one params file",
-                       description="Execute nbs/pipelines/*.ipynb in order into outputs/<run_name>/notebooks/.")
-    _add_params_args(p)
-    p.add_argument("--pipelines", help="folder of pipeline notebooks (default: nbs/pipelines of this checkout)")
-    p.add_argument("--stages", nargs="+", help="run only these stages (notebook names without .ipynb)")
-    p.set_defaults(func=_cmd_pipeline)
-    p = sub.add_parser("train", help="train the MoE and the LightGBM baseline, evaluate both on the test split, save and register the model",
-                       description="Data, split, preprocessing, MoE + baseline training, test metrics, model bundle and MLflow run, in one process.")
-    _add_params_args(p)
-    p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("tune", help="Optuna sweep over model, gate and optimiser settings; retrain, test and register the best",
-                       description="Run (or continue) an Optuna study: each trial a nested MLflow run, pruning per epoch on validation; "
-                                   "the best configuration is retrained, scored on the test split once and registered. "
-                                   "Settings in the params file's `tune` section; the flags below override them.")
-    _add_params_args(p)
-    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<outputs>/optuna.db), e.g. postgresql+psycopg://user@host:5432/db")
-    p.add_argument("--workers", type=int, help="worker processes on this host (trials split between them)")
-    p.add_argument("--n-trials", type=int, help="trials to add to the study")
-    p.add_argument("--study", help="study name (default: tune.study_name or run_name); an existing study is continued")
-    p.add_argument("--worker", action="store_true", help="only join an existing study as a worker (another host); no retraining or registration")
-    p.set_defaults(func=_cmd_tune)
-    p = sub.add_parser("score", help="score a file of flows or a packet capture with a trained model",
-                       description="Read flows in the data set's own format (CSV as published, or parquet) and write one verdict per row, in order; "
-                                   "or meter a packet capture (.pcap/.pcapng) with NFStream, score its flows with a model trained on NFStream flows, "
-                                   "print a summary and optionally write alerts.")
-    p.add_argument("--model", required=True, help="model folder (outputs/<run>/model) or MLflow URI (models:/cyber-moe-unsw-nb15/1)")
-    p.add_argument("--input", required=True, nargs="+", action="extend",
-                   help="CSV or parquet file of flows, or a .pcap/.pcapng capture (detected by suffix or magic bytes); "
-                        "several files, folders or quoted globs ('captures/*.pcap') are scored on Dask into --output DIR")
-    p.add_argument("--output", help="CSV or parquet file for the verdicts (is_attack, p_attack, family, p_family, gate_<expert>; for a capture also the 5-tuple, timestamps and community_id); "
-                                     "for several inputs a folder: verdicts/source=<input>/part-N.parquet, alerts/, manifest.json")
-    p.add_argument("--batch-size", type=int, help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)")
-    p.add_argument("--alerts", metavar="FILE", help="capture input: write one JSON line per flagged flow to FILE")
-    p.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
-    _add_feedback_args(p)
-    p.add_argument("--allow-truncated", action="store_true", help="capture input: score the flows read before the cut of a truncated capture instead of stopping")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="several inputs: run on this Dask scheduler, e.g. tcp://host:8786 "
-                                                          "(start capture-metering workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)")
-    p.add_argument("--workers", type=int, help="several inputs: start a local Dask cluster of N worker processes (default: one per core)")
-    p.add_argument("--rows-per-task", type=int, default=1_000_000, help="several inputs: Parquet files with more rows are split into row-group tasks")
-    p.set_defaults(func=_cmd_score)
-    w = sub.add_parser("watch", help="score live traffic on a network interface (or replay a pcap) and write alerts as flows end",
-                       description="Capture with NFStream (same flow options as training), score flows in micro-batches as they end, "
-                                   "and write each alert as a JSON line as soon as it is made. Live capture needs root or CAP_NET_RAW; Ctrl-C stops.")
-    w.add_argument("--model", required=True, help="model folder or MLflow URI of a model trained on NFStream flows")
-    src = w.add_mutually_exclusive_group(required=True)
-    src.add_argument("--interface", help="network interface to capture from, e.g. eth0 (`ip link` lists them)")
-    src.add_argument("--pcap", help="replay this capture file instead of a live interface")
-    w.add_argument("--alerts", metavar="FILE", help="append alerts to this JSON-lines file, flushed per alert (default: standard output)")
-    w.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
-    _add_feedback_args(w)
-    w.add_argument("--bpf", metavar="FILTER", help="BPF capture filter, e.g. 'tcp or udp'")
-    w.add_argument("--batch-size", type=int, default=256, help="score at most this many flows at once")
-    w.add_argument("--max-delay", type=float, default=1.0, help="seconds a finished flow may wait for its batch to fill")
-    w.add_argument("--max-flows", type=int, help="stop after this many flows")
-    w.add_argument("--idle-timeout", type=int, default=120, help="seconds without packets that end a flow (the models are trained with 120)")
-    w.set_defaults(func=_cmd_watch)
-    p = sub.add_parser("explain", help="SHAP: the raw features that moved a model's verdict on one flow",
-                       description="Explain one flow of a file (SHAP over the raw feature columns, background from training rows).")
-    p.add_argument("--model", required=True, help="model folder or MLflow URI")
-    p.add_argument("--input", required=True, help="CSV or parquet file of flows")
-    p.add_argument("--row", type=int, default=0, help="position of the flow in the file")
-    p.add_argument("--top-k", type=int, default=10, help="how many contributions")
-    p.set_defaults(func=_cmd_explain)
-    p = sub.add_parser("results", help="print a run's results table (Markdown) or write it into the README",
-                       description="Render outputs/<run>/metrics.json as the README's results table; never type numbers by hand.")
-    p.add_argument("--run", required=True, help="run folder, e.g. outputs/unsw-nb15")
-    p.add_argument("--readme", help="write the table between the results markers of this file (e.g. README.md)")
-    p.set_defaults(func=_cmd_results)
+def _add_serve_parser(sub) -> None:
+    "The `serve` subcommand: the REST service under uvicorn."
     p = sub.add_parser("serve", help="serve a model bundle over HTTP: REST, Open Inference Protocol v2, Prometheus metrics",
                        description="Run the REST service (cyber_moe.serve.app under uvicorn). Other settings come from environment variables: "
                                    "CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, ... (cyber_moe.serve.ServeSettings).")
@@ -439,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1; metrics are shared through PROMETHEUS_MULTIPROC_DIR)")
     p.set_defaults(func=_cmd_serve)
+
+# %% ../nbs/90_cli.ipynb #99306c06
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from cyber_moe.dashboard import launch
+    outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
+    return launch(outputs_dir=outputs, run=args.run, port=args.port, open_browser=args.open,
+                  allowed_hosts=args.allow_host, max_kernels=args.max_kernels)
+
+
+def _add_dashboard_parser(sub) -> None:
+    "The `dashboard` subcommand: the analyst dashboard under Voila."
     p = sub.add_parser("dashboard", help="serve the analyst dashboard (Voila) on the runs of an outputs folder",
                        description="Start Voila on nbs/dashboards/analysis.ipynb at http://127.0.0.1:PORT/: model vs baseline, curves, "
                                    "SHAP and drift views, single flows with their explanation. Ctrl-C or SIGTERM stops it and its kernels.")
@@ -450,6 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a host name (besides localhost and loopback addresses) that browsers may use to reach the dashboard (repeatable)")
     p.add_argument("--max-kernels", type=int, default=6, help="page views served at once, one kernel each (default 6; more get HTTP 503)")
     p.set_defaults(func=_cmd_dashboard)
+
+# %% ../nbs/90_cli.ipynb #a5f55dac
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    import json
+    from cyber_moe.data import format_inspect, inspect_flows
+    report = inspect_flows(args.files, source=args.source, release=args.release)
+    print(json.dumps(report, indent=2, ensure_ascii=True, default=str) if args.json else format_inspect(report))
+    return 1 if args.strict and any(f["severity"] == "error" for f in report["findings"]) else 0
+
+
+def _add_data_parser(sub) -> None:
+    "The `data` subcommand: inspect data set files."
     d = sub.add_parser("data", help="inspect data set files", description="Work with flow files as published.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     di = dsub.add_parser("inspect", help="report rows, classes, duplicates, non-finite values, constant/identifier columns",
@@ -460,6 +493,22 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.add_argument("--strict", action="store_true", help="exit 1 when an ids-lint error rule fires")
     di.set_defaults(func=_cmd_data_inspect)
+
+# %% ../nbs/90_cli.ipynb #7080b678
+def build_parser() -> argparse.ArgumentParser:
+    "The `cyber-moe` argument parser with one sub-parser per subcommand."
+    parser = argparse.ArgumentParser(prog="cyber-moe", description="Network intrusion detection workbench with a Mixture-of-Experts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_pipeline_parser(sub)
+    _add_train_parser(sub)
+    _add_tune_parser(sub)
+    _add_score_parser(sub)
+    _add_watch_parser(sub)
+    _add_explain_parser(sub)
+    _add_results_parser(sub)
+    _add_serve_parser(sub)
+    _add_dashboard_parser(sub)
+    _add_data_parser(sub)
     _add_lab_parser(sub)
     _add_retrain_parser(sub)
     return parser

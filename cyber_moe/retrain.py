@@ -108,7 +108,7 @@ def reoperate(bundle: ModelBundle, val_arrays: dict, *, rule: str = "max_f1", ta
     op = choose_operating_point(np.asarray(val_arrays["y_binary"]).astype(np.int64), p, rule=r["rule"], target_fpr=r["target_fpr"])
     return with_threshold(bundle, op)
 
-# %% ../nbs/89_retrain.ipynb #1b5f9071
+# %% ../nbs/89_retrain.ipynb #67d5edaa
 def concat_arrays(*parts: dict) -> dict[str, np.ndarray]:
     "Preprocessed arrays of several row sets, one after the other (keys of the first part)."
     parts = [p for p in parts if p and len(p["x_num"])]
@@ -125,7 +125,7 @@ def feedback_repeat(n_train: int, n_feedback: int, *, share: float = 0.1, max_re
     if n_feedback <= 0: return 1
     return int(np.clip(round(share * n_train / n_feedback), 1, max_repeat))
 
-
+# %% ../nbs/89_retrain.ipynb #4dd2ef12
 @dataclass
 class FineTuneSettings:
     "How a fine-tune runs: epochs, learning rate (and the run's loss settings), batch size, seed."
@@ -151,7 +151,7 @@ class FineTuneSettings:
                    class_weight_keep_binary=t.class_weight_keep_binary, focal_gamma=t.focal_gamma, family_loss_weight=t.family_loss_weight,
                    label_smoothing=t.label_smoothing, load_balance_weight=cfg.model.load_balance_weight)
 
-
+# %% ../nbs/89_retrain.ipynb #6d83c2cd
 def fine_tune(bundle: ModelBundle, train: dict, val: dict, *, settings: FineTuneSettings | None = None, work_dir: str | Path | None = None,
               rule: str = "max_f1", target_fpr: float = 0.01, enable_progress_bar: bool = False) -> tuple[ModelBundle, dict]:
     "A new bundle: `bundle`'s network trained further on `train` (best `val` epoch kept), temperature and operating point fit on `val`; and a summary."
@@ -314,7 +314,7 @@ def register_candidate(bundle: ModelBundle, *, name: str, tracking_uri: str, art
     if promote: client.set_registered_model_alias(name, CHAMPION, version)
     return {"name": name, "version": version, "run_id": run.info.run_id, "aliases": [CHALLENGER] + ([CHAMPION] if promote else [])}
 
-# %% ../nbs/89_retrain.ipynb #873fe0c1
+# %% ../nbs/89_retrain.ipynb #32a99aa7
 def _model_name(uri: str) -> tuple[str | None, str | None]:
     "Registered name and alias/version of a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI (None, None otherwise)."
     import re
@@ -325,7 +325,7 @@ def _model_name(uri: str) -> tuple[str | None, str | None]:
 def _scores(bundle: ModelBundle, fb_arrays: dict, fb_rows: pd.DataFrame, test_arrays: dict, test_rows: pd.DataFrame) -> dict:
     return {"feedback": feedback_scores(bundle, fb_arrays, fb_rows), "test": test_scores(bundle, test_arrays, test_rows)}
 
-
+# %% ../nbs/89_retrain.ipynb #6311d0ab
 def retrain_from_feedback(confirmed: pd.DataFrame, *, model: str | Path, out_dir: str | Path, run_dir: str | Path | None = None,
                           outputs_dir: str | Path | None = None, tracking_uri: str | None = None, epochs: int = 3, lr_scale: float = 0.25,
                           fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), tolerance: float = 0.01, feedback_share: float = 0.1,

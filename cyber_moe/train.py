@@ -17,7 +17,7 @@ import pandas as pd
 
 from .headline import headline_flat
 from .config import RunConfig, select_device, seed_everything, setup_logging, write_json, write_run_record
-from .schema import FAMILY, FlowSchema, get_schema
+from .schema import FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
@@ -26,7 +26,7 @@ __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame
            'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run', 'registered_name',
            'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
 
-# %% ../nbs/50_train.ipynb #a9eedbef
+# %% ../nbs/50_train.ipynb #32f53083
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
     "The lab's schema with the destination port as a category (`LAB` itself), a number, or an identifier only ('drop'); `sequence` packets per flow as the sequence kind (0: none)."
     import dataclasses
@@ -61,7 +61,7 @@ def temporal_expert(experts, sequence: int = 0) -> str:
     if "temporal" in names: return "timing-vector (per-flow timing statistics)"
     return "none"
 
-
+# %% ../nbs/50_train.ipynb #418d09f4
 def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     "Lab sessions: the folders in `data.paths` (the last one is the test session), or the scenario recorded for each seed."
     from cyber_moe.lab import LAB_SEQUENCE, ensure_sessions, load_sessions, read_session
@@ -161,7 +161,7 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
         arrays[name] = {**pre.transform(part, where=f"{name} split"), **pre.encode_targets(part, where=f"{name} split")}
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source or {})
 
-# %% ../nbs/50_train.ipynb #c5ac86c7
+# %% ../nbs/50_train.ipynb #16102875
 def network_kwargs(cfg: RunConfig, pre) -> dict:
     "The keyword arguments of `MoEClassifier` for this config and fitted preprocessor (stored in the bundle)."
     from cyber_moe.bundle import net_kwargs
@@ -176,7 +176,7 @@ def _with_unknown_codes(arrays: dict, rate: float, seed: int) -> dict:
     x_cat[rng.random(x_cat.shape) < rate] = 0
     return {**arrays, "x_cat": x_cat}
 
-
+# %% ../nbs/50_train.ipynb #bccb2121
 @dataclass
 class FitResult:
     "The trained network (best validation checkpoint loaded) and how training went."
@@ -388,7 +388,7 @@ def registered_name(cfg: RunConfig) -> str:
     "The MLflow registry name of this run's model: `cyber-moe-<data source>`."
     return f"cyber-moe-{cfg.data.source}"
 
-# %% ../nbs/50_train.ipynb #2cd88016
+# %% ../nbs/50_train.ipynb #09af074b
 def data_origin(cfg: RunConfig, source: dict) -> dict:
     "Which source a run asked for and which it used (the simulator when the lab could not run), for run.json, metrics and report."
     fb = source.get("fallback")
@@ -413,7 +413,7 @@ def stage_data(cfg: RunConfig) -> Prepared:
     log.info("prepared %d flows (%s): %s", len(prep.frame), prep.schema.name, prep.split.record.get("rows"))
     return prep
 
-
+# %% ../nbs/50_train.ipynb #53365724
 def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress_bar: bool = True) -> dict:
     "Train the MoE and the baseline; save `model/` (pyfunc bundle) and `baseline/`; returns a training summary."
     import mlflow
@@ -453,7 +453,7 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
     log.info("trained: %s", summary)
     return summary
 
-
+# %% ../nbs/50_train.ipynb #a9164b60
 def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bool = True) -> dict:
     "Score the test split with the saved model and baseline; write `metrics.json` and `figures/`; log and register."
     import mlflow

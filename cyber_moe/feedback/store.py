@@ -43,7 +43,7 @@ class InvalidFeedback(FeedbackError):
 class StoreUnavailable(FeedbackError):
     "The database cannot be reached or opened; scoring goes on without feedback."
 
-# %% ../../nbs/62_feedback.ipynb #44457369
+# %% ../../nbs/62_feedback.ipynb #dac79820
 class UTCDateTime(sa.types.TypeDecorator):
     "A datetime stored as naive UTC and read back as UTC-aware."
     impl = sa.DateTime
@@ -76,7 +76,7 @@ class Model(Base):
     benign: Mapped[str | None] = mapped_column(sa.String(128), nullable=True)
     threshold: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
 
-
+# %% ../../nbs/62_feedback.ipynb #30529aee
 class Rule(Base):
     "A suppression rule: flows matching every field set (source address or network, destination port, family) are not alerted."
     __tablename__ = "feedback_rules"
@@ -90,7 +90,7 @@ class Rule(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     n_suppressed: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
 
-
+# %% ../../nbs/62_feedback.ipynb #fd536421
 class Alert(Base):
     "An alert: a flow a model flagged, with its 5-tuple, times, model, verdict fields and features (JSON)."
     __tablename__ = "feedback_alerts"
@@ -285,7 +285,7 @@ def check_rule_fields(src: str | None, dst_port: int | None, family: str | None,
         raise InvalidFeedback(f"family: unknown family '{family}'; valid: {', '.join(families)}")
     return src
 
-# %% ../../nbs/62_feedback.ipynb #2c4eabca
+# %% ../../nbs/62_feedback.ipynb #39556ed2
 _ALERT_COLS = tuple(c.name for c in Alert.__table__.columns)
 
 
@@ -314,7 +314,7 @@ class AddResult:
         "Per input alert: True when it should be raised (no rule suppressed it)."
         return [r is None for r in self.suppressed_by]
 
-
+# %% ../../nbs/62_feedback.ipynb #f2ab7a10
 class FeedbackStore:
     "Alerts, verdicts and suppression rules in the database at `url` (default: SQLite at outputs/feedback.db), migrated on open."
 
@@ -384,7 +384,7 @@ def _families(self: FeedbackStore, model_name: str | None = None, model_version:
 
 FeedbackStore.register_model, FeedbackStore.families = _register_model, _families
 
-# %% ../../nbs/62_feedback.ipynb #32678cb5
+# %% ../../nbs/62_feedback.ipynb #7c697ec9
 def _add_rule(self: FeedbackStore, *, src: str | None = None, dst_port: int | None = None, family: str | None = None,
               expires_at: datetime | None = None, reason: str, creator: str, families: Sequence[str] | None = None) -> RuleView:
     "Add a suppression rule (at least one of src, dst_port, family; `family` checked against `families` or the known models')."
@@ -417,6 +417,9 @@ def _active_rules(self: FeedbackStore, now: datetime | None = None) -> list[Rule
     return self.list_rules(active_only=True, now=now)
 
 
+FeedbackStore.add_rule, FeedbackStore.list_rules, FeedbackStore.active_rules = _add_rule, _list_rules, _active_rules
+
+# %% ../../nbs/62_feedback.ipynb #5b056b69
 def _get_rule(self: FeedbackStore, rule_id: int) -> RuleView:
     "One rule by id (UnknownAlert-like LookupError naming it when absent)."
     def run():
@@ -450,7 +453,6 @@ class UnknownRule(FeedbackError, LookupError):
     "No suppression rule with the given id."
 
 
-FeedbackStore.add_rule, FeedbackStore.list_rules, FeedbackStore.active_rules = _add_rule, _list_rules, _active_rules
 FeedbackStore.get_rule, FeedbackStore.delete_rule, FeedbackStore.matching_rule = _get_rule, _delete_rule, _matching_rule
 
 # %% ../../nbs/62_feedback.ipynb #82eb6079
@@ -562,7 +564,7 @@ def _verdicts(self: FeedbackStore, alert_id: str) -> list[dict]:
 
 FeedbackStore.resolve, FeedbackStore.record_verdict, FeedbackStore.verdicts = _resolve, _record_verdict, _verdicts
 
-# %% ../../nbs/62_feedback.ipynb #fb6b3a46
+# %% ../../nbs/62_feedback.ipynb #8d6989d3
 def _latest_verdicts():
     "Subquery: the latest verdict id per alert."
     return sa.select(Verdict.alert_id, sa.func.max(Verdict.id).label("vid")).group_by(Verdict.alert_id).subquery()
@@ -603,6 +605,9 @@ def _alerts(self: FeedbackStore, order: str = "newest", *, limit: int = 100, off
     return self._guard(run)
 
 
+FeedbackStore.alerts = _alerts
+
+# %% ../../nbs/62_feedback.ipynb #dd1f83d7
 def _count_alerts(self: FeedbackStore, *, model_name: str | None = None, suppressed: bool | None = None) -> int:
     "How many alerts are stored (of one model; suppressed only, alerted only, or all)."
     q = sa.select(sa.func.count()).select_from(Alert)
@@ -626,7 +631,7 @@ def _get_alert(self: FeedbackStore, alert_id: str) -> dict:
     return d
 
 
-FeedbackStore.alerts, FeedbackStore.count_alerts, FeedbackStore.get_alert = _alerts, _count_alerts, _get_alert
+FeedbackStore.count_alerts, FeedbackStore.get_alert = _count_alerts, _get_alert
 
 # %% ../../nbs/62_feedback.ipynb #6f4f4a2f
 def _confirmed_labels(self: FeedbackStore, *, model_name: str | None = None, model_version: str | None = None) -> pd.DataFrame:

@@ -78,7 +78,7 @@ class ExplainResponse(_Served):
     contributions: Any
     top_k: int
 
-# %% ../../nbs/81_serve_schemas.ipynb #80f6d680
+# %% ../../nbs/81_serve_schemas.ipynb #355116d5
 _NO_NUL = r"^[^\x00]*$"                                       # text columns of PostgreSQL refuse NUL characters
 _Name = Annotated[str, Field(min_length=1, max_length=256, pattern=_NO_NUL)]
 
@@ -117,7 +117,7 @@ class VerdictResponse(BaseModel):
     model_version: str
     request_id: str
 
-
+# %% ../../nbs/81_serve_schemas.ipynb #9173ed6a
 class AlertRecord(BaseModel):
     "An alert in the triage queue, with its latest verdict (none yet: null)."
     model_config = ConfigDict(protected_namespaces=())
@@ -154,7 +154,7 @@ class AlertList(BaseModel):
     order: Literal["newest", "uncertain"]
     request_id: str
 
-
+# %% ../../nbs/81_serve_schemas.ipynb #3248a68c
 class RuleRequest(BaseModel):
     "`POST /rules`: flows matching every field set are stored but not alerted, until `expires_at` (none: until deleted)."
     model_config = ConfigDict(extra="forbid")

@@ -212,7 +212,7 @@ def _batch_error(self: FlowValidator, flows: list, *, where: str, chunk: int = 6
 
 FlowValidator._batch_error = _batch_error
 
-# %% ../../nbs/82_serve_validation.ipynb #9e14bd04
+# %% ../../nbs/82_serve_validation.ipynb #4578abc2
 def _validated(self: FlowValidator, flows: list, *, where: str, batch: bool) -> list[dict]:
     "The flows with stripped keys once every value passed; FlowError otherwise."
     flows = [self._strip_keys(f, f"{where} {i}" if batch else where) for i, f in enumerate(flows)]
@@ -253,6 +253,10 @@ def _raw(self: FlowValidator, column: Callable[[str], list], n: int) -> RawFlows
                     self._sequences(column, n))
 
 
+FlowValidator._validated, FlowValidator._raw = _validated, _raw
+FlowValidator._sequences = _sequences
+
+# %% ../../nbs/82_serve_validation.ipynb #c4b0d454
 def values(self: FlowValidator, flows: list, *, where: str = "flow", batch: bool = False) -> RawFlows:
     "Validated flows as `RawFlows` (no frame: the service's path); FlowError otherwise."
     flows = self._validated(flows, where=where, batch=batch)
@@ -274,8 +278,7 @@ def frame(self: FlowValidator, flows: list, *, where: str = "flow", batch: bool 
     return df
 
 
-FlowValidator._validated, FlowValidator._raw, FlowValidator.values, FlowValidator.frame = _validated, _raw, values, frame
-FlowValidator._sequences = _sequences
+FlowValidator.values, FlowValidator.frame = values, frame
 
 # %% ../../nbs/82_serve_validation.ipynb #c80651e2
 def columns_values(self: FlowValidator, columns: dict[str, list], *, where: str = "inputs") -> RawFlows:
