@@ -797,6 +797,9 @@ class Triage:
         self.order = W.ToggleButtons(options=[("newest", "newest"), ("most uncertain", "uncertain")], description="Queue",
                                      style={"button_width": "120px"})
         self.queue = W.Select(options=[], rows=8, layout=W.Layout(width="min(100%, 900px)"))
+        self.offset, self.page_info = 0, W.HTML()       # the queue shows `limit` alerts from `offset`, paged
+        self.prev_page = W.Button(description="newer", icon="arrow-left", layout=W.Layout(width="auto"))
+        self.next_page = W.Button(description="older", icon="arrow-right", layout=W.Layout(width="auto"))
         self.detail, self.msg, self.rules = W.HTML(), W.HTML(), W.HTML()
         self.explain_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
         self.precision_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
@@ -814,15 +817,18 @@ class Triage:
         for w, cls in ((self.queue, "cm-queue"), (self.detail, "cm-alert-box"), (self.verdict, "cm-verdict-choice"), (self.family, "cm-right-family"),
                        (self.note, "cm-verdict-note"), (self.mark, "cm-mark"), (self.rule_reason, "cm-rule-reason"),
                        (self.rule_button, "cm-rule-create"), (self.rule_days, "cm-rule-days"), (self.rule_family, "cm-rule-family"),
-                       (self.msg, "cm-triage-msg"), (self.order, "cm-order")):
+                       (self.msg, "cm-triage-msg"), (self.order, "cm-order"), (self.prev_page, "cm-page-prev"),
+                       (self.next_page, "cm-page-next"), (self.page_info, "cm-page-info")):
             w.add_class(cls)
-        self.order.observe(lambda ch: self._guard(self.refresh), names="value")
+        self.order.observe(lambda ch: self._guard(self.page, None), names="value")
+        self.prev_page.on_click(lambda b: self._guard(self.page, -1))
+        self.next_page.on_click(lambda b: self._guard(self.page, 1))
         self.queue.observe(lambda ch: self._guard(self.open, ch["new"]), names="value")
         self.verdict.observe(lambda ch: self._guard(self._families), names="value")
         self.mark.on_click(lambda b: self._guard(self.mark_alert))
         self.rule_button.on_click(lambda b: self._guard(self.create_rule))
         row = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow="row wrap", align_items="center"))
-        self.widget = W.VBox([self.order, self.queue, self.detail, self.explain_out,
+        self.widget = W.VBox([self.order, self.queue, row([self.prev_page, self.page_info, self.next_page]), self.detail, self.explain_out,
                               row([self.verdict, self.family]), row([self.note, self.mark]),
                               row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]), row([self.rule_reason, self.rule_button]),
                               self.msg, W.HTML("<h4>Suppression rules</h4>"), self.rules, self.precision_out],
@@ -834,8 +840,11 @@ class Triage:
         except Exception as e: self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
 
     def refresh(self, keep: str | None = None, *, precision: bool = True) -> None:
-        "Reload the queue (in the chosen order), the rules and (with `precision`) the precision figure."
-        df = self.store.alerts(self.order.value, limit=self.limit)
+        "Reload the queue (in the chosen order, the page at `offset`), the rules and (with `precision`) the precision figure."
+        df = self.store.alerts(self.order.value, limit=self.limit, offset=self.offset)
+        total = self.store.count_alerts(suppressed=False)
+        self.page_info.value = _msg(f"alerts {self.offset + 1:,}–{self.offset + len(df):,} of {total:,}" if len(df) else f"no alert here ({total:,} queued)")
+        self.prev_page.disabled, self.next_page.disabled = self.offset == 0, self.offset + len(df) >= total
         options = [(alert_label(a), a["id"]) for a in df.to_dict(orient="records")]
         self.queue.options = options
         if not options:
@@ -853,6 +862,11 @@ class Triage:
         frames = {m: f for m, f in frames.items() if len(f)}
         if frames: show_figure(self.precision_out, fig_precision(frames))
         else: self.precision_out.outputs = ()
+
+    def page(self, step: int | None) -> None:
+        "Show the next (`step` 1) or previous (-1) `limit` alerts of the queue, or its first page (None, e.g. for a new order)."
+        self.offset = 0 if step is None else max(0, self.offset + step * self.limit)
+        self.refresh(precision=False)
 
     def _families(self) -> None:
         a = self.alert
