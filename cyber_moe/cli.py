@@ -250,8 +250,11 @@ def _cmd_score_many(args: argparse.Namespace) -> int:
     if not args.output: raise ConfigError("--output DIR is required to score several inputs (a folder, a glob, or --scheduler/--workers)")
     if args.alerts: raise ConfigError("--alerts FILE is for one capture; with several inputs the alerts go to OUTPUT/alerts/, one file per part")
     if args.scheduler and args.workers: raise ConfigError("give --scheduler ADDRESS or --workers N, not both")
-    s = score_many(args.input, args.model, args.output, scheduler=args.scheduler, workers=args.workers, rows_per_task=args.rows_per_task,
-                   batch_size=args.batch_size or 1024, alert_format=args.alert_format, allow_truncated=args.allow_truncated)
+    store = _open_feedback(args)                       # its active rules suppress alerts on the workers; the client stores them
+    try: s = score_many(args.input, args.model, args.output, scheduler=args.scheduler, workers=args.workers, rows_per_task=args.rows_per_task,
+                        batch_size=args.batch_size or 1024, alert_format=args.alert_format, allow_truncated=args.allow_truncated, feedback=store)
+    finally:
+        if store is not None: store.close()
     print(summary_text(s))
     return 1 if s["failures"] or s["skipped"] else 0
 

@@ -29,13 +29,13 @@ from .schema import FAMILY, SchemaError
 
 # %% auto #0
 __all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'PENDING', 'DEFAULT_MAX_KERNELS', 'DEFAULT_CULL_IDLE_SECONDS',
-           'RunRef', 'run_folders', 'tracking_uri_for', 'registry_versions', 'find_runs', 'no_run_message', 'RunView',
-           'metric_mismatches', 'read_importance', 'load_run', 'comparison_table', 'table_html',
-           'mark_operating_points', 'metrics_figures', 'run_figures', 'fig_shap_global', 'compute_importance',
-           'temporal_expert_note', 'flow_table', 'choose_flows', 'read_upload', 'flow_verdict', 'verdict_html',
-           'fig_flow_scores', 'fig_drift_view', 'figure_bundle', 'show_figure', 'headline_metrics', 'Dashboard',
-           'alert_label', 'rules_html', 'fig_precision', 'Triage', 'dashboard_notebook', 'voila_command',
-           'dashboard_env', 'start', 'stop', 'wait_until_serving', 'launch']
+           'RunRef', 'run_folders', 'tracking_uri_for', 'registry_versions', 'registry_uri', 'add_registered',
+           'find_runs', 'no_run_message', 'RunView', 'metric_mismatches', 'read_importance', 'load_run',
+           'comparison_table', 'table_html', 'mark_operating_points', 'metrics_figures', 'run_figures',
+           'fig_shap_global', 'compute_importance', 'temporal_expert_note', 'flow_table', 'choose_flows', 'read_upload',
+           'flow_verdict', 'verdict_html', 'fig_flow_scores', 'fig_drift_view', 'figure_bundle', 'show_figure',
+           'headline_metrics', 'Dashboard', 'alert_label', 'rules_html', 'fig_precision', 'Triage',
+           'dashboard_notebook', 'voila_command', 'dashboard_env', 'start', 'stop', 'wait_until_serving', 'launch']
 
 # %% ../nbs/75_dashboard.ipynb #baf057fd
 ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
@@ -92,18 +92,28 @@ def registry_versions(tracking_uri: str) -> list[dict]:
     return sorted(out, key=lambda v: (v["name"], -v["version"]))
 
 
-def find_runs(outputs_dir: str | Path, *, tracking_uri: str | None = None) -> list[RunRef]:
-    "Run folders of `outputs_dir`, tagged with their registered versions, then registered versions without a folder."
-    refs = run_folders(outputs_dir)
-    if tracking_uri is None:
-        if not (Path(outputs_dir) / "mlflow.db").is_file(): return refs
-        tracking_uri = tracking_uri_for(outputs_dir)
+def registry_uri(outputs_dir: str | Path, tracking_uri: str | None = None) -> str | None:
+    "The MLflow registry to read for `outputs_dir`: `tracking_uri` if given, else its `mlflow.db` if there is one, else None."
+    if tracking_uri is not None: return tracking_uri
+    return tracking_uri_for(outputs_dir) if (Path(outputs_dir) / "mlflow.db").is_file() else None
+
+
+def add_registered(refs: list[RunRef], tracking_uri: str) -> list[RunRef]:
+    "Tag `refs` (run folders) in place with their registered versions at `tracking_uri`; returns them followed by the versions without a folder."
+    refs = list(refs)
     by_id = {r.run_id: r for r in refs if r.run_id}
     for v in registry_versions(tracking_uri):
         tag = f"{v['name']} v{v['version']}"
-        if v["run_id"] in by_id: by_id[v["run_id"]].registered.append(tag)
+        if v["run_id"] in by_id:
+            if tag not in by_id[v["run_id"]].registered: by_id[v["run_id"]].registered.append(tag)
         else: refs.append(RunRef(name=f"{v['run_name'] or v['run_id']} ({tag})", model_uri=v["uri"], run_id=v["run_id"], registered=[tag]))
     return refs
+
+
+def find_runs(outputs_dir: str | Path, *, tracking_uri: str | None = None) -> list[RunRef]:
+    "Run folders of `outputs_dir`, tagged with their registered versions, then registered versions without a folder."
+    refs, uri = run_folders(outputs_dir), registry_uri(outputs_dir, tracking_uri)
+    return refs if uri is None else add_registered(refs, uri)
 
 
 def no_run_message(outputs_dir: str | Path) -> str:
@@ -433,10 +443,14 @@ class Dashboard:
 
     def __init__(self, *, outputs_dir: str | Path, run: str | None = None, tracking_uri: str | None = None,
                  max_flows: int = 500, top_k: int = 12, n_shap: int = 12, background: bool = True,
-                 feedback_url: str | None = None, analyst: str = "analyst"):
+                 feedback_url: str | None = None, analyst: str = "analyst", wait_for_page: float = 0.0):
         import ipywidgets as W
         self.W, self.outputs_dir, self.tracking_uri = W, Path(outputs_dir), tracking_uri
         self.max_flows, self.top_k, self.n_shap, self.background = max_flows, top_k, n_shap, background
+        # the threads' heavy work (imports of torch, mlflow, plotly; the model) starts once the page shows the headline
+        # table (or after `wait_for_page` s): until then the kernel's one interpreter answers the page's widget requests
+        self.wait_for_page, self.page_shown = wait_for_page, threading.Event()
+        if wait_for_page <= 0: self.page_shown.set()
         self.view: RunView | None = None
         self.metrics: dict | None = None
         self.timings: dict[str, float] = {}   # view -> seconds from choosing the run to the view shown
@@ -448,16 +462,19 @@ class Dashboard:
         self.progress = W.HTML()
         self.progress.add_class("cm-progress-box")
         self.body = W.VBox(layout=W.Layout(width="100%"))
-        try: self.refs = find_runs(self.outputs_dir, tracking_uri=tracking_uri)
-        except Exception as e:  # a broken registry must not hide the run folders
-            self.refs = run_folders(self.outputs_dir)
-            self._notice = _msg(f"MLflow registry not read ({type(e).__name__}: {e}); showing run folders only", "cm-error")
+        # the run folders at once; the MLflow registry (seconds: importing mlflow, opening its store) later, in a thread,
+        # unless the page has nothing else to show (no folder, or the run asked for is not a folder)
+        self.refs, uri = run_folders(self.outputs_dir), registry_uri(self.outputs_dir, tracking_uri)
+        self.registry_loader: threading.Thread | None = None
+        if uri is not None and (not self.refs or (run is not None and run not in {r.name for r in self.refs})):
+            self._read_registry(uri)
+            uri = None
         self.triage = None
         url = feedback_url or (f"sqlite:///{(self.outputs_dir / 'feedback.db').resolve()}" if (self.outputs_dir / "feedback.db").is_file() else None)
         if url is not None:
             try:
                 from cyber_moe.feedback import FeedbackStore
-                self.triage = Triage(FeedbackStore(url), analyst=analyst)
+                self.triage = Triage(FeedbackStore(url), analyst=analyst, precision=self.page_shown.is_set())
             except Exception as e:  # the runs are still worth showing without the store
                 self._notice += _msg(f"feedback store not opened ({type(e).__name__}: {e}): no alert triage", "cm-error")
         self.run_select = W.Dropdown(options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run",
@@ -474,8 +491,46 @@ class Dashboard:
         if run is not None and run not in names:
             self._notice += _msg(f"run '{run}' not found in {self.outputs_dir}; runs: {', '.join(names)}. Showing the newest.", "cm-error")
         self.run_select.value = names.index(run) if run in names else 0
-        self.run_select.observe(lambda ch: self._guard(self.select_run, ch["new"]), names="value")
+        self._relabelling = False
+        self.run_select.observe(lambda ch: None if self._relabelling else self._guard(self.select_run, ch["new"]), names="value")
         self._guard(self.select_run, self.run_select.value)
+        self.precision_loader: threading.Thread | None = None
+        if self.triage is not None and not self.page_shown.is_set():
+            self.precision_loader = threading.Thread(target=self._after_page, args=(self.triage.draw_precision,), name="dashboard-precision", daemon=True)
+            self.precision_loader.start()
+        if uri is not None:
+            if self.background:
+                self.registry_loader = threading.Thread(target=self._add_registry, args=(uri,), name="dashboard-registry", daemon=True)
+                self.registry_loader.start()
+            else: self._add_registry(uri)
+
+    def _after_page(self, fn) -> None:
+        "Call `fn` once the page shows the headline; an error becomes a message in the page."
+        self.page_shown.wait(self.wait_for_page)
+        self._guard(fn)
+
+    def _read_registry(self, uri: str) -> str:
+        "Add the registered versions at `uri` to `self.refs`; a broken registry becomes a notice (the run folders stay), also returned."
+        try: self.refs = add_registered(self.refs, uri)
+        except Exception as e:  # a broken registry must not hide the run folders
+            notice = _msg(f"MLflow registry not read ({type(e).__name__}: {e}); showing run folders only", "cm-error")
+            self._notice += notice
+            return notice
+        return ""
+
+    def _add_registry(self, uri: str) -> None:
+        "Read the registry, then relabel the run selector (folders tagged with their versions, versions without a folder added), keeping the choice."
+        self.page_shown.wait(self.wait_for_page)
+        notice = self._read_registry(uri)
+        if notice:
+            self.status.value = notice + self.status.value
+            return
+        with self.run_select.hold_sync():
+            self._relabelling, index = True, self.run_select.value
+            try:
+                self.run_select.options = [(r.label, i) for i, r in enumerate(self.refs)]
+                self.run_select.value = index
+            finally: self._relabelling = False
 
     def _guard(self, fn, *args) -> None:
         "Run a callback; an error becomes a message in the page."
@@ -508,6 +563,9 @@ class Dashboard:
         self.notes = W.HTML()
         headline = W.HTML(f'<h3>Model vs baseline (test split)</h3><div class="cm-headline" data-run="{html.escape(ref.name, quote=True)}">'
                           + table_html(comparison_table(self.metrics)) + "</div>")
+        if not self.page_shown.is_set():   # the page's widget manager counts the views it displays (ipywidgets' `_view_count`)
+            headline._view_count = 0
+            headline.observe(lambda ch: self.page_shown.set() if (ch["new"] or 0) > 0 else None, names="_view_count")
         # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
         # ipywidgets layout never reached the page: Voila drew it half-width)
         triage = [W.HTML("<h3>Alert triage</h3>"), self.triage.widget] if self.triage is not None else []
@@ -530,6 +588,7 @@ class Dashboard:
         self.progress.value = _msg(f"shown: {done}" + (f"; still computing: {', '.join(waiting)}" if waiting else ""), "cm-progress")
 
     def _fill_guarded(self, ref: RunRef, gen: int, t0: float) -> None:
+        self.page_shown.wait(self.wait_for_page)
         try: self._fill(ref, gen, t0)
         except Exception as e:  # the thread has no caller: the error goes to the page, and no view stays "computing" for ever
             if gen != self._generation: return
@@ -731,13 +790,16 @@ def fig_precision(frames: dict[str, pd.DataFrame]):
 class Triage:
     "Alert triage over a `FeedbackStore`: the queue, one alert with its explanation, a verdict, suppression rules, precision over time."
 
-    def __init__(self, store, *, bundle=None, analyst: str = "analyst", limit: int = 200, top_k: int = 10):
+    def __init__(self, store, *, bundle=None, analyst: str = "analyst", limit: int = 200, top_k: int = 10, precision: bool = True):
         import ipywidgets as W
         self.W, self.store, self.bundle, self.analyst, self.limit, self.top_k = W, store, bundle, analyst, limit, top_k
         self.alert: dict | None = None
         self.order = W.ToggleButtons(options=[("newest", "newest"), ("most uncertain", "uncertain")], description="Queue",
                                      style={"button_width": "120px"})
         self.queue = W.Select(options=[], rows=8, layout=W.Layout(width="min(100%, 900px)"))
+        self.offset, self.page_info = 0, W.HTML()       # the queue shows `limit` alerts from `offset`, paged
+        self.prev_page = W.Button(description="newer", icon="arrow-left", layout=W.Layout(width="auto"))
+        self.next_page = W.Button(description="older", icon="arrow-right", layout=W.Layout(width="auto"))
         self.detail, self.msg, self.rules = W.HTML(), W.HTML(), W.HTML()
         self.explain_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
         self.precision_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
@@ -755,28 +817,34 @@ class Triage:
         for w, cls in ((self.queue, "cm-queue"), (self.detail, "cm-alert-box"), (self.verdict, "cm-verdict-choice"), (self.family, "cm-right-family"),
                        (self.note, "cm-verdict-note"), (self.mark, "cm-mark"), (self.rule_reason, "cm-rule-reason"),
                        (self.rule_button, "cm-rule-create"), (self.rule_days, "cm-rule-days"), (self.rule_family, "cm-rule-family"),
-                       (self.msg, "cm-triage-msg"), (self.order, "cm-order")):
+                       (self.msg, "cm-triage-msg"), (self.order, "cm-order"), (self.prev_page, "cm-page-prev"),
+                       (self.next_page, "cm-page-next"), (self.page_info, "cm-page-info")):
             w.add_class(cls)
-        self.order.observe(lambda ch: self._guard(self.refresh), names="value")
+        self.order.observe(lambda ch: self._guard(self.page, None), names="value")
+        self.prev_page.on_click(lambda b: self._guard(self.page, -1))
+        self.next_page.on_click(lambda b: self._guard(self.page, 1))
         self.queue.observe(lambda ch: self._guard(self.open, ch["new"]), names="value")
         self.verdict.observe(lambda ch: self._guard(self._families), names="value")
         self.mark.on_click(lambda b: self._guard(self.mark_alert))
         self.rule_button.on_click(lambda b: self._guard(self.create_rule))
         row = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow="row wrap", align_items="center"))
-        self.widget = W.VBox([self.order, self.queue, self.detail, self.explain_out,
+        self.widget = W.VBox([self.order, self.queue, row([self.prev_page, self.page_info, self.next_page]), self.detail, self.explain_out,
                               row([self.verdict, self.family]), row([self.note, self.mark]),
                               row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]), row([self.rule_reason, self.rule_button]),
                               self.msg, W.HTML("<h4>Suppression rules</h4>"), self.rules, self.precision_out],
                              layout=W.Layout(width="100%"))
-        self.refresh()
+        self.refresh(precision=precision)   # precision=False: the caller draws it later (`draw_precision`; plotly takes a while to import)
 
     def _guard(self, fn, *args) -> None:
         try: fn(*args)
         except Exception as e: self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
 
-    def refresh(self, keep: str | None = None) -> None:
-        "Reload the queue (in the chosen order), the rules and the precision figure."
-        df = self.store.alerts(self.order.value, limit=self.limit)
+    def refresh(self, keep: str | None = None, *, precision: bool = True) -> None:
+        "Reload the queue (in the chosen order, the page at `offset`), the rules and (with `precision`) the precision figure."
+        df = self.store.alerts(self.order.value, limit=self.limit, offset=self.offset)
+        total = self.store.count_alerts(suppressed=False)
+        self.page_info.value = _msg(f"alerts {self.offset + 1:,}–{self.offset + len(df):,} of {total:,}" if len(df) else f"no alert here ({total:,} queued)")
+        self.prev_page.disabled, self.next_page.disabled = self.offset == 0, self.offset + len(df) >= total
         options = [(alert_label(a), a["id"]) for a in df.to_dict(orient="records")]
         self.queue.options = options
         if not options:
@@ -784,11 +852,21 @@ class Triage:
         elif keep in {v for _, v in options}: self.queue.value = keep
         elif self.queue.value is None: self.queue.value = options[0][1]
         self.rules.value = rules_html(self.store.list_rules())
+        if precision: self.draw_precision(df)
+
+    def draw_precision(self, queued: pd.DataFrame | None = None) -> None:
+        "Per-model precision over time (from the verdicts) of the models in the queue (`queued`, default: read it again)."
+        df = self.store.alerts(self.order.value, limit=self.limit) if queued is None else queued
         models = sorted(set(df["model_name"])) if len(df) else []
         frames = {m: self.store.precision_over_time(m) for m in models}
         frames = {m: f for m, f in frames.items() if len(f)}
         if frames: show_figure(self.precision_out, fig_precision(frames))
         else: self.precision_out.outputs = ()
+
+    def page(self, step: int | None) -> None:
+        "Show the next (`step` 1) or previous (-1) `limit` alerts of the queue, or its first page (None, e.g. for a new order)."
+        self.offset = 0 if step is None else max(0, self.offset + step * self.limit)
+        self.refresh(precision=False)
 
     def _families(self) -> None:
         a = self.alert

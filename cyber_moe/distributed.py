@@ -28,8 +28,8 @@ from .schema import SchemaError
 
 # %% auto #0
 __all__ = ['FLOW_SUFFIXES', 'RUNTIMES', 'MANIFEST', 'MANIFEST_FORMAT', 'input_kind', 'expand_inputs', 'WorkUnit', 'plan_units',
-           'worker_bundle', 'score_unit', 'Manifest', 'Progress', 'run_units', 'ClusterError', 'summary_text',
-           'score_many']
+           'worker_bundle', 'suppress_alerts', 'score_unit', 'Manifest', 'Progress', 'run_units', 'ClusterError',
+           'summary_text', 'score_many']
 
 # %% ../nbs/88_distributed.ipynb #b3c2033d
 FLOW_SUFFIXES = (".parquet", ".pq", ".csv")
@@ -169,9 +169,9 @@ def _worker_name() -> str:
     except (ImportError, ValueError): return f"pid {os.getpid()}"
 
 
-def _flow_alerts(df: pd.DataFrame, pred: pd.DataFrame, bundle, alert_format: str) -> list[dict] | None:
-    "Alerts for the flagged rows of a flow file with NFStream identifiers, or None when it cannot have any (no 5-tuple, other schema)."
-    from cyber_moe.alerts import FLOW_COLUMNS, community_ids, make_alerts
+def _flow_flagged(df: pd.DataFrame, pred: pd.DataFrame, bundle, *, features: bool = False) -> pd.DataFrame | None:
+    "The flagged rows of a flow file with NFStream identifiers as a scored frame (with the features if asked), or None when it cannot have alerts."
+    from cyber_moe.alerts import FLOW_COLUMNS, community_ids
     from cyber_moe.nfstream import NFSTREAM
     need = ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms")
     if bundle.schema.name != NFSTREAM.name or any(c not in df.columns for c in need): return None
@@ -182,7 +182,25 @@ def _flow_alerts(df: pd.DataFrame, pred: pd.DataFrame, bundle, alert_format: str
     fam = np.asarray(attack, dtype=object)[p[[f"p_{c}" for c in attack]].to_numpy().argmax(axis=1)] if len(p) else np.zeros(0, object)
     verdict = p.drop(columns=[f"p_{c}" for c in bundle.classes])
     scored = pd.concat([ids, community_ids(ids).to_frame(), verdict], axis=1).assign(attack_family=fam)
-    return make_alerts(scored, bundle, alert_format=alert_format)
+    if features:
+        extra = [c for c in bundle.schema.features if c in df.columns and c not in scored.columns]
+        scored = pd.concat([scored, df.loc[flag, extra].reset_index(drop=True)], axis=1)
+    return scored
+
+
+def suppress_alerts(scored: pd.DataFrame, bundle, rules: list) -> tuple[pd.DataFrame, list[dict]]:
+    "Feedback-store records of the flagged flows of `scored`, each with the first active rule of `rules` matching it (`suppressed_by`), and `scored` with that column."
+    from cyber_moe.alerts import alert_records
+    live = [r for r in rules if r.active()]
+    recs = alert_records(scored, bundle)
+    for rec in recs:
+        rule = next((r for r in live if r.matches(rec["src_ip"], rec["dst_port"], rec["family"])), None)
+        rec["suppressed_by"] = None if rule is None else rule.id
+    sup = pd.Series(pd.NA, index=scored.index, dtype="Int64")
+    sup[scored.index[scored["is_attack"].to_numpy() == 1]] = pd.array([r["suppressed_by"] for r in recs], dtype="Int64")
+    out = scored.assign(suppressed_by=sup)
+    out.attrs = dict(scored.attrs)
+    return out, recs
 
 # %% ../nbs/88_distributed.ipynb #1dcec6fd
 def _read_unit(unit: WorkUnit) -> pd.DataFrame:
@@ -194,33 +212,54 @@ def _read_unit(unit: WorkUnit) -> pd.DataFrame:
 
 
 def score_unit(unit: WorkUnit, model: str, out_dir: str, *, runtime: str = "onnx", batch_size: int = 8192,
-               alert_format: str = "ecs", allow_truncated: bool = False) -> dict:
-    "The task: meter/read one unit, score it with the worker's bundle, write its alerts and verdict part; returns counts."
-    from cyber_moe.alerts import make_alerts, score_pcap, write_alerts
+               alert_format: str = "ecs", allow_truncated: bool = False, rules: list | None = None) -> dict:
+    "The task: meter/read one unit, score it with the worker's bundle, apply suppression `rules` (None: no feedback store), write its alerts and verdict part; returns counts."
+    from cyber_moe.alerts import FLOW_COLUMNS, make_alerts, score_pcap, write_alerts
     t0 = time.perf_counter()
     bundle, note = worker_bundle(model, runtime=runtime)
-    out = Path(out_dir)
+    out, records = Path(out_dir), None
+    drop_features = lambda f: f.drop(columns=[c for c in bundle.schema.features if c in f.columns and c not in FLOW_COLUMNS])
     if unit.kind == "pcap":
         import multiprocessing
         if multiprocessing.current_process().daemon:
             raise RuntimeError(f"{unit.path}: this Dask worker is a daemonic process, where NFStream cannot start its meters; "
                                "start workers that meter captures with DASK_DISTRIBUTED__WORKER__DAEMON=False (or `dask worker --no-nanny`)")
-        verdicts = score_pcap(bundle, unit.path, allow_truncated=allow_truncated, batch_size=batch_size, n_threads=1)
+        verdicts = score_pcap(bundle, unit.path, allow_truncated=allow_truncated, batch_size=batch_size, n_threads=1, features=rules is not None)
+        if rules is not None:
+            verdicts, records = suppress_alerts(verdicts, bundle, rules)
+            verdicts = drop_features(verdicts)
         alerts = make_alerts(verdicts, bundle, alert_format=alert_format)
     else:
         df = _read_unit(unit)
         bundle.schema.check_columns(df.columns, where=unit.path)
         probs = not {"attack", "family"} & set(bundle.classes)          # p_<class> columns would collide with p_attack/p_family
         pred = bundle.predict(df, batch_size=batch_size, class_probs=probs)
-        alerts = _flow_alerts(df, pred, bundle, alert_format) if probs else None
+        flagged = _flow_flagged(df, pred, bundle, features=rules is not None) if probs else None
+        if flagged is not None and rules is not None:
+            flagged, records = suppress_alerts(flagged, bundle, rules)
+            flagged = drop_features(flagged)
+        alerts = None if flagged is None else make_alerts(flagged, bundle, alert_format=alert_format)
         verdicts = (pred.drop(columns=[f"p_{c}" for c in bundle.classes]) if probs else pred).reset_index(drop=True)
+        if rules is not None:                       # the flagged rows, in order, are those of `flagged`
+            sup = pd.Series(pd.NA, index=verdicts.index, dtype="Int64")
+            if flagged is not None: sup.iloc[np.flatnonzero(verdicts["is_attack"].to_numpy() == 1)] = flagged["suppressed_by"].to_numpy()
+            verdicts = verdicts.assign(suppressed_by=sup)
     if alerts is not None: _atomic_write(out / unit.alerts, lambda p: write_alerts(alerts, p))
     _atomic_write(out / unit.part, lambda p: verdicts.to_parquet(p, index=False))
     return {"unit": unit.id, "input": unit.path, "rows": len(verdicts), "flagged": int(verdicts["is_attack"].sum()),
             "alerts": None if alerts is None else len(alerts), "part": unit.part, "alerts_file": None if alerts is None else unit.alerts,
             "seconds": round(time.perf_counter() - t0, 3), "worker": _worker_name(), "pid": os.getpid(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "runtime": runtime if note is None else "torch",
-            **({"note": note} if note else {})}
+            **({"note": note} if note else {}),
+            **({} if records is None else {"suppressed": _per_rule(records), "alert_records": records})}
+
+
+def _per_rule(records: list[dict]) -> dict[str, int]:
+    "Alerts suppressed per rule id (as a string: the manifest is JSON)."
+    out: dict[str, int] = {}
+    for r in records:
+        if r["suppressed_by"] is not None: out[str(r["suppressed_by"])] = out.get(str(r["suppressed_by"]), 0) + 1
+    return out
 
 # %% ../nbs/88_distributed.ipynb #030b9a35
 MANIFEST = "manifest.json"
@@ -299,8 +338,8 @@ def _error_text(e: BaseException) -> str:
 
 
 def run_units(client, units: list[WorkUnit], model: str, out_dir: str | Path, manifest: Manifest, *,
-              progress: Progress | None = None, **task_opts) -> dict:
-    "Submit the units the manifest does not record as done; record results as they come; returns results and failures by unit."
+              progress: Progress | None = None, on_result: Callable[[dict], None] | None = None, **task_opts) -> dict:
+    "Submit the units the manifest does not record as done; record results as they come (after `on_result(result)`); returns results and failures by unit."
     from distributed import as_completed
     out_dir = str(Path(out_dir).resolve())
     todo = [u for u in units if not manifest.done(u.id)]
@@ -311,6 +350,7 @@ def run_units(client, units: list[WorkUnit], model: str, out_dir: str | Path, ma
         u = futs[fut]
         if fut.status == "finished":
             res = fut.result()
+            if on_result is not None: on_result(res)    # e.g. store the unit's alerts: a unit is done once they are stored
             manifest.record(res)
             results[u.id] = res
             if progress: progress.done(u.id, res)
@@ -340,6 +380,11 @@ def summary_text(s: dict) -> str:
     lines = [f"{s['n_units_scored']:,} unit(s) scored this run, {s['n_units_done_before']:,} done before, "
              f"{len(s['failures']):,} failed, {len(s['skipped']):,} input(s) skipped; "
              f"{s['rows']:,} flows in {s['seconds']:.1f} s ({s['flows_per_s']:,.0f} flows/s), {s['flagged']:,} flagged as attacks"]
+    fb = s.get("feedback")
+    if fb is not None:
+        rules = ", ".join(f"rule {r} {n:,}" for r, n in sorted(fb["suppressed"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"feedback store {fb['url']}: " + (f"suppressed {sum(fb['suppressed'].values()):,} ({rules})" if rules else "no alert suppressed")
+                     + f"; {fb['n_stored']:,} new alert(s) stored" + (f"; WARNING: {fb['error']}" if fb["error"] else ""))
     lines += [f"  FAILED {u}: {f['error']}" for u, f in s["failures"].items()]
     lines += [f"  SKIPPED {k['input']}: {k['error']}" for k in s["skipped"]]
     lines.append(f"verdicts: {s['output']}/verdicts  alerts: {s['output']}/alerts  manifest: {s['manifest']}")
@@ -349,8 +394,8 @@ def summary_text(s: dict) -> str:
 def score_many(inputs: list[str], model: str | Path, output: str | Path, *, scheduler: str | None = None,
                workers: int | None = None, rows_per_task: int = 1_000_000, runtime: str = "onnx", batch_size: int = 1024,
                alert_format: str = "ecs", allow_truncated: bool = False, stream: TextIO | None = None,
-               dashboard_address: str | None = ":8787") -> dict:
-    "Score files, folders and globs on a Dask cluster (address `scheduler`, or a LocalCluster of `workers` processes) into folder `output`."
+               dashboard_address: str | None = ":8787", feedback=None) -> dict:
+    "Score files, folders and globs on a Dask cluster (address `scheduler`, or a LocalCluster of `workers` processes) into folder `output`; `feedback`: a FeedbackStore whose rules suppress alerts and which stores them."
     from distributed import Client, LocalCluster
     import dask
     from cyber_moe.alerts import ALERT_FORMATS
@@ -369,6 +414,7 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
     units = plan_units(found, rows_per_task=int(manifest.settings["rows_per_task"]))
     t0 = t_run = time.perf_counter()
     res = {"results": {}, "failures": {}, "skipped_done": sum(manifest.done(u.id) for u in units)}
+    fb, keep = _feedback_for(feedback, bundle, stream)
     if len(units) > res["skipped_done"]:
         stack = contextlib.ExitStack()
         if scheduler:
@@ -385,7 +431,8 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
                   f"on {len(client.scheduler_info()['workers'])} worker(s); dashboard: {client.dashboard_link}", file=stream, flush=True)
             t_run = time.perf_counter()
             res = run_units(client, units, ref, out, manifest, progress=Progress(len(units) - res["skipped_done"], stream=stream),
-                            runtime=runtime, batch_size=batch_size, alert_format=alert_format, allow_truncated=allow_truncated)
+                            on_result=keep, runtime=runtime, batch_size=batch_size, alert_format=alert_format, allow_truncated=allow_truncated,
+                            **({} if fb is None or fb["rules"] is None else {"rules": fb["rules"]}))
         finally:
             client.close()
             if cluster is not None: cluster.close()
@@ -400,4 +447,29 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
             "n_units_scored": len(res["results"]), "n_units_done_before": res["skipped_done"], "failures": res["failures"],
             "skipped": skipped, "rows": rows, "flagged": sum(r["flagged"] for r in res["results"].values()),
             "seconds": secs, "run_seconds": run_secs, "flows_per_s": rows / max(secs, 1e-9), "results": res["results"],
-            "complete": all(manifest.done(u.id) for u in units)}
+            "complete": all(manifest.done(u.id) for u in units),
+            "feedback": None if fb is None else {k: v for k, v in fb.items() if k != "rules"}}
+
+
+def _feedback_for(store, bundle, stream: TextIO) -> tuple[dict | None, Callable[[dict], None]]:
+    "The feedback state of a run (store URL, the active rules read once, counts) and the hook that stores each unit's alerts."
+    from cyber_moe.feedback import StoreUnavailable, redact_url
+    if store is None: return None, lambda res: res.pop("alert_records", None)
+    fb = {"url": redact_url(store.url), "rules": None, "suppressed": {}, "n_stored": 0, "error": None}
+    def fail(e: Exception) -> None:
+        fb["error"] = f"{e}; " + ("alerts neither suppressed nor stored" if fb["rules"] is None else "alerts from then on suppressed but not stored")
+        print(f"warning: {fb['error']}", file=stream, flush=True)
+    try: fb["rules"] = store.active_rules()
+    except StoreUnavailable as e: fail(e)
+    def keep(res: dict) -> None:
+        recs = res.pop("alert_records", None)
+        for r, n in res.get("suppressed", {}).items(): fb["suppressed"][r] = fb["suppressed"].get(r, 0) + n
+        if not recs or fb["error"]: return
+        recs = list({r["id"]: r for r in recs}.values())        # a flow repeated in a file is one alert of the store
+        try:
+            n = store.add_alerts(recs, model_name=bundle.name, model_version=bundle.version, source="score", classes=bundle.classes,
+                                 benign=bundle.schema.benign, threshold=bundle.threshold).n_new
+        except StoreUnavailable as e: fail(e); return
+        fb["n_stored"] += n
+        res["stored"] = n
+    return fb, keep

@@ -253,6 +253,8 @@ def test_triage_marks_and_suppresses(run_outputs, serve, browser, tmp_path):
     page = _open(browser, serve(out), ".cm-queue select")
     try:
         page.wait_for_function("document.querySelectorAll('.cm-queue option').length === 3", timeout=60_000)
+        assert "alerts 1–3 of 3" in page.locator(".cm-page-info").inner_text().replace("\xa0", " ")      # one page: no older alerts
+        assert page.locator(".cm-page-next").is_disabled() and page.locator(".cm-page-prev").is_disabled()
         page.locator(".cm-order button", has_text="most uncertain").click()
         page.wait_for_function("document.querySelector('.cm-queue option').textContent.includes('198.18.0.2')", timeout=60_000)
         page.select_option(".cm-queue select", index=0)

@@ -79,9 +79,11 @@ def cluster(tmp_path_factory):
             p.wait(timeout=30)
 
 
-def score_cmd(data, out, cluster, *inputs) -> list[str]:
+def score_cmd(data, out, cluster, *inputs, feedback: str | None = None) -> list[str]:
+    "The command that scores `inputs` on the cluster; alerts stored in `feedback` (default: a SQLite store of the test's own)."
+    feedback = feedback or f"sqlite:///{data['root'] / ('feedback-' + Path(out).name + '.db')}"
     return [str(BIN / "cyber-moe"), "score", "--model", str(data["model"]), "--input", *map(str, inputs), "--output", str(out),
-            "--scheduler", cluster["address"]]
+            "--scheduler", cluster["address"], "--feedback", feedback]
 
 
 def check_parts(data, out: Path, names: list[str]) -> None:
@@ -93,6 +95,7 @@ def check_parts(data, out: Path, names: list[str]) -> None:
         parts = sorted((out / "verdicts" / f"source={name}").iterdir())
         assert [p.name for p in parts] == ["part-00000.parquet"], parts
         got, ref = pd.read_parquet(parts[0]), data["ref"][name]
+        assert got.pop("suppressed_by").isna().all(), name          # a store without rules suppresses nothing
         assert list(got.columns) == list(ref.columns)
         assert len(got) == len(ref) == man["units"][name]["rows"]
         for c in KEYS if name.endswith(".pcap") else ():
@@ -133,7 +136,8 @@ def test_cluster_scores_every_input_once_despite_a_killed_worker(data, cluster):
     assert killed_at is not None and killed_at < total, lines       # the worker died with most inputs still to do
     done = [l for l in lines if re.match(r"\[\d+/\d+\] ", l)]
     assert len(done) == total and not any("FAILED" in l for l in done), lines
-    assert re.search(rf"{total} unit\(s\) scored this run, 0 done before, 0 failed", lines[-2]), lines
+    assert re.search(rf"{total} unit\(s\) scored this run, 0 done before, 0 failed", "\n".join(lines[-3:])), lines
+    assert "no alert suppressed" in lines[-2], lines
     assert "flows/s" in done[-1] and "dashboard: http://" in lines[0], lines
     check_parts(data, out, names)
     from distributed import Client
@@ -177,5 +181,49 @@ def test_single_file_keeps_the_single_process_path(data, tmp_path):
     got = pd.read_parquet(out)
     assert got["is_attack"].tolist() == data["ref"][cap.name]["is_attack"].tolist()
     r = subprocess.run([str(BIN / "cyber-moe"), "score", "--model", str(data["model"]), "--input", str(tmp_path / "none" / "*.csv"),
-                        "--output", str(tmp_path / "o"), "--workers", "1"], capture_output=True, text=True, timeout=180)
+                        "--output", str(tmp_path / "o"), "--workers", "1", "--no-feedback"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 1 and "SKIPPED" in r.stdout and "the pattern matches no file" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_cluster_applies_rules_and_stores_alerts(data, cluster, tmp_path):
+    "A SQLite feedback store: its active rules (read once) suppress alerts per part on the workers; every flagged flow is stored, suppressed ones marked; the summary counts per rule."
+    from datetime import datetime, timedelta, timezone
+    from cyber_moe.feedback import FeedbackStore, flow_alert_id
+    inputs = tmp_path / "in"; inputs.mkdir()
+    for p in [*data["caps"][:3], *data["parquet"][:2]]: (inputs / p.name).write_bytes(p.read_bytes())
+    ports = []
+    for p in inputs.iterdir():
+        ref = data["ref"][p.name]
+        ports.append((ref if p.suffix == ".pcap" else pd.read_parquet(p)).loc[ref["is_attack"].to_numpy() == 1, "dst_port"])
+    port = int(pd.concat(ports).value_counts().index[0])                 # the most alerted destination port
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    with FeedbackStore(url) as s:
+        s.add_rule(src="0.0.0.0/0", reason="expired: silences nothing", creator="test", expires_at=datetime.now(timezone.utc) - timedelta(days=1))
+        rule = s.add_rule(dst_port=port, reason="known poller", creator="test")
+    out = tmp_path / "out"
+    r = subprocess.run(score_cmd(data, out, cluster, inputs, feedback=url), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    key = ["protocol", "src_ip", "src_port", "dst_ip", "dst_port", "bidirectional_first_seen_ms"]
+    all_ids, hit_ids, n_hit, n_flagged = set(), set(), 0, 0
+    for p in sorted(inputs.iterdir()):
+        got = pd.read_parquet(out / "verdicts" / f"source={p.name}" / "part-00000.parquet")
+        ids = got if p.suffix == ".pcap" else pd.read_parquet(p)
+        flag = got["is_attack"].to_numpy() == 1
+        hit = flag & (ids["dst_port"].to_numpy() == port)
+        assert (got["suppressed_by"].notna().to_numpy() == hit).all() and set(got["suppressed_by"].dropna()) <= {rule.id}, p.name
+        alerts = (out / "alerts" / f"{p.name}.part-00000.jsonl").read_text().splitlines()
+        assert len(alerts) == flag.sum() - hit.sum(), p.name                     # suppressed: scored and stored, not alerted
+        assert all(json.loads(a)["destination"]["port"] != port for a in alerts), p.name
+        n_hit, n_flagged = n_hit + int(hit.sum()), n_flagged + int(flag.sum())
+        aid = lambda rows: {flow_alert_id("dist-test", "4", *t) for t in rows[key].itertuples(index=False)}
+        all_ids |= aid(ids[flag]); hit_ids |= aid(ids[hit])
+    assert 0 < n_hit < n_flagged
+    assert f"suppressed {n_hit:,} (rule {rule.id} {n_hit:,}); {len(all_ids):,} new alert(s) stored" in r.stdout, r.stdout
+    with FeedbackStore(url) as s:
+        assert s.count_alerts() == len(all_ids) and s.count_alerts(suppressed=True) == len(hit_ids)
+        assert s.get_rule(rule.id).n_suppressed == len(hit_ids)
+        a = s.get_alert(sorted(hit_ids)[0])
+        assert a["suppressed_by"] == rule.id and a["dst_port"] == port and len(a["features"]) == len(NFSTREAM.features)
+    man = json.loads((out / "manifest.json").read_text())
+    assert sum(u["suppressed"].get(str(rule.id), 0) for u in man["units"].values()) == n_hit
+    assert not any("alert_records" in u for u in man["units"].values())          # the records went to the store, not the manifest

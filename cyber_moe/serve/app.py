@@ -605,10 +605,11 @@ async def v2_infer(request: Request, model_name: str, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     req, raw = await off_loop(_infer_raw, body, served, settings, inline=len(body) <= _BIG_BODY)
     res = await request.app.state.scorer.score(served, raw)
-    await raise_alerts(request, served, raw, res, rid, batch=True)
+    alerts = await raise_alerts(request, served, raw, res, rid, batch=True)
     outputs = infer_outputs(res, served, [o.name for o in req.outputs] if req.outputs else None)
-    return {"model_name": served.name, "model_version": served.version, "id": req.id or rid,
-            "parameters": {"request_id": rid}, "outputs": outputs}
+    params = {"request_id": rid}     # with a feedback store: per flow, its alert id (None: not flagged) and suppressing rule
+    if alerts is not None: params.update(alert_ids=list(alerts.ids), suppressed_by=list(alerts.suppressed_by))
+    return {"model_name": served.name, "model_version": served.version, "id": req.id or rid, "parameters": params, "outputs": outputs}
 
 # %% ../../nbs/86_serve_app.ipynb #1cc146dc
 def _fill_components(comps: dict, served: ServedModel | None, settings: ServeSettings) -> None:
