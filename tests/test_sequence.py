@@ -154,11 +154,17 @@ def test_pyfunc_and_onnx_score_sequences(capture, bundle_dir, tmp_path):
     _, flows = capture
     bundle = load_model_bundle(bundle_dir)
     save_pyfunc(bundle, tmp_path / "pyfunc", example=flows.head(5))
-    got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(flows.head(300))
+    model = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
+    got = model.predict(flows.head(300))                  # ONNX Runtime by default: the bundle carries its checked graph
     ref = bundle.predict(flows.head(300))
-    np.testing.assert_allclose(got["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(model.predict(flows.head(300), params={"runtime": "torch"})["p_attack"].to_numpy(),
+                               ref["p_attack"].to_numpy(), atol=1e-6)
     bundle.use_onnx(threads=1)
-    np.testing.assert_allclose(bundle.predict(flows.head(300))["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-4)
+    onnx = bundle.predict(flows.head(300))
+    np.testing.assert_allclose(onnx["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(got["p_attack"].to_numpy(), onnx["p_attack"].to_numpy(), atol=1e-6)
+    bad = flows.head(300).assign(splt_ps_3=-5.0)           # the pyfunc refuses a bad sequence, naming the column
+    with pytest.raises(SchemaError, match="splt_ps_3"): model.predict(bad)
 
 
 def test_simulator_gives_sequences_to_a_sequence_model(capture):
