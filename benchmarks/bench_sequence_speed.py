@@ -2,8 +2,8 @@
 
 On one recorded lab capture (default: the held-out session of bench_sequence.py), in the same run:
 NFStream alone without and with `splt_analysis=32`, `score_pcap` with the default model plus the sequence expert and
-with the default model alone, and batch scoring of the metered flows through the MLflow pyfunc (torch, and the same
-bundle on ONNX Runtime), all on 2 threads. Untrained weights: inference costs what a trained model's costs.
+with the default model alone, and batch scoring of the metered flows through the MLflow pyfunc (ONNX Runtime, its default, and torch) and the
+bundle itself on ONNX Runtime, all on 2 threads. Untrained weights: inference costs what a trained model's costs.
 The load average before and after is recorded (the machine is shared).
 
     .venv/bin/python benchmarks/bench_sequence_speed.py --session outputs/seqlab/default-2 [--params params/default.yaml]
@@ -70,8 +70,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         for name, b in bundles.items():
             save_pyfunc(b, Path(d) / name, example=flows_s.head(5))
-            model = mlflow.pyfunc.load_model(str(Path(d) / name))
-            _, s = best_of(lambda: model.predict(flows_s), a.repeats); row(f"pyfunc {name} (torch)", len(flows_s), s)
+            model = mlflow.pyfunc.load_model(str(Path(d) / name))     # ONNX Runtime: the saved bundle carries its checked graph
+            _, s = best_of(lambda: model.predict(flows_s), a.repeats); row(f"pyfunc {name} (ONNX Runtime)", len(flows_s), s)
+            _, s = best_of(lambda: model.predict(flows_s, params={"runtime": "torch"}), a.repeats); row(f"pyfunc {name} (torch)", len(flows_s), s)
             b.use_onnx(threads=2)
             _, s = best_of(lambda: b.predict(flows_s), a.repeats); row(f"bundle.predict {name} (ONNX Runtime)", len(flows_s), s)
             b.runtime = None

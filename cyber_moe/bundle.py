@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import io
@@ -30,12 +31,12 @@ from .models import MoEClassifier
 from .schema import FlowSchema, SchemaError
 
 # %% auto #0
-__all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'MODEL_URI_SCHEMES', 'network_outputs', 'strip_columns',
-           'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays', 'OnnxNetwork', 'export_onnx',
-           'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest', 'check_net_kwargs',
-           'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs', 'save_pyfunc', 'log_pyfunc',
-           'model_uri_scheme', 'resolve_tracking_uri', 'use_mlflow_store', 'load_model_bundle', 'read_raw',
-           'score_file']
+__all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'PYFUNC_RUNTIMES', 'MODEL_URI_SCHEMES', 'network_outputs',
+           'strip_columns', 'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays', 'OnnxNetwork',
+           'export_onnx', 'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest',
+           'check_net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs', 'save_pyfunc',
+           'log_pyfunc', 'model_uri_scheme', 'resolve_tracking_uri', 'use_mlflow_store', 'load_model_bundle',
+           'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 2      # 2: one verdict from the family distribution and a validation operating point (issue 13)
@@ -398,17 +399,37 @@ def load_bundle(path: str | Path) -> ModelBundle:
 
 
 # %% ../nbs/58_bundle.ipynb #48069688
+PYFUNC_RUNTIMES = ("onnx", "torch")
+
+
 class BundlePyfunc:
-    "What `mlflow.pyfunc.load_model` returns the predictions of: a thin wrapper over `ModelBundle.predict`."
-    def __init__(self, bundle: ModelBundle): self.bundle = bundle
+    "What `mlflow.pyfunc.load_model` returns the predictions of: `ModelBundle.predict` on ONNX Runtime (when the bundle has its checked graph) or torch."
+    def __init__(self, bundle: ModelBundle):
+        self.bundle = bundle                                  # scores with bundle.runtime: ONNX Runtime, or torch when None
+        self.torch = copy.copy(bundle); self.torch.runtime = None   # the same weights and preprocessing on torch
+
+    @property
+    def runtime(self) -> str:
+        "What runs the network by default: 'onnx' or 'torch'."
+        return "torch" if self.bundle.runtime is None else "onnx"
+
     def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
-        "Score a frame of raw rows."
-        return self.bundle.predict(pd.DataFrame(model_input), class_probs=bool((params or {}).get("class_probs", False)))
+        "Score a frame of raw rows; params `class_probs` (add p_<family> columns) and `runtime` ('onnx' default, 'torch')."
+        params = params or {}
+        runtime = params.get("runtime") or "onnx"
+        if runtime not in PYFUNC_RUNTIMES: raise ValueError(f"params runtime: {runtime!r} is not one of {', '.join(PYFUNC_RUNTIMES)}")
+        b = self.torch if runtime == "torch" else self.bundle
+        return b.predict(pd.DataFrame(model_input), class_probs=bool(params.get("class_probs", False)))
 
 
 def _load_pyfunc(path: str) -> BundlePyfunc:
-    "MLflow's entry point (loader_module workflow)."
-    return BundlePyfunc(load_bundle(path))
+    "MLflow's entry point (loader_module workflow): the bundle on ONNX Runtime when it carries its checked graph, as the REST service scores."
+    b = load_bundle(path)
+    if b._onnx is not None:
+        try: b.use_onnx(threads=torch.get_num_threads())
+        except Exception as e:                                # the bundle still scores with torch; say why
+            logging.getLogger(__name__).warning("pyfunc %s: ONNX Runtime unavailable (%s: %s); scoring with torch", path, type(e).__name__, e)
+    return BundlePyfunc(b)
 
 
 def _mlflow_type(s: pd.Series, categorical: bool) -> str:
@@ -433,13 +454,13 @@ def _signature_example(bundle: ModelBundle, example: pd.DataFrame) -> tuple[pd.D
     from mlflow.types.schema import AnyType, ColSpec, Schema
     types = signature_inputs(bundle.schema, example)
     ex = strip_columns(example).loc[:, [c for c, _ in types]].head(5).copy()
-    out_sig = infer_signature(ex, bundle.predict(ex), params={"class_probs": False})
+    out_sig = infer_signature(ex, bundle.predict(ex), params={"class_probs": False, "runtime": "onnx"})
     return ex, ModelSignature(inputs=Schema([ColSpec(AnyType() if t == "any" else t, c) for c, t in types]), outputs=out_sig.outputs, params=out_sig.params)
 
 
 def _requirements() -> list[str]:
     from cyber_moe.config import package_versions
-    return [f"{n}=={v}" for n, v in package_versions(("cyber-moe", "torch", "numpy", "pandas", "scikit-learn", "mlflow", "pydantic")).items() if v]
+    return [f"{n}=={v}" for n, v in package_versions(("cyber-moe", "torch", "onnxruntime", "numpy", "pandas", "scikit-learn", "mlflow", "pydantic")).items() if v]
 
 
 def save_pyfunc(bundle: ModelBundle, path: str | Path, *, example: pd.DataFrame) -> Path:

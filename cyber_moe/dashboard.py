@@ -611,7 +611,7 @@ class Dashboard:
         if self.triage is not None: self.triage.bundle = view.bundle   # explanations with the shown run's model
         r = view.metrics.get("run", {})
         self.status.value = self._notice + _msg(f"{ref.label}: source {r.get('source')}, {r.get('test_rows', '?')} test flows, "
-                                 f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s")
+                                 f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s") + temporal_expert_note(view.metrics, view.bundle)
         self.notes.value = "".join(_msg("note: " + n) for n in view.notes)
         figs = run_figures(view)
         for k in ("pr_roc", "reliability"):
@@ -753,6 +753,9 @@ class Dashboard:
         exp = explain_flow(b, row, top_k=self.top_k, target=self.target.value)
         fig = fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60})
         show_figure(self.shap_out, fig)
+        if b.schema.sequence:   # a sequence model: which packets moved the verdict, as a strip under the waterfall (issue 14)
+            from cyber_moe.explain import fig_sequence_strip, sequence_strip
+            self.shap_out.outputs += (figure_bundle(fig_sequence_strip(sequence_strip(b, row, target=self.target.value))),)
 
 # %% ../nbs/75_dashboard.ipynb #d7a1c0e2
 def alert_label(a: dict) -> str:

@@ -16,9 +16,10 @@ from .bundle import ModelBundle, strip_columns
 from .schema import FAMILY, FlowSchema, SchemaError
 
 # %% auto #0
-__all__ = ['BACKGROUND_KEY', 'SEQ_PLAYERS', 'KIND_COLORS', 'stratified_positions', 'make_background', 'attach_background',
-           'bundle_background', 'reference_flow', 'FlowShap', 'shap_rows', 'explain_flow', 'global_importance',
-           'feature_kind', 'fig_flow_explanation', 'fig_global_importance']
+__all__ = ['BACKGROUND_KEY', 'SEQ_PLAYERS', 'KIND_COLORS', 'SEQ_CHANNEL_LABELS', 'stratified_positions', 'make_background',
+           'attach_background', 'bundle_background', 'reference_flow', 'FlowShap', 'shap_rows', 'explain_flow',
+           'global_importance', 'feature_kind', 'fig_flow_explanation', 'fig_global_importance', 'sequence_strip',
+           'fig_sequence_strip']
 
 # %% ../nbs/70_explain.ipynb #26bfe341
 BACKGROUND_KEY = "background"
@@ -94,12 +95,14 @@ def _outputs(bundle: ModelBundle) -> list[str]:
 SEQ_PLAYERS = ("seq_direction", "seq_size", "seq_iat")   # one player per packet-sequence channel: all its positions at once
 
 
-def _players(bundle: ModelBundle) -> tuple[list[str], np.ndarray]:
-    "(player names, player of each encoded column): the raw features, then for a sequence model one player per channel."
-    M = len(bundle.schema.features)
-    if not bundle.schema.sequence: return list(bundle.schema.features), np.arange(M)
-    ch = np.tile(np.array([0, 1, 2, 1]), bundle.schema.sequence)   # x_seq channels dir, size, time, mask: the mask goes with size
-    return list(bundle.schema.features) + list(SEQ_PLAYERS), np.concatenate([np.arange(M), M + ch])
+def _players(bundle: ModelBundle, per_position: bool = False) -> tuple[list[str], np.ndarray]:
+    "(player names, player of each encoded column): the raw features, then for a sequence model one player per channel (or per channel and packet position)."
+    M, N = len(bundle.schema.features), bundle.schema.sequence
+    if not N: return list(bundle.schema.features), np.arange(M)
+    ch = np.tile(np.array([0, 1, 2, 1]), N)   # x_seq channels dir, size, time, mask: the mask goes with size
+    if not per_position: return list(bundle.schema.features) + list(SEQ_PLAYERS), np.concatenate([np.arange(M), M + ch])
+    names = [f"{p}_{i}" for p in SEQ_PLAYERS for i in range(N)]   # channel by channel, positions in order
+    return list(bundle.schema.features) + names, np.concatenate([np.arange(M), M + ch * N + np.repeat(np.arange(N), 4)])
 
 
 def _encode(bundle: ModelBundle, df: pd.DataFrame, where: str) -> np.ndarray:
@@ -141,14 +144,16 @@ def _credit(order: np.ndarray, v: np.ndarray, base: np.ndarray, fx: np.ndarray, 
     phi[order] += (fwd[1:] - fwd[:-1]) + (bwd[:-1] - bwd[1:])
 
 
-def _player_values(bundle: ModelBundle, rows: pd.DataFrame) -> pd.DataFrame:
-    "The raw value of every player per row: the feature's value; for a sequence channel the list of its real packets' values."
+def _player_values(bundle: ModelBundle, rows: pd.DataFrame, per_position: bool = False) -> pd.DataFrame:
+    "The raw value of every player per row: the feature's value; for a sequence channel the list of its real packets' values (per position: the value, None past the flow's last packet)."
     out = rows.loc[:, list(bundle.schema.features)].reset_index(drop=True)
     if bundle.schema.sequence:
         from cyber_moe.schema import sequence_array
         x, mask = sequence_array(rows, bundle.schema, where="rows to explain")
         for c, name in enumerate(SEQ_PLAYERS):
-            out[name] = [[float(v) for v in x[r, mask[r], c]] for r in range(len(x))]
+            if per_position:
+                for i in range(bundle.schema.sequence): out[f"{name}_{i}"] = [float(x[r, i, c]) if mask[r, i] else None for r in range(len(x))]
+            else: out[name] = [[float(v) for v in x[r, mask[r], c]] for r in range(len(x))]
     return out
 
 
@@ -201,14 +206,14 @@ def _background_matrix(bundle: ModelBundle, background, n_background: int | None
 
 
 def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFrame | None = None, n_background: int | None = None,
-              n_permutations: int = 1, seed: int = 0, batch_rows: int = 65_536) -> FlowShap:
-    "SHAP values of every output for raw `rows` against `background` (the bundle's when None): antithetic permutation sampling."
+              n_permutations: int = 1, seed: int = 0, batch_rows: int = 65_536, per_position: bool = False) -> FlowShap:
+    "SHAP values of every output for raw `rows` against `background` (the bundle's when None): antithetic permutation sampling; `per_position`: one sequence player per channel and packet position."
     t0 = time.perf_counter()
     if n_permutations < 1: raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
     rng = np.random.default_rng(seed)
     rows = strip_columns(pd.DataFrame(rows))
     if rows.empty: raise SchemaError("no rows to explain: the input frame is empty")
-    feats, player = _players(bundle)
+    feats, player = _players(bundle, per_position)
     bundle.schema.check_columns(rows.columns, where="rows to explain")
     z = _encode(bundle, rows, "rows to explain")
     zb, what = _background_matrix(bundle, background, n_background, rng)
@@ -238,7 +243,7 @@ def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFra
     run()
     phi /= 2 * n_permutations
     return FlowShap(values=phi, base_values=base, predictions=fx, features=feats, outputs=_outputs(bundle),
-                    rows=_player_values(bundle, rows), n_background=N, background=what,
+                    rows=_player_values(bundle, rows, per_position), n_background=N, background=what,
                     seconds=time.perf_counter() - t0, info={"n_permutations": n_permutations, "seed": seed})
 
 # %% ../nbs/70_explain.ipynb #2b3aa0c2
@@ -345,3 +350,49 @@ def fig_global_importance(importance: pd.DataFrame, *, schema: FlowSchema | None
         fig.update_layout(xaxis_tickangle=-45, height=max(300, 30 * len(importance) + 200))
     fig.update_layout(title=title, margin={"l": 10, "r": 10})
     return fig
+
+# %% ../nbs/70_explain.ipynb #7c2d4e18
+SEQ_CHANNEL_LABELS = ("direction", "size", "inter-arrival time")   # rows of the strip, in SEQ_PLAYERS order
+
+
+def sequence_strip(bundle: ModelBundle, row: dict | pd.Series | pd.DataFrame, *, target: str = "p_attack", background: pd.DataFrame | None = None,
+                   n_background: int | None = 25, n_permutations: int = 1, seed: int = 0) -> dict:
+    "SHAP contribution of every packet position x channel (direction, size, inter-arrival time) of one flow to `target` ('family': the verdict's family)."
+    t0 = time.perf_counter()
+    N, M = bundle.schema.sequence, len(bundle.schema.features)
+    if not N: raise ValueError(f"sequence_strip: model {bundle.name} reads no packet sequences (schema {bundle.schema.name}); "
+                               "use explain_flow")
+    res = shap_rows(bundle, _one_row(row), background=background, n_background=n_background, n_permutations=n_permutations,
+                    seed=seed, per_position=True)
+    pred = dict(zip(res.outputs, res.predictions[0]))
+    if target == "family":
+        from cyber_moe.evaluate import decide
+        v = decide(np.array([[pred[f"p_{c}"] for c in bundle.classes]]), bundle.threshold, benign_index=bundle.benign_index)
+        target = f"p_{bundle.classes[int(v['family_index'][0])]}"
+    k = res.output(target)
+    phi = res.values[0, :, k]
+    values = [[None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in res.rows.iloc[0, M + c * N:M + (c + 1) * N]]
+              for c in range(3)]
+    return {"target": target, "base_value": float(res.base_values[k]), "value": float(res.predictions[0, k]),
+            "channels": list(SEQ_CHANNEL_LABELS), "n_positions": N, "n_packets": sum(v is not None for v in values[0]),
+            "contributions": phi[M:].reshape(3, N).tolist(), "values": values,
+            "sequence_total": float(phi[M:].sum()), "rest": float(phi[:M].sum()),
+            "background": res.background, "n_background": res.n_background, "seconds": time.perf_counter() - t0}
+
+
+def fig_sequence_strip(strip: dict, *, title: str | None = None):
+    "Plotly heatmap of a `sequence_strip`: packet positions across, channels down, cells coloured by contribution (red raises the target)."
+    import plotly.graph_objects as go
+    z = np.asarray(strip["contributions"], dtype=float)[::-1]        # plotly draws the first row at the bottom: direction on top
+    text = [["no packet" if v is None else _short(v) for v in row] for row in strip["values"][::-1]]
+    lim = max(float(np.abs(z).max()), 1e-9)
+    N, n = strip["n_positions"], strip["n_packets"]
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(1, N + 1)), y=strip["channels"][::-1], text=text, zmid=0, zmin=-lim, zmax=lim,
+                               colorscale="RdBu_r", xgap=1, ygap=1, colorbar={"title": "SHAP"},
+                               hovertemplate="packet %{x}, %{y}: %{text}<br>contribution %{z:+.4f}<extra></extra>"))
+    if n < N: fig.add_vrect(x0=n + 0.5, x1=N + 0.5, fillcolor="grey", opacity=0.15, line_width=0)
+    fig.update_layout(title=title or f"{strip['target']}: packet sequence {strip['sequence_total']:+.3f} over {n} of {N} packets "
+                                     f"(flow statistics {strip['rest']:+.3f})",
+                      xaxis_title="packet position", height=260, margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return fig
+

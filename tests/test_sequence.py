@@ -154,11 +154,17 @@ def test_pyfunc_and_onnx_score_sequences(capture, bundle_dir, tmp_path):
     _, flows = capture
     bundle = load_model_bundle(bundle_dir)
     save_pyfunc(bundle, tmp_path / "pyfunc", example=flows.head(5))
-    got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(flows.head(300))
+    model = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
+    got = model.predict(flows.head(300))                  # ONNX Runtime by default: the bundle carries its checked graph
     ref = bundle.predict(flows.head(300))
-    np.testing.assert_allclose(got["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(model.predict(flows.head(300), params={"runtime": "torch"})["p_attack"].to_numpy(),
+                               ref["p_attack"].to_numpy(), atol=1e-6)
     bundle.use_onnx(threads=1)
-    np.testing.assert_allclose(bundle.predict(flows.head(300))["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-4)
+    onnx = bundle.predict(flows.head(300))
+    np.testing.assert_allclose(onnx["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(got["p_attack"].to_numpy(), onnx["p_attack"].to_numpy(), atol=1e-6)
+    bad = flows.head(300).assign(splt_ps_3=-5.0)           # the pyfunc refuses a bad sequence, naming the column
+    with pytest.raises(SchemaError, match="splt_ps_3"): model.predict(bad)
 
 
 def test_simulator_gives_sequences_to_a_sequence_model(capture):
@@ -173,3 +179,45 @@ def test_simulator_gives_sequences_to_a_sequence_model(capture):
     plain, s0, _ = load_source(cfg.model_copy(update={"model": ModelConfig()}))
     assert s0.sequence == 0 and "splt_dir_0" not in plain.columns
     assert (df["family"].to_numpy() == plain["family"].to_numpy()).all()
+
+
+def test_dashboard_shows_the_sequence_strip(tmp_path):
+    "The dashboard names a sequence model's temporal expert where it shows the model, and draws the packet strip under a flow's waterfall."
+    import torch
+    from cyber_moe.baseline import Baseline
+    from cyber_moe.bundle import ModelBundle
+    from cyber_moe.config import RunConfig, save_config
+    from cyber_moe.dashboard import Dashboard
+    from cyber_moe.evaluate import write_metrics
+    from cyber_moe.explain import attach_background, make_background
+    from cyber_moe.models import MoEClassifier
+    from cyber_moe.train import evaluate_run, fit_run_baseline, network_kwargs, prepare, save_prepared
+    outputs = tmp_path / "outputs"
+    cfg = RunConfig.model_validate({"run_name": "seqdash", "outputs_dir": str(outputs), "seed": 0,
+                                    "data": {"source": "synth", "synth_seed": 3, "synth_days": 1, "synth_n_flows": 1000},
+                                    "model": SEQ_MODEL.model_copy(update={"experts": {**SEQ_MODEL.experts, "sequence": {
+                                        **SEQ_MODEL.experts["sequence"], "n_packets": 32}}}).model_dump(),
+                                    "baseline": {"n_estimators": 5, "num_leaves": 7}})
+    prep = prepare(cfg)
+    assert prep.schema.sequence == 32
+    save_prepared(prep, cfg.run_dir); save_config(cfg, cfg.run_dir / "config.yaml")
+    torch.manual_seed(0)
+    kw = network_kwargs(cfg, prep.preprocessor)
+    b = ModelBundle(schema=prep.schema, preprocessor=prep.preprocessor, net=MoEClassifier(**kw), net_kwargs=kw, name="seqdash", version="1")
+    save_bundle(attach_background(b, make_background(prep.rows("train"), schema=prep.schema, n=10, seed=0)), cfg.run_dir / "model")
+    fit_run_baseline(cfg, prep).save(cfg.run_dir / "baseline")
+    metrics, _ = evaluate_run(prep, b, Baseline.load(cfg.run_dir / "baseline"))
+    metrics["run"] = {"run_name": "seqdash", "source": "synth", "test_rows": len(prep.split.test), "classes": prep.classes}
+    write_metrics(cfg.run_dir / "metrics.json", metrics)
+    dash = Dashboard(outputs_dir=outputs, run="seqdash", n_shap=4, background=False)
+    assert "cm-error" not in dash.status.value, dash.status.value
+    assert "Temporal expert: <b>sequence" in dash.status.value, dash.status.value
+    figs = [o["data"]["application/vnd.plotly.v1+json"]["data"][0] for o in dash.shap_out.outputs]
+    assert [f["type"] for f in figs] == ["waterfall", "heatmap"], [f["type"] for f in figs]
+    strip = figs[1]
+    assert strip["y"] == ["inter-arrival time", "size", "direction"] and len(strip["x"]) == 32
+    z = strip["z"]
+    if isinstance(z, dict):                        # plotly's JSON carries numpy arrays as base64 ("bdata")
+        import base64
+        z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"])
+    assert np.asarray(z, dtype=float).size == 3 * 32 and np.abs(np.asarray(z, dtype=float)).sum() > 0
