@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 
 from .config import find_project_root
 from .schema import FAMILY, SchemaError
@@ -37,7 +38,7 @@ __all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'PENDING', 'D
            'headline_metrics', 'Dashboard', 'alert_label', 'rules_html', 'fig_precision', 'Triage',
            'dashboard_notebook', 'voila_command', 'dashboard_env', 'start', 'stop', 'wait_until_serving', 'launch']
 
-# %% ../nbs/75_dashboard.ipynb #baf057fd
+# %% ../nbs/75_dashboard.ipynb #2d0818ef
 ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
 
 
@@ -77,7 +78,7 @@ def tracking_uri_for(outputs_dir: str | Path) -> str:
     "The default MLflow tracking URI of runs written to `outputs_dir` (as `RunConfig.mlflow_uri`)."
     return f"sqlite:///{Path(outputs_dir).resolve() / 'mlflow.db'}"
 
-
+# %% ../nbs/75_dashboard.ipynb #e7976354
 def registry_versions(tracking_uri: str) -> list[dict]:
     "Every registered model version at `tracking_uri`: name, version, run_id, run_name and its `models:/` URI."
     from mlflow import MlflowClient
@@ -115,7 +116,7 @@ def find_runs(outputs_dir: str | Path, *, tracking_uri: str | None = None) -> li
     refs, uri = run_folders(outputs_dir), registry_uri(outputs_dir, tracking_uri)
     return refs if uri is None else add_registered(refs, uri)
 
-
+# %% ../nbs/75_dashboard.ipynb #c1ab91a0
 def no_run_message(outputs_dir: str | Path) -> str:
     "What the dashboard says when there is nothing to show, and how to make a run."
     return (f"No run found in {Path(outputs_dir).resolve()}: a run is a folder with a metrics.json and a model/ "
@@ -123,7 +124,7 @@ def no_run_message(outputs_dir: str | Path) -> str:
             "`cyber-moe train --params params/default.yaml`, then reload this page, or start the dashboard with "
             "`cyber-moe dashboard --outputs DIR` on the folder that holds your runs.")
 
-# %% ../nbs/75_dashboard.ipynb #bc083be9
+# %% ../nbs/75_dashboard.ipynb #644d8334
 @dataclass
 class RunView:
     "What the dashboard shows of one run: its metrics, model, test rows and scores, SHAP and drift views, and notes."
@@ -165,7 +166,7 @@ def read_importance(path: str | Path) -> dict[str, pd.DataFrame]:
         out[key] = df
     return out
 
-
+# %% ../nbs/75_dashboard.ipynb #6cad6ca6
 def _registry_files(ref: RunRef, tracking_uri: str) -> tuple[dict, Any, Path | None]:
     "Metrics, bundle and (if logged) the explain folder of a registered version whose run folder is gone."
     import mlflow
@@ -193,7 +194,7 @@ def _load_test(view: RunView, run_dir: Path, outputs_dir: Path) -> None:
     view.targets = {k: prep.arrays["test"][k] for k in ("y_family", "y_binary")}
     view.verdicts = b.predict(view.test, class_probs=True)
 
-
+# %% ../nbs/75_dashboard.ipynb #f1188fb0
 def load_run(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str | None = None) -> RunView:
     "Read one run (folder or registered version) into a `RunView`; what cannot be shown is said in `notes`."
     from cyber_moe.bundle import load_model_bundle
@@ -221,7 +222,7 @@ def load_run(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str | None =
     view.seconds = time.perf_counter() - t0
     return view
 
-# %% ../nbs/75_dashboard.ipynb #aec7272d
+# %% ../nbs/75_dashboard.ipynb #d772385f
 def comparison_table(metrics: dict) -> pd.DataFrame:
     "Headline test metrics of `metrics.json`: MoE, baseline, their difference and the better side, one row per metric."
     from cyber_moe.headline import HEADLINE, better_side, headline_rows
@@ -237,7 +238,7 @@ def table_html(df: pd.DataFrame, *, digits: int = 4) -> str:
     from cyber_moe.headline import html_table
     return html_table(df, fmt=f"{{:.{digits}f}}", css_class="cm-table")
 
-
+# %% ../nbs/75_dashboard.ipynb #b41152bf
 def mark_operating_points(fig, metrics: dict):
     "Add each model's operating point (its threshold) with its FPR to a `fig_pr_roc` figure; returns the figure."
     from cyber_moe.evaluate import MODEL_COLORS
@@ -273,7 +274,7 @@ def run_figures(view: RunView) -> dict:
         figs["reliability"] = fig_reliability({w: (y_fam, p["p_family"]) for w, p in view.predictions.items()})
     return figs
 
-
+# %% ../nbs/75_dashboard.ipynb #8edf8a9a
 def fig_shap_global(importance: dict, which: str, *, schema=None, top_k: int = 15):
     "The SHAP importance view `which` ('p_attack', 'family' or 'expert') of `importance` as a plotly figure."
     from cyber_moe.explain import fig_global_importance
@@ -392,7 +393,7 @@ def fig_drift_view(psi: dict[str, float], *, top_k: int = 25):
     from cyber_moe.report import fig_drift
     return fig_drift(psi, top_k=top_k)
 
-# %% ../nbs/75_dashboard.ipynb #fb603b9b
+# %% ../nbs/75_dashboard.ipynb #e391cf9c
 CSS = """<style>
 .cm-table{border-collapse:collapse;font-size:13px;margin:4px 0}
 .cm-table td,.cm-table th{border:1px solid #ddd;padding:3px 8px;text-align:right}
@@ -409,7 +410,7 @@ CSS = """<style>
 def _msg(text: str, kind: str = "cm-note") -> str:
     return f'<div class="{kind}">{html.escape(text)}</div>'
 
-
+# %% ../nbs/75_dashboard.ipynb #37810de8
 def figure_bundle(fig) -> dict:
     "The display_data output that shows plotly figure `fig` (plotly's mime type), sized by its container."
     import plotly.io as pio
@@ -423,7 +424,7 @@ def show_figure(out, fig) -> None:
     "Replace the content of ipywidgets Output `out` with plotly figure `fig` (safe from any thread: no output capture)."
     out.outputs = (figure_bundle(fig),)
 
-
+# %% ../nbs/75_dashboard.ipynb #6e7a3eaf
 PENDING = {"figures": "drawing the confusion matrices, per-class F1 and gate usage ...",
            "pr_roc": "computing the precision-recall and ROC curves (re-scoring the test split) ...",
            "reliability": "computing the reliability diagram ...",
@@ -437,7 +438,7 @@ def headline_metrics(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str 
     uri = tracking_uri or tracking_uri_for(outputs_dir)
     return _read_json(Path(mlflow.artifacts.download_artifacts(tracking_uri=uri, run_id=ref.run_id, artifact_path="metrics.json")))
 
-
+# %% ../nbs/75_dashboard.ipynb #6b45c7c8
 class Dashboard:
     "The analyst dashboard over the runs of `outputs_dir` (and its MLflow registry): one ipywidgets tree in `.widget`."
 
@@ -469,14 +470,7 @@ class Dashboard:
         if uri is not None and (not self.refs or (run is not None and run not in {r.name for r in self.refs})):
             self._read_registry(uri)
             uri = None
-        self.triage = None
-        url = feedback_url or (f"sqlite:///{(self.outputs_dir / 'feedback.db').resolve()}" if (self.outputs_dir / "feedback.db").is_file() else None)
-        if url is not None:
-            try:
-                from cyber_moe.feedback import FeedbackStore
-                self.triage = Triage(FeedbackStore(url), analyst=analyst, precision=self.page_shown.is_set())
-            except Exception as e:  # the runs are still worth showing without the store
-                self._notice += _msg(f"feedback store not opened ({type(e).__name__}: {e}): no alert triage", "cm-error")
+        self._open_triage(feedback_url, analyst)
         self.run_select = W.Dropdown(options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run",
                                      layout=W.Layout(width="min(100%, 640px)"))
         self.run_select.add_class("cm-run")
@@ -494,270 +488,314 @@ class Dashboard:
         self._relabelling = False
         self.run_select.observe(lambda ch: None if self._relabelling else self._guard(self.select_run, ch["new"]), names="value")
         self._guard(self.select_run, self.run_select.value)
-        self.precision_loader: threading.Thread | None = None
-        if self.triage is not None and not self.page_shown.is_set():
-            self.precision_loader = threading.Thread(target=self._after_page, args=(self.triage.draw_precision,), name="dashboard-precision", daemon=True)
-            self.precision_loader.start()
-        if uri is not None:
-            if self.background:
-                self.registry_loader = threading.Thread(target=self._add_registry, args=(uri,), name="dashboard-registry", daemon=True)
-                self.registry_loader.start()
-            else: self._add_registry(uri)
+        self._start_loaders(uri)
 
-    def _after_page(self, fn) -> None:
-        "Call `fn` once the page shows the headline; an error becomes a message in the page."
-        self.page_shown.wait(self.wait_for_page)
-        self._guard(fn)
+# %% ../nbs/75_dashboard.ipynb #72a90235
+@patch
+def _open_triage(self: Dashboard, feedback_url: str | None, analyst: str) -> None:
+    "Open the feedback store (`feedback_url`, else the outputs folder's feedback.db) for the triage panel; a failure becomes a notice."
+    self.triage = None
+    url = feedback_url or (f"sqlite:///{(self.outputs_dir / 'feedback.db').resolve()}" if (self.outputs_dir / "feedback.db").is_file() else None)
+    if url is not None:
+        try:
+            from cyber_moe.feedback import FeedbackStore
+            self.triage = Triage(FeedbackStore(url), analyst=analyst, precision=self.page_shown.is_set())
+        except Exception as e:  # the runs are still worth showing without the store
+            self._notice += _msg(f"feedback store not opened ({type(e).__name__}: {e}): no alert triage", "cm-error")
 
-    def _read_registry(self, uri: str) -> str:
-        "Add the registered versions at `uri` to `self.refs`; a broken registry becomes a notice (the run folders stay), also returned."
-        try: self.refs = add_registered(self.refs, uri)
-        except Exception as e:  # a broken registry must not hide the run folders
-            notice = _msg(f"MLflow registry not read ({type(e).__name__}: {e}); showing run folders only", "cm-error")
-            self._notice += notice
-            return notice
-        return ""
-
-    def _add_registry(self, uri: str) -> None:
-        "Read the registry, then relabel the run selector (folders tagged with their versions, versions without a folder added), keeping the choice."
-        self.page_shown.wait(self.wait_for_page)
-        notice = self._read_registry(uri)
-        if notice:
-            self.status.value = notice + self.status.value
-            return
-        with self.run_select.hold_sync():
-            self._relabelling, index = True, self.run_select.value
-            try:
-                self.run_select.options = [(r.label, i) for i, r in enumerate(self.refs)]
-                self.run_select.value = index
-            finally: self._relabelling = False
-
-    def _guard(self, fn, *args) -> None:
-        "Run a callback; an error becomes a message in the page."
-        try: fn(*args)
-        except Exception as e:
-            self.status.value = self._notice + _msg(f"{type(e).__name__}: {e}", "cm-error")
-
-    def _out(self):
-        return self.W.Output(layout=self.W.Layout(width="100%", min_width="0"))
-
-    def _figure(self, fig):
-        out = self._out()
-        show_figure(out, fig)
-        return out
-
-    def _grid(self, children):
-        return self.W.GridBox(children, layout=self.W.Layout(width="100%", grid_gap="8px",
-                              grid_template_columns="repeat(auto-fit, minmax(min(100%, 520px), 1fr))"))
-
-    def select_run(self, index: int) -> None:
-        "Show run `index` of `self.refs`: its headline table at once, then (in a thread) the figures and the views that need its model."
-        W = self.W
-        ref = self.refs[index]
-        self._generation += 1
-        gen, t0 = self._generation, time.perf_counter()
-        self.view, self.timings = None, {}
-        self.status.value = self._notice + _msg(f"loading {ref.label} ...")
-        self.metrics = headline_metrics(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
-        self.slots = {k: W.VBox([W.HTML(_msg(text, "cm-pending"))], layout=W.Layout(width="100%", min_width="0")) for k, text in PENDING.items()}
-        self.notes = W.HTML()
-        headline = W.HTML(f'<h3>Model vs baseline (test split)</h3><div class="cm-headline" data-run="{html.escape(ref.name, quote=True)}">'
-                          + table_html(comparison_table(self.metrics)) + "</div>")
-        if not self.page_shown.is_set():   # the page's widget manager counts the views it displays (ipywidgets' `_view_count`)
-            headline._view_count = 0
-            headline.observe(lambda ch: self.page_shown.set() if (ch["new"] or 0) > 0 else None, names="_view_count")
-        # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
-        # ipywidgets layout never reached the page: Voila drew it half-width)
-        triage = [W.HTML("<h3>Alert triage</h3>"), self.triage.widget] if self.triage is not None else []
-        self.body.children = [headline, self.notes, *triage, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], self.slots["figures"],
-                              W.HTML("<h3>SHAP: what drives the verdicts</h3>"), self.slots["shap"],
-                              W.HTML("<h3>Drift: test split against the training reference</h3>"), self.slots["drift"],
-                              W.HTML("<h3>Investigate a flow</h3>"), self.slots["flows"]]
-        self._shown_view(gen, "headline", t0)
+@patch
+def _start_loaders(self: Dashboard, uri: str | None) -> None:
+    "Start the threads that wait for the page: the triage's precision figure and the MLflow registry at `uri` (None: already read)."
+    self.precision_loader: threading.Thread | None = None
+    if self.triage is not None and not self.page_shown.is_set():
+        self.precision_loader = threading.Thread(target=self._after_page, args=(self.triage.draw_precision,), name="dashboard-precision", daemon=True)
+        self.precision_loader.start()
+    if uri is not None:
         if self.background:
-            self.loader = threading.Thread(target=self._fill_guarded, args=(ref, gen, t0), name=f"dashboard-load-{ref.name}", daemon=True)
-            self.loader.start()
-        else: self._fill(ref, gen, t0)
+            self.registry_loader = threading.Thread(target=self._add_registry, args=(uri,), name="dashboard-registry", daemon=True)
+            self.registry_loader.start()
+        else: self._add_registry(uri)
 
-    def _shown_view(self, gen: int, name: str, t0: float) -> None:
-        "Record that view `name` of load `gen` is drawn, and say which views are still being computed."
+
+@patch
+def _after_page(self: Dashboard, fn) -> None:
+    "Call `fn` once the page shows the headline; an error becomes a message in the page."
+    self.page_shown.wait(self.wait_for_page)
+    self._guard(fn)
+
+@patch
+def _read_registry(self: Dashboard, uri: str) -> str:
+    "Add the registered versions at `uri` to `self.refs`; a broken registry becomes a notice (the run folders stay), also returned."
+    try: self.refs = add_registered(self.refs, uri)
+    except Exception as e:  # a broken registry must not hide the run folders
+        notice = _msg(f"MLflow registry not read ({type(e).__name__}: {e}); showing run folders only", "cm-error")
+        self._notice += notice
+        return notice
+    return ""
+
+@patch
+def _add_registry(self: Dashboard, uri: str) -> None:
+    "Read the registry, then relabel the run selector (folders tagged with their versions, versions without a folder added), keeping the choice."
+    self.page_shown.wait(self.wait_for_page)
+    notice = self._read_registry(uri)
+    if notice:
+        self.status.value = notice + self.status.value
+        return
+    with self.run_select.hold_sync():
+        self._relabelling, index = True, self.run_select.value
+        try:
+            self.run_select.options = [(r.label, i) for i, r in enumerate(self.refs)]
+            self.run_select.value = index
+        finally: self._relabelling = False
+
+# %% ../nbs/75_dashboard.ipynb #c696a6fc
+@patch
+def _guard(self: Dashboard, fn, *args) -> None:
+    "Run a callback; an error becomes a message in the page."
+    try: fn(*args)
+    except Exception as e:
+        self.status.value = self._notice + _msg(f"{type(e).__name__}: {e}", "cm-error")
+
+@patch
+def _out(self: Dashboard):
+    return self.W.Output(layout=self.W.Layout(width="100%", min_width="0"))
+
+@patch
+def _figure(self: Dashboard, fig):
+    out = self._out()
+    show_figure(out, fig)
+    return out
+
+@patch
+def _grid(self: Dashboard, children):
+    return self.W.GridBox(children, layout=self.W.Layout(width="100%", grid_gap="8px",
+                          grid_template_columns="repeat(auto-fit, minmax(min(100%, 520px), 1fr))"))
+
+# %% ../nbs/75_dashboard.ipynb #94211e7b
+@patch
+def select_run(self: Dashboard, index: int) -> None:
+    "Show run `index` of `self.refs`: its headline table at once, then (in a thread) the figures and the views that need its model."
+    W = self.W
+    ref = self.refs[index]
+    self._generation += 1
+    gen, t0 = self._generation, time.perf_counter()
+    self.view, self.timings = None, {}
+    self.status.value = self._notice + _msg(f"loading {ref.label} ...")
+    self.metrics = headline_metrics(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
+    self.slots = {k: W.VBox([W.HTML(_msg(text, "cm-pending"))], layout=W.Layout(width="100%", min_width="0")) for k, text in PENDING.items()}
+    self.notes = W.HTML()
+    headline = W.HTML(f'<h3>Model vs baseline (test split)</h3><div class="cm-headline" data-run="{html.escape(ref.name, quote=True)}">'
+                      + table_html(comparison_table(self.metrics)) + "</div>")
+    if not self.page_shown.is_set():   # the page's widget manager counts the views it displays (ipywidgets' `_view_count`)
+        headline._view_count = 0
+        headline.observe(lambda ch: self.page_shown.set() if (ch["new"] or 0) > 0 else None, names="_view_count")
+    # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
+    # ipywidgets layout never reached the page: Voila drew it half-width)
+    triage = [W.HTML("<h3>Alert triage</h3>"), self.triage.widget] if self.triage is not None else []
+    self.body.children = [headline, self.notes, *triage, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], self.slots["figures"],
+                          W.HTML("<h3>SHAP: what drives the verdicts</h3>"), self.slots["shap"],
+                          W.HTML("<h3>Drift: test split against the training reference</h3>"), self.slots["drift"],
+                          W.HTML("<h3>Investigate a flow</h3>"), self.slots["flows"]]
+    self._shown_view(gen, "headline", t0)
+    if self.background:
+        self.loader = threading.Thread(target=self._fill_guarded, args=(ref, gen, t0), name=f"dashboard-load-{ref.name}", daemon=True)
+        self.loader.start()
+    else: self._fill(ref, gen, t0)
+
+# %% ../nbs/75_dashboard.ipynb #1344e6c6
+@patch
+def _shown_view(self: Dashboard, gen: int, name: str, t0: float) -> None:
+    "Record that view `name` of load `gen` is drawn, and say which views are still being computed."
+    if gen != self._generation: return
+    self.timings[name] = time.perf_counter() - t0
+    done = " · ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+    waiting = [k for k in PENDING if k not in self.timings]
+    self.progress.value = _msg(f"shown: {done}" + (f"; still computing: {', '.join(waiting)}" if waiting else ""), "cm-progress")
+
+@patch
+def _fill_guarded(self: Dashboard, ref: RunRef, gen: int, t0: float) -> None:
+    self.page_shown.wait(self.wait_for_page)
+    try: self._fill(ref, gen, t0)
+    except Exception as e:  # the thread has no caller: the error goes to the page, and no view stays "computing" for ever
         if gen != self._generation: return
-        self.timings[name] = time.perf_counter() - t0
-        done = " · ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
-        waiting = [k for k in PENDING if k not in self.timings]
-        self.progress.value = _msg(f"shown: {done}" + (f"; still computing: {', '.join(waiting)}" if waiting else ""), "cm-progress")
+        text = f"{type(e).__name__}: {e}"
+        self.status.value = self._notice + _msg(text, "cm-error")
+        for k, box in self.slots.items():
+            if k not in self.timings: box.children = [self.W.HTML(_msg(f"not shown: {text}", "cm-error"))]
 
-    def _fill_guarded(self, ref: RunRef, gen: int, t0: float) -> None:
-        self.page_shown.wait(self.wait_for_page)
-        try: self._fill(ref, gen, t0)
-        except Exception as e:  # the thread has no caller: the error goes to the page, and no view stays "computing" for ever
-            if gen != self._generation: return
-            text = f"{type(e).__name__}: {e}"
-            self.status.value = self._notice + _msg(text, "cm-error")
-            for k, box in self.slots.items():
-                if k not in self.timings: box.children = [self.W.HTML(_msg(f"not shown: {text}", "cm-error"))]
-
-    def _fill(self, ref: RunRef, gen: int, t0: float) -> None:
-        "Draw the metric figures, load the model and test flows of `ref`, and replace each placeholder of load `gen` by its view (unless another run was chosen)."
-        W = self.W
-        # metrics.json's figures first (plotting imports take seconds on a cold kernel), the reliability diagram's place kept in their grid
-        figures = self._grid([*[self._figure(f) for f in metrics_figures(self.metrics).values()], self.slots["reliability"]])
+@patch
+def _fill(self: Dashboard, ref: RunRef, gen: int, t0: float) -> None:
+    "Draw the metric figures, load the model and test flows of `ref`, and replace each placeholder of load `gen` by its view (unless another run was chosen)."
+    W = self.W
+    # metrics.json's figures first (plotting imports take seconds on a cold kernel), the reliability diagram's place kept in their grid
+    figures = self._grid([*[self._figure(f) for f in metrics_figures(self.metrics).values()], self.slots["reliability"]])
+    if gen != self._generation: return
+    self.slots["figures"].children = [figures]
+    self._shown_view(gen, "figures", t0)
+    view = load_run(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
+    if gen != self._generation: return
+    self.view = view
+    if self.triage is not None: self.triage.bundle = view.bundle   # explanations with the shown run's model
+    r = view.metrics.get("run", {})
+    self.status.value = self._notice + _msg(f"{ref.label}: source {r.get('source')}, {r.get('test_rows', '?')} test flows, "
+                             f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s") + temporal_expert_note(view.metrics, view.bundle)
+    self.notes.value = "".join(_msg("note: " + n) for n in view.notes)
+    figs = run_figures(view)
+    for k in ("pr_roc", "reliability"):
+        self.slots[k].children = [self._figure(figs[k])] if k in figs else [W.HTML(_msg("no test flows to draw it from (see the notes above)"))]
+    self._shown_view(gen, "pr_roc", t0)
+    self._shown_view(gen, "reliability", t0)
+    for k, build in (("shap", self._shap_section), ("drift", self._drift_section), ("flows", self._flow_section)):
         if gen != self._generation: return
-        self.slots["figures"].children = [figures]
-        self._shown_view(gen, "figures", t0)
-        view = load_run(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
-        if gen != self._generation: return
-        self.view = view
-        if self.triage is not None: self.triage.bundle = view.bundle   # explanations with the shown run's model
-        r = view.metrics.get("run", {})
-        self.status.value = self._notice + _msg(f"{ref.label}: source {r.get('source')}, {r.get('test_rows', '?')} test flows, "
-                                 f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s") + temporal_expert_note(view.metrics, view.bundle)
-        self.notes.value = "".join(_msg("note: " + n) for n in view.notes)
-        figs = run_figures(view)
-        for k in ("pr_roc", "reliability"):
-            self.slots[k].children = [self._figure(figs[k])] if k in figs else [W.HTML(_msg("no test flows to draw it from (see the notes above)"))]
-        self._shown_view(gen, "pr_roc", t0)
-        self._shown_view(gen, "reliability", t0)
-        for k, build in (("shap", self._shap_section), ("drift", self._drift_section), ("flows", self._flow_section)):
-            if gen != self._generation: return
-            self.slots[k].children = [build()]
-            self._shown_view(gen, k, t0)
+        self.slots[k].children = [build()]
+        self._shown_view(gen, k, t0)
 
-    def _shap_section(self):
-        W, view = self.W, self.view
-        out, msg = self._out(), W.HTML()
-        which = W.ToggleButtons(options=[("p_attack", "p_attack"), ("per family", "family"), ("per expert (gate)", "expert")],
-                                description="SHAP of")
-        def draw(_=None):
-            show_figure(out, fig_shap_global(view.importance, which.value, schema=view.bundle.schema))
-        which.observe(lambda ch: self._guard(draw), names="value")
-        if view.importance is not None:
-            msg.value = _msg(f"from the run's explain stage (explain/importance.json), {view.importance['p_attack'].attrs.get('n_rows')} test flows")
-            draw()
-            return W.VBox([msg, which, out])
-        button = W.Button(description=f"Compute on {self.n_shap} test flows", icon="calculator", layout=W.Layout(width="auto"),
-                          disabled=view.test is None)
-        msg.value = _msg("this run has no explain/importance.json (the pipeline's explain stage writes it); "
-                         + ("compute it here on a small stratified sample (about a second per flow)" if view.test is not None else
-                            "no test flows to compute it from"))
-        def compute(_):
-            button.disabled = True
-            msg.value = _msg(f"computing SHAP on {self.n_shap} test flows ...")
-            view.importance = compute_importance(view, n=self.n_shap)
-            msg.value = _msg(f"computed here on {view.importance['p_attack'].attrs['n_rows']} stratified test flows (10 background rows)")
-            draw()
-        button.on_click(lambda b: self._guard(compute, b))
-        self.shap_button = button
-        return W.VBox([msg, W.HBox([which, button]), out])
+# %% ../nbs/75_dashboard.ipynb #a42fdd9a
+@patch
+def _shap_section(self: Dashboard):
+    W, view = self.W, self.view
+    out, msg = self._out(), W.HTML()
+    which = W.ToggleButtons(options=[("p_attack", "p_attack"), ("per family", "family"), ("per expert (gate)", "expert")],
+                            description="SHAP of")
+    def draw(_=None):
+        show_figure(out, fig_shap_global(view.importance, which.value, schema=view.bundle.schema))
+    which.observe(lambda ch: self._guard(draw), names="value")
+    if view.importance is not None:
+        msg.value = _msg(f"from the run's explain stage (explain/importance.json), {view.importance['p_attack'].attrs.get('n_rows')} test flows")
+        draw()
+        return W.VBox([msg, which, out])
+    button = W.Button(description=f"Compute on {self.n_shap} test flows", icon="calculator", layout=W.Layout(width="auto"),
+                      disabled=view.test is None)
+    msg.value = _msg("this run has no explain/importance.json (the pipeline's explain stage writes it); "
+                     + ("compute it here on a small stratified sample (about a second per flow)" if view.test is not None else
+                        "no test flows to compute it from"))
+    def compute(_):
+        button.disabled = True
+        msg.value = _msg(f"computing SHAP on {self.n_shap} test flows ...")
+        view.importance = compute_importance(view, n=self.n_shap)
+        msg.value = _msg(f"computed here on {view.importance['p_attack'].attrs['n_rows']} stratified test flows (10 background rows)")
+        draw()
+    button.on_click(lambda b: self._guard(compute, b))
+    self.shap_button = button
+    return W.VBox([msg, W.HBox([which, button]), out])
 
-    def _drift_section(self):
-        W, view = self.W, self.view
-        if view.drift is None: return W.HTML(_msg("no drift view: the run has no explain/drift.json and no test flows to compute it"))
-        top = max(view.drift.items(), key=lambda kv: kv[1])
-        n_drift = sum(v > 0.25 for v in view.drift.values())
-        return W.VBox([W.HTML(_msg(f"{view.drift_source}; {n_drift} of {len(view.drift)} features above PSI 0.25; "
-                                   f"largest: {top[0]} ({top[1]:.3f})")), self._figure(fig_drift_view(view.drift))])
+# %% ../nbs/75_dashboard.ipynb #7ed5a21d
+@patch
+def _drift_section(self: Dashboard):
+    W, view = self.W, self.view
+    if view.drift is None: return W.HTML(_msg("no drift view: the run has no explain/drift.json and no test flows to compute it"))
+    top = max(view.drift.items(), key=lambda kv: kv[1])
+    n_drift = sum(v > 0.25 for v in view.drift.values())
+    return W.VBox([W.HTML(_msg(f"{view.drift_source}; {n_drift} of {len(view.drift)} features above PSI 0.25; "
+                               f"largest: {top[0]} ({top[1]:.3f})")), self._figure(fig_drift_view(view.drift))])
 
-    def _flow_section(self):
-        W, view = self.W, self.view
-        self.flow_msg, self.verdict = W.HTML(), W.HTML()
-        self.verdict.add_class("cm-verdict-box")
-        self.scores_out, self.shap_out = self._out(), self._out()
-        classes = view.bundle.classes
-        self.source = W.ToggleButtons(options=["test split", "uploaded file"], description="Flows from", style={"button_width": "110px"})
-        self.family = W.Dropdown(options=["all", *classes], description="True family", layout=W.Layout(width="auto"))
-        self.outcome = W.ToggleButtons(options=list(OUTCOMES), description="Model was", style={"button_width": "80px"})
-        self.flow = W.Dropdown(description="Flow", layout=W.Layout(width="min(100%, 640px)"))
-        self.target = W.Dropdown(options=[("p_attack", "p_attack"), ("predicted family's probability", "family")],
-                                 description="SHAP of", layout=W.Layout(width="auto"))
-        self.upload = W.FileUpload(accept=".csv,.parquet,.pcap,.pcapng", multiple=False, description="Upload CSV / pcap")
-        for w, cls in ((self.family, "cm-family"), (self.outcome, "cm-outcome"), (self.flow, "cm-flow"), (self.upload, "cm-upload")):
-            w.add_class(cls)
-        self.family.observe(lambda ch: self._guard(self.refresh_flows), names="value")
-        self.outcome.observe(lambda ch: self._guard(self.refresh_flows), names="value")
-        self.source.observe(lambda ch: self._guard(self.use_source, ch["new"]), names="value")
-        self.flow.observe(lambda ch: self._guard(self.show_flow, ch["new"]), names="value")
-        self.target.observe(lambda ch: self._guard(self.show_flow, self.flow.value), names="value")
-        self.upload.observe(lambda ch: self._guard(self.use_upload, ch["new"]), names="value")
-        self.uploaded: pd.DataFrame | None = None
-        self.upload_name, self._shown, self._resetting = None, None, False
-        self.use_source("test split")
-        filters = W.HBox([self.family, self.outcome], layout=W.Layout(flex_flow="row wrap"))
-        pick = W.HBox([self.source, self.upload], layout=W.Layout(flex_flow="row wrap"))
-        return W.VBox([pick, filters, self.flow_msg, W.HBox([self.flow, self.target], layout=W.Layout(flex_flow="row wrap")),
-                       self.verdict, self._grid([self.scores_out, self.shap_out])])
+@patch
+def _flow_section(self: Dashboard):
+    W, view = self.W, self.view
+    self.flow_msg, self.verdict = W.HTML(), W.HTML()
+    self.verdict.add_class("cm-verdict-box")
+    self.scores_out, self.shap_out = self._out(), self._out()
+    classes = view.bundle.classes
+    self.source = W.ToggleButtons(options=["test split", "uploaded file"], description="Flows from", style={"button_width": "110px"})
+    self.family = W.Dropdown(options=["all", *classes], description="True family", layout=W.Layout(width="auto"))
+    self.outcome = W.ToggleButtons(options=list(OUTCOMES), description="Model was", style={"button_width": "80px"})
+    self.flow = W.Dropdown(description="Flow", layout=W.Layout(width="min(100%, 640px)"))
+    self.target = W.Dropdown(options=[("p_attack", "p_attack"), ("predicted family's probability", "family")],
+                             description="SHAP of", layout=W.Layout(width="auto"))
+    self.upload = W.FileUpload(accept=".csv,.parquet,.pcap,.pcapng", multiple=False, description="Upload CSV / pcap")
+    for w, cls in ((self.family, "cm-family"), (self.outcome, "cm-outcome"), (self.flow, "cm-flow"), (self.upload, "cm-upload")):
+        w.add_class(cls)
+    self.family.observe(lambda ch: self._guard(self.refresh_flows), names="value")
+    self.outcome.observe(lambda ch: self._guard(self.refresh_flows), names="value")
+    self.source.observe(lambda ch: self._guard(self.use_source, ch["new"]), names="value")
+    self.flow.observe(lambda ch: self._guard(self.show_flow, ch["new"]), names="value")
+    self.target.observe(lambda ch: self._guard(self.show_flow, self.flow.value), names="value")
+    self.upload.observe(lambda ch: self._guard(self.use_upload, ch["new"]), names="value")
+    self.uploaded: pd.DataFrame | None = None
+    self.upload_name, self._shown, self._resetting = None, None, False
+    self.use_source("test split")
+    filters = W.HBox([self.family, self.outcome], layout=W.Layout(flex_flow="row wrap"))
+    pick = W.HBox([self.source, self.upload], layout=W.Layout(flex_flow="row wrap"))
+    return W.VBox([pick, filters, self.flow_msg, W.HBox([self.flow, self.target], layout=W.Layout(flex_flow="row wrap")),
+                   self.verdict, self._grid([self.scores_out, self.shap_out])])
 
-    def use_source(self, source: str) -> None:
-        "Pick flows from the test split or from the uploaded file."
-        view = self.view
-        if source == "test split":
-            if view.test is None:
-                self.flows, self.flow_info = None, None
-                self.flow_msg.value = _msg("no test flows for this run (see the notes above); upload a file to investigate flows")
-                self.flow.options = []
-                return
-            self.flows, self.flow_info = view.test, flow_table(view.test, view.verdicts)
-        else:
-            if self.uploaded is None:
-                self.flows, self.flow_info = None, None
-                self.flow_msg.value = _msg("no file uploaded yet: use the upload button (CSV/parquet with the model's columns, or a pcap)")
-                self.flow.options = []
-                return
-            self.flows, self.flow_info = self.uploaded, flow_table(self.uploaded, view.bundle.predict(self.uploaded, class_probs=True))
-        has_truth = FAMILY in self.flows.columns
-        self.family.disabled = self.outcome.disabled = not has_truth
-        if not has_truth: self.family.value, self.outcome.value = "all", "all"
-        self.refresh_flows()
+# %% ../nbs/75_dashboard.ipynb #763d2ce8
+@patch
+def use_source(self: Dashboard, source: str) -> None:
+    "Pick flows from the test split or from the uploaded file."
+    view = self.view
+    if source == "test split":
+        if view.test is None:
+            self.flows, self.flow_info = None, None
+            self.flow_msg.value = _msg("no test flows for this run (see the notes above); upload a file to investigate flows")
+            self.flow.options = []
+            return
+        self.flows, self.flow_info = view.test, flow_table(view.test, view.verdicts)
+    else:
+        if self.uploaded is None:
+            self.flows, self.flow_info = None, None
+            self.flow_msg.value = _msg("no file uploaded yet: use the upload button (CSV/parquet with the model's columns, or a pcap)")
+            self.flow.options = []
+            return
+        self.flows, self.flow_info = self.uploaded, flow_table(self.uploaded, view.bundle.predict(self.uploaded, class_probs=True))
+    has_truth = FAMILY in self.flows.columns
+    self.family.disabled = self.outcome.disabled = not has_truth
+    if not has_truth: self.family.value, self.outcome.value = "all", "all"
+    self.refresh_flows()
 
-    def use_upload(self, value) -> None:
-        "Read the uploaded file and switch the flow selector to its rows."
-        if not value: return
-        item = value[0]
-        self.uploaded = read_upload(item["name"], item["content"], self.view.bundle)
-        self.upload_name = item["name"]
-        self._resetting = True   # a new file shows all its flows: clear the filters without refreshing the old list
-        try: self.family.value, self.outcome.value = "all", "all"
-        finally: self._resetting = False
-        if self.source.value == "uploaded file": self.use_source("uploaded file")
-        else: self.source.value = "uploaded file"
+@patch
+def use_upload(self: Dashboard, value) -> None:
+    "Read the uploaded file and switch the flow selector to its rows."
+    if not value: return
+    item = value[0]
+    self.uploaded = read_upload(item["name"], item["content"], self.view.bundle)
+    self.upload_name = item["name"]
+    self._resetting = True   # a new file shows all its flows: clear the filters without refreshing the old list
+    try: self.family.value, self.outcome.value = "all", "all"
+    finally: self._resetting = False
+    if self.source.value == "uploaded file": self.use_source("uploaded file")
+    else: self.source.value = "uploaded file"
 
-    def refresh_flows(self) -> None:
-        "Apply the family and outcome filters to the flow selector."
-        if self.flow_info is None or self._resetting: return
-        choices, n = choose_flows(self.flow_info, family=self.family.value, outcome=self.outcome.value, limit=self.max_flows)
-        where = "test split" if self.source.value == "test split" else f"uploaded file {self.upload_name}"
-        self.flow_msg.value = _msg(f"{n} of {len(self.flow_info)} flows of the {where} match" +
-                                   (f"; the first {len(choices)} are listed" if n > len(choices) else ""))
-        self.flow.options = choices
-        if not choices:
-            self.verdict.value, self._shown = _msg("no flow matches these filters"), None
-            for o in (self.scores_out, self.shap_out): o.outputs = ()
-        else:
-            if self.flow.value is None: self.flow.value = choices[0][1]   # ipywidgets keeps no selection after new options
-            self.show_flow(self.flow.value)  # no-op when the selector's change event already showed it
+# %% ../nbs/75_dashboard.ipynb #97ebfec5
+@patch
+def refresh_flows(self: Dashboard) -> None:
+    "Apply the family and outcome filters to the flow selector."
+    if self.flow_info is None or self._resetting: return
+    choices, n = choose_flows(self.flow_info, family=self.family.value, outcome=self.outcome.value, limit=self.max_flows)
+    where = "test split" if self.source.value == "test split" else f"uploaded file {self.upload_name}"
+    self.flow_msg.value = _msg(f"{n} of {len(self.flow_info)} flows of the {where} match" +
+                               (f"; the first {len(choices)} are listed" if n > len(choices) else ""))
+    self.flow.options = choices
+    if not choices:
+        self.verdict.value, self._shown = _msg("no flow matches these filters"), None
+        for o in (self.scores_out, self.shap_out): o.outputs = ()
+    else:
+        if self.flow.value is None: self.flow.value = choices[0][1]   # ipywidgets keeps no selection after new options
+        self.show_flow(self.flow.value)  # no-op when the selector's change event already showed it
 
-    def show_flow(self, position: int | None) -> None:
-        "Show the verdict, probabilities, gate weights and SHAP explanation of flow `position` of the current flows."
-        from cyber_moe.explain import explain_flow, fig_flow_explanation
-        if position is None or self.flows is None: return
-        key = (id(self.flows), position, self.target.value)
-        if key == self._shown: return
-        self._shown = key
-        b = self.view.bundle
-        row = self.flows.iloc[[position]]
-        verdict = flow_verdict(b, row)
-        truth = str(row[FAMILY].iloc[0]) if FAMILY in row.columns else None
-        where = "test split" if self.source.value == "test split" else self.upload_name
-        self.verdict.value = verdict_html(verdict, title=f"Flow #{position} of the {where}", truth=truth)
-        show_figure(self.scores_out, fig_flow_scores(verdict, classes=b.classes, experts=list(b.experts)))
-        exp = explain_flow(b, row, top_k=self.top_k, target=self.target.value)
-        fig = fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60})
-        show_figure(self.shap_out, fig)
-        if b.schema.sequence:   # a sequence model: which packets moved the verdict, as a strip under the waterfall (issue 14)
-            from cyber_moe.explain import fig_sequence_strip, sequence_strip
-            self.shap_out.outputs += (figure_bundle(fig_sequence_strip(sequence_strip(b, row, target=self.target.value))),)
+@patch
+def show_flow(self: Dashboard, position: int | None) -> None:
+    "Show the verdict, probabilities, gate weights and SHAP explanation of flow `position` of the current flows."
+    from cyber_moe.explain import explain_flow, fig_flow_explanation
+    if position is None or self.flows is None: return
+    key = (id(self.flows), position, self.target.value)
+    if key == self._shown: return
+    self._shown = key
+    b = self.view.bundle
+    row = self.flows.iloc[[position]]
+    verdict = flow_verdict(b, row)
+    truth = str(row[FAMILY].iloc[0]) if FAMILY in row.columns else None
+    where = "test split" if self.source.value == "test split" else self.upload_name
+    self.verdict.value = verdict_html(verdict, title=f"Flow #{position} of the {where}", truth=truth)
+    show_figure(self.scores_out, fig_flow_scores(verdict, classes=b.classes, experts=list(b.experts)))
+    exp = explain_flow(b, row, top_k=self.top_k, target=self.target.value)
+    fig = fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60})
+    show_figure(self.shap_out, fig)
+    if b.schema.sequence:   # a sequence model: which packets moved the verdict, as a strip under the waterfall (issue 14)
+        from cyber_moe.explain import fig_sequence_strip, sequence_strip
+        self.shap_out.outputs += (figure_bundle(fig_sequence_strip(sequence_strip(b, row, target=self.target.value))),)
 
-# %% ../nbs/75_dashboard.ipynb #d7a1c0e2
+# %% ../nbs/75_dashboard.ipynb #b4760021
 def alert_label(a: dict) -> str:
     "One line of the alert queue: time, 5-tuple, family, p_attack, model and the latest verdict."
     t = pd.Timestamp(a["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if a.get("created_at") is not None else "?"
@@ -776,7 +814,7 @@ def rules_html(rules) -> str:
                         "alerts silenced": str(r.n_suppressed)} for r in rules]).set_index("id")
     return table_html(df).replace('class="cm-table"', 'class="cm-table cm-rules"', 1)
 
-
+# %% ../nbs/75_dashboard.ipynb #52a2d3c2
 def fig_precision(frames: dict[str, pd.DataFrame]):
     "Precision over time per model (and version) from analysts' verdicts (`FeedbackStore.precision_over_time` frames by model)."
     import plotly.graph_objects as go
@@ -789,7 +827,7 @@ def fig_precision(frames: dict[str, pd.DataFrame]):
                       margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
-
+# %% ../nbs/75_dashboard.ipynb #3567e662
 class Triage:
     "Alert triage over a `FeedbackStore`: the queue, one alert with its explanation, a verdict, suppression rules, precision over time."
 
@@ -842,91 +880,100 @@ class Triage:
         try: fn(*args)
         except Exception as e: self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
 
-    def refresh(self, keep: str | None = None, *, precision: bool = True) -> None:
-        "Reload the queue (in the chosen order, the page at `offset`), the rules and (with `precision`) the precision figure."
-        df = self.store.alerts(self.order.value, limit=self.limit, offset=self.offset)
-        total = self.store.count_alerts(suppressed=False)
-        self.page_info.value = _msg(f"alerts {self.offset + 1:,}–{self.offset + len(df):,} of {total:,}" if len(df) else f"no alert here ({total:,} queued)")
-        self.prev_page.disabled, self.next_page.disabled = self.offset == 0, self.offset + len(df) >= total
-        options = [(alert_label(a), a["id"]) for a in df.to_dict(orient="records")]
-        self.queue.options = options
-        if not options:
-            self.detail.value, self.alert = _msg("no alerts in the feedback store yet: `cyber-moe score --alerts`, `watch` and the REST app store them"), None
-        elif keep in {v for _, v in options}: self.queue.value = keep
-        elif self.queue.value is None: self.queue.value = options[0][1]
-        self.rules.value = rules_html(self.store.list_rules())
-        if precision: self.draw_precision(df)
+# %% ../nbs/75_dashboard.ipynb #0ad5400b
+@patch
+def refresh(self: Triage, keep: str | None = None, *, precision: bool = True) -> None:
+    "Reload the queue (in the chosen order, the page at `offset`), the rules and (with `precision`) the precision figure."
+    df = self.store.alerts(self.order.value, limit=self.limit, offset=self.offset)
+    total = self.store.count_alerts(suppressed=False)
+    self.page_info.value = _msg(f"alerts {self.offset + 1:,}–{self.offset + len(df):,} of {total:,}" if len(df) else f"no alert here ({total:,} queued)")
+    self.prev_page.disabled, self.next_page.disabled = self.offset == 0, self.offset + len(df) >= total
+    options = [(alert_label(a), a["id"]) for a in df.to_dict(orient="records")]
+    self.queue.options = options
+    if not options:
+        self.detail.value, self.alert = _msg("no alerts in the feedback store yet: `cyber-moe score --alerts`, `watch` and the REST app store them"), None
+    elif keep in {v for _, v in options}: self.queue.value = keep
+    elif self.queue.value is None: self.queue.value = options[0][1]
+    self.rules.value = rules_html(self.store.list_rules())
+    if precision: self.draw_precision(df)
 
-    def draw_precision(self, queued: pd.DataFrame | None = None) -> None:
-        "Per-model precision over time (from the verdicts) of the models in the queue (`queued`, default: read it again)."
-        df = self.store.alerts(self.order.value, limit=self.limit) if queued is None else queued
-        models = sorted(set(df["model_name"])) if len(df) else []
-        frames = {m: self.store.precision_over_time(m) for m in models}
-        frames = {m: f for m, f in frames.items() if len(f)}
-        if frames: show_figure(self.precision_out, fig_precision(frames))
-        else: self.precision_out.outputs = ()
+@patch
+def draw_precision(self: Triage, queued: pd.DataFrame | None = None) -> None:
+    "Per-model precision over time (from the verdicts) of the models in the queue (`queued`, default: read it again)."
+    df = self.store.alerts(self.order.value, limit=self.limit) if queued is None else queued
+    models = sorted(set(df["model_name"])) if len(df) else []
+    frames = {m: self.store.precision_over_time(m) for m in models}
+    frames = {m: f for m, f in frames.items() if len(f)}
+    if frames: show_figure(self.precision_out, fig_precision(frames))
+    else: self.precision_out.outputs = ()
 
-    def page(self, step: int | None) -> None:
-        "Show the next (`step` 1) or previous (-1) `limit` alerts of the queue, or its first page (None, e.g. for a new order)."
-        self.offset = 0 if step is None else max(0, self.offset + step * self.limit)
-        self.refresh(precision=False)
+@patch
+def page(self: Triage, step: int | None) -> None:
+    "Show the next (`step` 1) or previous (-1) `limit` alerts of the queue, or its first page (None, e.g. for a new order)."
+    self.offset = 0 if step is None else max(0, self.offset + step * self.limit)
+    self.refresh(precision=False)
 
-    def _families(self) -> None:
-        a = self.alert
-        if a is None: return
-        classes = self.store.families(a["model_name"], a["model_version"]) or sorted({a["family"], "benign"})
-        if self.verdict.value == "tp": opts = [c for c in classes if c != "benign"]
-        else: opts = ["benign", *[c for c in classes if c not in ("benign", a["family"])]]
-        self.family.options = opts
-        self.family.value = a["family"] if self.verdict.value == "tp" and a["family"] in opts else opts[0]
+# %% ../nbs/75_dashboard.ipynb #924d620f
+@patch
+def _families(self: Triage) -> None:
+    a = self.alert
+    if a is None: return
+    classes = self.store.families(a["model_name"], a["model_version"]) or sorted({a["family"], "benign"})
+    if self.verdict.value == "tp": opts = [c for c in classes if c != "benign"]
+    else: opts = ["benign", *[c for c in classes if c not in ("benign", a["family"])]]
+    self.family.options = opts
+    self.family.value = a["family"] if self.verdict.value == "tp" and a["family"] in opts else opts[0]
 
-    def open(self, alert_id: str | None) -> None:
-        "Show alert `alert_id`: its fields, its verdicts so far and its explanation (SHAP with the run's model when it can score the flow)."
-        if alert_id is None: return
-        a = self.alert = self.store.get_alert(alert_id)
-        said = "; ".join(f"{v['verdict']} {v['label']} by {v['analyst']}" + (f" ({v['note']})" if v['note'] else "") for v in a["verdicts"]) or "none yet"
-        self.detail.value = (f'<div class="cm-alert" data-id="{html.escape(a["id"], quote=True)}"><b>Alert {html.escape(a["id"])}</b>: '
-                             f"{html.escape(alert_label(a))}<br>Community ID {html.escape(str(a.get('community_id')))}; verdicts: {html.escape(said)}</div>")
-        self._families()
-        self.explain_out.outputs = ()
-        feats = a.get("features") or {}
-        if self.bundle is not None and feats:
-            from cyber_moe.explain import explain_flow, fig_flow_explanation
-            try:
-                exp = explain_flow(self.bundle, pd.DataFrame([feats]), top_k=self.top_k)
-                show_figure(self.explain_out, fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60}))
-                return
-            except Exception as e:   # the alert came from another model's features: show them instead
-                self.detail.value += _msg(f"no SHAP with this run's model ({type(e).__name__}: {e}); the alert's features follow")
-        if feats:
-            top = pd.DataFrame({"value": pd.Series(feats)}).head(self.top_k)
-            self.detail.value += "<b>Features</b>" + table_html(top)
+@patch
+def open(self: Triage, alert_id: str | None) -> None:
+    "Show alert `alert_id`: its fields, its verdicts so far and its explanation (SHAP with the run's model when it can score the flow)."
+    if alert_id is None: return
+    a = self.alert = self.store.get_alert(alert_id)
+    said = "; ".join(f"{v['verdict']} {v['label']} by {v['analyst']}" + (f" ({v['note']})" if v['note'] else "") for v in a["verdicts"]) or "none yet"
+    self.detail.value = (f'<div class="cm-alert" data-id="{html.escape(a["id"], quote=True)}"><b>Alert {html.escape(a["id"])}</b>: '
+                         f"{html.escape(alert_label(a))}<br>Community ID {html.escape(str(a.get('community_id')))}; verdicts: {html.escape(said)}</div>")
+    self._families()
+    self.explain_out.outputs = ()
+    feats = a.get("features") or {}
+    if self.bundle is not None and feats:
+        from cyber_moe.explain import explain_flow, fig_flow_explanation
+        try:
+            exp = explain_flow(self.bundle, pd.DataFrame([feats]), top_k=self.top_k)
+            show_figure(self.explain_out, fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60}))
+            return
+        except Exception as e:   # the alert came from another model's features: show them instead
+            self.detail.value += _msg(f"no SHAP with this run's model ({type(e).__name__}: {e}); the alert's features follow")
+    if feats:
+        top = pd.DataFrame({"value": pd.Series(feats)}).head(self.top_k)
+        self.detail.value += "<b>Features</b>" + table_html(top)
 
-    def mark_alert(self) -> None:
-        "Record the chosen verdict (with the right family and note) on the open alert."
-        if self.alert is None: raise ValueError("no alert open: choose one in the queue")
-        v = self.store.record_verdict(self.alert["id"], self.verdict.value, family=self.family.value, note=self.note.value.strip() or None,
-                                      analyst=self.analyst)
-        self.msg.value = _msg(f"alert {v['alert_id']} marked {v['verdict']} ({v['label']})", "cm-note cm-marked")
-        self.note.value = ""
-        self.refresh(keep=self.alert["id"])
-        self.open(self.alert["id"])
+# %% ../nbs/75_dashboard.ipynb #1def2134
+@patch
+def mark_alert(self: Triage) -> None:
+    "Record the chosen verdict (with the right family and note) on the open alert."
+    if self.alert is None: raise ValueError("no alert open: choose one in the queue")
+    v = self.store.record_verdict(self.alert["id"], self.verdict.value, family=self.family.value, note=self.note.value.strip() or None,
+                                  analyst=self.analyst)
+    self.msg.value = _msg(f"alert {v['alert_id']} marked {v['verdict']} ({v['label']})", "cm-note cm-marked")
+    self.note.value = ""
+    self.refresh(keep=self.alert["id"])
+    self.open(self.alert["id"])
 
-    def create_rule(self) -> None:
-        "A suppression rule from the open alert: its source, destination port and/or family, an expiry and a reason."
-        from datetime import timedelta
-        if self.alert is None: raise ValueError("no alert open: choose one in the queue")
-        a = self.alert
-        r = self.store.add_rule(src=a["src_ip"] if self.rule_src.value else None, dst_port=a["dst_port"] if self.rule_port.value else None,
-                                family=a["family"] if self.rule_family.value else None, reason=self.rule_reason.value,
-                                expires_at=pd.Timestamp.now(tz="UTC").to_pydatetime() + timedelta(days=int(self.rule_days.value)),
-                                creator=self.analyst)
-        self.msg.value = _msg(f"rule {r.id} created: it silences matching alerts from now on", "cm-note cm-rule-made")
-        self.rule_reason.value = ""
-        self.refresh(keep=a["id"])
+@patch
+def create_rule(self: Triage) -> None:
+    "A suppression rule from the open alert: its source, destination port and/or family, an expiry and a reason."
+    from datetime import timedelta
+    if self.alert is None: raise ValueError("no alert open: choose one in the queue")
+    a = self.alert
+    r = self.store.add_rule(src=a["src_ip"] if self.rule_src.value else None, dst_port=a["dst_port"] if self.rule_port.value else None,
+                            family=a["family"] if self.rule_family.value else None, reason=self.rule_reason.value,
+                            expires_at=pd.Timestamp.now(tz="UTC").to_pydatetime() + timedelta(days=int(self.rule_days.value)),
+                            creator=self.analyst)
+    self.msg.value = _msg(f"rule {r.id} created: it silences matching alerts from now on", "cm-note cm-rule-made")
+    self.rule_reason.value = ""
+    self.refresh(keep=a["id"])
 
-
-# %% ../nbs/75_dashboard.ipynb #68b6a4e9
+# %% ../nbs/75_dashboard.ipynb #e94f54f2
 def dashboard_notebook() -> Path:
     "The dashboard notebook `nbs/dashboards/analysis.ipynb` of the checkout this package was installed from."
     import cyber_moe
@@ -939,7 +986,7 @@ def dashboard_notebook() -> Path:
 
 DEFAULT_MAX_KERNELS, DEFAULT_CULL_IDLE_SECONDS = 6, 300
 
-
+# %% ../nbs/75_dashboard.ipynb #3842e3ba
 def voila_command(*, notebook: str | Path, port: int = 8866, ip: str = "127.0.0.1", open_browser: bool = False,
                   allowed_hosts: tuple[str, ...] | list[str] = (), max_kernels: int = DEFAULT_MAX_KERNELS,
                   cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS, cull_interval_seconds: int | None = None) -> list[str]:
@@ -962,7 +1009,7 @@ def dashboard_env(*, outputs_dir: str | Path, run: str | None = None, base: dict
     else: env.pop(ENV_RUN, None)
     return env
 
-
+# %% ../nbs/75_dashboard.ipynb #4cdb818d
 def _die_with_parent() -> None:
     "In a child process (Linux): ask the kernel for SIGTERM when the parent exits, even if it is killed outright."
     import ctypes
@@ -991,7 +1038,7 @@ def stop(proc: subprocess.Popen, *, timeout: float = 20.0) -> int:
             except (ProcessLookupError, PermissionError): proc.kill()
     return proc.wait()
 
-
+# %% ../nbs/75_dashboard.ipynb #9b0e5d70
 def wait_until_serving(base_url: str, *, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> float:
     "Poll Voila at `base_url` until it answers (seconds waited); fails early if `proc` exits, with a `TimeoutError` after `timeout`."
     url = base_url.rstrip("/") + "/voila/static/extension.js"   # a static file: requesting the page itself would start a kernel
@@ -1030,4 +1077,3 @@ def launch(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866,
     finally:
         if proc is not None and proc.poll() is None: stop(proc, timeout=stop_timeout)
         for s, h in previous.items(): signal.signal(s, h)
-
