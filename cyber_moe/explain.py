@@ -21,7 +21,7 @@ __all__ = ['BACKGROUND_KEY', 'SEQ_PLAYERS', 'KIND_COLORS', 'SEQ_CHANNEL_LABELS',
            'global_importance', 'feature_kind', 'fig_flow_explanation', 'fig_global_importance', 'sequence_strip',
            'fig_sequence_strip']
 
-# %% ../nbs/70_explain.ipynb #26bfe341
+# %% ../nbs/70_explain.ipynb #526f2803
 BACKGROUND_KEY = "background"
 
 
@@ -46,7 +46,7 @@ def make_background(train: pd.DataFrame, *, schema: FlowSchema, n: int = 100, se
     if n < 1 or len(train) == 0: raise ValueError(f"make_background: need n >= 1 and training rows, got n={n} and {len(train)} row(s)")
     return train.iloc[stratified_positions(train, n, seed)].loc[:, _raw_columns(schema)].reset_index(drop=True)
 
-
+# %% ../nbs/70_explain.ipynb #bd1ee165
 def _raw_columns(schema: FlowSchema) -> list[str]:
     "The raw columns a bundle reads: its features, then the flat packet-sequence columns when it has sequences."
     return list(schema.features) + list(schema.sequence_columns)
@@ -74,7 +74,7 @@ def bundle_background(bundle: ModelBundle) -> pd.DataFrame | None:
     if rec is None: return None
     return pd.DataFrame({c: rec["data"][c] for c in rec["columns"]})
 
-
+# %% ../nbs/70_explain.ipynb #71116e76
 def reference_flow(bundle: ModelBundle) -> pd.DataFrame:
     "One raw row of the training medians (numeric, timing) and most frequent categories: the fallback background."
     pre, sc = bundle.preprocessor, bundle.schema
@@ -86,7 +86,7 @@ def reference_flow(bundle: ModelBundle) -> pd.DataFrame:
         row |= {"splt_dir_0": 0.0, "splt_ps_0": float(np.expm1(pre.state.seq["ps_center"])), "splt_piat_0": 0.0}
     return pd.DataFrame([row], columns=_raw_columns(sc))
 
-# %% ../nbs/70_explain.ipynb #6c2bf2a1
+# %% ../nbs/70_explain.ipynb #87e3302d
 def _outputs(bundle: ModelBundle) -> list[str]:
     "Names of the explained outputs, in column order of the model function."
     return ["p_attack", *[f"p_{c}" for c in bundle.classes], *[f"gate_{e}" for e in bundle.experts]]
@@ -104,7 +104,7 @@ def _players(bundle: ModelBundle, per_position: bool = False) -> tuple[list[str]
     names = [f"{p}_{i}" for p in SEQ_PLAYERS for i in range(N)]   # channel by channel, positions in order
     return list(bundle.schema.features) + names, np.concatenate([np.arange(M), M + ch * N + np.repeat(np.arange(N), 4)])
 
-
+# %% ../nbs/70_explain.ipynb #3d66fc75
 def _encode(bundle: ModelBundle, df: pd.DataFrame, where: str) -> np.ndarray:
     "float64 [n, M (+ 4 N)] preprocessed values in `schema.features` order (category codes as floats), then the flat x_seq of a sequence model."
     a = bundle.preprocessor.transform(df, where=where)
@@ -125,7 +125,7 @@ def _evaluate(bundle: ModelBundle, z: np.ndarray) -> np.ndarray:
     p = bundle.predict_arrays(arrays)
     return np.column_stack([p["p_attack"], p["p_classes"], p["gate"]]).astype(np.float64)
 
-
+# %% ../nbs/70_explain.ipynb #5817d1cf
 def _coalitions(order: np.ndarray, n_features: int) -> np.ndarray:
     "Masks [2 (m-1), M] (True = the flow's value) of the intermediate forward then backward coalitions of one order of m features."
     m = len(order)
@@ -156,7 +156,7 @@ def _player_values(bundle: ModelBundle, rows: pd.DataFrame, per_position: bool =
             else: out[name] = [[float(v) for v in x[r, mask[r], c]] for r in range(len(x))]
     return out
 
-
+# %% ../nbs/70_explain.ipynb #53b89571
 @dataclass
 class FlowShap:
     "SHAP values of raw rows: `values` [n, M, K] (row, feature, output), `base_values` [K], `predictions` [n, K]."
@@ -188,7 +188,7 @@ class FlowShap:
         out.attrs.update(n_rows=len(self.rows), n_background=self.n_background, background=self.background, by=by)
         return out
 
-
+# %% ../nbs/70_explain.ipynb #11d830c3
 def _background_matrix(bundle: ModelBundle, background, n_background: int | None, rng) -> tuple[np.ndarray, str]:
     "Encoded background rows (a seeded subset of at most `n_background`) and a description of where they came from."
     given = background is not None
@@ -204,7 +204,7 @@ def _background_matrix(bundle: ModelBundle, background, n_background: int | None
     bundle.schema.check_columns(bg.columns, where="background")
     return _encode(bundle, bg, "background"), what
 
-
+# %% ../nbs/70_explain.ipynb #0d70f907
 def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFrame | None = None, n_background: int | None = None,
               n_permutations: int = 1, seed: int = 0, batch_rows: int = 65_536, per_position: bool = False) -> FlowShap:
     "SHAP values of every output for raw `rows` against `background` (the bundle's when None): antithetic permutation sampling; `per_position`: one sequence player per channel and packet position."
