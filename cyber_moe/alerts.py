@@ -102,7 +102,7 @@ def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = 8
     out.attrs["model"] = {"name": bundle.name, "version": bundle.version}
     return out
 
-
+# %% ../nbs/85_alerts.ipynb #10e5794b
 class CaptureError(ValueError):
     "A capture source NFStream cannot open (unknown interface, no permission): the message says what to check."
 
@@ -137,7 +137,7 @@ def _torch_threads(n: int):
     try: yield
     finally: torch.set_num_threads(old)
 
-
+# %% ../nbs/85_alerts.ipynb #06a44f6c
 def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batch_size: int = 256, max_delay_s: float = 1.0,
                    max_flows: int | None = None, n_threads: int | None = None, bpf_filter: str | None = None,
                    features: bool = False, **nfstream_opts) -> Iterator[pd.DataFrame]:
@@ -188,7 +188,7 @@ def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batc
         raise (PcapError if is_file else CaptureError)(
             f"{source}: NFStream stopped after {stats['n_flows']:,} flow(s), all scored: {err}") from err
 
-
+# %% ../nbs/85_alerts.ipynb #ce1dca6e
 def score_pcap(bundle: ModelBundle, pcap_path: str | Path, *, allow_truncated: bool = False, batch_size: int = 2048,
                n_threads: int | None = None, features: bool = False, **nfstream_opts) -> pd.DataFrame:
     "Meter `pcap_path` with NFStream (`pcap_to_flows` options in `nfstream_opts`) and score every flow; rows in `pcap_to_flows` order."
@@ -243,7 +243,7 @@ def _iso(ms: pd.Series, fmt: str) -> list[str]:
 _OPTIONAL = ("ip_version", "application_name", "src2dst_packets", "src2dst_bytes", "dst2src_packets", "dst2src_bytes",
              "family", "p_family")
 
-
+# %% ../nbs/85_alerts.ipynb #1f7fc0bb
 def suppressed_mask(scored: pd.DataFrame) -> np.ndarray:
     "True for the flows a suppression rule silenced (column `suppressed_by`, set by `store_alerts`); all False without it."
     if "suppressed_by" not in scored.columns: return np.zeros(len(scored), bool)
@@ -269,7 +269,7 @@ def _flagged(scored: pd.DataFrame, bundle: ModelBundle) -> dict[str, list]:
         c[name + "_end"] = _iso(df["bidirectional_last_seen_ms"], fmt)
     return c
 
-
+# %% ../nbs/85_alerts.ipynb #38d4cac2
 def _opt(d: dict) -> dict:
     "`d` without the keys whose value is None (ECS and EVE leave absent fields out)."
     return {k: v for k, v in d.items() if v is not None}
@@ -309,7 +309,7 @@ def alerts_ecs(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
         })
     return out
 
-
+# %% ../nbs/85_alerts.ipynb #cdb11045
 def alerts_eve(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
     "One Suricata-EVE `alert` record per flagged, unsuppressed flow of `scored` (from `score_pcap`/`score_flows`), in row order."
     c = _flagged(scored, bundle)
@@ -332,7 +332,7 @@ def alerts_eve(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
         }))
     return out
 
-
+# %% ../nbs/85_alerts.ipynb #b685a85c
 def make_alerts(scored: pd.DataFrame, bundle: ModelBundle, *, alert_format: str = "ecs") -> list[dict]:
     "Alerts of `scored` in `alert_format` ('ecs' or 'eve')."
     if alert_format not in ALERT_FORMATS: raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")

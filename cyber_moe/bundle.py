@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fastcore.basics import patch
 import numpy as np
 import pandas as pd
 import torch
@@ -82,53 +83,64 @@ class ModelBundle:
         "Expert names in the order of the gate's outputs."
         return tuple(self.net.experts)
 
-    def predict_arrays(self, arrays: dict[str, np.ndarray], *, batch_size: int = 8192) -> dict[str, np.ndarray]:
-        "Calibrated probabilities and gate weights for preprocessed arrays (`x_num`, `x_cat`, `x_time`)."
-        if len(arrays["x_num"]) == 0:
-            return {"p_attack": np.zeros(0, np.float32), "p_classes": np.zeros((0, len(self.classes)), np.float32),
-                    "gate": np.zeros((0, len(self.experts)), np.float32)}
-        out = (self.runtime(arrays, batch_size=batch_size) if self.runtime is not None
-               else network_outputs(self.net, arrays, batch_size=batch_size))
-        raw = {k: torch.from_numpy(v) for k, v in out.items()}
-        p = torch.softmax(raw["family"].float() / self.temperature_family, dim=-1).numpy()
-        return {"p_attack": 1.0 - p[:, self.benign_index], "p_classes": p, "gate": raw["gate"].numpy()}
+# %% ../nbs/58_bundle.ipynb #eae20137
+@patch
+def predict_arrays(self: ModelBundle, arrays: dict[str, np.ndarray], *, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    "Calibrated probabilities and gate weights for preprocessed arrays (`x_num`, `x_cat`, `x_time`)."
+    if len(arrays["x_num"]) == 0:
+        return {"p_attack": np.zeros(0, np.float32), "p_classes": np.zeros((0, len(self.classes)), np.float32),
+                "gate": np.zeros((0, len(self.experts)), np.float32)}
+    out = (self.runtime(arrays, batch_size=batch_size) if self.runtime is not None
+           else network_outputs(self.net, arrays, batch_size=batch_size))
+    raw = {k: torch.from_numpy(v) for k, v in out.items()}
+    p = torch.softmax(raw["family"].float() / self.temperature_family, dim=-1).numpy()
+    return {"p_attack": 1.0 - p[:, self.benign_index], "p_classes": p, "gate": raw["gate"].numpy()}
 
-    @property
-    def benign_index(self) -> int:
-        "Position of the benign class in `classes`."
-        return self.classes.index(self.schema.benign) if self.schema.benign in self.classes else 0
 
-    def verdicts(self, arrays: dict[str, np.ndarray], *, batch_size: int = 8192) -> dict[str, np.ndarray]:
-        "`is_attack`, `p_attack`, `family` (names), `p_family`, `gate` [n, E] and `p_classes` [n, C] for preprocessed arrays (rule: `decide`)."
-        probs = self.predict_arrays(arrays, batch_size=batch_size)
-        pc = probs["p_classes"].astype(np.float64)
-        v = decide(pc, self.threshold, benign_index=self.benign_index)
-        return {"is_attack": v["is_attack"], "p_attack": v["p_attack"], "family": np.asarray(self.classes, dtype=object)[v["family_index"]],
-                "p_family": v["p_family"], "gate": probs["gate"].astype(np.float64), "p_classes": pc}
+@patch(as_prop=True)
+def benign_index(self: ModelBundle) -> int:
+    "Position of the benign class in `classes`."
+    return self.classes.index(self.schema.benign) if self.schema.benign in self.classes else 0
 
-    def predict(self, df: pd.DataFrame, *, batch_size: int = 8192, class_probs: bool = False) -> pd.DataFrame:
-        "Verdicts for raw rows (the data set's own columns): `is_attack`, `p_attack`, `family`, `p_family`, `gate_<expert>`."
-        df = strip_columns(pd.DataFrame(df))
-        if df.empty: raise SchemaError("no rows to score: the input frame is empty")
-        v = self.verdicts(self.preprocessor.transform(df), batch_size=batch_size)
-        cols = {k: v[k] for k in ("is_attack", "p_attack", "family", "p_family")}
-        cols.update({f"gate_{e}": v["gate"][:, i] for i, e in enumerate(self.experts)})
-        if class_probs: cols.update({f"p_{c}": v["p_classes"][:, i] for i, c in enumerate(self.classes)})
-        return pd.DataFrame(cols, index=df.index)
 
-    def onnx_graph(self) -> tuple[bytes, dict]:
-        "The network as an ONNX graph with its check against torch: exported once per set of weights, then cached."
-        key = weights_sha256(self.net)
-        if self._onnx is None or self._onnx[1]["weights_sha256"] != key:
-            graph, check = export_onnx(self.net)
-            self._onnx = (graph, {**check, "weights_sha256": key})
-        return self._onnx
+@patch
+def verdicts(self: ModelBundle, arrays: dict[str, np.ndarray], *, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    "`is_attack`, `p_attack`, `family` (names), `p_family`, `gate` [n, E] and `p_classes` [n, C] for preprocessed arrays (rule: `decide`)."
+    probs = self.predict_arrays(arrays, batch_size=batch_size)
+    pc = probs["p_classes"].astype(np.float64)
+    v = decide(pc, self.threshold, benign_index=self.benign_index)
+    return {"is_attack": v["is_attack"], "p_attack": v["p_attack"], "family": np.asarray(self.classes, dtype=object)[v["family_index"]],
+            "p_family": v["p_family"], "gate": probs["gate"].astype(np.float64), "p_classes": pc}
 
-    def use_onnx(self, *, threads: int | None = None) -> dict:
-        "Score with ONNX Runtime from now on (`runtime = None` goes back to torch); returns the export check."
-        graph, check = self.onnx_graph()
-        self.runtime = OnnxNetwork(graph, threads=threads)
-        return check
+
+@patch
+def predict(self: ModelBundle, df: pd.DataFrame, *, batch_size: int = 8192, class_probs: bool = False) -> pd.DataFrame:
+    "Verdicts for raw rows (the data set's own columns): `is_attack`, `p_attack`, `family`, `p_family`, `gate_<expert>`."
+    df = strip_columns(pd.DataFrame(df))
+    if df.empty: raise SchemaError("no rows to score: the input frame is empty")
+    v = self.verdicts(self.preprocessor.transform(df), batch_size=batch_size)
+    cols = {k: v[k] for k in ("is_attack", "p_attack", "family", "p_family")}
+    cols.update({f"gate_{e}": v["gate"][:, i] for i, e in enumerate(self.experts)})
+    if class_probs: cols.update({f"p_{c}": v["p_classes"][:, i] for i, c in enumerate(self.classes)})
+    return pd.DataFrame(cols, index=df.index)
+
+# %% ../nbs/58_bundle.ipynb #eb2a1f69
+@patch
+def onnx_graph(self: ModelBundle) -> tuple[bytes, dict]:
+    "The network as an ONNX graph with its check against torch: exported once per set of weights, then cached."
+    key = weights_sha256(self.net)
+    if self._onnx is None or self._onnx[1]["weights_sha256"] != key:
+        graph, check = export_onnx(self.net)
+        self._onnx = (graph, {**check, "weights_sha256": key})
+    return self._onnx
+
+
+@patch
+def use_onnx(self: ModelBundle, *, threads: int | None = None) -> dict:
+    "Score with ONNX Runtime from now on (`runtime = None` goes back to torch); returns the export check."
+    graph, check = self.onnx_graph()
+    self.runtime = OnnxNetwork(graph, threads=threads)
+    return check
 
 # %% ../nbs/58_bundle.ipynb #80052f5e
 ONNX_FILE = "network.onnx"
@@ -165,7 +177,7 @@ def _probe_sequences(net: MoEClassifier, n_rows: int, rng) -> np.ndarray:
     x = np.concatenate([rng.integers(0, 2, (n_rows, N, 1)), rng.standard_normal((n_rows, N, 2))], -1).astype(np.float32)
     return np.concatenate([x * m[..., None], m[..., None]], -1)
 
-
+# %% ../nbs/58_bundle.ipynb #3acc4a14
 class _InferGraph(torch.nn.Module):
     "What the exporter records: `MoEClassifier.infer`."
     def __init__(self, net: MoEClassifier):
@@ -196,7 +208,7 @@ class OnnxNetwork:
             for k, v in zip(_OUTPUTS, self.session.run(None, feed)): parts[k].append(v)
         return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
 
-
+# %% ../nbs/58_bundle.ipynb #39c28f9e
 def export_onnx(net: MoEClassifier, *, atol: float = 1e-4) -> tuple[bytes, dict]:
     "`net` as ONNX bytes (batch size dynamic) and the check against torch on probe rows; ValueError if they differ by more than `atol`."
     t0, mode = time.perf_counter(), net.training
@@ -291,7 +303,7 @@ def verify_manifest(path: str | Path, meta: dict) -> dict[str, str]:
                           f"{f'; and {len(problems) - 5} more' if len(problems) > 5 else ''}): it was altered after it was saved; refusing to load it")
     return listed
 
-
+# %% ../nbs/58_bundle.ipynb #5ecd560c
 def _short(v: Any, n: int = 60) -> str:
     s = repr(v)
     return s if len(s) <= n else s[:n] + "..."
@@ -328,7 +340,6 @@ def check_net_kwargs(kw: Any, preprocessor: Preprocessor, weights: dict[str, tor
                               f"({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})")
     return checked
 
-
 # %% ../nbs/58_bundle.ipynb #31c35f78
 def _bundle_meta(b: ModelBundle) -> dict:
     return {"format": BUNDLE_FORMAT, "name": b.name, "version": b.version, "schema": b.schema.to_dict(),
@@ -359,7 +370,7 @@ def save_bundle(bundle: ModelBundle, path: str | Path, *, onnx: bool = True) -> 
     bundle.digest = hashlib.sha256(text.encode()).hexdigest()
     return path
 
-
+# %% ../nbs/58_bundle.ipynb #5db64899
 def load_bundle(path: str | Path) -> ModelBundle:
     "Read a bundle folder written by `save_bundle` (or the `data` folder inside an MLflow pyfunc model); `BundleError` if any file differs from its manifest."
     path = Path(path)
@@ -397,7 +408,6 @@ def load_bundle(path: str | Path) -> ModelBundle:
     b.digest = hashlib.sha256(raw).hexdigest()
     return b
 
-
 # %% ../nbs/58_bundle.ipynb #48069688
 PYFUNC_RUNTIMES = ("onnx", "torch")
 
@@ -431,7 +441,7 @@ def _load_pyfunc(path: str) -> BundlePyfunc:
             logging.getLogger(__name__).warning("pyfunc %s: ONNX Runtime unavailable (%s: %s); scoring with torch", path, type(e).__name__, e)
     return BundlePyfunc(b)
 
-
+# %% ../nbs/58_bundle.ipynb #7294b14e
 def _mlflow_type(s: pd.Series, categorical: bool) -> str:
     "MLflow column type of raw column `s`: 'long' for integers, 'any' for a pandas categorical (MLflow has no such type), else 'string' or 'double'."
     if s.dtype.kind in "iu": return "long"
@@ -457,7 +467,7 @@ def _signature_example(bundle: ModelBundle, example: pd.DataFrame) -> tuple[pd.D
     out_sig = infer_signature(ex, bundle.predict(ex), params={"class_probs": False, "runtime": "onnx"})
     return ex, ModelSignature(inputs=Schema([ColSpec(AnyType() if t == "any" else t, c) for c, t in types]), outputs=out_sig.outputs, params=out_sig.params)
 
-
+# %% ../nbs/58_bundle.ipynb #c81ef731
 def _requirements() -> list[str]:
     from cyber_moe.config import package_versions
     return [f"{n}=={v}" for n, v in package_versions(("cyber-moe", "torch", "onnxruntime", "numpy", "pandas", "scikit-learn", "mlflow", "pydantic")).items() if v]
@@ -484,7 +494,7 @@ def log_pyfunc(bundle: ModelBundle, *, example: pd.DataFrame, registered_name: s
                                        signature=sig, input_example=ex, pip_requirements=_requirements(),
                                        registered_model_name=registered_name)
 
-
+# %% ../nbs/58_bundle.ipynb #8bd46e23
 def _pyfunc_data_dir(model_dir: Path) -> Path:
     "The bundle folder inside an MLflow model folder (its python_function flavour's `data`)."
     import yaml
@@ -517,7 +527,7 @@ def model_uri_scheme(uri: str | Path) -> str | None:
                           "runs:/RUN_ID/PATH); download other artifacts yourself and give the folder")
     return scheme
 
-
+# %% ../nbs/58_bundle.ipynb #6fe2408e
 def _project_tracking_uri() -> str | None:
     "The project's default tracking store, `sqlite:///<checkout>/outputs/mlflow.db` (what `RunConfig.mlflow_uri` gives by default)."
     import cyber_moe
@@ -544,7 +554,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
                                     "or set MLFLOW_TRACKING_URI to the store that holds it")
     return str(tracking_uri)
 
-
+# %% ../nbs/58_bundle.ipynb #f032a923
 @contextlib.contextmanager
 def use_mlflow_store(uri: str):
     "Point MLflow's tracking and registry at `uri` for the block, then restore exactly what was there (module state and the MLFLOW_* variables MLflow's setters write into the environment)."
@@ -578,7 +588,6 @@ def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> Mo
     except MlflowException as e:
         raise BundleError(f"{_redact(uri)}: not found in the MLflow tracking store {_redact(store)} ({str(e).splitlines()[0][:200]})") from None
     return load_bundle(_pyfunc_data_dir(Path(local)))
-
 
 # %% ../nbs/58_bundle.ipynb #26a13511
 def read_raw(path: str | Path) -> pd.DataFrame:

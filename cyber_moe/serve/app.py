@@ -34,7 +34,7 @@ from ..feedback import InvalidFeedback, RuleView, UnknownAlert, UnknownRule
 from ..schema import SchemaError
 from .feedback import FeedbackLink, ScoredAlerts
 from .metrics import ServeMetrics
-from .reload import ModelNotReady, ModelSlot, ServedModel, publish_model
+from .reload import ModelSlot, ServedModel, publish_model
 from .schemas import (_NO_NUL, OIP_OUTPUTS, AlertList, BatchResponse, ErrorResponse, ExplainResponse, FeedbackRequest, Health,
                                      InferRequest, InferResponse, ModelMetadata, ModelReady, OIPError, PredictResponse, Readiness,
                                      ReloadRequest, ReloadResponse, RuleList, RuleRecord, RuleRequest, ServerLive, ServerMetadata,
@@ -371,7 +371,7 @@ def mark_alerts(recs: list[dict], alerts: ScoredAlerts | None) -> list[dict]:
             if a is not None: rec["alert_id"], rec["suppressed_by"] = a, s
     return recs
 
-
+# %% ../../nbs/86_serve_app.ipynb #6b1ae4ef
 workbench = APIRouter(tags=["predict"], route_class=WorkbenchRoute, responses={413: _ERR, 422: _ERR, 503: _ERR})
 
 
@@ -402,7 +402,7 @@ async def predict_batch(request: Request, served: Served):
     recs = mark_alerts(prediction_records(v, served), await raise_alerts(request, served, raw, v, rid, batch=True))
     return {"predictions": recs, "n_flows": len(recs), "model_name": served.name, "model_version": served.version, "request_id": rid}
 
-
+# %% ../../nbs/86_serve_app.ipynb #2305abcb
 @workbench.post("/explain", response_model=ExplainResponse, responses={501: _ERR}, openapi_extra=_body_ref("Flow"),
                 summary="SHAP: the features that moved the verdict on one flow most")
 async def explain(request: Request, served: Served, top_k: int = Query(5, ge=1, le=50, description="how many contributions")):
@@ -493,7 +493,7 @@ def no_extra_query(request: Request, allowed: set) -> None:
 def _rule_record(r: RuleView) -> dict:
     return {**r.__dict__, "active": r.active()}
 
-
+# %% ../../nbs/86_serve_app.ipynb #320273d2
 @feedback.post("/feedback", response_model=VerdictResponse, openapi_extra=_body_ref("FeedbackRequest"),
                summary="Record an analyst's verdict (tp / fp) on an alert")
 async def post_feedback(request: Request):
@@ -507,7 +507,7 @@ async def post_feedback(request: Request):
         return store.record_verdict(aid, body.verdict, family=body.family, note=body.note, analyst=body.analyst)
     return {**await store_call(request, run), "request_id": rid}
 
-
+# %% ../../nbs/86_serve_app.ipynb #9494478b
 def _jsonable_rows(df: pd.DataFrame) -> list[dict]:
     "A frame's rows as dicts with None for missing values."
     return df.astype(object).where(df.notna(), None).to_dict(orient="records")
@@ -529,7 +529,7 @@ async def get_alerts(request: Request, order: Literal["newest", "uncertain"] = "
     rows = _jsonable_rows(df)
     return {"alerts": rows, "n": len(rows), "order": order, "request_id": request_id(request)}
 
-
+# %% ../../nbs/86_serve_app.ipynb #8c6a14ae
 @feedback.post("/rules", response_model=RuleRecord, status_code=201, openapi_extra=_body_ref("RuleRequest"),
                summary="Create a suppression rule (src, dst_port, family: at least one)")
 async def post_rule(request: Request):

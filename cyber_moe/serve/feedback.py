@@ -207,6 +207,9 @@ def _write(self: FeedbackLink, items: list) -> None:
             self._cv.notify_all()
 
 
+FeedbackLink._write = _write
+
+# %% ../../nbs/85_serve_feedback.ipynb #aafb0d17
 def _run(self: FeedbackLink) -> None:
     "Writer thread body."
     self.refresh_rules()
@@ -238,4 +241,4 @@ def _stop(self: FeedbackLink) -> None:
     if self.store is not None: self.store.close()
 
 
-FeedbackLink._write, FeedbackLink._run, FeedbackLink.start, FeedbackLink.stop = _write, _run, _start, _stop
+FeedbackLink._run, FeedbackLink.start, FeedbackLink.stop = _run, _start, _stop
