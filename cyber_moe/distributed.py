@@ -150,7 +150,7 @@ def worker_bundle(model: str, *, runtime: str = "onnx"):
             hit = _BUNDLES[(model, runtime)] = (b, note)
     return hit
 
-
+# %% ../nbs/88_distributed.ipynb #ecb3115d
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     "Call `write(tmp)` on a hidden temporary file next to `path`, then rename it to `path` (atomic on one filesystem)."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def _worker_name() -> str:
         return get_worker().address
     except (ImportError, ValueError): return f"pid {os.getpid()}"
 
-
+# %% ../nbs/88_distributed.ipynb #2a8c797d
 def _flow_flagged(df: pd.DataFrame, pred: pd.DataFrame, bundle, *, features: bool = False) -> pd.DataFrame | None:
     "The flagged rows of a flow file with NFStream identifiers as a scored frame (with the features if asked), or None when it cannot have alerts."
     from cyber_moe.alerts import FLOW_COLUMNS, community_ids
@@ -187,7 +187,7 @@ def _flow_flagged(df: pd.DataFrame, pred: pd.DataFrame, bundle, *, features: boo
         scored = pd.concat([scored, df.loc[flag, extra].reset_index(drop=True)], axis=1)
     return scored
 
-
+# %% ../nbs/88_distributed.ipynb #6da9e152
 def suppress_alerts(scored: pd.DataFrame, bundle, rules: list) -> tuple[pd.DataFrame, list[dict]]:
     "Feedback-store records of the flagged flows of `scored`, each with the first active rule of `rules` matching it (`suppressed_by`), and `scored` with that column."
     from cyber_moe.alerts import alert_records
@@ -331,7 +331,7 @@ class Progress:
     def close(self) -> None:
         if self.tty and self.n: self.stream.write("\n"); self.stream.flush()
 
-
+# %% ../nbs/88_distributed.ipynb #e00a3b12
 def _error_text(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
@@ -450,7 +450,7 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
             "complete": all(manifest.done(u.id) for u in units),
             "feedback": None if fb is None else {k: v for k, v in fb.items() if k != "rules"}}
 
-
+# %% ../nbs/88_distributed.ipynb #866891d3
 def _feedback_for(store, bundle, stream: TextIO) -> tuple[dict | None, Callable[[dict], None]]:
     "The feedback state of a run (store URL, the active rules read once, counts) and the hook that stores each unit's alerts."
     from cyber_moe.feedback import StoreUnavailable, redact_url
