@@ -5,6 +5,7 @@
 # %% ../nbs/50_train.ipynb #3b013cce
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -369,19 +370,22 @@ def ensure_experiment(tracking_uri: str, artifact_location: str | None) -> str:
     return mlflow.create_experiment(EXPERIMENT, artifact_location=None if remote else artifact_location)
 
 
+@contextlib.contextmanager
 def mlflow_run(cfg: RunConfig, *, resume: bool = False):
-    "An active MLflow run for `cfg` (a context manager); `resume` re-enters the run recorded in `<run_dir>/mlflow.json`."
+    "An active MLflow run for `cfg`, with MLflow pointed at `cfg.mlflow_uri` for the block only (restored after); `resume` re-enters the run in `<run_dir>/mlflow.json`."
     import mlflow
-    mlflow.set_tracking_uri(cfg.mlflow_uri)
-    ensure_experiment(cfg.mlflow_uri, cfg.artifact_location)
-    mlflow.set_experiment(EXPERIMENT)
-    rec = cfg.run_dir / "mlflow.json"
-    if resume and rec.is_file():
-        return mlflow.start_run(run_id=json.loads(rec.read_text())["run_id"])
-    run = mlflow.start_run(run_name=cfg.run_name)
-    write_json(rec, {"run_id": run.info.run_id, "experiment": EXPERIMENT, "tracking_uri": cfg.mlflow_uri})
-    mlflow.log_params({k: str(v)[:500] for k, v in flatten_dotted(cfg.model_dump(mode="json")).items()})
-    return run
+    from cyber_moe.bundle import use_mlflow_store
+    with use_mlflow_store(cfg.mlflow_uri):
+        ensure_experiment(cfg.mlflow_uri, cfg.artifact_location)
+        mlflow.set_experiment(EXPERIMENT)
+        rec = cfg.run_dir / "mlflow.json"
+        if resume and rec.is_file():
+            with mlflow.start_run(run_id=json.loads(rec.read_text())["run_id"]) as run: yield run
+            return
+        with mlflow.start_run(run_name=cfg.run_name) as run:
+            write_json(rec, {"run_id": run.info.run_id, "experiment": EXPERIMENT, "tracking_uri": cfg.mlflow_uri})
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten_dotted(cfg.model_dump(mode="json")).items()})
+            yield run
 
 
 def registered_name(cfg: RunConfig) -> str:
