@@ -417,7 +417,7 @@ def _hydra(ctx: _Ctx):
     tasks = str(r.choice([2, 4, 6] if ctx.variant != "ssh" else [2, 4]))
     svc = [f"{ctx.variant}://{tgt}"] if ctx.variant != "http" else [tgt, "http-get", "/private/"]
     # A brute force that overlaps a SYN flood on the same server can lose it: hydra then gives up at once ("could not be
-    # connected", exit 255), in 2 of 3 smoke runs with -w 5 and still in 2 of 5 clean-clone runs with -w 20 (how long it
+    # connected", exit 255), in 2 of 3 smoke runs with -w 5 and still in 2 of 4 clean-clone runs with -w 20 (how long it
     # waits for an answer). As an attacker would, the step starts it again: at most 3 attempts, 1 s apart, all inside the
     # step's `timeout` (max_s).
     argv = ["hydra", "-I", "-L", uf, "-P", pf, "-t", tasks, "-w", "20", *svc]
