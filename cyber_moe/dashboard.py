@@ -171,12 +171,13 @@ def _registry_files(ref: RunRef, tracking_uri: str) -> tuple[dict, Any, Path | N
     "Metrics, bundle and (if logged) the explain folder of a registered version whose run folder is gone."
     import mlflow
     from mlflow.exceptions import MlflowException
-    from cyber_moe.bundle import load_model_bundle
-    get = lambda **kw: Path(mlflow.artifacts.download_artifacts(tracking_uri=tracking_uri, **kw))
-    metrics = _read_json(get(run_id=ref.run_id, artifact_path="metrics.json"))
-    bundle = load_model_bundle(get(artifact_uri=ref.model_uri))
-    try: explain = get(run_id=ref.run_id, artifact_path="explain")
-    except (MlflowException, OSError): explain = None  # runs without the explain stage log none
+    from cyber_moe.bundle import load_model_bundle, use_mlflow_store
+    get = lambda **kw: Path(mlflow.artifacts.download_artifacts(tracking_uri=tracking_uri, registry_uri=tracking_uri, **kw))
+    with use_mlflow_store(tracking_uri):                 # MLflow 3 resolves a version's source against its global store
+        metrics = _read_json(get(run_id=ref.run_id, artifact_path="metrics.json"))
+        bundle = load_model_bundle(get(artifact_uri=ref.model_uri))
+        try: explain = get(run_id=ref.run_id, artifact_path="explain")
+        except (MlflowException, OSError): explain = None  # runs without the explain stage log none
     return metrics, bundle, explain
 
 
