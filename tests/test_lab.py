@@ -128,11 +128,7 @@ def test_crashing_step_is_recorded_and_labels_stay_correct(cli, tmp_path):
     assert p.returncode == 1, err
     assert "slowloris" in err and "failed" in err
     info = json.loads((out / "session.json").read_text())
-    assert _clean(info), _leftovers(info)
-    # Only the injected crash may fail, except a brute force whose server a concurrent SYN flood made unreachable (hydra then
-    # exits 255, "could not be connected"; seen once on a loaded machine): the lab records that too, it is not this test's subject.
-    others = [s for s in info["steps"] if s["status"] == "failed" and s["name"] != "slowloris"]
-    assert "slowloris" in info["failed_steps"] and all(s["tool"] == "hydra" and "could not be connected" in s["error"] for s in others), others
+    assert info["failed_steps"] == ["slowloris"] and _clean(info), _leftovers(info)
     step = next(s for s in info["steps"] if s["name"] == "slowloris")
     assert step["status"] == "failed" and "SIGKILL" in step["error"]
     assert step["t_end"] - step["t_start"] < 4               # killed part-way through its 10 s
