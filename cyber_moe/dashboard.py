@@ -29,14 +29,15 @@ from .config import find_project_root
 from .schema import FAMILY, SchemaError
 
 # %% auto #0
-__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'PENDING', 'DEFAULT_MAX_KERNELS', 'DEFAULT_CULL_IDLE_SECONDS',
-           'RunRef', 'run_folders', 'tracking_uri_for', 'registry_versions', 'registry_uri', 'add_registered',
-           'find_runs', 'no_run_message', 'RunView', 'metric_mismatches', 'read_importance', 'load_run',
-           'comparison_table', 'table_html', 'mark_operating_points', 'metrics_figures', 'run_figures',
-           'fig_shap_global', 'compute_importance', 'temporal_expert_note', 'flow_table', 'choose_flows', 'read_upload',
-           'flow_verdict', 'verdict_html', 'fig_flow_scores', 'fig_drift_view', 'figure_bundle', 'show_figure',
-           'headline_metrics', 'Dashboard', 'alert_label', 'rules_html', 'fig_precision', 'Triage',
-           'dashboard_notebook', 'voila_command', 'dashboard_env', 'start', 'stop', 'wait_until_serving', 'launch']
+__all__ = ['ENV_OUTPUTS', 'ENV_RUN', 'CHECKED', 'OUTCOMES', 'CSS', 'PENDING', 'PRELOADED', 'DEFAULT_MAX_KERNELS',
+           'DEFAULT_CULL_IDLE_SECONDS', 'RunRef', 'run_folders', 'tracking_uri_for', 'registry_versions',
+           'registry_uri', 'add_registered', 'find_runs', 'no_run_message', 'RunView', 'metric_mismatches',
+           'read_importance', 'load_run', 'comparison_table', 'table_html', 'mark_operating_points', 'metrics_figures',
+           'run_figures', 'fig_shap_global', 'compute_importance', 'temporal_expert_note', 'flow_table', 'choose_flows',
+           'read_upload', 'flow_verdict', 'verdict_html', 'fig_flow_scores', 'fig_drift_view', 'figure_bundle',
+           'show_figure', 'headline_metrics', 'preload_modules', 'Dashboard', 'alert_label', 'rules_html',
+           'fig_precision', 'Triage', 'dashboard_notebook', 'voila_command', 'dashboard_env', 'start', 'stop',
+           'wait_until_serving', 'launch']
 
 # %% ../nbs/75_dashboard.ipynb #2d0818ef
 ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
@@ -439,6 +440,22 @@ def headline_metrics(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str 
     uri = tracking_uri or tracking_uri_for(outputs_dir)
     return _read_json(Path(mlflow.artifacts.download_artifacts(tracking_uri=uri, run_id=ref.run_id, artifact_path="metrics.json")))
 
+# %% ../nbs/75_dashboard.ipynb #7dd7d979
+PRELOADED = ("plotly.graph_objects", "plotly.io", "plotly.subplots", "sklearn.metrics", "lightgbm", "mlflow",
+             "cyber_moe.bundle", "cyber_moe.train", "cyber_moe.evaluate", "cyber_moe.explain", "cyber_moe.report")
+_preload_lock, _preloaded = threading.Lock(), threading.Event()
+
+
+def preload_modules() -> None:
+    "Import the dashboard's heavy modules (`PRELOADED`) once; concurrent callers wait for the first instead of importing beside it."
+    if _preloaded.is_set(): return
+    with _preload_lock:
+        if _preloaded.is_set(): return
+        import importlib
+        for name in PRELOADED: importlib.import_module(name)
+        _preloaded.set()
+
+
 # %% ../nbs/75_dashboard.ipynb #6b45c7c8
 class Dashboard:
     "The analyst dashboard over the runs of `outputs_dir` (and its MLflow registry): one ipywidgets tree in `.widget`."
@@ -522,7 +539,7 @@ def _start_loaders(self: Dashboard, uri: str | None) -> None:
 def _after_page(self: Dashboard, fn) -> None:
     "Call `fn` once the page shows the headline; an error becomes a message in the page."
     self.page_shown.wait(self.wait_for_page)
-    self._guard(fn)
+    self._guard(lambda: (preload_modules(), fn()))
 
 @patch
 def _read_registry(self: Dashboard, uri: str) -> str:
@@ -538,6 +555,10 @@ def _read_registry(self: Dashboard, uri: str) -> str:
 def _add_registry(self: Dashboard, uri: str) -> None:
     "Read the registry, then relabel the run selector (folders tagged with their versions, versions without a folder added), keeping the choice."
     self.page_shown.wait(self.wait_for_page)
+    try: preload_modules()
+    except Exception as e:
+        self.status.value = _msg(f"{type(e).__name__}: {e}", "cm-error") + self.status.value
+        return
     notice = self._read_registry(uri)
     if notice:
         self.status.value = notice + self.status.value
@@ -552,8 +573,10 @@ def _add_registry(self: Dashboard, uri: str) -> None:
 # %% ../nbs/75_dashboard.ipynb #c696a6fc
 @patch
 def _guard(self: Dashboard, fn, *args) -> None:
-    "Run a callback; an error becomes a message in the page."
-    try: fn(*args)
+    "Run a callback (once the page shows, after `preload_modules`); an error becomes a message in the page."
+    try:
+        if self.page_shown.is_set(): preload_modules()
+        fn(*args)
     except Exception as e:
         self.status.value = self._notice + _msg(f"{type(e).__name__}: {e}", "cm-error")
 
@@ -616,7 +639,9 @@ def _shown_view(self: Dashboard, gen: int, name: str, t0: float) -> None:
 @patch
 def _fill_guarded(self: Dashboard, ref: RunRef, gen: int, t0: float) -> None:
     self.page_shown.wait(self.wait_for_page)
-    try: self._fill(ref, gen, t0)
+    try:
+        preload_modules()
+        self._fill(ref, gen, t0)
     except Exception as e:  # the thread has no caller: the error goes to the page, and no view stays "computing" for ever
         if gen != self._generation: return
         text = f"{type(e).__name__}: {e}"
@@ -878,7 +903,9 @@ class Triage:
         self.refresh(precision=precision)   # precision=False: the caller draws it later (`draw_precision`; plotly takes a while to import)
 
     def _guard(self, fn, *args) -> None:
-        try: fn(*args)
+        try:
+            preload_modules()
+            fn(*args)
         except Exception as e: self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
 
 # %% ../nbs/75_dashboard.ipynb #0ad5400b
