@@ -69,11 +69,11 @@ nbtest: install
 pytest: install sysdeps-test sysdeps-lab
 	$(BIN)/pytest tests/
 
-# ruff: lint the notebooks and the package; format-check what is already formatted. After the notebooks are
-# formatted (`ruff format nbs && nbdev_export && nbdev_clean`), run with RUFF_FORMAT="nbs app tests benchmarks".
-RUFF_FORMAT ?= nbs/06_headline.ipynb
+# ruff: lint the notebooks, the package and the scripts around it; format-check the sources (cyber_moe/ is generated
+# from nbs/: format there with `ruff format nbs && nbdev_export && nbdev_clean`).
+RUFF_FORMAT ?= nbs app tests benchmarks
 lint: install
-	$(BIN)/ruff check cyber_moe nbs
+	$(BIN)/ruff check cyber_moe nbs app tests benchmarks
 	$(BIN)/ruff format --check $(RUFF_FORMAT)
 
 test: lint check-clean check-export nbtest pytest

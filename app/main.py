@@ -5,6 +5,7 @@ The service starts from the installed package (`uvicorn --factory cyber_moe.serv
 `app`. CYBER_MOE_MODEL names the bundle to serve; every other setting comes from the CYBER_MOE_* variables
 of `cyber_moe.serve.ServeSettings` (CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, PROMETHEUS_MULTIPROC_DIR, ...).
 """
+
 from cyber_moe.serve.app import app_from_env
 
 app = app_from_env()

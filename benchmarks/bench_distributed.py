@@ -15,6 +15,7 @@ Appends a table to benchmarks/RESULTS.md unless --no-append.
 
     .venv/bin/python benchmarks/bench_distributed.py [--rows 200000] [--files 8] [--captures 6] [--flows 20000] [--no-append]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ BIN = Path(sys.executable).parent
 def meter(path: str) -> int:
     "A Dask task: NFStream over one capture; the number of flows."
     from cyber_moe.nfstream import pcap_to_flows
+
     return len(pcap_to_flows(path))
 
 
@@ -48,7 +50,8 @@ def run_cli_rss(args: list[str]) -> tuple[float, float]:
     p = subprocess.Popen([str(BIN / "cyber-moe"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode: raise RuntimeError(f"cyber-moe {' '.join(args)} failed: {p.stderr.read().decode()[-500:]}")
+    if p.returncode:
+        raise RuntimeError(f"cyber-moe {' '.join(args)} failed: {p.stderr.read().decode()[-500:]}")
     return time.perf_counter() - t, ru.ru_maxrss / 1024
 
 
@@ -75,7 +78,9 @@ def main(argv=None) -> int:
     b.threshold = float(np.quantile(b.predict(flows.head(5000))["p_attack"], 0.7))
     n_params = sum(p.numel() for p in b.net.parameters())
     model = save_bundle(b, out / "model")
-    data = out / "flows"; shutil.rmtree(data, ignore_errors=True); data.mkdir(parents=True)
+    data = out / "flows"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
     rng = np.random.default_rng(a.seed)
     per = a.rows // a.files
     files = []
@@ -89,32 +94,52 @@ def main(argv=None) -> int:
     rows = []
 
     # single process, the way files are scored today: one `cyber-moe score` per file
-    single_out = out / "single"; shutil.rmtree(single_out, ignore_errors=True); single_out.mkdir()
+    single_out = out / "single"
+    shutil.rmtree(single_out, ignore_errors=True)
+    single_out.mkdir()
     t_cli, rss_cli = 0.0, 0.0
     for p in files:
         s, rss = run_cli_rss(["score", "--model", str(model), "--input", str(p), "--output", str(single_out / p.name)])
-        t_cli += s; rss_cli = max(rss_cli, rss)
-    rows.append(("single process: `cyber-moe score` once per file (torch, default threads; start-up and model load included)",
-                 t_cli, n_rows / t_cli, f"{rss_cli:,.0f}"))
+        t_cli += s
+        rss_cli = max(rss_cli, rss)
+    rows.append(
+        (
+            "single process: `cyber-moe score` once per file (torch, default threads; start-up and model load included)",
+            t_cli,
+            n_rows / t_cli,
+            f"{rss_cli:,.0f}",
+        )
+    )
     t = time.perf_counter()
-    for p in files: score_file(model, p)
+    for p in files:
+        score_file(model, p)
     t_in = time.perf_counter() - t
-    rows.append((f"single process: `score_file` per file in one warm process (torch, {torch.get_num_threads()} threads)", t_in, n_rows / t_in, ""))
+    rows.append(
+        (f"single process: `score_file` per file in one warm process (torch, {torch.get_num_threads()} threads)", t_in, n_rows / t_in, "")
+    )
 
     dist = {}
     for n in (1, 2):
-        o = out / f"dask-{n}"; shutil.rmtree(o, ignore_errors=True)
+        o = out / f"dask-{n}"
+        shutil.rmtree(o, ignore_errors=True)
         t = time.perf_counter()
         s = score_many([str(p) for p in files], model, o, workers=n, stream=io.StringIO(), dashboard_address=None)
         sec = time.perf_counter() - t
         assert not s["failures"] and s["rows"] == n_rows, s["failures"]
         rss = {}
-        for r in s["results"].values(): rss[r["worker"]] = max(rss.get(r["worker"], 0), r["peak_rss_mb"])
+        for r in s["results"].values():
+            rss[r["worker"]] = max(rss.get(r["worker"], 0), r["peak_rss_mb"])
         busy = sum(r["seconds"] for r in s["results"].values())
         dist[n] = (sec, n_rows / sec, n_rows / busy, n_rows / s["run_seconds"])
-        rows.append((f"`score_many`, LocalCluster of {n} worker process(es) x 1 thread, ONNX Runtime 1 thread, batches of 1,024 (cluster start included)",
-                     sec, n_rows / sec, " / ".join(f"{v:,.0f}" for v in sorted(rss.values()))))
-        rows.append((f"  the same, from the first task submitted to the last finished", s["run_seconds"], n_rows / s["run_seconds"], ""))
+        rows.append(
+            (
+                f"`score_many`, LocalCluster of {n} worker process(es) x 1 thread, ONNX Runtime 1 thread, batches of 1,024 (cluster start included)",
+                sec,
+                n_rows / sec,
+                " / ".join(f"{v:,.0f}" for v in sorted(rss.values())),
+            )
+        )
+        rows.append(("  the same, from the first task submitted to the last finished", s["run_seconds"], n_rows / s["run_seconds"], ""))
     # the Dask verdicts are the single-process ones
     ref = pd.read_parquet(single_out / files[0].name)
     got = pd.read_parquet(out / "dask-2" / "verdicts" / f"source={files[0].name}")
@@ -124,50 +149,77 @@ def main(argv=None) -> int:
     # metering
     from distributed import Client, LocalCluster
     import dask
+
     t = time.perf_counter()
     n_flows_caps = sum(len(pcap_to_flows(c)) for c in caps)
     t_meter1 = time.perf_counter() - t
-    rows.append((f"metering: `pcap_to_flows` over {len(caps)} captures one after the other, one process", t_meter1, n_flows_caps / t_meter1, ""))
+    rows.append(
+        (f"metering: `pcap_to_flows` over {len(caps)} captures one after the other, one process", t_meter1, n_flows_caps / t_meter1, "")
+    )
     with dask.config.set({"distributed.worker.daemon": False}):
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as lc, Client(lc) as c:
-            c.submit(meter, str(caps[0])).result()                    # workers warm (imports), as a long-running cluster would be
+            c.submit(meter, str(caps[0])).result()  # workers warm (imports), as a long-running cluster would be
             t = time.perf_counter()
             got_flows = sum(c.gather(c.map(meter, [str(x) for x in caps], pure=False)))
             t_meter2 = time.perf_counter() - t
     assert got_flows == n_flows_caps
-    rows.append((f"metering: the same {len(caps)} `pcap_to_flows` calls as Dask tasks on 2 worker processes (warm)", t_meter2, n_flows_caps / t_meter2, ""))
-    o = out / "dask-caps"; shutil.rmtree(o, ignore_errors=True)
+    rows.append(
+        (
+            f"metering: the same {len(caps)} `pcap_to_flows` calls as Dask tasks on 2 worker processes (warm)",
+            t_meter2,
+            n_flows_caps / t_meter2,
+            "",
+        )
+    )
+    o = out / "dask-caps"
+    shutil.rmtree(o, ignore_errors=True)
     t = time.perf_counter()
     s = score_many([str(c) for c in caps], model, o, workers=2, stream=io.StringIO(), dashboard_address=None)
     t_caps = time.perf_counter() - t
     assert not s["failures"] and s["rows"] == n_flows_caps
-    rows.append((f"`score_many` on the {len(caps)} captures, 2 workers: meter + score + alerts (cluster start included)", t_caps, n_flows_caps / t_caps, ""))
+    rows.append(
+        (
+            f"`score_many` on the {len(caps)} captures, 2 workers: meter + score + alerts (cluster start included)",
+            t_caps,
+            n_flows_caps / t_caps,
+            "",
+        )
+    )
     load1 = os.getloadavg()[0]
 
     r1, r2 = dist[1][1], dist[2][1]
-    per_worker = dist[1][2]                                   # flows/s of one worker while busy (task time only, model loading included)
+    per_worker = dist[1][2]  # flows/s of one worker while busy (task time only, model loading included)
     base = n_rows / t_cli
-    lines = [f"## Scoring at scale (`benchmarks/bench_distributed.py`, cyber_moe.distributed), {date.today()}", "",
-             f"{n_rows:,} flows (the simulator's {len(flows):,} NFStream flows resampled into {a.files} Parquet files of {per:,}); "
-             f"{len(caps)} captures cut from its pcap ({n_flows_caps:,} flows). Model: default ModelConfig sizes ({n_params:,} parameters, untrained). "
-             f"Load average {load0:.1f} before, {load1:.1f} after: the 2 cores were shared with other engineers' jobs during the "
-             "measurement, so absolute rates are low and vary between runs; the ratios are measured in the same run.", "",
-             "| run | seconds | flows/s | peak RSS per process (MB) |", "|---|---|---|---|"]
+    lines = [
+        f"## Scoring at scale (`benchmarks/bench_distributed.py`, cyber_moe.distributed), {date.today()}",
+        "",
+        f"{n_rows:,} flows (the simulator's {len(flows):,} NFStream flows resampled into {a.files} Parquet files of {per:,}); "
+        f"{len(caps)} captures cut from its pcap ({n_flows_caps:,} flows). Model: default ModelConfig sizes ({n_params:,} parameters, untrained). "
+        f"Load average {load0:.1f} before, {load1:.1f} after: the 2 cores were shared with other engineers' jobs during the "
+        "measurement, so absolute rates are low and vary between runs; the ratios are measured in the same run.",
+        "",
+        "| run | seconds | flows/s | peak RSS per process (MB) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {name} | {sec:.1f} | {fl:,.0f} | {rss} |" for name, sec, fl, rss in rows]
-    lines += [f"| ratio 1 worker / single-process CLI | | x{r1 / base:.2f} | |",
-              f"| ratio 2 workers / single-process CLI | | x{r2 / base:.2f} | |",
-              f"| ratio 2 workers / 1 worker | | x{r2 / r1:.2f} | |",
-              f"| ratio 2 workers / 1 worker, from the first task submitted | | x{dist[2][3] / dist[1][3]:.2f} | |",
-              f"| ratio metering on 2 workers / one process | | x{t_meter1 / t_meter2:.2f} | |", "",
-              f"Verdicts of the 2-worker run equal the single-process CLI's on the files compared (is_attack identical; "
-              f"p_attack within {diff:.1g}: ONNX Runtime against torch).", "",
-              f"Projection (from one busy worker's {per_worker:,.0f} flows/s on this shared machine, task time only): a day of "
-              f"100 million flows needs {1e8 / 86400:,.0f} flows/s sustained, i.e. {int(np.ceil(1e8 / 86400 / per_worker))} worker process(es) "
-              f"keeping pace; scoring a stored day of 100 million flows takes {1e8 / per_worker / 3600:,.1f} h on 1 worker, "
-              f"{1e8 / per_worker / 3600 / 8:,.1f} h on 8 and {1e8 / per_worker / 3600 / 32:,.2f} h on 32 (one free core each). "
-              f"That assumes throughput grows with the number of workers, which the tasks allow (one file each, no data "
-              f"exchanged between workers) but this run could not show: 2 workers gave x{r2 / r1:.2f} of 1, because the "
-              "machine's two cores were already busy with other jobs. Metering captures adds NFStream's cost per flow on top."]
+    lines += [
+        f"| ratio 1 worker / single-process CLI | | x{r1 / base:.2f} | |",
+        f"| ratio 2 workers / single-process CLI | | x{r2 / base:.2f} | |",
+        f"| ratio 2 workers / 1 worker | | x{r2 / r1:.2f} | |",
+        f"| ratio 2 workers / 1 worker, from the first task submitted | | x{dist[2][3] / dist[1][3]:.2f} | |",
+        f"| ratio metering on 2 workers / one process | | x{t_meter1 / t_meter2:.2f} | |",
+        "",
+        f"Verdicts of the 2-worker run equal the single-process CLI's on the files compared (is_attack identical; "
+        f"p_attack within {diff:.1g}: ONNX Runtime against torch).",
+        "",
+        f"Projection (from one busy worker's {per_worker:,.0f} flows/s on this shared machine, task time only): a day of "
+        f"100 million flows needs {1e8 / 86400:,.0f} flows/s sustained, i.e. {int(np.ceil(1e8 / 86400 / per_worker))} worker process(es) "
+        f"keeping pace; scoring a stored day of 100 million flows takes {1e8 / per_worker / 3600:,.1f} h on 1 worker, "
+        f"{1e8 / per_worker / 3600 / 8:,.1f} h on 8 and {1e8 / per_worker / 3600 / 32:,.2f} h on 32 (one free core each). "
+        f"That assumes throughput grows with the number of workers, which the tasks allow (one file each, no data "
+        f"exchanged between workers) but this run could not show: 2 workers gave x{r2 / r1:.2f} of 1, because the "
+        "machine's two cores were already busy with other jobs. Metering captures adds NFStream's cost per flow on top.",
+    ]
     emit_table(lines, None if a.no_append else Path(__file__).resolve().parent / "RESULTS.md")
     return 0
 

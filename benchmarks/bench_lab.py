@@ -7,6 +7,7 @@ Prints a Markdown table and appends it to benchmarks/RESULTS.md unless --no-appe
 
     .venv/bin/python benchmarks/bench_lab.py [--run outputs/default] [--no-append]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,32 @@ def main(argv=None) -> int:
     origin = m["run"].get("data_origin") or {}
     if "detection" not in m:
         raise SystemExit(f"{run}: no lab detection metrics (data used: {origin.get('used')}; {origin.get('fallback')})")
-    sessions = [json.loads((Path(p) / "session.json").read_text()) for p in sorted((run.parent / "lab").glob("*/"))
-                if (Path(p) / "session.json").is_file() and json.loads((Path(p) / "session.json").read_text()).get("session") in origin.get("sessions", [])]
+    sessions = [
+        json.loads((Path(p) / "session.json").read_text())
+        for p in sorted((run.parent / "lab").glob("*/"))
+        if (Path(p) / "session.json").is_file()
+        and json.loads((Path(p) / "session.json").read_text()).get("session") in origin.get("sessions", [])
+    ]
     d = m["detection"]
     t = d["model"]["targets"]
-    lines = [f"## Traffic lab: detection on a held-out session (`benchmarks/bench_lab.py`, {date.today()})", "",
-             f"Run `{run.name}`; train session(s) {', '.join(s for s in origin['sessions'] if s not in origin['test_sessions'])}, "
-             f"test session {', '.join(origin['test_sessions'])}.", ""]
+    lines = [
+        f"## Traffic lab: detection on a held-out session (`benchmarks/bench_lab.py`, {date.today()})",
+        "",
+        f"Run `{run.name}`; train session(s) {', '.join(s for s in origin['sessions'] if s not in origin['test_sessions'])}, "
+        f"test session {', '.join(origin['test_sessions'])}.",
+        "",
+    ]
     lines += ["| session | flows | capture s | packets captured | dropped | unattributed | failed steps |", "|---|---|---|---|---|---|---|"]
     for s in sessions:
-        lines.append(f"| {s['session']} | {s['n_flows']:,} | {s['capture_s']:.1f} | {s['tcpdump'].get('captured', 0):,} | "
-                     f"{s['tcpdump'].get('dropped_by_kernel', 0)} | {s['n_unattributed']} | {', '.join(s['failed_steps']) or '—'} |")
-    lines += ["", f"| family / tool (target ≥ {t['family_detection_min']:.0%} flagged; benign: FPR ≤ {t['benign_fpr_max']:.0%}) | flows | MoE | LightGBM |",
-              "|---|---|---|---|"]
+        lines.append(
+            f"| {s['session']} | {s['n_flows']:,} | {s['capture_s']:.1f} | {s['tcpdump'].get('captured', 0):,} | "
+            f"{s['tcpdump'].get('dropped_by_kernel', 0)} | {s['n_unattributed']} | {', '.join(s['failed_steps']) or '—'} |"
+        )
+    lines += [
+        "",
+        f"| family / tool (target ≥ {t['family_detection_min']:.0%} flagged; benign: FPR ≤ {t['benign_fpr_max']:.0%}) | flows | MoE | LightGBM |",
+        "|---|---|---|---|",
+    ]
     for key in ("families", "tools"):
         for k, v in d["model"][key].items():
             b = d["baseline"][key].get(k, {}).get("rate")
@@ -47,8 +61,10 @@ def main(argv=None) -> int:
     for who in ("model", "baseline"):
         below = d[who]["families_below_target"]
         lines.append("")
-        lines.append(f"{'MoE' if who == 'model' else 'LightGBM'}: families below target: {', '.join(below) or 'none'}; "
-                     f"benign FPR {d[who]['benign_fpr']:.4f} ({'met' if d[who]['fpr_met'] else 'missed'}).")
+        lines.append(
+            f"{'MoE' if who == 'model' else 'LightGBM'}: families below target: {', '.join(below) or 'none'}; "
+            f"benign FPR {d[who]['benign_fpr']:.4f} ({'met' if d[who]['fpr_met'] else 'missed'})."
+        )
     emit_table(lines, None if a.no_append else Path(__file__).parent / "RESULTS.md")
     return 0
 

@@ -6,6 +6,7 @@ own; the interpreter's RSS after the imports alone is reported too. Prints rows/
 
     .venv/bin/python benchmarks/bench_load.py [--rows 1000000] [--shared ../shared/data]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,8 @@ def make_file(shared: Path, n_rows: int, out: Path) -> int:
     block = b"\n".join(lines) + b"\n"
     with open(out, "wb") as fh:
         fh.write(header + b"\n")
-        for _ in range(reps): fh.write(block)
+        for _ in range(reps):
+            fh.write(block)
         fh.write(b"".join(line + b"\n" for line in lines[:rest]))
     return n_rows
 
@@ -74,9 +76,11 @@ def main(argv=None) -> int:
     print(f"{'reader':<34} {'seconds':>8} {'rows/s':>12} {'peak RSS MB':>12} {'frame MB':>9}")
     for name, r in (("load_flows (pyarrow, float32)", b), ("pandas.read_csv (defaults)", p)):
         print(f"{name:<34} {r['seconds']:>8.2f} {r['rows'] / r['seconds']:>12,.0f} {r['peak_rss_mb']:>12,.0f} {r['frame_mb']:>9,.0f}")
-    print(f"ratios bounded / pandas: speed x{p['seconds'] / b['seconds']:.2f}, peak RSS x{b['peak_rss_mb'] / p['peak_rss_mb']:.2f} "
-          f"(above imports x{(b['peak_rss_mb'] - base) / (p['peak_rss_mb'] - base):.2f}), "
-          f"frame x{b['frame_mb'] / p['frame_mb']:.2f}")
+    print(
+        f"ratios bounded / pandas: speed x{p['seconds'] / b['seconds']:.2f}, peak RSS x{b['peak_rss_mb'] / p['peak_rss_mb']:.2f} "
+        f"(above imports x{(b['peak_rss_mb'] - base) / (p['peak_rss_mb'] - base):.2f}), "
+        f"frame x{b['frame_mb'] / p['frame_mb']:.2f}"
+    )
     print("load_flows also checks labels, counts non-finite values, drops the duplicate column and parses timestamps.")
     return 0
 

@@ -9,6 +9,7 @@ unless --no-append.
 
     .venv/bin/python benchmarks/bench_pcap.py [--flows 30000] [--days 3] [--seed 0] [--out-dir outputs/bench_pcap] [--no-append]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,23 +77,31 @@ def main(argv=None) -> int:
         ("  Community IDs (`communityid` library)", t_cid, rate(t_cid)),
         (f"  model predict on the flow frame, {n_default} torch threads (torch default)", t_pred, rate(t_pred)),
         ("  model predict on the flow frame, 1 torch thread", t_pred1, rate(t_pred1)),
-        (f"`score_pcap`: pcap -> verdicts (NFStream, IDs and model overlapped; {scored.attrs['capture'].get('n_threads', '?')} torch thread(s))", t_score, rate(t_score)),
+        (
+            f"`score_pcap`: pcap -> verdicts (NFStream, IDs and model overlapped; {scored.attrs['capture'].get('n_threads', '?')} torch thread(s))",
+            t_score,
+            rate(t_score),
+        ),
         (f"`alerts_ecs` ({len(ecs):,} alerts)", t_ecs, rate(t_ecs)),
         (f"`alerts_eve` ({len(eve):,} alerts)", t_eve, rate(t_eve)),
-        (f"`watch` replaying the pcap (batches of 1,024, EVE alerts to a callback)", t_watch, rate(t_watch)),
+        ("`watch` replaying the pcap (batches of 1,024, EVE alerts to a callback)", t_watch, rate(t_watch)),
     ]
     ratio, ratio_w = rate(t_score) / rate(t_nfs), rate(t_watch) / rate(t_nfs)
-    lines = [f"\n## Scoring captures (`benchmarks/bench_pcap.py`, cyber_moe.alerts), {date.today()}\n",
-             f"Generated pcap (seed {a.seed}, {a.days} days): {n:,} flows, {info['n_packets']:,} packets; model: default "
-             f"ModelConfig sizes ({n_params:,} parameters, untrained), threshold at the median p_attack; load average {load0:.1f} before, {load1:.1f} after (2 cores shared with other jobs).\n",
-             "| step | seconds | flows/s |", "|---|---|---|"]
+    lines = [
+        f"\n## Scoring captures (`benchmarks/bench_pcap.py`, cyber_moe.alerts), {date.today()}\n",
+        f"Generated pcap (seed {a.seed}, {a.days} days): {n:,} flows, {info['n_packets']:,} packets; model: default "
+        f"ModelConfig sizes ({n_params:,} parameters, untrained), threshold at the median p_attack; load average {load0:.1f} before, {load1:.1f} after (2 cores shared with other jobs).\n",
+        "| step | seconds | flows/s |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {sec:.2f} | {fl:,.0f} |" for name, sec, fl in rows]
     lines.append(f"| ratio `score_pcap` / NFStream flows/s (target >= 0.50) | | x{ratio:.2f} |")
     lines.append(f"| ratio `watch` / NFStream flows/s | | x{ratio_w:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not a.no_append:
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f: f.write(text)
+        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
+            f.write(text)
     return 0 if ratio >= 0.5 else 1
 
 

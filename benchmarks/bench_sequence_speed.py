@@ -8,6 +8,7 @@ The load average before and after is recorded (the machine is shared).
 
     .venv/bin/python benchmarks/bench_sequence_speed.py --session outputs/seqlab/default-2 [--params params/default.yaml]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,24 +62,37 @@ def main(argv=None):
         b.threshold = float(np.median(b.predict(flows_lab.head(4000))["p_attack"]))
         bundles[name] = b
     res = {"session": str(a.session), "load_before": os.getloadavg(), "rows": {}, "torch_threads": 2}
-    def row(key, n, s): res["rows"][key] = {"flows": n, "seconds": round(s, 3), "flows_per_s": round(n / s, 1)}; print(key, res["rows"][key], flush=True)
-    flows, s = best_of(lambda: pcap_to_flows(pcap, allow_truncated=True), a.repeats); row("nfstream", len(flows), s)
-    flows_s, s = best_of(lambda: pcap_to_flows(pcap, allow_truncated=True, splt=LAB_SEQUENCE), a.repeats); row("nfstream splt=32", len(flows_s), s)
+
+    def row(key, n, s):
+        res["rows"][key] = {"flows": n, "seconds": round(s, 3), "flows_per_s": round(n / s, 1)}
+        print(key, res["rows"][key], flush=True)
+
+    flows, s = best_of(lambda: pcap_to_flows(pcap, allow_truncated=True), a.repeats)
+    row("nfstream", len(flows), s)
+    flows_s, s = best_of(lambda: pcap_to_flows(pcap, allow_truncated=True, splt=LAB_SEQUENCE), a.repeats)
+    row("nfstream splt=32", len(flows_s), s)
     for name, b in bundles.items():
-        out, s = best_of(lambda: score_pcap(b, pcap, allow_truncated=True), a.repeats); row(f"score_pcap {name}", len(out), s)
+        out, s = best_of(lambda: score_pcap(b, pcap, allow_truncated=True), a.repeats)
+        row(f"score_pcap {name}", len(out), s)
     import mlflow
+
     with tempfile.TemporaryDirectory() as d:
         for name, b in bundles.items():
             save_pyfunc(b, Path(d) / name, example=flows_s.head(5))
-            model = mlflow.pyfunc.load_model(str(Path(d) / name))     # ONNX Runtime: the saved bundle carries its checked graph
-            _, s = best_of(lambda: model.predict(flows_s), a.repeats); row(f"pyfunc {name} (ONNX Runtime)", len(flows_s), s)
-            _, s = best_of(lambda: model.predict(flows_s, params={"runtime": "torch"}), a.repeats); row(f"pyfunc {name} (torch)", len(flows_s), s)
+            model = mlflow.pyfunc.load_model(str(Path(d) / name))  # ONNX Runtime: the saved bundle carries its checked graph
+            _, s = best_of(lambda: model.predict(flows_s), a.repeats)
+            row(f"pyfunc {name} (ONNX Runtime)", len(flows_s), s)
+            _, s = best_of(lambda: model.predict(flows_s, params={"runtime": "torch"}), a.repeats)
+            row(f"pyfunc {name} (torch)", len(flows_s), s)
             b.use_onnx(threads=2)
-            _, s = best_of(lambda: b.predict(flows_s), a.repeats); row(f"bundle.predict {name} (ONNX Runtime)", len(flows_s), s)
+            _, s = best_of(lambda: b.predict(flows_s), a.repeats)
+            row(f"bundle.predict {name} (ONNX Runtime)", len(flows_s), s)
             b.runtime = None
             arrays = b.preprocessor.transform(flows_s)
-            _, s = best_of(lambda: b.preprocessor.transform(flows_s), a.repeats); row(f"  preprocessing only {name}", len(flows_s), s)
-            _, s = best_of(lambda: b.predict_arrays(arrays), a.repeats); row(f"  network only {name} (torch)", len(flows_s), s)
+            _, s = best_of(lambda: b.preprocessor.transform(flows_s), a.repeats)
+            row(f"  preprocessing only {name}", len(flows_s), s)
+            _, s = best_of(lambda: b.predict_arrays(arrays), a.repeats)
+            row(f"  network only {name} (torch)", len(flows_s), s)
     r = res["rows"]
     res["ratio_score_pcap_seq_vs_nfstream_splt"] = r["score_pcap default+sequence"]["flows_per_s"] / r["nfstream splt=32"]["flows_per_s"]
     res["ratio_score_pcap_seq_vs_nfstream"] = r["score_pcap default+sequence"]["flows_per_s"] / r["nfstream"]["flows_per_s"]

@@ -6,6 +6,7 @@ the pcap a second time with `pcap_to_flows` alone. Appends a table to benchmarks
 
     .venv/bin/python benchmarks/bench_synth.py [--flows 30000] [--days 3] [--seed 0] [--no-append]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,18 +49,21 @@ def main(argv=None) -> int:
         ("NFStream alone on the same pcap (`pcap_to_flows`)", meter, n_fl / meter, n_pk / meter),
     ]
     fmt = lambda v: "" if v is None else f"{v:,.0f}"
-    lines = [f"\n## Generated traffic (`benchmarks/bench_synth.py`, cyber_moe.synth), {date.today()}\n",
-             f"seed {a.seed}, {a.days} days, target {a.flows:,} flows: {n_fl:,} flows, {n_pk:,} packets, "
-             f"pcap {mb:.0f} MB (snaplen 128); load average {load0:.1f} before, {load1:.1f} after (2 cores shared "
-             "with other jobs, so seconds vary between runs).\n",
-             "| step | seconds | flows/s | packets/s |", "|---|---|---|---|"]
+    lines = [
+        f"\n## Generated traffic (`benchmarks/bench_synth.py`, cyber_moe.synth), {date.today()}\n",
+        f"seed {a.seed}, {a.days} days, target {a.flows:,} flows: {n_fl:,} flows, {n_pk:,} packets, "
+        f"pcap {mb:.0f} MB (snaplen 128); load average {load0:.1f} before, {load1:.1f} after (2 cores shared "
+        "with other jobs, so seconds vary between runs).\n",
+        "| step | seconds | flows/s | packets/s |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {name} | {sec:.1f} | {fmt(fl)} | {fmt(pk)} |" for name, sec, fl, pk in rows]
-    lines.append(f"| ratio: simulate+write packets/s over NFStream packets/s | | | "
-                 f"x{(n_pk / sim_write) / (n_pk / meter):.2f} |")
+    lines.append(f"| ratio: simulate+write packets/s over NFStream packets/s | | | x{(n_pk / sim_write) / (n_pk / meter):.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not a.no_append:
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f: f.write(text)
+        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
+            f.write(text)
     return 0
 
 

@@ -8,6 +8,7 @@
 
 Usage: .venv/bin/python benchmarks/bench_unsw.py [--epochs N] [--outputs DIR] [KEY=VALUE ...]
 """
+
 import argparse
 import json
 import sys
@@ -30,8 +31,9 @@ def main() -> int:
     from cyber_moe.config import load_config
     from cyber_moe.train import train_run, load_prepared
 
-    cfg = load_config(ROOT / "params" / "unsw-nb15.yaml",
-                      [f"outputs_dir={args.outputs}", f"train.max_epochs={args.epochs}", *args.overrides])
+    cfg = load_config(
+        ROOT / "params" / "unsw-nb15.yaml", [f"outputs_dir={args.outputs}", f"train.max_epochs={args.epochs}", *args.overrides]
+    )
     t0 = time.perf_counter()
     metrics = train_run(cfg, enable_progress_bar=False, register=False)
     total = time.perf_counter() - t0
@@ -41,9 +43,11 @@ def main() -> int:
     raw = prep.rows("test").drop(columns=["family", "is_attack"])
     model = mlflow.pyfunc.load_model(str(cfg.run_dir / "model"))
     model.predict(raw.head(512))
-    t = time.perf_counter(); reps = 0
+    t = time.perf_counter()
+    reps = 0
     while time.perf_counter() - t < 3 or reps < 2:
-        model.predict(raw); reps += 1
+        model.predict(raw)
+        reps += 1
     moe_rate = reps * len(raw) / (time.perf_counter() - t)
     base = Baseline.load(cfg.run_dir / "baseline")
     X = stack_features(prep.arrays["test"])
@@ -58,20 +62,35 @@ def main() -> int:
     }
     print(f"UNSW-NB15 dev file, test split {len(raw):,} flows; run {total:.0f} s; {training['n_parameters']:,} parameters")
     print(f"{'metric':<18}{'MoE':>10}{'LightGBM':>10}{'MoE-LGBM':>10}")
-    for k, (x, y) in rows.items(): print(f"{k:<18}{x:>10.4f}{y:>10.4f}{x - y:>+10.4f}")
-    print(f"epochs {training['epochs']} (best {training['best_epoch']}), {training['seconds_per_epoch']:.1f} s/epoch over {training['train_rows']:,} rows")
-    print(f"scoring raw rows via pyfunc: {moe_rate:,.0f} flows/s; LightGBM predict on preprocessed rows: {lgb_rate:,.0f} flows/s; "
-          f"ratio {moe_rate / lgb_rate:.2f}")
-    per_class = pd.DataFrame({"MoE": {c: v["f1"] for c, v in m["family"]["per_class"].items()},
-                              "LightGBM": {c: v["f1"] for c, v in b["family"]["per_class"].items()}})
+    for k, (x, y) in rows.items():
+        print(f"{k:<18}{x:>10.4f}{y:>10.4f}{x - y:>+10.4f}")
+    print(
+        f"epochs {training['epochs']} (best {training['best_epoch']}), {training['seconds_per_epoch']:.1f} s/epoch over {training['train_rows']:,} rows"
+    )
+    print(
+        f"scoring raw rows via pyfunc: {moe_rate:,.0f} flows/s; LightGBM predict on preprocessed rows: {lgb_rate:,.0f} flows/s; "
+        f"ratio {moe_rate / lgb_rate:.2f}"
+    )
+    per_class = pd.DataFrame(
+        {
+            "MoE": {c: v["f1"] for c, v in m["family"]["per_class"].items()},
+            "LightGBM": {c: v["f1"] for c, v in b["family"]["per_class"].items()},
+        }
+    )
     print(per_class.round(3).to_string())
-    print(f"operating points (validation, rule {m['operating_point']['rule']}): MoE threshold {m['operating_point']['threshold']:.4f}, "
-          f"LightGBM {b['operating_point']['threshold']:.4f}")
-    targets = {"macro-F1 >= LightGBM + 0.02": m["family"]["macro_f1"] >= b["family"]["macro_f1"] + 0.02,
-               "binary F1 >= LightGBM - 0.003": m["binary"]["f1"] >= b["binary"]["f1"] - 0.003,
-               "FPR@99% recall <= 1.2 x LightGBM": m["binary"]["fpr_at_recall_99"] <= 1.2 * b["binary"]["fpr_at_recall_99"],
-               "pyfunc >= 20,000 flows/s": moe_rate >= 20_000, "epoch < 30 s": training["seconds_per_epoch"] < 30}
-    for k, ok in targets.items(): print(f"target {k}: {'met' if ok else 'MISSED'}")
+    print(
+        f"operating points (validation, rule {m['operating_point']['rule']}): MoE threshold {m['operating_point']['threshold']:.4f}, "
+        f"LightGBM {b['operating_point']['threshold']:.4f}"
+    )
+    targets = {
+        "macro-F1 >= LightGBM + 0.02": m["family"]["macro_f1"] >= b["family"]["macro_f1"] + 0.02,
+        "binary F1 >= LightGBM - 0.003": m["binary"]["f1"] >= b["binary"]["f1"] - 0.003,
+        "FPR@99% recall <= 1.2 x LightGBM": m["binary"]["fpr_at_recall_99"] <= 1.2 * b["binary"]["fpr_at_recall_99"],
+        "pyfunc >= 20,000 flows/s": moe_rate >= 20_000,
+        "epoch < 30 s": training["seconds_per_epoch"] < 30,
+    }
+    for k, ok in targets.items():
+        print(f"target {k}: {'met' if ok else 'MISSED'}")
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts (run as `python benchmarks/NAME.py`, so this folder is on sys.path)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,5 +10,6 @@ def emit_table(lines: list[str], append: Path | None) -> str:
     table = "\n".join(lines) + "\n"
     print(table)
     if append:
-        with Path(append).open("a") as f: f.write("\n" + table)
+        with Path(append).open("a") as f:
+            f.write("\n" + table)
     return table

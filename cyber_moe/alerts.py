@@ -43,11 +43,13 @@ def community_id(src_ip: str, src_port: int | None, dst_ip: str, dst_port: int |
     "Community ID v1 (base64) of one flow; for ICMP/ICMPv6 the ports are the message type and code, for port-less protocols pass None."
     algo = _CID.get(seed) or _CID.setdefault(seed, communityid.CommunityID(seed=seed))
     ports = (None, None) if src_port is None else (int(src_port), int(dst_port))
-    try: tpl = communityid.FlowTuple(int(protocol), src_ip, dst_ip, *ports)
+    try:
+        tpl = communityid.FlowTuple(int(protocol), src_ip, dst_ip, *ports)
     except communityid.FlowTupleError as e:
         raise ValueError(f"community_id: flow {src_ip}:{src_port} -> {dst_ip}:{dst_port} proto {protocol}: {e}") from None
     out = algo.calc(tpl)
-    if out is None: raise ValueError(f"community_id: flow {src_ip}:{src_port} -> {dst_ip}:{dst_port} proto {protocol}: {algo.get_error()}")
+    if out is None:
+        raise ValueError(f"community_id: flow {src_ip}:{src_port} -> {dst_ip}:{dst_port} proto {protocol}: {algo.get_error()}")
     return out
 
 
@@ -55,26 +57,43 @@ def community_ids(flows: pd.DataFrame, *, seed: int = 0) -> pd.Series:
     "Community ID of every NFStream flow in `flows` (None for ICMP/ICMPv6, whose type and code NFStream does not keep); `.attrs['n_missing']` counts those."
     cols = [flows[c].tolist() for c in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol")]
     ports = set(communityid.PORT_PROTOS) - _PORTLESS
-    out = [None if p in _PORTLESS else
-           community_id(s, sp, d, dp, p, seed=seed) if p in ports else community_id(s, None, d, None, p, seed=seed)
-           for s, sp, d, dp, p in zip(*cols)]
+    out = [
+        None if p in _PORTLESS else community_id(s, sp, d, dp, p, seed=seed) if p in ports else community_id(s, None, d, None, p, seed=seed)
+        for s, sp, d, dp, p in zip(*cols)
+    ]
     res = pd.Series(out, index=flows.index, dtype=object, name="community_id")
     res.attrs["n_missing"] = sum(v is None for v in out)
     return res
 
 # %% ../nbs/85_alerts.ipynb #98ed8b2d
-FLOW_COLUMNS = ("id", "src_ip", "src_port", "dst_ip", "dst_port", "protocol", "ip_version",
-                "bidirectional_first_seen_ms", "bidirectional_last_seen_ms",
-                "src2dst_packets", "src2dst_bytes", "dst2src_packets", "dst2src_bytes", "application_name")
+FLOW_COLUMNS = (
+    "id",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_port",
+    "protocol",
+    "ip_version",
+    "bidirectional_first_seen_ms",
+    "bidirectional_last_seen_ms",
+    "src2dst_packets",
+    "src2dst_bytes",
+    "dst2src_packets",
+    "dst2src_bytes",
+    "application_name",
+)
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
 
 
 def is_capture(path: str | Path) -> bool:
     "True if `path` is a packet capture: suffix .pcap/.pcapng/.cap, or pcap/pcapng magic bytes."
     path = Path(path)
-    if path.suffix.lower() in CAPTURE_SUFFIXES: return True
-    if not path.is_file(): return False
-    with open(path, "rb") as f: head = f.read(4)
+    if path.suffix.lower() in CAPTURE_SUFFIXES:
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4)
     return head in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d", b"\x0a\x0d\x0d\x0a")
 
 
@@ -82,8 +101,10 @@ def _check_nfstream_bundle(bundle: ModelBundle) -> None:
     "Refuse a model trained on another schema: its features do not exist in NFStream flows (lab models read NFStream's own columns)."
     nfs = set(NFSTREAM.features) | set(NFSTREAM.identifiers)
     if bundle.schema.name != NFSTREAM.name and not set(bundle.schema.features) <= nfs:
-        raise SchemaError(f"model {bundle.name} v{bundle.version} was trained on '{bundle.schema.name}' flows; scoring a capture "
-                          f"needs a model trained on NFStream flows (schema '{NFSTREAM.name}', e.g. the default pipeline's model)")
+        raise SchemaError(
+            f"model {bundle.name} v{bundle.version} was trained on '{bundle.schema.name}' flows; scoring a capture "
+            f"needs a model trained on NFStream flows (schema '{NFSTREAM.name}', e.g. the default pipeline's model)"
+        )
 
 
 def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = 8192, features: bool = False) -> pd.DataFrame:
@@ -97,7 +118,8 @@ def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = 8
     pred = pred.drop(columns=[f"p_{c}" for c in bundle.classes])
     ids = flows[[c for c in FLOW_COLUMNS if c in flows.columns]]
     parts = [ids, community_ids(flows).to_frame(), pred]
-    if features: parts.append(flows[[f for f in bundle.schema.features if f not in ids.columns and f not in pred.columns]])
+    if features:
+        parts.append(flows[[f for f in bundle.schema.features if f not in ids.columns and f not in pred.columns]])
     out = pd.concat(parts, axis=1).reset_index(drop=True)
     out.attrs["model"] = {"name": bundle.name, "version": bundle.version}
     return out
@@ -107,16 +129,22 @@ class CaptureError(ValueError):
     "A capture source NFStream cannot open (unknown interface, no permission): the message says what to check."
 
 
-_ORDER = ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"]   # pcap_to_flows' row order
+_ORDER = ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"]  # pcap_to_flows' row order
 _END = object()
 
 
-def _streamer_opts(idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0,
-                   splt: int = 0) -> dict:
+def _streamer_opts(idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0, splt: int = 0) -> dict:
     "The NFStreamer options of `pcap_to_flows` (statistics on, same accounting; `splt` packets per flow when > 0), so scored flows match the training flows."
-    opts = dict(statistical_analysis=True, idle_timeout=idle_timeout, active_timeout=active_timeout, accounting_mode=1,
-                n_dissections=n_dissections, n_meters=n_meters)
-    if splt: opts["splt_analysis"] = int(splt)
+    opts = dict(
+        statistical_analysis=True,
+        idle_timeout=idle_timeout,
+        active_timeout=active_timeout,
+        accounting_mode=1,
+        n_dissections=n_dissections,
+        n_meters=n_meters,
+    )
+    if splt:
+        opts["splt_analysis"] = int(splt)
     return opts
 
 
@@ -124,8 +152,10 @@ def _reader(streamer: NFStreamer, q: queue.Queue) -> None:
     "Thread body: put (keys for the first flow else None, values) per flow on `q`, then (_END, error or None)."
     err = None
     try:
-        for i, flow in enumerate(streamer): q.put((flow.keys() if i == 0 else None, flow.values()))
-    except Exception as e: err = e
+        for i, flow in enumerate(streamer):
+            q.put((flow.keys() if i == 0 else None, flow.values()))
+    except Exception as e:
+        err = e
     q.put((_END, err))
 
 
@@ -134,81 +164,126 @@ def _torch_threads(n: int):
     "Run the block with `n` torch intra-op threads, then restore the previous number."
     old = torch.get_num_threads()
     torch.set_num_threads(n)
-    try: yield
-    finally: torch.set_num_threads(old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 # %% ../nbs/85_alerts.ipynb #06a44f6c
-def scored_batches(source: str | Path, bundle: ModelBundle, *, stats: dict, batch_size: int = 256, max_delay_s: float = 1.0,
-                   max_flows: int | None = None, n_threads: int | None = None, bpf_filter: str | None = None,
-                   features: bool = False, **nfstream_opts) -> Iterator[pd.DataFrame]:
+def scored_batches(
+    source: str | Path,
+    bundle: ModelBundle,
+    *,
+    stats: dict,
+    batch_size: int = 256,
+    max_delay_s: float = 1.0,
+    max_flows: int | None = None,
+    n_threads: int | None = None,
+    bpf_filter: str | None = None,
+    features: bool = False,
+    **nfstream_opts,
+) -> Iterator[pd.DataFrame]:
     "Yield `score_flows` frames for the flows NFStream meters from `source` (pcap or interface), `batch_size` at most, as they end; a sequence model's flows are metered with its `splt`."
     _check_nfstream_bundle(bundle)
     splt = int(bundle.schema.sequence)
-    if batch_size < 1 or max_delay_s <= 0: raise ValueError(f"batch_size must be >= 1 and max_delay_s > 0, got {batch_size}, {max_delay_s}")
+    if batch_size < 1 or max_delay_s <= 0:
+        raise ValueError(f"batch_size must be >= 1 and max_delay_s > 0, got {batch_size}, {max_delay_s}")
     is_file = Path(str(source)).is_file() or is_capture(source)
     info = check_pcap(source) if is_file else None
-    try: streamer = NFStreamer(source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **_streamer_opts(**nfstream_opts, splt=splt))
+    try:
+        streamer = NFStreamer(
+            source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **_streamer_opts(**nfstream_opts, splt=splt)
+        )
     except ValueError as e:
-        raise CaptureError(f"{source}: NFStream cannot open it ({e}); give a pcap file or the name of a network interface "
-                           "(`ip link` lists them) and run with capture rights (root or CAP_NET_RAW)") from None
-    if n_threads is None: n_threads = max(1, len(os.sched_getaffinity(0)) - streamer.n_meters)
+        raise CaptureError(
+            f"{source}: NFStream cannot open it ({e}); give a pcap file or the name of a network interface "
+            "(`ip link` lists them) and run with capture rights (root or CAP_NET_RAW)"
+        ) from None
+    if n_threads is None:
+        n_threads = max(1, len(os.sched_getaffinity(0)) - streamer.n_meters)
     stats.update(source=str(source), n_flows=0, n_batches=0, interrupted=False, n_threads=n_threads)
-    if info is not None: stats.update(n_packets=info["n_packets"], truncated=info["truncated_at"] is not None)
+    if info is not None:
+        stats.update(n_packets=info["n_packets"], truncated=info["truncated_at"] is not None)
     q: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     threading.Thread(target=_reader, args=(streamer, q), daemon=True, name="nfstream-reader").start()
     keys, rows, first_at, err = None, [], None, None
 
     def batch() -> pd.DataFrame:
         flows = pd.DataFrame(rows, columns=keys)
-        if splt: flows = flatten_splt(flows, splt)
-        with _torch_threads(n_threads): out = score_flows(bundle, derive_columns(flows), features=features)
-        stats["n_flows"] += len(rows); stats["n_batches"] += 1
+        if splt:
+            flows = flatten_splt(flows, splt)
+        with _torch_threads(n_threads):
+            out = score_flows(bundle, derive_columns(flows), features=features)
+        stats["n_flows"] += len(rows)
+        stats["n_batches"] += 1
         rows.clear()
         return out
 
     try:
         while True:
             wait = None if first_at is None else max(0.0, first_at + max_delay_s - time.monotonic())
-            try: k, v = q.get(timeout=wait)
-            except queue.Empty: k, v = None, None          # no new flow, but the oldest waiting one is due
+            try:
+                k, v = q.get(timeout=wait)
+            except queue.Empty:
+                k, v = None, None  # no new flow, but the oldest waiting one is due
             if k is _END:
                 err = v
                 break
             if v is not None:
                 keys = keys or k
                 rows.append(v)
-                if first_at is None: first_at = time.monotonic()
+                if first_at is None:
+                    first_at = time.monotonic()
             if rows and (len(rows) >= batch_size or time.monotonic() >= first_at + max_delay_s):
                 yield batch()
                 first_at = None
     except KeyboardInterrupt:
         stats["interrupted"] = True
-    if rows: yield batch()
+    if rows:
+        yield batch()
     if err is not None:
         raise (PcapError if is_file else CaptureError)(
-            f"{source}: NFStream stopped after {stats['n_flows']:,} flow(s), all scored: {err}") from err
+            f"{source}: NFStream stopped after {stats['n_flows']:,} flow(s), all scored: {err}"
+        ) from err
 
 # %% ../nbs/85_alerts.ipynb #ce1dca6e
-def score_pcap(bundle: ModelBundle, pcap_path: str | Path, *, allow_truncated: bool = False, batch_size: int = 2048,
-               n_threads: int | None = None, features: bool = False, **nfstream_opts) -> pd.DataFrame:
+def score_pcap(
+    bundle: ModelBundle,
+    pcap_path: str | Path,
+    *,
+    allow_truncated: bool = False,
+    batch_size: int = 2048,
+    n_threads: int | None = None,
+    features: bool = False,
+    **nfstream_opts,
+) -> pd.DataFrame:
     "Meter `pcap_path` with NFStream (`pcap_to_flows` options in `nfstream_opts`) and score every flow; rows in `pcap_to_flows` order."
     _check_nfstream_bundle(bundle)
     info = check_pcap(pcap_path)
     if info["truncated_at"] is not None and not allow_truncated:
-        try: pcap_to_flows(pcap_path, **nfstream_opts, splt=int(bundle.schema.sequence))   # its error counts the flows read before the cut
-        except PcapError as e: raise PcapError(f"{e} (command line: --allow-truncated)") from e
+        try:
+            pcap_to_flows(pcap_path, **nfstream_opts, splt=int(bundle.schema.sequence))  # its error counts the flows read before the cut
+        except PcapError as e:
+            raise PcapError(f"{e} (command line: --allow-truncated)") from e
     stats: dict = {}
-    parts = list(scored_batches(pcap_path, bundle, stats=stats, batch_size=batch_size, n_threads=n_threads,
-                                 features=features, **nfstream_opts))
+    parts = list(
+        scored_batches(pcap_path, bundle, stats=stats, batch_size=batch_size, n_threads=n_threads, features=features, **nfstream_opts)
+    )
     if not parts:
-        raise PcapError(f"{pcap_path}: NFStream found no IP flow in {info['n_packets']} packet(s); "
-                        "check that the capture holds Ethernet/IP traffic")
+        raise PcapError(
+            f"{pcap_path}: NFStream found no IP flow in {info['n_packets']} packet(s); check that the capture holds Ethernet/IP traffic"
+        )
     out = pd.concat(parts, ignore_index=True).sort_values(_ORDER, kind="stable", ignore_index=True)
     out["id"] = np.arange(len(out), dtype="int64")
     out.attrs["model"] = parts[0].attrs["model"]
-    out.attrs["capture"] = {"path": str(pcap_path), "n_packets": info["n_packets"], "truncated": info["truncated_at"] is not None,
-                            "n_flows": len(out), "n_without_community_id": int(out["community_id"].isna().sum()),
-                            "n_threads": stats["n_threads"]}
+    out.attrs["capture"] = {
+        "path": str(pcap_path),
+        "n_packets": info["n_packets"],
+        "truncated": info["truncated_at"] is not None,
+        "n_flows": len(out),
+        "n_without_community_id": int(out["community_id"].isna().sum()),
+        "n_threads": stats["n_threads"],
+    }
     return out
 
 # %% ../nbs/85_alerts.ipynb #6340758b
@@ -217,9 +292,14 @@ ECS_VERSION = "8.17.0"
 SID_BASE = 1_000_000
 TRANSPORT = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 58: "ipv6-icmp", 132: "sctp"}
 EVE_PROTO = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 58: "IPv6-ICMP", 132: "SCTP"}
-CATEGORY = {"dos": "Attempted Denial of Service", "ddos": "Attempted Denial of Service",
-            "slowhttp": "Attempted Denial of Service", "portscan": "Detection of a Network Scan",
-            "bruteforce": "Attempted User Privilege Gain", "bot": "A Network Trojan was detected"}
+CATEGORY = {
+    "dos": "Attempted Denial of Service",
+    "ddos": "Attempted Denial of Service",
+    "slowhttp": "Attempted Denial of Service",
+    "portscan": "Detection of a Network Scan",
+    "bruteforce": "Attempted User Privilege Gain",
+    "bot": "A Network Trojan was detected",
+}
 _OTHER_CATEGORY = "Potentially Bad Traffic"
 
 
@@ -240,25 +320,42 @@ def _iso(ms: pd.Series, fmt: str) -> list[str]:
     return pd.to_datetime(ms.to_numpy("int64"), unit="ms", utc=True).strftime(fmt).tolist()
 
 
-_OPTIONAL = ("ip_version", "application_name", "src2dst_packets", "src2dst_bytes", "dst2src_packets", "dst2src_bytes",
-             "family", "p_family")
+_OPTIONAL = ("ip_version", "application_name", "src2dst_packets", "src2dst_bytes", "dst2src_packets", "dst2src_bytes", "family", "p_family")
 
 # %% ../nbs/85_alerts.ipynb #1f7fc0bb
 def suppressed_mask(scored: pd.DataFrame) -> np.ndarray:
     "True for the flows a suppression rule silenced (column `suppressed_by`, set by `store_alerts`); all False without it."
-    if "suppressed_by" not in scored.columns: return np.zeros(len(scored), bool)
+    if "suppressed_by" not in scored.columns:
+        return np.zeros(len(scored), bool)
     return scored["suppressed_by"].notna().to_numpy()
 
 
 def _flagged(scored: pd.DataFrame, bundle: ModelBundle) -> dict[str, list]:
     "Columns of the flagged rows as Python lists (JSON-ready; optional columns absent -> None), plus derived alert fields."
-    miss = [c for c in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms",
-                        "bidirectional_last_seen_ms", "community_id", "is_attack", "p_attack", "attack_family") if c not in scored.columns]
-    if miss: raise SchemaError(f"alerts: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
+    miss = [
+        c
+        for c in (
+            "src_ip",
+            "src_port",
+            "dst_ip",
+            "dst_port",
+            "protocol",
+            "bidirectional_first_seen_ms",
+            "bidirectional_last_seen_ms",
+            "community_id",
+            "is_attack",
+            "p_attack",
+            "attack_family",
+        )
+        if c not in scored.columns
+    ]
+    if miss:
+        raise SchemaError(f"alerts: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
     df = scored[(scored["is_attack"].to_numpy() == 1) & ~suppressed_mask(scored)]
     n = len(df)
     c = {k: df[k].astype(object).where(df[k].notna(), None).tolist() for k in df.columns}
-    for k in _OPTIONAL: c.setdefault(k, [None] * n)
+    for k in _OPTIONAL:
+        c.setdefault(k, [None] * n)
     c["_n"], c["_gates"] = n, [k for k in df.columns if k.startswith("gate_")]
     c["_duration_ns"] = ((df["bidirectional_last_seen_ms"] - df["bidirectional_first_seen_ms"]) * 1_000_000).tolist()
     c["_severity"] = severity(df["p_attack"]).tolist()
@@ -277,10 +374,11 @@ def _opt(d: dict) -> dict:
 
 def _app_proto(name) -> str | None:
     "NFStream's application name ('TLS.Google') as a lowercase protocol keyword ('tls'); None when unknown."
-    if not isinstance(name, str) or not name or name.lower().startswith("unknown"): return None
+    if not isinstance(name, str) or not name or name.lower().startswith("unknown"):
+        return None
     return name.split(".")[0].lower()
 
-
+# %% ../nbs/85_alerts.ipynb #b361e578
 def alerts_ecs(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
     "One ECS alert document (nested objects) per flagged, unsuppressed flow of `scored` (from `score_pcap`/`score_flows`), in row order."
     c = _flagged(scored, bundle)
@@ -288,25 +386,52 @@ def alerts_ecs(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
     for i in range(c["_n"]):
         proto, fam, p = int(c["protocol"][i]), c["attack_family"][i], float(c["p_attack"][i])
         sp, dp, sb, db = c["src2dst_packets"][i], c["dst2src_packets"][i], c["src2dst_bytes"][i], c["dst2src_bytes"][i]
-        out.append({
-            "@timestamp": c["_ecs_start"][i],
-            "ecs": {"version": ECS_VERSION},
-            "event": {"kind": "alert", "category": ["network", "intrusion_detection"], "type": ["info"],
-                      "start": c["_ecs_start"][i], "end": c["_ecs_end"][i], "duration": c["_duration_ns"][i],
-                      "risk_score": round(100 * p, 2), "risk_score_norm": round(100 * p, 2), "severity": c["_severity"][i]},
-            "source": _opt({"ip": c["src_ip"][i], "port": int(c["src_port"][i]), "packets": sp, "bytes": sb}),
-            "destination": _opt({"ip": c["dst_ip"][i], "port": int(c["dst_port"][i]), "packets": dp, "bytes": db}),
-            "network": _opt({"transport": TRANSPORT.get(proto, str(proto)), "iana_number": str(proto),
-                             "type": {4: "ipv4", 6: "ipv6"}.get(c["ip_version"][i]), "community_id": c["community_id"][i],
-                             "protocol": _app_proto(c["application_name"][i]),
-                             "packets": None if sp is None or dp is None else sp + dp,
-                             "bytes": None if sb is None or db is None else sb + db}),
-            "rule": {"name": fam, "category": CATEGORY.get(fam, _OTHER_CATEGORY), "id": str(c["_sid"][i]),
-                     "ruleset": bundle.name, "version": bundle.version},
-            "observer": {"type": "ids", "vendor": "cyber-moe", "product": "cyber-moe", "version": __version__},
-            "cyber_moe": _opt({"p_attack": p, "family": c["family"][i], "p_family": c["p_family"][i],
-                               "gate": {g[len("gate_"):]: float(c[g][i]) for g in c["_gates"]}}),
-        })
+        out.append(
+            {
+                "@timestamp": c["_ecs_start"][i],
+                "ecs": {"version": ECS_VERSION},
+                "event": {
+                    "kind": "alert",
+                    "category": ["network", "intrusion_detection"],
+                    "type": ["info"],
+                    "start": c["_ecs_start"][i],
+                    "end": c["_ecs_end"][i],
+                    "duration": c["_duration_ns"][i],
+                    "risk_score": round(100 * p, 2),
+                    "risk_score_norm": round(100 * p, 2),
+                    "severity": c["_severity"][i],
+                },
+                "source": _opt({"ip": c["src_ip"][i], "port": int(c["src_port"][i]), "packets": sp, "bytes": sb}),
+                "destination": _opt({"ip": c["dst_ip"][i], "port": int(c["dst_port"][i]), "packets": dp, "bytes": db}),
+                "network": _opt(
+                    {
+                        "transport": TRANSPORT.get(proto, str(proto)),
+                        "iana_number": str(proto),
+                        "type": {4: "ipv4", 6: "ipv6"}.get(c["ip_version"][i]),
+                        "community_id": c["community_id"][i],
+                        "protocol": _app_proto(c["application_name"][i]),
+                        "packets": None if sp is None or dp is None else sp + dp,
+                        "bytes": None if sb is None or db is None else sb + db,
+                    }
+                ),
+                "rule": {
+                    "name": fam,
+                    "category": CATEGORY.get(fam, _OTHER_CATEGORY),
+                    "id": str(c["_sid"][i]),
+                    "ruleset": bundle.name,
+                    "version": bundle.version,
+                },
+                "observer": {"type": "ids", "vendor": "cyber-moe", "product": "cyber-moe", "version": __version__},
+                "cyber_moe": _opt(
+                    {
+                        "p_attack": p,
+                        "family": c["family"][i],
+                        "p_family": c["p_family"][i],
+                        "gate": {g[len("gate_") :]: float(c[g][i]) for g in c["_gates"]},
+                    }
+                ),
+            }
+        )
     return out
 
 # %% ../nbs/85_alerts.ipynb #cdb11045
@@ -317,25 +442,49 @@ def alerts_eve(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
     out = []
     for i in range(c["_n"]):
         proto, fam, p = int(c["protocol"][i]), c["attack_family"][i], float(c["p_attack"][i])
-        out.append(_opt({
-            "timestamp": c["_eve_start"][i], "flow_id": c["_flow_id"][i], "event_type": "alert",
-            "src_ip": c["src_ip"][i], "src_port": int(c["src_port"][i]), "dest_ip": c["dst_ip"][i], "dest_port": int(c["dst_port"][i]),
-            "proto": EVE_PROTO.get(proto, str(proto)), "community_id": c["community_id"][i],
-            "app_proto": _app_proto(c["application_name"][i]),
-            "alert": {"action": "allowed", "gid": 1, "signature_id": c["_sid"][i], "rev": rev,
-                      "signature": f"CYBER-MOE {fam} (model {bundle.name} v{bundle.version})",
-                      "category": CATEGORY.get(fam, _OTHER_CATEGORY), "severity": c["_severity"][i],
-                      "metadata": {"model": [f"{bundle.name} v{bundle.version}"], "p_attack": [f"{p:.4f}"]}},
-            "flow": _opt({"pkts_toserver": c["src2dst_packets"][i], "pkts_toclient": c["dst2src_packets"][i],
-                          "bytes_toserver": c["src2dst_bytes"][i], "bytes_toclient": c["dst2src_bytes"][i],
-                          "start": c["_eve_start"][i], "end": c["_eve_end"][i]}),
-        }))
+        out.append(
+            _opt(
+                {
+                    "timestamp": c["_eve_start"][i],
+                    "flow_id": c["_flow_id"][i],
+                    "event_type": "alert",
+                    "src_ip": c["src_ip"][i],
+                    "src_port": int(c["src_port"][i]),
+                    "dest_ip": c["dst_ip"][i],
+                    "dest_port": int(c["dst_port"][i]),
+                    "proto": EVE_PROTO.get(proto, str(proto)),
+                    "community_id": c["community_id"][i],
+                    "app_proto": _app_proto(c["application_name"][i]),
+                    "alert": {
+                        "action": "allowed",
+                        "gid": 1,
+                        "signature_id": c["_sid"][i],
+                        "rev": rev,
+                        "signature": f"CYBER-MOE {fam} (model {bundle.name} v{bundle.version})",
+                        "category": CATEGORY.get(fam, _OTHER_CATEGORY),
+                        "severity": c["_severity"][i],
+                        "metadata": {"model": [f"{bundle.name} v{bundle.version}"], "p_attack": [f"{p:.4f}"]},
+                    },
+                    "flow": _opt(
+                        {
+                            "pkts_toserver": c["src2dst_packets"][i],
+                            "pkts_toclient": c["dst2src_packets"][i],
+                            "bytes_toserver": c["src2dst_bytes"][i],
+                            "bytes_toclient": c["dst2src_bytes"][i],
+                            "start": c["_eve_start"][i],
+                            "end": c["_eve_end"][i],
+                        }
+                    ),
+                }
+            )
+        )
     return out
 
 # %% ../nbs/85_alerts.ipynb #b685a85c
 def make_alerts(scored: pd.DataFrame, bundle: ModelBundle, *, alert_format: str = "ecs") -> list[dict]:
     "Alerts of `scored` in `alert_format` ('ecs' or 'eve')."
-    if alert_format not in ALERT_FORMATS: raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
+    if alert_format not in ALERT_FORMATS:
+        raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
     return (alerts_ecs if alert_format == "ecs" else alerts_eve)(scored, bundle)
 
 
@@ -351,7 +500,8 @@ def write_alerts(alerts: Iterable[dict], path: str | Path, *, append: bool = Fal
     n = 0
     with open(path, "a" if append else "w", encoding="utf-8") as f:
         for a in alerts:
-            f.write(alert_line(a)); n += 1
+            f.write(alert_line(a))
+            n += 1
     return n
 
 
@@ -359,40 +509,96 @@ def save_verdicts(scored: pd.DataFrame, path: str | Path) -> Path:
     "Write the scored flows to `path`: parquet for .parquet/.pq, CSV otherwise (folders created)."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".parquet", ".pq"): scored.to_parquet(path, index=False)
-    else: scored.to_csv(path, index=False)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        scored.to_parquet(path, index=False)
+    else:
+        scored.to_csv(path, index=False)
     return path
 
 # %% ../nbs/85_alerts.ipynb #86c4331d
 def alert_records(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
     "Feedback-store records of the flagged flows of `scored`: stable id, 5-tuple, times, verdict and the features present."
-    miss = [c for c in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms", "is_attack", "p_attack",
-                        "attack_family") if c not in scored.columns]
-    if miss: raise SchemaError(f"alert_records: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
+    miss = [
+        c
+        for c in (
+            "src_ip",
+            "src_port",
+            "dst_ip",
+            "dst_port",
+            "protocol",
+            "bidirectional_first_seen_ms",
+            "is_attack",
+            "p_attack",
+            "attack_family",
+        )
+        if c not in scored.columns
+    ]
+    if miss:
+        raise SchemaError(f"alert_records: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
     df = scored[scored["is_attack"].to_numpy() == 1]
     feats = [f for f in bundle.schema.features if f in df.columns]
-    cols = {k: df[k].astype(object).where(df[k].notna(), None).tolist() if k in df.columns else [None] * len(df)
-            for k in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms",
-                      "community_id", "p_attack", "p_family", "attack_family")}
+    cols = {
+        k: df[k].astype(object).where(df[k].notna(), None).tolist() if k in df.columns else [None] * len(df)
+        for k in (
+            "src_ip",
+            "src_port",
+            "dst_ip",
+            "dst_port",
+            "protocol",
+            "bidirectional_first_seen_ms",
+            "bidirectional_last_seen_ms",
+            "community_id",
+            "p_attack",
+            "p_family",
+            "attack_family",
+        )
+    }
     fv = df[feats].astype(object).where(df[feats].notna(), None).to_dict(orient="records") if feats else [None] * len(df)
     out = []
     for i in range(len(df)):
         c = {k: v[i] for k, v in cols.items()}
-        out.append({"id": flow_alert_id(bundle.name, bundle.version, c["protocol"], c["src_ip"], c["src_port"], c["dst_ip"], c["dst_port"],
-                                        c["bidirectional_first_seen_ms"]),
-                    "community_id": c["community_id"], "src_ip": c["src_ip"], "src_port": c["src_port"], "dst_ip": c["dst_ip"],
-                    "dst_port": c["dst_port"], "protocol": c["protocol"], "first_seen_ms": c["bidirectional_first_seen_ms"],
-                    "last_seen_ms": c["bidirectional_last_seen_ms"], "p_attack": float(c["p_attack"]),
-                    "p_family": None if c["p_family"] is None else float(c["p_family"]), "family": c["attack_family"],
-                    "margin": float(c["p_attack"]) - bundle.threshold, "features": fv[i]})
+        out.append(
+            {
+                "id": flow_alert_id(
+                    bundle.name,
+                    bundle.version,
+                    c["protocol"],
+                    c["src_ip"],
+                    c["src_port"],
+                    c["dst_ip"],
+                    c["dst_port"],
+                    c["bidirectional_first_seen_ms"],
+                ),
+                "community_id": c["community_id"],
+                "src_ip": c["src_ip"],
+                "src_port": c["src_port"],
+                "dst_ip": c["dst_ip"],
+                "dst_port": c["dst_port"],
+                "protocol": c["protocol"],
+                "first_seen_ms": c["bidirectional_first_seen_ms"],
+                "last_seen_ms": c["bidirectional_last_seen_ms"],
+                "p_attack": float(c["p_attack"]),
+                "p_family": None if c["p_family"] is None else float(c["p_family"]),
+                "family": c["attack_family"],
+                "margin": float(c["p_attack"]) - bundle.threshold,
+                "features": fv[i],
+            }
+        )
     return out
 
 
 def store_alerts(store, scored: pd.DataFrame, bundle: ModelBundle, *, source: str):
     "Store the flagged flows of `scored` in `store` (a FeedbackStore), applying its rules; returns `scored` with `suppressed_by`, and the AddResult."
     recs = alert_records(scored, bundle)
-    res = store.add_alerts(recs, model_name=bundle.name, model_version=bundle.version, source=source, classes=bundle.classes,
-                           benign=bundle.schema.benign, threshold=bundle.threshold)
+    res = store.add_alerts(
+        recs,
+        model_name=bundle.name,
+        model_version=bundle.version,
+        source=source,
+        classes=bundle.classes,
+        benign=bundle.schema.benign,
+        threshold=bundle.threshold,
+    )
     sup = pd.Series(pd.NA, index=scored.index, dtype="Int64")
     sup[scored.index[scored["is_attack"].to_numpy() == 1]] = pd.array(res.suppressed_by, dtype="Int64")
     out = scored.assign(suppressed_by=sup)
@@ -405,52 +611,98 @@ def summary_table(scored: pd.DataFrame) -> str:
     n, flagged = len(scored), scored[scored["is_attack"].to_numpy() == 1]
     lines = [f"{n:,} flows, {len(flagged):,} flagged as attacks ({len(flagged) / max(n, 1):.1%})"]
     cap = scored.attrs.get("capture", {})
-    if cap.get("truncated"): lines.append(f"capture truncated: only the {n:,} flows read before the cut were scored")
-    if cap.get("n_without_community_id"): lines.append(f"{cap['n_without_community_id']:,} ICMP flow(s) without a Community ID")
+    if cap.get("truncated"):
+        lines.append(f"capture truncated: only the {n:,} flows read before the cut were scored")
+    if cap.get("n_without_community_id"):
+        lines.append(f"{cap['n_without_community_id']:,} ICMP flow(s) without a Community ID")
     n_sup = int(suppressed_mask(scored).sum())
-    if n_sup: lines.append(f"{n_sup:,} flagged flow(s) suppressed by rules (stored, not alerted): " + ", ".join(
-        f"rule {int(r)} {k:,}" for r, k in scored["suppressed_by"].dropna().value_counts().sort_index().items()))
+    if n_sup:
+        lines.append(
+            f"{n_sup:,} flagged flow(s) suppressed by rules (stored, not alerted): "
+            + ", ".join(f"rule {int(r)} {k:,}" for r, k in scored["suppressed_by"].dropna().value_counts().sort_index().items())
+        )
     if len(flagged):
         g = flagged.groupby("attack_family", sort=False)
-        tab = pd.DataFrame({"flows": g.size(), "share": g.size() / n, "mean p_attack": g["p_attack"].mean(),
-                            "sources": g["src_ip"].nunique(), "destinations": g["dst_ip"].nunique(),
-                            "first seen": pd.to_datetime(g["bidirectional_first_seen_ms"].min(), unit="ms", utc=True),
-                            "last seen": pd.to_datetime(g["bidirectional_last_seen_ms"].max(), unit="ms", utc=True)})
+        tab = pd.DataFrame(
+            {
+                "flows": g.size(),
+                "share": g.size() / n,
+                "mean p_attack": g["p_attack"].mean(),
+                "sources": g["src_ip"].nunique(),
+                "destinations": g["dst_ip"].nunique(),
+                "first seen": pd.to_datetime(g["bidirectional_first_seen_ms"].min(), unit="ms", utc=True),
+                "last seen": pd.to_datetime(g["bidirectional_last_seen_ms"].max(), unit="ms", utc=True),
+            }
+        )
         tab = tab.sort_values("flows", ascending=False).rename_axis("family")
-        fmt = {"share": "{:.1%}".format, "mean p_attack": "{:.3f}".format,
-               "first seen": lambda t: t.strftime("%Y-%m-%d %H:%M:%S"), "last seen": lambda t: t.strftime("%Y-%m-%d %H:%M:%S")}
+        fmt = {
+            "share": "{:.1%}".format,
+            "mean p_attack": "{:.3f}".format,
+            "first seen": lambda t: t.strftime("%Y-%m-%d %H:%M:%S"),
+            "last seen": lambda t: t.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         lines.append(tab.to_string(formatters=fmt))
     return "\n".join(lines)
 
 # %% ../nbs/85_alerts.ipynb #ec604b4f
 _log = logging.getLogger("cyber_moe.alerts")
 
-
-def watch(source: str | Path, bundle: ModelBundle, *, on_alert: Callable[[dict], None], alert_format: str = "ecs",
-          batch_size: int = 256, max_delay_s: float = 1.0, max_flows: int | None = None,
-          on_batch: Callable[[pd.DataFrame], None] | None = None, n_threads: int | None = None, bpf_filter: str | None = None,
-          idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0,
-          feedback=None, retry_s: float = 30.0) -> dict:
+# %% ../nbs/85_alerts.ipynb #50507847
+def watch(
+    source: str | Path,
+    bundle: ModelBundle,
+    *,
+    on_alert: Callable[[dict], None],
+    alert_format: str = "ecs",
+    batch_size: int = 256,
+    max_delay_s: float = 1.0,
+    max_flows: int | None = None,
+    on_batch: Callable[[pd.DataFrame], None] | None = None,
+    n_threads: int | None = None,
+    bpf_filter: str | None = None,
+    idle_timeout: int = 120,
+    active_timeout: int = 1800,
+    n_dissections: int = 20,
+    n_meters: int = 0,
+    feedback=None,
+    retry_s: float = 30.0,
+) -> dict:
     "Score the flows NFStream meters from `source` (interface or pcap) in micro-batches; store alerts in `feedback`, `on_alert` per unsuppressed one."
-    if alert_format not in ALERT_FORMATS: raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
+    if alert_format not in ALERT_FORMATS:
+        raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
     stats: dict = {"n_alerts": 0, "n_suppressed": 0, "suppressed": {}, "n_stored": 0, "feedback_error": None}
     clock, down_until = time.perf_counter(), 0.0
-    for scored in scored_batches(source, bundle, stats=stats, batch_size=batch_size, max_delay_s=max_delay_s, max_flows=max_flows,
-                                 n_threads=n_threads, bpf_filter=bpf_filter, idle_timeout=idle_timeout, features=feedback is not None,
-                                 active_timeout=active_timeout, n_dissections=n_dissections, n_meters=n_meters):
+    for scored in scored_batches(
+        source,
+        bundle,
+        stats=stats,
+        batch_size=batch_size,
+        max_delay_s=max_delay_s,
+        max_flows=max_flows,
+        n_threads=n_threads,
+        bpf_filter=bpf_filter,
+        idle_timeout=idle_timeout,
+        features=feedback is not None,
+        active_timeout=active_timeout,
+        n_dissections=n_dissections,
+        n_meters=n_meters,
+    ):
         if feedback is not None and time.monotonic() >= down_until and int(scored["is_attack"].sum()):
             try:
                 scored, res = store_alerts(feedback, scored, bundle, source="watch")
                 stats["n_stored"] += res.n_new
                 for r in res.suppressed_by:
-                    if r is not None: stats["suppressed"][r] = stats["suppressed"].get(r, 0) + 1
+                    if r is not None:
+                        stats["suppressed"][r] = stats["suppressed"].get(r, 0) + 1
                 stats["n_suppressed"] += res.n_suppressed
-            except StoreUnavailable as e:                 # detection goes on without feedback; try the store again later
-                if stats["feedback_error"] is None: _log.warning("%s; alerts are raised without suppression and not stored", e)
+            except StoreUnavailable as e:  # detection goes on without feedback; try the store again later
+                if stats["feedback_error"] is None:
+                    _log.warning("%s; alerts are raised without suppression and not stored", e)
                 stats["feedback_error"], down_until = str(e), time.monotonic() + retry_s
         for a in make_alerts(scored, bundle, alert_format=alert_format):
             on_alert(a)
             stats["n_alerts"] += 1
-        if on_batch is not None: on_batch(scored)
+        if on_batch is not None:
+            on_batch(scored)
     stats["seconds"] = time.perf_counter() - clock
     return stats

@@ -38,12 +38,15 @@ def categorical_indices(schema) -> list[int]:
 def stack_features(arrays: dict) -> np.ndarray:
     "One float32 matrix [n, n_num + n_cat + n_time] from the preprocessor's `x_num`, `x_cat` (codes) and `x_time`."
     missing = [k for k in _BLOCKS if k not in arrays]
-    if missing: raise KeyError(f"stack_features: arrays lack {', '.join(missing)} (expected the dict of Preprocessor.transform)")
+    if missing:
+        raise KeyError(f"stack_features: arrays lack {', '.join(missing)} (expected the dict of Preprocessor.transform)")
     blocks = [np.asarray(arrays[k]) for k in _BLOCKS]
     for k, b in zip(_BLOCKS, blocks):
-        if b.ndim != 2: raise ValueError(f"stack_features: '{k}' has shape {b.shape}, expected [n, n_features]")
+        if b.ndim != 2:
+            raise ValueError(f"stack_features: '{k}' has shape {b.shape}, expected [n, n_features]")
     n = {b.shape[0] for b in blocks}
-    if len(n) != 1: raise ValueError(f"stack_features: row counts differ ({', '.join(f'{k}={b.shape[0]}' for k, b in zip(_BLOCKS, blocks))})")
+    if len(n) != 1:
+        raise ValueError(f"stack_features: row counts differ ({', '.join(f'{k}={b.shape[0]}' for k, b in zip(_BLOCKS, blocks))})")
     cat = blocks[1]
     if cat.size and (not np.issubdtype(cat.dtype, np.integer) or cat.min() < 0 or cat.max() >= 2**24):
         raise ValueError("stack_features: 'x_cat' must hold non-negative integer codes below 2**24 (float32 keeps them exact)")
@@ -55,8 +58,10 @@ def flat_sequence(df, n: int, *, where: str = "input") -> np.ndarray:
     cols = list(sequence_columns(n))
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise SchemaError(f"{where}: the baseline reads each flow's first {n} packets but {len(missing)} sequence column(s) are missing "
-                          f"(e.g. {', '.join(missing[:3])}); meter captures with splt={n}")
+        raise SchemaError(
+            f"{where}: the baseline reads each flow's first {n} packets but {len(missing)} sequence column(s) are missing "
+            f"(e.g. {', '.join(missing[:3])}); meter captures with splt={n}"
+        )
     return df[cols].to_numpy(np.float32)
 
 
@@ -71,14 +76,24 @@ _MODEL_FILE, _META_FILE = "model.txt", "baseline.json"
 class Baseline:
     "A fitted LightGBM family model: `predict_proba` gives p_family [n, C], `predict_attack` gives 1 - p(benign)."
 
-    def __init__(self, *, booster: lgb.Booster, classes: list[str], benign_index: int = 0,
-                 feature_names: list[str] | None = None, categorical_idx: list[int] = (),
-                 best_iteration: int | None = None, params: dict | None = None, history: dict | None = None,
-                 n_jobs: int = 2):
+    def __init__(
+        self,
+        *,
+        booster: lgb.Booster,
+        classes: list[str],
+        benign_index: int = 0,
+        feature_names: list[str] | None = None,
+        categorical_idx: list[int] = (),
+        best_iteration: int | None = None,
+        params: dict | None = None,
+        history: dict | None = None,
+        n_jobs: int = 2,
+    ):
         n_classes = booster.num_model_per_iteration()
         if len(classes) != n_classes:
             raise ValueError(f"Baseline: {len(classes)} class names for a booster of {n_classes} classes")
-        if not 0 <= benign_index < n_classes: raise ValueError(f"Baseline: benign_index {benign_index} outside 0..{n_classes - 1}")
+        if not 0 <= benign_index < n_classes:
+            raise ValueError(f"Baseline: benign_index {benign_index} outside 0..{n_classes - 1}")
         self.booster, self.classes, self.benign_index = booster, list(classes), int(benign_index)
         self.feature_names = list(feature_names or booster.feature_name())
         self.categorical_idx = [int(i) for i in categorical_idx]
@@ -99,12 +114,15 @@ class Baseline:
 
     def predict_proba(self, X) -> np.ndarray:
         "Family probabilities [n, n_classes] (rows sum to 1), in the order of `.classes`."
-        return self.booster.predict(self._check(X), num_iteration=self.best_iteration, num_threads=self.n_jobs).reshape(len(X), len(self.classes))
+        return self.booster.predict(self._check(X), num_iteration=self.best_iteration, num_threads=self.n_jobs).reshape(
+            len(X), len(self.classes)
+        )
 
     def predict_logits(self, X) -> np.ndarray:
         "Raw multiclass scores [n, n_classes] (softmax of them is `predict_proba`), for temperature scaling."
-        return self.booster.predict(self._check(X), num_iteration=self.best_iteration, raw_score=True,
-                                    num_threads=self.n_jobs).reshape(len(X), len(self.classes))
+        return self.booster.predict(self._check(X), num_iteration=self.best_iteration, raw_score=True, num_threads=self.n_jobs).reshape(
+            len(X), len(self.classes)
+        )
 
     def predict_attack(self, X) -> np.ndarray:
         "Probability that each row is an attack: 1 - p(benign family)."
@@ -115,12 +133,21 @@ class Baseline:
         "Read a baseline written by `save`; `n_jobs` threads predict."
         d = Path(in_dir)
         for f in (_MODEL_FILE, _META_FILE):
-            if not (d / f).is_file(): raise FileNotFoundError(f"{d / f} not found: not a baseline folder written by Baseline.save")
+            if not (d / f).is_file():
+                raise FileNotFoundError(f"{d / f} not found: not a baseline folder written by Baseline.save")
         meta = json.loads((d / _META_FILE).read_text())
         booster = lgb.Booster(model_file=str(d / _MODEL_FILE))
-        return cls(booster=booster, classes=meta["classes"], benign_index=meta["benign_index"],
-                   feature_names=meta["feature_names"], categorical_idx=meta["categorical_idx"],
-                   best_iteration=meta["best_iteration"], params=meta.get("params"), history=meta.get("history"), n_jobs=n_jobs)
+        return cls(
+            booster=booster,
+            classes=meta["classes"],
+            benign_index=meta["benign_index"],
+            feature_names=meta["feature_names"],
+            categorical_idx=meta["categorical_idx"],
+            best_iteration=meta["best_iteration"],
+            params=meta.get("params"),
+            history=meta.get("history"),
+            n_jobs=n_jobs,
+        )
 
 # %% ../nbs/45_baseline.ipynb #6dce1b73
 @patch
@@ -129,9 +156,16 @@ def save(self: Baseline, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     self.booster.save_model(out / _MODEL_FILE, num_iteration=self.best_iteration)
-    meta = {"classes": self.classes, "benign_index": self.benign_index, "feature_names": self.feature_names,
-            "categorical_idx": self.categorical_idx, "best_iteration": self.best_iteration,
-            "params": self.params, "history": self.history, "lightgbm": lgb.__version__}
+    meta = {
+        "classes": self.classes,
+        "benign_index": self.benign_index,
+        "feature_names": self.feature_names,
+        "categorical_idx": self.categorical_idx,
+        "best_iteration": self.best_iteration,
+        "params": self.params,
+        "history": self.history,
+        "lightgbm": lgb.__version__,
+    }
     (out / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -152,31 +186,52 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 def _check_labels(y, n: int, n_classes: int, name: str) -> np.ndarray:
     y = np.asarray(y)
-    if y.shape != (n,): raise ValueError(f"fit_baseline: {name} has shape {y.shape}, expected ({n},) to match its X")
-    if not np.issubdtype(y.dtype, np.integer): raise ValueError(f"fit_baseline: {name} must hold integer class indices (y_family), got {y.dtype}")
+    if y.shape != (n,):
+        raise ValueError(f"fit_baseline: {name} has shape {y.shape}, expected ({n},) to match its X")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"fit_baseline: {name} must hold integer class indices (y_family), got {y.dtype}")
     if len(y) and (y.min() < 0 or y.max() >= n_classes):
         raise ValueError(f"fit_baseline: {name} holds class indices outside 0..{n_classes - 1}")
     return y.astype(np.int64)
 
 
-def fit_baseline(*, X_train, y_train, X_val, y_val, categorical_idx: list[int], n_classes: int,
-                 n_estimators: int = 400, num_leaves: int = 63, learning_rate: float = 0.05, seed: int = 0,
-                 n_jobs: int = 2, class_weight: Literal["balanced"] | None = None, early_stopping_rounds: int = 30,
-                 classes: list[str] | None = None, benign_index: int = 0,
-                 feature_names: list[str] | None = None) -> Baseline:
+def fit_baseline(
+    *,
+    X_train,
+    y_train,
+    X_val,
+    y_val,
+    categorical_idx: list[int],
+    n_classes: int,
+    n_estimators: int = 400,
+    num_leaves: int = 63,
+    learning_rate: float = 0.05,
+    seed: int = 0,
+    n_jobs: int = 2,
+    class_weight: Literal["balanced"] | None = None,
+    early_stopping_rounds: int = 30,
+    classes: list[str] | None = None,
+    benign_index: int = 0,
+    feature_names: list[str] | None = None,
+) -> Baseline:
     "Train the LightGBM family model on the training rows, early-stopped on the validation rows only."
     X_train, X_val = np.asarray(X_train, np.float32), np.asarray(X_val, np.float32)
     if X_train.ndim != 2 or X_val.ndim != 2 or X_train.shape[1] != X_val.shape[1]:
         raise ValueError(f"fit_baseline: X_train {X_train.shape} and X_val {X_val.shape} must be matrices with the same columns")
-    if n_classes < 2: raise ValueError(f"fit_baseline: n_classes is {n_classes}, need at least 2")
+    if n_classes < 2:
+        raise ValueError(f"fit_baseline: n_classes is {n_classes}, need at least 2")
     y_train = _check_labels(y_train, len(X_train), n_classes, "y_train")
     y_val = _check_labels(y_val, len(X_val), n_classes, "y_val")
-    if len(X_val) == 0: raise ValueError("fit_baseline: the validation set is empty; early stopping needs validation rows")
-    if class_weight not in (None, "balanced"): raise ValueError(f"fit_baseline: class_weight must be None or 'balanced', got {class_weight!r}")
+    if len(X_val) == 0:
+        raise ValueError("fit_baseline: the validation set is empty; early stopping needs validation rows")
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"fit_baseline: class_weight must be None or 'balanced', got {class_weight!r}")
     bad = [i for i in categorical_idx if not 0 <= i < X_train.shape[1]]
-    if bad: raise ValueError(f"fit_baseline: categorical_idx {bad} outside 0..{X_train.shape[1] - 1}")
+    if bad:
+        raise ValueError(f"fit_baseline: categorical_idx {bad} outside 0..{X_train.shape[1] - 1}")
     names = list(feature_names) if feature_names else [f"f{i}" for i in range(X_train.shape[1])]
-    if len(names) != X_train.shape[1]: raise ValueError(f"fit_baseline: {len(names)} feature names for {X_train.shape[1]} columns")
+    if len(names) != X_train.shape[1]:
+        raise ValueError(f"fit_baseline: {len(names)} feature names for {X_train.shape[1]} columns")
     classes = list(classes) if classes else [str(i) for i in range(n_classes)]
 
     w = class_weights(y_train, n_classes) if class_weight == "balanced" else None
@@ -185,25 +240,47 @@ def fit_baseline(*, X_train, y_train, X_val, y_val, categorical_idx: list[int], 
     kw = dict(feature_name=cols, categorical_feature=list(categorical_idx), free_raw_data=True)
     d_train = lgb.Dataset(X_train, y_train, weight=None if w is None else w[y_train], **kw)
     d_val = lgb.Dataset(X_val, y_val, weight=None if w is None else w[y_val], reference=d_train, **kw)
-    params = {"objective": "multiclass", "num_class": n_classes, "metric": "multi_logloss",
-              "num_leaves": num_leaves, "learning_rate": learning_rate, "seed": seed, "num_threads": n_jobs,
-              "deterministic": True, "force_col_wise": True, "verbosity": -1}
+    params = {
+        "objective": "multiclass",
+        "num_class": n_classes,
+        "metric": "multi_logloss",
+        "num_leaves": num_leaves,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "num_threads": n_jobs,
+        "deterministic": True,
+        "force_col_wise": True,
+        "verbosity": -1,
+    }
     evals: dict = {}
-    booster = lgb.train(params, d_train, num_boost_round=n_estimators, valid_sets=[d_val], valid_names=["val"],
-                        callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)])
+    booster = lgb.train(
+        params,
+        d_train,
+        num_boost_round=n_estimators,
+        valid_sets=[d_val],
+        valid_names=["val"],
+        callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)],
+    )
     history = {"val_multi_logloss": [float(v) for v in evals["val"]["multi_logloss"]]}
     best = booster.best_iteration or booster.current_iteration()
-    return Baseline(booster=booster, classes=classes, benign_index=benign_index, feature_names=names,
-                    categorical_idx=categorical_idx, best_iteration=best,
-                    params={**params, "n_estimators": n_estimators, "class_weight": class_weight,
-                            "early_stopping_rounds": early_stopping_rounds}, history=history, n_jobs=n_jobs)
+    return Baseline(
+        booster=booster,
+        classes=classes,
+        benign_index=benign_index,
+        feature_names=names,
+        categorical_idx=categorical_idx,
+        best_iteration=best,
+        params={**params, "n_estimators": n_estimators, "class_weight": class_weight, "early_stopping_rounds": early_stopping_rounds},
+        history=history,
+        n_jobs=n_jobs,
+    )
 
 # %% ../nbs/45_baseline.ipynb #5340bb3a
-def measure_predict_rate(predict: Callable[[np.ndarray], np.ndarray], X, *, min_seconds: float = 1.0,
-                         max_repeats: int = 20) -> float:
+def measure_predict_rate(predict: Callable[[np.ndarray], np.ndarray], X, *, min_seconds: float = 1.0, max_repeats: int = 20) -> float:
     "Rows per second that `predict(X)` handles (best of repeated calls after one warm-up)."
     n = len(X)
-    if n == 0: raise ValueError("measure_predict_rate: X has no rows")
+    if n == 0:
+        raise ValueError("measure_predict_rate: X has no rows")
     predict(X[: min(n, 1024)])
     best, spent, repeats = float("inf"), 0.0, 0
     while repeats < max_repeats and (repeats == 0 or spent < min_seconds):

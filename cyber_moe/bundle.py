@@ -40,7 +40,7 @@ __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'PYFUNC_RUNTIMES', 
            'read_raw', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
-BUNDLE_FORMAT = 2      # 2: one verdict from the family distribution and a validation operating point (issue 13)
+BUNDLE_FORMAT = 2  # 2: one verdict from the family distribution and a validation operating point (issue 13)
 
 
 def network_outputs(net: MoEClassifier, arrays: dict, *, batch_size: int = 8192) -> dict[str, np.ndarray]:
@@ -49,8 +49,9 @@ def network_outputs(net: MoEClassifier, arrays: dict, *, batch_size: int = 8192)
     net.eval()
     with torch.inference_mode():
         for s in range(0, len(arrays["x_num"]), batch_size):
-            r = net(*(torch.from_numpy(np.ascontiguousarray(arrays[k][s:s + batch_size])) for k in array_names(net) if k in arrays))
-            for k in outs: outs[k].append(r[k].float().numpy())
+            r = net(*(torch.from_numpy(np.ascontiguousarray(arrays[k][s : s + batch_size])) for k in array_names(net) if k in arrays))
+            for k in outs:
+                outs[k].append(r[k].float().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
@@ -63,15 +64,31 @@ def strip_columns(df: pd.DataFrame) -> pd.DataFrame:
 class ModelBundle:
     "A trained MoE with its schema, preprocessing, classes and calibration: scores raw flow rows."
 
-    def __init__(self, *, schema: FlowSchema, preprocessor: Preprocessor, net: MoEClassifier, net_kwargs: dict,
-                 temperature_family: float = 1.0, temperature_binary: float = 1.0, threshold: float = 0.5,
-                 name: str = "cyber-moe", version: str = "0", extra: dict | None = None):
-        if not 0 < threshold < 1: raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    def __init__(
+        self,
+        *,
+        schema: FlowSchema,
+        preprocessor: Preprocessor,
+        net: MoEClassifier,
+        net_kwargs: dict,
+        temperature_family: float = 1.0,
+        temperature_binary: float = 1.0,
+        threshold: float = 0.5,
+        name: str = "cyber-moe",
+        version: str = "0",
+        extra: dict | None = None,
+    ):
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.schema, self.preprocessor, self.net, self.net_kwargs = schema, preprocessor, net.eval(), dict(net_kwargs)
-        self.temperature_family, self.temperature_binary, self.threshold = float(temperature_family), float(temperature_binary), float(threshold)
+        self.temperature_family, self.temperature_binary, self.threshold = (
+            float(temperature_family),
+            float(temperature_binary),
+            float(threshold),
+        )
         self.name, self.version, self.extra = name, str(version), dict(extra or {})
-        self.runtime: OnnxNetwork | None = None           # None: torch; use_onnx() switches to ONNX Runtime
-        self._onnx: tuple[bytes, dict] | None = None       # (graph, check) of the weights it was exported from
+        self.runtime: OnnxNetwork | None = None  # None: torch; use_onnx() switches to ONNX Runtime
+        self._onnx: tuple[bytes, dict] | None = None  # (graph, check) of the weights it was exported from
 
     @property
     def classes(self) -> list[str]:
@@ -88,10 +105,16 @@ class ModelBundle:
 def predict_arrays(self: ModelBundle, arrays: dict[str, np.ndarray], *, batch_size: int = 8192) -> dict[str, np.ndarray]:
     "Calibrated probabilities and gate weights for preprocessed arrays (`x_num`, `x_cat`, `x_time`)."
     if len(arrays["x_num"]) == 0:
-        return {"p_attack": np.zeros(0, np.float32), "p_classes": np.zeros((0, len(self.classes)), np.float32),
-                "gate": np.zeros((0, len(self.experts)), np.float32)}
-    out = (self.runtime(arrays, batch_size=batch_size) if self.runtime is not None
-           else network_outputs(self.net, arrays, batch_size=batch_size))
+        return {
+            "p_attack": np.zeros(0, np.float32),
+            "p_classes": np.zeros((0, len(self.classes)), np.float32),
+            "gate": np.zeros((0, len(self.experts)), np.float32),
+        }
+    out = (
+        self.runtime(arrays, batch_size=batch_size)
+        if self.runtime is not None
+        else network_outputs(self.net, arrays, batch_size=batch_size)
+    )
     raw = {k: torch.from_numpy(v) for k, v in out.items()}
     p = torch.softmax(raw["family"].float() / self.temperature_family, dim=-1).numpy()
     return {"p_attack": 1.0 - p[:, self.benign_index], "p_classes": p, "gate": raw["gate"].numpy()}
@@ -109,19 +132,27 @@ def verdicts(self: ModelBundle, arrays: dict[str, np.ndarray], *, batch_size: in
     probs = self.predict_arrays(arrays, batch_size=batch_size)
     pc = probs["p_classes"].astype(np.float64)
     v = decide(pc, self.threshold, benign_index=self.benign_index)
-    return {"is_attack": v["is_attack"], "p_attack": v["p_attack"], "family": np.asarray(self.classes, dtype=object)[v["family_index"]],
-            "p_family": v["p_family"], "gate": probs["gate"].astype(np.float64), "p_classes": pc}
+    return {
+        "is_attack": v["is_attack"],
+        "p_attack": v["p_attack"],
+        "family": np.asarray(self.classes, dtype=object)[v["family_index"]],
+        "p_family": v["p_family"],
+        "gate": probs["gate"].astype(np.float64),
+        "p_classes": pc,
+    }
 
 
 @patch
 def predict(self: ModelBundle, df: pd.DataFrame, *, batch_size: int = 8192, class_probs: bool = False) -> pd.DataFrame:
     "Verdicts for raw rows (the data set's own columns): `is_attack`, `p_attack`, `family`, `p_family`, `gate_<expert>`."
     df = strip_columns(pd.DataFrame(df))
-    if df.empty: raise SchemaError("no rows to score: the input frame is empty")
+    if df.empty:
+        raise SchemaError("no rows to score: the input frame is empty")
     v = self.verdicts(self.preprocessor.transform(df), batch_size=batch_size)
     cols = {k: v[k] for k in ("is_attack", "p_attack", "family", "p_family")}
     cols.update({f"gate_{e}": v["gate"][:, i] for i, e in enumerate(self.experts)})
-    if class_probs: cols.update({f"p_{c}": v["p_classes"][:, i] for i, c in enumerate(self.classes)})
+    if class_probs:
+        cols.update({f"p_{c}": v["p_classes"][:, i] for i, c in enumerate(self.classes)})
     return pd.DataFrame(cols, index=df.index)
 
 # %% ../nbs/58_bundle.ipynb #eb2a1f69
@@ -156,7 +187,8 @@ def weights_sha256(net: torch.nn.Module) -> str:
     "SHA-256 over a network's state dict (names, shapes, bytes): which weights an exported graph was made from."
     h = hashlib.sha256()
     for name, t in net.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode()); h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -164,10 +196,12 @@ def probe_arrays(net: MoEClassifier, *, n_rows: int = 64, seed: int = 0) -> dict
     "Random inputs in `net`'s sizes (scaled values ~ N(0, 1), valid category indices), to compare runtimes on."
     rng = np.random.default_rng(seed)
     cards = net.cat_cardinalities
-    return {"x_num": rng.standard_normal((n_rows, net.n_num)).astype(np.float32),
-            "x_cat": np.stack([rng.integers(0, c, n_rows) for c in cards], 1).astype(np.int64) if cards else np.zeros((n_rows, 0), np.int64),
-            "x_time": rng.standard_normal((n_rows, net.n_time)).astype(np.float32),
-            **({"x_seq": _probe_sequences(net, n_rows, rng)} if "x_seq" in array_names(net) else {})}
+    return {
+        "x_num": rng.standard_normal((n_rows, net.n_num)).astype(np.float32),
+        "x_cat": np.stack([rng.integers(0, c, n_rows) for c in cards], 1).astype(np.int64) if cards else np.zeros((n_rows, 0), np.int64),
+        "x_time": rng.standard_normal((n_rows, net.n_time)).astype(np.float32),
+        **({"x_seq": _probe_sequences(net, n_rows, rng)} if "x_seq" in array_names(net) else {}),
+    }
 
 
 def _probe_sequences(net: MoEClassifier, n_rows: int, rng) -> np.ndarray:
@@ -180,8 +214,10 @@ def _probe_sequences(net: MoEClassifier, n_rows: int, rng) -> np.ndarray:
 # %% ../nbs/58_bundle.ipynb #3acc4a14
 class _InferGraph(torch.nn.Module):
     "What the exporter records: `MoEClassifier.infer`."
+
     def __init__(self, net: MoEClassifier):
-        super().__init__(); self.net = net
+        super().__init__()
+        self.net = net
 
     def forward(self, x_num, x_cat, x_time, x_seq=None):
         return self.net.infer(x_num, x_cat, x_time, x_seq)
@@ -192,9 +228,10 @@ class OnnxNetwork:
 
     def __init__(self, graph: bytes, *, threads: int | None = None):
         import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = int(threads or 0), 1, 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")     # idle threads must not burn shared cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not burn shared cores
         self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
@@ -204,8 +241,9 @@ class OnnxNetwork:
         for s in range(0, len(arrays["x_num"]), batch_size):
             if "x_seq" in self.inputs and "x_seq" not in arrays:
                 raise ValueError("x_seq is missing: this model has a sequence expert and needs each flow's first packets")
-            feed = {k: np.ascontiguousarray(arrays[k][s:s + batch_size]) for k in self.inputs}
-            for k, v in zip(_OUTPUTS, self.session.run(None, feed)): parts[k].append(v)
+            feed = {k: np.ascontiguousarray(arrays[k][s : s + batch_size]) for k in self.inputs}
+            for k, v in zip(_OUTPUTS, self.session.run(None, feed)):
+                parts[k].append(v)
         return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
 
 # %% ../nbs/58_bundle.ipynb #39c28f9e
@@ -217,26 +255,43 @@ def export_onnx(net: MoEClassifier, *, atol: float = 1e-4) -> tuple[bytes, dict]
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [q.level for q in quiet]
     try:
-        ref = network_outputs(net, probe)                   # puts net in eval mode, which the export needs too
+        ref = network_outputs(net, probe)  # puts net in eval mode, which the export needs too
         graph_module = _InferGraph(net).eval()
-        for q in quiet: q.setLevel(logging.ERROR)
+        for q in quiet:
+            q.setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             warnings.simplefilter("ignore")
             names = array_names(net)
-            program = torch.onnx.export(graph_module, tuple(torch.from_numpy(probe[k]) for k in names), input_names=list(names),
-                                        output_names=list(_OUTPUTS), dynamic_shapes={k: {0: batch} for k in names}, dynamo=True, verbose=False)
+            program = torch.onnx.export(
+                graph_module,
+                tuple(torch.from_numpy(probe[k]) for k in names),
+                input_names=list(names),
+                output_names=list(_OUTPUTS),
+                dynamic_shapes={k: {0: batch} for k in names},
+                dynamo=True,
+                verbose=False,
+            )
         graph = program.model_proto.SerializeToString()
     finally:
-        for q, lv in zip(quiet, levels): q.setLevel(lv)
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
         net.train(mode)
     got = OnnxNetwork(graph, threads=1)(probe)
     diff = max(float(np.abs(got[k] - ref[k]).max()) for k in _OUTPUTS)
     if not diff <= atol:
-        raise ValueError(f"ONNX export: ONNX Runtime differs from torch by {diff:.3g} (> atol {atol}) on {len(probe['x_num'])} probe rows; "
-                         "score with torch (do not call use_onnx) and report the model configuration")
+        raise ValueError(
+            f"ONNX export: ONNX Runtime differs from torch by {diff:.3g} (> atol {atol}) on {len(probe['x_num'])} probe rows; "
+            "score with torch (do not call use_onnx) and report the model configuration"
+        )
     import onnxruntime
-    return graph, {"max_abs_diff": diff, "probe_rows": len(probe["x_num"]), "seconds": round(time.perf_counter() - t0, 2),
-                   "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+    return graph, {
+        "max_abs_diff": diff,
+        "probe_rows": len(probe["x_num"]),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 # %% ../nbs/58_bundle.ipynb #ffdf7076
 def preprocessor_kwargs(model_cfg) -> dict:
@@ -253,10 +308,18 @@ def net_kwargs(model_cfg, preprocessor: Preprocessor) -> dict:
     if "ple" in model_cfg.embedding_kinds():
         bins = preprocessor.bins
         if bins is None:
-            raise ValueError("the model uses piecewise-linear ('ple') embeddings but the preprocessor was fit without bins: "
-                             "build it with Preprocessor(..., **preprocessor_kwargs(model_cfg))")
-    return dict(n_num=len(s.numeric), cat_cardinalities=list(preprocessor.cat_cardinalities), n_time=len(s.timing),
-                n_classes=len(preprocessor.classes), bins=bins, **model_cfg.model_dump(mode="json", exclude={"load_balance_weight"}))
+            raise ValueError(
+                "the model uses piecewise-linear ('ple') embeddings but the preprocessor was fit without bins: "
+                "build it with Preprocessor(..., **preprocessor_kwargs(model_cfg))"
+            )
+    return dict(
+        n_num=len(s.numeric),
+        cat_cardinalities=list(preprocessor.cat_cardinalities),
+        n_time=len(s.timing),
+        n_classes=len(preprocessor.classes),
+        bins=bins,
+        **model_cfg.model_dump(mode="json", exclude={"load_balance_weight"}),
+    )
 
 # %% ../nbs/58_bundle.ipynb #cf4ac1b8
 class BundleError(ValueError):
@@ -264,14 +327,15 @@ class BundleError(ValueError):
 
 
 MANIFEST_EXCLUDE = ("bundle.json",)
-ModelBundle.digest = None    # sha256 of bundle.json: set by save_bundle and load_bundle
+ModelBundle.digest = None  # sha256 of bundle.json: set by save_bundle and load_bundle
 _MAX_META_BYTES = 64 * 2**20
 
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20): h.update(chunk)
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -281,9 +345,12 @@ def bundle_manifest(path: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path).as_posix()
-        if f.is_symlink(): raise BundleError(f"{path}: {rel} is a symbolic link; a bundle holds regular files only")
-        if f.is_dir() or rel in MANIFEST_EXCLUDE: continue
-        if not f.is_file(): raise BundleError(f"{path}: {rel} is not a regular file")
+        if f.is_symlink():
+            raise BundleError(f"{path}: {rel} is a symbolic link; a bundle holds regular files only")
+        if f.is_dir() or rel in MANIFEST_EXCLUDE:
+            continue
+        if not f.is_file():
+            raise BundleError(f"{path}: {rel} is not a regular file")
         out[rel] = _sha256_file(f)
     return out
 
@@ -292,15 +359,23 @@ def verify_manifest(path: str | Path, meta: dict) -> dict[str, str]:
     "Raise `BundleError` unless the files of bundle folder `path` are exactly those of `meta['manifest']`, byte for byte; returns the manifest."
     listed = meta.get("manifest")
     if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
-        raise BundleError(f"{path}: bundle.json has no manifest of the bundle's files (saved by an older cyber-moe, or edited); "
-                          "re-save the model with save_bundle (or retrain it)")
+        raise BundleError(
+            f"{path}: bundle.json has no manifest of the bundle's files (saved by an older cyber-moe, or edited); "
+            "re-save the model with save_bundle (or retrain it)"
+        )
     found = bundle_manifest(path)
     problems = [f"{k} missing" for k in sorted(set(listed) - set(found))]
     problems += [f"{k} not in the manifest" for k in sorted(set(found) - set(listed))]
-    problems += [f"{k} changed (sha256 {found[k][:12]}..., manifest {listed[k][:12]}...)" for k in sorted(set(listed) & set(found)) if listed[k] != found[k]]
+    problems += [
+        f"{k} changed (sha256 {found[k][:12]}..., manifest {listed[k][:12]}...)"
+        for k in sorted(set(listed) & set(found))
+        if listed[k] != found[k]
+    ]
     if problems:
-        raise BundleError(f"{path}: the bundle's files do not match its manifest ({'; '.join(problems[:5])}"
-                          f"{f'; and {len(problems) - 5} more' if len(problems) > 5 else ''}): it was altered after it was saved; refusing to load it")
+        raise BundleError(
+            f"{path}: the bundle's files do not match its manifest ({'; '.join(problems[:5])}"
+            f"{f'; and {len(problems) - 5} more' if len(problems) > 5 else ''}): it was altered after it was saved; refusing to load it"
+        )
     return listed
 
 # %% ../nbs/58_bundle.ipynb #5ecd560c
@@ -312,46 +387,69 @@ def _short(v: Any, n: int = 60) -> str:
 def check_net_kwargs(kw: Any, preprocessor: Preprocessor, weights: dict[str, torch.Tensor] | None = None) -> dict:
     "`MoEClassifier` arguments read from a bundle, checked before any allocation: sizes of the schema, widths within `ModelConfig`, tensors of `weights`."
     from cyber_moe.config import ModelConfig
-    if not isinstance(kw, dict): raise BundleError(f"net_kwargs: expected a mapping of MoEClassifier arguments, got {type(kw).__name__}")
+
+    if not isinstance(kw, dict):
+        raise BundleError(f"net_kwargs: expected a mapping of MoEClassifier arguments, got {type(kw).__name__}")
     s = preprocessor.schema
-    fixed = {"n_num": len(s.numeric), "cat_cardinalities": list(preprocessor.cat_cardinalities), "n_time": len(s.timing),
-             "n_classes": len(preprocessor.classes)}
+    fixed = {
+        "n_num": len(s.numeric),
+        "cat_cardinalities": list(preprocessor.cat_cardinalities),
+        "n_time": len(s.timing),
+        "n_classes": len(preprocessor.classes),
+    }
     for k, want in fixed.items():
         got = kw.get(k)
         if type(got) is not type(want) or got != want:
             raise BundleError(f"net_kwargs.{k} = {_short(got)}, but the bundle's schema and preprocessing give {_short(want)}")
-    if kw.get("bins") != preprocessor.bins:   # tree bins belong to the fitted preprocessing
+    if kw.get("bins") != preprocessor.bins:  # tree bins belong to the fitted preprocessing
         raise BundleError("net_kwargs.bins differ from the tree bins the bundle's preprocessing was fit with")
     rest = {k: v for k, v in kw.items() if k not in fixed and k != "bins"}
-    try: cfg = ModelConfig.model_validate(rest)
+    try:
+        cfg = ModelConfig.model_validate(rest)
     except ValidationError as e:
-        bad = "; ".join(f"net_kwargs.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {_short(err.get('input'))})" for err in e.errors()[:5])
+        bad = "; ".join(
+            f"net_kwargs.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {_short(err.get('input'))})" for err in e.errors()[:5]
+        )
         raise BundleError(f"{bad}: outside what ModelConfig allows") from None
     checked = {**fixed, **({"bins": kw["bins"]} if "bins" in kw else {}), **cfg.model_dump(mode="python", include=set(rest))}
     if weights is not None:
         try:
-            with torch.device("meta"): shape_only = MoEClassifier(**checked)       # shapes only: nothing allocated
-        except (ValueError, TypeError, RuntimeError, AssertionError) as e: raise BundleError(f"net_kwargs: {e}") from None
+            with torch.device("meta"):
+                shape_only = MoEClassifier(**checked)  # shapes only: nothing allocated
+        except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+            raise BundleError(f"net_kwargs: {e}") from None
         want = {k: tuple(t.shape) for k, t in shape_only.state_dict().items()}
         got = {k: tuple(t.shape) for k, t in weights.items()} if isinstance(weights, dict) else {}
         diff = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
         if diff:
-            raise BundleError(f"weights.pt does not fit net_kwargs: {len(diff)} tensor(s) differ in name or shape "
-                              f"({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})")
+            raise BundleError(
+                f"weights.pt does not fit net_kwargs: {len(diff)} tensor(s) differ in name or shape "
+                f"({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})"
+            )
     return checked
 
 # %% ../nbs/58_bundle.ipynb #31c35f78
 def _bundle_meta(b: ModelBundle) -> dict:
-    return {"format": BUNDLE_FORMAT, "name": b.name, "version": b.version, "schema": b.schema.to_dict(),
-            "net_kwargs": b.net_kwargs, "classes": b.classes, "experts": list(b.experts),
-            "temperature_family": b.temperature_family, "temperature_binary": b.temperature_binary,
-            "threshold": b.threshold, "extra": b.extra}
+    return {
+        "format": BUNDLE_FORMAT,
+        "name": b.name,
+        "version": b.version,
+        "schema": b.schema.to_dict(),
+        "net_kwargs": b.net_kwargs,
+        "classes": b.classes,
+        "experts": list(b.experts),
+        "temperature_family": b.temperature_family,
+        "temperature_binary": b.temperature_binary,
+        "threshold": b.threshold,
+        "extra": b.extra,
+    }
 
 
 def save_bundle(bundle: ModelBundle, path: str | Path, *, onnx: bool = True) -> Path:
     "Write `bundle` to folder `path` (created; an existing bundle there is replaced), with its checked ONNX graph when `onnx` and a manifest of every file."
     path = Path(path)
-    if path.exists(): shutil.rmtree(path)
+    if path.exists():
+        shutil.rmtree(path)
     path.mkdir(parents=True)
     bundle.preprocessor.save(path / "preprocessor")
     torch.save(bundle.net.state_dict(), path / "weights.pt")
@@ -361,7 +459,7 @@ def save_bundle(bundle: ModelBundle, path: str | Path, *, onnx: bool = True) -> 
             graph, check = bundle.onnx_graph()
             (path / ONNX_FILE).write_bytes(graph)
             meta["onnx"] = {"file": ONNX_FILE, **check}
-        except Exception as e:                   # the bundle still scores with torch; say why there is no graph
+        except Exception as e:  # the bundle still scores with torch; say why there is no graph
             meta["onnx"] = {"error": f"{type(e).__name__}: {e}"}
             logging.getLogger(__name__).warning("bundle %s: no ONNX graph saved (%s); it scores with torch", path, meta["onnx"]["error"])
     meta["manifest"] = bundle_manifest(path)
@@ -375,33 +473,56 @@ def load_bundle(path: str | Path) -> ModelBundle:
     "Read a bundle folder written by `save_bundle` (or the `data` folder inside an MLflow pyfunc model); `BundleError` if any file differs from its manifest."
     path = Path(path)
     meta_file = path / "bundle.json"
-    if not meta_file.is_file(): raise FileNotFoundError(f"{path}: not a cyber-moe model bundle (no bundle.json)")
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path}: not a cyber-moe model bundle (no bundle.json)")
     if meta_file.stat().st_size > _MAX_META_BYTES:
         raise BundleError(f"{meta_file}: {meta_file.stat().st_size:,} bytes, more than a bundle.json holds ({_MAX_META_BYTES:,})")
     raw = meta_file.read_bytes()
-    try: meta = json.loads(raw)
-    except ValueError as e: raise BundleError(f"{meta_file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict): raise BundleError(f"{meta_file}: expected a JSON object")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise BundleError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_file}: expected a JSON object")
     if meta.get("format") != BUNDLE_FORMAT:
-        why = (" (format 1 read is_attack from the binary head, which could contradict family; format 2 derives both from one "
-               "calibrated distribution and a validation operating point)") if meta.get("format") == 1 else ""
-        raise ValueError(f"{meta_file}: bundle format {meta.get('format')} is not supported by this cyber-moe (expected {BUNDLE_FORMAT}){why}; "
-                         "retrain it with `cyber-moe train --params <the params file of its run>` (its config.yaml is in the run folder)")
+        why = (
+            (
+                " (format 1 read is_attack from the binary head, which could contradict family; format 2 derives both from one "
+                "calibrated distribution and a validation operating point)"
+            )
+            if meta.get("format") == 1
+            else ""
+        )
+        raise ValueError(
+            f"{meta_file}: bundle format {meta.get('format')} is not supported by this cyber-moe (expected {BUNDLE_FORMAT}){why}; "
+            "retrain it with `cyber-moe train --params <the params file of its run>` (its config.yaml is in the run folder)"
+        )
     verify_manifest(path, meta)
-    missing = [k for k in ("schema", "net_kwargs", "temperature_family", "temperature_binary", "threshold", "name", "version") if k not in meta]
-    if missing: raise BundleError(f"{meta_file}: missing {', '.join(missing)}")
+    missing = [
+        k for k in ("schema", "net_kwargs", "temperature_family", "temperature_binary", "threshold", "name", "version") if k not in meta
+    ]
+    if missing:
+        raise BundleError(f"{meta_file}: missing {', '.join(missing)}")
     pre = Preprocessor.load(path / "preprocessor")
     if not isinstance(meta.get("schema"), dict) or FlowSchema.from_dict(meta["schema"]).to_dict() != pre.schema.to_dict():
         raise BundleError(f"{meta_file}: the schema differs from the one its preprocessing was fit with")
-    weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True, mmap=True)   # mapped, not read into memory
+    weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True, mmap=True)  # mapped, not read into memory
     kw = check_net_kwargs(meta.get("net_kwargs"), pre, weights)
     net = MoEClassifier(**kw)
     net.load_state_dict(weights)
     del weights
-    b = ModelBundle(schema=FlowSchema.from_dict(meta["schema"]), preprocessor=pre,
-                    net=net, net_kwargs=kw, temperature_family=meta["temperature_family"],
-                    temperature_binary=meta["temperature_binary"], threshold=meta["threshold"],
-                    name=meta["name"], version=meta["version"], extra=meta.get("extra"))
+    b = ModelBundle(
+        schema=FlowSchema.from_dict(meta["schema"]),
+        preprocessor=pre,
+        net=net,
+        net_kwargs=kw,
+        temperature_family=meta["temperature_family"],
+        temperature_binary=meta["temperature_binary"],
+        threshold=meta["threshold"],
+        name=meta["name"],
+        version=meta["version"],
+        extra=meta.get("extra"),
+    )
     onnx = meta.get("onnx") or {}
     if onnx.get("file") in meta["manifest"] and onnx.get("weights_sha256") == weights_sha256(net):
         b._onnx = ((path / onnx["file"]).read_bytes(), {k: v for k, v in onnx.items() if k != "file"})
@@ -414,9 +535,11 @@ PYFUNC_RUNTIMES = ("onnx", "torch")
 
 class BundlePyfunc:
     "What `mlflow.pyfunc.load_model` returns the predictions of: `ModelBundle.predict` on ONNX Runtime (when the bundle has its checked graph) or torch."
+
     def __init__(self, bundle: ModelBundle):
-        self.bundle = bundle                                  # scores with bundle.runtime: ONNX Runtime, or torch when None
-        self.torch = copy.copy(bundle); self.torch.runtime = None   # the same weights and preprocessing on torch
+        self.bundle = bundle  # scores with bundle.runtime: ONNX Runtime, or torch when None
+        self.torch = copy.copy(bundle)
+        self.torch.runtime = None  # the same weights and preprocessing on torch
 
     @property
     def runtime(self) -> str:
@@ -427,7 +550,8 @@ class BundlePyfunc:
         "Score a frame of raw rows; params `class_probs` (add p_<family> columns) and `runtime` ('onnx' default, 'torch')."
         params = params or {}
         runtime = params.get("runtime") or "onnx"
-        if runtime not in PYFUNC_RUNTIMES: raise ValueError(f"params runtime: {runtime!r} is not one of {', '.join(PYFUNC_RUNTIMES)}")
+        if runtime not in PYFUNC_RUNTIMES:
+            raise ValueError(f"params runtime: {runtime!r} is not one of {', '.join(PYFUNC_RUNTIMES)}")
         b = self.torch if runtime == "torch" else self.bundle
         return b.predict(pd.DataFrame(model_input), class_probs=bool(params.get("class_probs", False)))
 
@@ -436,16 +560,21 @@ def _load_pyfunc(path: str) -> BundlePyfunc:
     "MLflow's entry point (loader_module workflow): the bundle on ONNX Runtime when it carries its checked graph, as the REST service scores."
     b = load_bundle(path)
     if b._onnx is not None:
-        try: b.use_onnx(threads=torch.get_num_threads())
-        except Exception as e:                                # the bundle still scores with torch; say why
-            logging.getLogger(__name__).warning("pyfunc %s: ONNX Runtime unavailable (%s: %s); scoring with torch", path, type(e).__name__, e)
+        try:
+            b.use_onnx(threads=torch.get_num_threads())
+        except Exception as e:  # the bundle still scores with torch; say why
+            logging.getLogger(__name__).warning(
+                "pyfunc %s: ONNX Runtime unavailable (%s: %s); scoring with torch", path, type(e).__name__, e
+            )
     return BundlePyfunc(b)
 
 # %% ../nbs/58_bundle.ipynb #7294b14e
 def _mlflow_type(s: pd.Series, categorical: bool) -> str:
     "MLflow column type of raw column `s`: 'long' for integers, 'any' for a pandas categorical (MLflow has no such type), else 'string' or 'double'."
-    if s.dtype.kind in "iu": return "long"
-    if isinstance(s.dtype, pd.CategoricalDtype): return "any"
+    if s.dtype.kind in "iu":
+        return "long"
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return "any"
     return "string" if categorical else "double"
 
 
@@ -454,7 +583,8 @@ def signature_inputs(schema: FlowSchema, example: pd.DataFrame) -> list[tuple[st
     ex = strip_columns(example)
     cols = list(schema.features) + list(schema.sequence_columns)
     missing = [c for c in cols if c not in ex.columns]
-    if missing: raise SchemaError(f"pyfunc example rows: missing column(s) {', '.join(missing)} of schema {schema.name}")
+    if missing:
+        raise SchemaError(f"pyfunc example rows: missing column(s) {', '.join(missing)} of schema {schema.name}")
     return [(c, _mlflow_type(ex[c], c in schema.categorical)) for c in cols]
 
 
@@ -462,42 +592,66 @@ def _signature_example(bundle: ModelBundle, example: pd.DataFrame) -> tuple[pd.D
     "Input example (raw feature and sequence columns) and signature: each input typed by `signature_inputs`, each output by a prediction."
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
+
     types = signature_inputs(bundle.schema, example)
     ex = strip_columns(example).loc[:, [c for c, _ in types]].head(5).copy()
     out_sig = infer_signature(ex, bundle.predict(ex), params={"class_probs": False, "runtime": "onnx"})
-    return ex, ModelSignature(inputs=Schema([ColSpec(AnyType() if t == "any" else t, c) for c, t in types]), outputs=out_sig.outputs, params=out_sig.params)
+    return ex, ModelSignature(
+        inputs=Schema([ColSpec(AnyType() if t == "any" else t, c) for c, t in types]), outputs=out_sig.outputs, params=out_sig.params
+    )
 
 # %% ../nbs/58_bundle.ipynb #c81ef731
 def _requirements() -> list[str]:
     from cyber_moe.config import package_versions
-    return [f"{n}=={v}" for n, v in package_versions(("cyber-moe", "torch", "onnxruntime", "numpy", "pandas", "scikit-learn", "mlflow", "pydantic")).items() if v]
+
+    return [
+        f"{n}=={v}"
+        for n, v in package_versions(("cyber-moe", "torch", "onnxruntime", "numpy", "pandas", "scikit-learn", "mlflow", "pydantic")).items()
+        if v
+    ]
 
 
 def save_pyfunc(bundle: ModelBundle, path: str | Path, *, example: pd.DataFrame) -> Path:
     "Save `bundle` as an MLflow pyfunc model folder at `path` (replaced if present), with signature and input example."
     import mlflow
+
     path = Path(path)
-    if path.exists(): shutil.rmtree(path)
+    if path.exists():
+        shutil.rmtree(path)
     ex, sig = _signature_example(bundle, example)
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.pyfunc.save_model(str(path), loader_module="cyber_moe.bundle", data_path=str(save_bundle(bundle, Path(tmp) / "data")),
-                                 signature=sig, input_example=ex, pip_requirements=_requirements())
+        mlflow.pyfunc.save_model(
+            str(path),
+            loader_module="cyber_moe.bundle",
+            data_path=str(save_bundle(bundle, Path(tmp) / "data")),
+            signature=sig,
+            input_example=ex,
+            pip_requirements=_requirements(),
+        )
     return path
 
 
 def log_pyfunc(bundle: ModelBundle, *, example: pd.DataFrame, registered_name: str | None = None):
     "Log `bundle` as the `model` of the active MLflow run (registering it as `registered_name` if given); returns MLflow's ModelInfo."
     import mlflow
+
     ex, sig = _signature_example(bundle, example)
     with tempfile.TemporaryDirectory() as tmp:
-        return mlflow.pyfunc.log_model(name="model", loader_module="cyber_moe.bundle", data_path=str(save_bundle(bundle, Path(tmp) / "data")),
-                                       signature=sig, input_example=ex, pip_requirements=_requirements(),
-                                       registered_model_name=registered_name)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="cyber_moe.bundle",
+            data_path=str(save_bundle(bundle, Path(tmp) / "data")),
+            signature=sig,
+            input_example=ex,
+            pip_requirements=_requirements(),
+            registered_model_name=registered_name,
+        )
 
 # %% ../nbs/58_bundle.ipynb #8bd46e23
 def _pyfunc_data_dir(model_dir: Path) -> Path:
     "The bundle folder inside an MLflow model folder (its python_function flavour's `data`)."
     import yaml
+
     flavor = yaml.safe_load((model_dir / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
     if flavor.get("loader_module") != "cyber_moe.bundle" or not flavor.get("data"):
         raise ValueError(f"{model_dir}: an MLflow model, but not a cyber-moe one (loader_module {flavor.get('loader_module')!r})")
@@ -519,12 +673,15 @@ def model_uri_scheme(uri: str | Path) -> str | None:
     "The MLflow scheme ('models' or 'runs') of model URI `uri`, None for a local path; `BundleError` for any other scheme (the one allow-list of the CLI, the bundle loader and the service's reload)."
     uri = str(uri).strip()
     m = _SCHEME.match(uri)
-    if m is None or len(m["scheme"]) == 1: return None          # no scheme, or a Windows drive letter: a local path
+    if m is None or len(m["scheme"]) == 1:
+        return None  # no scheme, or a Windows drive letter: a local path
     scheme = m["scheme"].lower()
-    if scheme not in MODEL_URI_SCHEMES or not uri[len(scheme) + 1:].startswith("/"):
-        raise BundleError(f"model URI {_redact(uri)[:200]!r}: scheme '{scheme}:' is not accepted; only model folders and "
-                          f"{' / '.join(s + ':/' for s in MODEL_URI_SCHEMES)} URIs load a model (models:/NAME/VERSION, models:/NAME@ALIAS, "
-                          "runs:/RUN_ID/PATH); download other artifacts yourself and give the folder")
+    if scheme not in MODEL_URI_SCHEMES or not uri[len(scheme) + 1 :].startswith("/"):
+        raise BundleError(
+            f"model URI {_redact(uri)[:200]!r}: scheme '{scheme}:' is not accepted; only model folders and "
+            f"{' / '.join(s + ':/' for s in MODEL_URI_SCHEMES)} URIs load a model (models:/NAME/VERSION, models:/NAME@ALIAS, "
+            "runs:/RUN_ID/PATH); download other artifacts yourself and give the folder"
+        )
     return scheme
 
 # %% ../nbs/58_bundle.ipynb #6fe2408e
@@ -532,9 +689,11 @@ def _project_tracking_uri() -> str | None:
     "The project's default tracking store, `sqlite:///<checkout>/outputs/mlflow.db` (what `RunConfig.mlflow_uri` gives by default)."
     import cyber_moe
     from cyber_moe.config import find_project_root
+
     for start in (Path(cyber_moe.__file__).resolve().parent.parent, Path.cwd()):
         root = find_project_root(start)
-        if (root / "settings.ini").is_file(): return f"sqlite:///{root / 'outputs' / 'mlflow.db'}"
+        if (root / "settings.ini").is_file():
+            return f"sqlite:///{root / 'outputs' / 'mlflow.db'}"
     return None
 
 
@@ -543,15 +702,20 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     if not tracking_uri:
         from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
         import mlflow
+
         tracking_uri = mlflow.get_tracking_uri() if is_tracking_uri_set() else _project_tracking_uri()
     if not tracking_uri:
-        raise BundleError("no MLflow tracking store to resolve the model URI against: set MLFLOW_TRACKING_URI "
-                          "(e.g. sqlite:////path/to/outputs/mlflow.db or http://mlflow:5000), or give a model folder")
-    if tracking_uri.startswith("sqlite:///"):                # an SQLite store that does not exist would be created, empty
-        db = Path(tracking_uri[len("sqlite:///"):])
+        raise BundleError(
+            "no MLflow tracking store to resolve the model URI against: set MLFLOW_TRACKING_URI "
+            "(e.g. sqlite:////path/to/outputs/mlflow.db or http://mlflow:5000), or give a model folder"
+        )
+    if tracking_uri.startswith("sqlite:///"):  # an SQLite store that does not exist would be created, empty
+        db = Path(tracking_uri[len("sqlite:///") :])
         if not db.is_file():
-            raise FileNotFoundError(f"no MLflow tracking store at {db} (from {_redact(tracking_uri)}): train or register a model first, "
-                                    "or set MLFLOW_TRACKING_URI to the store that holds it")
+            raise FileNotFoundError(
+                f"no MLflow tracking store at {db} (from {_redact(tracking_uri)}): train or register a model first, "
+                "or set MLFLOW_TRACKING_URI to the store that holds it"
+            )
     return str(tracking_uri)
 
 # %% ../nbs/58_bundle.ipynb #f032a923
@@ -560,49 +724,65 @@ def use_mlflow_store(uri: str):
     "Point MLflow's tracking and registry at `uri` for the block, then restore exactly what was there (module state and the MLFLOW_* variables MLflow's setters write into the environment)."
     from mlflow.tracking._model_registry import utils as reg
     from mlflow.tracking._tracking_service import utils as trk
+
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     saved = trk._tracking_uri, reg._registry_uri, {n: os.environ.get(n) for n in names}
     trk._tracking_uri, reg._registry_uri = uri, uri
-    try: yield uri
+    try:
+        yield uri
     finally:
         trk._tracking_uri, reg._registry_uri = saved[0], saved[1]
         for n, v in saved[2].items():
-            if v is None: os.environ.pop(n, None)
-            else: os.environ[n] = v
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:
     "A bundle from a bundle folder, an MLflow model folder, or a `models:/NAME/VERSION` / `runs:/ID/model` URI (resolved by `resolve_tracking_uri`)."
     p = Path(str(uri))
     if p.is_dir():
-        if (p / "bundle.json").is_file(): return load_bundle(p)
-        if (p / "MLmodel").is_file(): return load_bundle(_pyfunc_data_dir(p))
+        if (p / "bundle.json").is_file():
+            return load_bundle(p)
+        if (p / "MLmodel").is_file():
+            return load_bundle(_pyfunc_data_dir(p))
         raise FileNotFoundError(f"{p}: neither a model bundle (bundle.json) nor an MLflow model (MLmodel)")
-    if model_uri_scheme(uri) is None:                        # a local path that is not there
+    if model_uri_scheme(uri) is None:  # a local path that is not there
         raise FileNotFoundError(f"{uri}: no such model folder (expected outputs/<run>/model or an MLflow URI such as models:/NAME/VERSION)")
     store = resolve_tracking_uri(tracking_uri)
     import mlflow
     from mlflow.exceptions import MlflowException
-    try:                                # MLflow 3 resolves a version's `models:/m-...` source against the global store: pin it
-        with use_mlflow_store(store): local = mlflow.artifacts.download_artifacts(artifact_uri=str(uri), tracking_uri=store, registry_uri=store)
+
+    try:  # MLflow 3 resolves a version's `models:/m-...` source against the global store: pin it
+        with use_mlflow_store(store):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=str(uri), tracking_uri=store, registry_uri=store)
     except MlflowException as e:
-        raise BundleError(f"{_redact(uri)}: not found in the MLflow tracking store {_redact(store)} ({str(e).splitlines()[0][:200]})") from None
+        raise BundleError(
+            f"{_redact(uri)}: not found in the MLflow tracking store {_redact(store)} ({str(e).splitlines()[0][:200]})"
+        ) from None
     return load_bundle(_pyfunc_data_dir(Path(local)))
 
 # %% ../nbs/58_bundle.ipynb #26a13511
 def read_raw(path: str | Path) -> pd.DataFrame:
     "Rows of a CSV (as published: BOM, spaced headers and Windows-1252 label bytes tolerated) or parquet file, unchanged."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: input file not found")
-    if path.suffix.lower() in (".parquet", ".pq"): return pd.read_parquet(path)
-    try: df = pd.read_csv(path, encoding="utf-8-sig", low_memory=False)
-    except UnicodeDecodeError: df = pd.read_csv(path, encoding="cp1252", low_memory=False)
-    except pd.errors.EmptyDataError: raise SchemaError(f"{path}: the file is empty (expected a header and flow rows)") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: input file not found")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    try:
+        df = pd.read_csv(path, encoding="utf-8-sig", low_memory=False)
+    except UnicodeDecodeError:
+        df = pd.read_csv(path, encoding="cp1252", low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise SchemaError(f"{path}: the file is empty (expected a header and flow rows)") from None
     return strip_columns(df)
 
 
-def score_file(model: str | Path | ModelBundle, input_path: str | Path, output_path: str | Path | None = None,
-               *, batch_size: int = 8192) -> pd.DataFrame:
+def score_file(
+    model: str | Path | ModelBundle, input_path: str | Path, output_path: str | Path | None = None, *, batch_size: int = 8192
+) -> pd.DataFrame:
     "Score every row of `input_path` with `model` (bundle, folder or MLflow URI); write the verdicts to `output_path` (CSV or parquet)."
     bundle = model if isinstance(model, ModelBundle) else load_model_bundle(model)
     df = read_raw(input_path)
@@ -611,6 +791,8 @@ def score_file(model: str | Path | ModelBundle, input_path: str | Path, output_p
     if output_path is not None:
         output_path = Path(output_path)
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        if output_path.suffix.lower() in (".parquet", ".pq"): out.to_parquet(output_path, index=False)
-        else: out.to_csv(output_path, index=False)
+        if output_path.suffix.lower() in (".parquet", ".pq"):
+            out.to_parquet(output_path, index=False)
+        else:
+            out.to_csv(output_path, index=False)
     return out

@@ -10,8 +10,17 @@ import re
 import sys
 from pathlib import Path
 
-from .config import (ConfigError, RunConfig, find_project_root, load_config, save_config,
-                              setup_logging, terminal_safe, utc_now, write_run_record)
+from cyber_moe.config import (
+    ConfigError,
+    RunConfig,
+    find_project_root,
+    load_config,
+    save_config,
+    setup_logging,
+    terminal_safe,
+    utc_now,
+    write_run_record,
+)
 
 # %% auto #0
 __all__ = ['DEFAULT_RETRAIN_MODEL', 'StageFailed', 'pipelines_dir', 'pipeline_stages', 'run_pipeline', 'build_parser', 'main']
@@ -24,21 +33,27 @@ class StageFailed(RuntimeError):
 def pipelines_dir() -> Path:
     "The folder of pipeline notebooks: `nbs/pipelines` of the checkout this package was installed from."
     import cyber_moe
+
     for root in (Path(cyber_moe.__file__).resolve().parent.parent, find_project_root()):
-        if (root / "nbs" / "pipelines").is_dir(): return root / "nbs" / "pipelines"
-    raise FileNotFoundError("no nbs/pipelines folder found next to the cyber_moe package or above the current directory; pass --pipelines DIR")
+        if (root / "nbs" / "pipelines").is_dir():
+            return root / "nbs" / "pipelines"
+    raise FileNotFoundError(
+        "no nbs/pipelines folder found next to the cyber_moe package or above the current directory; pass --pipelines DIR"
+    )
 
 
 def pipeline_stages(folder: str | Path) -> list[Path]:
     "The pipeline notebooks in `folder`, in run order (sorted by name, checkpoints skipped)."
     stages = sorted(p for p in Path(folder).glob("*.ipynb") if not p.name.startswith((".", "_")))
-    if not stages: raise FileNotFoundError(f"no pipeline notebooks (*.ipynb) in {folder}")
+    if not stages:
+        raise FileNotFoundError(f"no pipeline notebooks (*.ipynb) in {folder}")
     return stages
 
 
 def run_pipeline(cfg: RunConfig, stages: list[Path], *, kernel_name: str = "python3", progress_bar: bool = True) -> list[dict]:
     "Execute `stages` with papermill into `<run_dir>/notebooks/`; raises `StageFailed` at the first failing one."
     import papermill as pm
+
     log = setup_logging(cfg.log_level)
     out_dir = cfg.run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,13 +65,18 @@ def run_pipeline(cfg: RunConfig, stages: list[Path], *, kernel_name: str = "pyth
         log.info("stage %s -> %s", nb.name, out)
         started = utc_now()
         try:
-            pm.execute_notebook(str(nb), str(out), parameters={"config_path": str(config_path)},
-                                kernel_name=kernel_name, cwd=str(find_project_root(nb.parent)), progress_bar=progress_bar)
+            pm.execute_notebook(
+                str(nb),
+                str(out),
+                parameters={"config_path": str(config_path)},
+                kernel_name=kernel_name,
+                cwd=str(find_project_root(nb.parent)),
+                progress_bar=progress_bar,
+            )
         except pm.PapermillExecutionError as e:
             done.append({"stage": nb.name, "status": "failed", "started_at": started, "finished_at": utc_now()})
             write_run_record(cfg, finished_at=utc_now(), status="failed", stages=done)
-            raise StageFailed(f"stage {nb.name} failed in cell {e.cell_index} ({e.ename}: {e.evalue}); "
-                              f"executed notebook: {out}") from None
+            raise StageFailed(f"stage {nb.name} failed in cell {e.cell_index} ({e.ename}: {e.evalue}); executed notebook: {out}") from None
         done.append({"stage": nb.name, "status": "ok", "started_at": started, "finished_at": utc_now()})
     write_run_record(cfg, finished_at=utc_now(), status="ok", stages=done)
     return done
@@ -64,6 +84,7 @@ def run_pipeline(cfg: RunConfig, stages: list[Path], *, kernel_name: str = "pyth
 # %% ../nbs/90_cli.ipynb #2fd2e733
 def _cmd_lab_record(args: argparse.Namespace) -> int:
     from cyber_moe.lab import LabInterrupted, LabUnavailable, record_session
+
     setup_logging("INFO")
     try:
         info = record_session(args.scenario, args.out, seed=args.seed, inject_crash=args.inject_crash)
@@ -74,26 +95,38 @@ def _cmd_lab_record(args: argparse.Namespace) -> int:
         print(f"cyber-moe lab: interrupted ({e}); namespaces, processes and temporary files removed", file=sys.stderr)
         return 143 if "SIGTERM" in str(e) else 130
     fams = ", ".join(f"{k} {v:,}" for k, v in sorted(info["families"].items(), key=lambda kv: -kv[1]))
-    print(f"session {info['session']} (run {info['run_id']}): {info['n_flows']:,} flows ({fams}); "
-          f"{info['n_unattributed']:,} unattributed; capture {info['capture_s']:.1f} s; {args.out}")
+    print(
+        f"session {info['session']} (run {info['run_id']}): {info['n_flows']:,} flows ({fams}); "
+        f"{info['n_unattributed']:,} unattributed; capture {info['capture_s']:.1f} s; {args.out}"
+    )
     if info.get("silent_steps"):
         print(f"cyber-moe lab: warning: step(s) that made no flow: {', '.join(info['silent_steps'])} (see session.json)", file=sys.stderr)
     if info["failed_steps"]:
         errs = {s["name"]: s["error"] for s in info["steps"] if s["status"] == "failed"}
-        print("cyber-moe lab: step(s) failed: " + "; ".join(f"{k} ({v})" for k, v in errs.items()) +
-              f"; capture and labels up to the failure are in {args.out}", file=sys.stderr)
+        print(
+            "cyber-moe lab: step(s) failed: "
+            + "; ".join(f"{k} ({v})" for k, v in errs.items())
+            + f"; capture and labels up to the failure are in {args.out}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def _add_lab_parser(sub) -> None:
     "The `lab` subcommand: record sessions of the traffic lab."
-    lab = sub.add_parser("lab", help="the traffic lab: real tools and clients in network namespaces",
-                         description="Record sessions of the traffic lab (needs root and network namespaces).")
+    lab = sub.add_parser(
+        "lab",
+        help="the traffic lab: real tools and clients in network namespaces",
+        description="Record sessions of the traffic lab (needs root and network namespaces).",
+    )
     lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
-    r = lsub.add_parser("record", help="record one session: capture.pcap, labels.parquet, flows.parquet",
-                        description="Build the lab, run the scenario's clients and attack steps, capture on the bridge, "
-                                    "remove everything, then meter and label the flows.")
+    r = lsub.add_parser(
+        "record",
+        help="record one session: capture.pcap, labels.parquet, flows.parquet",
+        description="Build the lab, run the scenario's clients and attack steps, capture on the bridge, "
+        "remove everything, then meter and label the flows.",
+    )
     r.add_argument("--scenario", required=True, help="scenario YAML, e.g. params/lab/smoke.yaml")
     r.add_argument("--out", required=True, help="output folder of the session")
     r.add_argument("--seed", type=int, default=0, help="draws timings, order, clients, targets, intensities and tool options")
@@ -106,39 +139,72 @@ DEFAULT_RETRAIN_MODEL = "models:/cyber-moe-lab@champion"
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from cyber_moe.retrain import load_confirmed, report_markdown, retrain_from_feedback
-    if not args.from_feedback: raise ConfigError("retrain: say where the new labels come from: --from-feedback (analysts' confirmed verdicts)")
-    if not 0 <= args.tolerance < 1: raise ConfigError(f"--tolerance must be in [0, 1), got {args.tolerance}")
-    if args.epochs < 1: raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+
+    if not args.from_feedback:
+        raise ConfigError("retrain: say where the new labels come from: --from-feedback (analysts' confirmed verdicts)")
+    if not 0 <= args.tolerance < 1:
+        raise ConfigError(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
     store = args.store or f"sqlite:///{outputs.resolve() / 'feedback.db'}"
     setup_logging("INFO")
     confirmed = load_confirmed(store)
     out = Path(args.out) if args.out else outputs / "retrain" / utc_now().replace(":", "").replace("+0000", "Z")
-    report = retrain_from_feedback(confirmed, model=args.model, out_dir=out, run_dir=args.run, outputs_dir=outputs,
-                                   tracking_uri=args.tracking_uri, epochs=args.epochs, tolerance=args.tolerance,
-                                   fine_tune_model=not args.threshold_only, register=not args.no_register, seed=args.seed)
+    report = retrain_from_feedback(
+        confirmed,
+        model=args.model,
+        out_dir=out,
+        run_dir=args.run,
+        outputs_dir=outputs,
+        tracking_uri=args.tracking_uri,
+        epochs=args.epochs,
+        tolerance=args.tolerance,
+        fine_tune_model=not args.threshold_only,
+        register=not args.no_register,
+        seed=args.seed,
+    )
     print(report_markdown(report))
     print(f"report: {out / 'report.md'}")
     return 0
 
-
+# %% ../nbs/90_cli.ipynb #8c93113e
 def _add_retrain_parser(sub) -> None:
     "The `retrain` subcommand: learn from the analysts' confirmed verdicts."
-    p = sub.add_parser("retrain", help="learn from analysts' verdicts: re-choose the operating point, fine-tune, register a challenger, promote if it wins",
-                       description="Read confirmed verdicts from the feedback store; re-choose the operating point on them; fine-tune the model "
-                                   "from its weights on them plus its original training rows; compare candidate and champion on held-out "
-                                   "feedback and the original test split; register the candidate as alias 'challenger' and move 'champion' "
-                                   "to it only when it wins on both.")
+    p = sub.add_parser(
+        "retrain",
+        help="learn from analysts' verdicts: re-choose the operating point, fine-tune, register a challenger, promote if it wins",
+        description="Read confirmed verdicts from the feedback store; re-choose the operating point on them; fine-tune the model "
+        "from its weights on them plus its original training rows; compare candidate and champion on held-out "
+        "feedback and the original test split; register the candidate as alias 'challenger' and move 'champion' "
+        "to it only when it wins on both.",
+    )
     p.add_argument("--from-feedback", action="store_true", help="learn from the feedback store's confirmed verdicts (required)")
-    p.add_argument("--model", default=DEFAULT_RETRAIN_MODEL, help=f"the model to improve: models:/NAME@ALIAS, models:/NAME/VERSION or a model folder (default {DEFAULT_RETRAIN_MODEL})")
-    p.add_argument("--store", help="feedback store URL (default sqlite:///<outputs>/feedback.db; postgresql+psycopg://user@host/db), or a Parquet/CSV file of confirmed verdicts")
-    p.add_argument("--run", help="folder of the run that trained the model (default <outputs>/<the bundle's run_name>): its original training rows")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_RETRAIN_MODEL,
+        help=f"the model to improve: models:/NAME@ALIAS, models:/NAME/VERSION or a model folder (default {DEFAULT_RETRAIN_MODEL})",
+    )
+    p.add_argument(
+        "--store",
+        help="feedback store URL (default sqlite:///<outputs>/feedback.db; postgresql+psycopg://user@host/db), or a Parquet/CSV file of confirmed verdicts",
+    )
+    p.add_argument(
+        "--run", help="folder of the run that trained the model (default <outputs>/<the bundle's run_name>): its original training rows"
+    )
     p.add_argument("--outputs", help="the project's outputs folder (default: outputs/ of this checkout)")
     p.add_argument("--out", help="folder for report.json and report.md (default <outputs>/retrain/<UTC time>)")
     p.add_argument("--tracking-uri", help="MLflow tracking store (default MLFLOW_TRACKING_URI or <outputs>/mlflow.db)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="how much worse on the test split the candidate may be and still be promoted (default 0.01)")
-    p.add_argument("--threshold-only", action="store_true", help="only re-choose the operating point on the confirmed verdicts (no fine-tuning)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="how much worse on the test split the candidate may be and still be promoted (default 0.01)",
+    )
+    p.add_argument(
+        "--threshold-only", action="store_true", help="only re-choose the operating point on the confirmed verdicts (no fine-tuning)"
+    )
     p.add_argument("--no-register", action="store_true", help="compare and report only: register nothing, move no alias")
     p.add_argument("--seed", type=int, default=0, help="seed of the feedback split and the fine-tune")
     p.set_defaults(func=_cmd_retrain)
@@ -146,14 +212,20 @@ def _add_retrain_parser(sub) -> None:
 # %% ../nbs/90_cli.ipynb #57f48937
 def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", required=True, help="YAML run configuration, e.g. params/default.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. train.max_epochs=3")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. train.max_epochs=3"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_feedback_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--feedback", metavar="URL", help="feedback store that keeps the alerts and holds the suppression rules "
-                   "(default: $CYBER_MOE_FEEDBACK_URL, else sqlite:///<project>/outputs/feedback.db), e.g. postgresql+psycopg://user@host/db")
+    g.add_argument(
+        "--feedback",
+        metavar="URL",
+        help="feedback store that keeps the alerts and holds the suppression rules "
+        "(default: $CYBER_MOE_FEEDBACK_URL, else sqlite:///<project>/outputs/feedback.db), e.g. postgresql+psycopg://user@host/db",
+    )
     g.add_argument("--no-feedback", action="store_true", help="neither store alerts nor apply suppression rules")
 
 # %% ../nbs/90_cli.ipynb #f1a2a74f
@@ -165,7 +237,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         wanted = set(args.stages)
         stages = [s for s in stages if s.stem in wanted or s.name in wanted]
         missing = wanted - {s.stem for s in stages} - {s.name for s in stages}
-        if missing: raise ConfigError(f"--stages: no pipeline notebook named {', '.join(sorted(missing))} in {folder}")
+        if missing:
+            raise ConfigError(f"--stages: no pipeline notebook named {', '.join(sorted(missing))} in {folder}")
     run_pipeline(cfg, stages, progress_bar=not args.quiet)
     print(f"run '{cfg.run_name}' finished: {cfg.run_dir}")
     return 0
@@ -173,8 +246,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _add_pipeline_parser(sub) -> None:
     "The `pipeline` subcommand: run the pipeline notebooks for one params file."
-    p = sub.add_parser("pipeline", help="run the pipeline notebooks with papermill for one params file",
-                       description="Execute nbs/pipelines/*.ipynb in order into outputs/<run_name>/notebooks/.")
+    p = sub.add_parser(
+        "pipeline",
+        help="run the pipeline notebooks with papermill for one params file",
+        description="Execute nbs/pipelines/*.ipynb in order into outputs/<run_name>/notebooks/.",
+    )
     _add_params_args(p)
     p.add_argument("--pipelines", help="folder of pipeline notebooks (default: nbs/pipelines of this checkout)")
     p.add_argument("--stages", nargs="+", help="run only these stages (notebook names without .ipynb)")
@@ -183,20 +259,26 @@ def _add_pipeline_parser(sub) -> None:
 # %% ../nbs/90_cli.ipynb #9ecf2561
 def _cmd_train(args: argparse.Namespace) -> int:
     from cyber_moe.train import train_run
+
     cfg = load_config(args.params, args.set)
     metrics = train_run(cfg, enable_progress_bar=not args.quiet)
     for who in ("model", "baseline"):
         b, f = metrics[who]["binary"], metrics[who]["family"]
-        print(f"{who:>8}: binary F1 {b['f1']:.4f}  PR-AUC {b['pr_auc']:.4f}  FPR@99%recall {b['fpr_at_recall_99']:.4f}  "
-              f"family macro-F1 {f['macro_f1']:.4f}   (test split, {b['n']:,} flows)")
+        print(
+            f"{who:>8}: binary F1 {b['f1']:.4f}  PR-AUC {b['pr_auc']:.4f}  FPR@99%recall {b['fpr_at_recall_99']:.4f}  "
+            f"family macro-F1 {f['macro_f1']:.4f}   (test split, {b['n']:,} flows)"
+        )
     print(f"metrics: {cfg.run_dir / 'metrics.json'}  model: {cfg.run_dir / 'model'}")
     return 0
 
 
 def _add_train_parser(sub) -> None:
     "The `train` subcommand: train, evaluate and register in one process."
-    p = sub.add_parser("train", help="train the MoE and the LightGBM baseline, evaluate both on the test split, save and register the model",
-                       description="Data, split, preprocessing, MoE + baseline training, test metrics, model bundle and MLflow run, in one process.")
+    p = sub.add_parser(
+        "train",
+        help="train the MoE and the LightGBM baseline, evaluate both on the test split, save and register the model",
+        description="Data, split, preprocessing, MoE + baseline training, test metrics, model bundle and MLflow run, in one process.",
+    )
     _add_params_args(p)
     p.set_defaults(func=_cmd_train)
 
@@ -204,11 +286,17 @@ def _add_train_parser(sub) -> None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from cyber_moe.train import registered_name
     from cyber_moe.tune import default_storage, make_pruner, redact, run_worker, tune
+
     cfg = load_config(args.params, args.set)
     t = cfg.tune
-    common = dict(study_name=args.study or t.study_name or cfg.run_name, storage=args.storage or t.storage or default_storage(cfg),
-                  timeout=t.timeout, sampler_seed=t.sampler_seed, show_progress_bar=not args.quiet,
-                  pruner=make_pruner(n_startup_trials=t.pruner_startup_trials, n_warmup_epochs=t.pruner_warmup_epochs))
+    common = dict(
+        study_name=args.study or t.study_name or cfg.run_name,
+        storage=args.storage or t.storage or default_storage(cfg),
+        timeout=t.timeout,
+        sampler_seed=t.sampler_seed,
+        show_progress_bar=not args.quiet,
+        pruner=make_pruner(n_startup_trials=t.pruner_startup_trials, n_warmup_epochs=t.pruner_warmup_epochs),
+    )
     n_trials = args.n_trials or t.n_trials
     if args.worker:
         done = run_worker(cfg, n_trials=n_trials, torch_threads=t.torch_threads, **common)
@@ -225,36 +313,64 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _add_tune_parser(sub) -> None:
     "The `tune` subcommand: an Optuna sweep, then retrain, test and register the best."
-    p = sub.add_parser("tune", help="Optuna sweep over model, gate and optimiser settings; retrain, test and register the best",
-                       description="Run (or continue) an Optuna study: each trial a nested MLflow run, pruning per epoch on validation; "
-                                   "the best configuration is retrained, scored on the test split once and registered. "
-                                   "Settings in the params file's `tune` section; the flags below override them.")
+    p = sub.add_parser(
+        "tune",
+        help="Optuna sweep over model, gate and optimiser settings; retrain, test and register the best",
+        description="Run (or continue) an Optuna study: each trial a nested MLflow run, pruning per epoch on validation; "
+        "the best configuration is retrained, scored on the test split once and registered. "
+        "Settings in the params file's `tune` section; the flags below override them.",
+    )
     _add_params_args(p)
-    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<outputs>/optuna.db), e.g. postgresql+psycopg://user@host:5432/db")
+    p.add_argument(
+        "--storage", help="Optuna storage URL (default sqlite:///<outputs>/optuna.db), e.g. postgresql+psycopg://user@host:5432/db"
+    )
     p.add_argument("--workers", type=int, help="worker processes on this host (trials split between them)")
     p.add_argument("--n-trials", type=int, help="trials to add to the study")
     p.add_argument("--study", help="study name (default: tune.study_name or run_name); an existing study is continued")
-    p.add_argument("--worker", action="store_true", help="only join an existing study as a worker (another host); no retraining or registration")
+    p.add_argument(
+        "--worker", action="store_true", help="only join an existing study as a worker (another host); no retraining or registration"
+    )
     p.set_defaults(func=_cmd_tune)
 
 # %% ../nbs/90_cli.ipynb #07dfda61
 def _score_is_many(args: argparse.Namespace) -> bool:
     "`score` runs on Dask for several inputs, a folder, a glob pattern, or when --scheduler/--workers is given."
     one = args.input[0]
-    return (len(args.input) > 1 or args.scheduler is not None or args.workers is not None or Path(one).is_dir()
-            or (not Path(one).exists() and re.search(r"[*?[]", one) is not None))
+    return (
+        len(args.input) > 1
+        or args.scheduler is not None
+        or args.workers is not None
+        or Path(one).is_dir()
+        or (not Path(one).exists() and re.search(r"[*?[]", one) is not None)
+    )
 
 
 def _cmd_score_many(args: argparse.Namespace) -> int:
     from cyber_moe.distributed import score_many, summary_text
-    if not args.output: raise ConfigError("--output DIR is required to score several inputs (a folder, a glob, or --scheduler/--workers)")
-    if args.alerts: raise ConfigError("--alerts FILE is for one capture; with several inputs the alerts go to OUTPUT/alerts/, one file per part")
-    if args.scheduler and args.workers: raise ConfigError("give --scheduler ADDRESS or --workers N, not both")
-    store = _open_feedback(args)                       # its active rules suppress alerts on the workers; the client stores them
-    try: s = score_many(args.input, args.model, args.output, scheduler=args.scheduler, workers=args.workers, rows_per_task=args.rows_per_task,
-                        batch_size=args.batch_size or 1024, alert_format=args.alert_format, allow_truncated=args.allow_truncated, feedback=store)
+
+    if not args.output:
+        raise ConfigError("--output DIR is required to score several inputs (a folder, a glob, or --scheduler/--workers)")
+    if args.alerts:
+        raise ConfigError("--alerts FILE is for one capture; with several inputs the alerts go to OUTPUT/alerts/, one file per part")
+    if args.scheduler and args.workers:
+        raise ConfigError("give --scheduler ADDRESS or --workers N, not both")
+    store = _open_feedback(args)  # its active rules suppress alerts on the workers; the client stores them
+    try:
+        s = score_many(
+            args.input,
+            args.model,
+            args.output,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            rows_per_task=args.rows_per_task,
+            batch_size=args.batch_size or 1024,
+            alert_format=args.alert_format,
+            allow_truncated=args.allow_truncated,
+            feedback=store,
+        )
     finally:
-        if store is not None: store.close()
+        if store is not None:
+            store.close()
     print(summary_text(s))
     return 1 if s["failures"] or s["skipped"] else 0
 
@@ -263,17 +379,24 @@ def _open_feedback(args: argparse.Namespace):
     "The feedback store of --feedback (or CYBER_MOE_FEEDBACK_URL, or outputs/feedback.db); None with a warning when it cannot be opened."
     import os
     from cyber_moe.feedback import FEEDBACK_ENV_VAR, FeedbackStore, StoreUnavailable, default_url
-    if args.no_feedback: return None
+
+    if args.no_feedback:
+        return None
     url = args.feedback or os.environ.get(FEEDBACK_ENV_VAR) or default_url(find_project_root() / "outputs")
-    try: return FeedbackStore(url)
+    try:
+        return FeedbackStore(url)
     except StoreUnavailable as e:
-        print(f"cyber-moe {args.command}: warning: {terminal_safe(e)}; going on without feedback (alerts not stored, no suppression rules)", file=sys.stderr)
+        print(
+            f"cyber-moe {args.command}: warning: {terminal_safe(e)}; going on without feedback (alerts not stored, no suppression rules)",
+            file=sys.stderr,
+        )
         return None
 
 
 def _feedback_line(store, res: dict) -> str:
     "One line on what the store did with a run's alerts (`res`: alerts suppressed per rule id)."
     from cyber_moe.feedback import redact_url
+
     rules = ", ".join(f"rule {r} {n:,}" for r, n in sorted(res.items()))
     return f"feedback store {redact_url(store.url)}: " + (f"suppressed {sum(res.values()):,} ({rules})" if rules else "no alert suppressed")
 
@@ -283,7 +406,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from collections import Counter
     from cyber_moe.feedback import StoreUnavailable
     from cyber_moe.bundle import load_model_bundle, score_file
-    if _score_is_many(args): return _cmd_score_many(args)
+
+    if _score_is_many(args):
+        return _cmd_score_many(args)
     args.input, args.batch_size = args.input[0], args.batch_size or 8192
     capture = is_capture(args.input)
     if not capture and (args.alerts or args.allow_truncated):
@@ -295,12 +420,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if store is not None:
             try:
                 out, res = store_alerts(store, out, bundle, source="score")
-                print(_feedback_line(store, dict(Counter(r for r in res.suppressed_by if r is not None))) + f"; {res.n_new:,} new alert(s) stored")
+                print(
+                    _feedback_line(store, dict(Counter(r for r in res.suppressed_by if r is not None)))
+                    + f"; {res.n_new:,} new alert(s) stored"
+                )
             except StoreUnavailable as e:
                 print(f"cyber-moe score: warning: {terminal_safe(e)}; alerts written without suppression and not stored", file=sys.stderr)
-            finally: store.close()
+            finally:
+                store.close()
             out = out.drop(columns=[c for c in bundle.schema.features if c in out.columns and c not in FLOW_COLUMNS])
-        if args.output: save_verdicts(out, args.output)
+        if args.output:
+            save_verdicts(out, args.output)
         print(f"scored {args.input} with {bundle.name} v{bundle.version}: " + summary_table(out))
         if args.alerts:
             n = write_alerts(make_alerts(out, bundle, alert_format=args.alert_format), args.alerts)
@@ -310,74 +440,128 @@ def _cmd_score(args: argparse.Namespace) -> int:
         n_att = int(out["is_attack"].sum())
         print(f"scored {len(out):,} flows with {bundle.name} v{bundle.version}: {n_att:,} flagged as attacks ({n_att / len(out):.1%})")
         print(out["family"].value_counts().rename("flows").to_string())
-    if args.output: print(f"verdicts: {args.output}")
+    if args.output:
+        print(f"verdicts: {args.output}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #372c1d46
 def _add_score_parser(sub) -> None:
     "The `score` subcommand: verdicts for a file of flows, a capture, or many inputs on Dask."
-    p = sub.add_parser("score", help="score a file of flows or a packet capture with a trained model",
-                       description="Read flows in the data set's own format (CSV as published, or parquet) and write one verdict per row, in order; "
-                                   "or meter a packet capture (.pcap/.pcapng) with NFStream, score its flows with a model trained on NFStream flows, "
-                                   "print a summary and optionally write alerts.")
+    p = sub.add_parser(
+        "score",
+        help="score a file of flows or a packet capture with a trained model",
+        description="Read flows in the data set's own format (CSV as published, or parquet) and write one verdict per row, in order; "
+        "or meter a packet capture (.pcap/.pcapng) with NFStream, score its flows with a model trained on NFStream flows, "
+        "print a summary and optionally write alerts.",
+    )
     p.add_argument("--model", required=True, help="model folder (outputs/<run>/model) or MLflow URI (models:/cyber-moe-unsw-nb15/1)")
-    p.add_argument("--input", required=True, nargs="+", action="extend",
-                   help="CSV or parquet file of flows, or a .pcap/.pcapng capture (detected by suffix or magic bytes); "
-                        "several files, folders or quoted globs ('captures/*.pcap') are scored on Dask into --output DIR")
-    p.add_argument("--output", help="CSV or parquet file for the verdicts (is_attack, p_attack, family, p_family, gate_<expert>; for a capture also the 5-tuple, timestamps and community_id); "
-                                     "for several inputs a folder: verdicts/source=<input>/part-N.parquet, alerts/, manifest.json")
-    p.add_argument("--batch-size", type=int, help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="CSV or parquet file of flows, or a .pcap/.pcapng capture (detected by suffix or magic bytes); "
+        "several files, folders or quoted globs ('captures/*.pcap') are scored on Dask into --output DIR",
+    )
+    p.add_argument(
+        "--output",
+        help="CSV or parquet file for the verdicts (is_attack, p_attack, family, p_family, gate_<expert>; for a capture also the 5-tuple, timestamps and community_id); "
+        "for several inputs a folder: verdicts/source=<input>/part-N.parquet, alerts/, manifest.json",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)",
+    )
     p.add_argument("--alerts", metavar="FILE", help="capture input: write one JSON line per flagged flow to FILE")
-    p.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
+    p.add_argument(
+        "--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE"
+    )
     _add_feedback_args(p)
-    p.add_argument("--allow-truncated", action="store_true", help="capture input: score the flows read before the cut of a truncated capture instead of stopping")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="several inputs: run on this Dask scheduler, e.g. tcp://host:8786 "
-                                                          "(start capture-metering workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)")
+    p.add_argument(
+        "--allow-truncated",
+        action="store_true",
+        help="capture input: score the flows read before the cut of a truncated capture instead of stopping",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="several inputs: run on this Dask scheduler, e.g. tcp://host:8786 "
+        "(start capture-metering workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)",
+    )
     p.add_argument("--workers", type=int, help="several inputs: start a local Dask cluster of N worker processes (default: one per core)")
-    p.add_argument("--rows-per-task", type=int, default=1_000_000, help="several inputs: Parquet files with more rows are split into row-group tasks")
+    p.add_argument(
+        "--rows-per-task", type=int, default=1_000_000, help="several inputs: Parquet files with more rows are split into row-group tasks"
+    )
     p.set_defaults(func=_cmd_score)
 
 # %% ../nbs/90_cli.ipynb #c20476c0
 def _cmd_watch(args: argparse.Namespace) -> int:
     from cyber_moe.alerts import alert_line, watch
     from cyber_moe.bundle import load_model_bundle
+
     bundle = load_model_bundle(args.model)
     store = _open_feedback(args)
     sink = open(args.alerts, "a", encoding="utf-8") if args.alerts else sys.stdout
+
     def on_alert(alert: dict) -> None:
         sink.write(alert_line(alert))
         sink.flush()
+
     try:
-        stats = watch(args.interface or args.pcap, bundle, on_alert=on_alert, alert_format=args.alert_format,
-                      batch_size=args.batch_size, max_delay_s=args.max_delay, max_flows=args.max_flows,
-                      bpf_filter=args.bpf, idle_timeout=args.idle_timeout, feedback=store)
+        stats = watch(
+            args.interface or args.pcap,
+            bundle,
+            on_alert=on_alert,
+            alert_format=args.alert_format,
+            batch_size=args.batch_size,
+            max_delay_s=args.max_delay,
+            max_flows=args.max_flows,
+            bpf_filter=args.bpf,
+            idle_timeout=args.idle_timeout,
+            feedback=store,
+        )
     finally:
-        if sink is not sys.stdout: sink.close()
-        if store is not None: store.close()
-    print(f"watched {stats['source']}: {stats['n_flows']:,} flows, {stats['n_alerts']:,} alert(s), {stats['n_suppressed']:,} suppressed "
-          f"in {stats['seconds']:.1f} s" + (" (stopped by Ctrl-C)" if stats["interrupted"] else ""), file=sys.stderr)
-    if store is not None: print(_feedback_line(store, stats["suppressed"]) + f"; {stats['n_stored']:,} new alert(s) stored", file=sys.stderr)
-    if stats["feedback_error"]: print(f"cyber-moe watch: warning: {terminal_safe(stats['feedback_error'])}", file=sys.stderr)
+        if sink is not sys.stdout:
+            sink.close()
+        if store is not None:
+            store.close()
+    print(
+        f"watched {stats['source']}: {stats['n_flows']:,} flows, {stats['n_alerts']:,} alert(s), {stats['n_suppressed']:,} suppressed "
+        f"in {stats['seconds']:.1f} s" + (" (stopped by Ctrl-C)" if stats["interrupted"] else ""),
+        file=sys.stderr,
+    )
+    if store is not None:
+        print(_feedback_line(store, stats["suppressed"]) + f"; {stats['n_stored']:,} new alert(s) stored", file=sys.stderr)
+    if stats["feedback_error"]:
+        print(f"cyber-moe watch: warning: {terminal_safe(stats['feedback_error'])}", file=sys.stderr)
     return 0
 
 # %% ../nbs/90_cli.ipynb #aa0063e4
 def _add_watch_parser(sub) -> None:
     "The `watch` subcommand: score live traffic (or a replayed capture) as flows end."
-    w = sub.add_parser("watch", help="score live traffic on a network interface (or replay a pcap) and write alerts as flows end",
-                       description="Capture with NFStream (same flow options as training), score flows in micro-batches as they end, "
-                                   "and write each alert as a JSON line as soon as it is made. Live capture needs root or CAP_NET_RAW; Ctrl-C stops.")
+    w = sub.add_parser(
+        "watch",
+        help="score live traffic on a network interface (or replay a pcap) and write alerts as flows end",
+        description="Capture with NFStream (same flow options as training), score flows in micro-batches as they end, "
+        "and write each alert as a JSON line as soon as it is made. Live capture needs root or CAP_NET_RAW; Ctrl-C stops.",
+    )
     w.add_argument("--model", required=True, help="model folder or MLflow URI of a model trained on NFStream flows")
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--interface", help="network interface to capture from, e.g. eth0 (`ip link` lists them)")
     src.add_argument("--pcap", help="replay this capture file instead of a live interface")
     w.add_argument("--alerts", metavar="FILE", help="append alerts to this JSON-lines file, flushed per alert (default: standard output)")
-    w.add_argument("--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE")
+    w.add_argument(
+        "--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE"
+    )
     _add_feedback_args(w)
     w.add_argument("--bpf", metavar="FILTER", help="BPF capture filter, e.g. 'tcp or udp'")
     w.add_argument("--batch-size", type=int, default=256, help="score at most this many flows at once")
     w.add_argument("--max-delay", type=float, default=1.0, help="seconds a finished flow may wait for its batch to fill")
     w.add_argument("--max-flows", type=int, help="stop after this many flows")
-    w.add_argument("--idle-timeout", type=int, default=120, help="seconds without packets that end a flow (the models are trained with 120)")
+    w.add_argument(
+        "--idle-timeout", type=int, default=120, help="seconds without packets that end a flow (the models are trained with 120)"
+    )
     w.set_defaults(func=_cmd_watch)
 
 # %% ../nbs/90_cli.ipynb #269225ae
@@ -385,16 +569,21 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import json
     from cyber_moe.bundle import load_model_bundle, read_raw
     from cyber_moe.explain import explain_flow
+
     bundle, df = load_model_bundle(args.model), read_raw(args.input)
-    if not 0 <= args.row < len(df): raise ConfigError(f"--row {args.row} is outside {args.input} (0..{len(df) - 1})")
+    if not 0 <= args.row < len(df):
+        raise ConfigError(f"--row {args.row} is outside {args.input} (0..{len(df) - 1})")
     print(json.dumps(explain_flow(bundle, df.iloc[[args.row]], top_k=args.top_k), indent=2))
     return 0
 
 
 def _add_explain_parser(sub) -> None:
     "The `explain` subcommand: SHAP contributions for one flow."
-    p = sub.add_parser("explain", help="SHAP: the raw features that moved a model's verdict on one flow",
-                       description="Explain one flow of a file (SHAP over the raw feature columns, background from training rows).")
+    p = sub.add_parser(
+        "explain",
+        help="SHAP: the raw features that moved a model's verdict on one flow",
+        description="Explain one flow of a file (SHAP over the raw feature columns, background from training rows).",
+    )
     p.add_argument("--model", required=True, help="model folder or MLflow URI")
     p.add_argument("--input", required=True, help="CSV or parquet file of flows")
     p.add_argument("--row", type=int, default=0, help="position of the flow in the file")
@@ -404,17 +593,24 @@ def _add_explain_parser(sub) -> None:
 # %% ../nbs/90_cli.ipynb #34b63941
 def _cmd_results(args: argparse.Namespace) -> int:
     from cyber_moe.report import results_markdown, update_readme
+
     metrics = Path(args.run) / "metrics.json"
-    if not metrics.is_file(): raise FileNotFoundError(f"{metrics}: no metrics.json (run `cyber-moe pipeline` or `cyber-moe train` first)")
-    if args.readme: print(f"updated {update_readme(args.readme, metrics)}")
-    else: print(results_markdown(metrics))
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics}: no metrics.json (run `cyber-moe pipeline` or `cyber-moe train` first)")
+    if args.readme:
+        print(f"updated {update_readme(args.readme, metrics)}")
+    else:
+        print(results_markdown(metrics))
     return 0
 
 
 def _add_results_parser(sub) -> None:
     "The `results` subcommand: a run's results table, printed or written into the README."
-    p = sub.add_parser("results", help="print a run's results table (Markdown) or write it into the README",
-                       description="Render outputs/<run>/metrics.json as the README's results table; never type numbers by hand.")
+    p = sub.add_parser(
+        "results",
+        help="print a run's results table (Markdown) or write it into the README",
+        description="Render outputs/<run>/metrics.json as the README's results table; never type numbers by hand.",
+    )
     p.add_argument("--run", required=True, help="run folder, e.g. outputs/unsw-nb15")
     p.add_argument("--readme", help="write the table between the results markers of this file (e.g. README.md)")
     p.set_defaults(func=_cmd_results)
@@ -425,53 +621,94 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import tempfile
     import uvicorn
     from cyber_moe.serve import HTTP_PROTOCOL, MODEL_ENV_VAR, check_model_uri
-    if args.workers < 1: raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    try: uri = check_model_uri(args.model)
-    except ValueError as e: raise ConfigError(f"--model: {e}") from None
-    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):                    # a folder, not an MLflow URI such as models:/NAME/1
-        if not Path(uri).is_dir(): raise FileNotFoundError(f"--model {uri}: no such folder (expected a bundle folder, an MLflow model folder or an MLflow URI)")
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    try:
+        uri = check_model_uri(args.model)
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):  # a folder, not an MLflow URI such as models:/NAME/1
+        if not Path(uri).is_dir():
+            raise FileNotFoundError(f"--model {uri}: no such folder (expected a bundle folder, an MLflow model folder or an MLflow URI)")
         uri = str(Path(uri).resolve())
     os.environ[MODEL_ENV_VAR] = uri
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cyber-moe-metrics-")
-    if args.workers > 1 and not os.environ.get("CYBER_MOE_RELOAD_DIR"):      # a reload sent to one worker reaches all
+    if args.workers > 1 and not os.environ.get("CYBER_MOE_RELOAD_DIR"):  # a reload sent to one worker reaches all
         os.environ["CYBER_MOE_RELOAD_DIR"] = tempfile.mkdtemp(prefix="cyber-moe-reload-")
-    print(f"serving {uri} on http://{args.host}:{args.port} ({args.workers} worker(s)); /docs for the API, /ready for readiness", file=sys.stderr)
-    uvicorn.run("cyber_moe.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-                http=HTTP_PROTOCOL, access_log=False, log_level="info")      # the installed package: no checkout needed
+    print(
+        f"serving {uri} on http://{args.host}:{args.port} ({args.workers} worker(s)); /docs for the API, /ready for readiness",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        "cyber_moe.serve.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        http=HTTP_PROTOCOL,
+        access_log=False,
+        log_level="info",
+    )  # the installed package: no checkout needed
     return 0
 
 
 def _add_serve_parser(sub) -> None:
     "The `serve` subcommand: the REST service under uvicorn."
-    p = sub.add_parser("serve", help="serve a model bundle over HTTP: REST, Open Inference Protocol v2, Prometheus metrics",
-                       description="Run the REST service (cyber_moe.serve.app under uvicorn). Other settings come from environment variables: "
-                                   "CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, ... (cyber_moe.serve.ServeSettings).")
-    p.add_argument("--model", required=True, metavar="URI", help="bundle folder, MLflow model folder, or MLflow URI such as models:/cyber-moe-unsw-nb15/1")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model bundle over HTTP: REST, Open Inference Protocol v2, Prometheus metrics",
+        description="Run the REST service (cyber_moe.serve.app under uvicorn). Other settings come from environment variables: "
+        "CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, ... (cyber_moe.serve.ServeSettings).",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="URI",
+        help="bundle folder, MLflow model folder, or MLflow URI such as models:/cyber-moe-unsw-nb15/1",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1; metrics are shared through PROMETHEUS_MULTIPROC_DIR)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (default 1; metrics are shared through PROMETHEUS_MULTIPROC_DIR)"
+    )
     p.set_defaults(func=_cmd_serve)
 
 # %% ../nbs/90_cli.ipynb #99306c06
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from cyber_moe.dashboard import launch
+
     outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
-    return launch(outputs_dir=outputs, run=args.run, port=args.port, open_browser=args.open,
-                  allowed_hosts=args.allow_host, max_kernels=args.max_kernels)
+    return launch(
+        outputs_dir=outputs,
+        run=args.run,
+        port=args.port,
+        open_browser=args.open,
+        allowed_hosts=args.allow_host,
+        max_kernels=args.max_kernels,
+    )
 
 
 def _add_dashboard_parser(sub) -> None:
     "The `dashboard` subcommand: the analyst dashboard under Voila."
-    p = sub.add_parser("dashboard", help="serve the analyst dashboard (Voila) on the runs of an outputs folder",
-                       description="Start Voila on nbs/dashboards/analysis.ipynb at http://127.0.0.1:PORT/: model vs baseline, curves, "
-                                   "SHAP and drift views, single flows with their explanation. Ctrl-C or SIGTERM stops it and its kernels.")
+    p = sub.add_parser(
+        "dashboard",
+        help="serve the analyst dashboard (Voila) on the runs of an outputs folder",
+        description="Start Voila on nbs/dashboards/analysis.ipynb at http://127.0.0.1:PORT/: model vs baseline, curves, "
+        "SHAP and drift views, single flows with their explanation. Ctrl-C or SIGTERM stops it and its kernels.",
+    )
     p.add_argument("--run", help="run shown first (folder name under the outputs folder; default: the newest)")
     p.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
     p.add_argument("--outputs", help="folder holding the runs (default: the project's outputs/)")
     p.add_argument("--open", action="store_true", help="open a browser tab")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="a host name (besides localhost and loopback addresses) that browsers may use to reach the dashboard (repeatable)")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name (besides localhost and loopback addresses) that browsers may use to reach the dashboard (repeatable)",
+    )
     p.add_argument("--max-kernels", type=int, default=6, help="page views served at once, one kernel each (default 6; more get HTTP 503)")
     p.set_defaults(func=_cmd_dashboard)
 
@@ -479,6 +716,7 @@ def _add_dashboard_parser(sub) -> None:
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
     import json
     from cyber_moe.data import format_inspect, inspect_flows
+
     report = inspect_flows(args.files, source=args.source, release=args.release)
     print(json.dumps(report, indent=2, ensure_ascii=True, default=str) if args.json else format_inspect(report))
     return 1 if args.strict and any(f["severity"] == "error" for f in report["findings"]) else 0
@@ -488,8 +726,11 @@ def _add_data_parser(sub) -> None:
     "The `data` subcommand: inspect data set files."
     d = sub.add_parser("data", help="inspect data set files", description="Work with flow files as published.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    di = dsub.add_parser("inspect", help="report rows, classes, duplicates, non-finite values, constant/identifier columns",
-                         description="Inspect UNSW-NB15 / CIC-IDS2017 CSV files, folders or zips (source detected from the header).")
+    di = dsub.add_parser(
+        "inspect",
+        help="report rows, classes, duplicates, non-finite values, constant/identifier columns",
+        description="Inspect UNSW-NB15 / CIC-IDS2017 CSV files, folders or zips (source detected from the header).",
+    )
     di.add_argument("files", nargs="+", metavar="FILE", help="CSV files, folders or zips")
     di.add_argument("--source", choices=["unsw-nb15", "cic-ids2017"], help="skip header detection")
     di.add_argument("--release", choices=["original", "engelen2021"], default="original", help="CIC-IDS2017 release")
@@ -520,11 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `cyber-moe` console script; returns the exit code."
     args = build_parser().parse_args(argv)
-    try: return args.func(args)
+    try:
+        return args.func(args)
     except (FileNotFoundError, ValueError) as e:
         # our own input errors (ConfigError, SchemaError, DataError, ...) are ValueErrors defined in cyber_moe
-        if isinstance(e, ValueError) and not type(e).__module__.startswith("cyber_moe."): raise
-        print(f"cyber-moe {args.command}: error: {terminal_safe(e)}", file=sys.stderr)   # messages quote file contents
+        if isinstance(e, ValueError) and not type(e).__module__.startswith("cyber_moe."):
+            raise
+        print(f"cyber-moe {args.command}: error: {terminal_safe(e)}", file=sys.stderr)  # messages quote file contents
         return 2
     except StageFailed as e:
         print(f"cyber-moe {args.command}: {terminal_safe(e)}", file=sys.stderr)

@@ -37,6 +37,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     "Where the flows come from: the embedded generator or a data set's files as published."
+
     source: Literal["synth", "unsw-nb15", "cic-ids2017", "nfstream", "lab"] = "synth"
     paths: list[str] = Field(default_factory=list, description="files, directories or zips in the data set's own format")
     release: Literal["original", "engelen2021"] = "original"
@@ -45,30 +46,55 @@ class DataConfig(_Section):
     synth_seed: int = 0
     synth_days: int = Field(3, ge=1, le=14)
     synth_n_flows: int = Field(30_000, ge=1_000, description="approximate number of flows the generator aims for")
-    lab_scenario: str = Field("params/lab/default.yaml", description="source 'lab': scenario recorded for each seed below (unless paths lists session folders)")
-    lab_train_seeds: list[int] = Field(default_factory=lambda: [1], min_length=1, description="source 'lab': sessions for train + validation")
-    lab_test_seeds: list[int] = Field(default_factory=lambda: [2], min_length=1, description="source 'lab': held-out test sessions (other seeds)")
-    lab_dst_port: Literal["categorical", "numeric", "drop"] = Field("drop", description="source 'lab': the destination port as a category, a number, or not a feature (floods and scans of another session hit ports a vocabulary of one session does not hold)")
+    lab_scenario: str = Field(
+        "params/lab/default.yaml", description="source 'lab': scenario recorded for each seed below (unless paths lists session folders)"
+    )
+    lab_train_seeds: list[int] = Field(
+        default_factory=lambda: [1], min_length=1, description="source 'lab': sessions for train + validation"
+    )
+    lab_test_seeds: list[int] = Field(
+        default_factory=lambda: [2], min_length=1, description="source 'lab': held-out test sessions (other seeds)"
+    )
+    lab_dst_port: Literal["categorical", "numeric", "drop"] = Field(
+        "drop",
+        description="source 'lab': the destination port as a category, a number, or not a feature (floods and scans of another session hit ports a vocabulary of one session does not hold)",
+    )
 
 
 class SplitConfig(_Section):
     "How flows are divided into train / validation / test; the test rows are never used for fitting or selection."
+
     strategy: Literal["random", "time", "day", "file", "session"] = "random"
-    group_col: str | None = Field(None, description="column whose values 'day'/'file'/'session' hold out whole (default 'day' / 'source_file' / 'session')")
-    test_sessions: list[str] | None = Field(None, description="strategy 'session': the sessions held out for test (default: the source's test sessions, else the last one)")
+    group_col: str | None = Field(
+        None, description="column whose values 'day'/'file'/'session' hold out whole (default 'day' / 'source_file' / 'session')"
+    )
+    test_sessions: list[str] | None = Field(
+        None, description="strategy 'session': the sessions held out for test (default: the source's test sessions, else the last one)"
+    )
     val_frac: float = Field(0.15, gt=0, lt=0.5)
     test_frac: float = Field(0.2, gt=0, lt=0.5)
     seed: int = 0
 
-
+# %% ../nbs/00_config.ipynb #22cb582f
 class NumericConfig(_Section):
     "How numeric features reach the networks: clipping of the scaled values, tree bins (piecewise-linear) and periodic embeddings."
-    clip: Literal["hard", "smooth"] = Field("hard", description="scaled values beyond the preprocessor's clip: cut ('hard') or squashed smoothly (RealMLP's x / sqrt(1 + (x/c)^2))")
-    n_bins: int = Field(48, ge=2, le=256, description="piecewise-linear embeddings: at most this many bins per column, cut by a decision tree on the training labels")
+
+    clip: Literal["hard", "smooth"] = Field(
+        "hard",
+        description="scaled values beyond the preprocessor's clip: cut ('hard') or squashed smoothly (RealMLP's x / sqrt(1 + (x/c)^2))",
+    )
+    n_bins: int = Field(
+        48,
+        ge=2,
+        le=256,
+        description="piecewise-linear embeddings: at most this many bins per column, cut by a decision tree on the training labels",
+    )
     bin_min_samples_leaf: int = Field(64, ge=1, description="smallest training leaf of the bin-cutting trees")
     n_frequencies: int = Field(48, ge=1, description="periodic embeddings: frequencies per feature")
     frequency_scale: float = Field(0.01, gt=0, description="periodic embeddings: initial scale of the frequencies")
-    d_gate_embedding: int = Field(4, ge=1, description="width of each numeric feature's embedding in the gate (when gate_embedding is not 'none')")
+    d_gate_embedding: int = Field(
+        4, ge=1, description="width of each numeric feature's embedding in the gate (when gate_embedding is not 'none')"
+    )
 
 
 _EMBEDDING_KINDS = Literal["none", "linear", "ple", "periodic"]
@@ -76,9 +102,11 @@ _EMBEDDING_KINDS = Literal["none", "linear", "ple", "periodic"]
 # %% ../nbs/00_config.ipynb #29bc1055
 class ModelConfig(_Section):
     "The Mixture-of-Experts: `experts` names registered experts (a list, or a mapping name -> settings); the gate and the head. Upper bounds keep a bundle's sizes allocatable."
+
     experts: list[str] | dict[str, dict[str, Any] | None] = Field(
         default_factory=lambda: ["tabular", "temporal"],
-        description="registered expert names (cyber_moe.models.EXPERTS), or a mapping name -> its settings, e.g. {tabm: {k: 16}}")
+        description="registered expert names (cyber_moe.models.EXPERTS), or a mapping name -> its settings, e.g. {tabm: {k: 16}}",
+    )
     # flat settings of the two original experts (older params files and sweeps use them); nested settings win
     d_token: int = Field(32, ge=8, le=1024)
     n_blocks: int = Field(2, ge=1, le=32)
@@ -101,15 +129,17 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _known_experts(self):
-        self.expert_settings()      # unknown expert names, settings or embedding kinds raise here, naming the valid ones
+        self.expert_settings()  # unknown expert names, settings or embedding kinds raise here, naming the valid ones
         return self
 
     def expert_settings(self) -> dict[str, dict[str, Any]]:
         "Expert name -> its complete settings (defaults, then the flat keys above, then the nested ones)."
         from cyber_moe.models import FLAT_SETTINGS, check_embedding, resolve_experts
+
         out = resolve_experts(self.experts, {k: getattr(self, k) for k in FLAT_SETTINGS if k in type(self).model_fields})
         for name, s in out.items():
-            if "embedding" in s: check_embedding(s["embedding"], f"expert {name!r}")
+            if "embedding" in s:
+                check_embedding(s["embedding"], f"expert {name!r}")
         return out
 
     def embedding_kinds(self) -> set[str]:
@@ -119,16 +149,25 @@ class ModelConfig(_Section):
 # %% ../nbs/00_config.ipynb #275fbaa4
 class TrainConfig(_Section):
     "Optimisation of the MoE; early stopping and checkpoint selection look at validation only."
+
     max_epochs: int = Field(20, ge=1)
     batch_size: int = Field(512, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     loss: Literal["weighted_ce", "focal", "ce"] = "weighted_ce"
-    class_weight_power: float = Field(1.0, ge=0, le=1, description="weighted losses: class weight (n / count)^power; 1 inverse frequency, 0.5 square root, 0 none")
+    class_weight_power: float = Field(
+        1.0, ge=0, le=1, description="weighted losses: class weight (n / count)^power; 1 inverse frequency, 0.5 square root, 0 none"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="share of each family target spread over all classes")
-    operating_point: Literal["max_f1", "target_fpr"] = Field("max_f1", description="how is_attack's threshold on p_attack = 1 - p(benign) is chosen on validation")
-    target_fpr: float = Field(0.01, gt=0, lt=1, description="operating_point 'target_fpr': the highest validation false-positive rate allowed")
-    class_weight_keep_binary: bool = Field(False, description="weighted losses: re-balance the attack families only (benign weight 1, attack rows keep their total weight)")
+    operating_point: Literal["max_f1", "target_fpr"] = Field(
+        "max_f1", description="how is_attack's threshold on p_attack = 1 - p(benign) is chosen on validation"
+    )
+    target_fpr: float = Field(
+        0.01, gt=0, lt=1, description="operating_point 'target_fpr': the highest validation false-positive rate allowed"
+    )
+    class_weight_keep_binary: bool = Field(
+        False, description="weighted losses: re-balance the attack families only (benign weight 1, attack rows keep their total weight)"
+    )
     focal_gamma: float = Field(2.0, ge=0)
     family_loss_weight: float = Field(1.0, ge=0)
     patience: int = Field(4, ge=1)
@@ -141,30 +180,41 @@ class TrainConfig(_Section):
 
 class BaselineConfig(_Section):
     "The LightGBM baseline trained in the same run, on the same split and features."
+
     n_estimators: int = Field(400, ge=1)
     num_leaves: int = Field(63, ge=2)
     learning_rate: float = Field(0.05, gt=0)
-    sequence: bool | None = Field(None, description="append each flow's packet sequence as flat splt_* columns (the fair baseline for "
-                                  "the sequence expert); None: on when the model reads sequences (the schema has them); true: whatever the flows carry")
+    sequence: bool | None = Field(
+        None,
+        description="append each flow's packet sequence as flat splt_* columns (the fair baseline for "
+        "the sequence expert); None: on when the model reads sequences (the schema has them); true: whatever the flows carry",
+    )
 
-
+# %% ../nbs/00_config.ipynb #3c5feec4
 class TuneConfig(_Section):
     "Hyper-parameter sweeps (`cyber-moe tune`): the Optuna study, its workers, pruning and search space."
+
     n_trials: int = Field(20, ge=1, description="trials added to the study per `cyber-moe tune` call (split between the workers)")
     timeout: float | None = Field(None, gt=0, description="seconds after which a worker starts no new trial")
     study_name: str | None = Field(None, description="Optuna study name (default: run_name); the same name continues the study")
-    storage: str | None = Field(None, description="Optuna storage URL (default sqlite:///<outputs_dir>/optuna.db); postgresql+psycopg://... for many hosts")
+    storage: str | None = Field(
+        None, description="Optuna storage URL (default sqlite:///<outputs_dir>/optuna.db); postgresql+psycopg://... for many hosts"
+    )
     workers: int = Field(1, ge=1, description="worker processes on this host")
     sampler_seed: int = 0
     pruner_startup_trials: int = Field(3, ge=0, description="trials that run to the end before the median pruner may stop any")
     pruner_warmup_epochs: int = Field(0, ge=0, description="epochs of every trial that are never pruned")
     torch_threads: int | None = Field(None, ge=1, description="Torch threads per worker (default: cores // workers)")
-    space: dict[str, dict[str, Any]] | None = Field(None, description="dotted config key -> {choices: [...]} or {low, high, log, step}; "
-                                                                      "default cyber_moe.tune.DEFAULT_SPACE; checked by cyber_moe.tune.validate_space")
+    space: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="dotted config key -> {choices: [...]} or {low, high, log, step}; "
+        "default cyber_moe.tune.DEFAULT_SPACE; checked by cyber_moe.tune.validate_space",
+    )
 
 # %% ../nbs/00_config.ipynb #8ebb8878
 class RunConfig(_Section):
     "One run of the workbench: what `params/*.yaml` holds, with every path resolved."
+
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 42
     outputs_dir: str = "outputs"
@@ -197,7 +247,8 @@ def find_project_root(start: str | Path | None = None) -> Path:
     "The nearest folder at or above `start` (default: the current directory) that holds `settings.ini`, else the current directory."
     here = Path(start or Path.cwd()).resolve()
     for p in [here, *here.parents]:
-        if (p / "settings.ini").is_file(): return p
+        if (p / "settings.ini").is_file():
+            return p
     return Path.cwd().resolve()
 
 
@@ -205,9 +256,11 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     "The pydantic model that holds the key at `loc` (None where `loc` leaves the tree)."
     model: Any = RunConfig
     for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)): return None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
         field = model.model_fields.get(part)
-        if field is None: return model
+        if field is None:
+            return model
         model = field.annotation
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
@@ -234,57 +287,75 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node = tree
     for p in parents:
         child = node.setdefault(p, {})
-        if not isinstance(child, dict): raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
         node = child
     node[last] = value
 
-
+# %% ../nbs/00_config.ipynb #b009c480
 def parse_overrides(overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[str, Any]]:
     "Turn `key=value` strings into (dotted key, YAML-parsed value) pairs."
     pairs = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip(): raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_epochs=3)")
-        try: value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e: raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_epochs=3)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
         pairs.append((key.strip(), value))
     return pairs
 
 # %% ../nbs/00_config.ipynb #481d88b0
 def _resolve_paths(raw: dict, base: Path) -> dict:
     "Make the path-valued keys of a raw config absolute, relative to `base`."
-    def absolute(p): return str((base / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+
+    def absolute(p):
+        return str((base / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+
     out = dict(raw)
-    if "outputs_dir" in out: out["outputs_dir"] = absolute(out["outputs_dir"])
-    else: out["outputs_dir"] = absolute("outputs")
+    if "outputs_dir" in out:
+        out["outputs_dir"] = absolute(out["outputs_dir"])
+    else:
+        out["outputs_dir"] = absolute("outputs")
     data = out.get("data")
     if isinstance(data, dict) and isinstance(data.get("paths"), list):
         out["data"] = data = {**data, "paths": [absolute(p) for p in data["paths"]]}
     if isinstance(data, dict):
         out["data"] = {**data, "lab_scenario": absolute(data.get("lab_scenario", "params/lab/default.yaml"))}
+
     def absolute_sqlite(uri):
         ok = isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
-        return "sqlite:///" + absolute(uri[len("sqlite:///"):]) if ok else uri
-    if "tracking_uri" in out: out["tracking_uri"] = absolute_sqlite(out["tracking_uri"])
+        return "sqlite:///" + absolute(uri[len("sqlite:///") :]) if ok else uri
+
+    if "tracking_uri" in out:
+        out["tracking_uri"] = absolute_sqlite(out["tracking_uri"])
     tune = out.get("tune")
-    if isinstance(tune, dict) and "storage" in tune: out["tune"] = {**tune, "storage": absolute_sqlite(tune["storage"])}
+    if isinstance(tune, dict) and "storage" in tune:
+        out["tune"] = {**tune, "storage": absolute_sqlite(tune["storage"])}
     return out
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None) -> RunConfig:
     "Read, override and validate a params YAML file; any problem raises `ConfigError` naming the file and key."
     path = Path(path)
-    if not path.is_file(): raise ConfigError(f"params file '{path}' not found (expected a YAML file such as params/default.yaml)")
-    try: raw = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError(f"params file '{path}' not found (expected a YAML file such as params/default.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict): raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    for key, value in parse_overrides(overrides): set_dotted(raw, key, value)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    for key, value in parse_overrides(overrides):
+        set_dotted(raw, key, value)
     raw.setdefault("run_name", path.stem)
     base = Path(base_dir) if base_dir else find_project_root(path.parent)
-    try: return RunConfig.model_validate(_resolve_paths(raw, base))
+    try:
+        return RunConfig.model_validate(_resolve_paths(raw, base))
     except ValidationError as e:
         raise ConfigError(f"{path}: " + "; ".join(_describe_error(err) for err in e.errors())) from None
 
@@ -300,10 +371,13 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
 def seed_everything(seed: int) -> int:
     "Seed Python, NumPy and PyTorch (with dataloader workers) for a repeatable run; returns the seed."
     import numpy as np
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    try: import lightning
-    except ImportError: return seed
+    try:
+        import lightning
+    except ImportError:
+        return seed
     lightning.seed_everything(seed, workers=True, verbose=False)
     return seed
 
@@ -311,10 +385,13 @@ def seed_everything(seed: int) -> int:
 def select_device(accelerator: str = "auto", precision: str = "auto") -> dict:
     "Lightning `accelerator`/`precision` for this machine: GPU with mixed precision when present, else CPU in float32."
     import torch
+
     has_gpu = torch.cuda.is_available()
-    if accelerator == "gpu" and not has_gpu: raise RuntimeError("train.accelerator is 'gpu' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if accelerator == "gpu" and not has_gpu:
+        raise RuntimeError("train.accelerator is 'gpu' but no CUDA device is visible; use 'auto' or 'cpu'")
     use_gpu = has_gpu and accelerator in ("auto", "gpu")
-    if precision == "auto": precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if use_gpu else "32-true"
+    if precision == "auto":
+        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if use_gpu else "32-true"
     return {"accelerator": "gpu" if use_gpu else "cpu", "precision": precision}
 
 
@@ -330,25 +407,43 @@ def setup_logging(level: str = "INFO") -> logging.Logger:
     return log
 
 # %% ../nbs/00_config.ipynb #38a1cab3
-PINNED_PACKAGES = ("cyber-moe", "torch", "lightning", "torchmetrics", "numpy", "pandas", "scikit-learn",
-                   "lightgbm", "optuna", "mlflow", "shap", "nfstream", "papermill", "pydantic")
+PINNED_PACKAGES = (
+    "cyber-moe",
+    "torch",
+    "lightning",
+    "torchmetrics",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "lightgbm",
+    "optuna",
+    "mlflow",
+    "shap",
+    "nfstream",
+    "papermill",
+    "pydantic",
+)
 
 
 def package_versions(names: tuple[str, ...] = PINNED_PACKAGES) -> dict[str, str | None]:
     "Installed versions of `names` (None for a package that is not installed)."
     out = {}
     for n in names:
-        try: out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError: out[n] = None
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
     return out
 
 
 def git_state(root: str | Path | None = None) -> dict:
     "The commit of the project checkout and whether it has uncommitted changes (None outside git)."
     root = Path(root or find_project_root())
+
     def git(*args):
         r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
+
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": bool(status) if commit else None}
@@ -366,14 +461,20 @@ def write_json(path: str | Path, obj: Any) -> Path:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return path
 
-
+# %% ../nbs/00_config.ipynb #94a9f3e2
 def write_run_record(cfg: RunConfig, **extra) -> Path:
     "Write (or update) `<run_dir>/run.json` with the config, git state, package versions, platform and `extra` fields."
     path = cfg.run_dir / "run.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
     record.setdefault("started_at", utc_now())
-    record.update(run_name=cfg.run_name, config=cfg.model_dump(mode="json"), git=git_state(),
-                  packages=package_versions(), python=platform.python_version(), platform=platform.platform())
+    record.update(
+        run_name=cfg.run_name,
+        config=cfg.model_dump(mode="json"),
+        git=git_state(),
+        packages=package_versions(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+    )
     record.update(extra)
     return write_json(path, record)
 

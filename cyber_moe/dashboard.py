@@ -46,6 +46,7 @@ ENV_OUTPUTS, ENV_RUN = "CYBER_MOE_OUTPUTS", "CYBER_MOE_RUN"
 @dataclass
 class RunRef:
     "A run the dashboard can show: a run folder under outputs/, a registered MLflow model version, or both."
+
     name: str
     run_dir: Path | None = None
     model_uri: str | None = None
@@ -61,18 +62,31 @@ class RunRef:
 
 
 def _read_json(path: Path) -> dict:
-    try: return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e}); the run may have been interrupted, rerun it") from None
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the run may have been interrupted, rerun it") from None
 
 
 def run_folders(outputs_dir: str | Path) -> list[RunRef]:
     "The run folders of `outputs_dir` (a `metrics.json` and a `model/` inside), newest first."
     out = Path(outputs_dir)
-    if not out.is_dir(): return []
-    found = sorted((p.parent for p in out.glob("*/metrics.json") if (p.parent / "model").is_dir()),
-                   key=lambda d: ((d / "metrics.json").stat().st_mtime, d.name), reverse=True)
-    return [RunRef(name=d.name, run_dir=d, model_uri=str(d / "model"),
-                   run_id=_read_json(d / "mlflow.json").get("run_id") if (d / "mlflow.json").is_file() else None) for d in found]
+    if not out.is_dir():
+        return []
+    found = sorted(
+        (p.parent for p in out.glob("*/metrics.json") if (p.parent / "model").is_dir()),
+        key=lambda d: ((d / "metrics.json").stat().st_mtime, d.name),
+        reverse=True,
+    )
+    return [
+        RunRef(
+            name=d.name,
+            run_dir=d,
+            model_uri=str(d / "model"),
+            run_id=_read_json(d / "mlflow.json").get("run_id") if (d / "mlflow.json").is_file() else None,
+        )
+        for d in found
+    ]
 
 
 def tracking_uri_for(outputs_dir: str | Path) -> str:
@@ -84,19 +98,30 @@ def registry_versions(tracking_uri: str) -> list[dict]:
     "Every registered model version at `tracking_uri`: name, version, run_id, run_name and its `models:/` URI."
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     out = []
     for mv in client.search_model_versions():
-        try: run_name = client.get_run(mv.run_id).info.run_name if mv.run_id else None
-        except MlflowException: run_name = None  # the run was deleted; the version still names its model
-        out.append({"name": mv.name, "version": int(mv.version), "run_id": mv.run_id, "run_name": run_name,
-                    "uri": f"models:/{mv.name}/{mv.version}"})
+        try:
+            run_name = client.get_run(mv.run_id).info.run_name if mv.run_id else None
+        except MlflowException:
+            run_name = None  # the run was deleted; the version still names its model
+        out.append(
+            {
+                "name": mv.name,
+                "version": int(mv.version),
+                "run_id": mv.run_id,
+                "run_name": run_name,
+                "uri": f"models:/{mv.name}/{mv.version}",
+            }
+        )
     return sorted(out, key=lambda v: (v["name"], -v["version"]))
 
 
 def registry_uri(outputs_dir: str | Path, tracking_uri: str | None = None) -> str | None:
     "The MLflow registry to read for `outputs_dir`: `tracking_uri` if given, else its `mlflow.db` if there is one, else None."
-    if tracking_uri is not None: return tracking_uri
+    if tracking_uri is not None:
+        return tracking_uri
     return tracking_uri_for(outputs_dir) if (Path(outputs_dir) / "mlflow.db").is_file() else None
 
 
@@ -107,8 +132,10 @@ def add_registered(refs: list[RunRef], tracking_uri: str) -> list[RunRef]:
     for v in registry_versions(tracking_uri):
         tag = f"{v['name']} v{v['version']}"
         if v["run_id"] in by_id:
-            if tag not in by_id[v["run_id"]].registered: by_id[v["run_id"]].registered.append(tag)
-        else: refs.append(RunRef(name=f"{v['run_name'] or v['run_id']} ({tag})", model_uri=v["uri"], run_id=v["run_id"], registered=[tag]))
+            if tag not in by_id[v["run_id"]].registered:
+                by_id[v["run_id"]].registered.append(tag)
+        else:
+            refs.append(RunRef(name=f"{v['run_name'] or v['run_id']} ({tag})", model_uri=v["uri"], run_id=v["run_id"], registered=[tag]))
     return refs
 
 
@@ -120,15 +147,18 @@ def find_runs(outputs_dir: str | Path, *, tracking_uri: str | None = None) -> li
 # %% ../nbs/75_dashboard.ipynb #c1ab91a0
 def no_run_message(outputs_dir: str | Path) -> str:
     "What the dashboard says when there is nothing to show, and how to make a run."
-    return (f"No run found in {Path(outputs_dir).resolve()}: a run is a folder with a metrics.json and a model/ "
-            "(or a model version in that folder's MLflow registry, mlflow.db). Train one with `make run` or "
-            "`cyber-moe train --params params/default.yaml`, then reload this page, or start the dashboard with "
-            "`cyber-moe dashboard --outputs DIR` on the folder that holds your runs.")
+    return (
+        f"No run found in {Path(outputs_dir).resolve()}: a run is a folder with a metrics.json and a model/ "
+        "(or a model version in that folder's MLflow registry, mlflow.db). Train one with `make run` or "
+        "`cyber-moe train --params params/default.yaml`, then reload this page, or start the dashboard with "
+        "`cyber-moe dashboard --outputs DIR` on the folder that holds your runs."
+    )
 
 # %% ../nbs/75_dashboard.ipynb #644d8334
 @dataclass
 class RunView:
     "What the dashboard shows of one run: its metrics, model, test rows and scores, SHAP and drift views, and notes."
+
     ref: RunRef
     metrics: dict
     bundle: Any
@@ -152,7 +182,8 @@ def metric_mismatches(recorded: dict, again: dict, *, tol: float = 1e-6) -> list
     for who in ("model", "baseline"):
         for sec, key in CHECKED:
             a, b = recorded.get(who, {}).get(sec, {}).get(key), again.get(who, {}).get(sec, {}).get(key)
-            if a is None or b is None or abs(a - b) > tol: out.append(f"{who} {sec} {key}: metrics.json {a}, re-scored {b}")
+            if a is None or b is None or abs(a - b) > tol:
+                out.append(f"{who} {sec} {key}: metrics.json {a}, re-scored {b}")
     return out
 
 
@@ -161,7 +192,8 @@ def read_importance(path: str | Path) -> dict[str, pd.DataFrame]:
     rec = _read_json(Path(path))
     out = {}
     for by, key in ((None, "p_attack"), ("family", "family"), ("expert", "expert")):
-        if key not in rec: raise ValueError(f"{path}: no '{key}' table (expected p_attack, family and expert from the explain stage)")
+        if key not in rec:
+            raise ValueError(f"{path}: no '{key}' table (expected p_attack, family and expert from the explain stage)")
         df = pd.DataFrame.from_dict(rec[key], orient="index")
         df.attrs.update(by=by, n_rows=rec.get("n_rows"))
         out[key] = df
@@ -173,12 +205,15 @@ def _registry_files(ref: RunRef, tracking_uri: str) -> tuple[dict, Any, Path | N
     import mlflow
     from mlflow.exceptions import MlflowException
     from cyber_moe.bundle import load_model_bundle, use_mlflow_store
+
     get = lambda **kw: Path(mlflow.artifacts.download_artifacts(tracking_uri=tracking_uri, registry_uri=tracking_uri, **kw))
-    with use_mlflow_store(tracking_uri):                 # MLflow 3 resolves a version's source against its global store
+    with use_mlflow_store(tracking_uri):  # MLflow 3 resolves a version's source against its global store
         metrics = _read_json(get(run_id=ref.run_id, artifact_path="metrics.json"))
         bundle = load_model_bundle(get(artifact_uri=ref.model_uri))
-        try: explain = get(run_id=ref.run_id, artifact_path="explain")
-        except (MlflowException, OSError): explain = None  # runs without the explain stage log none
+        try:
+            explain = get(run_id=ref.run_id, artifact_path="explain")
+        except (MlflowException, OSError):
+            explain = None  # runs without the explain stage log none
     return metrics, bundle, explain
 
 
@@ -187,6 +222,7 @@ def _load_test(view: RunView, run_dir: Path, outputs_dir: Path) -> None:
     from cyber_moe.baseline import Baseline
     from cyber_moe.config import load_config
     from cyber_moe.train import evaluate_run, load_prepared
+
     cfg = load_config(run_dir / "config.yaml", [f"outputs_dir={outputs_dir.resolve()}", f"run_name={run_dir.name}"])
     prep = load_prepared(cfg)
     b = view.bundle
@@ -201,20 +237,26 @@ def load_run(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str | None =
     "Read one run (folder or registered version) into a `RunView`; what cannot be shown is said in `notes`."
     from cyber_moe.bundle import load_model_bundle
     from cyber_moe.features import population_stability_index
+
     t0, outputs_dir = time.perf_counter(), Path(outputs_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if ref.run_dir is not None:
             view = RunView(ref=ref, metrics=_read_json(ref.run_dir / "metrics.json"), bundle=load_model_bundle(ref.model_uri))
             explain = ref.run_dir / "explain"
-            if (ref.run_dir / "config.yaml").is_file(): _load_test(view, ref.run_dir, outputs_dir)
-            else: view.notes.append(f"{ref.run_dir}: no config.yaml, so the test flows cannot be rebuilt (no curves, no flow view); "
-                                    "`cyber-moe pipeline` writes it")
+            if (ref.run_dir / "config.yaml").is_file():
+                _load_test(view, ref.run_dir, outputs_dir)
+            else:
+                view.notes.append(
+                    f"{ref.run_dir}: no config.yaml, so the test flows cannot be rebuilt (no curves, no flow view); "
+                    "`cyber-moe pipeline` writes it"
+                )
         else:
             metrics, bundle, explain = _registry_files(ref, tracking_uri or tracking_uri_for(outputs_dir))
             view = RunView(ref=ref, metrics=metrics, bundle=bundle)
             view.notes.append(f"{ref.model_uri}: registered model without its run folder: metrics and model only (no test flows)")
-        if explain is not None and (explain / "importance.json").is_file(): view.importance = read_importance(explain / "importance.json")
+        if explain is not None and (explain / "importance.json").is_file():
+            view.importance = read_importance(explain / "importance.json")
         if explain is not None and (explain / "drift.json").is_file():
             view.drift, view.drift_source = _read_json(explain / "drift.json")["psi"], "explain/drift.json (written by the run)"
         elif view.test is not None:
@@ -228,6 +270,7 @@ def load_run(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str | None =
 def comparison_table(metrics: dict) -> pd.DataFrame:
     "Headline test metrics of `metrics.json`: MoE, baseline, their difference and the better side, one row per metric."
     from cyber_moe.headline import HEADLINE, better_side, headline_rows
+
     rows = headline_rows(metrics)
     df = pd.DataFrame({"MoE": rows["model"], "baseline": rows["baseline"]}).astype(float)
     df["MoE - baseline"] = df["MoE"] - df["baseline"]
@@ -238,36 +281,67 @@ def comparison_table(metrics: dict) -> pd.DataFrame:
 def table_html(df: pd.DataFrame, *, digits: int = 4) -> str:
     "A compact HTML table of `df` (numbers to `digits` decimals, missing values as a dash): `headline.html_table` styled for the dashboard."
     from cyber_moe.headline import html_table
+
     return html_table(df, fmt=f"{{:.{digits}f}}", css_class="cm-table")
 
 # %% ../nbs/75_dashboard.ipynb #b41152bf
 def mark_operating_points(fig, metrics: dict):
     "Add each model's operating point (its threshold) with its FPR to a `fig_pr_roc` figure; returns the figure."
     from cyber_moe.evaluate import MODEL_COLORS
+
     for j, who in enumerate(("model", "baseline")):
         b = metrics[who]["binary"]
         text = f"{who} operating point (threshold {b['threshold']:.3g}): recall {b['recall']:.3f}, FPR {b['fpr']:.4f}"
         marker = dict(color=MODEL_COLORS[j % len(MODEL_COLORS)], size=14, symbol="star", line=dict(color="black", width=1))
-        fig.add_scatter(x=[b["recall"]], y=[b["precision"]], mode="markers", marker=marker, name=f"{who} operating point",
-                        legendgroup=who, hovertext=[text], hoverinfo="text", row=1, col=1)
-        fig.add_scatter(x=[b["fpr"]], y=[b["recall"]], mode="markers+text", marker=marker, showlegend=False, legendgroup=who,
-                        text=[f"FPR {b['fpr']:.3g}"], textposition="bottom right", hovertext=[text], hoverinfo="text", row=1, col=2)
+        fig.add_scatter(
+            x=[b["recall"]],
+            y=[b["precision"]],
+            mode="markers",
+            marker=marker,
+            name=f"{who} operating point",
+            legendgroup=who,
+            hovertext=[text],
+            hoverinfo="text",
+            row=1,
+            col=1,
+        )
+        fig.add_scatter(
+            x=[b["fpr"]],
+            y=[b["recall"]],
+            mode="markers+text",
+            marker=marker,
+            showlegend=False,
+            legendgroup=who,
+            text=[f"FPR {b['fpr']:.3g}"],
+            textposition="bottom right",
+            hovertext=[text],
+            hoverinfo="text",
+            row=1,
+            col=2,
+        )
     return fig
 
 
 def metrics_figures(metrics: dict) -> dict:
     "The figures that `metrics.json` alone gives (no model, no flows): confusion matrices, per-class F1, gate usage."
     from cyber_moe.evaluate import fig_confusion, fig_gate_usage, fig_per_class_f1
-    figs = {f"confusion_{who}": fig_confusion(metrics[who]["family"]["confusion_matrix"], title=f"Confusion matrix, {who} (share of each true class)")
-            for who in ("model", "baseline")}
+
+    figs = {
+        f"confusion_{who}": fig_confusion(
+            metrics[who]["family"]["confusion_matrix"], title=f"Confusion matrix, {who} (share of each true class)"
+        )
+        for who in ("model", "baseline")
+    }
     figs["per_class_f1"] = fig_per_class_f1({who: metrics[who]["family"] for who in ("model", "baseline")})
-    if "gate" in metrics["model"]: figs["gate_model"] = fig_gate_usage(metrics["model"]["gate"])
+    if "gate" in metrics["model"]:
+        figs["gate_model"] = fig_gate_usage(metrics["model"]["gate"])
     return figs
 
-
+# %% ../nbs/75_dashboard.ipynb #383348b3
 def run_figures(view: RunView) -> dict:
     "The figures of a run: `metrics_figures`, and PR/ROC (operating points marked) and reliability from the re-scored test split."
     from cyber_moe.evaluate import fig_pr_roc, fig_reliability
+
     m = view.metrics
     figs = metrics_figures(m)
     if view.predictions is not None:
@@ -280,14 +354,18 @@ def run_figures(view: RunView) -> dict:
 def fig_shap_global(importance: dict, which: str, *, schema=None, top_k: int = 15):
     "The SHAP importance view `which` ('p_attack', 'family' or 'expert') of `importance` as a plotly figure."
     from cyber_moe.explain import fig_global_importance
-    if which not in importance: raise KeyError(f"no SHAP view '{which}'; views: {', '.join(importance)}")
+
+    if which not in importance:
+        raise KeyError(f"no SHAP view '{which}'; views: {', '.join(importance)}")
     return fig_global_importance(importance[which], schema=schema, top_k=top_k)
 
 
 def compute_importance(view: RunView, *, n: int = 12, n_background: int = 10, seed: int = 0) -> dict[str, pd.DataFrame]:
     "SHAP importance (p_attack, per family, per expert) of `n` test flows, every family represented, in one SHAP pass."
     from cyber_moe.explain import stratified_positions, shap_rows
-    if view.test is None: raise ValueError("no test flows for this run (see the notes): SHAP needs the run folder's config.yaml and prepared/")
+
+    if view.test is None:
+        raise ValueError("no test flows for this run (see the notes): SHAP needs the run folder's config.yaml and prepared/")
     res = shap_rows(view.bundle, view.test.iloc[stratified_positions(view.test, n, seed)], n_background=n_background, seed=seed)
     return {"p_attack": res.importance(None), "family": res.importance("family"), "expert": res.importance("expert")}
 
@@ -295,6 +373,7 @@ def compute_importance(view: RunView, *, n: int = 12, n_background: int = 10, se
 def temporal_expert_note(metrics: dict, bundle=None) -> str:
     "One HTML line: the MoE's temporal expert (sequence / timing-vector / none) and what its LightGBM baseline read."
     from cyber_moe.train import temporal_expert
+
     r = metrics.get("run", {})
     kind = r.get("temporal_expert") or (temporal_expert(bundle.experts, bundle.schema.sequence) if bundle is not None else "unknown")
     n = r.get("baseline_sequence_packets")
@@ -307,57 +386,73 @@ OUTCOMES = ("all", "correct", "wrong")
 
 def flow_table(frame: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
     "Per flow: true family (if `frame` has one), predicted family, p_attack, p_family and whether the family is right."
-    t = pd.DataFrame({"true": frame[FAMILY].astype(str).to_numpy() if FAMILY in frame.columns else None,
-                      "predicted": verdicts["family"].to_numpy(), "p_attack": verdicts["p_attack"].to_numpy(),
-                      "p_family": verdicts["p_family"].to_numpy()})
+    t = pd.DataFrame(
+        {
+            "true": frame[FAMILY].astype(str).to_numpy() if FAMILY in frame.columns else None,
+            "predicted": verdicts["family"].to_numpy(),
+            "p_attack": verdicts["p_attack"].to_numpy(),
+            "p_family": verdicts["p_family"].to_numpy(),
+        }
+    )
     t["correct"] = (t["true"] == t["predicted"]) if FAMILY in frame.columns else pd.NA
     return t
 
 
 def choose_flows(table: pd.DataFrame, *, family: str = "all", outcome: str = "all", limit: int = 500) -> tuple[list[tuple[str, int]], int]:
     "Flows of `table` (from `flow_table`) with true `family` and `outcome` ('all', 'correct', 'wrong'): ([(label, position)], n matched)."
-    if outcome not in OUTCOMES: raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
     has_truth = table["true"].notna().all()
     if not has_truth and (family != "all" or outcome != "all"):
         raise ValueError("these flows carry no true family (no 'family' column): only family='all', outcome='all' apply")
     keep = np.ones(len(table), bool)
-    if family != "all": keep &= (table["true"] == family).to_numpy()
-    if outcome != "all": keep &= table["correct"].to_numpy(dtype=bool) == (outcome == "correct")
+    if family != "all":
+        keep &= (table["true"] == family).to_numpy()
+    if outcome != "all":
+        keep &= table["correct"].to_numpy(dtype=bool) == (outcome == "correct")
     pos = np.flatnonzero(keep)
+
     def label(i):
         r = table.iloc[i]
         truth = f"true {r['true']} → " if has_truth else ""
         mark = (" ✓" if r["correct"] else " ✗") if has_truth else ""
         return f"#{i}: {truth}{r['predicted']} (p_attack {r['p_attack']:.3f}){mark}"
+
     return [(label(i), int(i)) for i in pos[:limit]], len(pos)
 
-
+# %% ../nbs/75_dashboard.ipynb #49a02181
 def read_upload(name: str, content: bytes, bundle) -> pd.DataFrame:
     "Raw flow rows of an uploaded file: CSV or parquet with the model's feature columns, or a pcap/pcapng metered by NFStream."
     from cyber_moe.alerts import is_capture
     from cyber_moe.bundle import read_raw
     from cyber_moe.nfstream import pcap_to_flows
-    if not content: raise SchemaError(f"{name}: the uploaded file is empty")
+
+    if not content:
+        raise SchemaError(f"{name}: the uploaded file is empty")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(name).name
         path.write_bytes(bytes(content))
         if is_capture(path):
             if bundle.schema.name != "nfstream":
-                raise SchemaError(f"{name}: a capture gives NFStream flows, but this run's model was trained on '{bundle.schema.name}' "
-                                  "flows; upload a CSV of that data set's columns, or pick a run trained on NFStream flows")
+                raise SchemaError(
+                    f"{name}: a capture gives NFStream flows, but this run's model was trained on '{bundle.schema.name}' "
+                    "flows; upload a CSV of that data set's columns, or pick a run trained on NFStream flows"
+                )
             df = pcap_to_flows(path)
         else:
             if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
                 raise SchemaError(f"{name}: expected a .csv, .parquet, .pcap or .pcapng file")
             df = read_raw(path)
     bundle.schema.check_columns(df.columns, where=name)
-    if df.empty: raise SchemaError(f"{name}: no flow rows in the file")
+    if df.empty:
+        raise SchemaError(f"{name}: no flow rows in the file")
     return df.reset_index(drop=True)
 
 # %% ../nbs/75_dashboard.ipynb #113618b1
 def flow_verdict(bundle, row: pd.DataFrame) -> pd.Series:
     "The bundle's verdict on one raw flow (a one-row frame): is_attack, p_attack, family, p_family, gate_<expert>, p_<family>."
-    if len(row) != 1: raise ValueError(f"flow_verdict scores one flow, got {len(row)} rows")
+    if len(row) != 1:
+        raise ValueError(f"flow_verdict scores one flow, got {len(row)} rows")
     return bundle.predict(row, class_probs=True).iloc[0]
 
 
@@ -366,25 +461,52 @@ def verdict_html(verdict: pd.Series, *, title: str, truth: str | None = None) ->
     attack = bool(verdict["is_attack"])
     head = "ATTACK" if attack else "benign"
     color = "#b00020" if attack else "#1b5e20"
-    right = "" if truth is None else (f" · true family <b>{html.escape(truth)}</b> " +
-                                      ("(family correct ✓)" if truth == verdict["family"] else "(family wrong ✗)"))
-    return (f'<div class="cm-verdict"><span class="cm-verdict-title">{html.escape(title)}</span>: '
-            f'<b style="color:{color}">{head}</b> (p_attack {verdict["p_attack"]:.3f}); '
-            f'family <b>{html.escape(str(verdict["family"]))}</b> (p {verdict["p_family"]:.3f}){right}</div>')
+    right = (
+        ""
+        if truth is None
+        else (f" · true family <b>{html.escape(truth)}</b> " + ("(family correct ✓)" if truth == verdict["family"] else "(family wrong ✗)"))
+    )
+    return (
+        f'<div class="cm-verdict"><span class="cm-verdict-title">{html.escape(title)}</span>: '
+        f'<b style="color:{color}">{head}</b> (p_attack {verdict["p_attack"]:.3f}); '
+        f"family <b>{html.escape(str(verdict['family']))}</b> (p {verdict['p_family']:.3f}){right}</div>"
+    )
 
-
+# %% ../nbs/75_dashboard.ipynb #6dffd432
 def fig_flow_scores(verdict: pd.Series, *, classes: list[str], experts: list[str]):
     "Two bar charts for one flow: the probability of each family and each expert's gate weight."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
     fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], subplot_titles=("Family probabilities", "Gate weight per expert"))
     p = [float(verdict[f"p_{c}"]) for c in classes]
-    fig.add_trace(go.Bar(x=classes, y=p, marker_color=["#b00020" if c == verdict["family"] else "#4C78A8" for c in classes],
-                         text=[f"{v:.2f}" for v in p], textposition="outside", name="p(family)",
-                         hovertemplate="%{x}: %{y:.4f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(
+        go.Bar(
+            x=classes,
+            y=p,
+            marker_color=["#b00020" if c == verdict["family"] else "#4C78A8" for c in classes],
+            text=[f"{v:.2f}" for v in p],
+            textposition="outside",
+            name="p(family)",
+            hovertemplate="%{x}: %{y:.4f}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
     g = [float(verdict[f"gate_{e}"]) for e in experts]
-    fig.add_trace(go.Bar(x=list(experts), y=g, marker_color="#54A24B", text=[f"{v:.2f}" for v in g], textposition="outside",
-                         name="gate", hovertemplate="%{x}: %{y:.4f}<extra></extra>"), row=1, col=2)
+    fig.add_trace(
+        go.Bar(
+            x=list(experts),
+            y=g,
+            marker_color="#54A24B",
+            text=[f"{v:.2f}" for v in g],
+            textposition="outside",
+            name="gate",
+            hovertemplate="%{x}: %{y:.4f}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_yaxes(range=[0, 1.15])
     fig.update_layout(showlegend=False, height=340, margin=dict(l=10, r=10, t=50, b=10))
     return fig
@@ -393,6 +515,7 @@ def fig_flow_scores(verdict: pd.Series, *, classes: list[str], experts: list[str
 def fig_drift_view(psi: dict[str, float], *, top_k: int = 25):
     "The drift view: the features with the largest PSI against the training reference (threshold 0.25 marked)."
     from cyber_moe.report import fig_drift
+
     return fig_drift(psi, top_k=top_k)
 
 # %% ../nbs/75_dashboard.ipynb #e391cf9c
@@ -416,6 +539,7 @@ def _msg(text: str, kind: str = "cm-note") -> str:
 def figure_bundle(fig) -> dict:
     "The display_data output that shows plotly figure `fig` (plotly's mime type), sized by its container."
     import plotly.io as pio
+
     fig.update_layout(width=None, autosize=True)
     spec = json.loads(pio.to_json(fig, validate=False))
     spec["config"] = {"displaylogo": False}
@@ -427,57 +551,90 @@ def show_figure(out, fig) -> None:
     out.outputs = (figure_bundle(fig),)
 
 # %% ../nbs/75_dashboard.ipynb #6e7a3eaf
-PENDING = {"figures": "drawing the confusion matrices, per-class F1 and gate usage ...",
-           "pr_roc": "computing the precision-recall and ROC curves (re-scoring the test split) ...",
-           "reliability": "computing the reliability diagram ...",
-           "shap": "computing SHAP ...", "drift": "computing drift ...", "flows": "loading the test flows ..."}
+PENDING = {
+    "figures": "drawing the confusion matrices, per-class F1 and gate usage ...",
+    "pr_roc": "computing the precision-recall and ROC curves (re-scoring the test split) ...",
+    "reliability": "computing the reliability diagram ...",
+    "shap": "computing SHAP ...",
+    "drift": "computing drift ...",
+    "flows": "loading the test flows ...",
+}
 
 
 def headline_metrics(ref: RunRef, *, outputs_dir: str | Path, tracking_uri: str | None = None) -> dict:
     "The `metrics.json` of run `ref` alone (no model, no flows): what the headline table and metric figures need."
-    if ref.run_dir is not None: return _read_json(ref.run_dir / "metrics.json")
+    if ref.run_dir is not None:
+        return _read_json(ref.run_dir / "metrics.json")
     import mlflow
+
     uri = tracking_uri or tracking_uri_for(outputs_dir)
     return _read_json(Path(mlflow.artifacts.download_artifacts(tracking_uri=uri, run_id=ref.run_id, artifact_path="metrics.json")))
 
 # %% ../nbs/75_dashboard.ipynb #7dd7d979
-PRELOADED = ("plotly.graph_objects", "plotly.io", "plotly.subplots", "sklearn.metrics", "lightgbm", "mlflow",
-             "cyber_moe.bundle", "cyber_moe.train", "cyber_moe.evaluate", "cyber_moe.explain", "cyber_moe.report")
+PRELOADED = (
+    "plotly.graph_objects",
+    "plotly.io",
+    "plotly.subplots",
+    "sklearn.metrics",
+    "lightgbm",
+    "mlflow",
+    "cyber_moe.bundle",
+    "cyber_moe.train",
+    "cyber_moe.evaluate",
+    "cyber_moe.explain",
+    "cyber_moe.report",
+)
 _preload_lock, _preloaded = threading.Lock(), threading.Event()
 
 
 def preload_modules() -> None:
     "Import the dashboard's heavy modules (`PRELOADED`) once; concurrent callers wait for the first instead of importing beside it."
-    if _preloaded.is_set(): return
+    if _preloaded.is_set():
+        return
     with _preload_lock:
-        if _preloaded.is_set(): return
+        if _preloaded.is_set():
+            return
         import importlib
-        for name in PRELOADED: importlib.import_module(name)
-        _preloaded.set()
 
+        for name in PRELOADED:
+            importlib.import_module(name)
+        _preloaded.set()
 
 # %% ../nbs/75_dashboard.ipynb #6b45c7c8
 class Dashboard:
     "The analyst dashboard over the runs of `outputs_dir` (and its MLflow registry): one ipywidgets tree in `.widget`."
 
-    def __init__(self, *, outputs_dir: str | Path, run: str | None = None, tracking_uri: str | None = None,
-                 max_flows: int = 500, top_k: int = 12, n_shap: int = 12, background: bool = True,
-                 feedback_url: str | None = None, analyst: str = "analyst", wait_for_page: float = 0.0):
+    def __init__(
+        self,
+        *,
+        outputs_dir: str | Path,
+        run: str | None = None,
+        tracking_uri: str | None = None,
+        max_flows: int = 500,
+        top_k: int = 12,
+        n_shap: int = 12,
+        background: bool = True,
+        feedback_url: str | None = None,
+        analyst: str = "analyst",
+        wait_for_page: float = 0.0,
+    ):
         import ipywidgets as W
+
         self.W, self.outputs_dir, self.tracking_uri = W, Path(outputs_dir), tracking_uri
         self.max_flows, self.top_k, self.n_shap, self.background = max_flows, top_k, n_shap, background
         # the threads' heavy work (imports of torch, mlflow, plotly; the model) starts once the page shows the headline
         # table (or after `wait_for_page` s): until then the kernel's one interpreter answers the page's widget requests
         self.wait_for_page, self.page_shown = wait_for_page, threading.Event()
-        if wait_for_page <= 0: self.page_shown.set()
+        if wait_for_page <= 0:
+            self.page_shown.set()
         self.view: RunView | None = None
         self.metrics: dict | None = None
-        self.timings: dict[str, float] = {}   # view -> seconds from choosing the run to the view shown
+        self.timings: dict[str, float] = {}  # view -> seconds from choosing the run to the view shown
         self.loader: threading.Thread | None = None
-        self._generation = 0                  # bumped by every run choice; a slower, older load never draws
-        self.flows: pd.DataFrame | None = None   # the rows the flow selector picks from (test split or upload)
+        self._generation = 0  # bumped by every run choice; a slower, older load never draws
+        self.flows: pd.DataFrame | None = None  # the rows the flow selector picks from (test split or upload)
         self.flow_info: pd.DataFrame | None = None
-        self.status, self._notice = W.HTML(), ""   # _notice: a problem of the page itself, kept above every run's status
+        self.status, self._notice = W.HTML(), ""  # _notice: a problem of the page itself, kept above every run's status
         self.progress = W.HTML()
         self.progress.add_class("cm-progress-box")
         self.body = W.VBox(layout=W.Layout(width="100%"))
@@ -489,8 +646,9 @@ class Dashboard:
             self._read_registry(uri)
             uri = None
         self._open_triage(feedback_url, analyst)
-        self.run_select = W.Dropdown(options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run",
-                                     layout=W.Layout(width="min(100%, 640px)"))
+        self.run_select = W.Dropdown(
+            options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run", layout=W.Layout(width="min(100%, 640px)")
+        )
         self.run_select.add_class("cm-run")
         header = W.HTML(CSS + f'<div class="cm-note">Outputs folder: {html.escape(str(self.outputs_dir.resolve()))}</div>')
         self.widget = W.VBox([header, self.run_select, self.status, self.progress, self.body], layout=W.Layout(width="100%"))
@@ -513,26 +671,33 @@ class Dashboard:
 def _open_triage(self: Dashboard, feedback_url: str | None, analyst: str) -> None:
     "Open the feedback store (`feedback_url`, else the outputs folder's feedback.db) for the triage panel; a failure becomes a notice."
     self.triage = None
-    url = feedback_url or (f"sqlite:///{(self.outputs_dir / 'feedback.db').resolve()}" if (self.outputs_dir / "feedback.db").is_file() else None)
+    url = feedback_url or (
+        f"sqlite:///{(self.outputs_dir / 'feedback.db').resolve()}" if (self.outputs_dir / "feedback.db").is_file() else None
+    )
     if url is not None:
         try:
             from cyber_moe.feedback import FeedbackStore
+
             self.triage = Triage(FeedbackStore(url), analyst=analyst, precision=self.page_shown.is_set())
         except Exception as e:  # the runs are still worth showing without the store
             self._notice += _msg(f"feedback store not opened ({type(e).__name__}: {e}): no alert triage", "cm-error")
+
 
 @patch
 def _start_loaders(self: Dashboard, uri: str | None) -> None:
     "Start the threads that wait for the page: the triage's precision figure and the MLflow registry at `uri` (None: already read)."
     self.precision_loader: threading.Thread | None = None
     if self.triage is not None and not self.page_shown.is_set():
-        self.precision_loader = threading.Thread(target=self._after_page, args=(self.triage.draw_precision,), name="dashboard-precision", daemon=True)
+        self.precision_loader = threading.Thread(
+            target=self._after_page, args=(self.triage.draw_precision,), name="dashboard-precision", daemon=True
+        )
         self.precision_loader.start()
     if uri is not None:
         if self.background:
             self.registry_loader = threading.Thread(target=self._add_registry, args=(uri,), name="dashboard-registry", daemon=True)
             self.registry_loader.start()
-        else: self._add_registry(uri)
+        else:
+            self._add_registry(uri)
 
 
 @patch
@@ -541,21 +706,25 @@ def _after_page(self: Dashboard, fn) -> None:
     self.page_shown.wait(self.wait_for_page)
     self._guard(lambda: (preload_modules(), fn()))
 
+
 @patch
 def _read_registry(self: Dashboard, uri: str) -> str:
     "Add the registered versions at `uri` to `self.refs`; a broken registry becomes a notice (the run folders stay), also returned."
-    try: self.refs = add_registered(self.refs, uri)
+    try:
+        self.refs = add_registered(self.refs, uri)
     except Exception as e:  # a broken registry must not hide the run folders
         notice = _msg(f"MLflow registry not read ({type(e).__name__}: {e}); showing run folders only", "cm-error")
         self._notice += notice
         return notice
     return ""
 
+# %% ../nbs/75_dashboard.ipynb #1d4dafc7
 @patch
 def _add_registry(self: Dashboard, uri: str) -> None:
     "Read the registry, then relabel the run selector (folders tagged with their versions, versions without a folder added), keeping the choice."
     self.page_shown.wait(self.wait_for_page)
-    try: preload_modules()
+    try:
+        preload_modules()
     except Exception as e:
         self.status.value = _msg(f"{type(e).__name__}: {e}", "cm-error") + self.status.value
         return
@@ -568,21 +737,25 @@ def _add_registry(self: Dashboard, uri: str) -> None:
         try:
             self.run_select.options = [(r.label, i) for i, r in enumerate(self.refs)]
             self.run_select.value = index
-        finally: self._relabelling = False
+        finally:
+            self._relabelling = False
 
 # %% ../nbs/75_dashboard.ipynb #c696a6fc
 @patch
 def _guard(self: Dashboard, fn, *args) -> None:
     "Run a callback (once the page shows, after `preload_modules`); an error becomes a message in the page."
     try:
-        if self.page_shown.is_set(): preload_modules()
+        if self.page_shown.is_set():
+            preload_modules()
         fn(*args)
     except Exception as e:
         self.status.value = self._notice + _msg(f"{type(e).__name__}: {e}", "cm-error")
 
+
 @patch
 def _out(self: Dashboard):
     return self.W.Output(layout=self.W.Layout(width="100%", min_width="0"))
+
 
 @patch
 def _figure(self: Dashboard, fig):
@@ -590,10 +763,13 @@ def _figure(self: Dashboard, fig):
     show_figure(out, fig)
     return out
 
+
 @patch
 def _grid(self: Dashboard, children):
-    return self.W.GridBox(children, layout=self.W.Layout(width="100%", grid_gap="8px",
-                          grid_template_columns="repeat(auto-fit, minmax(min(100%, 520px), 1fr))"))
+    return self.W.GridBox(
+        children,
+        layout=self.W.Layout(width="100%", grid_gap="8px", grid_template_columns="repeat(auto-fit, minmax(min(100%, 520px), 1fr))"),
+    )
 
 # %% ../nbs/75_dashboard.ipynb #94211e7b
 @patch
@@ -606,35 +782,53 @@ def select_run(self: Dashboard, index: int) -> None:
     self.view, self.timings = None, {}
     self.status.value = self._notice + _msg(f"loading {ref.label} ...")
     self.metrics = headline_metrics(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
-    self.slots = {k: W.VBox([W.HTML(_msg(text, "cm-pending"))], layout=W.Layout(width="100%", min_width="0")) for k, text in PENDING.items()}
+    self.slots = {
+        k: W.VBox([W.HTML(_msg(text, "cm-pending"))], layout=W.Layout(width="100%", min_width="0")) for k, text in PENDING.items()
+    }
     self.notes = W.HTML()
-    headline = W.HTML(f'<h3>Model vs baseline (test split)</h3><div class="cm-headline" data-run="{html.escape(ref.name, quote=True)}">'
-                      + table_html(comparison_table(self.metrics)) + "</div>")
-    if not self.page_shown.is_set():   # the page's widget manager counts the views it displays (ipywidgets' `_view_count`)
+    headline = W.HTML(
+        f'<h3>Model vs baseline (test split)</h3><div class="cm-headline" data-run="{html.escape(ref.name, quote=True)}">'
+        + table_html(comparison_table(self.metrics))
+        + "</div>"
+    )
+    if not self.page_shown.is_set():  # the page's widget manager counts the views it displays (ipywidgets' `_view_count`)
         headline._view_count = 0
         headline.observe(lambda ch: self.page_shown.set() if (ch["new"] or 0) > 0 else None, names="_view_count")
     # the two-panel PR / ROC figure gets the page's width above the grid (a grid_column span set on an
     # ipywidgets layout never reached the page: Voila drew it half-width)
     triage = [W.HTML("<h3>Alert triage</h3>"), self.triage.widget] if self.triage is not None else []
-    self.body.children = [headline, self.notes, *triage, W.HTML("<h3>Test-split figures</h3>"), self.slots["pr_roc"], self.slots["figures"],
-                          W.HTML("<h3>SHAP: what drives the verdicts</h3>"), self.slots["shap"],
-                          W.HTML("<h3>Drift: test split against the training reference</h3>"), self.slots["drift"],
-                          W.HTML("<h3>Investigate a flow</h3>"), self.slots["flows"]]
+    self.body.children = [
+        headline,
+        self.notes,
+        *triage,
+        W.HTML("<h3>Test-split figures</h3>"),
+        self.slots["pr_roc"],
+        self.slots["figures"],
+        W.HTML("<h3>SHAP: what drives the verdicts</h3>"),
+        self.slots["shap"],
+        W.HTML("<h3>Drift: test split against the training reference</h3>"),
+        self.slots["drift"],
+        W.HTML("<h3>Investigate a flow</h3>"),
+        self.slots["flows"],
+    ]
     self._shown_view(gen, "headline", t0)
     if self.background:
         self.loader = threading.Thread(target=self._fill_guarded, args=(ref, gen, t0), name=f"dashboard-load-{ref.name}", daemon=True)
         self.loader.start()
-    else: self._fill(ref, gen, t0)
+    else:
+        self._fill(ref, gen, t0)
 
 # %% ../nbs/75_dashboard.ipynb #1344e6c6
 @patch
 def _shown_view(self: Dashboard, gen: int, name: str, t0: float) -> None:
     "Record that view `name` of load `gen` is drawn, and say which views are still being computed."
-    if gen != self._generation: return
+    if gen != self._generation:
+        return
     self.timings[name] = time.perf_counter() - t0
     done = " · ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
     waiting = [k for k in PENDING if k not in self.timings]
     self.progress.value = _msg(f"shown: {done}" + (f"; still computing: {', '.join(waiting)}" if waiting else ""), "cm-progress")
+
 
 @patch
 def _fill_guarded(self: Dashboard, ref: RunRef, gen: int, t0: float) -> None:
@@ -643,36 +837,51 @@ def _fill_guarded(self: Dashboard, ref: RunRef, gen: int, t0: float) -> None:
         preload_modules()
         self._fill(ref, gen, t0)
     except Exception as e:  # the thread has no caller: the error goes to the page, and no view stays "computing" for ever
-        if gen != self._generation: return
+        if gen != self._generation:
+            return
         text = f"{type(e).__name__}: {e}"
         self.status.value = self._notice + _msg(text, "cm-error")
         for k, box in self.slots.items():
-            if k not in self.timings: box.children = [self.W.HTML(_msg(f"not shown: {text}", "cm-error"))]
+            if k not in self.timings:
+                box.children = [self.W.HTML(_msg(f"not shown: {text}", "cm-error"))]
 
+# %% ../nbs/75_dashboard.ipynb #acaaa427
 @patch
 def _fill(self: Dashboard, ref: RunRef, gen: int, t0: float) -> None:
     "Draw the metric figures, load the model and test flows of `ref`, and replace each placeholder of load `gen` by its view (unless another run was chosen)."
     W = self.W
     # metrics.json's figures first (plotting imports take seconds on a cold kernel), the reliability diagram's place kept in their grid
     figures = self._grid([*[self._figure(f) for f in metrics_figures(self.metrics).values()], self.slots["reliability"]])
-    if gen != self._generation: return
+    if gen != self._generation:
+        return
     self.slots["figures"].children = [figures]
     self._shown_view(gen, "figures", t0)
     view = load_run(ref, outputs_dir=self.outputs_dir, tracking_uri=self.tracking_uri)
-    if gen != self._generation: return
+    if gen != self._generation:
+        return
     self.view = view
-    if self.triage is not None: self.triage.bundle = view.bundle   # explanations with the shown run's model
+    if self.triage is not None:
+        self.triage.bundle = view.bundle  # explanations with the shown run's model
     r = view.metrics.get("run", {})
-    self.status.value = self._notice + _msg(f"{ref.label}: source {r.get('source')}, {r.get('test_rows', '?')} test flows, "
-                             f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s") + temporal_expert_note(view.metrics, view.bundle)
+    self.status.value = (
+        self._notice
+        + _msg(
+            f"{ref.label}: source {r.get('source')}, {r.get('test_rows', '?')} test flows, "
+            f"classes {', '.join(view.bundle.classes)}; experts {', '.join(view.bundle.experts)}; loaded in {view.seconds:.1f} s"
+        )
+        + temporal_expert_note(view.metrics, view.bundle)
+    )
     self.notes.value = "".join(_msg("note: " + n) for n in view.notes)
     figs = run_figures(view)
     for k in ("pr_roc", "reliability"):
-        self.slots[k].children = [self._figure(figs[k])] if k in figs else [W.HTML(_msg("no test flows to draw it from (see the notes above)"))]
+        self.slots[k].children = (
+            [self._figure(figs[k])] if k in figs else [W.HTML(_msg("no test flows to draw it from (see the notes above)"))]
+        )
     self._shown_view(gen, "pr_roc", t0)
     self._shown_view(gen, "reliability", t0)
     for k, build in (("shap", self._shap_section), ("drift", self._drift_section), ("flows", self._flow_section)):
-        if gen != self._generation: return
+        if gen != self._generation:
+            return
         self.slots[k].children = [build()]
         self._shown_view(gen, k, t0)
 
@@ -681,26 +890,39 @@ def _fill(self: Dashboard, ref: RunRef, gen: int, t0: float) -> None:
 def _shap_section(self: Dashboard):
     W, view = self.W, self.view
     out, msg = self._out(), W.HTML()
-    which = W.ToggleButtons(options=[("p_attack", "p_attack"), ("per family", "family"), ("per expert (gate)", "expert")],
-                            description="SHAP of")
+    which = W.ToggleButtons(
+        options=[("p_attack", "p_attack"), ("per family", "family"), ("per expert (gate)", "expert")], description="SHAP of"
+    )
+
     def draw(_=None):
         show_figure(out, fig_shap_global(view.importance, which.value, schema=view.bundle.schema))
+
     which.observe(lambda ch: self._guard(draw), names="value")
     if view.importance is not None:
-        msg.value = _msg(f"from the run's explain stage (explain/importance.json), {view.importance['p_attack'].attrs.get('n_rows')} test flows")
+        msg.value = _msg(
+            f"from the run's explain stage (explain/importance.json), {view.importance['p_attack'].attrs.get('n_rows')} test flows"
+        )
         draw()
         return W.VBox([msg, which, out])
-    button = W.Button(description=f"Compute on {self.n_shap} test flows", icon="calculator", layout=W.Layout(width="auto"),
-                      disabled=view.test is None)
-    msg.value = _msg("this run has no explain/importance.json (the pipeline's explain stage writes it); "
-                     + ("compute it here on a small stratified sample (about a second per flow)" if view.test is not None else
-                        "no test flows to compute it from"))
+    button = W.Button(
+        description=f"Compute on {self.n_shap} test flows", icon="calculator", layout=W.Layout(width="auto"), disabled=view.test is None
+    )
+    msg.value = _msg(
+        "this run has no explain/importance.json (the pipeline's explain stage writes it); "
+        + (
+            "compute it here on a small stratified sample (about a second per flow)"
+            if view.test is not None
+            else "no test flows to compute it from"
+        )
+    )
+
     def compute(_):
         button.disabled = True
         msg.value = _msg(f"computing SHAP on {self.n_shap} test flows ...")
         view.importance = compute_importance(view, n=self.n_shap)
         msg.value = _msg(f"computed here on {view.importance['p_attack'].attrs['n_rows']} stratified test flows (10 background rows)")
         draw()
+
     button.on_click(lambda b: self._guard(compute, b))
     self.shap_button = button
     return W.VBox([msg, W.HBox([which, button]), out])
@@ -709,11 +931,17 @@ def _shap_section(self: Dashboard):
 @patch
 def _drift_section(self: Dashboard):
     W, view = self.W, self.view
-    if view.drift is None: return W.HTML(_msg("no drift view: the run has no explain/drift.json and no test flows to compute it"))
+    if view.drift is None:
+        return W.HTML(_msg("no drift view: the run has no explain/drift.json and no test flows to compute it"))
     top = max(view.drift.items(), key=lambda kv: kv[1])
     n_drift = sum(v > 0.25 for v in view.drift.values())
-    return W.VBox([W.HTML(_msg(f"{view.drift_source}; {n_drift} of {len(view.drift)} features above PSI 0.25; "
-                               f"largest: {top[0]} ({top[1]:.3f})")), self._figure(fig_drift_view(view.drift))])
+    return W.VBox(
+        [
+            W.HTML(_msg(f"{view.drift_source}; {n_drift} of {len(view.drift)} features above PSI 0.25; largest: {top[0]} ({top[1]:.3f})")),
+            self._figure(fig_drift_view(view.drift)),
+        ]
+    )
+
 
 @patch
 def _flow_section(self: Dashboard):
@@ -726,8 +954,11 @@ def _flow_section(self: Dashboard):
     self.family = W.Dropdown(options=["all", *classes], description="True family", layout=W.Layout(width="auto"))
     self.outcome = W.ToggleButtons(options=list(OUTCOMES), description="Model was", style={"button_width": "80px"})
     self.flow = W.Dropdown(description="Flow", layout=W.Layout(width="min(100%, 640px)"))
-    self.target = W.Dropdown(options=[("p_attack", "p_attack"), ("predicted family's probability", "family")],
-                             description="SHAP of", layout=W.Layout(width="auto"))
+    self.target = W.Dropdown(
+        options=[("p_attack", "p_attack"), ("predicted family's probability", "family")],
+        description="SHAP of",
+        layout=W.Layout(width="auto"),
+    )
     self.upload = W.FileUpload(accept=".csv,.parquet,.pcap,.pcapng", multiple=False, description="Upload CSV / pcap")
     for w, cls in ((self.family, "cm-family"), (self.outcome, "cm-outcome"), (self.flow, "cm-flow"), (self.upload, "cm-upload")):
         w.add_class(cls)
@@ -742,8 +973,16 @@ def _flow_section(self: Dashboard):
     self.use_source("test split")
     filters = W.HBox([self.family, self.outcome], layout=W.Layout(flex_flow="row wrap"))
     pick = W.HBox([self.source, self.upload], layout=W.Layout(flex_flow="row wrap"))
-    return W.VBox([pick, filters, self.flow_msg, W.HBox([self.flow, self.target], layout=W.Layout(flex_flow="row wrap")),
-                   self.verdict, self._grid([self.scores_out, self.shap_out])])
+    return W.VBox(
+        [
+            pick,
+            filters,
+            self.flow_msg,
+            W.HBox([self.flow, self.target], layout=W.Layout(flex_flow="row wrap")),
+            self.verdict,
+            self._grid([self.scores_out, self.shap_out]),
+        ]
+    )
 
 # %% ../nbs/75_dashboard.ipynb #763d2ce8
 @patch
@@ -766,46 +1005,61 @@ def use_source(self: Dashboard, source: str) -> None:
         self.flows, self.flow_info = self.uploaded, flow_table(self.uploaded, view.bundle.predict(self.uploaded, class_probs=True))
     has_truth = FAMILY in self.flows.columns
     self.family.disabled = self.outcome.disabled = not has_truth
-    if not has_truth: self.family.value, self.outcome.value = "all", "all"
+    if not has_truth:
+        self.family.value, self.outcome.value = "all", "all"
     self.refresh_flows()
+
 
 @patch
 def use_upload(self: Dashboard, value) -> None:
     "Read the uploaded file and switch the flow selector to its rows."
-    if not value: return
+    if not value:
+        return
     item = value[0]
     self.uploaded = read_upload(item["name"], item["content"], self.view.bundle)
     self.upload_name = item["name"]
-    self._resetting = True   # a new file shows all its flows: clear the filters without refreshing the old list
-    try: self.family.value, self.outcome.value = "all", "all"
-    finally: self._resetting = False
-    if self.source.value == "uploaded file": self.use_source("uploaded file")
-    else: self.source.value = "uploaded file"
+    self._resetting = True  # a new file shows all its flows: clear the filters without refreshing the old list
+    try:
+        self.family.value, self.outcome.value = "all", "all"
+    finally:
+        self._resetting = False
+    if self.source.value == "uploaded file":
+        self.use_source("uploaded file")
+    else:
+        self.source.value = "uploaded file"
 
 # %% ../nbs/75_dashboard.ipynb #97ebfec5
 @patch
 def refresh_flows(self: Dashboard) -> None:
     "Apply the family and outcome filters to the flow selector."
-    if self.flow_info is None or self._resetting: return
+    if self.flow_info is None or self._resetting:
+        return
     choices, n = choose_flows(self.flow_info, family=self.family.value, outcome=self.outcome.value, limit=self.max_flows)
     where = "test split" if self.source.value == "test split" else f"uploaded file {self.upload_name}"
-    self.flow_msg.value = _msg(f"{n} of {len(self.flow_info)} flows of the {where} match" +
-                               (f"; the first {len(choices)} are listed" if n > len(choices) else ""))
+    self.flow_msg.value = _msg(
+        f"{n} of {len(self.flow_info)} flows of the {where} match" + (f"; the first {len(choices)} are listed" if n > len(choices) else "")
+    )
     self.flow.options = choices
     if not choices:
         self.verdict.value, self._shown = _msg("no flow matches these filters"), None
-        for o in (self.scores_out, self.shap_out): o.outputs = ()
+        for o in (self.scores_out, self.shap_out):
+            o.outputs = ()
     else:
-        if self.flow.value is None: self.flow.value = choices[0][1]   # ipywidgets keeps no selection after new options
+        if self.flow.value is None:
+            self.flow.value = choices[0][1]  # ipywidgets keeps no selection after new options
         self.show_flow(self.flow.value)  # no-op when the selector's change event already showed it
+
 
 @patch
 def show_flow(self: Dashboard, position: int | None) -> None:
     "Show the verdict, probabilities, gate weights and SHAP explanation of flow `position` of the current flows."
     from cyber_moe.explain import explain_flow, fig_flow_explanation
-    if position is None or self.flows is None: return
+
+    if position is None or self.flows is None:
+        return
     key = (id(self.flows), position, self.target.value)
-    if key == self._shown: return
+    if key == self._shown:
+        return
     self._shown = key
     b = self.view.bundle
     row = self.flows.iloc[[position]]
@@ -817,8 +1071,9 @@ def show_flow(self: Dashboard, position: int | None) -> None:
     exp = explain_flow(b, row, top_k=self.top_k, target=self.target.value)
     fig = fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60})
     show_figure(self.shap_out, fig)
-    if b.schema.sequence:   # a sequence model: which packets moved the verdict, as a strip under the waterfall (issue 14)
+    if b.schema.sequence:  # a sequence model: which packets moved the verdict, as a strip under the waterfall (issue 14)
         from cyber_moe.explain import fig_sequence_strip, sequence_strip
+
         self.shap_out.outputs += (figure_bundle(fig_sequence_strip(sequence_strip(b, row, target=self.target.value))),)
 
 # %% ../nbs/75_dashboard.ipynb #b4760021
@@ -827,30 +1082,56 @@ def alert_label(a: dict) -> str:
     t = pd.Timestamp(a["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if a.get("created_at") is not None else "?"
     v = a.get("verdict")
     mark = f" [{v} {a.get('label')}]" if isinstance(v, str) else ""
-    return (f"{t} {a.get('src_ip') or '?'}:{a.get('src_port') or '?'} → {a.get('dst_ip') or '?'}:{a.get('dst_port') or '?'} "
-            f"{a['family']} p_attack {float(a['p_attack']):.3f} ({a['model_name']} v{a['model_version']}){mark}")
+    return (
+        f"{t} {a.get('src_ip') or '?'}:{a.get('src_port') or '?'} → {a.get('dst_ip') or '?'}:{a.get('dst_port') or '?'} "
+        f"{a['family']} p_attack {float(a['p_attack']):.3f} ({a['model_name']} v{a['model_version']}){mark}"
+    )
 
 
 def rules_html(rules) -> str:
     "The suppression rules as an HTML table, with how many alerts each silenced."
-    if not rules: return _msg("no suppression rules yet")
-    df = pd.DataFrame([{"id": r.id, "source": r.src or "any", "dst port": "any" if r.dst_port is None else str(r.dst_port),
-                        "family": r.family or "any", "expires": "never" if r.expires_at is None else r.expires_at.strftime("%Y-%m-%d %H:%M"),
-                        "active": "yes" if r.active() else "expired", "reason": r.reason, "by": r.creator,
-                        "alerts silenced": str(r.n_suppressed)} for r in rules]).set_index("id")
+    if not rules:
+        return _msg("no suppression rules yet")
+    df = pd.DataFrame(
+        [
+            {
+                "id": r.id,
+                "source": r.src or "any",
+                "dst port": "any" if r.dst_port is None else str(r.dst_port),
+                "family": r.family or "any",
+                "expires": "never" if r.expires_at is None else r.expires_at.strftime("%Y-%m-%d %H:%M"),
+                "active": "yes" if r.active() else "expired",
+                "reason": r.reason,
+                "by": r.creator,
+                "alerts silenced": str(r.n_suppressed),
+            }
+            for r in rules
+        ]
+    ).set_index("id")
     return table_html(df).replace('class="cm-table"', 'class="cm-table cm-rules"', 1)
 
 # %% ../nbs/75_dashboard.ipynb #52a2d3c2
 def fig_precision(frames: dict[str, pd.DataFrame]):
     "Precision over time per model (and version) from analysts' verdicts (`FeedbackStore.precision_over_time` frames by model)."
     import plotly.graph_objects as go
+
     fig = go.Figure()
     for name, df in frames.items():
         for ver, g in df.groupby("model_version"):
-            fig.add_scatter(x=g["period"], y=g["precision"], mode="lines+markers", name=f"{name} v{ver}",
-                            customdata=g[["n_tp", "n_verdicts"]].to_numpy(), hovertemplate="%{x}: precision %{y:.3f} (%{customdata[0]} of %{customdata[1]})<extra></extra>")
-    fig.update_layout(title="Precision of alerts from analysts' verdicts", yaxis=dict(range=[0, 1.05], title="precision"), height=320,
-                      margin=dict(l=10, r=10, t=50, b=10))
+            fig.add_scatter(
+                x=g["period"],
+                y=g["precision"],
+                mode="lines+markers",
+                name=f"{name} v{ver}",
+                customdata=g[["n_tp", "n_verdicts"]].to_numpy(),
+                hovertemplate="%{x}: precision %{y:.3f} (%{customdata[0]} of %{customdata[1]})<extra></extra>",
+            )
+    fig.update_layout(
+        title="Precision of alerts from analysts' verdicts",
+        yaxis=dict(range=[0, 1.05], title="precision"),
+        height=320,
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 # %% ../nbs/75_dashboard.ipynb #3567e662
@@ -859,33 +1140,51 @@ class Triage:
 
     def __init__(self, store, *, bundle=None, analyst: str = "analyst", limit: int = 200, top_k: int = 10, precision: bool = True):
         import ipywidgets as W
+
         self.W, self.store, self.bundle, self.analyst, self.limit, self.top_k = W, store, bundle, analyst, limit, top_k
         self.alert: dict | None = None
-        self.order = W.ToggleButtons(options=[("newest", "newest"), ("most uncertain", "uncertain")], description="Queue",
-                                     style={"button_width": "120px"})
+        self.order = W.ToggleButtons(
+            options=[("newest", "newest"), ("most uncertain", "uncertain")], description="Queue", style={"button_width": "120px"}
+        )
         self.queue = W.Select(options=[], rows=8, layout=W.Layout(width="min(100%, 900px)"))
-        self.offset, self.page_info = 0, W.HTML()       # the queue shows `limit` alerts from `offset`, paged
+        self.offset, self.page_info = 0, W.HTML()  # the queue shows `limit` alerts from `offset`, paged
         self.prev_page = W.Button(description="newer", icon="arrow-left", layout=W.Layout(width="auto"))
         self.next_page = W.Button(description="older", icon="arrow-right", layout=W.Layout(width="auto"))
         self.detail, self.msg, self.rules = W.HTML(), W.HTML(), W.HTML()
         self.explain_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
         self.precision_out = W.Output(layout=W.Layout(width="100%", min_width="0"))
-        self.verdict = W.ToggleButtons(options=[("true positive", "tp"), ("false positive", "fp")], description="Verdict",
-                                       style={"button_width": "120px"})
+        self.verdict = W.ToggleButtons(
+            options=[("true positive", "tp"), ("false positive", "fp")], description="Verdict", style={"button_width": "120px"}
+        )
         self.family = W.Dropdown(options=[], description="Right family", layout=W.Layout(width="auto"))
         self.note = W.Text(description="Note", layout=W.Layout(width="min(100%, 500px)"))
         self.mark = W.Button(description="Mark alert", icon="check", layout=W.Layout(width="auto"))
-        self.rule_src, self.rule_port, self.rule_family = (W.Checkbox(value=v, description=d, indent=False, layout=W.Layout(width="auto"))
-                                                           for v, d in ((True, "same source"), (True, "same destination port"), (False, "same family")))
-        self.rule_days = W.BoundedIntText(value=7, min=1, max=3650, description="Expires in (days)", style={"description_width": "auto"},
-                                          layout=W.Layout(width="auto"))
+        self.rule_src, self.rule_port, self.rule_family = (
+            W.Checkbox(value=v, description=d, indent=False, layout=W.Layout(width="auto"))
+            for v, d in ((True, "same source"), (True, "same destination port"), (False, "same family"))
+        )
+        self.rule_days = W.BoundedIntText(
+            value=7, min=1, max=3650, description="Expires in (days)", style={"description_width": "auto"}, layout=W.Layout(width="auto")
+        )
         self.rule_reason = W.Text(description="Reason", layout=W.Layout(width="min(100%, 500px)"))
         self.rule_button = W.Button(description="Suppress like this", icon="bell-slash", layout=W.Layout(width="auto"))
-        for w, cls in ((self.queue, "cm-queue"), (self.detail, "cm-alert-box"), (self.verdict, "cm-verdict-choice"), (self.family, "cm-right-family"),
-                       (self.note, "cm-verdict-note"), (self.mark, "cm-mark"), (self.rule_reason, "cm-rule-reason"),
-                       (self.rule_button, "cm-rule-create"), (self.rule_days, "cm-rule-days"), (self.rule_family, "cm-rule-family"),
-                       (self.msg, "cm-triage-msg"), (self.order, "cm-order"), (self.prev_page, "cm-page-prev"),
-                       (self.next_page, "cm-page-next"), (self.page_info, "cm-page-info")):
+        for w, cls in (
+            (self.queue, "cm-queue"),
+            (self.detail, "cm-alert-box"),
+            (self.verdict, "cm-verdict-choice"),
+            (self.family, "cm-right-family"),
+            (self.note, "cm-verdict-note"),
+            (self.mark, "cm-mark"),
+            (self.rule_reason, "cm-rule-reason"),
+            (self.rule_button, "cm-rule-create"),
+            (self.rule_days, "cm-rule-days"),
+            (self.rule_family, "cm-rule-family"),
+            (self.msg, "cm-triage-msg"),
+            (self.order, "cm-order"),
+            (self.prev_page, "cm-page-prev"),
+            (self.next_page, "cm-page-next"),
+            (self.page_info, "cm-page-info"),
+        ):
             w.add_class(cls)
         self.order.observe(lambda ch: self._guard(self.page, None), names="value")
         self.prev_page.on_click(lambda b: self._guard(self.page, -1))
@@ -895,18 +1194,32 @@ class Triage:
         self.mark.on_click(lambda b: self._guard(self.mark_alert))
         self.rule_button.on_click(lambda b: self._guard(self.create_rule))
         row = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow="row wrap", align_items="center"))
-        self.widget = W.VBox([self.order, self.queue, row([self.prev_page, self.page_info, self.next_page]), self.detail, self.explain_out,
-                              row([self.verdict, self.family]), row([self.note, self.mark]),
-                              row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]), row([self.rule_reason, self.rule_button]),
-                              self.msg, W.HTML("<h4>Suppression rules</h4>"), self.rules, self.precision_out],
-                             layout=W.Layout(width="100%"))
-        self.refresh(precision=precision)   # precision=False: the caller draws it later (`draw_precision`; plotly takes a while to import)
+        self.widget = W.VBox(
+            [
+                self.order,
+                self.queue,
+                row([self.prev_page, self.page_info, self.next_page]),
+                self.detail,
+                self.explain_out,
+                row([self.verdict, self.family]),
+                row([self.note, self.mark]),
+                row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]),
+                row([self.rule_reason, self.rule_button]),
+                self.msg,
+                W.HTML("<h4>Suppression rules</h4>"),
+                self.rules,
+                self.precision_out,
+            ],
+            layout=W.Layout(width="100%"),
+        )
+        self.refresh(precision=precision)  # precision=False: the caller draws it later (`draw_precision`; plotly takes a while to import)
 
     def _guard(self, fn, *args) -> None:
         try:
             preload_modules()
             fn(*args)
-        except Exception as e: self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
+        except Exception as e:
+            self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
 
 # %% ../nbs/75_dashboard.ipynb #0ad5400b
 @patch
@@ -914,16 +1227,25 @@ def refresh(self: Triage, keep: str | None = None, *, precision: bool = True) ->
     "Reload the queue (in the chosen order, the page at `offset`), the rules and (with `precision`) the precision figure."
     df = self.store.alerts(self.order.value, limit=self.limit, offset=self.offset)
     total = self.store.count_alerts(suppressed=False)
-    self.page_info.value = _msg(f"alerts {self.offset + 1:,}–{self.offset + len(df):,} of {total:,}" if len(df) else f"no alert here ({total:,} queued)")
+    self.page_info.value = _msg(
+        f"alerts {self.offset + 1:,}–{self.offset + len(df):,} of {total:,}" if len(df) else f"no alert here ({total:,} queued)"
+    )
     self.prev_page.disabled, self.next_page.disabled = self.offset == 0, self.offset + len(df) >= total
     options = [(alert_label(a), a["id"]) for a in df.to_dict(orient="records")]
     self.queue.options = options
     if not options:
-        self.detail.value, self.alert = _msg("no alerts in the feedback store yet: `cyber-moe score --alerts`, `watch` and the REST app store them"), None
-    elif keep in {v for _, v in options}: self.queue.value = keep
-    elif self.queue.value is None: self.queue.value = options[0][1]
+        self.detail.value, self.alert = (
+            _msg("no alerts in the feedback store yet: `cyber-moe score --alerts`, `watch` and the REST app store them"),
+            None,
+        )
+    elif keep in {v for _, v in options}:
+        self.queue.value = keep
+    elif self.queue.value is None:
+        self.queue.value = options[0][1]
     self.rules.value = rules_html(self.store.list_rules())
-    if precision: self.draw_precision(df)
+    if precision:
+        self.draw_precision(df)
+
 
 @patch
 def draw_precision(self: Triage, queued: pd.DataFrame | None = None) -> None:
@@ -932,8 +1254,11 @@ def draw_precision(self: Triage, queued: pd.DataFrame | None = None) -> None:
     models = sorted(set(df["model_name"])) if len(df) else []
     frames = {m: self.store.precision_over_time(m) for m in models}
     frames = {m: f for m, f in frames.items() if len(f)}
-    if frames: show_figure(self.precision_out, fig_precision(frames))
-    else: self.precision_out.outputs = ()
+    if frames:
+        show_figure(self.precision_out, fig_precision(frames))
+    else:
+        self.precision_out.outputs = ()
+
 
 @patch
 def page(self: Triage, step: int | None) -> None:
@@ -945,31 +1270,42 @@ def page(self: Triage, step: int | None) -> None:
 @patch
 def _families(self: Triage) -> None:
     a = self.alert
-    if a is None: return
+    if a is None:
+        return
     classes = self.store.families(a["model_name"], a["model_version"]) or sorted({a["family"], "benign"})
-    if self.verdict.value == "tp": opts = [c for c in classes if c != "benign"]
-    else: opts = ["benign", *[c for c in classes if c not in ("benign", a["family"])]]
+    if self.verdict.value == "tp":
+        opts = [c for c in classes if c != "benign"]
+    else:
+        opts = ["benign", *[c for c in classes if c not in ("benign", a["family"])]]
     self.family.options = opts
     self.family.value = a["family"] if self.verdict.value == "tp" and a["family"] in opts else opts[0]
+
 
 @patch
 def open(self: Triage, alert_id: str | None) -> None:
     "Show alert `alert_id`: its fields, its verdicts so far and its explanation (SHAP with the run's model when it can score the flow)."
-    if alert_id is None: return
+    if alert_id is None:
+        return
     a = self.alert = self.store.get_alert(alert_id)
-    said = "; ".join(f"{v['verdict']} {v['label']} by {v['analyst']}" + (f" ({v['note']})" if v['note'] else "") for v in a["verdicts"]) or "none yet"
-    self.detail.value = (f'<div class="cm-alert" data-id="{html.escape(a["id"], quote=True)}"><b>Alert {html.escape(a["id"])}</b>: '
-                         f"{html.escape(alert_label(a))}<br>Community ID {html.escape(str(a.get('community_id')))}; verdicts: {html.escape(said)}</div>")
+    said = (
+        "; ".join(f"{v['verdict']} {v['label']} by {v['analyst']}" + (f" ({v['note']})" if v["note"] else "") for v in a["verdicts"])
+        or "none yet"
+    )
+    self.detail.value = (
+        f'<div class="cm-alert" data-id="{html.escape(a["id"], quote=True)}"><b>Alert {html.escape(a["id"])}</b>: '
+        f"{html.escape(alert_label(a))}<br>Community ID {html.escape(str(a.get('community_id')))}; verdicts: {html.escape(said)}</div>"
+    )
     self._families()
     self.explain_out.outputs = ()
     feats = a.get("features") or {}
     if self.bundle is not None and feats:
         from cyber_moe.explain import explain_flow, fig_flow_explanation
+
         try:
             exp = explain_flow(self.bundle, pd.DataFrame([feats]), top_k=self.top_k)
             show_figure(self.explain_out, fig_flow_explanation(exp).update_traces(cliponaxis=False).update_layout(margin={"r": 60}))
             return
-        except Exception as e:   # the alert came from another model's features: show them instead
+        except Exception as e:  # the alert came from another model's features: show them instead
             self.detail.value += _msg(f"no SHAP with this run's model ({type(e).__name__}: {e}); the alert's features follow")
     if feats:
         top = pd.DataFrame({"value": pd.Series(feats)}).head(self.top_k)
@@ -979,24 +1315,33 @@ def open(self: Triage, alert_id: str | None) -> None:
 @patch
 def mark_alert(self: Triage) -> None:
     "Record the chosen verdict (with the right family and note) on the open alert."
-    if self.alert is None: raise ValueError("no alert open: choose one in the queue")
-    v = self.store.record_verdict(self.alert["id"], self.verdict.value, family=self.family.value, note=self.note.value.strip() or None,
-                                  analyst=self.analyst)
+    if self.alert is None:
+        raise ValueError("no alert open: choose one in the queue")
+    v = self.store.record_verdict(
+        self.alert["id"], self.verdict.value, family=self.family.value, note=self.note.value.strip() or None, analyst=self.analyst
+    )
     self.msg.value = _msg(f"alert {v['alert_id']} marked {v['verdict']} ({v['label']})", "cm-note cm-marked")
     self.note.value = ""
     self.refresh(keep=self.alert["id"])
     self.open(self.alert["id"])
 
+
 @patch
 def create_rule(self: Triage) -> None:
     "A suppression rule from the open alert: its source, destination port and/or family, an expiry and a reason."
     from datetime import timedelta
-    if self.alert is None: raise ValueError("no alert open: choose one in the queue")
+
+    if self.alert is None:
+        raise ValueError("no alert open: choose one in the queue")
     a = self.alert
-    r = self.store.add_rule(src=a["src_ip"] if self.rule_src.value else None, dst_port=a["dst_port"] if self.rule_port.value else None,
-                            family=a["family"] if self.rule_family.value else None, reason=self.rule_reason.value,
-                            expires_at=pd.Timestamp.now(tz="UTC").to_pydatetime() + timedelta(days=int(self.rule_days.value)),
-                            creator=self.analyst)
+    r = self.store.add_rule(
+        src=a["src_ip"] if self.rule_src.value else None,
+        dst_port=a["dst_port"] if self.rule_port.value else None,
+        family=a["family"] if self.rule_family.value else None,
+        reason=self.rule_reason.value,
+        expires_at=pd.Timestamp.now(tz="UTC").to_pydatetime() + timedelta(days=int(self.rule_days.value)),
+        creator=self.analyst,
+    )
     self.msg.value = _msg(f"rule {r.id} created: it silences matching alerts from now on", "cm-note cm-rule-made")
     self.rule_reason.value = ""
     self.refresh(keep=a["id"])
@@ -1005,26 +1350,48 @@ def create_rule(self: Triage) -> None:
 def dashboard_notebook() -> Path:
     "The dashboard notebook `nbs/dashboards/analysis.ipynb` of the checkout this package was installed from."
     import cyber_moe
+
     for root in (Path(cyber_moe.__file__).resolve().parent.parent, find_project_root()):
         nb = root / "nbs" / "dashboards" / "analysis.ipynb"
-        if nb.is_file(): return nb
-    raise FileNotFoundError("nbs/dashboards/analysis.ipynb not found next to the cyber_moe package or above the current directory; "
-                            "run the dashboard from a checkout of the project")
+        if nb.is_file():
+            return nb
+    raise FileNotFoundError(
+        "nbs/dashboards/analysis.ipynb not found next to the cyber_moe package or above the current directory; "
+        "run the dashboard from a checkout of the project"
+    )
 
 
 DEFAULT_MAX_KERNELS, DEFAULT_CULL_IDLE_SECONDS = 6, 300
 
 # %% ../nbs/75_dashboard.ipynb #3842e3ba
-def voila_command(*, notebook: str | Path, port: int = 8866, ip: str = "127.0.0.1", open_browser: bool = False,
-                  allowed_hosts: tuple[str, ...] | list[str] = (), max_kernels: int = DEFAULT_MAX_KERNELS,
-                  cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS, cull_interval_seconds: int | None = None) -> list[str]:
+def voila_command(
+    *,
+    notebook: str | Path,
+    port: int = 8866,
+    ip: str = "127.0.0.1",
+    open_browser: bool = False,
+    allowed_hosts: tuple[str, ...] | list[str] = (),
+    max_kernels: int = DEFAULT_MAX_KERNELS,
+    cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS,
+    cull_interval_seconds: int | None = None,
+) -> list[str]:
     "The command line that serves `notebook` on `ip:port` with this Python's Voila, limited as `cyber_moe.dashboard_server` describes."
-    if max_kernels < 1: raise ValueError(f"max_kernels must be >= 1, got {max_kernels}")
-    if cull_idle_seconds < 1: raise ValueError(f"cull_idle_seconds must be >= 1, got {cull_idle_seconds}")
+    if max_kernels < 1:
+        raise ValueError(f"max_kernels must be >= 1, got {max_kernels}")
+    if cull_idle_seconds < 1:
+        raise ValueError(f"cull_idle_seconds must be >= 1, got {cull_idle_seconds}")
     interval = cull_interval_seconds or max(1, min(60, cull_idle_seconds // 5))
-    cmd = [sys.executable, "-m", "cyber_moe.dashboard_server", str(notebook), f"--port={int(port)}", f"--Voila.ip={ip}",
-           f"--CappedKernelManager.max_kernels={int(max_kernels)}",
-           f"--MappingKernelManager.cull_idle_timeout={int(cull_idle_seconds)}", f"--MappingKernelManager.cull_interval={int(interval)}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cyber_moe.dashboard_server",
+        str(notebook),
+        f"--port={int(port)}",
+        f"--Voila.ip={ip}",
+        f"--CappedKernelManager.max_kernels={int(max_kernels)}",
+        f"--MappingKernelManager.cull_idle_timeout={int(cull_idle_seconds)}",
+        f"--MappingKernelManager.cull_interval={int(interval)}",
+    ]
     cmd += [f"--CyberMoeVoila.allowed_hosts={h}" for h in ("localhost", *allowed_hosts)]
     return cmd if open_browser else cmd + ["--no-browser"]
 
@@ -1033,26 +1400,49 @@ def dashboard_env(*, outputs_dir: str | Path, run: str | None = None, base: dict
     "The environment of the Voila process: `base` (default this process's) plus the outputs folder (absolute) and the run."
     env = dict(os.environ if base is None else base)
     env[ENV_OUTPUTS] = str(Path(outputs_dir).resolve())
-    if run: env[ENV_RUN] = run
-    else: env.pop(ENV_RUN, None)
+    if run:
+        env[ENV_RUN] = run
+    else:
+        env.pop(ENV_RUN, None)
     return env
 
 # %% ../nbs/75_dashboard.ipynb #4cdb818d
 def _die_with_parent() -> None:
     "In a child process (Linux): ask the kernel for SIGTERM when the parent exits, even if it is killed outright."
     import ctypes
-    try: ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)      # PR_SET_PDEATHSIG
-    except OSError: pass
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
-def start(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, ip: str = "127.0.0.1",
-          open_browser: bool = False, notebook: str | Path | None = None, allowed_hosts: tuple[str, ...] | list[str] = (),
-          max_kernels: int = DEFAULT_MAX_KERNELS, cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS,
-          cull_interval_seconds: int | None = None, **popen) -> subprocess.Popen:
+def start(
+    *,
+    outputs_dir: str | Path,
+    run: str | None = None,
+    port: int = 8866,
+    ip: str = "127.0.0.1",
+    open_browser: bool = False,
+    notebook: str | Path | None = None,
+    allowed_hosts: tuple[str, ...] | list[str] = (),
+    max_kernels: int = DEFAULT_MAX_KERNELS,
+    cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS,
+    cull_interval_seconds: int | None = None,
+    **popen,
+) -> subprocess.Popen:
     "Start Voila on the dashboard for the runs of `outputs_dir` and return the process (not waited for)."
     nb = Path(notebook) if notebook else dashboard_notebook()
-    cmd = voila_command(notebook=nb, port=port, ip=ip, open_browser=open_browser, allowed_hosts=allowed_hosts, max_kernels=max_kernels,
-                        cull_idle_seconds=cull_idle_seconds, cull_interval_seconds=cull_interval_seconds)
+    cmd = voila_command(
+        notebook=nb,
+        port=port,
+        ip=ip,
+        open_browser=open_browser,
+        allowed_hosts=allowed_hosts,
+        max_kernels=max_kernels,
+        cull_idle_seconds=cull_idle_seconds,
+        cull_interval_seconds=cull_interval_seconds,
+    )
     return subprocess.Popen(cmd, env=dashboard_env(outputs_dir=outputs_dir, run=run), cwd=str(nb.parent), **popen)
 
 
@@ -1060,48 +1450,77 @@ def stop(proc: subprocess.Popen, *, timeout: float = 20.0) -> int:
     "Stop Voila: SIGTERM (it shuts its kernels down), then SIGKILL to its process group after `timeout` s; returns its exit code."
     if proc.poll() is None:
         proc.terminate()
-        try: proc.wait(timeout=timeout)
+        try:
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            try: os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError): proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                proc.kill()
     return proc.wait()
 
 # %% ../nbs/75_dashboard.ipynb #9b0e5d70
 def wait_until_serving(base_url: str, *, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> float:
     "Poll Voila at `base_url` until it answers (seconds waited); fails early if `proc` exits, with a `TimeoutError` after `timeout`."
-    url = base_url.rstrip("/") + "/voila/static/extension.js"   # a static file: requesting the page itself would start a kernel
+    url = base_url.rstrip("/") + "/voila/static/extension.js"  # a static file: requesting the page itself would start a kernel
     t0 = time.monotonic()
     while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"Voila exited with code {proc.returncode} before serving {base_url}; see its output above")
         try:
-            with urllib.request.urlopen(url, timeout=5): return time.monotonic() - t0
-        except urllib.error.HTTPError: return time.monotonic() - t0   # it answers, even if with an error page
-        except (urllib.error.URLError, OSError): pass
-        if time.monotonic() - t0 > timeout: raise TimeoutError(f"{base_url}: Voila did not answer within {timeout:.0f} s")
+            with urllib.request.urlopen(url, timeout=5):
+                return time.monotonic() - t0
+        except urllib.error.HTTPError:
+            return time.monotonic() - t0  # it answers, even if with an error page
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{base_url}: Voila did not answer within {timeout:.0f} s")
         time.sleep(0.5)
 
 
 class _Stop(Exception):
     "A stop signal (SIGTERM, SIGHUP) turned into an exception of the main thread."
 
-
-def launch(*, outputs_dir: str | Path, run: str | None = None, port: int = 8866, open_browser: bool = False,
-           allowed_hosts: tuple[str, ...] | list[str] = (), max_kernels: int = DEFAULT_MAX_KERNELS,
-           cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS, stop_timeout: float = 20.0) -> int:
+# %% ../nbs/75_dashboard.ipynb #22ac0fd7
+def launch(
+    *,
+    outputs_dir: str | Path,
+    run: str | None = None,
+    port: int = 8866,
+    open_browser: bool = False,
+    allowed_hosts: tuple[str, ...] | list[str] = (),
+    max_kernels: int = DEFAULT_MAX_KERNELS,
+    cull_idle_seconds: int = DEFAULT_CULL_IDLE_SECONDS,
+    stop_timeout: float = 20.0,
+) -> int:
     "Serve the dashboard with Voila until Ctrl-C, SIGTERM or SIGHUP (what `cyber-moe dashboard` runs); returns Voila's exit code."
-    if not Path(outputs_dir).is_dir(): print(f"note: {outputs_dir} does not exist yet; the dashboard will say that there is no run", file=sys.stderr)
-    def on_signal(signum, frame): raise _Stop(signum)
+    if not Path(outputs_dir).is_dir():
+        print(f"note: {outputs_dir} does not exist yet; the dashboard will say that there is no run", file=sys.stderr)
+
+    def on_signal(signum, frame):
+        raise _Stop(signum)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     proc = None
     try:
-        proc = start(outputs_dir=outputs_dir, run=run, port=port, open_browser=open_browser, allowed_hosts=allowed_hosts,
-                     max_kernels=max_kernels, cull_idle_seconds=cull_idle_seconds, start_new_session=True,
-                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        proc = start(
+            outputs_dir=outputs_dir,
+            run=run,
+            port=port,
+            open_browser=open_browser,
+            allowed_hosts=allowed_hosts,
+            max_kernels=max_kernels,
+            cull_idle_seconds=cull_idle_seconds,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         print(f"dashboard: http://127.0.0.1:{port}/ (runs of {Path(outputs_dir).resolve()}; Ctrl-C stops)", file=sys.stderr)
         return proc.wait()
     except (KeyboardInterrupt, _Stop):
         return stop(proc, timeout=stop_timeout) if proc is not None else 1
     finally:
-        if proc is not None and proc.poll() is None: stop(proc, timeout=stop_timeout)
-        for s, h in previous.items(): signal.signal(s, h)
+        if proc is not None and proc.poll() is None:
+            stop(proc, timeout=stop_timeout)
+        for s, h in previous.items():
+            signal.signal(s, h)

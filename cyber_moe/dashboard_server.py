@@ -29,33 +29,42 @@ def _split_host(host: str) -> str:
 
 def host_allowed(host: str | None, allowed=DEFAULT_HOSTS) -> bool:
     "True when a `Host` header names a loopback address or one of `allowed` (names compared without the port)."
-    if not host: return False
+    if not host:
+        return False
     name = _split_host(host)
-    try: return ipaddress.ip_address(name).is_loopback
-    except ValueError: return name in {a.lower() for a in allowed}
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return name in {a.lower() for a in allowed}
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed=DEFAULT_HOSTS) -> bool:
     "True without an `Origin` header, or when it is `http(s)://` the very host and port the request was sent to, and that host is allowed."
-    if origin is None: return True
+    if origin is None:
+        return True
     u = urlparse(origin)
     return u.scheme in ("http", "https") and bool(host) and u.netloc.lower() == host.lower() and host_allowed(u.netloc, allowed)
 
 # %% ../nbs/76_dashboard_server.ipynb #591d1758
 def guarded(handler: type, allowed: tuple[str, ...]) -> type:
     "A subclass of tornado handler `handler` whose `prepare` refuses (403) a Host or Origin outside `allowed`."
+
     class Guarded(handler):
         def prepare(self, *args, **kwargs):
             host, origin = self.request.headers.get("Host"), self.request.headers.get("Origin")
-            if not host_allowed(host, allowed): raise web.HTTPError(403, "host not allowed")
-            if not origin_allowed(origin, host, allowed): raise web.HTTPError(403, "origin not allowed")
+            if not host_allowed(host, allowed):
+                raise web.HTTPError(403, "host not allowed")
+            if not origin_allowed(origin, host, allowed):
+                raise web.HTTPError(403, "origin not allowed")
             return super().prepare(*args, **kwargs)
+
     Guarded.__name__ = Guarded.__qualname__ = f"Guarded{handler.__name__}"
     return Guarded
 
 
 class CappedKernelManager(AsyncMappingKernelManager):
     "Voila's kernel manager with a cap: past `max_kernels` kernels running or starting, a new page view gets 503."
+
     max_kernels = Integer(8, config=True, help="kernels (page views) alive at once; more get HTTP 503 until one ends")
 
     def __init__(self, **kwargs):
@@ -65,17 +74,28 @@ class CappedKernelManager(AsyncMappingKernelManager):
     async def start_kernel(self, *, kernel_id=None, path=None, **kwargs):
         "Start a kernel unless `max_kernels` are running or starting already (then HTTP 503)."
         if kernel_id is None and len(self.list_kernel_ids()) + self._starting >= self.max_kernels:
-            self.log.warning("refusing a new kernel: %d running or starting (max_kernels=%d)", len(self.list_kernel_ids()) + self._starting, self.max_kernels)
+            self.log.warning(
+                "refusing a new kernel: %d running or starting (max_kernels=%d)",
+                len(self.list_kernel_ids()) + self._starting,
+                self.max_kernels,
+            )
             raise web.HTTPError(503, "the dashboard is serving as many sessions as it may; try again later")
         self._starting += 1
-        try: return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
-        finally: self._starting -= 1
+        try:
+            return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+        finally:
+            self._starting -= 1
 
-
+# %% ../nbs/76_dashboard_server.ipynb #a3654ed2
 class CyberMoeVoila(Voila):
     "Voila with a Host/Origin allow-list on every handler and `CappedKernelManager` as its kernel manager."
-    allowed_hosts = List(Unicode(), default_value=list(DEFAULT_HOSTS), config=True,
-                         help="host names (besides loopback addresses) that requests may name in Host and Origin")
+
+    allowed_hosts = List(
+        Unicode(),
+        default_value=list(DEFAULT_HOSTS),
+        config=True,
+        help="host names (besides loopback addresses) that requests may name in Host and Origin",
+    )
 
     def init_settings(self):
         "Voila's settings, with its `allow_remote_access=True` turned off and the allow-list as jupyter_server's local host names."
@@ -94,4 +114,5 @@ main = CyberMoeVoila.launch_instance
 
 # %% ../nbs/76_dashboard_server.ipynb #d81ca578
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__":
+    main()

@@ -45,6 +45,7 @@ class ChecksumError(DataError):
 @dataclass
 class FileRecord:
     "One file (or zip member) that was read: its sha256, the recorded one when known, and the rows kept."
+
     name: str
     variant: str
     sha256: str | None = None
@@ -53,10 +54,11 @@ class FileRecord:
     rows: int = 0
     complete: bool = True
 
-
+# %% ../nbs/10_data.ipynb #c6948948
 @dataclass
 class LoadReport:
     "What a loader read, verified, fixed and dropped; `to_dict`/`to_json` give a JSON-ready record."
+
     source: str
     release: str = "original"
     files: list[FileRecord] = field(default_factory=list)
@@ -71,15 +73,18 @@ class LoadReport:
 
     def drop(self, reason: str, n_rows: int, **extra) -> None:
         "Record `n_rows` rows left out, and why (entries with 0 rows are not recorded)."
-        if n_rows: self.dropped.append({"reason": reason, "rows": int(n_rows), **extra})
+        if n_rows:
+            self.dropped.append({"reason": reason, "rows": int(n_rows), **extra})
 
     def fix(self, reason: str, n_rows: int, **extra) -> None:
         "Record `n_rows` rows whose values were changed or completed, and how."
-        if n_rows: self.fixed.append({"reason": reason, "rows": int(n_rows), **extra})
+        if n_rows:
+            self.fixed.append({"reason": reason, "rows": int(n_rows), **extra})
 
     def issue(self, check: str, n_rows: int, **extra) -> None:
         "Record a check that found `n_rows` suspicious rows that were kept as they are."
-        if n_rows: self.issues.append({"check": check, "rows": int(n_rows), **extra})
+        if n_rows:
+            self.issues.append({"check": check, "rows": int(n_rows), **extra})
 
     def to_dict(self) -> dict:
         "The report as plain JSON types."
@@ -88,13 +93,15 @@ class LoadReport:
     def to_json(self, path: str | Path | None = None) -> str:
         "The report as JSON text, also written to `path` when given."
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-        if path is not None: Path(path).write_text(text + "\n", encoding="utf-8")
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
         return text
 
 # %% ../nbs/10_data.ipynb #c60ddf2a
 @dataclass(frozen=True)
 class FlowFile:
     "One CSV to read: a file on disk, or a member of a zip (`member` set)."
+
     path: Path
     member: str | None = None
 
@@ -112,11 +119,13 @@ class FlowFile:
     def open(self) -> Iterator[io.BufferedIOBase]:
         "A binary stream of the file's bytes (a zip member is decompressed on the fly)."
         if self.member is None:
-            with open(self.path, "rb") as fh: yield fh
+            with open(self.path, "rb") as fh:
+                yield fh
         else:
             with zipfile.ZipFile(self.path) as zf:
                 _check_member(self.path, zf.getinfo(self.member))
-                with zf.open(self.member) as fh: yield fh
+                with zf.open(self.member) as fh:
+                    yield fh
 
 
 ZIP_MAX_MEMBER_BYTES = 4 * 2**30
@@ -127,60 +136,75 @@ def _check_member(path: Path, info: zipfile.ZipInfo) -> None:
     "Refuse a zip member whose declared expanded size or compression ratio is beyond `ZIP_MAX_MEMBER_BYTES` / `ZIP_MAX_RATIO`."
     name = f"{path}!{info.filename}"
     if info.file_size > ZIP_MAX_MEMBER_BYTES:
-        raise DataError(f"{name}: expands to {info.file_size:,} bytes, more than the {ZIP_MAX_MEMBER_BYTES:,} allowed for one member; "
-                        "unpack it yourself if the file is genuine")
+        raise DataError(
+            f"{name}: expands to {info.file_size:,} bytes, more than the {ZIP_MAX_MEMBER_BYTES:,} allowed for one member; "
+            "unpack it yourself if the file is genuine"
+        )
     ratio = info.file_size / max(info.compress_size, 1)
     if ratio > ZIP_MAX_RATIO:
-        raise DataError(f"{name}: compressed {ratio:,.0f} to 1 ({info.compress_size:,} bytes expanding to {info.file_size:,}), more than the "
-                        f"{ZIP_MAX_RATIO} to 1 a file of flows reaches: refusing a likely zip bomb")
+        raise DataError(
+            f"{name}: compressed {ratio:,.0f} to 1 ({info.compress_size:,} bytes expanding to {info.file_size:,}), more than the "
+            f"{ZIP_MAX_RATIO} to 1 a file of flows reaches: refusing a likely zip bomb"
+        )
 
 
 def _zip_members(path: Path) -> list[FlowFile]:
     with zipfile.ZipFile(path) as zf:
         names = sorted(n for n in zf.namelist() if n.lower().endswith(".csv") and not n.startswith("__MACOSX"))
-        for n in names: _check_member(path, zf.getinfo(n))
-    if not names: raise DataError(f"{path}: the zip holds no .csv member; give the zip of the data set's CSV files")
+        for n in names:
+            _check_member(path, zf.getinfo(n))
+    if not names:
+        raise DataError(f"{path}: the zip holds no .csv member; give the zip of the data set's CSV files")
     return [FlowFile(path, n) for n in names]
 
 # %% ../nbs/10_data.ipynb #a1b972ed
 def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[FlowFile]:
     "The CSV files named by `paths`: files, folders (their *.csv and *.zip, sorted) and zips (their *.csv members)."
-    if isinstance(paths, (str, Path)): paths = [paths]
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     out: list[FlowFile] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".csv", ".zip"))
-            if not found: raise DataError(f"{p}: folder holds no .csv or .zip file")
-            for q in found: out.extend(_zip_members(q) if q.suffix.lower() == ".zip" else [FlowFile(q)])
+            if not found:
+                raise DataError(f"{p}: folder holds no .csv or .zip file")
+            for q in found:
+                out.extend(_zip_members(q) if q.suffix.lower() == ".zip" else [FlowFile(q)])
         elif p.is_file():
             out.extend(_zip_members(p) if p.suffix.lower() == ".zip" else [FlowFile(p)])
         else:
             raise FileNotFoundError(f"{p}: no such file or folder (give CSV files, folders or zips of the data set)")
-    if not out: raise DataError("no input files: give at least one CSV file, folder or zip")
+    if not out:
+        raise DataError("no input files: give at least one CSV file, folder or zip")
     return out
 
 
 class _HashingReader(io.RawIOBase):
     "A read-only stream that feeds every byte it passes on into a sha256."
+
     def __init__(self, raw):
         self.raw, self.digest = raw, hashlib.sha256()
 
-    def readable(self) -> bool: return True
+    def readable(self) -> bool:
+        return True
 
     def readinto(self, buf) -> int:
         n = self.raw.readinto(buf)
-        if n: self.digest.update(memoryview(buf)[:n])
+        if n:
+            self.digest.update(memoryview(buf)[:n])
         return n
 
     def drain(self) -> str:
         "Hash what was not read yet and return the hex digest of the whole stream."
-        while chunk := self.raw.read(1 << 20): self.digest.update(chunk)
+        while chunk := self.raw.read(1 << 20):
+            self.digest.update(chunk)
         return self.digest.hexdigest()
 
 
 def sha256_of(path: str | Path) -> str:
     "The sha256 hex digest of a file."
-    with open(path, "rb") as fh: return _HashingReader(fh).drain()
+    with open(path, "rb") as fh:
+        return _HashingReader(fh).drain()
 
 # %% ../nbs/10_data.ipynb #b95eb0e5
 _IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
@@ -189,9 +213,12 @@ _UNSW_AUX = ("NUSW-NB15_GT.csv", "UNSW-NB15_LIST_EVENTS.csv")
 
 def read_header(ff: FlowFile) -> list[str]:
     "The first line of `ff` as fields (UTF-8 BOM removed, bytes read as Latin-1); `DataError` when the file is empty."
-    with ff.open() as fh: head = fh.read(1 << 16)
-    if head.startswith(b"\xef\xbb\xbf"): head = head[3:]
-    if not head.strip(): raise DataError(f"{ff.name}: the file is empty (no header line); re-download or re-extract it")
+    with ff.open() as fh:
+        head = fh.read(1 << 16)
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:]
+    if not head.strip():
+        raise DataError(f"{ff.name}: the file is empty (no header line); re-download or re-extract it")
     first = head.decode("latin-1").splitlines()[0]
     return next(csv.reader([first]))
 
@@ -211,12 +238,18 @@ def detect_source(fields: list[str]) -> tuple[str | None, str | None]:
     "`(source, variant)` of a CSV from its header fields, `(None, None)` when it is no known flow table."
     names = [f.strip() for f in fields]
     s = set(names)
-    if {"attack_cat", "label"} <= s: return "unsw-nb15", "partition"
-    if len(names) == 49 and _IPV4.match(names[0]): return "unsw-nb15", "raw"
-    if names[:2] == ["No.", "Name"]: return "unsw-nb15", "names"
-    if "Label" in s and {"Src IP", "Total Fwd Packet"} & s: return "cic-ids2017", "engelen2021"
-    if "Label" in s and "Flow ID" in s: return "cic-ids2017", "flows"
-    if "Label" in s and "Flow Duration" in s: return "cic-ids2017", "ml"
+    if {"attack_cat", "label"} <= s:
+        return "unsw-nb15", "partition"
+    if len(names) == 49 and _IPV4.match(names[0]):
+        return "unsw-nb15", "raw"
+    if names[:2] == ["No.", "Name"]:
+        return "unsw-nb15", "names"
+    if "Label" in s and {"Src IP", "Total Fwd Packet"} & s:
+        return "cic-ids2017", "engelen2021"
+    if "Label" in s and "Flow ID" in s:
+        return "cic-ids2017", "flows"
+    if "Label" in s and "Flow Duration" in s:
+        return "cic-ids2017", "ml"
     return None, None
 
 # %% ../nbs/10_data.ipynb #753e7a02
@@ -234,18 +267,30 @@ def _line_blocks(fh, *, block_size: int, max_line: int, name: str) -> Iterator[b
         cut = buf.rfind(b"\n") + 1
         if cut == 0:
             if len(buf) > max_line:
-                raise DataError(f"{name}: no line break in {len(buf):,} bytes from byte {offset:,} (a line of flows is at most "
-                                f"{max_line:,} bytes): the file is not a CSV of flows, or it is damaged; re-download or re-extract it")
+                raise DataError(
+                    f"{name}: no line break in {len(buf):,} bytes from byte {offset:,} (a line of flows is at most "
+                    f"{max_line:,} bytes): the file is not a CSV of flows, or it is damaged; re-download or re-extract it"
+                )
             carry = buf
             continue
         yield buf[:cut]
         carry, offset = buf[cut:], offset + cut
-    if carry: yield carry
+    if carry:
+        yield carry
 
-
-def read_flow_csv(ff: FlowFile, *, names: list[str], types: dict[str, pa.DataType], has_header: bool = True,
-                  max_rows: int | None = None, on_batch: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None,
-                  block_size: int = 1 << 20, what: str = "flow", max_line: int = MAX_LINE_BYTES) -> tuple[list[pa.RecordBatch], str | None]:
+# %% ../nbs/10_data.ipynb #9236815f
+def read_flow_csv(
+    ff: FlowFile,
+    *,
+    names: list[str],
+    types: dict[str, pa.DataType],
+    has_header: bool = True,
+    max_rows: int | None = None,
+    on_batch: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None,
+    block_size: int = 1 << 20,
+    what: str = "flow",
+    max_line: int = MAX_LINE_BYTES,
+) -> tuple[list[pa.RecordBatch], str | None]:
     "Stream `ff` into record batches with the given column `types` (float32 for the rest); returns `(batches, sha256)`, sha256 None when `max_rows` cut the read short."
     types = {n: types.get(n, _F32) for n in names}
     read_opts = pacsv.ReadOptions(column_names=names, use_threads=False)
@@ -256,32 +301,38 @@ def read_flow_csv(ff: FlowFile, *, names: list[str], types: dict[str, pa.DataTyp
         try:
             header = has_header
             for block in _line_blocks(fh, block_size=block_size, max_line=max_line, name=ff.name):
-                if header:                                   # the first block holds the whole header line
-                    header, block = False, block[block.find(b"\n") + 1:] if b"\n" in block else b""
-                    if not block: continue
+                if header:  # the first block holds the whole header line
+                    header, block = False, block[block.find(b"\n") + 1 :] if b"\n" in block else b""
+                    if not block:
+                        continue
                 table = pacsv.read_csv(pa.BufferReader(block), read_options=read_opts, convert_options=convert)
                 for batch in table.to_batches():
                     if max_rows is not None and n + batch.num_rows >= max_rows:
                         batch, complete = batch.slice(0, max_rows - n), False
-                    if on_batch is not None: batch = on_batch(batch)
+                    if on_batch is not None:
+                        batch = on_batch(batch)
                     batches.append(batch)
                     n += batch.num_rows
-                    if not complete: break
-                if not complete: break
+                    if not complete:
+                        break
+                if not complete:
+                    break
         except (pa.ArrowInvalid, UnicodeDecodeError) as e:
             msg = str(e).splitlines()[0][:300]
-            raise DataError(f"{ff.name}: cannot be read as a {what} CSV ({msg}); the file is truncated or malformed: "
-                            "re-download or re-extract it") from None
+            raise DataError(
+                f"{ff.name}: cannot be read as a {what} CSV ({msg}); the file is truncated or malformed: re-download or re-extract it"
+            ) from None
         sha = fh.drain() if complete else None
     return batches, sha
-
 
 # %% ../nbs/10_data.ipynb #5e133736
 def _count_non_finite(batch: pa.RecordBatch, acc: dict[str, Counter]) -> None:
     for name, col in zip(batch.schema.names, batch.columns):
-        if col.type != _F32: continue
+        if col.type != _F32:
+            continue
         a = col.to_numpy(zero_copy_only=False)
-        if np.isfinite(a).all(): continue
+        if np.isfinite(a).all():
+            continue
         c = acc.setdefault(name, Counter())
         n_null = col.null_count
         c["missing"] += n_null
@@ -298,8 +349,10 @@ def _with_source_file(batch: pa.RecordBatch, name: str) -> pa.RecordBatch:
 
 def _same_variant(report: LoadReport, name: str, variant: str) -> None:
     if report.files and report.files[0].variant != variant:
-        raise DataError(f"{name}: a '{variant}' file, but {report.files[0].name} is '{report.files[0].variant}': "
-                        "files of different variants have different columns; load one variant at a time")
+        raise DataError(
+            f"{name}: a '{variant}' file, but {report.files[0].name} is '{report.files[0].variant}': "
+            "files of different variants have different columns; load one variant at a time"
+        )
 
 
 def _to_frame(batches: list[pa.RecordBatch]) -> pd.DataFrame:
@@ -310,40 +363,51 @@ def _to_frame(batches: list[pa.RecordBatch]) -> pd.DataFrame:
     data = {}
     for name in order:
         chunks = pa.chunked_array(cols.pop(name))
-        data[name] = chunks.to_pandas()   # dictionary blocks of several files are unified into one categorical
+        data[name] = chunks.to_pandas()  # dictionary blocks of several files are unified into one categorical
         del chunks
     return pd.DataFrame(data, copy=False)
 
 # %% ../nbs/10_data.ipynb #4e120519
-_RELEASE_VERSIONS = {"original": {"flows": "original-flows", "ml": "original-ml"},
-                     "engelen2021": {"engelen2021": "engelen2021"}}
+_RELEASE_VERSIONS = {"original": {"flows": "original-flows", "ml": "original-ml"}, "engelen2021": {"engelen2021": "engelen2021"}}
 
 
 def recorded_checksum(basename: str, variant: str, release: str = "original"):
     "The idsdata registry entry (`FileEntry`: sha256, rows) for a CIC-IDS2017 file name and variant, or None."
     import idsdata
+
     version = _RELEASE_VERSIONS.get(release, {}).get(variant)
-    if version is None: return None
+    if version is None:
+        return None
     return next((e for e in idsdata.info("cic-ids2017", version).files if e.name == basename), None)
 
 
 def _check_checksum(ff: FlowFile, rec: FileRecord, release: str, *, strict: bool, report: LoadReport) -> None:
     entry = recorded_checksum(ff.basename, rec.variant, release)
     if entry is None or rec.sha256 is None:
-        if entry is not None: report.notes.append(f"{ff.name}: read partly (max_rows), checksum not verified")
+        if entry is not None:
+            report.notes.append(f"{ff.name}: read partly (max_rows), checksum not verified")
         return
     rec.expected_sha256, rec.verified = entry.sha256, rec.sha256 == entry.sha256
     if not rec.verified and strict:
-        raise ChecksumError(f"{ff.name}: sha256 differs from the one recorded for {ff.basename} "
-                            f"(cic-ids2017 {_RELEASE_VERSIONS[release][rec.variant]}, idsdata registry)\n"
-                            f"  expected sha256: {entry.sha256}\n  actual sha256:   {rec.sha256}\n"
-                            "re-download the file, or pass verify_checksums=False to read it anyway")
+        raise ChecksumError(
+            f"{ff.name}: sha256 differs from the one recorded for {ff.basename} "
+            f"(cic-ids2017 {_RELEASE_VERSIONS[release][rec.variant]}, idsdata registry)\n"
+            f"  expected sha256: {entry.sha256}\n  actual sha256:   {rec.sha256}\n"
+            "re-download the file, or pass verify_checksums=False to read it anyway"
+        )
 
-
-def _finish(df: pd.DataFrame, schema: FlowSchema, report: LoadReport, *, strict: bool, special: Callable[[str], tuple[str, int] | None] | None = None) -> pd.DataFrame:
+# %% ../nbs/10_data.ipynb #91bc5149
+def _finish(
+    df: pd.DataFrame,
+    schema: FlowSchema,
+    report: LoadReport,
+    *,
+    strict: bool,
+    special: Callable[[str], tuple[str, int] | None] | None = None,
+) -> pd.DataFrame:
     "Add `family` and `is_attack` from the label column; unknown labels raise `SchemaError` when `strict`."
     lab = df[schema.label]
-    text = [repair_label_text(c) for c in lab.cat.categories] + [""]   # code -1 (empty cell) is the label ''
+    text = [repair_label_text(c) for c in lab.cat.categories] + [""]  # code -1 (empty cell) is the label ''
     uniq = list(dict.fromkeys(text))
     remap = np.array([uniq.index(t) for t in text])
     lab = pd.Series(pd.Categorical.from_codes(remap[lab.cat.codes.to_numpy()], categories=uniq), index=df.index)
@@ -359,10 +423,16 @@ def _finish(df: pd.DataFrame, schema: FlowSchema, report: LoadReport, *, strict:
     if unknown:
         if strict:
             shown = ", ".join(f"{t!r} ({n} rows)" for t, n in unknown.items())
-            raise SchemaError(f"{', '.join(r.name for r in report.files)}: label values that {schema.name} does not define "
-                              f"in column '{schema.label}': {shown}; known classes: {', '.join(schema.classes)}")
+            raise SchemaError(
+                f"{', '.join(r.name for r in report.files)}: label values that {schema.name} does not define "
+                f"in column '{schema.label}': {shown}; known classes: {', '.join(schema.classes)}"
+            )
         report.unknown_labels = unknown
-    fixed_text = {t: schema.canonical_label(t) for t in lab.cat.categories if schema.canonical_label(t) != t and family[t] == schema.canonical_label(t)}
+    fixed_text = {
+        t: schema.canonical_label(t)
+        for t in lab.cat.categories
+        if schema.canonical_label(t) != t and family[t] == schema.canonical_label(t)
+    }
     for t, f in fixed_text.items():
         report.fix(f"label {t!r} canonicalised to {f!r}", counts[t], column=schema.label)
     df[schema.label] = lab
@@ -378,17 +448,28 @@ def _report_non_finite(acc: dict[str, Counter], report: LoadReport) -> None:
 
 # %% ../nbs/10_data.ipynb #eba576f9
 UNSW_RAW_IDENTIFIERS = ("srcip", "sport", "dstip", "dsport", "stime", "ltime")
-_UNSW_RAW_RENAME = {"smeansz": "smean", "dmeansz": "dmean", "res_bdy_len": "response_body_len",
-                    "sintpkt": "sinpkt", "dintpkt": "dinpkt"}
-_UNSW_TYPES = {"id": pa.int64(), "proto": _DICT, "service": _DICT, "state": _DICT, "attack_cat": _BDICT,
-               "label": pa.int8(), "srcip": _DICT, "sport": _DICT, "dstip": _DICT, "dsport": _DICT,
-               "stime": pa.int64(), "ltime": pa.int64()}
+_UNSW_RAW_RENAME = {"smeansz": "smean", "dmeansz": "dmean", "res_bdy_len": "response_body_len", "sintpkt": "sinpkt", "dintpkt": "dinpkt"}
+_UNSW_TYPES = {
+    "id": pa.int64(),
+    "proto": _DICT,
+    "service": _DICT,
+    "state": _DICT,
+    "attack_cat": _BDICT,
+    "label": pa.int8(),
+    "srcip": _DICT,
+    "sport": _DICT,
+    "dstip": _DICT,
+    "dsport": _DICT,
+    "stime": pa.int64(),
+    "ltime": pa.int64(),
+}
 
 
 def unsw_raw_names(features_csv: FlowFile | str | Path) -> list[str]:
     "Column names of the raw UNSW-NB15_1..4.csv files, from NUSW-NB15_features.csv, in the partitions' spelling."
     ff = features_csv if isinstance(features_csv, FlowFile) else FlowFile(Path(features_csv))
-    with ff.open() as fh: text = fh.read().decode("cp1252", errors="replace")
+    with ff.open() as fh:
+        text = fh.read().decode("cp1252", errors="replace")
     rows = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))[1:]
     names = ["".join(r[1].split()).lower() for r in rows if len(r) > 1 and r[1].strip()]
     names = [_UNSW_RAW_RENAME.get(n, n) for n in names]
@@ -397,8 +478,9 @@ def unsw_raw_names(features_csv: FlowFile | str | Path) -> list[str]:
     return names
 
 # %% ../nbs/10_data.ipynb #625a781f
-def load_unsw_nb15(paths, *, max_rows: int | None = None, verify_checksums: bool = True,
-                   strict: bool = True) -> tuple[pd.DataFrame, LoadReport]:
+def load_unsw_nb15(
+    paths, *, max_rows: int | None = None, verify_checksums: bool = True, strict: bool = True
+) -> tuple[pd.DataFrame, LoadReport]:
     "Load UNSW-NB15 partitions (45 columns) or raw files (49, with NUSW-NB15_features.csv) into a flows frame and a `LoadReport`."
     schema, report = UNSW_NB15, LoadReport(source=UNSW_NB15.name)
     files = expand_paths(paths)
@@ -408,64 +490,106 @@ def load_unsw_nb15(paths, *, max_rows: int | None = None, verify_checksums: bool
     batches, acc = [], {}
     for ff in files:
         src, variant = kinds[ff]
-        if variant == "names": continue
+        if variant == "names":
+            continue
         if ff.basename in _UNSW_AUX:
             report.notes.append(f"{ff.name}: auxiliary UNSW-NB15 file (ground truth / event list), skipped")
             continue
-        if src != schema.name: schema.check_columns(clean_header(read_header(ff)), labels=True, where=ff.name)
+        if src != schema.name:
+            schema.check_columns(clean_header(read_header(ff)), labels=True, where=ff.name)
         if variant == "raw":
             if raw_names is None:
                 side = ff.path.parent / "NUSW-NB15_features.csv"
-                if ff.member is None and side.is_file(): raw_names = unsw_raw_names(side)
-                else: raise DataError(f"{ff.name}: a headerless raw UNSW-NB15 file (49 columns); its column names are in "
-                                      "NUSW-NB15_features.csv of the same release: pass that file in `paths` too")
+                if ff.member is None and side.is_file():
+                    raw_names = unsw_raw_names(side)
+                else:
+                    raise DataError(
+                        f"{ff.name}: a headerless raw UNSW-NB15 file (49 columns); its column names are in "
+                        "NUSW-NB15_features.csv of the same release: pass that file in `paths` too"
+                    )
             names = raw_names
         else:
             names = clean_header(read_header(ff))
             schema.check_columns(names, labels=True, where=ff.name)
         _same_variant(report, ff.name, variant)
         rec = FileRecord(name=ff.name, variant=variant)
+
         def on_batch(b, _name=ff.name):
             _count_non_finite(b, acc)
             return _with_source_file(b, _name)
+
         left = None if max_rows is None else max_rows - sum(r.rows for r in report.files)
-        got, rec.sha256 = read_flow_csv(ff, names=names, types=_UNSW_TYPES, has_header=variant != "raw",
-                                        max_rows=left, on_batch=on_batch, what="UNSW-NB15")
+        got, rec.sha256 = read_flow_csv(
+            ff, names=names, types=_UNSW_TYPES, has_header=variant != "raw", max_rows=left, on_batch=on_batch, what="UNSW-NB15"
+        )
         rec.rows, rec.complete = sum(b.num_rows for b in got), rec.sha256 is not None
-        if rec.rows == 0: raise DataError(f"{ff.name}: has a header but no data rows; re-download or re-extract it")
+        if rec.rows == 0:
+            raise DataError(f"{ff.name}: has a header but no data rows; re-download or re-extract it")
         report.files.append(rec)
         batches.extend(got)
-        del got   # the frame conversion frees each column's blocks only when nothing else holds them
-        if left is not None and sum(r.rows for r in report.files) >= max_rows: break
-    if not batches: raise DataError(f"{', '.join(str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths))}: no UNSW-NB15 flow table among the inputs")
+        del got  # the frame conversion frees each column's blocks only when nothing else holds them
+        if left is not None and sum(r.rows for r in report.files) >= max_rows:
+            break
+    if not batches:
+        raise DataError(
+            f"{', '.join(str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths))}: no UNSW-NB15 flow table among the inputs"
+        )
     df = _to_frame(batches)
     if "rate" not in df.columns:
         df["rate"] = np.float32(np.nan)
-        report.fix("column 'rate' absent in the raw UNSW-NB15 files (computed for the partitions only): added as missing (NaN)",
-                   len(df), column="rate")
+        report.fix(
+            "column 'rate' absent in the raw UNSW-NB15 files (computed for the partitions only): added as missing (NaN)",
+            len(df),
+            column="rate",
+        )
         acc.setdefault("rate", Counter())["missing"] += len(df)
     _report_non_finite(acc, report)
     df = _finish(df, schema, report, strict=strict)
     bad = (df["label"] != df[IS_ATTACK]).to_numpy()
-    report.issue("label (0/1) disagrees with attack_cat: kept, is_attack follows attack_cat", int(bad.sum()),
-                 label1_normal=int((bad & (df[IS_ATTACK] == 0).to_numpy()).sum()),
-                 label0_attack=int((bad & (df[IS_ATTACK] == 1).to_numpy()).sum()))
+    report.issue(
+        "label (0/1) disagrees with attack_cat: kept, is_attack follows attack_cat",
+        int(bad.sum()),
+        label1_normal=int((bad & (df[IS_ATTACK] == 0).to_numpy()).sum()),
+        label0_attack=int((bad & (df[IS_ATTACK] == 1).to_numpy()).sum()),
+    )
     return df, report
 
 # %% ../nbs/10_data.ipynb #ead03a16
 _ENGELEN_RENAME = {
-    "Src IP": "Source IP", "Src Port": "Source Port", "Dst IP": "Destination IP", "Dst Port": "Destination Port",
-    "Total Fwd Packet": "Total Fwd Packets", "Total Bwd packets": "Total Backward Packets",
-    "Total Length of Fwd Packet": "Total Length of Fwd Packets", "Total Length of Bwd Packet": "Total Length of Bwd Packets",
-    "Packet Length Min": "Min Packet Length", "Packet Length Max": "Max Packet Length", "CWR Flag Count": "CWE Flag Count",
-    "Fwd Segment Size Avg": "Avg Fwd Segment Size", "Bwd Segment Size Avg": "Avg Bwd Segment Size",
-    "Fwd Bytes/Bulk Avg": "Fwd Avg Bytes/Bulk", "Fwd Packet/Bulk Avg": "Fwd Avg Packets/Bulk",
-    "Fwd Bulk Rate Avg": "Fwd Avg Bulk Rate", "Bwd Bytes/Bulk Avg": "Bwd Avg Bytes/Bulk",
-    "Bwd Packet/Bulk Avg": "Bwd Avg Packets/Bulk", "Bwd Bulk Rate Avg": "Bwd Avg Bulk Rate",
-    "FWD Init Win Bytes": "Init_Win_bytes_forward", "Bwd Init Win Bytes": "Init_Win_bytes_backward",
-    "Fwd Act Data Pkts": "act_data_pkt_fwd", "Fwd Seg Size Min": "min_seg_size_forward"}
-_CIC_TYPES = {"Flow ID": pa.string(), "Source IP": _DICT, "Destination IP": _DICT, "Source Port": pa.int32(),
-              "Destination Port": pa.int32(), "Protocol": pa.int16(), "Timestamp": _DICT, "Label": _BDICT}
+    "Src IP": "Source IP",
+    "Src Port": "Source Port",
+    "Dst IP": "Destination IP",
+    "Dst Port": "Destination Port",
+    "Total Fwd Packet": "Total Fwd Packets",
+    "Total Bwd packets": "Total Backward Packets",
+    "Total Length of Fwd Packet": "Total Length of Fwd Packets",
+    "Total Length of Bwd Packet": "Total Length of Bwd Packets",
+    "Packet Length Min": "Min Packet Length",
+    "Packet Length Max": "Max Packet Length",
+    "CWR Flag Count": "CWE Flag Count",
+    "Fwd Segment Size Avg": "Avg Fwd Segment Size",
+    "Bwd Segment Size Avg": "Avg Bwd Segment Size",
+    "Fwd Bytes/Bulk Avg": "Fwd Avg Bytes/Bulk",
+    "Fwd Packet/Bulk Avg": "Fwd Avg Packets/Bulk",
+    "Fwd Bulk Rate Avg": "Fwd Avg Bulk Rate",
+    "Bwd Bytes/Bulk Avg": "Bwd Avg Bytes/Bulk",
+    "Bwd Packet/Bulk Avg": "Bwd Avg Packets/Bulk",
+    "Bwd Bulk Rate Avg": "Bwd Avg Bulk Rate",
+    "FWD Init Win Bytes": "Init_Win_bytes_forward",
+    "Bwd Init Win Bytes": "Init_Win_bytes_backward",
+    "Fwd Act Data Pkts": "act_data_pkt_fwd",
+    "Fwd Seg Size Min": "min_seg_size_forward",
+}
+_CIC_TYPES = {
+    "Flow ID": pa.string(),
+    "Source IP": _DICT,
+    "Destination IP": _DICT,
+    "Source Port": pa.int32(),
+    "Destination Port": pa.int32(),
+    "Protocol": pa.int16(),
+    "Timestamp": _DICT,
+    "Label": _BDICT,
+}
 _CIC_DUP = ("Fwd Header Length", "Fwd Header Length.1")
 _ATTEMPTED = " - Attempted"
 
@@ -473,22 +597,27 @@ _ATTEMPTED = " - Attempted"
 def repair_label_text(raw: bytes | str) -> str:
     "Label bytes (or text read as Latin-1) decoded as UTF-8 when valid, else as Windows-1252; U+FFFD (a lost dash) becomes an en dash."
     b = raw if isinstance(raw, bytes) else raw.encode("latin-1", errors="replace")
-    try: s = b.decode("utf-8")
-    except UnicodeDecodeError: s = b.decode("cp1252", errors="replace")
+    try:
+        s = b.decode("utf-8")
+    except UnicodeDecodeError:
+        s = b.decode("cp1252", errors="replace")
     return s.replace("\ufffd", "\u2013")
 
 
 _TS = re.compile(r"^\s*(\d{1,2})/(\d{1,2})/(\d{4})\s+(\d{1,2}):(\d{2})(?::(\d{2}))?\s*([AaPp][Mm])?\s*$")
 
-
+# %% ../nbs/10_data.ipynb #5729c358
 def parse_cic_timestamp(text: str, *, pm_hours: range = range(1, 9)) -> pd.Timestamp:
     "A CIC-IDS2017 timestamp `d/M/yyyy H:mm[:ss] [AM|PM]`; without AM/PM, hours in `pm_hours` are afternoon hours (+12)."
     m = _TS.match(text)
-    if not m: raise ValueError(f"not a CIC-IDS2017 timestamp (d/M/yyyy H:mm[:ss] [AM|PM]): {text!r}")
+    if not m:
+        raise ValueError(f"not a CIC-IDS2017 timestamp (d/M/yyyy H:mm[:ss] [AM|PM]): {text!r}")
     d, mo, y, h, mi, s, ampm = m.groups()
     h = int(h)
-    if ampm: h = h % 12 + (12 if ampm.upper() == "PM" else 0)
-    elif h in pm_hours: h += 12
+    if ampm:
+        h = h % 12 + (12 if ampm.upper() == "PM" else 0)
+    elif h in pm_hours:
+        h += 12
     return pd.Timestamp(int(y), int(mo), int(d), h, int(mi), int(s or 0))
 
 
@@ -497,9 +626,13 @@ def parse_cic_timestamps(values: pd.Series, *, where: str = "Timestamp") -> pd.S
     cat = values.astype("category")
     parsed, bad = [], []
     for t in cat.cat.categories:
-        try: parsed.append(parse_cic_timestamp(str(t)))
-        except ValueError: bad.append(str(t)); parsed.append(pd.NaT)
-    if bad: raise DataError(f"{where}: {len(bad)} timestamp value(s) not of the form d/M/yyyy H:mm[:ss] [AM|PM], e.g. {bad[:5]}")
+        try:
+            parsed.append(parse_cic_timestamp(str(t)))
+        except ValueError:
+            bad.append(str(t))
+            parsed.append(pd.NaT)
+    if bad:
+        raise DataError(f"{where}: {len(bad)} timestamp value(s) not of the form d/M/yyyy H:mm[:ss] [AM|PM], e.g. {bad[:5]}")
     lut = np.array(parsed, dtype="datetime64[s]") if parsed else np.array([], dtype="datetime64[s]")
     codes = cat.cat.codes.to_numpy()
     out = np.full(len(codes), np.datetime64("NaT"), dtype="datetime64[s]")
@@ -518,7 +651,8 @@ def _cic_on_batch(b: pa.RecordBatch, ff: FlowFile, acc: dict, state: Counter) ->
     lab = b.column("Label")
     if lab.null_count:
         blank = np.ones(b.num_rows, dtype=bool)
-        for col in b.columns: blank &= col.is_null().to_numpy(zero_copy_only=False)
+        for col in b.columns:
+            blank &= col.is_null().to_numpy(zero_copy_only=False)
         if blank.any():
             state["blank"] += int(blank.sum())
             b = b.filter(pa.array(~blank))
@@ -534,32 +668,50 @@ def _cic_on_batch(b: pa.RecordBatch, ff: FlowFile, acc: dict, state: Counter) ->
 # %% ../nbs/10_data.ipynb #b826def5
 def _finish_cic(df: pd.DataFrame, schema, report: LoadReport, *, release: str, attempted: str, strict: bool) -> pd.DataFrame:
     "`_finish` for CIC-IDS2017; in the engelen2021 release, 'Attempted' flows become benign, are dropped or keep their attack (`attempted`)."
+
     def special(t: str):
-        if not t.endswith(_ATTEMPTED): return None
+        if not t.endswith(_ATTEMPTED):
+            return None
         base = schema.canonical_label(t[: -len(_ATTEMPTED)])
-        if base not in schema.classes: return None
+        if base not in schema.classes:
+            return None
         return (base, 1) if attempted == "attack" else (schema.benign, 0)
+
     df = _finish(df, schema, report, strict=strict, special=special if release == "engelen2021" else None)
     att = df["Label"].astype(str).str.endswith(_ATTEMPTED).to_numpy() if release == "engelen2021" else np.zeros(len(df), bool)
     if att.any():
         per = df.loc[att, "Label"].astype(str).value_counts().to_dict()
         if attempted == "drop":
             df = df.loc[~att].reset_index(drop=True)
-            for k in (FAMILY, "Label"): df[k] = df[k].cat.remove_unused_categories()
+            for k in (FAMILY, "Label"):
+                df[k] = df[k].cat.remove_unused_categories()
             report.drop("'Attempted' flow (attack without payload), attempted='drop'", int(att.sum()), labels=per)
             report.n_rows = len(df)
             report.class_counts = {str(k): int(v) for k, v in df[FAMILY].value_counts().items() if v}
         else:
-            report.fix(f"'Attempted' flow (attack without payload) given family "
-                       f"{'BENIGN, is_attack 0' if attempted == 'benign' else 'of its attack, is_attack 1'}", int(att.sum()), labels=per)
+            report.fix(
+                f"'Attempted' flow (attack without payload) given family "
+                f"{'BENIGN, is_attack 0' if attempted == 'benign' else 'of its attack, is_attack 1'}",
+                int(att.sum()),
+                labels=per,
+            )
     return df
 
 # %% ../nbs/10_data.ipynb #44e1d3b0
-def load_cic_ids2017(paths, *, max_rows: int | None = None, verify_checksums: bool = True, release: str = "original",
-                     attempted: str = "benign", strict: bool = True) -> tuple[pd.DataFrame, LoadReport]:
+def load_cic_ids2017(
+    paths,
+    *,
+    max_rows: int | None = None,
+    verify_checksums: bool = True,
+    release: str = "original",
+    attempted: str = "benign",
+    strict: bool = True,
+) -> tuple[pd.DataFrame, LoadReport]:
     "Load CIC-IDS2017 CSVs, folders or zips (original TrafficLabelling / MachineLearningCSV, or `release='engelen2021'`) into a flows frame and a `LoadReport`."
-    if release not in _RELEASE_VERSIONS: raise ValueError(f"release must be one of {list(_RELEASE_VERSIONS)}, got {release!r}")
-    if attempted not in ("benign", "drop", "attack"): raise ValueError(f"attempted must be 'benign', 'drop' or 'attack', got {attempted!r}")
+    if release not in _RELEASE_VERSIONS:
+        raise ValueError(f"release must be one of {list(_RELEASE_VERSIONS)}, got {release!r}")
+    if attempted not in ("benign", "drop", "attack"):
+        raise ValueError(f"attempted must be 'benign', 'drop' or 'attack', got {attempted!r}")
     schema, report = CIC_IDS2017, LoadReport(source=CIC_IDS2017.name, release=release)
     batches, acc, state, total = [], {}, Counter(), 0
     for ff in expand_paths(paths):
@@ -569,27 +721,42 @@ def load_cic_ids2017(paths, *, max_rows: int | None = None, verify_checksums: bo
         if src != schema.name:
             schema.check_columns(names, labels=True, where=ff.name)
         if (variant == "engelen2021") != (release == "engelen2021"):
-            raise DataError(f"{ff.name}: a {'corrected (engelen2021)' if variant == 'engelen2021' else 'original'} CIC-IDS2017 file, "
-                            f"but release={release!r}; pass release={'engelen2021' if variant == 'engelen2021' else 'original'!r}")
+            raise DataError(
+                f"{ff.name}: a {'corrected (engelen2021)' if variant == 'engelen2021' else 'original'} CIC-IDS2017 file, "
+                f"but release={release!r}; pass release={'engelen2021' if variant == 'engelen2021' else 'original'!r}"
+            )
         need = set(schema.features) - ({"Protocol"} if variant == "ml" else set())
         schema.check_columns([*names, *(set(schema.features) - need)], labels=True, where=ff.name)
         _same_variant(report, ff.name, variant)
         rec = FileRecord(name=ff.name, variant=variant)
         blank0 = state["blank"]
-        got, rec.sha256 = read_flow_csv(ff, names=names, types=_CIC_TYPES, max_rows=None if max_rows is None else max_rows - total,
-                                        on_batch=lambda b, _ff=ff: _cic_on_batch(b, _ff, acc, state), what="CIC-IDS2017")
+        got, rec.sha256 = read_flow_csv(
+            ff,
+            names=names,
+            types=_CIC_TYPES,
+            max_rows=None if max_rows is None else max_rows - total,
+            on_batch=lambda b, _ff=ff: _cic_on_batch(b, _ff, acc, state),
+            what="CIC-IDS2017",
+        )
         rec.rows, rec.complete = sum(b.num_rows for b in got), rec.sha256 is not None
         report.drop("line without any value", state["blank"] - blank0, file=ff.name)
-        if rec.rows == 0: raise DataError(f"{ff.name}: has a header but no data rows; re-download or re-extract it")
-        if verify_checksums: _check_checksum(ff, rec, release, strict=strict, report=report)
+        if rec.rows == 0:
+            raise DataError(f"{ff.name}: has a header but no data rows; re-download or re-extract it")
+        if verify_checksums:
+            _check_checksum(ff, rec, release, strict=strict, report=report)
         report.files.append(rec)
         batches.extend(got)
-        del got   # the frame conversion frees each column's blocks only when nothing else holds them
+        del got  # the frame conversion frees each column's blocks only when nothing else holds them
         total += rec.rows
-        if max_rows is not None and total >= max_rows: break
+        if max_rows is not None and total >= max_rows:
+            break
     if state["dup_rows"]:
-        report.fix("second 'Fwd Header Length' column dropped after comparing it with the first", state["dup_rows"],
-                   column="Fwd Header Length.1", unequal_rows=state["dup_unequal"])
+        report.fix(
+            "second 'Fwd Header Length' column dropped after comparing it with the first",
+            state["dup_rows"],
+            column="Fwd Header Length.1",
+            unequal_rows=state["dup_unequal"],
+        )
         report.issue("second 'Fwd Header Length' differs from the first (the first is kept)", state["dup_unequal"])
     df = _to_frame(batches)
     if "Protocol" not in df.columns:
@@ -598,8 +765,9 @@ def load_cic_ids2017(paths, *, max_rows: int | None = None, verify_checksums: bo
     _report_non_finite(acc, report)
     if "Timestamp" in df.columns:
         df["Timestamp"] = parse_cic_timestamps(df["Timestamp"], where=", ".join(r.name for r in report.files))
-        report.notes.append("Timestamp: local capture time; without AM/PM an hour 1..8 is read as 13..20 "
-                            "(captured during working hours, 9:00-17:00)")
+        report.notes.append(
+            "Timestamp: local capture time; without AM/PM an hour 1..8 is read as 13..20 (captured during working hours, 9:00-17:00)"
+        )
     df = _finish_cic(df, schema, report, release=release, attempted=attempted, strict=strict)
     return df, report
 
@@ -607,8 +775,10 @@ def load_cic_ids2017(paths, *, max_rows: int | None = None, verify_checksums: bo
 def engelen2021_time_test_mask(df: pd.DataFrame) -> pd.Series:
     "True for the test rows of idsdata's `time` split: per source file and label, the latest 20% by Timestamp."
     from idsdata.splitting import _latest
+
     miss = [c for c in ("source_file", "Label", "Timestamp") if c not in df.columns]
-    if miss: raise SchemaError(f"engelen2021 time split: columns {miss} missing; load with release='engelen2021'")
+    if miss:
+        raise SchemaError(f"engelen2021 time split: columns {miss} missing; load with release='engelen2021'")
     return _latest(df["Timestamp"], [df["source_file"].astype(str), df["Label"].astype(str)])
 
 # %% ../nbs/10_data.ipynb #cf1e0623
@@ -625,43 +795,53 @@ register_loader(UNSW_NB15.name, lambda paths, *, release="original", **kw: load_
 register_loader(CIC_IDS2017.name, load_cic_ids2017)
 
 
-def load_flows(source: str, paths, *, max_rows: int | None = None, verify_checksums: bool = True,
-               release: str = "original") -> tuple[pd.DataFrame, LoadReport]:
+def load_flows(
+    source: str, paths, *, max_rows: int | None = None, verify_checksums: bool = True, release: str = "original"
+) -> tuple[pd.DataFrame, LoadReport]:
     "Load the flows of `source` from `paths` (files, folders, zips): `(flows frame, LoadReport)`."
     name = source
     if name not in LOADERS and name not in _LOADER_PROVIDERS:
-        with contextlib.suppress(KeyError): name = get_schema(source).name
+        with contextlib.suppress(KeyError):
+            name = get_schema(source).name
     if name not in LOADERS and name in _LOADER_PROVIDERS:
-        with contextlib.suppress(ImportError): importlib.import_module(_LOADER_PROVIDERS[name])
+        with contextlib.suppress(ImportError):
+            importlib.import_module(_LOADER_PROVIDERS[name])
         if name not in LOADERS:
-            raise NotImplementedError(f"source '{source}' is loaded by {_LOADER_PROVIDERS[name]}, which registered no loader "
-                                      "(it must call cyber_moe.data.register_loader)")
+            raise NotImplementedError(
+                f"source '{source}' is loaded by {_LOADER_PROVIDERS[name]}, which registered no loader "
+                "(it must call cyber_moe.data.register_loader)"
+            )
     if name not in LOADERS:
         raise KeyError(f"no loader for source '{source}'; known: {', '.join(sorted(set(LOADERS) | set(_LOADER_PROVIDERS)))}")
-    if max_rows is not None and max_rows <= 0: raise ValueError(f"max_rows must be positive, got {max_rows}")
+    if max_rows is not None and max_rows <= 0:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
     return LOADERS[name](paths, max_rows=max_rows, verify_checksums=verify_checksums, release=release)
 
 # %% ../nbs/10_data.ipynb #0cb8997e
 def _lint_rules() -> dict[str, object]:
     from idsdata.lint import RULES
+
     return {r.id: r for r in RULES}
 
 
 def _identifier_columns(df: pd.DataFrame, schema: FlowSchema) -> list[str]:
     from idsdata.lint import IDENTIFIER_COLUMNS, clean_name
+
     ids = set(schema.identifiers) | set(UNSW_RAW_IDENTIFIERS) | {"source_file"}
     feats = set(schema.features)
     return [c for c in df.columns if c in ids or (clean_name(c) in IDENTIFIER_COLUMNS and c not in feats)]
 
-
+# %% ../nbs/10_data.ipynb #f79a9ca6
 def inspect_flows(paths, source: str | None = None, *, release: str = "original") -> dict:
     "A JSON-ready report on flow files: rows, classes, duplicates, non-finite values, constant/identifier columns, unknown labels, ids-lint findings."
     files = expand_paths(paths)
     if source is None:
         source = detect_source(read_header(files[0]))[0]
         if source is None:
-            raise SchemaError(f"{files[0].name}: cannot tell the source from the header {read_header(files[0])[:5]}...; "
-                              "pass source='unsw-nb15' or 'cic-ids2017'")
+            raise SchemaError(
+                f"{files[0].name}: cannot tell the source from the header {read_header(files[0])[:5]}...; "
+                "pass source='unsw-nb15' or 'cic-ids2017'"
+            )
     schema = get_schema(source)
     kw = {"release": release} if schema is CIC_IDS2017 else {}
     df, rep = LOADERS[schema.name](paths, strict=False, **kw)
@@ -676,28 +856,49 @@ def inspect_flows(paths, source: str | None = None, *, release: str = "original"
     constant = [c for c in content if c != schema.label and df[c].nunique(dropna=False) <= 1]
     rules = _lint_rules()
     finds = []
-    def find(rid, detail): finds.append({"rule": rid, "name": rules[rid].name, "severity": rules[rid].severity, "detail": detail})
-    if any(f["reason"].startswith("second 'Fwd Header Length'") for f in rep.fixed): find("IDS001", "'Fwd Header Length' appears twice (second dropped by the loader)")
-    if rep.non_finite: find("IDS002", f"{sum(sum(v.values()) for v in rep.non_finite.values())} non-finite cells in {len(rep.non_finite)} column(s)")
-    if rep.unknown_labels: find("IDS003", f"label values {schema.name} does not define: {sorted(rep.unknown_labels)}")
-    if n_dup: find("IDS004", f"{n_dup} of {len(df)} rows repeat an earlier row exactly (identifiers left out)")
+
+    def find(rid, detail):
+        finds.append({"rule": rid, "name": rules[rid].name, "severity": rules[rid].severity, "detail": detail})
+
+    if any(f["reason"].startswith("second 'Fwd Header Length'") for f in rep.fixed):
+        find("IDS001", "'Fwd Header Length' appears twice (second dropped by the loader)")
+    if rep.non_finite:
+        find("IDS002", f"{sum(sum(v.values()) for v in rep.non_finite.values())} non-finite cells in {len(rep.non_finite)} column(s)")
+    if rep.unknown_labels:
+        find("IDS003", f"label values {schema.name} does not define: {sorted(rep.unknown_labels)}")
+    if n_dup:
+        find("IDS004", f"{n_dup} of {len(df)} rows repeat an earlier row exactly (identifiers left out)")
     present_ids = [c for c in ids if c != "source_file"]
-    if present_ids: find("IDS005", f"identifier columns present: {present_ids}")
-    if constant: find("IDS006", f"{len(constant)} constant column(s): {constant}")
+    if present_ids:
+        find("IDS005", f"identifier columns present: {present_ids}")
+    if constant:
+        find("IDS006", f"{len(constant)} constant column(s): {constant}")
     return {
-        "source": schema.name, "files": [asdict(f) for f in rep.files], "rows": len(df),
-        "columns": len(df.columns) - 3, "class_counts": rep.class_counts, "duplicate_rows": n_dup,
-        "duplicate_features_conflicting_family": conflicting, "non_finite": rep.non_finite,
-        "constant_columns": constant, "identifier_columns": present_ids, "unknown_labels": rep.unknown_labels,
-        "findings": finds, "load_report": rep.to_dict()}
+        "source": schema.name,
+        "files": [asdict(f) for f in rep.files],
+        "rows": len(df),
+        "columns": len(df.columns) - 3,
+        "class_counts": rep.class_counts,
+        "duplicate_rows": n_dup,
+        "duplicate_features_conflicting_family": conflicting,
+        "non_finite": rep.non_finite,
+        "constant_columns": constant,
+        "identifier_columns": present_ids,
+        "unknown_labels": rep.unknown_labels,
+        "findings": finds,
+        "load_report": rep.to_dict(),
+    }
 
 # %% ../nbs/10_data.ipynb #a7af0f8c
 def format_inspect(report: dict) -> str:
     "`inspect_flows` output as plain-text tables for a terminal (names and labels from the files shown with `terminal_safe`)."
     t = terminal_safe
     out = [f"source: {t(report['source'])}   rows: {report['rows']:,}   columns: {report['columns']}"]
-    out += [f"  file {t(f['name'])}  rows {f['rows']:,}  sha256 {f['sha256'] or '-'}  "
-            f"{ {True: 'verified', False: 'MISMATCH', None: 'no recorded hash'}[f['verified']] }" for f in report["files"]]
+    out += [
+        f"  file {t(f['name'])}  rows {f['rows']:,}  sha256 {f['sha256'] or '-'}  "
+        f"{ {True: 'verified', False: 'MISMATCH', None: 'no recorded hash'}[f['verified']] }"
+        for f in report["files"]
+    ]
     counts = {t(k): v for k, v in report["class_counts"].items()}
     w = max([len(k) for k in counts] + [5])
     out.append(f"\n{'class':<{w}}  {'rows':>10}  {'share':>7}")

@@ -46,7 +46,9 @@ def _pattern_base(pattern: str) -> Path:
 def input_kind(path: Path) -> str | None:
     "'pcap' for a packet capture (suffix or magic bytes), 'flows' for a Parquet/CSV flow file, None otherwise."
     from cyber_moe.alerts import is_capture
-    if path.suffix.lower() in FLOW_SUFFIXES: return "flows"
+
+    if path.suffix.lower() in FLOW_SUFFIXES:
+        return "flows"
     return "pcap" if is_capture(path) else None
 
 
@@ -54,7 +56,7 @@ def _slug(rel: str) -> str:
     "A file-name-safe key for a relative path: separators as `__`, other unsafe characters as `_`."
     return re.sub(r"[^A-Za-z0-9._+-]", "_", rel.replace(os.sep, "__").replace("/", "__")).lstrip(".") or "input"
 
-
+# %% ../nbs/88_distributed.ipynb #e029bc05
 def expand_inputs(patterns: list[str]) -> tuple[list[dict], list[dict]]:
     "Files named by `patterns` (files, folders, globs) as `{'path', 'key', 'kind'}` in a stable order, and what was skipped and why."
     found, skipped, seen = [], [], set()
@@ -64,68 +66,93 @@ def expand_inputs(patterns: list[str]) -> tuple[list[dict], list[dict]]:
             base, cands = _pattern_base(pat), sorted(Path(m) for m in glob.glob(pat, recursive=True))
             cands = [c for c in cands if c.is_file()]
             if not cands:
-                skipped.append({"input": pat, "error": "the pattern matches no file"}); continue
+                skipped.append({"input": pat, "error": "the pattern matches no file"})
+                continue
         elif p.is_dir():
             base = p
             cands = sorted(c for c in p.iterdir() if c.is_file() and not c.name.startswith("."))
             if not cands:
-                skipped.append({"input": pat, "error": "the folder holds no file"}); continue
-        elif p.is_file(): base, cands = p.parent, [p]
+                skipped.append({"input": pat, "error": "the folder holds no file"})
+                continue
+        elif p.is_file():
+            base, cands = p.parent, [p]
         else:
-            skipped.append({"input": pat, "error": "no such file or folder"}); continue
+            skipped.append({"input": pat, "error": "no such file or folder"})
+            continue
         for c in cands:
             full = c.resolve()
-            if full in seen: continue
+            if full in seen:
+                continue
             seen.add(full)
             kind = input_kind(c)
             if kind is None:
-                skipped.append({"input": str(c), "error": "neither a packet capture (.pcap/.pcapng/.cap) nor a flow file (.parquet/.pq/.csv)"})
+                skipped.append(
+                    {"input": str(c), "error": "neither a packet capture (.pcap/.pcapng/.cap) nor a flow file (.parquet/.pq/.csv)"}
+                )
                 continue
             found.append({"path": str(full), "key": _slug(os.path.relpath(c, base)), "kind": kind})
     counts: dict[str, int] = {}
-    for f in found: counts[f["key"]] = counts.get(f["key"], 0) + 1
-    for f in found:                      # the same relative name under two patterns: tell them apart by their full path
-        if counts[f["key"]] > 1: f["key"] += "~" + hashlib.sha1(f["path"].encode()).hexdigest()[:8]
+    for f in found:
+        counts[f["key"]] = counts.get(f["key"], 0) + 1
+    for f in found:  # the same relative name under two patterns: tell them apart by their full path
+        if counts[f["key"]] > 1:
+            f["key"] += "~" + hashlib.sha1(f["path"].encode()).hexdigest()[:8]
     return found, skipped
 
 # %% ../nbs/88_distributed.ipynb #2b74cb8c
 @dataclass(frozen=True)
 class WorkUnit:
     "One task: an input file (or some of its Parquet row groups) and where its verdict part and alerts go."
-    id: str                              # manifest key: `<key>` or `<key>#<n>`
+
+    id: str  # manifest key: `<key>` or `<key>#<n>`
     key: str
     path: str
-    kind: str                            # 'pcap' or 'flows'
-    part: str                            # verdict part, relative to the output folder
-    alerts: str                          # alerts file, relative to the output folder
+    kind: str  # 'pcap' or 'flows'
+    part: str  # verdict part, relative to the output folder
+    alerts: str  # alerts file, relative to the output folder
     row_groups: tuple[int, ...] | None = None
-    n_rows: int | None = None            # known for Parquet inputs (from the footer)
+    n_rows: int | None = None  # known for Parquet inputs (from the footer)
 
 
 def plan_units(inputs: list[dict], *, rows_per_task: int = 1_000_000) -> list[WorkUnit]:
     "Work units for `expand_inputs` files: one per file, Parquet files above `rows_per_task` rows split by row groups."
     import pyarrow.parquet as pq
+
     units = []
     for f in inputs:
         groups, n_rows = [None], None
         if f["kind"] == "flows" and Path(f["path"]).suffix.lower() in (".parquet", ".pq"):
-            try: meta = pq.ParquetFile(f["path"]).metadata
-            except Exception: meta = None                   # the worker reads it and reports the error with the file's name
+            try:
+                meta = pq.ParquetFile(f["path"]).metadata
+            except Exception:
+                meta = None  # the worker reads it and reports the error with the file's name
             if meta is not None:
                 n_rows = meta.num_rows
                 if meta.num_rows > rows_per_task and meta.num_row_groups > 1:
                     groups, cur, size = [], [], 0
                     for i in range(meta.num_row_groups):
-                        cur.append(i); size += meta.row_group(i).num_rows
-                        if size >= rows_per_task: groups.append(tuple(cur)); cur, size = [], 0
-                    if cur: groups.append(tuple(cur))
+                        cur.append(i)
+                        size += meta.row_group(i).num_rows
+                        if size >= rows_per_task:
+                            groups.append(tuple(cur))
+                            cur, size = [], 0
+                    if cur:
+                        groups.append(tuple(cur))
         for n, rg in enumerate(groups):
             uid = f["key"] if len(groups) == 1 else f"{f['key']}#{n}"
             rows = None if rg is None or n_rows is None else sum(meta.row_group(i).num_rows for i in rg)
-            units.append(WorkUnit(id=uid, key=f["key"], path=f["path"], kind=f["kind"],
-                                  part=f"verdicts/source={f['key']}/part-{n:05d}.parquet",
-                                  alerts=f"alerts/{f['key']}.part-{n:05d}.jsonl", row_groups=rg,
-                                  n_rows=n_rows if rg is None else rows))
+            units.append(
+                WorkUnit(
+                    id=uid,
+                    key=f["key"],
+                    path=f["path"],
+                    kind=f["kind"],
+                    part=f"verdicts/source={f['key']}/part-{n:05d}.parquet",
+                    alerts=f"alerts/{f['key']}.part-{n:05d}.jsonl",
+                    row_groups=rg,
+                    n_rows=n_rows if rg is None else rows,
+                )
+            )
     return units
 
 # %% ../nbs/88_distributed.ipynb #449f5e91
@@ -136,17 +163,21 @@ RUNTIMES = ("onnx", "torch")
 
 def worker_bundle(model: str, *, runtime: str = "onnx"):
     "The bundle at `model`, loaded once per process and cached; scoring with ONNX Runtime (one intra-op thread) or torch."
-    if runtime not in RUNTIMES: raise ValueError(f"runtime '{runtime}' unknown; use one of {', '.join(RUNTIMES)}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime '{runtime}' unknown; use one of {', '.join(RUNTIMES)}")
     with _BUNDLE_LOCK:
         hit = _BUNDLES.get((model, runtime))
         if hit is None:
             import torch
             from cyber_moe.bundle import load_model_bundle
+
             torch.set_num_threads(1)
             b, note = load_model_bundle(model), None
             if runtime == "onnx":
-                try: b.use_onnx(threads=1)
-                except Exception as e: note = f"ONNX Runtime unavailable ({type(e).__name__}: {e}); scored with torch"
+                try:
+                    b.use_onnx(threads=1)
+                except Exception as e:
+                    note = f"ONNX Runtime unavailable ({type(e).__name__}: {e}); scored with torch"
             hit = _BUNDLES[(model, runtime)] = (b, note)
     return hit
 
@@ -159,22 +190,27 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists(): tmp.unlink()
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _worker_name() -> str:
     try:
         from distributed import get_worker
+
         return get_worker().address
-    except (ImportError, ValueError): return f"pid {os.getpid()}"
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
 
 # %% ../nbs/88_distributed.ipynb #2a8c797d
 def _flow_flagged(df: pd.DataFrame, pred: pd.DataFrame, bundle, *, features: bool = False) -> pd.DataFrame | None:
     "The flagged rows of a flow file with NFStream identifiers as a scored frame (with the features if asked), or None when it cannot have alerts."
     from cyber_moe.alerts import FLOW_COLUMNS, community_ids
     from cyber_moe.nfstream import NFSTREAM
+
     need = ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms")
-    if bundle.schema.name != NFSTREAM.name or any(c not in df.columns for c in need): return None
+    if bundle.schema.name != NFSTREAM.name or any(c not in df.columns for c in need):
+        return None
     flag = pred["is_attack"].to_numpy() == 1
     ids = df.loc[flag, [c for c in FLOW_COLUMNS if c in df.columns]].reset_index(drop=True)
     p = pred.loc[flag].reset_index(drop=True)
@@ -191,6 +227,7 @@ def _flow_flagged(df: pd.DataFrame, pred: pd.DataFrame, bundle, *, features: boo
 def suppress_alerts(scored: pd.DataFrame, bundle, rules: list) -> tuple[pd.DataFrame, list[dict]]:
     "Feedback-store records of the flagged flows of `scored`, each with the first active rule of `rules` matching it (`suppressed_by`), and `scored` with that column."
     from cyber_moe.alerts import alert_records
+
     live = [r for r in rules if r.active()]
     recs = alert_records(scored, bundle)
     for rec in recs:
@@ -206,25 +243,43 @@ def suppress_alerts(scored: pd.DataFrame, bundle, rules: list) -> tuple[pd.DataF
 def _read_unit(unit: WorkUnit) -> pd.DataFrame:
     "The rows of a flow unit: the whole file (as `read_raw` reads it) or its row groups."
     from cyber_moe.bundle import read_raw, strip_columns
-    if unit.row_groups is None: return read_raw(unit.path)
+
+    if unit.row_groups is None:
+        return read_raw(unit.path)
     import pyarrow.parquet as pq
+
     return strip_columns(pq.ParquetFile(unit.path).read_row_groups(list(unit.row_groups)).to_pandas())
 
 
-def score_unit(unit: WorkUnit, model: str, out_dir: str, *, runtime: str = "onnx", batch_size: int = 8192,
-               alert_format: str = "ecs", allow_truncated: bool = False, rules: list | None = None) -> dict:
+def score_unit(
+    unit: WorkUnit,
+    model: str,
+    out_dir: str,
+    *,
+    runtime: str = "onnx",
+    batch_size: int = 8192,
+    alert_format: str = "ecs",
+    allow_truncated: bool = False,
+    rules: list | None = None,
+) -> dict:
     "The task: meter/read one unit, score it with the worker's bundle, apply suppression `rules` (None: no feedback store), write its alerts and verdict part; returns counts."
     from cyber_moe.alerts import FLOW_COLUMNS, make_alerts, score_pcap, write_alerts
+
     t0 = time.perf_counter()
     bundle, note = worker_bundle(model, runtime=runtime)
     out, records = Path(out_dir), None
     drop_features = lambda f: f.drop(columns=[c for c in bundle.schema.features if c in f.columns and c not in FLOW_COLUMNS])
     if unit.kind == "pcap":
         import multiprocessing
+
         if multiprocessing.current_process().daemon:
-            raise RuntimeError(f"{unit.path}: this Dask worker is a daemonic process, where NFStream cannot start its meters; "
-                               "start workers that meter captures with DASK_DISTRIBUTED__WORKER__DAEMON=False (or `dask worker --no-nanny`)")
-        verdicts = score_pcap(bundle, unit.path, allow_truncated=allow_truncated, batch_size=batch_size, n_threads=1, features=rules is not None)
+            raise RuntimeError(
+                f"{unit.path}: this Dask worker is a daemonic process, where NFStream cannot start its meters; "
+                "start workers that meter captures with DASK_DISTRIBUTED__WORKER__DAEMON=False (or `dask worker --no-nanny`)"
+            )
+        verdicts = score_pcap(
+            bundle, unit.path, allow_truncated=allow_truncated, batch_size=batch_size, n_threads=1, features=rules is not None
+        )
         if rules is not None:
             verdicts, records = suppress_alerts(verdicts, bundle, rules)
             verdicts = drop_features(verdicts)
@@ -232,7 +287,7 @@ def score_unit(unit: WorkUnit, model: str, out_dir: str, *, runtime: str = "onnx
     else:
         df = _read_unit(unit)
         bundle.schema.check_columns(df.columns, where=unit.path)
-        probs = not {"attack", "family"} & set(bundle.classes)          # p_<class> columns would collide with p_attack/p_family
+        probs = not {"attack", "family"} & set(bundle.classes)  # p_<class> columns would collide with p_attack/p_family
         pred = bundle.predict(df, batch_size=batch_size, class_probs=probs)
         flagged = _flow_flagged(df, pred, bundle, features=rules is not None) if probs else None
         if flagged is not None and rules is not None:
@@ -240,25 +295,38 @@ def score_unit(unit: WorkUnit, model: str, out_dir: str, *, runtime: str = "onnx
             flagged = drop_features(flagged)
         alerts = None if flagged is None else make_alerts(flagged, bundle, alert_format=alert_format)
         verdicts = (pred.drop(columns=[f"p_{c}" for c in bundle.classes]) if probs else pred).reset_index(drop=True)
-        if rules is not None:                       # the flagged rows, in order, are those of `flagged`
+        if rules is not None:  # the flagged rows, in order, are those of `flagged`
             sup = pd.Series(pd.NA, index=verdicts.index, dtype="Int64")
-            if flagged is not None: sup.iloc[np.flatnonzero(verdicts["is_attack"].to_numpy() == 1)] = flagged["suppressed_by"].to_numpy()
+            if flagged is not None:
+                sup.iloc[np.flatnonzero(verdicts["is_attack"].to_numpy() == 1)] = flagged["suppressed_by"].to_numpy()
             verdicts = verdicts.assign(suppressed_by=sup)
-    if alerts is not None: _atomic_write(out / unit.alerts, lambda p: write_alerts(alerts, p))
+    if alerts is not None:
+        _atomic_write(out / unit.alerts, lambda p: write_alerts(alerts, p))
     _atomic_write(out / unit.part, lambda p: verdicts.to_parquet(p, index=False))
-    return {"unit": unit.id, "input": unit.path, "rows": len(verdicts), "flagged": int(verdicts["is_attack"].sum()),
-            "alerts": None if alerts is None else len(alerts), "part": unit.part, "alerts_file": None if alerts is None else unit.alerts,
-            "seconds": round(time.perf_counter() - t0, 3), "worker": _worker_name(), "pid": os.getpid(),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "runtime": runtime if note is None else "torch",
-            **({"note": note} if note else {}),
-            **({} if records is None else {"suppressed": _per_rule(records), "alert_records": records})}
+    return {
+        "unit": unit.id,
+        "input": unit.path,
+        "rows": len(verdicts),
+        "flagged": int(verdicts["is_attack"].sum()),
+        "alerts": None if alerts is None else len(alerts),
+        "part": unit.part,
+        "alerts_file": None if alerts is None else unit.alerts,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "worker": _worker_name(),
+        "pid": os.getpid(),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "runtime": runtime if note is None else "torch",
+        **({"note": note} if note else {}),
+        **({} if records is None else {"suppressed": _per_rule(records), "alert_records": records}),
+    }
 
 
 def _per_rule(records: list[dict]) -> dict[str, int]:
     "Alerts suppressed per rule id (as a string: the manifest is JSON)."
     out: dict[str, int] = {}
     for r in records:
-        if r["suppressed_by"] is not None: out[str(r["suppressed_by"])] = out.get(str(r["suppressed_by"]), 0) + 1
+        if r["suppressed_by"] is not None:
+            out[str(r["suppressed_by"])] = out.get(str(r["suppressed_by"]), 0) + 1
     return out
 
 # %% ../nbs/88_distributed.ipynb #030b9a35
@@ -277,13 +345,16 @@ class Manifest:
                 raise SchemaError(f"{self.path}: manifest format {old.get('format')} is not supported (expected {MANIFEST_FORMAT})")
             prev = old.get("model", {})
             if (prev.get("name"), prev.get("version")) != (model.get("name"), model.get("version")):
-                raise SchemaError(f"{self.path}: this folder holds verdicts of model {prev.get('name')} v{prev.get('version')}, "
-                                  f"not {model.get('name')} v{model.get('version')}; score into a new --output folder")
+                raise SchemaError(
+                    f"{self.path}: this folder holds verdicts of model {prev.get('name')} v{prev.get('version')}, "
+                    f"not {model.get('name')} v{model.get('version')}; score into a new --output folder"
+                )
         self.data = old or {"format": MANIFEST_FORMAT, "model": model, "settings": settings, "units": {}, "runs": []}
-        self.data["settings"] = {**settings, **self.data.get("settings", {})}   # the first run's split is kept, so parts keep their names
+        self.data["settings"] = {**settings, **self.data.get("settings", {})}  # the first run's split is kept, so parts keep their names
 
     @property
-    def settings(self) -> dict: return self.data["settings"]
+    def settings(self) -> dict:
+        return self.data["settings"]
 
     def done(self, unit_id: str) -> bool:
         "True if the manifest records `unit_id` as scored."
@@ -296,9 +367,13 @@ class Manifest:
 
     def save(self) -> Path:
         "Write the manifest atomically (temporary file, fsync, rename)."
+
         def write(tmp: Path):
             with open(tmp, "w") as f:
-                json.dump(self.data, f, indent=1, default=str); f.flush(); os.fsync(f.fileno())
+                json.dump(self.data, f, indent=1, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+
         _atomic_write(self.path, write)
         return self.path
 
@@ -312,16 +387,22 @@ class Progress:
         self.total, self.n, self.rows, self.t0 = total, 0, 0, time.perf_counter()
 
     def _say(self, line: str, *, keep: bool) -> None:
-        if self.tty: self.stream.write("\r\033[K" + line + ("\n" if keep else ""))
-        else: self.stream.write(line + "\n")
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if keep else ""))
+        else:
+            self.stream.write(line + "\n")
         self.stream.flush()
 
     def done(self, name: str, result: dict) -> None:
         "One task finished."
-        self.n += 1; self.rows += result["rows"]
+        self.n += 1
+        self.rows += result["rows"]
         rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
-        self._say(f"[{self.n}/{self.total}] {name}: {result['rows']:,} flows in {result['seconds']:.1f} s on {result['worker']} "
-                  f"| {self.rows:,} flows, {rate:,.0f} flows/s", keep=False)
+        self._say(
+            f"[{self.n}/{self.total}] {name}: {result['rows']:,} flows in {result['seconds']:.1f} s on {result['worker']} "
+            f"| {self.rows:,} flows, {rate:,.0f} flows/s",
+            keep=False,
+        )
 
     def failed(self, name: str, error: str) -> None:
         "One task failed."
@@ -329,7 +410,9 @@ class Progress:
         self._say(f"[{self.n}/{self.total}] FAILED {name}: {error}", keep=True)
 
     def close(self) -> None:
-        if self.tty and self.n: self.stream.write("\n"); self.stream.flush()
+        if self.tty and self.n:
+            self.stream.write("\n")
+            self.stream.flush()
 
 # %% ../nbs/88_distributed.ipynb #e00a3b12
 def _error_text(e: BaseException) -> str:
@@ -337,10 +420,20 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def run_units(client, units: list[WorkUnit], model: str, out_dir: str | Path, manifest: Manifest, *,
-              progress: Progress | None = None, on_result: Callable[[dict], None] | None = None, **task_opts) -> dict:
+def run_units(
+    client,
+    units: list[WorkUnit],
+    model: str,
+    out_dir: str | Path,
+    manifest: Manifest,
+    *,
+    progress: Progress | None = None,
+    on_result: Callable[[dict], None] | None = None,
+    **task_opts,
+) -> dict:
     "Submit the units the manifest does not record as done; record results as they come (after `on_result(result)`); returns results and failures by unit."
     from distributed import as_completed
+
     out_dir = str(Path(out_dir).resolve())
     todo = [u for u in units if not manifest.done(u.id)]
     token = uuid.uuid4().hex[:8]
@@ -350,18 +443,23 @@ def run_units(client, units: list[WorkUnit], model: str, out_dir: str | Path, ma
         u = futs[fut]
         if fut.status == "finished":
             res = fut.result()
-            if on_result is not None: on_result(res)    # e.g. store the unit's alerts: a unit is done once they are stored
+            if on_result is not None:
+                on_result(res)  # e.g. store the unit's alerts: a unit is done once they are stored
             manifest.record(res)
             results[u.id] = res
-            if progress: progress.done(u.id, res)
+            if progress:
+                progress.done(u.id, res)
         else:
             err = fut.exception()
             failures[u.id] = {"input": u.path, "error": _error_text(err)}
-            if progress: progress.failed(u.id, failures[u.id]["error"])
+            if progress:
+                progress.failed(u.id, failures[u.id]["error"])
         fut.release()
-    if progress: progress.close()
-    for d in ("verdicts", "alerts"):        # every task of this run has ended: a temporary file left is from a killed attempt
-        for t in (Path(out_dir) / d).rglob(".*.tmp-*"): t.unlink(missing_ok=True)
+    if progress:
+        progress.close()
+    for d in ("verdicts", "alerts"):  # every task of this run has ended: a temporary file left is from a killed attempt
+        for t in (Path(out_dir) / d).rglob(".*.tmp-*"):
+            t.unlink(missing_ok=True)
     return {"results": results, "failures": failures, "skipped_done": len(units) - len(todo)}
 
 # %% ../nbs/88_distributed.ipynb #3a0d358d
@@ -377,37 +475,60 @@ def _model_ref(model: str | Path) -> str:
 
 def summary_text(s: dict) -> str:
     "The end-of-run summary `score_many` returns, as lines for the terminal."
-    lines = [f"{s['n_units_scored']:,} unit(s) scored this run, {s['n_units_done_before']:,} done before, "
-             f"{len(s['failures']):,} failed, {len(s['skipped']):,} input(s) skipped; "
-             f"{s['rows']:,} flows in {s['seconds']:.1f} s ({s['flows_per_s']:,.0f} flows/s), {s['flagged']:,} flagged as attacks"]
+    lines = [
+        f"{s['n_units_scored']:,} unit(s) scored this run, {s['n_units_done_before']:,} done before, "
+        f"{len(s['failures']):,} failed, {len(s['skipped']):,} input(s) skipped; "
+        f"{s['rows']:,} flows in {s['seconds']:.1f} s ({s['flows_per_s']:,.0f} flows/s), {s['flagged']:,} flagged as attacks"
+    ]
     fb = s.get("feedback")
     if fb is not None:
         rules = ", ".join(f"rule {r} {n:,}" for r, n in sorted(fb["suppressed"].items(), key=lambda kv: int(kv[0])))
-        lines.append(f"feedback store {fb['url']}: " + (f"suppressed {sum(fb['suppressed'].values()):,} ({rules})" if rules else "no alert suppressed")
-                     + f"; {fb['n_stored']:,} new alert(s) stored" + (f"; WARNING: {fb['error']}" if fb["error"] else ""))
+        lines.append(
+            f"feedback store {fb['url']}: "
+            + (f"suppressed {sum(fb['suppressed'].values()):,} ({rules})" if rules else "no alert suppressed")
+            + f"; {fb['n_stored']:,} new alert(s) stored"
+            + (f"; WARNING: {fb['error']}" if fb["error"] else "")
+        )
     lines += [f"  FAILED {u}: {f['error']}" for u, f in s["failures"].items()]
     lines += [f"  SKIPPED {k['input']}: {k['error']}" for k in s["skipped"]]
     lines.append(f"verdicts: {s['output']}/verdicts  alerts: {s['output']}/alerts  manifest: {s['manifest']}")
     return "\n".join(lines)
 
 # %% ../nbs/88_distributed.ipynb #7f357fcd
-def score_many(inputs: list[str], model: str | Path, output: str | Path, *, scheduler: str | None = None,
-               workers: int | None = None, rows_per_task: int = 1_000_000, runtime: str = "onnx", batch_size: int = 1024,
-               alert_format: str = "ecs", allow_truncated: bool = False, stream: TextIO | None = None,
-               dashboard_address: str | None = ":8787", feedback=None) -> dict:
+def score_many(
+    inputs: list[str],
+    model: str | Path,
+    output: str | Path,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    rows_per_task: int = 1_000_000,
+    runtime: str = "onnx",
+    batch_size: int = 1024,
+    alert_format: str = "ecs",
+    allow_truncated: bool = False,
+    stream: TextIO | None = None,
+    dashboard_address: str | None = ":8787",
+    feedback=None,
+) -> dict:
     "Score files, folders and globs on a Dask cluster (address `scheduler`, or a LocalCluster of `workers` processes) into folder `output`; `feedback`: a FeedbackStore whose rules suppress alerts and which stores them."
     from distributed import Client, LocalCluster
     import dask
     from cyber_moe.alerts import ALERT_FORMATS
     from cyber_moe.bundle import load_model_bundle
-    if alert_format not in ALERT_FORMATS: raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
-    if runtime not in RUNTIMES: raise SchemaError(f"runtime '{runtime}' unknown; use one of {', '.join(RUNTIMES)}")
-    if workers is not None and workers < 1: raise SchemaError(f"--workers must be >= 1, got {workers}")
+
+    if alert_format not in ALERT_FORMATS:
+        raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
+    if runtime not in RUNTIMES:
+        raise SchemaError(f"runtime '{runtime}' unknown; use one of {', '.join(RUNTIMES)}")
+    if workers is not None and workers < 1:
+        raise SchemaError(f"--workers must be >= 1, got {workers}")
     out = Path(output)
-    if out.exists() and not out.is_dir(): raise SchemaError(f"--output {out}: a file; scoring many inputs needs an output folder")
+    if out.exists() and not out.is_dir():
+        raise SchemaError(f"--output {out}: a file; scoring many inputs needs an output folder")
     stream = stream or sys.stdout
     found, skipped = expand_inputs(list(inputs))
-    bundle = load_model_bundle(model)                     # fails here, once, for a wrong --model
+    bundle = load_model_bundle(model)  # fails here, once, for a wrong --model
     out.mkdir(parents=True, exist_ok=True)
     ref = _model_ref(model)
     manifest = Manifest(out, model={"uri": ref, "name": bundle.name, "version": bundle.version}, settings={"rows_per_task": rows_per_task})
@@ -418,58 +539,116 @@ def score_many(inputs: list[str], model: str | Path, output: str | Path, *, sche
     if len(units) > res["skipped_done"]:
         stack = contextlib.ExitStack()
         if scheduler:
-            try: client, cluster = Client(scheduler), None
-            except OSError as e: raise ClusterError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({e})") from None
+            try:
+                client, cluster = Client(scheduler), None
+            except OSError as e:
+                raise ClusterError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({e})") from None
         else:
             n = workers or max(1, len(os.sched_getaffinity(0)))
-            stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))   # NFStream's meters are child processes
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard_address,
-                                   silence_logs=logging.CRITICAL)       # task errors are reported by file name below, not as worker logs
+            stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))  # NFStream's meters are child processes
+            cluster = LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard_address, silence_logs=logging.CRITICAL
+            )  # task errors are reported by file name below, not as worker logs
             client = Client(cluster)
         try:
-            print(f"scoring {len(units) - res['skipped_done']:,} unit(s) of {len(found):,} input(s) with {bundle.name} v{bundle.version} "
-                  f"on {len(client.scheduler_info()['workers'])} worker(s); dashboard: {client.dashboard_link}", file=stream, flush=True)
+            print(
+                f"scoring {len(units) - res['skipped_done']:,} unit(s) of {len(found):,} input(s) with {bundle.name} v{bundle.version} "
+                f"on {len(client.scheduler_info()['workers'])} worker(s); dashboard: {client.dashboard_link}",
+                file=stream,
+                flush=True,
+            )
             t_run = time.perf_counter()
-            res = run_units(client, units, ref, out, manifest, progress=Progress(len(units) - res["skipped_done"], stream=stream),
-                            on_result=keep, runtime=runtime, batch_size=batch_size, alert_format=alert_format, allow_truncated=allow_truncated,
-                            **({} if fb is None or fb["rules"] is None else {"rules": fb["rules"]}))
+            res = run_units(
+                client,
+                units,
+                ref,
+                out,
+                manifest,
+                progress=Progress(len(units) - res["skipped_done"], stream=stream),
+                on_result=keep,
+                runtime=runtime,
+                batch_size=batch_size,
+                alert_format=alert_format,
+                allow_truncated=allow_truncated,
+                **({} if fb is None or fb["rules"] is None else {"rules": fb["rules"]}),
+            )
         finally:
             client.close()
-            if cluster is not None: cluster.close()
+            if cluster is not None:
+                cluster.close()
             stack.close()
     secs = time.perf_counter() - t0
     run_secs = time.perf_counter() - t_run if res["results"] or res["failures"] else 0.0
     rows = sum(r["rows"] for r in res["results"].values())
-    manifest.data["runs"].append({"finished_at": pd.Timestamp.now(tz="UTC").isoformat(), "scored": sorted(res["results"]),
-                                  "failed": res["failures"], "skipped": skipped})
+    manifest.data["runs"].append(
+        {
+            "finished_at": pd.Timestamp.now(tz="UTC").isoformat(),
+            "scored": sorted(res["results"]),
+            "failed": res["failures"],
+            "skipped": skipped,
+        }
+    )
     manifest.save()
-    return {"output": str(out), "manifest": str(manifest.path), "n_inputs": len(found), "n_units": len(units),
-            "n_units_scored": len(res["results"]), "n_units_done_before": res["skipped_done"], "failures": res["failures"],
-            "skipped": skipped, "rows": rows, "flagged": sum(r["flagged"] for r in res["results"].values()),
-            "seconds": secs, "run_seconds": run_secs, "flows_per_s": rows / max(secs, 1e-9), "results": res["results"],
-            "complete": all(manifest.done(u.id) for u in units),
-            "feedback": None if fb is None else {k: v for k, v in fb.items() if k != "rules"}}
+    return {
+        "output": str(out),
+        "manifest": str(manifest.path),
+        "n_inputs": len(found),
+        "n_units": len(units),
+        "n_units_scored": len(res["results"]),
+        "n_units_done_before": res["skipped_done"],
+        "failures": res["failures"],
+        "skipped": skipped,
+        "rows": rows,
+        "flagged": sum(r["flagged"] for r in res["results"].values()),
+        "seconds": secs,
+        "run_seconds": run_secs,
+        "flows_per_s": rows / max(secs, 1e-9),
+        "results": res["results"],
+        "complete": all(manifest.done(u.id) for u in units),
+        "feedback": None if fb is None else {k: v for k, v in fb.items() if k != "rules"},
+    }
 
 # %% ../nbs/88_distributed.ipynb #866891d3
 def _feedback_for(store, bundle, stream: TextIO) -> tuple[dict | None, Callable[[dict], None]]:
     "The feedback state of a run (store URL, the active rules read once, counts) and the hook that stores each unit's alerts."
     from cyber_moe.feedback import StoreUnavailable, redact_url
-    if store is None: return None, lambda res: res.pop("alert_records", None)
+
+    if store is None:
+        return None, lambda res: res.pop("alert_records", None)
     fb = {"url": redact_url(store.url), "rules": None, "suppressed": {}, "n_stored": 0, "error": None}
+
     def fail(e: Exception) -> None:
-        fb["error"] = f"{e}; " + ("alerts neither suppressed nor stored" if fb["rules"] is None else "alerts from then on suppressed but not stored")
+        fb["error"] = f"{e}; " + (
+            "alerts neither suppressed nor stored" if fb["rules"] is None else "alerts from then on suppressed but not stored"
+        )
         print(f"warning: {fb['error']}", file=stream, flush=True)
-    try: fb["rules"] = store.active_rules()
-    except StoreUnavailable as e: fail(e)
+
+    try:
+        fb["rules"] = store.active_rules()
+    except StoreUnavailable as e:
+        fail(e)
+
     def keep(res: dict) -> None:
         recs = res.pop("alert_records", None)
-        for r, n in res.get("suppressed", {}).items(): fb["suppressed"][r] = fb["suppressed"].get(r, 0) + n
-        if not recs or fb["error"]: return
-        recs = list({r["id"]: r for r in recs}.values())        # a flow repeated in a file is one alert of the store
+        for r, n in res.get("suppressed", {}).items():
+            fb["suppressed"][r] = fb["suppressed"].get(r, 0) + n
+        if not recs or fb["error"]:
+            return
+        recs = list({r["id"]: r for r in recs}.values())  # a flow repeated in a file is one alert of the store
         try:
-            n = store.add_alerts(recs, model_name=bundle.name, model_version=bundle.version, source="score", classes=bundle.classes,
-                                 benign=bundle.schema.benign, threshold=bundle.threshold).n_new
-        except StoreUnavailable as e: fail(e); return
+            n = store.add_alerts(
+                recs,
+                model_name=bundle.name,
+                model_version=bundle.version,
+                source="score",
+                classes=bundle.classes,
+                benign=bundle.schema.benign,
+                threshold=bundle.threshold,
+            ).n_new
+        except StoreUnavailable as e:
+            fail(e)
+            return
         fb["n_stored"] += n
         res["stored"] = n
+
     return fb, keep

@@ -16,7 +16,7 @@ from scipy.special import expit, log_expit, log_softmax, softmax
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 if TYPE_CHECKING:
-    import plotly.graph_objects as go   # imported where a figure is drawn: scoring a bundle does not need plotly
+    import plotly.graph_objects as go  # imported where a figure is drawn: scoring a bundle does not need plotly
 
 # %% auto #0
 __all__ = ['OPERATING_RULES', 'DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'binary_metrics', 'confusion_counts',
@@ -29,8 +29,10 @@ __all__ = ['OPERATING_RULES', 'DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'bi
 def _labels(y, name: str, n_classes: int) -> np.ndarray:
     "Integer class indices in 0..n_classes-1 as int64, or a ValueError naming `name`."
     y = np.asarray(y)
-    if y.ndim != 1: raise ValueError(f"{name} has shape {y.shape}, expected a 1-D array of labels")
-    if y.size and not np.all(np.isfinite(y)): raise ValueError(f"{name} holds NaN or infinite labels")
+    if y.ndim != 1:
+        raise ValueError(f"{name} has shape {y.shape}, expected a 1-D array of labels")
+    if y.size and not np.all(np.isfinite(y)):
+        raise ValueError(f"{name} holds NaN or infinite labels")
     yi = y.astype(np.int64)
     if not np.array_equal(yi, y) or (y.size and (yi.min() < 0 or yi.max() >= n_classes)):
         raise ValueError(f"{name} must hold integer labels in 0..{n_classes - 1}")
@@ -41,7 +43,8 @@ def _probs(p, name: str, n: int, n_classes: int | None = None) -> np.ndarray:
     "Probabilities as float64: [n] when `n_classes` is None, else [n, n_classes] with rows summing to 1."
     p = np.asarray(p, dtype=np.float64)
     shape = (n,) if n_classes is None else (n, n_classes)
-    if p.shape != shape: raise ValueError(f"{name} has shape {p.shape}, expected {shape}")
+    if p.shape != shape:
+        raise ValueError(f"{name} has shape {p.shape}, expected {shape}")
     if not np.all(np.isfinite(p)) or (p.size and (p.min() < 0 or p.max() > 1)):
         raise ValueError(f"{name} must hold finite probabilities in [0, 1] (pass probabilities, not logits)")
     if n_classes is not None and n and not np.allclose(p.sum(1), 1.0, atol=1e-3):
@@ -61,11 +64,13 @@ def _recall_key(recall: float) -> str:
 
 def fpr_at_recall(y_true, p_attack, recall: float) -> dict:
     "Threshold, FPR, achieved recall and precision of the highest threshold whose recall reaches `recall` (NaN if there are no attacks or no benign rows)."
-    if not 0 < recall <= 1: raise ValueError(f"fpr_at_recall: recall must be in (0, 1], got {recall}")
+    if not 0 < recall <= 1:
+        raise ValueError(f"fpr_at_recall: recall must be in (0, 1], got {recall}")
     y = _labels(y_true, "y_true", 2)
     p = _probs(p_attack, "p_attack", len(y))
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    if n_pos == 0 or n_neg == 0: return {"threshold": math.nan, "fpr": math.nan, "recall": math.nan, "precision": math.nan}
+    if n_pos == 0 or n_neg == 0:
+        return {"threshold": math.nan, "fpr": math.nan, "recall": math.nan, "precision": math.nan}
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     i = int(np.argmax(tpr >= recall - 1e-12))  # tpr reaches 1 at the last point, so a hit always exists
     flagged = p >= thr[i]
@@ -77,13 +82,20 @@ def binary_metrics(y_true, p_attack, threshold: float = 0.5, recalls: tuple[floa
     "Attack-vs-benign metrics at `threshold`, threshold-free AUCs, and FPR at each target recall; `notes` explain NaNs."
     y = _labels(y_true, "y_true", 2)
     p = _probs(p_attack, "p_attack", len(y))
-    if len(y) == 0: raise ValueError("binary_metrics: no rows to score")
+    if len(y) == 0:
+        raise ValueError("binary_metrics: no rows to score")
     pred = p >= threshold
     tp, fp = int(np.sum(pred & (y == 1))), int(np.sum(pred & (y == 0)))
     fn, tn = int(np.sum(~pred & (y == 1))), int(np.sum(~pred & (y == 0)))
     n_pos, n_neg = tp + fn, fp + tn
-    out = {"threshold": float(threshold), "f1": _ratio(2 * tp, 2 * tp + fp + fn), "precision": _ratio(tp, tp + fp),
-           "recall": _ratio(tp, n_pos), "accuracy": (tp + tn) / len(y), "fpr": _ratio(fp, n_neg)}
+    out = {
+        "threshold": float(threshold),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, n_pos),
+        "accuracy": (tp + tn) / len(y),
+        "fpr": _ratio(fp, n_neg),
+    }
     both = n_pos > 0 and n_neg > 0
     out["roc_auc"] = float(roc_auc_score(y, p)) if both else math.nan
     out["pr_auc"] = float(average_precision_score(y, p)) if n_pos else math.nan
@@ -93,9 +105,12 @@ def binary_metrics(y_true, p_attack, threshold: float = 0.5, recalls: tuple[floa
         out[f"threshold_at_recall_{_recall_key(r)}"] = op["threshold"]
     out.update(n=len(y), n_attack=n_pos, n_benign=n_neg)
     notes = []
-    if not both: notes.append(f"only one class in y_true ({n_pos} attack, {n_neg} benign rows): ROC-AUC and FPR at recall are undefined")
-    if tp + fp == 0: notes.append(f"no row reaches threshold {threshold}: precision is undefined")
-    if notes: out["notes"] = notes
+    if not both:
+        notes.append(f"only one class in y_true ({n_pos} attack, {n_neg} benign rows): ROC-AUC and FPR at recall are undefined")
+    if tp + fp == 0:
+        notes.append(f"no row reaches threshold {threshold}: precision is undefined")
+    if notes:
+        out["notes"] = notes
     return out
 
 # %% ../nbs/55_evaluate.ipynb #654dd96c
@@ -110,23 +125,32 @@ def family_metrics(y_true, p_family, classes: list[str], y_pred=None) -> dict:
     C = len(classes)
     y = _labels(y_true, "y_true", C)
     p = _probs(p_family, "p_family", len(y), C)
-    if len(y) == 0: raise ValueError("family_metrics: no rows to score")
+    if len(y) == 0:
+        raise ValueError("family_metrics: no rows to score")
     pred = p.argmax(1) if y_pred is None else _labels(y_pred, "y_pred", C)
-    if len(pred) != len(y): raise ValueError(f"y_pred has {len(pred)} rows, y_true {len(y)}")
+    if len(pred) != len(y):
+        raise ValueError(f"y_pred has {len(pred)} rows, y_true {len(y)}")
     cm = confusion_counts(y, pred, C)
     tp = np.diag(cm)
     support, predicted = cm.sum(1), cm.sum(0)
     fp, fn = predicted - tp, support - tp
     f1 = [_ratio(2 * a, 2 * a + b + c) for a, b, c in zip(tp, fp, fn)]
-    per_class = {c: {"precision": _ratio(tp[i], predicted[i]), "recall": _ratio(tp[i], support[i]),
-                     "f1": f1[i], "support": int(support[i])} for i, c in enumerate(classes)}
+    per_class = {
+        c: {"precision": _ratio(tp[i], predicted[i]), "recall": _ratio(tp[i], support[i]), "f1": f1[i], "support": int(support[i])}
+        for i, c in enumerate(classes)
+    }
     seen = [i for i in range(C) if support[i] or predicted[i]]
-    out = {"macro_f1": float(np.mean([f1[i] for i in seen])),
-           "weighted_f1": float(sum(f1[i] * support[i] for i in seen if support[i]) / len(y)),
-           "accuracy": float(tp.sum() / len(y)), "n": len(y), "per_class": per_class,
-           "confusion_matrix": {"classes": classes, "matrix": cm.tolist()}}
+    out = {
+        "macro_f1": float(np.mean([f1[i] for i in seen])),
+        "weighted_f1": float(sum(f1[i] * support[i] for i in seen if support[i]) / len(y)),
+        "accuracy": float(tp.sum() / len(y)),
+        "n": len(y),
+        "per_class": per_class,
+        "confusion_matrix": {"classes": classes, "matrix": cm.tolist()},
+    }
     absent = [c for i, c in enumerate(classes) if not support[i]]
-    if absent: out["notes"] = [f"no test rows of {', '.join(absent)}: their recall is undefined and they are left out of the weighted F1"]
+    if absent:
+        out["notes"] = [f"no test rows of {', '.join(absent)}: their recall is undefined and they are left out of the weighted F1"]
     return out
 
 # %% ../nbs/55_evaluate.ipynb #41a9334a
@@ -136,21 +160,29 @@ OPERATING_RULES = ("max_f1", "target_fpr")
 def decide(p_classes, threshold: float, *, benign_index: int = 0) -> dict[str, np.ndarray]:
     "The verdict rule: p_attack = 1 - p(benign); is_attack = p_attack >= threshold; family = top attack family if is_attack else benign."
     p = np.asarray(p_classes, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] < 2: raise ValueError(f"decide: p_classes has shape {p.shape}, expected [n, n_classes >= 2]")
-    if not 0 < threshold < 1: raise ValueError(f"decide: threshold must be in (0, 1), got {threshold}")
-    if not 0 <= benign_index < p.shape[1]: raise ValueError(f"decide: benign_index {benign_index} outside 0..{p.shape[1] - 1}")
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"decide: p_classes has shape {p.shape}, expected [n, n_classes >= 2]")
+    if not 0 < threshold < 1:
+        raise ValueError(f"decide: threshold must be in (0, 1), got {threshold}")
+    if not 0 <= benign_index < p.shape[1]:
+        raise ValueError(f"decide: benign_index {benign_index} outside 0..{p.shape[1] - 1}")
     p_attack = np.clip(1.0 - p[:, benign_index], 0.0, 1.0)
     is_attack = p_attack >= threshold
     attack = p.copy()
     attack[:, benign_index] = -np.inf
     family = np.where(is_attack, attack.argmax(1), benign_index)
-    return {"is_attack": is_attack.astype(np.int8), "p_attack": p_attack, "family_index": family.astype(np.int64),
-            "p_family": p[np.arange(len(p)), family]}
+    return {
+        "is_attack": is_attack.astype(np.int8),
+        "p_attack": p_attack,
+        "family_index": family.astype(np.int64),
+        "p_family": p[np.arange(len(p)), family],
+    }
 
 
 def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_fpr: float = 0.01) -> dict:
     "The threshold on p_attack chosen on validation rows: maximum F1 (`max_f1`) or the most recall with FPR <= `target_fpr`; with its validation scores."
-    if rule not in OPERATING_RULES: raise ValueError(f"operating point rule {rule!r} unknown; valid rules: {', '.join(OPERATING_RULES)}")
+    if rule not in OPERATING_RULES:
+        raise ValueError(f"operating point rule {rule!r} unknown; valid rules: {', '.join(OPERATING_RULES)}")
     y = _labels(y_binary, "y_binary", 2)
     p = _probs(p_attack, "p_attack", len(y))
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
@@ -158,35 +190,48 @@ def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_f
         raise ValueError(f"choose_operating_point: the validation rows need attacks and benign flows ({n_pos} attack, {n_neg} benign)")
     order = np.argsort(-p, kind="stable")
     ps, ys = p[order], y[order]
-    last = np.r_[ps[1:] != ps[:-1], True]               # flagging p >= ps[i] takes every row up to the end of its tie
+    last = np.r_[ps[1:] != ps[:-1], True]  # flagging p >= ps[i] takes every row up to the end of its tie
     tp, fp, thr = np.cumsum(ys)[last], np.cumsum(1 - ys)[last], ps[last]
     f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
     fpr = fp / n_neg
-    if rule == "max_f1": i = int(np.argmax(f1))
+    if rule == "max_f1":
+        i = int(np.argmax(f1))
     else:
         ok = np.flatnonzero(fpr <= target_fpr)
         i = int(ok[-1]) if len(ok) else 0
     t = float(np.clip(thr[i], 1e-6, 1 - 1e-6))
-    out = {"rule": rule, "threshold": t, "val_f1": float(f1[i]), "val_precision": _ratio(tp[i], tp[i] + fp[i]),
-           "val_recall": float(tp[i] / n_pos), "val_fpr": float(fpr[i]), "n_val": len(y)}
-    if rule == "target_fpr": out["target_fpr"] = float(target_fpr)
+    out = {
+        "rule": rule,
+        "threshold": t,
+        "val_f1": float(f1[i]),
+        "val_precision": _ratio(tp[i], tp[i] + fp[i]),
+        "val_recall": float(tp[i] / n_pos),
+        "val_fpr": float(fpr[i]),
+        "n_val": len(y),
+    }
+    if rule == "target_fpr":
+        out["target_fpr"] = float(target_fpr)
     return out
 
 # %% ../nbs/55_evaluate.ipynb #b3af94ac
 def _prob_table(probs) -> np.ndarray:
     "Checked [n, C] probabilities: [n, C] as they are, a 1-D array p(class 1) as [1 - p, p]."
     p = np.asarray(probs, dtype=np.float64)
-    if p.ndim not in (1, 2): raise ValueError(f"probs has shape {p.shape}, expected [n, C] or [n] (binary)")
-    if p.ndim == 1: p = np.stack([1 - p, p], axis=1)
+    if p.ndim not in (1, 2):
+        raise ValueError(f"probs has shape {p.shape}, expected [n, C] or [n] (binary)")
+    if p.ndim == 1:
+        p = np.stack([1 - p, p], axis=1)
     return _probs(p, "probs", len(p), p.shape[1])
 
 
 def reliability_bins(y_true, probs, n_bins: int = 15) -> dict:
     "Top-label reliability table: per bin the mean confidence, accuracy and row count (empty bins have NaN)."
-    if n_bins < 1: raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
     P = _prob_table(probs)
     y = _labels(y_true, "y_true", P.shape[1])
-    if len(y) != len(P): raise ValueError(f"y_true has {len(y)} rows, probs {len(P)}")
+    if len(y) != len(P):
+        raise ValueError(f"y_true has {len(y)} rows, probs {len(P)}")
     conf, correct = P.max(1), (P.argmax(1) == y).astype(np.float64)
     b = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
     count = np.bincount(b, minlength=n_bins)
@@ -200,7 +245,8 @@ def expected_calibration_error(y_true, probs, n_bins: int = 15) -> float:
     "Top-label ECE of `probs` ([n, C] family probabilities, or 1-D binary p(class 1)) against `y_true`."
     t = reliability_bins(y_true, probs, n_bins)
     used = t["count"] > 0
-    if not used.any(): raise ValueError("expected_calibration_error: no rows")
+    if not used.any():
+        raise ValueError("expected_calibration_error: no rows")
     gap = np.abs(t["accuracy"][used] - t["confidence"][used])
     return float(np.sum(gap * t["count"][used]) / t["count"].sum())
 
@@ -209,7 +255,8 @@ def negative_log_likelihood(y_true, probs, eps: float = 1e-12) -> float:
     "Mean -log p(true class) of `probs` ([n, C], or 1-D binary p(class 1)); probabilities clipped at `eps`."
     P = _prob_table(probs)
     y = _labels(y_true, "y_true", P.shape[1])
-    if len(y) != len(P) or len(y) == 0: raise ValueError(f"y_true has {len(y)} rows, probs {len(P)} (need the same, > 0)")
+    if len(y) != len(P) or len(y) == 0:
+        raise ValueError(f"y_true has {len(y)} rows, probs {len(P)} (need the same, > 0)")
     return float(-np.mean(np.log(np.clip(P[np.arange(len(y)), y], eps, 1.0))))
 
 
@@ -222,15 +269,17 @@ def _logits(logits, name: str) -> np.ndarray:
 
 def apply_temperature(logits, temperature: float) -> np.ndarray:
     "Probabilities of `logits / temperature`: softmax for [n, C] logits, sigmoid for 1-D binary logits."
-    if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     z = _logits(logits, "logits") / temperature
     return expit(z) if z.ndim == 1 else softmax(z, axis=1)
 
-
+# %% ../nbs/55_evaluate.ipynb #0fe0fa36
 def _nll_at(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     "Mean NLL of labels `y` under logits `z / temperature` (numerically stable)."
     s = z / temperature
-    if s.ndim == 1: return float(-np.mean(np.where(y == 1, log_expit(s), log_expit(-s))))
+    if s.ndim == 1:
+        return float(-np.mean(np.where(y == 1, log_expit(s), log_expit(-s))))
     return float(-np.mean(log_softmax(s, axis=1)[np.arange(len(y)), y]))
 
 # %% ../nbs/55_evaluate.ipynb #e6125765
@@ -238,9 +287,11 @@ def fit_temperature(logits_val, y_val, *, bounds: tuple[float, float] = (0.05, 2
     "The temperature T minimising the NLL of `y_val` under `logits_val / T` (validation rows only)."
     z = _logits(logits_val, "logits_val")
     y = _labels(y_val, "y_val", 2 if z.ndim == 1 else z.shape[1])
-    if len(y) != len(z) or len(y) == 0: raise ValueError(f"fit_temperature: {len(z)} logit rows for {len(y)} labels (need the same, > 0)")
-    res = minimize_scalar(lambda log_t: _nll_at(z, y, math.exp(log_t)), bounds=tuple(map(math.log, bounds)),
-                          method="bounded", options={"xatol": 1e-5})
+    if len(y) != len(z) or len(y) == 0:
+        raise ValueError(f"fit_temperature: {len(z)} logit rows for {len(y)} labels (need the same, > 0)")
+    res = minimize_scalar(
+        lambda log_t: _nll_at(z, y, math.exp(log_t)), bounds=tuple(map(math.log, bounds)), method="bounded", options={"xatol": 1e-5}
+    )
     return float(math.exp(res.x))
 
 # %% ../nbs/55_evaluate.ipynb #f0579cbf
@@ -249,53 +300,91 @@ def gate_usage(gate, y_true, classes: list[str], experts: list[str]) -> dict:
     g = np.asarray(gate, dtype=np.float64)
     if g.ndim != 2 or g.shape[1] != len(experts):
         raise ValueError(f"gate has shape {g.shape}, expected [n, {len(experts)}] for experts {list(experts)}")
-    if not np.all(np.isfinite(g)) or (g.size and g.min() < 0): raise ValueError("gate must hold finite, non-negative weights")
+    if not np.all(np.isfinite(g)) or (g.size and g.min() < 0):
+        raise ValueError("gate must hold finite, non-negative weights")
     y = _labels(y_true, "y_true", len(classes))
-    if len(y) != len(g) or len(y) == 0: raise ValueError(f"gate has {len(g)} rows, y_true {len(y)} (need the same, > 0)")
-    def mean(rows): return {e: float(v) for e, v in zip(experts, rows.mean(0))}
+    if len(y) != len(g) or len(y) == 0:
+        raise ValueError(f"gate has {len(g)} rows, y_true {len(y)} (need the same, > 0)")
+
+    def mean(rows):
+        return {e: float(v) for e, v in zip(experts, rows.mean(0))}
+
     support = np.bincount(y, minlength=len(classes))
-    return {"experts": list(experts), "overall": mean(g),
-            "per_class": {str(c): mean(g[y == i]) for i, c in enumerate(classes) if support[i]},
-            "support": {str(c): int(support[i]) for i, c in enumerate(classes)}}
+    return {
+        "experts": list(experts),
+        "overall": mean(g),
+        "per_class": {str(c): mean(g[y == i]) for i, c in enumerate(classes) if support[i]},
+        "support": {str(c): int(support[i]) for i, c in enumerate(classes)},
+    }
 
 # %% ../nbs/55_evaluate.ipynb #06c977d4
-def calibration_metrics(y_family, p_family, *, y_binary=None, p_attack=None, logits_val=None, y_val=None,
-                        logits=None, n_bins: int = 15) -> dict:
+def calibration_metrics(
+    y_family, p_family, *, y_binary=None, p_attack=None, logits_val=None, y_val=None, logits=None, n_bins: int = 15
+) -> dict:
     "ECE and NLL of the family probabilities (and ECE of p_attack), plus T and the scaled ECE/NLL when validation logits are given."
-    out = {"n_bins": n_bins, "ece_family": expected_calibration_error(y_family, p_family, n_bins),
-           "nll_family": negative_log_likelihood(y_family, p_family)}
-    if p_attack is not None: out["ece_binary"] = expected_calibration_error(y_binary, p_attack, n_bins)
+    out = {
+        "n_bins": n_bins,
+        "ece_family": expected_calibration_error(y_family, p_family, n_bins),
+        "nll_family": negative_log_likelihood(y_family, p_family),
+    }
+    if p_attack is not None:
+        out["ece_binary"] = expected_calibration_error(y_binary, p_attack, n_bins)
     if logits_val is not None:
-        if y_val is None: raise ValueError("calibration_metrics: logits_val given without y_val (family labels of the validation rows)")
+        if y_val is None:
+            raise ValueError("calibration_metrics: logits_val given without y_val (family labels of the validation rows)")
         T = fit_temperature(logits_val, y_val)
         z = np.log(np.clip(np.asarray(p_family, np.float64), 1e-12, 1)) if logits is None else logits
         scaled = apply_temperature(z, T)
-        out.update(temperature=T, ece_family_scaled=expected_calibration_error(y_family, scaled, n_bins),
-                   nll_family_scaled=negative_log_likelihood(y_family, scaled))
+        out.update(
+            temperature=T,
+            ece_family_scaled=expected_calibration_error(y_family, scaled, n_bins),
+            nll_family_scaled=negative_log_likelihood(y_family, scaled),
+        )
     return out
 
-
-def evaluate_predictions(*, y_family, y_binary, p_family, p_attack, classes: list[str], gate=None,
-                         experts: list[str] | None = None, logits_val=None, y_val=None, logits=None,
-                         threshold: float = 0.5, n_bins: int = 15, family_pred=None, operating_point: dict | None = None) -> dict:
+# %% ../nbs/55_evaluate.ipynb #80fc3997
+def evaluate_predictions(
+    *,
+    y_family,
+    y_binary,
+    p_family,
+    p_attack,
+    classes: list[str],
+    gate=None,
+    experts: list[str] | None = None,
+    logits_val=None,
+    y_val=None,
+    logits=None,
+    threshold: float = 0.5,
+    n_bins: int = 15,
+    family_pred=None,
+    operating_point: dict | None = None,
+) -> dict:
     "All metrics of one model's test predictions: {'binary', 'family', 'calibration'}, 'gate' when a gate is given, 'operating_point' when given."
-    out = {"binary": binary_metrics(y_binary, p_attack, threshold),
-           "family": family_metrics(y_family, p_family, classes, family_pred),
-           "calibration": calibration_metrics(y_family, p_family, y_binary=y_binary, p_attack=p_attack,
-                                              logits_val=logits_val, y_val=y_val, logits=logits, n_bins=n_bins)}
+    out = {
+        "binary": binary_metrics(y_binary, p_attack, threshold),
+        "family": family_metrics(y_family, p_family, classes, family_pred),
+        "calibration": calibration_metrics(
+            y_family, p_family, y_binary=y_binary, p_attack=p_attack, logits_val=logits_val, y_val=y_val, logits=logits, n_bins=n_bins
+        ),
+    }
     if family_pred is not None:
         out["family"]["macro_f1_argmax"] = family_metrics(y_family, p_family, classes)["macro_f1"]
         out["family"]["prediction"] = "verdict (decide): top attack family when is_attack, else benign"
-    if operating_point is not None: out["operating_point"] = dict(operating_point)
+    if operating_point is not None:
+        out["operating_point"] = dict(operating_point)
     if gate is not None:
-        if experts is None: raise ValueError("evaluate_predictions: gate given without experts (the expert names in gate order)")
+        if experts is None:
+            raise ValueError("evaluate_predictions: gate given without experts (the expert names in gate order)")
         out["gate"] = gate_usage(gate, y_family, classes, experts)
     return out
 
 
-DELTA_KEYS = {"binary": ("f1", "precision", "recall", "accuracy", "fpr", "roc_auc", "pr_auc", "fpr_at_recall_95", "fpr_at_recall_99"),
-              "family": ("macro_f1", "weighted_f1", "accuracy"),
-              "calibration": ("ece_family", "ece_family_scaled", "nll_family", "nll_family_scaled", "ece_binary")}
+DELTA_KEYS = {
+    "binary": ("f1", "precision", "recall", "accuracy", "fpr", "roc_auc", "pr_auc", "fpr_at_recall_95", "fpr_at_recall_99"),
+    "family": ("macro_f1", "weighted_f1", "accuracy"),
+    "calibration": ("ece_family", "ece_family_scaled", "nll_family", "nll_family_scaled", "ece_binary"),
+}
 
 
 def _diff(a, b) -> float | None:
@@ -303,7 +392,7 @@ def _diff(a, b) -> float | None:
     ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b))
     return float(a - b) if ok else None
 
-
+# %% ../nbs/55_evaluate.ipynb #1b8bec0e
 def compare(model_metrics: dict, baseline_metrics: dict) -> dict:
     "{'model', 'baseline', 'delta'}: delta is model minus baseline for the headline metrics both have (and per-class F1)."
     delta: dict = {}
@@ -312,23 +401,29 @@ def compare(model_metrics: dict, baseline_metrics: dict) -> dict:
         d = {k: _diff(m[k], b[k]) for k in keys if k in m and k in b}
         if section == "family" and "per_class" in m and "per_class" in b:
             d["per_class_f1"] = {c: _diff(v["f1"], b["per_class"][c]["f1"]) for c, v in m["per_class"].items() if c in b["per_class"]}
-        if d: delta[section] = d
+        if d:
+            delta[section] = d
     delta["note"] = "model minus baseline; higher is better except for fpr*, ece*, nll* (lower is better)"
     return {"model": model_metrics, "baseline": baseline_metrics, "delta": delta}
 
 # %% ../nbs/55_evaluate.ipynb #4bcf3e2a
 def _jsonable(obj, path: str, nulls: list[str]):
     "A JSON-ready copy of `obj`; non-finite floats become None and their dotted paths go to `nulls`."
-    if isinstance(obj, dict): return {str(k): _jsonable(v, f"{path}.{k}" if path else str(k), nulls) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)): return [_jsonable(v, f"{path}[{i}]", nulls) for i, v in enumerate(obj)]
-    if isinstance(obj, (bool, np.bool_)): return bool(obj)
-    if isinstance(obj, (int, np.integer)): return int(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, f"{path}.{k}" if path else str(k), nulls) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v, f"{path}[{i}]", nulls) for i, v in enumerate(obj)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
     if isinstance(obj, (float, np.floating)):
         if not math.isfinite(obj):
             nulls.append(path)
             return None
         return float(f"{float(obj):.6g}")
-    if obj is None or isinstance(obj, str): return obj
+    if obj is None or isinstance(obj, str):
+        return obj
     raise TypeError(f"write_metrics: value at '{path}' is a {type(obj).__name__}, not a number, string, list or dict")
 
 
@@ -336,7 +431,8 @@ def write_metrics(path: str | Path, metrics: dict) -> Path:
     "Write `metrics` (e.g. the output of `compare`) as JSON: floats rounded, NaN as null with a note naming the key."
     nulls: list[str] = []
     out = _jsonable(metrics, "", nulls)
-    if nulls: out["notes"] = [*out.get("notes", []), *(f"{p} is null: not defined on these rows (see the notes of its section)" for p in nulls)]
+    if nulls:
+        out["notes"] = [*out.get("notes", []), *(f"{p} is null: not defined on these rows (see the notes of its section)" for p in nulls)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
@@ -350,7 +446,8 @@ MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"
 def _thin(*arrays: np.ndarray, max_points: int = 2000) -> list[np.ndarray]:
     "The same evenly spaced subset (endpoints kept) of equally long arrays."
     n = len(arrays[0])
-    if n <= max_points: return list(arrays)
+    if n <= max_points:
+        return list(arrays)
     idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
     return [a[idx] for a in arrays]
 
@@ -358,20 +455,34 @@ def _thin(*arrays: np.ndarray, max_points: int = 2000) -> list[np.ndarray]:
 def fig_confusion(confusion: dict, *, title: str = "Confusion matrix (share of each true class)") -> go.Figure:
     "Heatmap of `family_metrics(...)['confusion_matrix']` normalised per true class; hover shows the counts."
     import plotly.graph_objects as go
+
     classes, cm = confusion["classes"], np.asarray(confusion["matrix"], dtype=np.float64)
     rows = cm.sum(1, keepdims=True)
     share = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
-    fig = go.Figure(go.Heatmap(z=share, x=classes, y=classes, customdata=cm.astype(int), zmin=0, zmax=1,
-                               colorscale="Blues", texttemplate="%{z:.2f}", name="confusion",
-                               hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.3f}<br>count %{customdata}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="predicted class", yaxis_title="true class",
-                      yaxis_autorange="reversed", width=700, height=600)
+    fig = go.Figure(
+        go.Heatmap(
+            z=share,
+            x=classes,
+            y=classes,
+            customdata=cm.astype(int),
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            texttemplate="%{z:.2f}",
+            name="confusion",
+            hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.3f}<br>count %{customdata}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title, xaxis_title="predicted class", yaxis_title="true class", yaxis_autorange="reversed", width=700, height=600
+    )
     return fig
 
-
+# %% ../nbs/55_evaluate.ipynb #0305ba4b
 def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_points: int = 2000) -> go.Figure:
     "PR and ROC curves of each model in `scores` ({name: (y_binary, p_attack)}), with the operating points at `recalls` and their FPR."
     from plotly.subplots import make_subplots
+
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Precision-recall", "ROC"))
     for j, (name, (y, p)) in enumerate(scores.items()):
         color = MODEL_COLORS[j % len(MODEL_COLORS)]
@@ -387,11 +498,33 @@ def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_p
             label = f"{name} @{r * 100:g}% recall"
             text = f"{label}: FPR {op['fpr']:.4f}, threshold {op['threshold']:.4g}"
             marker = dict(color=color, size=10, symbol=("circle", "diamond", "square", "x")[k % 4])
-            fig.add_scatter(x=[op["recall"]], y=[op["precision"]], mode="markers", marker=marker, name=label,
-                            legendgroup=name, hovertext=[text], hoverinfo="text", row=1, col=1)
-            fig.add_scatter(x=[op["fpr"]], y=[op["recall"]], mode="markers+text", marker=marker, name=label,
-                            showlegend=False, legendgroup=name, text=[f"FPR {op['fpr']:.3g}"], textposition="middle right",
-                            hovertext=[text], hoverinfo="text", row=1, col=2)
+            fig.add_scatter(
+                x=[op["recall"]],
+                y=[op["precision"]],
+                mode="markers",
+                marker=marker,
+                name=label,
+                legendgroup=name,
+                hovertext=[text],
+                hoverinfo="text",
+                row=1,
+                col=1,
+            )
+            fig.add_scatter(
+                x=[op["fpr"]],
+                y=[op["recall"]],
+                mode="markers+text",
+                marker=marker,
+                name=label,
+                showlegend=False,
+                legendgroup=name,
+                text=[f"FPR {op['fpr']:.3g}"],
+                textposition="middle right",
+                hovertext=[text],
+                hoverinfo="text",
+                row=1,
+                col=2,
+            )
     fig.update_xaxes(title_text="recall", range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(title_text="precision", range=[0, 1.02], row=1, col=1)
     fig.update_xaxes(title_text="false-positive rate", row=1, col=2)
@@ -403,61 +536,104 @@ def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_p
 def fig_per_class_f1(family: dict) -> go.Figure:
     "Grouped bars of per-class F1 for each model in `family` ({name: family_metrics(...)}); hover shows support."
     import plotly.graph_objects as go
+
     fig = go.Figure()
     for j, (name, fm) in enumerate(family.items()):
         cls = list(fm["per_class"])
         f1 = [fm["per_class"][c]["f1"] for c in cls]
-        fig.add_bar(x=cls, y=[None if math.isnan(v) else v for v in f1], name=name, marker_color=MODEL_COLORS[j % len(MODEL_COLORS)],
-                    customdata=[fm["per_class"][c]["support"] for c in cls],
-                    hovertemplate=f"{name}<br>%{{x}}: F1 %{{y:.3f}}<br>support %{{customdata}}<extra></extra>")
-    fig.update_layout(title="F1 per family", barmode="group", yaxis_title="F1", yaxis_range=[0, 1.02],
-                      width=900, height=450)
+        fig.add_bar(
+            x=cls,
+            y=[None if math.isnan(v) else v for v in f1],
+            name=name,
+            marker_color=MODEL_COLORS[j % len(MODEL_COLORS)],
+            customdata=[fm["per_class"][c]["support"] for c in cls],
+            hovertemplate=f"{name}<br>%{{x}}: F1 %{{y:.3f}}<br>support %{{customdata}}<extra></extra>",
+        )
+    fig.update_layout(title="F1 per family", barmode="group", yaxis_title="F1", yaxis_range=[0, 1.02], width=900, height=450)
     return fig
 
 
 def fig_gate_usage(usage: dict) -> go.Figure:
     "Heatmap of the mean gate weight per expert (columns) for each true class and overall (rows), from `gate_usage`."
     import plotly.graph_objects as go
+
     rows = [*usage["per_class"], "overall"]
-    z = [[usage["per_class"][r][e] for e in usage["experts"]] for r in usage["per_class"]] + [[usage["overall"][e] for e in usage["experts"]]]
-    fig = go.Figure(go.Heatmap(z=z, x=usage["experts"], y=rows, zmin=0, zmax=1, colorscale="Viridis", name="gate",
-                               texttemplate="%{z:.2f}", hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title="Mean gate weight per expert and class", xaxis_title="expert", yaxis_title="true class",
-                      yaxis_autorange="reversed", width=600, height=220 + 45 * len(rows))
+    z = [[usage["per_class"][r][e] for e in usage["experts"]] for r in usage["per_class"]] + [
+        [usage["overall"][e] for e in usage["experts"]]
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=usage["experts"],
+            y=rows,
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            name="gate",
+            texttemplate="%{z:.2f}",
+            hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title="Mean gate weight per expert and class",
+        xaxis_title="expert",
+        yaxis_title="true class",
+        yaxis_autorange="reversed",
+        width=600,
+        height=220 + 45 * len(rows),
+    )
     return fig
 
-
+# %% ../nbs/55_evaluate.ipynb #57a74fb2
 def fig_reliability(probs: dict, *, n_bins: int = 15) -> go.Figure:
     "Reliability diagram (top-label accuracy vs confidence per bin) for each model in `probs` ({name: (y_true, probs)})."
     import plotly.graph_objects as go
-    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
-                               line=dict(color="grey", dash="dash")))
+
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=dict(color="grey", dash="dash")))
     for j, (name, (y, p)) in enumerate(probs.items()):
         t = reliability_bins(y, p, n_bins)
         used = t["count"] > 0
         ece = expected_calibration_error(y, p, n_bins)
-        fig.add_scatter(x=t["confidence"][used], y=t["accuracy"][used], mode="lines+markers", name=f"{name} (ECE {ece:.3f})", line_color=MODEL_COLORS[j % len(MODEL_COLORS)],
-                        customdata=t["count"][used], hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>rows %{customdata}<extra></extra>")
-    fig.update_layout(title="Reliability (top label)", xaxis_title="mean confidence", yaxis_title="accuracy",
-                      xaxis_range=[0, 1], yaxis_range=[0, 1.02], width=600, height=550)
+        fig.add_scatter(
+            x=t["confidence"][used],
+            y=t["accuracy"][used],
+            mode="lines+markers",
+            name=f"{name} (ECE {ece:.3f})",
+            line_color=MODEL_COLORS[j % len(MODEL_COLORS)],
+            customdata=t["count"][used],
+            hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>rows %{customdata}<extra></extra>",
+        )
+    fig.update_layout(
+        title="Reliability (top label)",
+        xaxis_title="mean confidence",
+        yaxis_title="accuracy",
+        xaxis_range=[0, 1],
+        yaxis_range=[0, 1.02],
+        width=600,
+        height=550,
+    )
     return fig
 
 
 def evaluation_figures(*, y_family, y_binary, predictions: dict, metrics: dict, n_bins: int = 15) -> dict:
     "The standard figures of a run: `predictions` {name: {'p_family', 'p_attack'}}, `metrics` {name: evaluate_predictions(...)}."
-    figs = {f"confusion_{name}": fig_confusion(m["family"]["confusion_matrix"], title=f"Confusion matrix, {name} (share of each true class)")
-            for name, m in metrics.items()}
+    figs = {
+        f"confusion_{name}": fig_confusion(m["family"]["confusion_matrix"], title=f"Confusion matrix, {name} (share of each true class)")
+        for name, m in metrics.items()
+    }
     figs["pr_roc"] = fig_pr_roc({n: (y_binary, p["p_attack"]) for n, p in predictions.items()})
     figs["per_class_f1"] = fig_per_class_f1({n: m["family"] for n, m in metrics.items()})
     figs["reliability"] = fig_reliability({n: (y_family, p["p_family"]) for n, p in predictions.items()}, n_bins=n_bins)
     for name, m in metrics.items():
-        if "gate" in m: figs[f"gate_{name}"] = fig_gate_usage(m["gate"])
+        if "gate" in m:
+            figs[f"gate_{name}"] = fig_gate_usage(m["gate"])
     return figs
 
 # %% ../nbs/55_evaluate.ipynb #afabc59c
 def save_figures(figs: dict, out_dir: str | Path, *, include_plotlyjs: bool | str = "directory") -> dict[str, Path]:
     "Write each figure as `<name>.html` in `out_dir`; with 'directory' plotly.min.js is written once beside them (works offline)."
-    if include_plotlyjs == "cdn": raise ValueError("save_figures: include_plotlyjs='cdn' needs internet access; use 'directory' or True")
+    if include_plotlyjs == "cdn":
+        raise ValueError("save_figures: include_plotlyjs='cdn' needs internet access; use 'directory' or True")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

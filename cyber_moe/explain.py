@@ -28,14 +28,17 @@ BACKGROUND_KEY = "background"
 def stratified_positions(frame: pd.DataFrame, n: int, seed: int) -> np.ndarray:
     "Sorted positions of up to `n` rows: an equal share per `family` value (all rows of small families), the rest at random."
     rng = np.random.default_rng(seed)
-    if n >= len(frame): return np.arange(len(frame))
-    if FAMILY not in frame.columns: return np.sort(rng.choice(len(frame), n, replace=False))
+    if n >= len(frame):
+        return np.arange(len(frame))
+    if FAMILY not in frame.columns:
+        return np.sort(rng.choice(len(frame), n, replace=False))
     codes = pd.factorize(frame[FAMILY].astype(str))[0]
     groups = [rng.permutation(np.flatnonzero(codes == k)) for k in range(codes.max() + 1)]
     take, left = [], n
     for i, g in enumerate(sorted(groups, key=len)):  # smallest families first, each gets its share of what is left
         k = min(len(g), left // (len(groups) - i))
-        take.append(g[:k]); left -= k
+        take.append(g[:k])
+        left -= k
     return np.sort(np.concatenate(take))
 
 
@@ -43,7 +46,8 @@ def make_background(train: pd.DataFrame, *, schema: FlowSchema, n: int = 100, se
     "Up to `n` training rows (stratified by family when present), the schema's raw feature columns only."
     train = strip_columns(pd.DataFrame(train))
     schema.check_columns(train.columns, where="make_background input (training rows)")
-    if n < 1 or len(train) == 0: raise ValueError(f"make_background: need n >= 1 and training rows, got n={n} and {len(train)} row(s)")
+    if n < 1 or len(train) == 0:
+        raise ValueError(f"make_background: need n >= 1 and training rows, got n={n} and {len(train)} row(s)")
     return train.iloc[stratified_positions(train, n, seed)].loc[:, _raw_columns(schema)].reset_index(drop=True)
 
 # %% ../nbs/70_explain.ipynb #bd1ee165
@@ -54,7 +58,8 @@ def _raw_columns(schema: FlowSchema) -> list[str]:
 
 def _json_column(s: pd.Series) -> list:
     "Plain Python values of a column: floats (NaN and infinities kept) for numeric columns, else strings (None when missing)."
-    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s): return s.to_numpy(np.float64, na_value=np.nan).tolist()
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        return s.to_numpy(np.float64, na_value=np.nan).tolist()
     return [None if pd.isna(v) else str(v) for v in s.tolist()]
 
 
@@ -62,7 +67,8 @@ def attach_background(bundle: ModelBundle, background: pd.DataFrame) -> ModelBun
     "Store `background` (e.g. from `make_background`) in `bundle.extra`, JSON-ready; returns the bundle."
     bg = strip_columns(pd.DataFrame(background))
     bundle.schema.check_columns(bg.columns, where="attach_background input")
-    if bg.empty: raise ValueError("attach_background: the background has no rows; pass training rows (make_background)")
+    if bg.empty:
+        raise ValueError("attach_background: the background has no rows; pass training rows (make_background)")
     cols = _raw_columns(bundle.schema)
     bundle.extra[BACKGROUND_KEY] = {"columns": cols, "data": {c: _json_column(bg[c]) for c in cols}}
     return bundle
@@ -71,7 +77,8 @@ def attach_background(bundle: ModelBundle, background: pd.DataFrame) -> ModelBun
 def bundle_background(bundle: ModelBundle) -> pd.DataFrame | None:
     "The background rows stored by `attach_background` as a frame of raw feature columns, or None if the bundle has none."
     rec = bundle.extra.get(BACKGROUND_KEY)
-    if rec is None: return None
+    if rec is None:
+        return None
     return pd.DataFrame({c: rec["data"][c] for c in rec["columns"]})
 
 # %% ../nbs/70_explain.ipynb #71116e76
@@ -81,7 +88,7 @@ def reference_flow(bundle: ModelBundle) -> pd.DataFrame:
     med = dict(zip(pre.state.num.columns, pre.state.num.median))
     ref = pre.reference["categorical"]
     row = {c: med[c] if c in med else (ref[c]["values"][0] if ref[c]["values"] else None) for c in sc.features}
-    if sc.sequence:     # one packet of the median training size, the rest padding
+    if sc.sequence:  # one packet of the median training size, the rest padding
         row |= {c: -1.0 for c in sc.sequence_columns}
         row |= {"splt_dir_0": 0.0, "splt_ps_0": float(np.expm1(pre.state.seq["ps_center"])), "splt_piat_0": 0.0}
     return pd.DataFrame([row], columns=_raw_columns(sc))
@@ -92,16 +99,18 @@ def _outputs(bundle: ModelBundle) -> list[str]:
     return ["p_attack", *[f"p_{c}" for c in bundle.classes], *[f"gate_{e}" for e in bundle.experts]]
 
 
-SEQ_PLAYERS = ("seq_direction", "seq_size", "seq_iat")   # one player per packet-sequence channel: all its positions at once
+SEQ_PLAYERS = ("seq_direction", "seq_size", "seq_iat")  # one player per packet-sequence channel: all its positions at once
 
 
 def _players(bundle: ModelBundle, per_position: bool = False) -> tuple[list[str], np.ndarray]:
     "(player names, player of each encoded column): the raw features, then for a sequence model one player per channel (or per channel and packet position)."
     M, N = len(bundle.schema.features), bundle.schema.sequence
-    if not N: return list(bundle.schema.features), np.arange(M)
-    ch = np.tile(np.array([0, 1, 2, 1]), N)   # x_seq channels dir, size, time, mask: the mask goes with size
-    if not per_position: return list(bundle.schema.features) + list(SEQ_PLAYERS), np.concatenate([np.arange(M), M + ch])
-    names = [f"{p}_{i}" for p in SEQ_PLAYERS for i in range(N)]   # channel by channel, positions in order
+    if not N:
+        return list(bundle.schema.features), np.arange(M)
+    ch = np.tile(np.array([0, 1, 2, 1]), N)  # x_seq channels dir, size, time, mask: the mask goes with size
+    if not per_position:
+        return list(bundle.schema.features) + list(SEQ_PLAYERS), np.concatenate([np.arange(M), M + ch])
+    names = [f"{p}_{i}" for p in SEQ_PLAYERS for i in range(N)]  # channel by channel, positions in order
     return list(bundle.schema.features) + names, np.concatenate([np.arange(M), M + ch * N + np.repeat(np.arange(N), 4)])
 
 # %% ../nbs/70_explain.ipynb #3d66fc75
@@ -110,18 +119,25 @@ def _encode(bundle: ModelBundle, df: pd.DataFrame, where: str) -> np.ndarray:
     a = bundle.preprocessor.transform(df, where=where)
     z = np.hstack([a["x_num"].astype(np.float64), a["x_cat"].astype(np.float64), a["x_time"].astype(np.float64)])
     if z.shape[1] != len(bundle.schema.features):
-        raise RuntimeError(f"{where}: the preprocessor made {z.shape[1]} array columns for {len(bundle.schema.features)} raw features; "
-                           "explanations need one column per raw feature")
-    if "x_seq" in a: z = np.hstack([z, a["x_seq"].reshape(len(z), -1).astype(np.float64)])
+        raise RuntimeError(
+            f"{where}: the preprocessor made {z.shape[1]} array columns for {len(bundle.schema.features)} raw features; "
+            "explanations need one column per raw feature"
+        )
+    if "x_seq" in a:
+        z = np.hstack([z, a["x_seq"].reshape(len(z), -1).astype(np.float64)])
     return z
 
 
 def _evaluate(bundle: ModelBundle, z: np.ndarray) -> np.ndarray:
     "Model outputs [n, 1 + n_classes + n_experts] (p_attack, family probabilities, gate weights) of encoded rows `z`."
     n_num, n_cat, M = len(bundle.schema.numeric), len(bundle.schema.categorical), len(bundle.schema.features)
-    arrays = {"x_num": z[:, :n_num].astype(np.float32), "x_cat": np.rint(z[:, n_num:n_num + n_cat]).astype(np.int64),
-              "x_time": z[:, n_num + n_cat:M].astype(np.float32)}
-    if bundle.schema.sequence: arrays["x_seq"] = np.ascontiguousarray(z[:, M:].reshape(len(z), bundle.schema.sequence, 4).astype(np.float32))
+    arrays = {
+        "x_num": z[:, :n_num].astype(np.float32),
+        "x_cat": np.rint(z[:, n_num : n_num + n_cat]).astype(np.int64),
+        "x_time": z[:, n_num + n_cat : M].astype(np.float32),
+    }
+    if bundle.schema.sequence:
+        arrays["x_seq"] = np.ascontiguousarray(z[:, M:].reshape(len(z), bundle.schema.sequence, 4).astype(np.float32))
     p = bundle.predict_arrays(arrays)
     return np.column_stack([p["p_attack"], p["p_classes"], p["gate"]]).astype(np.float64)
 
@@ -131,16 +147,16 @@ def _coalitions(order: np.ndarray, n_features: int) -> np.ndarray:
     m = len(order)
     tri = np.tri(m - 1, m, dtype=bool)  # row k holds the first k+1 features of the order
     masks = np.ones((2 * (m - 1), n_features), bool)  # features outside `order` equal the background anyway
-    masks[:m - 1, order] = tri
-    masks[m - 1:, order] = ~tri
+    masks[: m - 1, order] = tri
+    masks[m - 1 :, order] = ~tri
     return masks
 
 
 def _credit(order: np.ndarray, v: np.ndarray, base: np.ndarray, fx: np.ndarray, phi: np.ndarray) -> None:
     "Add one antithetic pass's credits to `phi` [M, K] from the coalition values `v` [2 (m-1), K]."
     m = len(order)
-    fwd = np.vstack([base, v[:m - 1], fx])        # value after adding the first k features, k = 0..m
-    bwd = np.vstack([fx, v[m - 1:], base])        # value after removing the first k features, k = 0..m
+    fwd = np.vstack([base, v[: m - 1], fx])  # value after adding the first k features, k = 0..m
+    bwd = np.vstack([fx, v[m - 1 :], base])  # value after removing the first k features, k = 0..m
     phi[order] += (fwd[1:] - fwd[:-1]) + (bwd[:-1] - bwd[1:])
 
 
@@ -149,17 +165,21 @@ def _player_values(bundle: ModelBundle, rows: pd.DataFrame, per_position: bool =
     out = rows.loc[:, list(bundle.schema.features)].reset_index(drop=True)
     if bundle.schema.sequence:
         from cyber_moe.schema import sequence_array
+
         x, mask = sequence_array(rows, bundle.schema, where="rows to explain")
         for c, name in enumerate(SEQ_PLAYERS):
             if per_position:
-                for i in range(bundle.schema.sequence): out[f"{name}_{i}"] = [float(x[r, i, c]) if mask[r, i] else None for r in range(len(x))]
-            else: out[name] = [[float(v) for v in x[r, mask[r], c]] for r in range(len(x))]
+                for i in range(bundle.schema.sequence):
+                    out[f"{name}_{i}"] = [float(x[r, i, c]) if mask[r, i] else None for r in range(len(x))]
+            else:
+                out[name] = [[float(v) for v in x[r, mask[r], c]] for r in range(len(x))]
     return out
 
 # %% ../nbs/70_explain.ipynb #53b89571
 @dataclass
 class FlowShap:
     "SHAP values of raw rows: `values` [n, M, K] (row, feature, output), `base_values` [K], `predictions` [n, K]."
+
     values: np.ndarray
     base_values: np.ndarray
     predictions: np.ndarray
@@ -173,16 +193,18 @@ class FlowShap:
 
     def output(self, name: str) -> int:
         "Column of output `name` ('p_attack', 'p_<family>', 'gate_<expert>') in `values`."
-        if name not in self.outputs: raise KeyError(f"no output '{name}'; explained outputs: {', '.join(self.outputs)}")
+        if name not in self.outputs:
+            raise KeyError(f"no output '{name}'; explained outputs: {', '.join(self.outputs)}")
         return self.outputs.index(name)
 
     def importance(self, by: str | None = None) -> pd.DataFrame:
         "Mean |SHAP| per feature: one row for p_attack (`by=None`), per family (`'family'`) or per expert's gate weight (`'expert'`)."
         prefix = {None: None, "family": "p_", "expert": "gate_"}
-        if by not in prefix: raise ValueError(f"importance: by={by!r} unknown; use None, 'family' or 'expert'")
+        if by not in prefix:
+            raise ValueError(f"importance: by={by!r} unknown; use None, 'family' or 'expert'")
         names = ["p_attack"] if by is None else [o for o in self.outputs if o.startswith(prefix[by]) and o != "p_attack"]
         imp = np.abs(self.values[:, :, [self.output(o) for o in names]]).mean(0).T
-        index = pd.Index([o if by is None else o[len(prefix[by]):] for o in names], name=by or "target")
+        index = pd.Index([o if by is None else o[len(prefix[by]) :] for o in names], name=by or "target")
         out = pd.DataFrame(imp, index=index, columns=self.features)
         out = out[out.columns[np.argsort(-out.to_numpy().mean(0), kind="stable")]]
         out.attrs.update(n_rows=len(self.rows), n_background=self.n_background, background=self.background, by=by)
@@ -192,11 +214,14 @@ class FlowShap:
 def _background_matrix(bundle: ModelBundle, background, n_background: int | None, rng) -> tuple[np.ndarray, str]:
     "Encoded background rows (a seeded subset of at most `n_background`) and a description of where they came from."
     given = background is not None
-    if not given: background = bundle_background(bundle)
-    if background is None: bg, what = reference_flow(bundle), "training medians (the bundle carries no background sample)"
+    if not given:
+        background = bundle_background(bundle)
+    if background is None:
+        bg, what = reference_flow(bundle), "training medians (the bundle carries no background sample)"
     else:
         bg = strip_columns(pd.DataFrame(background))
-        if bg.empty: raise ValueError("background has no rows; pass training rows (make_background) or None for the bundle's")
+        if bg.empty:
+            raise ValueError("background has no rows; pass training rows (make_background) or None for the bundle's")
         what = f"{len(bg)} background rows given" if given else f"the bundle's {len(bg)} training rows"
     if n_background is not None and len(bg) > n_background:
         bg = bg.iloc[np.sort(rng.choice(len(bg), n_background, replace=False))]
@@ -205,14 +230,25 @@ def _background_matrix(bundle: ModelBundle, background, n_background: int | None
     return _encode(bundle, bg, "background"), what
 
 # %% ../nbs/70_explain.ipynb #0d70f907
-def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFrame | None = None, n_background: int | None = None,
-              n_permutations: int = 1, seed: int = 0, batch_rows: int = 65_536, per_position: bool = False) -> FlowShap:
+def shap_rows(
+    bundle: ModelBundle,
+    rows: pd.DataFrame,
+    *,
+    background: pd.DataFrame | None = None,
+    n_background: int | None = None,
+    n_permutations: int = 1,
+    seed: int = 0,
+    batch_rows: int = 65_536,
+    per_position: bool = False,
+) -> FlowShap:
     "SHAP values of every output for raw `rows` against `background` (the bundle's when None): antithetic permutation sampling; `per_position`: one sequence player per channel and packet position."
     t0 = time.perf_counter()
-    if n_permutations < 1: raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
     rng = np.random.default_rng(seed)
     rows = strip_columns(pd.DataFrame(rows))
-    if rows.empty: raise SchemaError("no rows to explain: the input frame is empty")
+    if rows.empty:
+        raise SchemaError("no rows to explain: the input frame is empty")
     feats, player = _players(bundle, per_position)
     bundle.schema.check_columns(rows.columns, where="rows to explain")
     z = _encode(bundle, rows, "rows to explain")
@@ -224,79 +260,129 @@ def shap_rows(bundle: ModelBundle, rows: pd.DataFrame, *, background: pd.DataFra
     jobs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, order, masks) waiting for one batched evaluation
 
     def run():
-        if not jobs: return
+        if not jobs:
+            return
         x = np.concatenate([np.where(mk[:, player][:, None, :], z[i][None, None, :], zb[None, :, :]).reshape(-1, C) for i, _, mk in jobs])
         v = _evaluate(bundle, x)
         at = 0
         for i, order, mk in jobs:
             k = len(mk) * N
-            _credit(order, v[at:at + k].reshape(len(mk), N, -1).mean(1), base, fx[i], phi[i]); at += k
+            _credit(order, v[at : at + k].reshape(len(mk), N, -1).mean(1), base, fx[i], phi[i])
+            at += k
         jobs.clear()
 
     for i in range(n):
         varying = np.unique(player[(zb != z[i]).any(0)])
-        if len(varying) == 0: continue  # the flow equals every background row: all contributions are 0
+        if len(varying) == 0:
+            continue  # the flow equals every background row: all contributions are 0
         for _ in range(n_permutations):
             order = rng.permutation(varying)
             jobs.append((i, order, _coalitions(order, M)))
-            if sum(len(mk) for _, _, mk in jobs) * N >= batch_rows: run()
+            if sum(len(mk) for _, _, mk in jobs) * N >= batch_rows:
+                run()
     run()
     phi /= 2 * n_permutations
-    return FlowShap(values=phi, base_values=base, predictions=fx, features=feats, outputs=_outputs(bundle),
-                    rows=_player_values(bundle, rows, per_position), n_background=N, background=what,
-                    seconds=time.perf_counter() - t0, info={"n_permutations": n_permutations, "seed": seed})
+    return FlowShap(
+        values=phi,
+        base_values=base,
+        predictions=fx,
+        features=feats,
+        outputs=_outputs(bundle),
+        rows=_player_values(bundle, rows, per_position),
+        n_background=N,
+        background=what,
+        seconds=time.perf_counter() - t0,
+        info={"n_permutations": n_permutations, "seed": seed},
+    )
 
 # %% ../nbs/70_explain.ipynb #2b3aa0c2
 def _plain(v: Any) -> Any:
     "A JSON-ready raw value: Python numbers, non-finite floats as 'NaN' / 'Infinity' / '-Infinity', other values as they are."
-    if isinstance(v, np.generic): v = v.item()
-    if isinstance(v, float) and not np.isfinite(v): return "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
     return v
 
 
 def _one_row(row) -> pd.DataFrame:
     "A one-row frame from a dict, a Series or a one-row DataFrame."
-    if isinstance(row, pd.DataFrame): df = row
-    elif isinstance(row, pd.Series): df = row.to_frame().T
-    elif isinstance(row, dict): df = pd.DataFrame([row])
-    else: raise TypeError(f"explain_flow: row must be a dict, a pandas Series or a one-row DataFrame, not {type(row).__name__}")
-    if len(df) != 1: raise ValueError(f"explain_flow explains one flow, got {len(df)} rows; use shap_rows for many")
+    if isinstance(row, pd.DataFrame):
+        df = row
+    elif isinstance(row, pd.Series):
+        df = row.to_frame().T
+    elif isinstance(row, dict):
+        df = pd.DataFrame([row])
+    else:
+        raise TypeError(f"explain_flow: row must be a dict, a pandas Series or a one-row DataFrame, not {type(row).__name__}")
+    if len(df) != 1:
+        raise ValueError(f"explain_flow explains one flow, got {len(df)} rows; use shap_rows for many")
     if isinstance(row, pd.Series):  # a row taken out of a frame arrives as object dtype: restore numbers
         df = df.apply(lambda s: pd.to_numeric(s) if all(isinstance(v, (int, float, np.number)) for v in s) else s)
     return df
 
-
-def explain_flow(bundle: ModelBundle, row: dict | pd.Series | pd.DataFrame, *, top_k: int | None = 10, background: pd.DataFrame | None = None,
-                 n_background: int | None = 25, target: str = "p_attack", n_permutations: int = 1, seed: int = 0) -> dict:
+# %% ../nbs/70_explain.ipynb #e0b7b19a
+def explain_flow(
+    bundle: ModelBundle,
+    row: dict | pd.Series | pd.DataFrame,
+    *,
+    top_k: int | None = 10,
+    background: pd.DataFrame | None = None,
+    n_background: int | None = 25,
+    target: str = "p_attack",
+    n_permutations: int = 1,
+    seed: int = 0,
+) -> dict:
     "The features that moved `target` (default p_attack) most for one raw flow: SHAP contributions, largest |contribution| first."
     t0 = time.perf_counter()
     res = shap_rows(bundle, _one_row(row), background=background, n_background=n_background, n_permutations=n_permutations, seed=seed)
     pred = dict(zip(res.outputs, res.predictions[0]))
     from cyber_moe.evaluate import decide
+
     verdict = decide(np.array([[pred[f"p_{c}"] for c in bundle.classes]]), bundle.threshold, benign_index=bundle.benign_index)
-    fam = bundle.classes[int(verdict["family_index"][0])]     # the bundle's own verdict rule
+    fam = bundle.classes[int(verdict["family_index"][0])]  # the bundle's own verdict rule
     name = f"p_{fam}" if target == "family" else target
     k = res.output(name)
     phi = res.values[0, :, k]
     order = np.argsort(-np.abs(phi), kind="stable")
-    top = order if top_k is None else order[:max(0, int(top_k))]
+    top = order if top_k is None else order[: max(0, int(top_k))]
     raw = res.rows.iloc[0]
-    return {"target": name, "base_value": float(res.base_values[k]), "value": float(res.predictions[0, k]),
-            "contributions": [{"feature": res.features[j], "value": _plain(raw.iloc[j]), "contribution": float(phi[j])} for j in top],
-            "rest": float(phi[order[len(top):]].sum()), "n_features": len(res.features),
-            "family": fam, "p_family": float(pred[f"p_{fam}"]), "is_attack": int(verdict["is_attack"][0]),
-            "gate": {e: float(pred[f"gate_{e}"]) for e in bundle.experts},
-            "background": res.background, "n_background": res.n_background, "seconds": time.perf_counter() - t0}
+    return {
+        "target": name,
+        "base_value": float(res.base_values[k]),
+        "value": float(res.predictions[0, k]),
+        "contributions": [{"feature": res.features[j], "value": _plain(raw.iloc[j]), "contribution": float(phi[j])} for j in top],
+        "rest": float(phi[order[len(top) :]].sum()),
+        "n_features": len(res.features),
+        "family": fam,
+        "p_family": float(pred[f"p_{fam}"]),
+        "is_attack": int(verdict["is_attack"][0]),
+        "gate": {e: float(pred[f"gate_{e}"]) for e in bundle.experts},
+        "background": res.background,
+        "n_background": res.n_background,
+        "seconds": time.perf_counter() - t0,
+    }
 
 # %% ../nbs/70_explain.ipynb #1cf97151
-def global_importance(bundle: ModelBundle, frame: pd.DataFrame, *, background: pd.DataFrame | None = None, n: int = 100,
-                      by: str | None = None, n_background: int | None = 20, n_permutations: int = 1, seed: int = 0) -> pd.DataFrame:
+def global_importance(
+    bundle: ModelBundle,
+    frame: pd.DataFrame,
+    *,
+    background: pd.DataFrame | None = None,
+    n: int = 100,
+    by: str | None = None,
+    n_background: int | None = 20,
+    n_permutations: int = 1,
+    seed: int = 0,
+) -> pd.DataFrame:
     "Mean |SHAP| per raw feature over `n` sampled flows of `frame`: for p_attack (`by=None`), per family or per expert's gate weight."
     frame = strip_columns(pd.DataFrame(frame))
-    if frame.empty: raise SchemaError("global_importance: the frame has no rows")
+    if frame.empty:
+        raise SchemaError("global_importance: the frame has no rows")
     rows = frame.iloc[stratified_positions(frame, n, seed)]
-    return shap_rows(bundle, rows, background=background, n_background=n_background, n_permutations=n_permutations,
-                     seed=seed).importance(by)
+    return shap_rows(bundle, rows, background=background, n_background=n_background, n_permutations=n_permutations, seed=seed).importance(
+        by
+    )
 
 # %% ../nbs/70_explain.ipynb #84c39bc2
 KIND_COLORS = {"numeric": "#4C78A8", "categorical": "#F58518", "timing": "#54A24B", "sequence": "#B279A2"}
@@ -305,39 +391,62 @@ KIND_COLORS = {"numeric": "#4C78A8", "categorical": "#F58518", "timing": "#54A24
 def feature_kind(schema: FlowSchema, name: str) -> str:
     "'numeric', 'categorical', 'timing' or 'sequence' (a packet-sequence channel): the kind of player `name` in `schema`."
     for kind in ("numeric", "categorical", "timing"):
-        if name in getattr(schema, kind): return kind
-    if schema.sequence and name in SEQ_PLAYERS: return "sequence"
+        if name in getattr(schema, kind):
+            return kind
+    if schema.sequence and name in SEQ_PLAYERS:
+        return "sequence"
     raise KeyError(f"'{name}' is not a feature of schema {schema.name}")
 
 
 def _short(v: Any) -> str:
-    if isinstance(v, list): return "[" + ", ".join(f"{x:.3g}" for x in v[:4]) + (f", … {len(v)} packets]" if len(v) > 4 else "]")
+    if isinstance(v, list):
+        return "[" + ", ".join(f"{x:.3g}" for x in v[:4]) + (f", … {len(v)} packets]" if len(v) > 4 else "]")
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def fig_flow_explanation(explanation: dict, *, title: str | None = None):
     "Plotly waterfall of an `explain_flow` result: base value, top contributions, the rest, the flow's value."
     import plotly.graph_objects as go
+
     cs = explanation["contributions"][::-1]  # plotly draws the first bar at the bottom
     n_rest = explanation["n_features"] - len(explanation["contributions"])
-    labels = ["base value"] + ([f"{n_rest} other features"] if n_rest else []) + [f"{c['feature']} = {_short(c['value'])}" for c in cs] + [explanation["target"]]
+    labels = (
+        ["base value"]
+        + ([f"{n_rest} other features"] if n_rest else [])
+        + [f"{c['feature']} = {_short(c['value'])}" for c in cs]
+        + [explanation["target"]]
+    )
     deltas = ([explanation["rest"]] if n_rest else []) + [c["contribution"] for c in cs]
-    fig = go.Figure(go.Waterfall(orientation="h", y=labels, x=[explanation["base_value"], *deltas, explanation["value"]],
-                                 measure=["absolute"] + ["relative"] * len(deltas) + ["total"],
-                                 text=[f"{explanation['base_value']:.3f}", *[f"{d:+.3f}" for d in deltas], f"{explanation['value']:.3f}"],
-                                 increasing={"marker": {"color": "#D62728"}}, decreasing={"marker": {"color": "#1F77B4"}}))
-    fig.update_layout(title=title or f"{explanation['target']} = {explanation['value']:.3f} (base {explanation['base_value']:.3f}); "
-                                     f"family {explanation['family']} ({explanation['p_family']:.2f})",
-                      xaxis_title=f"{explanation['target']} (SHAP, relative to {explanation['n_background']} background rows)",
-                      height=max(300, 28 * len(labels) + 120), margin={"l": 10, "r": 10})
+    fig = go.Figure(
+        go.Waterfall(
+            orientation="h",
+            y=labels,
+            x=[explanation["base_value"], *deltas, explanation["value"]],
+            measure=["absolute"] + ["relative"] * len(deltas) + ["total"],
+            text=[f"{explanation['base_value']:.3f}", *[f"{d:+.3f}" for d in deltas], f"{explanation['value']:.3f}"],
+            increasing={"marker": {"color": "#D62728"}},
+            decreasing={"marker": {"color": "#1F77B4"}},
+        )
+    )
+    fig.update_layout(
+        title=title
+        or f"{explanation['target']} = {explanation['value']:.3f} (base {explanation['base_value']:.3f}); "
+        f"family {explanation['family']} ({explanation['p_family']:.2f})",
+        xaxis_title=f"{explanation['target']} (SHAP, relative to {explanation['n_background']} background rows)",
+        height=max(300, 28 * len(labels) + 120),
+        margin={"l": 10, "r": 10},
+    )
     return fig
 
-
+# %% ../nbs/70_explain.ipynb #42a0fcc2
 def fig_global_importance(importance: pd.DataFrame, *, schema: FlowSchema | None = None, top_k: int = 15, title: str | None = None):
     "Plotly bar chart (one row) or heatmap (several rows) of a `global_importance` table's `top_k` features."
     import plotly.graph_objects as go
+
     cols = list(importance.columns[np.argsort(-importance.to_numpy().mean(0), kind="stable")][:top_k])
-    what = {None: "p_attack", "family": "each family's probability", "expert": "each expert's gate weight"}.get(importance.attrs.get("by"), "output")
+    what = {None: "p_attack", "family": "each family's probability", "expert": "each expert's gate weight"}.get(
+        importance.attrs.get("by"), "output"
+    )
     title = title or f"Mean |SHAP| of {what} over {importance.attrs.get('n_rows', '?')} flows"
     if len(importance) == 1:
         vals = importance.iloc[0][cols][::-1]
@@ -345,54 +454,102 @@ def fig_global_importance(importance: pd.DataFrame, *, schema: FlowSchema | None
         fig = go.Figure(go.Bar(x=vals.to_numpy(), y=list(vals.index), orientation="h", marker={"color": colors}))
         fig.update_layout(xaxis_title="mean |SHAP|", height=max(300, 24 * len(cols) + 120))
     else:
-        fig = go.Figure(go.Heatmap(z=importance[cols].to_numpy(), x=cols, y=[str(i) for i in importance.index],
-                                   colorscale="Reds", colorbar={"title": "mean |SHAP|"}))
+        fig = go.Figure(
+            go.Heatmap(
+                z=importance[cols].to_numpy(),
+                x=cols,
+                y=[str(i) for i in importance.index],
+                colorscale="Reds",
+                colorbar={"title": "mean |SHAP|"},
+            )
+        )
         fig.update_layout(xaxis_tickangle=-45, height=max(300, 30 * len(importance) + 200))
     fig.update_layout(title=title, margin={"l": 10, "r": 10})
     return fig
 
 # %% ../nbs/70_explain.ipynb #7c2d4e18
-SEQ_CHANNEL_LABELS = ("direction", "size", "inter-arrival time")   # rows of the strip, in SEQ_PLAYERS order
+SEQ_CHANNEL_LABELS = ("direction", "size", "inter-arrival time")  # rows of the strip, in SEQ_PLAYERS order
 
 
-def sequence_strip(bundle: ModelBundle, row: dict | pd.Series | pd.DataFrame, *, target: str = "p_attack", background: pd.DataFrame | None = None,
-                   n_background: int | None = 25, n_permutations: int = 1, seed: int = 0) -> dict:
+def sequence_strip(
+    bundle: ModelBundle,
+    row: dict | pd.Series | pd.DataFrame,
+    *,
+    target: str = "p_attack",
+    background: pd.DataFrame | None = None,
+    n_background: int | None = 25,
+    n_permutations: int = 1,
+    seed: int = 0,
+) -> dict:
     "SHAP contribution of every packet position x channel (direction, size, inter-arrival time) of one flow to `target` ('family': the verdict's family)."
     t0 = time.perf_counter()
     N, M = bundle.schema.sequence, len(bundle.schema.features)
-    if not N: raise ValueError(f"sequence_strip: model {bundle.name} reads no packet sequences (schema {bundle.schema.name}); "
-                               "use explain_flow")
-    res = shap_rows(bundle, _one_row(row), background=background, n_background=n_background, n_permutations=n_permutations,
-                    seed=seed, per_position=True)
+    if not N:
+        raise ValueError(f"sequence_strip: model {bundle.name} reads no packet sequences (schema {bundle.schema.name}); use explain_flow")
+    res = shap_rows(
+        bundle, _one_row(row), background=background, n_background=n_background, n_permutations=n_permutations, seed=seed, per_position=True
+    )
     pred = dict(zip(res.outputs, res.predictions[0]))
     if target == "family":
         from cyber_moe.evaluate import decide
+
         v = decide(np.array([[pred[f"p_{c}"] for c in bundle.classes]]), bundle.threshold, benign_index=bundle.benign_index)
         target = f"p_{bundle.classes[int(v['family_index'][0])]}"
     k = res.output(target)
     phi = res.values[0, :, k]
-    values = [[None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in res.rows.iloc[0, M + c * N:M + (c + 1) * N]]
-              for c in range(3)]
-    return {"target": target, "base_value": float(res.base_values[k]), "value": float(res.predictions[0, k]),
-            "channels": list(SEQ_CHANNEL_LABELS), "n_positions": N, "n_packets": sum(v is not None for v in values[0]),
-            "contributions": phi[M:].reshape(3, N).tolist(), "values": values,
-            "sequence_total": float(phi[M:].sum()), "rest": float(phi[:M].sum()),
-            "background": res.background, "n_background": res.n_background, "seconds": time.perf_counter() - t0}
+    values = [
+        [None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in res.rows.iloc[0, M + c * N : M + (c + 1) * N]]
+        for c in range(3)
+    ]
+    return {
+        "target": target,
+        "base_value": float(res.base_values[k]),
+        "value": float(res.predictions[0, k]),
+        "channels": list(SEQ_CHANNEL_LABELS),
+        "n_positions": N,
+        "n_packets": sum(v is not None for v in values[0]),
+        "contributions": phi[M:].reshape(3, N).tolist(),
+        "values": values,
+        "sequence_total": float(phi[M:].sum()),
+        "rest": float(phi[:M].sum()),
+        "background": res.background,
+        "n_background": res.n_background,
+        "seconds": time.perf_counter() - t0,
+    }
 
-
+# %% ../nbs/70_explain.ipynb #cb8782d6
 def fig_sequence_strip(strip: dict, *, title: str | None = None):
     "Plotly heatmap of a `sequence_strip`: packet positions across, channels down, cells coloured by contribution (red raises the target)."
     import plotly.graph_objects as go
-    z = np.asarray(strip["contributions"], dtype=float)[::-1]        # plotly draws the first row at the bottom: direction on top
+
+    z = np.asarray(strip["contributions"], dtype=float)[::-1]  # plotly draws the first row at the bottom: direction on top
     text = [["no packet" if v is None else _short(v) for v in row] for row in strip["values"][::-1]]
     lim = max(float(np.abs(z).max()), 1e-9)
     N, n = strip["n_positions"], strip["n_packets"]
-    fig = go.Figure(go.Heatmap(z=z, x=list(range(1, N + 1)), y=strip["channels"][::-1], text=text, zmid=0, zmin=-lim, zmax=lim,
-                               colorscale="RdBu_r", xgap=1, ygap=1, colorbar={"title": "SHAP"},
-                               hovertemplate="packet %{x}, %{y}: %{text}<br>contribution %{z:+.4f}<extra></extra>"))
-    if n < N: fig.add_vrect(x0=n + 0.5, x1=N + 0.5, fillcolor="grey", opacity=0.15, line_width=0)
-    fig.update_layout(title=title or f"{strip['target']}: packet sequence {strip['sequence_total']:+.3f} over {n} of {N} packets "
-                                     f"(flow statistics {strip['rest']:+.3f})",
-                      xaxis_title="packet position", height=260, margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(1, N + 1)),
+            y=strip["channels"][::-1],
+            text=text,
+            zmid=0,
+            zmin=-lim,
+            zmax=lim,
+            colorscale="RdBu_r",
+            xgap=1,
+            ygap=1,
+            colorbar={"title": "SHAP"},
+            hovertemplate="packet %{x}, %{y}: %{text}<br>contribution %{z:+.4f}<extra></extra>",
+        )
+    )
+    if n < N:
+        fig.add_vrect(x0=n + 0.5, x1=N + 0.5, fillcolor="grey", opacity=0.15, line_width=0)
+    fig.update_layout(
+        title=title
+        or f"{strip['target']}: packet sequence {strip['sequence_total']:+.3f} over {n} of {N} packets "
+        f"(flow statistics {strip['rest']:+.3f})",
+        xaxis_title="packet position",
+        height=260,
+        margin={"l": 10, "r": 10, "t": 50, "b": 40},
+    )
     return fig
-

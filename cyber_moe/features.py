@@ -25,8 +25,10 @@ __all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'C
 
 # %% ../nbs/20_features.ipynb #28fccb26
 SPLITS = ("train", "val", "test")
-TEST_POLICY = ("test rows are for the final evaluation only: never for fitting, early stopping, calibration, "
-               "or selecting a model, threshold or hyper-parameter (the validation rows do that)")
+TEST_POLICY = (
+    "test rows are for the final evaluation only: never for fitting, early stopping, calibration, "
+    "or selecting a model, threshold or hyper-parameter (the validation rows do that)"
+)
 
 
 def _resolve_columns(df: pd.DataFrame, cols: Iterable[str], *, schema: FlowSchema, where: str) -> list:
@@ -37,8 +39,10 @@ def _resolve_columns(df: pd.DataFrame, cols: Iterable[str], *, schema: FlowSchem
     cols = list(cols)
     miss = [c for c in cols if c not in have]
     if miss:
-        raise SchemaError(f"{where}: not a {schema.name} flow table: {len(miss)} missing feature column(s): "
-                          f"{', '.join(miss)}; load the file with the {schema.name} loader or add the columns")
+        raise SchemaError(
+            f"{where}: not a {schema.name} flow table: {len(miss)} missing feature column(s): "
+            f"{', '.join(miss)}; load the file with the {schema.name} loader or add the columns"
+        )
     return [have[c] for c in cols]
 
 
@@ -57,6 +61,7 @@ def feature_groups(df: pd.DataFrame, *, schema: FlowSchema) -> np.ndarray:
 @dataclass
 class SplitResult:
     "Positional row indices (sorted int64) of train / val / test, and a JSON-ready `record` of how they were made."
+
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
@@ -66,7 +71,8 @@ class SplitResult:
         "Boolean masks over the rows of the frame that was split, one per split."
         n = self.record["n_rows"]
         out = {s: np.zeros(n, bool) for s in SPLITS}
-        for s in SPLITS: out[s][getattr(self, s)] = True
+        for s in SPLITS:
+            out[s][getattr(self, s)] = True
         return out
 
     def frames(self, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -92,25 +98,30 @@ def _assign_random(groups: np.ndarray, fam_idx: np.ndarray, fracs: np.ndarray, s
         filled = [0, 0, 0]
         if len(gs) >= 3:  # one of the smallest groups to each split first
             for s, g in zip((2, 1, 0), gs[-3:].tolist()):
-                part[g] = s; filled[s] += int(sizes[g])
+                part[g] = s
+                filled[s] += int(sizes[g])
             gs = gs[:-3]
         for g, n in zip(gs.tolist(), sizes[gs].tolist()):
             d = [target[0] - filled[0], target[1] - filled[1], target[2] - filled[2]]
             s = 0 if d[0] >= d[1] and d[0] >= d[2] else (1 if d[1] >= d[2] else 2)
-            part[g] = s; filled[s] += n
+            part[g] = s
+            filled[s] += n
     return part[groups]
 
-
+# %% ../nbs/20_features.ipynb #de380b93
 def _as_time(s: pd.Series, col: str) -> np.ndarray:
     "Timestamps as float64 (numbers as they are, dates as nanoseconds); error naming the column and an unreadable value."
-    if pd.api.types.is_numeric_dtype(s): t = s.to_numpy(np.float64, na_value=np.nan)
+    if pd.api.types.is_numeric_dtype(s):
+        t = s.to_numpy(np.float64, na_value=np.nan)
     else:
         d = s if pd.api.types.is_datetime64_any_dtype(s) else pd.to_datetime(s, dayfirst=True, format="mixed", errors="coerce")
         t = np.where(d.isna(), np.nan, d.to_numpy("datetime64[ns]").astype(np.int64).astype(np.float64))
     bad = np.isnan(t)
     if bad.any():
-        raise SchemaError(f"strategy 'time': timestamp column '{col}' has {int(bad.sum())} missing or unreadable value(s), "
-                          f"e.g. {s[bad].iloc[0]!r} (row {int(np.flatnonzero(bad)[0])}); fix the file or use strategy 'random'")
+        raise SchemaError(
+            f"strategy 'time': timestamp column '{col}' has {int(bad.sum())} missing or unreadable value(s), "
+            f"e.g. {s[bad].iloc[0]!r} (row {int(np.flatnonzero(bad)[0])}); fix the file or use strategy 'random'"
+        )
     return t
 
 # %% ../nbs/20_features.ipynb #553845d8
@@ -121,8 +132,8 @@ def _assign_time(t: np.ndarray, fam_idx: np.ndarray, val_frac: float, test_frac:
         idx = np.flatnonzero(fam_idx == k)
         idx = idx[np.argsort(t[idx], kind="stable")]
         n_test, n_val = round(test_frac * len(idx)), round(val_frac * len(idx))
-        part[idx[len(idx) - n_test:]] = 2
-        part[idx[len(idx) - n_test - n_val:len(idx) - n_test]] = 1
+        part[idx[len(idx) - n_test :]] = 2
+        part[idx[len(idx) - n_test - n_val : len(idx) - n_test]] = 1
     return part
 
 
@@ -133,38 +144,49 @@ def _assign_holdout(values: pd.Series, col: str, val_frac: float, test_frac: flo
     codes, uniques = pd.factorize(values)
     k, n = len(uniques), len(values)
     if k < 3:
-        raise ValueError(f"holding out whole values of '{col}' needs at least 3 distinct values (one each for train, val, "
-                         f"test); found {k}: {', '.join(map(str, uniques))}")
+        raise ValueError(
+            f"holding out whole values of '{col}' needs at least 3 distinct values (one each for train, val, "
+            f"test); found {k}: {', '.join(map(str, uniques))}"
+        )
     sizes = np.bincount(codes, minlength=k)
     gpart, i = np.zeros(k, np.int8), k - 1
     for s, frac, reserve in ((2, test_frac, 2), (1, val_frac, 1)):
-        gpart[i] = s; got = sizes[i]; i -= 1
+        gpart[i] = s
+        got = sizes[i]
+        i -= 1
         while got < frac * n and i + 1 > reserve:
-            gpart[i] = s; got += sizes[i]; i -= 1
+            gpart[i] = s
+            got += sizes[i]
+            i -= 1
     held = {name: [str(u) for u, p in zip(uniques, gpart) if p == j] for j, name in enumerate(SPLITS)}
     return gpart[codes], held
 
-
-def _assign_session(df: pd.DataFrame, col: str, groups: np.ndarray, fam_idx: np.ndarray, val_frac: float, seed: int,
-                    test_groups: Sequence[str] | None) -> tuple[np.ndarray, dict]:
+# %% ../nbs/20_features.ipynb #1bf0f875
+def _assign_session(
+    df: pd.DataFrame, col: str, groups: np.ndarray, fam_idx: np.ndarray, val_frac: float, seed: int, test_groups: Sequence[str] | None
+) -> tuple[np.ndarray, dict]:
     "Split id per row: whole sessions of `col` to test (`test_groups`, else the last session), the rest train + val."
     if df[col].isna().any():
         raise SchemaError(f"strategy 'session': {int(df[col].isna().sum())} row(s) have no '{col}'; every flow must name its session")
     sessions = [str(s) for s in pd.unique(df[col].astype(str))]
     if len(sessions) < 2:
-        raise ValueError(f"strategy 'session' needs flows of at least 2 sessions (train and a held-out test session); found "
-                         f"{len(sessions)}: {', '.join(sessions)}; record another session with another seed")
+        raise ValueError(
+            f"strategy 'session' needs flows of at least 2 sessions (train and a held-out test session); found "
+            f"{len(sessions)}: {', '.join(sessions)}; record another session with another seed"
+        )
     test = [str(t) for t in test_groups] if test_groups else [sessions[-1]]
     unknown = [t for t in test if t not in sessions]
-    if unknown: raise ValueError(f"strategy 'session': test session(s) {', '.join(unknown)} not in the flows; sessions: {', '.join(sessions)}")
-    if set(test) >= set(sessions): raise ValueError(f"strategy 'session': every session ({', '.join(sessions)}) is a test session; keep one for training")
+    if unknown:
+        raise ValueError(f"strategy 'session': test session(s) {', '.join(unknown)} not in the flows; sessions: {', '.join(sessions)}")
+    if set(test) >= set(sessions):
+        raise ValueError(f"strategy 'session': every session ({', '.join(sessions)}) is a test session; keep one for training")
     is_test = df[col].astype(str).isin(test).to_numpy()
     part = np.full(len(df), 2, np.int8)
     part[~is_test] = 0
     rng = np.random.default_rng(seed)
-    for k in np.unique(fam_idx[~is_test]):      # validation: val_frac of each class's rows of the training sessions, at random
+    for k in np.unique(fam_idx[~is_test]):  # validation: val_frac of each class's rows of the training sessions, at random
         rows = np.flatnonzero(~is_test & (fam_idx == k))
-        part[rng.permutation(rows)[:int(round(val_frac * len(rows)))]] = 1
+        part[rng.permutation(rows)[: int(round(val_frac * len(rows)))]] = 1
     return part, {"train": [s for s in sessions if s not in test], "val": [s for s in sessions if s not in test], "test": test}
 
 # %% ../nbs/20_features.ipynb #e8a9901b
@@ -176,23 +198,39 @@ def _split_record(part, groups, fam, *, strategy, seed, val_frac, test_frac, gro
     n_lab = np.bincount(np.unique(groups * len(classes) + fam_idx) // len(classes), minlength=n_groups)
     n_side = (np.bincount(groups * 3 + part, minlength=n_groups * 3).reshape(n_groups, 3) > 0).sum(1)
     rows = {s: int((part == j).sum()) for j, s in enumerate(SPLITS)}
-    class_rows = {s: {str(c): int(((part == j) & (fam_idx == k)).sum()) for k, c in enumerate(classes)}
-                  for j, s in enumerate(SPLITS)}
+    class_rows = {s: {str(c): int(((part == j) & (fam_idx == k)).sum()) for k, c in enumerate(classes)} for j, s in enumerate(SPLITS)}
     return {
-        "strategy": strategy, "seed": seed, "group_col": group_col, "val_frac": val_frac, "test_frac": test_frac,
-        "n_rows": n, "rows": rows, "fractions": {s: round(rows[s] / n, 4) for s in SPLITS},
+        "strategy": strategy,
+        "seed": seed,
+        "group_col": group_col,
+        "val_frac": val_frac,
+        "test_frac": test_frac,
+        "n_rows": n,
+        "rows": rows,
+        "fractions": {s: round(rows[s] / n, 4) for s in SPLITS},
         "class_rows": class_rows,
         "classes_missing": {s: [c for c, m in class_rows[s].items() if m == 0] for s in SPLITS},
-        "n_feature_groups": n_groups, "n_duplicate_groups": int((sizes > 1).sum()), "n_duplicate_rows": n - n_groups,
-        "n_label_conflict_groups": int((n_lab > 1).sum()), "n_label_conflict_rows": int(sizes[n_lab > 1].sum()),
+        "n_feature_groups": n_groups,
+        "n_duplicate_groups": int((sizes > 1).sum()),
+        "n_duplicate_rows": n - n_groups,
+        "n_label_conflict_groups": int((n_lab > 1).sum()),
+        "n_label_conflict_rows": int(sizes[n_lab > 1].sum()),
         "n_cross_split_duplicate_rows": int(sizes[n_side > 1].sum()),
         "test_policy": TEST_POLICY,
     }
 
 # %% ../nbs/20_features.ipynb #b5868ccd
-def split_flows(df: pd.DataFrame, *, schema: FlowSchema, strategy: str = "random", val_frac: float = 0.15,
-                test_frac: float = 0.2, seed: int = 0, group_col: str | None = None,
-                test_groups: Sequence[str] | None = None) -> SplitResult:
+def split_flows(
+    df: pd.DataFrame,
+    *,
+    schema: FlowSchema,
+    strategy: str = "random",
+    val_frac: float = 0.15,
+    test_frac: float = 0.2,
+    seed: int = 0,
+    group_col: str | None = None,
+    test_groups: Sequence[str] | None = None,
+) -> SplitResult:
     "Split a flows frame into train / val / test by `strategy` ('random' duplicate-grouped, 'time', 'day', 'file' or 'session')."
     if strategy not in ("random", "time", "day", "file", "session"):
         raise ValueError(f"split_flows: unknown strategy '{strategy}'; expected 'random', 'time', 'day', 'file' or 'session'")
@@ -200,7 +238,8 @@ def split_flows(df: pd.DataFrame, *, schema: FlowSchema, strategy: str = "random
         raise ValueError(f"split_flows: val_frac={val_frac} and test_frac={test_frac} must be in (0, 1) with a sum below 1")
     if FAMILY not in df.columns:
         raise SchemaError(f"split_flows: the frame has no '{FAMILY}' column; load it with the {schema.name} loader, which adds it")
-    if len(df) < 3: raise ValueError(f"split_flows: {len(df)} row(s) cannot make three splits")
+    if len(df) < 3:
+        raise ValueError(f"split_flows: {len(df)} row(s) cannot make three splits")
     fam = df[FAMILY].astype(str).to_numpy()
     groups = feature_groups(df, schema=schema)
     _, fam_idx = np.unique(fam, return_inverse=True)
@@ -210,28 +249,36 @@ def split_flows(df: pd.DataFrame, *, schema: FlowSchema, strategy: str = "random
     elif strategy == "time":
         ts = schema.timestamp
         if ts is None:
-            raise SchemaError(f"split_flows: strategy 'time' needs a timestamp column and schema {schema.name} names none; "
-                              "use strategy 'random', or 'day' with group_col")
+            raise SchemaError(
+                f"split_flows: strategy 'time' needs a timestamp column and schema {schema.name} names none; "
+                "use strategy 'random', or 'day' with group_col"
+            )
         if ts not in df.columns:
-            raise SchemaError(f"split_flows: strategy 'time' needs the timestamp column '{ts}', which the frame lacks; "
-                              "keep identifier columns when loading")
+            raise SchemaError(
+                f"split_flows: strategy 'time' needs the timestamp column '{ts}', which the frame lacks; "
+                "keep identifier columns when loading"
+            )
         part = _assign_time(_as_time(df[ts], ts), fam_idx, val_frac, test_frac)
     elif strategy == "session":
         group_col = group_col or "session"
         if group_col not in df.columns:
-            raise SchemaError(f"split_flows: strategy 'session' holds out whole sessions of column '{group_col}', which the frame "
-                              "lacks; load lab sessions with data.source 'lab' (their flows carry 'session')")
+            raise SchemaError(
+                f"split_flows: strategy 'session' holds out whole sessions of column '{group_col}', which the frame "
+                "lacks; load lab sessions with data.source 'lab' (their flows carry 'session')"
+            )
         part, held = _assign_session(df, group_col, groups, fam_idx, val_frac, seed, test_groups)
     else:
         group_col = group_col or {"day": "day", "file": "source_file"}[strategy]
         if group_col not in df.columns:
-            raise SchemaError(f"split_flows: strategy '{strategy}' holds out whole values of column '{group_col}', which the "
-                              f"frame lacks (columns: {', '.join(map(str, df.columns[:12]))}...); pass group_col= naming the "
-                              "capture day or source file column")
+            raise SchemaError(
+                f"split_flows: strategy '{strategy}' holds out whole values of column '{group_col}', which the "
+                f"frame lacks (columns: {', '.join(map(str, df.columns[:12]))}...); pass group_col= naming the "
+                "capture day or source file column"
+            )
         part, held = _assign_holdout(df[group_col], group_col, val_frac, test_frac)
-    rec = _split_record(part, groups, fam, strategy=strategy, seed=seed, val_frac=val_frac, test_frac=test_frac,
-                        group_col=group_col)
-    if held is not None: rec["held_out_values"] = held
+    rec = _split_record(part, groups, fam, strategy=strategy, seed=seed, val_frac=val_frac, test_frac=test_frac, group_col=group_col)
+    if held is not None:
+        rec["held_out_values"] = held
     return SplitResult(*(np.flatnonzero(part == j).astype(np.int64) for j in range(3)), record=rec)
 
 # %% ../nbs/20_features.ipynb #f76d41a8
@@ -249,14 +296,17 @@ def _numeric_matrix(df: pd.DataFrame, cols: list, names: list[str], where: str) 
     for j, (c, name) in enumerate(zip(cols, names)):
         s = df[c]
         if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-            out[:, j] = s.to_numpy(np.float64, na_value=np.nan); continue
+            out[:, j] = s.to_numpy(np.float64, na_value=np.nan)
+            continue
         t = s.astype("string").str.strip()
         v = pd.to_numeric(t, errors="coerce")
         bad = (v.isna() & t.notna() & ~t.str.lower().isin(_NA_TEXT)).to_numpy(bool)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise SchemaError(f"{where}: column '{name}' should be numeric but holds {int(bad.sum())} non-numeric value(s), "
-                              f"e.g. {t.iloc[i]!r} (row {i}); fix the file or map the value in the loader")
+            raise SchemaError(
+                f"{where}: column '{name}' should be numeric but holds {int(bad.sum())} non-numeric value(s), "
+                f"e.g. {t.iloc[i]!r} (row {i}); fix the file or map the value in the loader"
+            )
         out[:, j] = v.to_numpy(np.float64, na_value=np.nan)
     # Loaders keep features as float32; rounding here too makes raw text, float64 and loader frames give identical arrays.
     return out.astype(np.float32).astype(np.float64)
@@ -279,7 +329,8 @@ def category_strings(s: pd.Series) -> np.ndarray:
 def _bin_shares(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     "Share of the finite values of `x` in each bin cut by interior `edges` (len(edges)+1 bins)."
     x = x[np.isfinite(x)]
-    if len(x) == 0: return np.zeros(len(edges) + 1)
+    if len(x) == 0:
+        return np.zeros(len(edges) + 1)
     return np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
 
 
@@ -290,15 +341,22 @@ def reference_profile(df: pd.DataFrame, *, schema: FlowSchema, n_bins: int = 10,
     X = _numeric_matrix(df, [cols[c] for c in num], num, where)
     out = {"n_rows": len(df), "n_bins": n_bins, "numeric": {}, "categorical": {}}
     for j, c in enumerate(num):
-        x = X[:, j]; fin = np.isfinite(x)
+        x = X[:, j]
+        fin = np.isfinite(x)
         edges = np.unique(np.quantile(x[fin], np.linspace(0, 1, n_bins + 1))[1:-1]) if fin.any() else np.array([])
-        out["numeric"][c] = {"edges": edges.tolist(), "shares": _bin_shares(x, edges).tolist(),
-                             "nonfinite_share": float(1 - fin.mean()) if len(x) else 0.0}
+        out["numeric"][c] = {
+            "edges": edges.tolist(),
+            "shares": _bin_shares(x, edges).tolist(),
+            "nonfinite_share": float(1 - fin.mean()) if len(x) else 0.0,
+        }
     for c in schema.categorical:
         vc = pd.Series(category_strings(df[cols[c]])).value_counts()
         top = vc.iloc[:n_top]
-        out["categorical"][c] = {"values": [str(v) for v in top.index], "shares": (top / len(df)).tolist(),
-                                 "other_share": float(vc.iloc[n_top:].sum() / len(df))}
+        out["categorical"][c] = {
+            "values": [str(v) for v in top.index],
+            "shares": (top / len(df)).tolist(),
+            "other_share": float(vc.iloc[n_top:].sum() / len(df)),
+        }
     return out
 
 
@@ -323,36 +381,45 @@ def population_stability_index(profile: dict, df: pd.DataFrame, *, schema: FlowS
 # %% ../nbs/20_features.ipynb #101f268e
 _FORMAT = "cyber-moe-preprocessor"
 _FILE = "preprocessor.json"
-_VERSIONS = (1,)        # layouts of preprocessor.json this code reads; 1: {classes, num, cat, reference, fit_report, seq?, bins?}
+_VERSIONS = (1,)  # layouts of preprocessor.json this code reads; 1: {classes, num, cat, reference, fit_report, seq?, bins?}
 NONFINITE_POLICIES = ("nan_indicator", "clip", "error")
 CLIP_MODES = ("hard", "smooth")
 
 # %% ../nbs/20_features.ipynb #6dcffe70
-def fit_tree_bins(Z: np.ndarray, y: np.ndarray, columns: Sequence[str], *, n_bins: int = 48,
-                  min_samples_leaf: int = 64) -> tuple[list[list[float] | None], list[str]]:
+def fit_tree_bins(
+    Z: np.ndarray, y: np.ndarray, columns: Sequence[str], *, n_bins: int = 48, min_samples_leaf: int = 64
+) -> tuple[list[list[float] | None], list[str]]:
     "Bin edges per column of scaled training values `Z` from a decision tree on labels `y` (rtdl_num_embeddings.compute_bins); None and the column's name where none can be cut."
     import warnings
     import torch
     from rtdl_num_embeddings import compute_bins
+
     Z = np.asarray(Z, np.float32)
     y_t = torch.as_tensor(np.asarray(y, np.int64))
     edges, failed = [], []
     for j, c in enumerate(columns):
         x = Z[:, j]
         if len(x) < 3 or not np.isfinite(x).all() or np.unique(x).size < 2:
-            edges.append(None); failed.append(c); continue
+            edges.append(None)
+            failed.append(c)
+            continue
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # "just two bin edges": a one-bin column is still usable
-            b = compute_bins(torch.from_numpy(np.ascontiguousarray(x[:, None])), n_bins=min(n_bins, len(x) - 1),
-                             tree_kwargs={"min_samples_leaf": min_samples_leaf, "min_impurity_decrease": 1e-4},
-                             y=y_t, regression=False)[0]
+            warnings.simplefilter("ignore")  # "just two bin edges": a one-bin column is still usable
+            b = compute_bins(
+                torch.from_numpy(np.ascontiguousarray(x[:, None])),
+                n_bins=min(n_bins, len(x) - 1),
+                tree_kwargs={"min_samples_leaf": min_samples_leaf, "min_impurity_decrease": 1e-4},
+                y=y_t,
+                regression=False,
+            )[0]
         edges.append([float(v) for v in b.tolist()])
     return edges, failed
 
 # %% ../nbs/20_features.ipynb #54038734
 def _skew(x: np.ndarray) -> float:
     "Sample skewness of finite values (0 for fewer than 3 values or no spread)."
-    if len(x) < 3: return 0.0
+    if len(x) < 3:
+        return 0.0
     sd = float(np.std(x))
     return 0.0 if not sd > 0 else float(np.mean(((x - x.mean()) / sd) ** 3))
 
@@ -376,6 +443,7 @@ def _nonfinite_counts(X: np.ndarray, columns: Sequence[str]) -> dict:
 @dataclass(frozen=True)
 class NumericScaler:
     "Fitted per-column statistics of the numeric pipeline (log1p, robust or quantile scaling, non-finite fill values), in `columns` order."
+
     columns: list[str]
     log1p: list[bool]
     log_unit: list[float]
@@ -387,29 +455,49 @@ class NumericScaler:
     median: list[float]
     min: list[float]
     max: list[float]
-    fill: dict[str, list[float]] | None = None     # scaled values for nan / posinf / neginf, set by `with_fill`
+    fill: dict[str, list[float]] | None = None  # scaled values for nan / posinf / neginf, set by `with_fill`
 
     @classmethod
-    def fit(cls, X: np.ndarray, columns: Sequence[str], *, log1p: bool | str | list[str] = "auto", skew_threshold: float = 2.0,
-            quantile: bool = False, n_quantiles: int = 1000) -> "NumericScaler":
+    def fit(
+        cls,
+        X: np.ndarray,
+        columns: Sequence[str],
+        *,
+        log1p: bool | str | list[str] = "auto",
+        skew_threshold: float = 2.0,
+        quantile: bool = False,
+        n_quantiles: int = 1000,
+    ) -> "NumericScaler":
         "Per-column log1p decision, scaling statistics, median, min and max from the training matrix `X` [n, len(columns)]."
         st = {k: [] for k in ("log1p", "log_unit", "skew", "center", "scale", "scale_rule", "quantiles", "median", "min", "max")}
         for j, c in enumerate(columns):
             x = X[:, j][np.isfinite(X[:, j])]
-            if len(x) == 0: raise SchemaError(f"training rows: column '{c}' has no finite value; the preprocessor cannot scale it")
+            if len(x) == 0:
+                raise SchemaError(f"training rows: column '{c}' has no finite value; the preprocessor cannot scale it")
             sk = _skew(x)
-            lg = (c in log1p) if isinstance(log1p, list) else (bool(log1p) if log1p != "auto" else bool(x.min() >= 0 and sk > skew_threshold))
+            lg = (
+                (c in log1p)
+                if isinstance(log1p, list)
+                else (bool(log1p) if log1p != "auto" else bool(x.min() >= 0 and sk > skew_threshold))
+            )
             if lg and x.min() < 0:
                 raise SchemaError(f"training rows: column '{c}' has negative values ({x.min()}); log1p cannot be forced on it")
             unit = float(np.median(x[x > 0])) if lg and (x > 0).any() else 1.0
             y = np.log1p(x / unit) if lg else x
             q = np.quantile(y, [0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0])
             for rule, spread in (("iqr", q[4] - q[2]), ("q01-q99", q[5] - q[1]), ("range", q[6] - q[0]), ("constant", 1.0)):
-                if spread > 0: break
-            st["log1p"].append(lg); st["log_unit"].append(unit); st["skew"].append(sk); st["center"].append(float(q[3]))
-            st["scale"].append(float(spread)); st["scale_rule"].append(rule)
+                if spread > 0:
+                    break
+            st["log1p"].append(lg)
+            st["log_unit"].append(unit)
+            st["skew"].append(sk)
+            st["center"].append(float(q[3]))
+            st["scale"].append(float(spread))
+            st["scale_rule"].append(rule)
             st["quantiles"].append(np.quantile(y, np.linspace(0, 1, min(n_quantiles, len(y)))).tolist() if quantile else None)
-            st["median"].append(float(np.median(x))); st["min"].append(float(x.min())); st["max"].append(float(x.max()))
+            st["median"].append(float(np.median(x)))
+            st["min"].append(float(x.min()))
+            st["max"].append(float(x.max()))
         return cls(columns=list(columns), **st)
 
 # %% ../nbs/20_features.ipynb #5d97b8c0
@@ -437,14 +525,17 @@ def apply(self: NumericScaler, X: np.ndarray, *, clip: float | None = 10.0, clip
     log, unit, center, scl, qs, _ = self._arrays
     X = X.copy()
     X[:, log] = np.log1p(X[:, log] / unit[log])
-    if qs is None: Z = (X - center) / scl
+    if qs is None:
+        Z = (X - center) / scl
     else:
         Z = np.empty_like(X)
-        for j, q in enumerate(qs): Z[:, j] = _quantile_map(X[:, j], q)
+        for j, q in enumerate(qs):
+            Z[:, j] = _quantile_map(X[:, j], q)
         Z[~np.isfinite(X)] = X[~np.isfinite(X)]
-    if clip is None: return Z, np.zeros(Z.shape, bool)
+    if clip is None:
+        return Z, np.zeros(Z.shape, bool)
     clipped = np.isfinite(Z) & (np.abs(Z) > clip)
-    if clip_mode == "smooth":      # RealMLP: z / sqrt(1 + (z/c)^2), monotone, |result| < c
+    if clip_mode == "smooth":  # RealMLP: z / sqrt(1 + (z/c)^2), monotone, |result| < c
         with np.errstate(invalid="ignore", over="ignore"):
             return np.where(np.isfinite(Z), Z / np.sqrt(1 + (Z / clip) ** 2), Z), clipped
     return np.where(clipped, np.clip(Z, -clip, clip), Z), clipped
@@ -455,13 +546,16 @@ def with_fill(self: NumericScaler, nonfinite: str, *, clip: float | None = 10.0,
     "A copy with the scaled fill values: NaN -> the median; +/-Infinity -> the max / min under nonfinite='clip', else the median."
     fill = self.apply(np.array([self.median, self.max, self.min]), clip=clip, clip_mode=clip_mode)[0]
     ext = nonfinite == "clip"
-    return replace(self, fill={"nan": fill[0].tolist(), "posinf": (fill[1] if ext else fill[0]).tolist(),
-                               "neginf": (fill[2] if ext else fill[0]).tolist()})
+    return replace(
+        self,
+        fill={"nan": fill[0].tolist(), "posinf": (fill[1] if ext else fill[0]).tolist(), "neginf": (fill[2] if ext else fill[0]).tolist()},
+    )
 
 # %% ../nbs/20_features.ipynb #9b16f159
 @dataclass(frozen=True)
 class CategoryEncoder:
     "One categorical column's fitted codes: 2.. for `vocab` (most frequent first), 1 for the rarer training values in `other`, 0 for values never seen."
+
     vocab: list[str]
     other: list[str]
     n_other_rows: int
@@ -470,10 +564,13 @@ class CategoryEncoder:
     def fit(cls, values: np.ndarray, *, max_categories: int = 64, min_count: int = 1) -> "CategoryEncoder":
         "The `max_categories` most frequent of the training category strings `values` with at least `min_count` rows (ties by value)."
         vc = pd.Series(values).value_counts()
-        vc = vc.iloc[np.lexsort((vc.index.to_numpy(dtype=str), -vc.to_numpy()))]   # by count, then by value
+        vc = vc.iloc[np.lexsort((vc.index.to_numpy(dtype=str), -vc.to_numpy()))]  # by count, then by value
         keep = vc[vc >= min_count].iloc[:max_categories]
-        return cls(vocab=[str(v) for v in keep.index], other=sorted(str(v) for v in vc.index.difference(keep.index)),
-                   n_other_rows=int(len(values) - keep.sum()))
+        return cls(
+            vocab=[str(v) for v in keep.index],
+            other=sorted(str(v) for v in vc.index.difference(keep.index)),
+            n_other_rows=int(len(values) - keep.sum()),
+        )
 
     @property
     def cardinality(self) -> int:
@@ -493,6 +590,7 @@ class CategoryEncoder:
 @dataclass
 class FittedState:
     "Everything `Preprocessor.fit` learns: classes, the numeric scaler, one encoder per categorical column, the drift reference, and optional sequence scaling and tree bins."
+
     classes: list[str]
     num: NumericScaler
     cat: dict[str, CategoryEncoder]
@@ -504,51 +602,87 @@ class FittedState:
     def to_dict(self) -> dict:
         "Plain JSON-ready dict (the layout of `preprocessor.json`'s `state`)."
         d = {"classes": list(self.classes), "num": asdict(self.num), "cat": {c: asdict(e) for c, e in self.cat.items()}}
-        if self.seq is not None: d["seq"] = self.seq
+        if self.seq is not None:
+            d["seq"] = self.seq
         d |= {"reference": self.reference, "fit_report": self.fit_report}
-        if self.bins is not None: d["bins"] = self.bins
+        if self.bins is not None:
+            d["bins"] = self.bins
         return d
 
     @classmethod
     def from_dict(cls, d: dict, *, where: str = "preprocessor state") -> "FittedState":
         "Rebuild from `to_dict` output; a missing or unexpected entry is an error naming it."
         try:
-            return cls(classes=list(d["classes"]), num=NumericScaler(**d["num"]), cat={c: CategoryEncoder(**e) for c, e in d["cat"].items()},
-                       reference=d["reference"], fit_report=d.get("fit_report", {}), seq=d.get("seq"), bins=d.get("bins"))
+            return cls(
+                classes=list(d["classes"]),
+                num=NumericScaler(**d["num"]),
+                cat={c: CategoryEncoder(**e) for c, e in d["cat"].items()},
+                reference=d["reference"],
+                fit_report=d.get("fit_report", {}),
+                seq=d.get("seq"),
+                bins=d.get("bins"),
+            )
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{where}: not the fitted-state layout this cyber-moe reads ({type(e).__name__}: {e}); "
-                             f"re-save it with this version or load it with the version that wrote it") from None
+            raise ValueError(
+                f"{where}: not the fitted-state layout this cyber-moe reads ({type(e).__name__}: {e}); "
+                f"re-save it with this version or load it with the version that wrote it"
+            ) from None
 
 # %% ../nbs/20_features.ipynb #18b20083
 class Preprocessor:
     "Raw flow rows -> model arrays (x_num, x_cat, x_time, and x_seq for a schema with sequences) and targets; every statistic from the rows given to `fit`."
 
-    def __init__(self, *, schema: FlowSchema, scaler: str = "robust", log1p: bool | str | list[str] = "auto",
-                 skew_threshold: float = 2.0, max_categories: int = 64, min_count: int = 1,
-                 nonfinite: str = "nan_indicator", clip: float | None = 10.0, n_quantiles: int = 1000,
-                 n_profile_bins: int = 10, clip_mode: str = "hard", bins: dict | None = None):
-        if scaler not in ("robust", "quantile"): raise ValueError(f"Preprocessor: scaler '{scaler}' unknown; use 'robust' or 'quantile'")
+    def __init__(
+        self,
+        *,
+        schema: FlowSchema,
+        scaler: str = "robust",
+        log1p: bool | str | list[str] = "auto",
+        skew_threshold: float = 2.0,
+        max_categories: int = 64,
+        min_count: int = 1,
+        nonfinite: str = "nan_indicator",
+        clip: float | None = 10.0,
+        n_quantiles: int = 1000,
+        n_profile_bins: int = 10,
+        clip_mode: str = "hard",
+        bins: dict | None = None,
+    ):
+        if scaler not in ("robust", "quantile"):
+            raise ValueError(f"Preprocessor: scaler '{scaler}' unknown; use 'robust' or 'quantile'")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Preprocessor: nonfinite '{nonfinite}' unknown; use one of {', '.join(NONFINITE_POLICIES)}")
         if not (log1p in ("auto", True, False) or isinstance(log1p, (list, tuple))):
             raise ValueError(f"Preprocessor: log1p must be 'auto', True, False or a list of column names, not {log1p!r}")
         if isinstance(log1p, (list, tuple)):
             bad = [c for c in log1p if c not in schema.numeric + schema.timing]
-            if bad: raise ValueError(f"Preprocessor: log1p names non-numeric or unknown column(s): {', '.join(bad)}")
-        if clip_mode not in CLIP_MODES: raise ValueError(f"Preprocessor: clip_mode '{clip_mode}' unknown; use one of {', '.join(CLIP_MODES)}")
+            if bad:
+                raise ValueError(f"Preprocessor: log1p names non-numeric or unknown column(s): {', '.join(bad)}")
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"Preprocessor: clip_mode '{clip_mode}' unknown; use one of {', '.join(CLIP_MODES)}")
         if bins is not None and (not isinstance(bins, dict) or set(bins) - {"n_bins", "min_samples_leaf"}):
             raise ValueError(f"Preprocessor: bins must be None or a dict with n_bins and min_samples_leaf, not {bins!r}")
         if max_categories < 1 or min_count < 1 or n_quantiles < 2 or (clip is not None and clip <= 0):
             raise ValueError("Preprocessor: max_categories and min_count must be >= 1, n_quantiles >= 2, clip > 0 or None")
         self.schema = schema
-        self.params = dict(scaler=scaler, log1p=list(log1p) if isinstance(log1p, (list, tuple)) else log1p,
-                           skew_threshold=skew_threshold, max_categories=max_categories, min_count=min_count,
-                           nonfinite=nonfinite, clip=clip, n_quantiles=n_quantiles, n_profile_bins=n_profile_bins,
-                           clip_mode=clip_mode, bins=dict(bins) if bins else None)
+        self.params = dict(
+            scaler=scaler,
+            log1p=list(log1p) if isinstance(log1p, (list, tuple)) else log1p,
+            skew_threshold=skew_threshold,
+            max_categories=max_categories,
+            min_count=min_count,
+            nonfinite=nonfinite,
+            clip=clip,
+            n_quantiles=n_quantiles,
+            n_profile_bins=n_profile_bins,
+            clip_mode=clip_mode,
+            bins=dict(bins) if bins else None,
+        )
         self.state: FittedState | None = None
 
     def _fitted(self) -> FittedState:
-        if self.state is None: raise RuntimeError("Preprocessor is not fitted: call .fit(train_df) or Preprocessor.load(dir)")
+        if self.state is None:
+            raise RuntimeError("Preprocessor is not fitted: call .fit(train_df) or Preprocessor.load(dir)")
         return self.state
 
     def __repr__(self):
@@ -561,31 +695,37 @@ def num_columns(self: Preprocessor) -> list[str]:
     "Numeric then timing columns: the order of the numeric pipeline (x_num columns, then x_time columns)."
     return list(self.schema.numeric + self.schema.timing)
 
+
 @patch(as_prop=True)
 def classes(self: Preprocessor) -> list[str]:
     "Family names, benign first, then the other classes seen in training in schema order."
     return list(self._fitted().classes)
+
 
 @patch(as_prop=True)
 def cat_cardinalities(self: Preprocessor) -> list[int]:
     "Number of codes per categorical column, including the unknown (0) and other (1) buckets."
     return [self._fitted().cat[c].cardinality for c in self.schema.categorical]
 
+
 @patch(as_prop=True)
 def feature_names(self: Preprocessor) -> list[str]:
     "Columns of `feature_frame`: the schema's features (numeric, categorical, timing)."
     return list(self.schema.features)
+
 
 @patch(as_prop=True)
 def categorical_features(self: Preprocessor) -> list[str]:
     "The columns of `feature_frame` that hold integer category codes."
     return list(self.schema.categorical)
 
+
 @patch(as_prop=True)
 def bins(self: Preprocessor) -> list[list[float] | None] | None:
     "Tree bin edges per `num_columns` column, fitted on the training rows (None for a column without bins); None when fitted without bins."
     b = self._fitted().bins
     return None if b is None else list(b["edges"])
+
 
 @patch(as_prop=True)
 def reference(self: Preprocessor) -> dict:
@@ -596,11 +736,15 @@ def reference(self: Preprocessor) -> dict:
 @patch
 def _families(self: Preprocessor, df: pd.DataFrame, where: str) -> np.ndarray:
     "Family name per row: the `family` column, else the schema's label column through `canonical_label`."
-    if FAMILY in df.columns: return df[FAMILY].astype(str).to_numpy()
-    if self.schema.label in df.columns: return df[self.schema.label].map(self.schema.canonical_label).to_numpy(dtype=object)
-    raise SchemaError(f"{where}: no '{FAMILY}' or '{self.schema.label}' column to read classes from; load with the {self.schema.name} loader")
+    if FAMILY in df.columns:
+        return df[FAMILY].astype(str).to_numpy()
+    if self.schema.label in df.columns:
+        return df[self.schema.label].map(self.schema.canonical_label).to_numpy(dtype=object)
+    raise SchemaError(
+        f"{where}: no '{FAMILY}' or '{self.schema.label}' column to read classes from; load with the {self.schema.name} loader"
+    )
 
-
+# %% ../nbs/20_features.ipynb #7a426ca0
 @patch
 def fit(self: Preprocessor, df: pd.DataFrame) -> Preprocessor:
     "Learn every statistic from `df`, the training rows (never validation or test rows)."
@@ -611,31 +755,51 @@ def fit(self: Preprocessor, df: pd.DataFrame) -> Preprocessor:
     seen = set(fam)
     unknown = sorted(seen - set(sc.classes))
     if unknown:
-        raise SchemaError(f"{where}: label(s) not among the {sc.name} classes: {', '.join(unknown)}; "
-                          "add them to the schema's classes or label_aliases")
+        raise SchemaError(
+            f"{where}: label(s) not among the {sc.name} classes: {', '.join(unknown)}; add them to the schema's classes or label_aliases"
+        )
     if p["nonfinite"] == "error" and not np.isfinite(num).all():
         bad = _nonfinite_counts(num, self.num_columns)
-        raise SchemaError(f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in bad.items())}; "
-                          "fix the data or use nonfinite='nan_indicator' or 'clip'")
-    scaler = NumericScaler.fit(num, self.num_columns, log1p=p["log1p"], skew_threshold=p["skew_threshold"],
-                               quantile=p["scaler"] == "quantile", n_quantiles=p["n_quantiles"])
+        raise SchemaError(
+            f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in bad.items())}; "
+            "fix the data or use nonfinite='nan_indicator' or 'clip'"
+        )
+    scaler = NumericScaler.fit(
+        num,
+        self.num_columns,
+        log1p=p["log1p"],
+        skew_threshold=p["skew_threshold"],
+        quantile=p["scaler"] == "quantile",
+        n_quantiles=p["n_quantiles"],
+    )
     scaler = scaler.with_fill(p["nonfinite"], clip=p["clip"], clip_mode=p["clip_mode"])
-    cat = {c: CategoryEncoder.fit(category_strings(df[cols[c]]), max_categories=p["max_categories"], min_count=p["min_count"])
-           for c in sc.categorical}
-    self.state = FittedState(classes=[sc.benign] + [c for c in sc.classes if c in seen and c != sc.benign], num=scaler, cat=cat,
-                             reference=reference_profile(df, schema=sc, n_bins=p["n_profile_bins"]),
-                             seq=fit_sequence_scaling(df, sc, where=where) if sc.sequence else None)
-    self.state.fit_report = {"n_rows": len(df), "nonfinite": _nonfinite_counts(num, self.num_columns),
-                             "log1p": [c for c, lg in zip(self.num_columns, scaler.log1p) if lg],
-                             "other_rows": {c: e.n_other_rows for c, e in cat.items() if e.n_other_rows}}
-    if p["bins"]: self._fit_bins(df, fam, where)
+    cat = {
+        c: CategoryEncoder.fit(category_strings(df[cols[c]]), max_categories=p["max_categories"], min_count=p["min_count"])
+        for c in sc.categorical
+    }
+    self.state = FittedState(
+        classes=[sc.benign] + [c for c in sc.classes if c in seen and c != sc.benign],
+        num=scaler,
+        cat=cat,
+        reference=reference_profile(df, schema=sc, n_bins=p["n_profile_bins"]),
+        seq=fit_sequence_scaling(df, sc, where=where) if sc.sequence else None,
+    )
+    self.state.fit_report = {
+        "n_rows": len(df),
+        "nonfinite": _nonfinite_counts(num, self.num_columns),
+        "log1p": [c for c, lg in zip(self.num_columns, scaler.log1p) if lg],
+        "other_rows": {c: e.n_other_rows for c, e in cat.items() if e.n_other_rows},
+    }
+    if p["bins"]:
+        self._fit_bins(df, fam, where)
     return self
 
-
+# %% ../nbs/20_features.ipynb #17ae22f5
 @patch
 def _fit_bins(self: Preprocessor, df: pd.DataFrame, fam: np.ndarray, where: str) -> None:
     "Tree bins of every numeric column on its scaled training values and the family labels; constant columns are named in a warning."
     import warnings
+
     arr = self.transform(df, where=where)
     Z = np.concatenate([arr["x_num"], arr["x_time"]], axis=1)
     y = pd.Index(self.classes).get_indexer(fam)
@@ -643,13 +807,18 @@ def _fit_bins(self: Preprocessor, df: pd.DataFrame, fam: np.ndarray, where: str)
     self.state.bins = {**self.params["bins"], "edges": edges, "plain": failed}
     self.state.fit_report["bins_plain"] = failed
     if failed:
-        warnings.warn(f"Preprocessor: no bins could be fitted for column(s) {', '.join(failed)} (a single value in the training "
-                      "rows); piecewise-linear embeddings use plain scaling for them", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"Preprocessor: no bins could be fitted for column(s) {', '.join(failed)} (a single value in the training "
+            "rows); piecewise-linear embeddings use plain scaling for them",
+            UserWarning,
+            stacklevel=3,
+        )
 
 # %% ../nbs/20_features.ipynb #64da71b8
 @patch
-def transform(self: Preprocessor, df: pd.DataFrame, *, where: str = "input", indicators: bool = False,
-              report: bool = False) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict]:
+def transform(
+    self: Preprocessor, df: pd.DataFrame, *, where: str = "input", indicators: bool = False, report: bool = False
+) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict]:
     "Raw rows (columns by name, any order, extras ignored) -> dict x_num float32, x_cat int64, x_time float32; with `report`, (arrays, report)."
     self._fitted()
     cols = _feature_columns(df, self.schema, where)
@@ -661,21 +830,32 @@ def transform(self: Preprocessor, df: pd.DataFrame, *, where: str = "input", ind
 
 # %% ../nbs/20_features.ipynb #1915411a
 @patch
-def transform_values(self: Preprocessor, X: np.ndarray, cats: Sequence[np.ndarray], *, where: str = "input",
-                     indicators: bool = False, seq: tuple | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def transform_values(
+    self: Preprocessor,
+    X: np.ndarray,
+    cats: Sequence[np.ndarray],
+    *,
+    where: str = "input",
+    indicators: bool = False,
+    seq: tuple | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
     "`transform` without a frame: raw values [n, len(num_columns)], one array of category strings per categorical feature and, for a schema with sequences, `seq` = `sequence_array`'s (x, mask) -> (arrays, report)."
     st, p, sc = self._fitted(), self.params, self.schema
     X = np.asarray(X, np.float64)
     if X.ndim != 2 or X.shape[1] != len(self.num_columns) or len(cats) != len(sc.categorical) or any(len(c) != len(X) for c in cats):
-        raise ValueError(f"{where}: expected raw values [n, {len(self.num_columns)}] (columns {', '.join(self.num_columns[:4])}...) and "
-                         f"{len(sc.categorical)} category arrays of n strings ({', '.join(sc.categorical)}); got {X.shape} and "
-                         f"{[len(c) for c in cats]}")
-    X = X.astype(np.float32).astype(np.float64)          # the float32 rounding of _numeric_matrix, for callers without a frame
+        raise ValueError(
+            f"{where}: expected raw values [n, {len(self.num_columns)}] (columns {', '.join(self.num_columns[:4])}...) and "
+            f"{len(sc.categorical)} category arrays of n strings ({', '.join(sc.categorical)}); got {X.shape} and "
+            f"{[len(c) for c in cats]}"
+        )
+    X = X.astype(np.float32).astype(np.float64)  # the float32 rounding of _numeric_matrix, for callers without a frame
     rep = {"n_rows": len(X), "nonfinite": _nonfinite_counts(X, self.num_columns)}
     nonfin = ~np.isfinite(X)
     if p["nonfinite"] == "error" and nonfin.any():
-        raise SchemaError(f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in rep['nonfinite'].items())}; "
-                          "fix the data or use nonfinite='nan_indicator' or 'clip'")
+        raise SchemaError(
+            f"{where}: non-finite values (NaN / Infinity) in {', '.join(f'{c} {v}' for c, v in rep['nonfinite'].items())}; "
+            "fix the data or use nonfinite='nan_indicator' or 'clip'"
+        )
     neg = st.num.log_mask & (X < 0) & ~nonfin
     Z, clipped = st.num.apply(np.where(neg | nonfin, 0.0, X), clip=p["clip"], clip_mode=p.get("clip_mode", "hard"))
     clipped &= ~nonfin
@@ -689,12 +869,15 @@ def transform_values(self: Preprocessor, X: np.ndarray, cats: Sequence[np.ndarra
     for j, name in enumerate(sc.categorical):
         x_cat[:, j] = code = st.cat[name].encode(cats[j])
         for key, k in (("unknown_categories", 0), ("other_categories", 1)):
-            if (code == k).any(): rep[key][name] = int((code == k).sum())
+            if (code == k).any():
+                rep[key][name] = int((code == k).sum())
     n_num = len(sc.numeric)
     out = {"x_num": Z[:, :n_num].astype(np.float32), "x_cat": x_cat, "x_time": Z[:, n_num:].astype(np.float32)}
-    if indicators: out["x_nonfinite"] = nonfin.astype(np.uint8)
+    if indicators:
+        out["x_nonfinite"] = nonfin.astype(np.uint8)
     if sc.sequence:
-        if seq is None: raise SchemaError(f"{where}: this model needs each flow's first {sc.sequence} packets (direction, size, time); none were given")
+        if seq is None:
+            raise SchemaError(f"{where}: this model needs each flow's first {sc.sequence} packets (direction, size, time); none were given")
         if seq[0].shape != (len(X), sc.sequence, 3):
             raise SchemaError(f"{where}: packet sequences of shape {seq[0].shape}, expected ({len(X)}, {sc.sequence}, 3)")
         out["x_seq"] = scale_sequences(seq[0], seq[1], st.seq)
@@ -708,8 +891,10 @@ def encode_targets(self: Preprocessor, df: pd.DataFrame, *, where: str = "input"
     idx = pd.Index(self.classes).get_indexer(fam)
     if (idx < 0).any():
         bad = pd.Series(fam[idx < 0]).value_counts()
-        raise SchemaError(f"{where}: label(s) never seen in training: {', '.join(f'{k} ({v} rows)' for k, v in bad.items())}; "
-                          f"the model knows {', '.join(self.classes)}")
+        raise SchemaError(
+            f"{where}: label(s) never seen in training: {', '.join(f'{k} ({v} rows)' for k, v in bad.items())}; "
+            f"the model knows {', '.join(self.classes)}"
+        )
     yb = df[IS_ATTACK].to_numpy(np.float32) if IS_ATTACK in df.columns else (idx != 0).astype(np.float32)
     return {"y_family": idx.astype(np.int64), "y_binary": yb}
 
@@ -718,8 +903,11 @@ def encode_targets(self: Preprocessor, df: pd.DataFrame, *, where: str = "input"
 def feature_frame(self: Preprocessor, arrays: dict[str, np.ndarray]) -> pd.DataFrame:
     "A flat frame (schema.features order) of `transform` output for the LightGBM baseline; categoricals as int codes."
     sc = self.schema
-    parts = [pd.DataFrame(arrays["x_num"], columns=list(sc.numeric)), pd.DataFrame(arrays["x_cat"], columns=list(sc.categorical)),
-             pd.DataFrame(arrays["x_time"], columns=list(sc.timing))]
+    parts = [
+        pd.DataFrame(arrays["x_num"], columns=list(sc.numeric)),
+        pd.DataFrame(arrays["x_cat"], columns=list(sc.categorical)),
+        pd.DataFrame(arrays["x_time"], columns=list(sc.timing)),
+    ]
     out = pd.concat(parts, axis=1)
     out.attrs["categorical"] = self.categorical_features
     return out
@@ -728,34 +916,51 @@ def feature_frame(self: Preprocessor, arrays: dict[str, np.ndarray]) -> pd.DataF
 @patch
 def save(self: Preprocessor, path: str | Path) -> Path:
     "Write `preprocessor.json` (schema, parameters, every fitted statistic) into folder `path`; returns the file."
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     f = path / _FILE
-    f.write_text(json.dumps({"format": _FORMAT, "version": _VERSIONS[-1], "schema": self.schema.to_dict(), "params": self.params,
-                             "state": self._fitted().to_dict()}, allow_nan=False))
+    f.write_text(
+        json.dumps(
+            {
+                "format": _FORMAT,
+                "version": _VERSIONS[-1],
+                "schema": self.schema.to_dict(),
+                "params": self.params,
+                "state": self._fitted().to_dict(),
+            },
+            allow_nan=False,
+        )
+    )
     return f
 
 
 @patch(cls_method=True)
 def load(cls: Preprocessor, path: str | Path) -> Preprocessor:
     "Rebuild a fitted preprocessor from the folder (or file) written by `save`."
-    f = Path(path); f = f / _FILE if f.is_dir() else f
-    if not f.exists(): raise FileNotFoundError(f"{f}: no saved preprocessor (expected the {_FILE} that Preprocessor.save writes)")
+    f = Path(path)
+    f = f / _FILE if f.is_dir() else f
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no saved preprocessor (expected the {_FILE} that Preprocessor.save writes)")
     d = json.loads(f.read_text())
-    if d.get("format") != _FORMAT: raise ValueError(f"{f}: not a saved cyber-moe preprocessor (format {d.get('format')!r})")
+    if d.get("format") != _FORMAT:
+        raise ValueError(f"{f}: not a saved cyber-moe preprocessor (format {d.get('format')!r})")
     if d.get("version") not in _VERSIONS:
-        raise ValueError(f"{f}: preprocessor format version {d.get('version')!r} is not one this cyber-moe reads "
-                         f"({', '.join(map(str, _VERSIONS))}); load the bundle with the cyber-moe version that saved it")
+        raise ValueError(
+            f"{f}: preprocessor format version {d.get('version')!r} is not one this cyber-moe reads "
+            f"({', '.join(map(str, _VERSIONS))}); load the bundle with the cyber-moe version that saved it"
+        )
     pre = cls(schema=FlowSchema.from_dict(d["schema"]), **d["params"])
     pre.state = FittedState.from_dict(d["state"], where=str(f))
     return pre
 
 # %% ../nbs/20_features.ipynb #f3d73c9a
-SEQ_FEATURES = ("dir", "log_ps", "log_piat", "mask")   # channels of x_seq
+SEQ_FEATURES = ("dir", "log_ps", "log_piat", "mask")  # channels of x_seq
 
 
 def _robust(v: np.ndarray) -> tuple[float, float]:
     "(median, IQR or 1 when there is no spread) of `v`."
-    if len(v) == 0: return 0.0, 1.0
+    if len(v) == 0:
+        return 0.0, 1.0
     q1, med, q3 = np.quantile(v, [0.25, 0.5, 0.75])
     return float(med), float(q3 - q1) if q3 > q1 else 1.0
 
@@ -763,7 +968,8 @@ def _robust(v: np.ndarray) -> tuple[float, float]:
 def fit_sequence_scaling(df: pd.DataFrame, schema: FlowSchema, *, where: str = "training rows") -> dict:
     "Centre and scale of log1p(size) and log1p(inter-arrival ms) over the real packets of the training rows."
     x, mask = sequence_array(df, schema, where=where)
-    if not mask.any(): raise SchemaError(f"{where}: no flow has a single packet in its sequence columns; nothing to fit")
+    if not mask.any():
+        raise SchemaError(f"{where}: no flow has a single packet in its sequence columns; nothing to fit")
     ps_c, ps_s = _robust(np.log1p(x[..., 1][mask].astype("float64")))
     pi_c, pi_s = _robust(np.log1p(x[..., 2][mask].astype("float64")))
     return {"n": schema.sequence, "ps_center": ps_c, "ps_scale": ps_s, "piat_center": pi_c, "piat_scale": pi_s}

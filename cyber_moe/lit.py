@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (BinaryAUROC, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score)
+from torchmetrics.classification import BinaryAUROC, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
 
 log = logging.getLogger("cyber_moe")
 
@@ -32,10 +32,16 @@ __all__ = ['log', 'FEATURE_KEYS', 'SEQUENCE_KEY', 'TARGET_KEYS', 'FlowDataset', 
 
 # %% ../nbs/40_lit.ipynb #2f9bcc84
 FEATURE_KEYS = ("x_num", "x_cat", "x_time")
-SEQUENCE_KEY = "x_seq"   # packet sequences [n, N, 4]: carried along when the arrays hold them (schemas with sequences)
+SEQUENCE_KEY = "x_seq"  # packet sequences [n, N, 4]: carried along when the arrays hold them (schemas with sequences)
 TARGET_KEYS = ("y_family", "y_binary")
-_DTYPES = {"x_num": torch.float32, "x_cat": torch.long, "x_time": torch.float32, "x_seq": torch.float32,
-           "y_family": torch.long, "y_binary": torch.float32}
+_DTYPES = {
+    "x_num": torch.float32,
+    "x_cat": torch.long,
+    "x_time": torch.float32,
+    "x_seq": torch.float32,
+    "y_family": torch.long,
+    "y_binary": torch.float32,
+}
 
 
 class FlowDataset(Dataset):
@@ -44,21 +50,31 @@ class FlowDataset(Dataset):
     def __init__(self, arrays: Mapping[str, np.ndarray], *, targets: bool = True, name: str = "arrays"):
         keys = FEATURE_KEYS + (TARGET_KEYS if targets else ())
         missing = [k for k in keys if k not in arrays]
-        if SEQUENCE_KEY in arrays: keys = keys + (SEQUENCE_KEY,)
+        if SEQUENCE_KEY in arrays:
+            keys = keys + (SEQUENCE_KEY,)
         if missing:
-            raise KeyError(f"{name}: missing {', '.join(missing)} (expected the dict of Preprocessor.transform plus "
-                           f"encode_targets: {', '.join(keys)})")
+            raise KeyError(
+                f"{name}: missing {', '.join(missing)} (expected the dict of Preprocessor.transform plus encode_targets: {', '.join(keys)})"
+            )
         self.tensors = {k: torch.as_tensor(np.asarray(arrays[k]), dtype=_DTYPES[k]) for k in keys}
         n = {k: t.shape[0] for k, t in self.tensors.items()}
-        if len(set(n.values())) != 1: raise ValueError(f"{name}: arrays differ in length: {n}")
+        if len(set(n.values())) != 1:
+            raise ValueError(f"{name}: arrays differ in length: {n}")
         for k in FEATURE_KEYS:
-            if self.tensors[k].ndim != 2: raise ValueError(f"{name}: {k} must be 2-D [rows, features], got shape {tuple(self.tensors[k].shape)}")
+            if self.tensors[k].ndim != 2:
+                raise ValueError(f"{name}: {k} must be 2-D [rows, features], got shape {tuple(self.tensors[k].shape)}")
         if SEQUENCE_KEY in self.tensors and (self.tensors[SEQUENCE_KEY].ndim != 3 or self.tensors[SEQUENCE_KEY].shape[2] != 4):
-            raise ValueError(f"{name}: x_seq must be [rows, packets, 4] (direction, size, time, mask), got shape {tuple(self.tensors[SEQUENCE_KEY].shape)}")
+            raise ValueError(
+                f"{name}: x_seq must be [rows, packets, 4] (direction, size, time, mask), got shape {tuple(self.tensors[SEQUENCE_KEY].shape)}"
+            )
         self.n = next(iter(n.values()))
 
-    def __len__(self) -> int: return self.n
-    def __getitem__(self, i: int) -> dict[str, Tensor]: return {k: t[i] for k, t in self.tensors.items()}
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: t[i] for k, t in self.tensors.items()}
+
     def __getitems__(self, idx: list[int]) -> dict[str, Tensor]:
         "A whole batch at once (used by DataLoader): dict of [len(idx), ...] tensors."
         i = torch.as_tensor(idx)
@@ -70,51 +86,79 @@ def _collate(batch):
     return batch if isinstance(batch, dict) else default_collate(batch)
 
 
-def flow_loader(arrays: Mapping[str, np.ndarray] | FlowDataset, *, batch_size: int, shuffle: bool = False,
-                num_workers: int = 0, targets: bool = True) -> DataLoader:
+def flow_loader(
+    arrays: Mapping[str, np.ndarray] | FlowDataset, *, batch_size: int, shuffle: bool = False, num_workers: int = 0, targets: bool = True
+) -> DataLoader:
     "A DataLoader of dict batches over preprocessed arrays (or a `FlowDataset`)."
     ds = arrays if isinstance(arrays, FlowDataset) else FlowDataset(arrays, targets=targets)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=_collate,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=_collate, persistent_workers=num_workers > 0
+    )
 
 # %% ../nbs/40_lit.ipynb #0c1d8301
 class FlowDataModule(L.LightningDataModule):
     "Train / val / (test) loaders over dicts of preprocessed arrays; only the training loader shuffles."
 
-    def __init__(self, *, train: Mapping[str, np.ndarray], val: Mapping[str, np.ndarray],
-                 test: Mapping[str, np.ndarray] | None = None, batch_size: int, num_workers: int = 0):
+    def __init__(
+        self,
+        *,
+        train: Mapping[str, np.ndarray],
+        val: Mapping[str, np.ndarray],
+        test: Mapping[str, np.ndarray] | None = None,
+        batch_size: int,
+        num_workers: int = 0,
+    ):
         super().__init__()
-        if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_ds, self.val_ds = FlowDataset(train, name="train"), FlowDataset(val, name="val")
         self.test_ds = FlowDataset(test, name="test") if test is not None else None
 
     def _loader(self, ds: FlowDataset | None, split: str, shuffle: bool = False) -> DataLoader:
-        if ds is None: raise RuntimeError(f"FlowDataModule has no {split} split: pass {split}=arrays when creating it")
+        if ds is None:
+            raise RuntimeError(f"FlowDataModule has no {split} split: pass {split}=arrays when creating it")
         return flow_loader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader: return self._loader(self.train_ds, "train", shuffle=True)
-    def val_dataloader(self) -> DataLoader: return self._loader(self.val_ds, "val")
-    def test_dataloader(self) -> DataLoader: return self._loader(self.test_ds, "test")
-    def predict_dataloader(self) -> DataLoader: return self._loader(self.test_ds, "test")
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_ds, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_ds, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_ds, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_ds, "test")
 
 # %% ../nbs/40_lit.ipynb #a7eb0675
-def class_weights_from(y: np.ndarray | Sequence[int], n_classes: int, *, max_weight: float = 50.0, power: float = 1.0,
-                       keep_binary: bool = False, benign_index: int = 0) -> Tensor:
+def class_weights_from(
+    y: np.ndarray | Sequence[int],
+    n_classes: int,
+    *,
+    max_weight: float = 50.0,
+    power: float = 1.0,
+    keep_binary: bool = False,
+    benign_index: int = 0,
+) -> Tensor:
     "Class weights `(n / (n_classes * count)) ** power`, clipped to `max_weight`; with `keep_binary`, benign 1 and attack weights rescaled to keep the attack rows' total weight."
     y = np.asarray(y)
-    if y.size == 0: raise ValueError("class_weights_from: no labels given (pass the training split's y_family)")
+    if y.size == 0:
+        raise ValueError("class_weights_from: no labels given (pass the training split's y_family)")
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"class_weights_from: labels must lie in 0..{n_classes - 1}, found {y.min()}..{y.max()}")
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     absent = int((counts == 0).sum())
-    if absent: log.warning("class_weights_from: %d of %d classes have no training rows; they get weight %s", absent, n_classes, max_weight)
+    if absent:
+        log.warning("class_weights_from: %d of %d classes have no training rows; they get weight %s", absent, n_classes, max_weight)
     w = np.where(counts > 0, y.size / (n_classes * np.maximum(counts, 1)), max_weight) ** power
     w = np.minimum(w, max_weight)
-    if keep_binary:     # re-balance among the attack families only: benign vs attack keep the weight they have in the data
+    if keep_binary:  # re-balance among the attack families only: benign vs attack keep the weight they have in the data
         attack = np.arange(n_classes) != benign_index
         mass = (counts[attack] * w[attack]).sum()
-        if mass > 0: w[attack] *= counts[attack].sum() / mass
+        if mass > 0:
+            w[attack] *= counts[attack].sum() / mass
         w[benign_index] = 1.0
     return torch.tensor(w, dtype=torch.float32)
 
@@ -123,7 +167,8 @@ def focal_loss(logits: Tensor, target: Tensor, *, gamma: float, weight: Tensor |
     "Multi-class focal loss, mean over rows (weighted mean with per-class `weight`); gamma=0 is cross-entropy."
     logp = logits.float().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
     loss = -((1 - logp.exp()) ** gamma) * logp
-    if weight is None: return loss.mean()
+    if weight is None:
+        return loss.mean()
     w = weight[target]
     return (w * loss).sum() / w.sum()
 
@@ -131,23 +176,42 @@ def focal_loss(logits: Tensor, target: Tensor, *, gamma: float, weight: Tensor |
 def _metrics(prefix: str, n_classes: int) -> tuple[MetricCollection, MetricCollection]:
     "The binary and the family metric collections of one split, named `{prefix}/...`."
     binary = MetricCollection({"binary_f1": BinaryF1Score(), "binary_auroc": BinaryAUROC()}, prefix=f"{prefix}/")
-    family = MetricCollection({"family_f1_macro": MulticlassF1Score(num_classes=n_classes, average="macro"),
-                               "family_acc": MulticlassAccuracy(num_classes=n_classes, average="micro")}, prefix=f"{prefix}/")
+    family = MetricCollection(
+        {
+            "family_f1_macro": MulticlassF1Score(num_classes=n_classes, average="macro"),
+            "family_acc": MulticlassAccuracy(num_classes=n_classes, average="micro"),
+        },
+        prefix=f"{prefix}/",
+    )
     return binary, family
 
 
 class MoELitModule(L.LightningModule):
     "Losses, metrics, optimiser and schedule around a network with the `MoEClassifier` output contract."
 
-    def __init__(self, net: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int,
-                 loss: Literal["weighted_ce", "focal", "ce"] = "weighted_ce", class_weights: Tensor | Sequence[float] | None = None,
-                 focal_gamma: float = 2.0, family_loss_weight: float = 1.0, load_balance_weight: float = 0.01,
-                 warmup_frac: float = 0.1, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int,
+        loss: Literal["weighted_ce", "focal", "ce"] = "weighted_ce",
+        class_weights: Tensor | Sequence[float] | None = None,
+        focal_gamma: float = 2.0,
+        family_loss_weight: float = 1.0,
+        load_balance_weight: float = 0.01,
+        warmup_frac: float = 0.1,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
-        if loss not in ("weighted_ce", "focal", "ce"): raise ValueError(f"loss={loss!r}: choose 'weighted_ce', 'focal' or 'ce'")
+        if loss not in ("weighted_ce", "focal", "ce"):
+            raise ValueError(f"loss={loss!r}: choose 'weighted_ce', 'focal' or 'ce'")
         n_classes = int(getattr(net, "n_classes"))
         if loss == "weighted_ce" and class_weights is None:
-            raise ValueError("loss='weighted_ce' needs class_weights: pass class_weights_from(train['y_family'], n_classes), or use loss='ce'")
+            raise ValueError(
+                "loss='weighted_ce' needs class_weights: pass class_weights_from(train['y_family'], n_classes), or use loss='ce'"
+            )
         self.save_hyperparameters(ignore=["net", "class_weights"])
         self.net = net
         self.experts = tuple(getattr(net, "experts", ("net",)))
@@ -157,7 +221,8 @@ class MoELitModule(L.LightningModule):
         self.register_buffer("class_weights", cw)
         for split in ("train", "val", "test"):
             b, f = _metrics(split, n_classes)
-            setattr(self, f"{split}_binary", b); setattr(self, f"{split}_family", f)
+            setattr(self, f"{split}_binary", b)
+            setattr(self, f"{split}_family", f)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "The network's outputs for a dict batch (with its packet sequences `x_seq` when the batch has them)."
@@ -179,10 +244,11 @@ def family_loss(self: MoELitModule, logits: Tensor, target: Tensor) -> Tensor:
 @patch
 def _step(self: MoELitModule, batch: Mapping[str, Tensor], split: str) -> Tensor:
     out = self(batch)
-    if "binary_k" in out:       # an ensemble: every member is trained on the targets
+    if "binary_k" in out:  # an ensemble: every member is trained on the targets
         yb = batch["y_binary"][:, None].expand_as(out["binary_k"])
         bce = F.binary_cross_entropy_with_logits(out["binary_k"].float(), yb)
-    else: bce = F.binary_cross_entropy_with_logits(out["binary"].float(), batch["y_binary"])
+    else:
+        bce = F.binary_cross_entropy_with_logits(out["binary"].float(), batch["y_binary"])
     fam = self.family_loss(out.get("family_k", out["family"]), batch["y_family"])
     loss = bce + self.hparams.family_loss_weight * fam + self.hparams.load_balance_weight * out["aux_loss"].float()
     n = batch["y_family"].shape[0]
@@ -193,7 +259,8 @@ def _step(self: MoELitModule, batch: Mapping[str, Tensor], split: str) -> Tensor
     self.log(f"{split}/loss_family", fam.detach(), **kw)
     self.log(f"{split}/aux_loss", out["aux_loss"].detach().float(), **kw)
     gate = out["gate"].detach().float().mean(0)
-    for e, name in enumerate(self.experts): self.log(f"{split}/gate_{name}", gate[e], **kw)
+    for e, name in enumerate(self.experts):
+        self.log(f"{split}/gate_{name}", gate[e], **kw)
     return loss
 
 
@@ -206,22 +273,33 @@ def _epoch_end(self: MoELitModule, split: str) -> None:
 
 # %% ../nbs/40_lit.ipynb #c5119a7f
 @patch
-def training_step(self: MoELitModule, batch, batch_idx): return self._step(batch, "train")
+def training_step(self: MoELitModule, batch, batch_idx):
+    return self._step(batch, "train")
+
 
 @patch
-def validation_step(self: MoELitModule, batch, batch_idx): return self._step(batch, "val")
+def validation_step(self: MoELitModule, batch, batch_idx):
+    return self._step(batch, "val")
+
 
 @patch
-def test_step(self: MoELitModule, batch, batch_idx): return self._step(batch, "test")
+def test_step(self: MoELitModule, batch, batch_idx):
+    return self._step(batch, "test")
+
 
 @patch
-def on_train_epoch_end(self: MoELitModule): self._epoch_end("train")
+def on_train_epoch_end(self: MoELitModule):
+    self._epoch_end("train")
+
 
 @patch
-def on_validation_epoch_end(self: MoELitModule): self._epoch_end("val")
+def on_validation_epoch_end(self: MoELitModule):
+    self._epoch_end("val")
+
 
 @patch
-def on_test_epoch_end(self: MoELitModule): self._epoch_end("test")
+def on_test_epoch_end(self: MoELitModule):
+    self._epoch_end("test")
 
 # %% ../nbs/40_lit.ipynb #8349a04d
 @patch
@@ -236,20 +314,27 @@ def predict_step(self: MoELitModule, batch, batch_idx, dataloader_idx: int = 0) 
 def configure_optimizers(self: MoELitModule):
     "AdamW (decay on weight matrices only) with linear warm-up then cosine decay over the whole run, stepped per batch."
     if self.trainer.max_epochs != self.hparams.max_epochs:
-        raise ValueError(f"MoELitModule(max_epochs={self.hparams.max_epochs}) but the Trainer has max_epochs={self.trainer.max_epochs}: "
-                         "pass the same value (train.max_epochs) to both so the learning-rate schedule ends where training ends")
+        raise ValueError(
+            f"MoELitModule(max_epochs={self.hparams.max_epochs}) but the Trainer has max_epochs={self.trainer.max_epochs}: "
+            "pass the same value (train.max_epochs) to both so the learning-rate schedule ends where training ends"
+        )
     decay, no_decay = [], []
     for name, p in self.net.named_parameters():
-        if not p.requires_grad: continue
+        if not p.requires_grad:
+            continue
         skip = p.ndim < 2 or any(s in name for s in ("tokenizer", "embed", "norm", "pos_", ".cls"))
         (no_decay if skip else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr
+    )
     total = max(1, int(self.trainer.estimated_stepping_batches))
     warmup = max(1, int(total * self.hparams.warmup_frac))
+
     def factor(step: int) -> float:
-        if step < warmup: return (step + 1) / warmup
+        if step < warmup:
+            return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -266,32 +351,76 @@ class EpochLog(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        if loss is not None: self._losses.append(float(loss))
+        if loss is not None:
+            self._losses.append(float(loss))
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = trainer.callback_metrics
-        def val(k): return f"{float(m[k]):.4f}" if k in m else "n/a"
+
+        def val(k):
+            return f"{float(m[k]):.4f}" if k in m else "n/a"
+
         train_loss = f"{sum(self._losses) / len(self._losses):.4f}" if self._losses else "n/a"
-        self.out.info("epoch %d/%d: train loss %s, val loss %s, val family macro-F1 %s, val binary F1 %s, %.1f s",
-                      trainer.current_epoch + 1, trainer.max_epochs, train_loss, val("val/loss"), val("val/family_f1_macro"),
-                      val("val/binary_f1"), time.perf_counter() - self._t0)
+        self.out.info(
+            "epoch %d/%d: train loss %s, val loss %s, val family macro-F1 %s, val binary F1 %s, %.1f s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            train_loss,
+            val("val/loss"),
+            val("val/family_f1_macro"),
+            val("val/binary_f1"),
+            time.perf_counter() - self._t0,
+        )
 
-
-def make_trainer(*, max_epochs: int, accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
-                 precision: str = "32-true", patience: int = 4, monitor: str = "val/family_f1_macro",
-                 mode: Literal["max", "min"] = "max", default_root_dir: str | Path, logger=None,
-                 enable_progress_bar: bool = True, extra_callbacks: Sequence[Callback] = (), **trainer_kw) -> L.Trainer:
+# %% ../nbs/40_lit.ipynb #c5018e20
+def make_trainer(
+    *,
+    max_epochs: int,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    precision: str = "32-true",
+    patience: int = 4,
+    monitor: str = "val/family_f1_macro",
+    mode: Literal["max", "min"] = "max",
+    default_root_dir: str | Path,
+    logger=None,
+    enable_progress_bar: bool = True,
+    extra_callbacks: Sequence[Callback] = (),
+    **trainer_kw,
+) -> L.Trainer:
     "A Trainer with early stopping and best-checkpointing on the validation metric `monitor` (never on test); one log line per epoch when stderr is not a terminal."
     if not monitor.startswith("val/"):
         raise ValueError(f"monitor={monitor!r}: model selection must use a validation metric ('val/...'), never train or test")
     root = Path(default_root_dir)
-    if logger is None: logger = L.pytorch.loggers.CSVLogger(save_dir=root, name="logs")
-    callbacks = [EarlyStopping(monitor=monitor, mode=mode, patience=patience),
-                 ModelCheckpoint(dirpath=root / "checkpoints", monitor=monitor, mode=mode, save_top_k=1,
-                                 filename="best-epoch{epoch}", auto_insert_metric_name=False),
-                 *extra_callbacks]
-    enable_progress_bar = enable_progress_bar and sys.stderr.isatty()   # a progress bar in a log file is noise
-    if not enable_progress_bar and not any(isinstance(c, EpochLog) for c in callbacks): callbacks.append(EpochLog())
-    return L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                     default_root_dir=root, logger=logger, callbacks=callbacks, enable_progress_bar=enable_progress_bar,
-                     enable_model_summary=False, log_every_n_steps=10, **trainer_kw)
+    if logger is None:
+        logger = L.pytorch.loggers.CSVLogger(save_dir=root, name="logs")
+    callbacks = [
+        EarlyStopping(monitor=monitor, mode=mode, patience=patience),
+        ModelCheckpoint(
+            dirpath=root / "checkpoints",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            filename="best-epoch{epoch}",
+            auto_insert_metric_name=False,
+        ),
+        *extra_callbacks,
+    ]
+    enable_progress_bar = enable_progress_bar and sys.stderr.isatty()  # a progress bar in a log file is noise
+    if not enable_progress_bar and not any(isinstance(c, EpochLog) for c in callbacks):
+        callbacks.append(EpochLog())
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        default_root_dir=root,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=enable_progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        **trainer_kw,
+    )

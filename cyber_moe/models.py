@@ -34,34 +34,55 @@ def check_embedding(kind: str, where: str = "embedding") -> str:
 class NumEmbedding(nn.Module):
     "Scaled numeric values [B, n] -> per-feature vectors [B, n, d]: piecewise-linear over fitted bins, periodic or linear."
 
-    def __init__(self, *, n_features: int, d_embedding: int, kind: str, bins: Sequence[Sequence[float] | None] | None = None,
-                 n_frequencies: int = 48, frequency_scale: float = 0.01):
+    def __init__(
+        self,
+        *,
+        n_features: int,
+        d_embedding: int,
+        kind: str,
+        bins: Sequence[Sequence[float] | None] | None = None,
+        n_frequencies: int = 48,
+        frequency_scale: float = 0.01,
+    ):
         super().__init__()
         import rtdl_num_embeddings as rne
+
         check_embedding(kind)
-        if kind == "none": raise ValueError("NumEmbedding: kind 'none' means no embedding module; do not build one")
-        if n_features < 1: raise ValueError(f"NumEmbedding: n_features must be >= 1, got {n_features}")
+        if kind == "none":
+            raise ValueError("NumEmbedding: kind 'none' means no embedding module; do not build one")
+        if n_features < 1:
+            raise ValueError(f"NumEmbedding: n_features must be >= 1, got {n_features}")
         self.kind, self.n_features, self.d_embedding = kind, n_features, d_embedding
         binned: list[int] = []
         if kind == "ple":
             if bins is None:
-                raise ValueError("embedding 'ple' needs bin edges fitted on the training rows: fit the Preprocessor with bins "
-                                 "(prepare() does when a model part selects 'ple') and pass preprocessor.bins")
-            if len(bins) != n_features: raise ValueError(f"NumEmbedding: {len(bins)} bin lists for {n_features} features")
+                raise ValueError(
+                    "embedding 'ple' needs bin edges fitted on the training rows: fit the Preprocessor with bins "
+                    "(prepare() does when a model part selects 'ple') and pass preprocessor.bins"
+                )
+            if len(bins) != n_features:
+                raise ValueError(f"NumEmbedding: {len(bins)} bin lists for {n_features} features")
             binned = [j for j, b in enumerate(bins) if b is not None and len(b) >= 2]
         plain = [j for j in range(n_features) if j not in binned]
         self.binned, self.plain = binned, plain
         self.register_buffer("order", torch.argsort(torch.tensor(binned + plain, dtype=torch.long)), persistent=False)
-        if binned and not 1 <= d_embedding <= 1024: raise ValueError(f"NumEmbedding: d_embedding must be in 1..1024, got {d_embedding}")
+        if binned and not 1 <= d_embedding <= 1024:
+            raise ValueError(f"NumEmbedding: d_embedding must be in 1..1024, got {d_embedding}")
         # rtdl reads its bin tensors (.item()) while building: on the CPU even inside a meta-device context (shape checks of a
         # bundle), which the bound above and bins equal to the fitted preprocessor's keep small
         with warnings.catch_warnings(), torch.device("cpu"):
-            warnings.simplefilter("ignore")     # "just two bin edges": a one-bin column is a min-max scaled one, still usable
-            self.ple = (rne.PiecewiseLinearEmbeddings([torch.tensor(bins[j], dtype=torch.float32) for j in binned], d_embedding,
-                                                      activation=False, version="B") if binned else None)
+            warnings.simplefilter("ignore")  # "just two bin edges": a one-bin column is a min-max scaled one, still usable
+            self.ple = (
+                rne.PiecewiseLinearEmbeddings(
+                    [torch.tensor(bins[j], dtype=torch.float32) for j in binned], d_embedding, activation=False, version="B"
+                )
+                if binned
+                else None
+            )
         if kind == "periodic":
-            self.periodic = rne.PeriodicEmbeddings(n_features, d_embedding, n_frequencies=n_frequencies,
-                                                   frequency_init_scale=frequency_scale, lite=False)
+            self.periodic = rne.PeriodicEmbeddings(
+                n_features, d_embedding, n_frequencies=n_frequencies, frequency_init_scale=frequency_scale, lite=False
+            )
             self.plain = []
         else:
             self.periodic = None
@@ -69,20 +90,24 @@ class NumEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         "[B, n_features] -> [B, n_features, d_embedding]."
-        if self.periodic is not None: return self.periodic(x)
+        if self.periodic is not None:
+            return self.periodic(x)
         parts = []
-        if self.ple is not None: parts.append(self.ple(x[:, self.binned]))
-        if self.plain: parts.append(self.linear(x[:, self.plain]))
+        if self.ple is not None:
+            parts.append(self.ple(x[:, self.binned]))
+        if self.plain:
+            parts.append(self.linear(x[:, self.plain]))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out if not (self.binned and self.plain) else out[:, self.order]
 
 # %% ../nbs/30_models.ipynb #1490b828
-INPUTS = ("x_num", "x_cat", "x_time", "x_seq")   # x_seq: packet sequences [B, N, 4], only for schemas with sequences
+INPUTS = ("x_num", "x_cat", "x_time", "x_seq")  # x_seq: packet sequences [B, N, 4], only for schemas with sequences
 
 
 @runtime_checkable
 class Expert(Protocol):
     "What the MoE needs of an expert: the input groups it reads, its width `d_out`, its ensemble size `k`, and `_forward`."
+
     inputs: tuple[str, ...]
     d_out: int
     k: int
@@ -95,39 +120,48 @@ EXPERTS: dict[str, type] = {}
 
 def register_expert(name: str):
     "Class decorator: make an expert class available as `name` in `model.experts`."
+
     def add(cls):
         bad = [i for i in cls.inputs if i not in INPUTS]
-        if bad: raise ValueError(f"expert {name!r} reads unknown input group(s) {bad}; input groups are {', '.join(INPUTS)}")
+        if bad:
+            raise ValueError(f"expert {name!r} reads unknown input group(s) {bad}; input groups are {', '.join(INPUTS)}")
         EXPERTS[name] = cls
         cls.expert_name = name
         return cls
+
     return add
 
 
 def check_expert_names(names: Sequence[str]) -> tuple[str, ...]:
     "`names` as a tuple if they are registered experts without repeats, else a ValueError naming the problem and the valid names."
     names = tuple(names)
-    if not names: raise ValueError(f"experts is empty: choose at least one of {', '.join(EXPERTS)}")
+    if not names:
+        raise ValueError(f"experts is empty: choose at least one of {', '.join(EXPERTS)}")
     unknown = [n for n in names if n not in EXPERTS]
-    if unknown: raise ValueError(f"unknown expert(s) {', '.join(map(repr, unknown))}; registered experts: {', '.join(EXPERTS)}")
-    if len(set(names)) != len(names): raise ValueError(f"experts={list(names)} names an expert twice")
+    if unknown:
+        raise ValueError(f"unknown expert(s) {', '.join(map(repr, unknown))}; registered experts: {', '.join(EXPERTS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"experts={list(names)} names an expert twice")
     return names
 
-
+# %% ../nbs/30_models.ipynb #5a306b69
 def resolve_experts(experts: Sequence[str] | Mapping[str, Mapping | None], flat: Mapping[str, Any] | None = None) -> dict[str, dict]:
     "Expert name -> complete settings: the class defaults, then legacy flat keys (`flat`), then the nested settings given."
-    if isinstance(experts, str): experts = [experts]
+    if isinstance(experts, str):
+        experts = [experts]
     items = [(n, dict(s or {})) for n, s in experts.items()] if isinstance(experts, Mapping) else [(n, {}) for n in experts]
     check_expert_names([n for n, _ in items])
     flat = dict(flat or {})
     known = set().union(*(c.settings for c in EXPERTS.values() if c.legacy_flat))
     stray = sorted(set(flat) - known)
-    if stray: raise ValueError(f"unknown model setting(s) {', '.join(stray)}; flat settings of the built-in experts: {', '.join(sorted(known))}")
+    if stray:
+        raise ValueError(f"unknown model setting(s) {', '.join(stray)}; flat settings of the built-in experts: {', '.join(sorted(known))}")
     out = {}
     for name, given in items:
         cls = EXPERTS[name]
         bad = sorted(set(given) - set(cls.settings))
-        if bad: raise ValueError(f"expert {name!r}: unknown setting(s) {', '.join(bad)}; its settings: {', '.join(cls.settings)}")
+        if bad:
+            raise ValueError(f"expert {name!r}: unknown setting(s) {', '.join(bad)}; its settings: {', '.join(cls.settings)}")
         legacy = {k: v for k, v in flat.items() if k in cls.settings} if cls.legacy_flat else {}
         out[name] = {**cls.settings, **legacy, **given}
     return out
@@ -136,12 +170,14 @@ def resolve_experts(experts: Sequence[str] | Mapping[str, Mapping | None], flat:
 def _in_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], chunk_size: int | None) -> Tensor:
     "`fn(*tensors)` computed over row chunks of `chunk_size` and concatenated (in one piece if None or small)."
     n = tensors[0].shape[0]
-    if not chunk_size or n <= chunk_size: return fn(*tensors)
+    if not chunk_size or n <= chunk_size:
+        return fn(*tensors)
     return torch.cat([fn(*parts) for parts in zip(*(t.split(chunk_size) for t in tensors))])
 
 
 class ExpertModule(nn.Module):
     "Base class of the registered experts: `forward` runs `_forward` in row chunks when evaluating."
+
     inputs: ClassVar[tuple[str, ...]] = ()
     settings: ClassVar[dict[str, Any]] = {}
     legacy_flat: ClassVar[bool] = False
@@ -155,28 +191,43 @@ class ExpertModule(nn.Module):
 # %% ../nbs/30_models.ipynb #a9414bb5
 def _uniform(*shape: int, d: int) -> nn.Parameter:
     "A parameter of `shape` drawn from U(-1/sqrt(d), 1/sqrt(d)) (the rtdl initialisation of tokens)."
-    s = d ** -0.5
+    s = d**-0.5
     return nn.Parameter(torch.empty(*shape).uniform_(-s, s))
 
 
 class FeatureTokenizer(nn.Module):
     "Numeric values [B, n_num] and category indices [B, n_cat] -> tokens [B, n_tokens, d_token]."
 
-    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], d_token: int, num_group_size: int = 1,
-                 embedding: str = "linear", bins: Sequence | None = None, embedding_kw: Mapping | None = None):
+    def __init__(
+        self,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        d_token: int,
+        num_group_size: int = 1,
+        embedding: str = "linear",
+        bins: Sequence | None = None,
+        embedding_kw: Mapping | None = None,
+    ):
         super().__init__()
         cards = [int(c) for c in cat_cardinalities]
-        if n_num < 0: raise ValueError(f"n_num must be >= 0, got {n_num}")
+        if n_num < 0:
+            raise ValueError(f"n_num must be >= 0, got {n_num}")
         if any(c < 1 for c in cards):
             raise ValueError(f"cat_cardinalities must all be >= 1 (count the unknown bucket 0 too), got {cards}")
         if n_num + len(cards) == 0:
-            raise ValueError("the tabular expert needs at least one feature: n_num is 0 and cat_cardinalities is empty; "
-                             "drop 'tabular' from experts instead")
-        if num_group_size < 1: raise ValueError(f"num_group_size must be >= 1, got {num_group_size}")
+            raise ValueError(
+                "the tabular expert needs at least one feature: n_num is 0 and cat_cardinalities is empty; "
+                "drop 'tabular' from experts instead"
+            )
+        if num_group_size < 1:
+            raise ValueError(f"num_group_size must be >= 1, got {num_group_size}")
         check_embedding(embedding, "tabular expert")
         if embedding not in ("none", "linear") and num_group_size > 1:
-            raise ValueError(f"num_group_size={num_group_size} groups raw values into tokens; embedding {embedding!r} gives each "
-                             "feature its own token: use num_group_size 1 with it")
+            raise ValueError(
+                f"num_group_size={num_group_size} groups raw values into tokens; embedding {embedding!r} gives each "
+                "feature its own token: use num_group_size 1 with it"
+            )
         self.n_num, self.n_cat, self.num_group_size = n_num, len(cards), num_group_size
         self.n_num_tokens = math.ceil(n_num / num_group_size)
         self.num_embed = None
@@ -189,7 +240,7 @@ class FeatureTokenizer(nn.Module):
         if cards:
             self.register_buffer("cat_offsets", torch.tensor([0] + cards[:-1]).cumsum(0), persistent=False)
             self.cat_embed = nn.Embedding(sum(cards), d_token)
-            nn.init.uniform_(self.cat_embed.weight, -d_token ** -0.5, d_token ** -0.5)
+            nn.init.uniform_(self.cat_embed.weight, -(d_token**-0.5), d_token**-0.5)
             self.cat_bias = _uniform(len(cards), d_token, d=d_token)
 
     @property
@@ -202,12 +253,15 @@ class FeatureTokenizer(nn.Module):
         parts = []
         if self.n_num:
             g, t = self.num_group_size, self.n_num_tokens
-            if self.num_embed is not None: parts.append(self.num_embed(x_num))
-            elif g == 1: parts.append(x_num[..., None] * self.num_weight + self.num_bias)
+            if self.num_embed is not None:
+                parts.append(self.num_embed(x_num))
+            elif g == 1:
+                parts.append(x_num[..., None] * self.num_weight + self.num_bias)
             else:
                 x = F.pad(x_num, (0, t * g - self.n_num))
                 parts.append(torch.einsum("btg,tgd->btd", x.view(-1, t, g), self.num_weight.view(t, g, -1)) + self.num_bias)
-        if self.n_cat: parts.append(self.cat_embed(x_cat + self.cat_offsets) + self.cat_bias)
+        if self.n_cat:
+            parts.append(self.cat_embed(x_cat + self.cat_offsets) + self.cat_bias)
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 # %% ../nbs/30_models.ipynb #43388d90
@@ -245,12 +299,21 @@ class ReGLU(nn.Module):
         a, b = self.lin1(x).chunk(2, -1)
         return self.lin2(self.drop(a * F.relu(b)))
 
-
+# %% ../nbs/30_models.ipynb #b9df72a5
 class TransformerBlock(nn.Module):
     "One pre-norm block (attention, then ReGLU feed-forward, each with a residual dropout)."
 
-    def __init__(self, *, d_token: int, n_heads: int, d_hidden: int, attention_dropout: float, ffn_dropout: float,
-                 residual_dropout: float, attention_norm: bool):
+    def __init__(
+        self,
+        *,
+        d_token: int,
+        n_heads: int,
+        d_hidden: int,
+        attention_dropout: float,
+        ffn_dropout: float,
+        residual_dropout: float,
+        attention_norm: bool,
+    ):
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_token) if attention_norm else nn.Identity()
         self.attn = MultiheadAttention(d_token=d_token, n_heads=n_heads, dropout=attention_dropout)
@@ -269,95 +332,183 @@ class TransformerBlock(nn.Module):
 @register_expert("tabular")
 class FTTransformer(ExpertModule):
     "The tabular expert: feature tokens + CLS through pre-norm transformer blocks -> CLS state [B, d_token]."
+
     inputs = ("x_num", "x_cat")
-    settings = dict(d_token=32, n_blocks=2, n_heads=4, d_ffn_factor=4 / 3, attention_dropout=0.1, ffn_dropout=0.1,
-                    residual_dropout=0.0, num_group_size=1, embedding="linear")
+    settings = dict(
+        d_token=32,
+        n_blocks=2,
+        n_heads=4,
+        d_ffn_factor=4 / 3,
+        attention_dropout=0.1,
+        ffn_dropout=0.1,
+        residual_dropout=0.0,
+        num_group_size=1,
+        embedding="linear",
+    )
     legacy_flat = True
 
-    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], d_token: int = 32, n_blocks: int = 2,
-                 n_heads: int = 4, d_ffn_factor: float = 4 / 3, attention_dropout: float = 0.1, ffn_dropout: float = 0.1,
-                 residual_dropout: float = 0.0, num_group_size: int = 1, eval_chunk_size: int | None = 256,
-                 embedding: str = "linear", bins: Sequence | None = None, embedding_kw: Mapping | None = None):
+    def __init__(
+        self,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        d_token: int = 32,
+        n_blocks: int = 2,
+        n_heads: int = 4,
+        d_ffn_factor: float = 4 / 3,
+        attention_dropout: float = 0.1,
+        ffn_dropout: float = 0.1,
+        residual_dropout: float = 0.0,
+        num_group_size: int = 1,
+        eval_chunk_size: int | None = 256,
+        embedding: str = "linear",
+        bins: Sequence | None = None,
+        embedding_kw: Mapping | None = None,
+    ):
         super().__init__()
-        if n_blocks < 1: raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
-        self.tokenizer = FeatureTokenizer(n_num=n_num, cat_cardinalities=cat_cardinalities, d_token=d_token,
-                                          num_group_size=num_group_size, embedding=embedding, bins=bins, embedding_kw=embedding_kw)
+        if n_blocks < 1:
+            raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
+        self.tokenizer = FeatureTokenizer(
+            n_num=n_num,
+            cat_cardinalities=cat_cardinalities,
+            d_token=d_token,
+            num_group_size=num_group_size,
+            embedding=embedding,
+            bins=bins,
+            embedding_kw=embedding_kw,
+        )
         self.cls = _uniform(d_token, d=d_token)
         d_hidden = max(1, round(d_token * d_ffn_factor))
         self.blocks = nn.ModuleList(
-            TransformerBlock(d_token=d_token, n_heads=n_heads, d_hidden=d_hidden, attention_dropout=attention_dropout,
-                             ffn_dropout=ffn_dropout, residual_dropout=residual_dropout, attention_norm=i > 0)
-            for i in range(n_blocks))
+            TransformerBlock(
+                d_token=d_token,
+                n_heads=n_heads,
+                d_hidden=d_hidden,
+                attention_dropout=attention_dropout,
+                ffn_dropout=ffn_dropout,
+                residual_dropout=residual_dropout,
+                attention_norm=i > 0,
+            )
+            for i in range(n_blocks)
+        )
         self.norm = nn.LayerNorm(d_token)
         self.d_out, self.eval_chunk_size = d_token, eval_chunk_size
 
     @classmethod
-    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
-              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "FTTransformer":
+    def build(
+        cls,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        bins: Sequence | None,
+        embedding_kw: Mapping,
+        eval_chunk_size: int | None,
+        **settings,
+    ) -> "FTTransformer":
         "The expert for these data sizes; it reads the numeric columns' bins (the first `n_num`)."
-        return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, bins=None if bins is None else bins[:n_num],
-                   embedding_kw=embedding_kw, eval_chunk_size=eval_chunk_size, **settings)
+        return cls(
+            n_num=n_num,
+            cat_cardinalities=cat_cardinalities,
+            bins=None if bins is None else bins[:n_num],
+            embedding_kw=embedding_kw,
+            eval_chunk_size=eval_chunk_size,
+            **settings,
+        )
 
     def _forward(self, x_num: Tensor, x_cat: Tensor) -> Tensor:
         t = self.tokenizer(x_num, x_cat)
         x = torch.cat([t, self.cls.expand(t.shape[0], 1, -1)], 1)
-        for i, block in enumerate(self.blocks): x = block(x, last_only=i == len(self.blocks) - 1)
+        for i, block in enumerate(self.blocks):
+            x = block(x, last_only=i == len(self.blocks) - 1)
         return self.norm(x[:, -1])
 
 # %% ../nbs/30_models.ipynb #9bb1c794
 @register_expert("temporal")
 class TemporalCNN(ExpertModule):
     "The timing expert: per-position embedding of [B, n_time] -> dilated residual 1D convolutions -> pooled [B, d_temporal]."
+
     inputs = ("x_time",)
     settings = dict(d_temporal=96, n_temporal_layers=3, kernel_size=3)
     legacy_flat = True
 
-    def __init__(self, *, n_time: int, d_temporal: int = 64, n_temporal_layers: int = 3, kernel_size: int = 3,
-                 eval_chunk_size: int | None = 256):
+    def __init__(
+        self, *, n_time: int, d_temporal: int = 64, n_temporal_layers: int = 3, kernel_size: int = 3, eval_chunk_size: int | None = 256
+    ):
         super().__init__()
-        if n_time < 1: raise ValueError("the temporal expert needs timing features (n_time >= 1); drop 'temporal' from experts instead")
-        if kernel_size % 2 == 0: raise ValueError(f"kernel_size must be odd (same-length convolutions), got {kernel_size}")
-        if n_temporal_layers < 1: raise ValueError(f"n_temporal_layers must be >= 1, got {n_temporal_layers}")
+        if n_time < 1:
+            raise ValueError("the temporal expert needs timing features (n_time >= 1); drop 'temporal' from experts instead")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same-length convolutions), got {kernel_size}")
+        if n_temporal_layers < 1:
+            raise ValueError(f"n_temporal_layers must be >= 1, got {n_temporal_layers}")
         c = d_temporal
         self.pos_weight = nn.Parameter(torch.randn(n_time, c) * 0.5)
         self.pos_bias = nn.Parameter(torch.randn(n_time, c) * 0.1)
-        self.convs = nn.ModuleList(nn.Conv1d(c, c, kernel_size, dilation=2 ** i, padding="same")
-                                   for i in range(n_temporal_layers))
+        self.convs = nn.ModuleList(nn.Conv1d(c, c, kernel_size, dilation=2**i, padding="same") for i in range(n_temporal_layers))
         self.out = nn.Linear(2 * c, d_temporal)
         self.n_time, self.d_out, self.eval_chunk_size = n_time, d_temporal, eval_chunk_size
 
     @classmethod
-    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
-              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "TemporalCNN":
+    def build(
+        cls,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        bins: Sequence | None,
+        embedding_kw: Mapping,
+        eval_chunk_size: int | None,
+        **settings,
+    ) -> "TemporalCNN":
         "The expert for these data sizes (it reads only the timing features)."
         return cls(n_time=n_time, eval_chunk_size=eval_chunk_size, **settings)
 
     def _forward(self, x_time: Tensor) -> Tensor:
         h = (x_time[..., None] * self.pos_weight + self.pos_bias).transpose(1, 2)
-        for conv in self.convs: h = h + F.relu(conv(h))
+        for conv in self.convs:
+            h = h + F.relu(conv(h))
         return F.relu(self.out(torch.cat([h.mean(-1), h.amax(-1)], 1)))
 
 # %% ../nbs/30_models.ipynb #1f151bf5
 @register_expert("tabm")
 class TabMExpert(ExpertModule):
     "The TabM expert: an efficient ensemble of `k` MLPs over numeric embeddings and one-hot categories -> [B, k, d_block]."
+
     inputs = ("x_num", "x_cat", "x_time")
     settings = dict(k=16, n_blocks=2, d_block=256, dropout=0.1, embedding="ple", d_embedding=16, timing=True)
 
-    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, k: int = 16, n_blocks: int = 2,
-                 d_block: int = 256, dropout: float = 0.1, embedding: str = "ple", d_embedding: int = 16, timing: bool = True,
-                 bins: Sequence | None = None, embedding_kw: Mapping | None = None, eval_chunk_size: int | None = 2048):
+    def __init__(
+        self,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        k: int = 16,
+        n_blocks: int = 2,
+        d_block: int = 256,
+        dropout: float = 0.1,
+        embedding: str = "ple",
+        d_embedding: int = 16,
+        timing: bool = True,
+        bins: Sequence | None = None,
+        embedding_kw: Mapping | None = None,
+        eval_chunk_size: int | None = 2048,
+    ):
         super().__init__()
         import tabm
+
         check_embedding(embedding, "tabm expert")
-        if k < 1: raise ValueError(f"tabm expert: k must be >= 1, got {k}")
+        if k < 1:
+            raise ValueError(f"tabm expert: k must be >= 1, got {k}")
         self.use_time = bool(timing) and n_time > 0
         n = n_num + (n_time if self.use_time else 0)
         cards = [int(c) for c in cat_cardinalities]
-        if n + len(cards) == 0: raise ValueError("tabm expert: no numeric or categorical features to read")
+        if n + len(cards) == 0:
+            raise ValueError("tabm expert: no numeric or categorical features to read")
         self.embed = None
         if n and embedding not in ("none", "linear"):
-            b = None if bins is None else list(bins[:n_num]) + (list(bins[n_num:n_num + n_time]) if self.use_time else [])
+            b = None if bins is None else list(bins[:n_num]) + (list(bins[n_num : n_num + n_time]) if self.use_time else [])
             kw = {k_: v for k_, v in (embedding_kw or {}).items() if k_ in ("n_frequencies", "frequency_scale")}
             self.embed = NumEmbedding(n_features=n, d_embedding=d_embedding, kind=embedding, bins=b, **kw)
         d_num = n * d_embedding if self.embed is not None else n
@@ -365,21 +516,46 @@ class TabMExpert(ExpertModule):
         # one-hot exports to ONNX), so TabM sees one flat float vector; TabM initialises its first adapter per input column
         self.cards = cards
         self.register_buffer("cat_offsets", torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0), persistent=False)
-        self.net = tabm.TabM(n_num_features=d_num + sum(cards), d_out=None, k=k, n_blocks=n_blocks, d_block=d_block,
-                             dropout=dropout, activation="ReLU", arch_type="tabm",
-                             start_scaling_init="normal" if self.embed is not None else "random-signs")
+        self.net = tabm.TabM(
+            n_num_features=d_num + sum(cards),
+            d_out=None,
+            k=k,
+            n_blocks=n_blocks,
+            d_block=d_block,
+            dropout=dropout,
+            activation="ReLU",
+            arch_type="tabm",
+            start_scaling_init="normal" if self.embed is not None else "random-signs",
+        )
         self.k, self.d_out, self.eval_chunk_size = k, d_block, eval_chunk_size
 
     @classmethod
-    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
-              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "TabMExpert":
+    def build(
+        cls,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        bins: Sequence | None,
+        embedding_kw: Mapping,
+        eval_chunk_size: int | None,
+        **settings,
+    ) -> "TabMExpert":
         "The expert for these data sizes (numeric, categorical and, with `timing`, timing features)."
-        return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, bins=bins, embedding_kw=embedding_kw,
-                   eval_chunk_size=max(eval_chunk_size or 0, 2048), **settings)
+        return cls(
+            n_num=n_num,
+            cat_cardinalities=cat_cardinalities,
+            n_time=n_time,
+            bins=bins,
+            embedding_kw=embedding_kw,
+            eval_chunk_size=max(eval_chunk_size or 0, 2048),
+            **settings,
+        )
 
     def _forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
         x = torch.cat([x_num, x_time], 1) if self.use_time else x_num
-        if self.embed is not None: x = self.embed(x).flatten(1)
+        if self.embed is not None:
+            x = self.embed(x).flatten(1)
         if self.cards:
             hot = x.new_zeros(x.shape[0], sum(self.cards))
             hot = hot.scatter(1, x_cat + self.cat_offsets, 1.0)
@@ -391,38 +567,59 @@ class TabMExpert(ExpertModule):
 @register_expert("sequence")
 class SequenceCNN(ExpertModule):
     "The packet-sequence expert: x_seq [B, N, 4] -> per-packet embedding -> dilated residual 1D convolutions -> masked pooling -> [B, d_seq]."
+
     inputs = ("x_seq",)
     settings = dict(d_seq=64, n_seq_layers=3, kernel_size=3, dropout=0.1, n_packets=32)
 
-    def __init__(self, *, d_seq: int = 64, n_seq_layers: int = 3, kernel_size: int = 3, dropout: float = 0.1,
-                 n_packets: int = 32, eval_chunk_size: int | None = 1024):
+    def __init__(
+        self,
+        *,
+        d_seq: int = 64,
+        n_seq_layers: int = 3,
+        kernel_size: int = 3,
+        dropout: float = 0.1,
+        n_packets: int = 32,
+        eval_chunk_size: int | None = 1024,
+    ):
         super().__init__()
-        if kernel_size % 2 == 0: raise ValueError(f"sequence expert: kernel_size must be odd (same-length convolutions), got {kernel_size}")
-        if n_seq_layers < 1: raise ValueError(f"sequence expert: n_seq_layers must be >= 1, got {n_seq_layers}")
-        if n_packets < 1: raise ValueError(f"sequence expert: n_packets must be >= 1, got {n_packets}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"sequence expert: kernel_size must be odd (same-length convolutions), got {kernel_size}")
+        if n_seq_layers < 1:
+            raise ValueError(f"sequence expert: n_seq_layers must be >= 1, got {n_seq_layers}")
+        if n_packets < 1:
+            raise ValueError(f"sequence expert: n_packets must be >= 1, got {n_packets}")
         c = d_seq
         self.embed = nn.Linear(3, c)
-        self.convs = nn.ModuleList(nn.Conv1d(c, c, kernel_size, dilation=2 ** i, padding="same") for i in range(n_seq_layers))
+        self.convs = nn.ModuleList(nn.Conv1d(c, c, kernel_size, dilation=2**i, padding="same") for i in range(n_seq_layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(c) for _ in range(n_seq_layers))
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(2 * c + 1, d_seq)
         self.n_packets, self.d_out, self.eval_chunk_size = n_packets, d_seq, eval_chunk_size
 
     @classmethod
-    def build(cls, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, bins: Sequence | None,
-              embedding_kw: Mapping, eval_chunk_size: int | None, **settings) -> "SequenceCNN":
+    def build(
+        cls,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        bins: Sequence | None,
+        embedding_kw: Mapping,
+        eval_chunk_size: int | None,
+        **settings,
+    ) -> "SequenceCNN":
         "The expert (it reads only the packet sequences)."
         return cls(eval_chunk_size=max(eval_chunk_size or 0, 1024), **settings)
 
     def _forward(self, x_seq: Tensor) -> Tensor:
-        m = x_seq[..., 3:4]                                        # [B, N, 1]: 1 for a real packet
-        h = (self.embed(x_seq[..., :3]) * m).transpose(1, 2)       # [B, c, N]
+        m = x_seq[..., 3:4]  # [B, N, 1]: 1 for a real packet
+        h = (self.embed(x_seq[..., :3]) * m).transpose(1, 2)  # [B, c, N]
         mt = m.transpose(1, 2)
         for conv, norm in zip(self.convs, self.norms):
-            h = (h + self.drop(F.relu(norm(conv(h))))) * mt       # padding stays 0 after every block
+            h = (h + self.drop(F.relu(norm(conv(h))))) * mt  # padding stays 0 after every block
         n = mt.sum(-1).clamp_min(1.0)
         mean = h.sum(-1) / n
-        mx = (h - (1 - mt) * 1e4).amax(-1) * (mt.sum(-1) > 0)      # max over real packets (0 for an empty flow)
+        mx = (h - (1 - mt) * 1e4).amax(-1) * (mt.sum(-1) > 0)  # max over real packets (0 for an empty flow)
         return F.relu(self.out(torch.cat([mean, mx, mt.mean(-1)], 1)))
 
 # %% ../nbs/30_models.ipynb #3e0e51d0
@@ -436,12 +633,26 @@ def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:
 class Gate(nn.Module):
     "MLP over all features -> expert weights [B, E] (dense softmax or sparse top-k) and a load-balancing loss."
 
-    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_experts: int, d_gate: int = 64,
-                 d_gate_embed: int = 4, top_k: int | None = None, noise: bool = False, embedding: str = "none",
-                 d_embedding: int = 8, bins: Sequence | None = None, embedding_kw: Mapping | None = None):
+    def __init__(
+        self,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        n_experts: int,
+        d_gate: int = 64,
+        d_gate_embed: int = 4,
+        top_k: int | None = None,
+        noise: bool = False,
+        embedding: str = "none",
+        d_embedding: int = 8,
+        bins: Sequence | None = None,
+        embedding_kw: Mapping | None = None,
+    ):
         super().__init__()
         cards = [int(c) for c in cat_cardinalities]
-        if n_experts < 2: raise ValueError(f"a gate needs at least 2 experts, got {n_experts}")
+        if n_experts < 2:
+            raise ValueError(f"a gate needs at least 2 experts, got {n_experts}")
         if top_k is not None and not 1 <= top_k <= n_experts:
             raise ValueError(f"gate_top_k={top_k} must be between 1 and the number of experts ({n_experts}), or None for dense routing")
         check_embedding(embedding, "gate")
@@ -457,12 +668,14 @@ class Gate(nn.Module):
             self.num_embed = NumEmbedding(n_features=n_num + n_time, d_embedding=d_embedding, kind=embedding, bins=bins, **kw)
             d_numeric = (n_num + n_time) * d_embedding
         d_in = d_numeric + len(cards) * d_gate_embed
-        if d_in == 0: raise ValueError("the gate has no input: n_num, cat_cardinalities and n_time are all empty")
+        if d_in == 0:
+            raise ValueError("the gate has no input: n_num, cat_cardinalities and n_time are all empty")
         self.hidden = nn.Sequential(nn.Linear(d_in, d_gate), nn.ReLU())
         self.logits = nn.Linear(d_gate, n_experts)
         if noise:
             self.noise_scale = nn.Linear(d_gate, n_experts)
-            nn.init.zeros_(self.noise_scale.weight); nn.init.zeros_(self.noise_scale.bias)
+            nn.init.zeros_(self.noise_scale.weight)
+            nn.init.zeros_(self.noise_scale.bias)
 
     @property
     def sparse(self) -> bool:
@@ -472,7 +685,8 @@ class Gate(nn.Module):
     def features(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
         "The gate's hidden layer [B, d_gate] over numeric values (or their embeddings), category embeddings and timing values."
         parts = [x_num, x_time] if self.num_embed is None else [self.num_embed(torch.cat([x_num, x_time], 1)).flatten(1)]
-        if self.n_cat: parts.append(self.cat_embed(x_cat + self.cat_offsets).flatten(1))
+        if self.n_cat:
+            parts.append(self.cat_embed(x_cat + self.cat_offsets).flatten(1))
         return self.hidden(torch.cat(parts, 1))
 
     def forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> tuple[Tensor, Tensor]:
@@ -483,12 +697,14 @@ class Gate(nn.Module):
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise_scale(h))
         probs = logits.softmax(-1)
         aux = load_balance_loss(probs, logits.argmax(-1))
-        if not self.sparse: return probs, aux
+        if not self.sparse:
+            return probs, aux
         top, idx = logits.topk(self.top_k, dim=-1)
         if self.top_k == 1:
             p = probs.gather(1, idx)
             kept = p / p.detach()
-        else: kept = top.softmax(-1)
+        else:
+            kept = top.softmax(-1)
         return torch.zeros_like(probs).scatter(1, idx, kept), aux
 
 # %% ../nbs/30_models.ipynb #f1474bd5
@@ -511,14 +727,29 @@ def _mean_of_sigmoid_logit(logit_k: Tensor) -> Tensor:
 class MoEClassifier(nn.Module):
     "Gate-weighted mixture of registered experts (`EXPERTS`) -> binary and family logits."
 
-    def __init__(self, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_classes: int,
-                 experts: Sequence[str] | Mapping[str, Mapping | None] = DEFAULT_EXPERTS, d_gate: int = 64,
-                 gate_top_k: int | None = None, gate_noise: bool = False, gate_embedding: str = "none",
-                 numeric: Mapping[str, Any] | None = None, d_head: int = 384, head_dropout: float = 0.1,
-                 bins: Sequence[Sequence[float] | None] | None = None, eval_chunk_size: int | None = 256, **flat):
+    def __init__(
+        self,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        n_classes: int,
+        experts: Sequence[str] | Mapping[str, Mapping | None] = DEFAULT_EXPERTS,
+        d_gate: int = 64,
+        gate_top_k: int | None = None,
+        gate_noise: bool = False,
+        gate_embedding: str = "none",
+        numeric: Mapping[str, Any] | None = None,
+        d_head: int = 384,
+        head_dropout: float = 0.1,
+        bins: Sequence[Sequence[float] | None] | None = None,
+        eval_chunk_size: int | None = 256,
+        **flat,
+    ):
         super().__init__()
         settings = resolve_experts(experts, flat)
-        if n_classes < 2: raise ValueError(f"n_classes must be >= 2 (benign and at least one family), got {n_classes}")
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2 (benign and at least one family), got {n_classes}")
         if bins is not None and len(bins) != n_num + n_time:
             raise ValueError(f"bins: {len(bins)} lists for {n_num + n_time} numeric and timing columns (use preprocessor.bins)")
         self.experts, self.n_num, self.n_time, self.n_classes = tuple(settings), n_num, n_time, n_classes
@@ -526,23 +757,48 @@ class MoEClassifier(nn.Module):
         self.cat_cardinalities = [int(c) for c in cat_cardinalities]
         self.register_buffer("_cards", torch.tensor(self.cat_cardinalities, dtype=torch.long), persistent=False)
         emb = dict(numeric or {})
-        self.nets = nn.ModuleDict({name: EXPERTS[name].build(n_num=n_num, cat_cardinalities=self.cat_cardinalities, n_time=n_time,
-                                                            bins=bins, embedding_kw=emb, eval_chunk_size=eval_chunk_size, **s)
-                                   for name, s in settings.items()})
+        self.nets = nn.ModuleDict(
+            {
+                name: EXPERTS[name].build(
+                    n_num=n_num,
+                    cat_cardinalities=self.cat_cardinalities,
+                    n_time=n_time,
+                    bins=bins,
+                    embedding_kw=emb,
+                    eval_chunk_size=eval_chunk_size,
+                    **s,
+                )
+                for name, s in settings.items()
+            }
+        )
         self.k = max(int(getattr(net, "k", 1)) for net in self.nets.values())
         self.proj = nn.ModuleDict({e: nn.Linear(self.nets[e].d_out, d_head) for e in self.experts})
-        self.gate = (Gate(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_experts=len(self.experts),
-                          d_gate=d_gate, top_k=gate_top_k, noise=gate_noise, embedding=gate_embedding,
-                          d_embedding=int(emb.get("d_gate_embedding", 4)), bins=bins, embedding_kw=emb)
-                     if len(self.experts) > 1 else None)
+        self.gate = (
+            Gate(
+                n_num=n_num,
+                cat_cardinalities=cat_cardinalities,
+                n_time=n_time,
+                n_experts=len(self.experts),
+                d_gate=d_gate,
+                top_k=gate_top_k,
+                noise=gate_noise,
+                embedding=gate_embedding,
+                d_embedding=int(emb.get("d_gate_embedding", 4)),
+                bins=bins,
+                embedding_kw=emb,
+            )
+            if len(self.experts) > 1
+            else None
+        )
         self.head = nn.Sequential(nn.LayerNorm(d_head), nn.ReLU(), nn.Linear(d_head, d_head), nn.ReLU(), nn.Dropout(head_dropout))
         self.binary_out = nn.Linear(d_head, 1)
         self.family_out = nn.Linear(d_head, n_classes)
         self.d_head = d_head
 
     @classmethod
-    def from_config(cls, model_cfg, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_classes: int,
-                    bins: Sequence | None = None) -> "MoEClassifier":
+    def from_config(
+        cls, model_cfg, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_classes: int, bins: Sequence | None = None
+    ) -> "MoEClassifier":
         "Build from a `cyber_moe.config.ModelConfig` (its `load_balance_weight` belongs to the training module, not the net)."
         kw = model_cfg.model_dump(exclude={"load_balance_weight"})
         return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_classes=n_classes, bins=bins, **kw)
@@ -559,27 +815,37 @@ def _check(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_
     n_cat = len(self.cat_cardinalities)
     if self.needs_sequences:
         if x_seq is None:
-            raise ValueError("x_seq is missing: this model has a sequence expert and needs each flow's first packets "
-                             "(x_seq [B, N, 4] from a Preprocessor whose schema has sequences; meter captures with splt=N)")
+            raise ValueError(
+                "x_seq is missing: this model has a sequence expert and needs each flow's first packets "
+                "(x_seq [B, N, 4] from a Preprocessor whose schema has sequences; meter captures with splt=N)"
+            )
         if x_seq.ndim != 3 or x_seq.shape[0] != x_num.shape[0] or x_seq.shape[2] != 4:
-            raise ValueError(f"x_seq has shape {tuple(x_seq.shape)} but the model expects [{x_num.shape[0]}, N, 4] "
-                             "(direction, size, time, mask per packet)")
+            raise ValueError(
+                f"x_seq has shape {tuple(x_seq.shape)} but the model expects [{x_num.shape[0]}, N, 4] "
+                "(direction, size, time, mask per packet)"
+            )
     for name, x, n in (("x_num", x_num, self.n_num), ("x_cat", x_cat, n_cat), ("x_time", x_time, self.n_time)):
         if x.ndim != 2 or x.shape[1] != n or x.shape[0] != x_num.shape[0]:
-            raise ValueError(f"{name} has shape {tuple(x.shape)} but the model expects [{x_num.shape[0]}, {n}]: "
-                             "feed the arrays of the Preprocessor the model was built for")
-    if x_cat.dtype != torch.long: raise ValueError(f"x_cat must be int64 category indices, got {x_cat.dtype}")
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)} but the model expects [{x_num.shape[0]}, {n}]: "
+                "feed the arrays of the Preprocessor the model was built for"
+            )
+    if x_cat.dtype != torch.long:
+        raise ValueError(f"x_cat must be int64 category indices, got {x_cat.dtype}")
     if n_cat and x_cat.numel():
         bad = (x_cat < 0) | (x_cat >= self._cards)
         if bad.any():
             j = int(bad.any(0).nonzero()[0])
-            raise ValueError(f"x_cat column {j} holds index {int(x_cat[bad.any(1), j][0])} outside 0..{self.cat_cardinalities[j] - 1} "
-                             "(0 is the unknown bucket): encode categories with the model's Preprocessor")
+            raise ValueError(
+                f"x_cat column {j} holds index {int(x_cat[bad.any(1), j][0])} outside 0..{self.cat_cardinalities[j] - 1} "
+                "(0 is the unknown bucket): encode categories with the model's Preprocessor"
+            )
 
 
 @patch
-def _represent(self: MoEClassifier, name: str, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None, *,
-               chunked: bool = True) -> Tensor:
+def _represent(
+    self: MoEClassifier, name: str, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None, *, chunked: bool = True
+) -> Tensor:
     "Expert `name`'s representation projected to [B, d_head] ([B, k, d_head] when the model has k > 1 members)."
     net = self.nets[name]
     given = {"x_num": x_num, "x_cat": x_cat, "x_time": x_time, "x_seq": x_seq}
@@ -593,7 +859,8 @@ def _outputs(self: MoEClassifier, mixed: Tensor) -> tuple[Tensor, Tensor, Tensor
     "(binary [B], family [B, C], binary_k, family_k) from the mixed representation; the k-member outputs only when k > 1."
     h = self.head(mixed)
     b, f = self.binary_out(h).squeeze(-1), self.family_out(h)
-    if self.k == 1: return b, f, None, None
+    if self.k == 1:
+        return b, f, None, None
     return _mean_of_sigmoid_logit(b), _mean_of_softmax_logits(f), b, f
 
 # %% ../nbs/30_models.ipynb #99e041e3
@@ -602,18 +869,22 @@ def forward(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x
     "-> dict(binary [B], family [B, C], gate [B, E], aux_loss []); with k > 1 members also binary_k [B, k], family_k [B, k, C]."
     self._check(x_num, x_cat, x_time, x_seq)
     B = x_num.shape[0]
-    if self.gate is None: weights, aux = x_num.new_ones(B, 1), x_num.new_zeros(())
-    else: weights, aux = self.gate(x_num, x_cat, x_time)
+    if self.gate is None:
+        weights, aux = x_num.new_ones(B, 1), x_num.new_zeros(())
+    else:
+        weights, aux = self.gate(x_num, x_cat, x_time)
     mixed = None
     shape = (B, self.k, self.d_head) if self.k > 1 else (B, self.d_head)
     for e, name in enumerate(self.experts):
         w = weights[:, e]
         if self.gate is not None and self.gate.sparse:
             rows = w.nonzero().squeeze(1)
-            if rows.numel() == 0: continue
+            if rows.numel() == 0:
+                continue
             r = self._represent(name, x_num[rows], x_cat[rows], x_time[rows], None if x_seq is None else x_seq[rows])
             part = w[rows].view(-1, *[1] * (r.ndim - 1)) * r
-            if mixed is None: mixed = part.new_zeros(shape)
+            if mixed is None:
+                mixed = part.new_zeros(shape)
             mixed = mixed.index_add(0, rows, part)
         else:
             r = self._represent(name, x_num, x_cat, x_time, x_seq)
@@ -621,7 +892,8 @@ def forward(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x
             mixed = part if mixed is None else mixed + part
     b, f, b_k, f_k = self._outputs(mixed)
     out = {"binary": b, "family": f, "gate": weights, "aux_loss": aux}
-    if b_k is not None: out.update(binary_k=b_k, family_k=f_k)
+    if b_k is not None:
+        out.update(binary_k=b_k, family_k=f_k)
     return out
 
 

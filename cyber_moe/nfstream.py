@@ -32,27 +32,51 @@ RATES = {  # derived column -> (count column, duration column)
 }
 
 NFSTREAM_IDENTIFIERS = (
-    "id", "expiration_id", "src_ip", "src_mac", "src_oui", "src_port", "dst_ip", "dst_mac", "dst_oui",
-    "ip_version", "vlan_id", "tunnel_id",
-    "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "src2dst_first_seen_ms", "src2dst_last_seen_ms",
-    "dst2src_first_seen_ms", "dst2src_last_seen_ms",
-    "application_name", "application_category_name", "application_is_guessed", "application_confidence",
-    "requested_server_name", "client_fingerprint", "server_fingerprint", "user_agent", "content_type")
+    "id",
+    "expiration_id",
+    "src_ip",
+    "src_mac",
+    "src_oui",
+    "src_port",
+    "dst_ip",
+    "dst_mac",
+    "dst_oui",
+    "ip_version",
+    "vlan_id",
+    "tunnel_id",
+    "bidirectional_first_seen_ms",
+    "bidirectional_last_seen_ms",
+    "src2dst_first_seen_ms",
+    "src2dst_last_seen_ms",
+    "dst2src_first_seen_ms",
+    "dst2src_last_seen_ms",
+    "application_name",
+    "application_category_name",
+    "application_is_guessed",
+    "application_confidence",
+    "requested_server_name",
+    "client_fingerprint",
+    "server_fingerprint",
+    "user_agent",
+    "content_type",
+)
 
-NFSTREAM = register_schema(FlowSchema(
-    name="nfstream",
-    numeric=tuple(f"{d}_{w}" for d in _DIRS for w in ("packets", "bytes"))
-            + tuple(f"{d}_{s}_ps" for d in _DIRS for s in _STATS)
-            + tuple(f"{d}_{f}_packets" for d in _DIRS for f in _FLAGS),
-    categorical=("protocol", "dst_port"),
-    timing=tuple(f"{d}_duration_ms" for d in _DIRS)
-           + tuple(f"{d}_{s}_piat_ms" for d in _DIRS for s in _STATS)
-           + tuple(RATES),
-    label=FAMILY, benign="benign",
-    classes=("benign", "dos", "ddos", "portscan", "bruteforce", "slowhttp", "bot"),
-    identifiers=NFSTREAM_IDENTIFIERS,
-    timestamp="bidirectional_first_seen_ms",
-), "synth")
+NFSTREAM = register_schema(
+    FlowSchema(
+        name="nfstream",
+        numeric=tuple(f"{d}_{w}" for d in _DIRS for w in ("packets", "bytes"))
+        + tuple(f"{d}_{s}_ps" for d in _DIRS for s in _STATS)
+        + tuple(f"{d}_{f}_packets" for d in _DIRS for f in _FLAGS),
+        categorical=("protocol", "dst_port"),
+        timing=tuple(f"{d}_duration_ms" for d in _DIRS) + tuple(f"{d}_{s}_piat_ms" for d in _DIRS for s in _STATS) + tuple(RATES),
+        label=FAMILY,
+        benign="benign",
+        classes=("benign", "dos", "ddos", "portscan", "bruteforce", "slowhttp", "bot"),
+        identifiers=NFSTREAM_IDENTIFIERS,
+        timestamp="bidirectional_first_seen_ms",
+    ),
+    "synth",
+)
 
 # %% ../nbs/12_nfstream.ipynb #e7c44214
 def derive_columns(flows: pd.DataFrame) -> pd.DataFrame:
@@ -67,13 +91,17 @@ class PcapError(ValueError):
     "A capture NFStream cannot read, or can read only in part: the message names the file and what to do."
 
 
-_PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">",   # microsecond timestamps
-               b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}   # nanosecond timestamps
+_PCAP_MAGIC = {
+    b"\xd4\xc3\xb2\xa1": "<",
+    b"\xa1\xb2\xc3\xd4": ">",  # microsecond timestamps
+    b"\x4d\x3c\xb2\xa1": "<",
+    b"\xa1\xb2\x3c\x4d": ">",
+}  # nanosecond timestamps
 _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 
 
-_PCAPNG_BOM = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}   # section header's byte-order magic
-_PCAPNG_PACKET_BLOCKS = {2, 3, 6}                                     # obsolete, simple and enhanced packet blocks
+_PCAPNG_BOM = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}  # section header's byte-order magic
+_PCAPNG_PACKET_BLOCKS = {2, 3, 6}  # obsolete, simple and enhanced packet blocks
 
 
 def _walk_pcap(mm, size: int, endian: str) -> tuple[int, int | None]:
@@ -81,7 +109,8 @@ def _walk_pcap(mm, size: int, endian: str) -> tuple[int, int | None]:
     rec, off, n = struct.Struct(endian + "IIII"), 24, 0
     while off + 16 <= size:
         incl = rec.unpack_from(mm, off)[2]
-        if off + 16 + incl > size: return n, off
+        if off + 16 + incl > size:
+            return n, off
         off += 16 + incl
         n += 1
     return n, (off if off != size else None)
@@ -91,34 +120,45 @@ def _walk_pcapng(mm, size: int) -> tuple[int, int | None]:
     "pcapng: `(complete packet blocks, offset of the first cut or inconsistent block or None)`; each section has its own byte order."
     off, n, endian = 0, 0, None
     while off < size:
-        if off + 12 > size: return n, off
-        btype = mm[off:off + 4]
+        if off + 12 > size:
+            return n, off
+        btype = mm[off : off + 4]
         if btype == _PCAPNG_MAGIC:
-            if off + 28 > size or mm[off + 8:off + 12] not in _PCAPNG_BOM: return n, off
-            endian = _PCAPNG_BOM[mm[off + 8:off + 12]]
-        elif endian is None: return n, off                          # the file must start with a section header
+            if off + 28 > size or mm[off + 8 : off + 12] not in _PCAPNG_BOM:
+                return n, off
+            endian = _PCAPNG_BOM[mm[off + 8 : off + 12]]
+        elif endian is None:
+            return n, off  # the file must start with a section header
         kind, length = struct.unpack_from(endian + "II", mm, off)
-        if length < 12 or length % 4 or off + length > size: return n, off
-        if struct.unpack_from(endian + "I", mm, off + length - 4)[0] != length: return n, off
+        if length < 12 or length % 4 or off + length > size:
+            return n, off
+        if struct.unpack_from(endian + "I", mm, off + length - 4)[0] != length:
+            return n, off
         n += kind in _PCAPNG_PACKET_BLOCKS
         off += length
     return n, None
 
-
+# %% ../nbs/12_nfstream.ipynb #a21c57ad
 def check_pcap(path) -> dict:
     "Walk a capture's record (pcap) or block (pcapng) headers: `{'format', 'n_packets', 'truncated_at'}` (byte offset, or None)."
     path = Path(path)
-    if not path.is_file(): raise PcapError(f"{path}: no such capture file; give the path of a .pcap or .pcapng file")
+    if not path.is_file():
+        raise PcapError(f"{path}: no such capture file; give the path of a .pcap or .pcapng file")
     size = path.stat().st_size
-    if size < 24: raise PcapError(f"{path}: {size} bytes, too short for a pcap file header (24 bytes): not a capture")
+    if size < 24:
+        raise PcapError(f"{path}: {size} bytes, too short for a pcap file header (24 bytes): not a capture")
     with open(path, "rb") as f:
         magic = f.read(4)
         if magic != _PCAPNG_MAGIC and magic not in _PCAP_MAGIC:
-            raise PcapError(f"{path}: not a pcap or pcapng file (first bytes {magic.hex()}); "
-                            "convert it with `editcap -F pcap` or check that it is a capture")
+            raise PcapError(
+                f"{path}: not a pcap or pcapng file (first bytes {magic.hex()}); "
+                "convert it with `editcap -F pcap` or check that it is a capture"
+            )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if magic == _PCAPNG_MAGIC: fmt, (n, cut) = "pcapng", _walk_pcapng(mm, size)
-            else: fmt, (n, cut) = "pcap", _walk_pcap(mm, size, _PCAP_MAGIC[magic])
+            if magic == _PCAPNG_MAGIC:
+                fmt, (n, cut) = "pcapng", _walk_pcapng(mm, size)
+            else:
+                fmt, (n, cut) = "pcap", _walk_pcap(mm, size, _PCAP_MAGIC[magic])
     return {"format": fmt, "n_packets": n, "truncated_at": cut}
 
 # %% ../nbs/12_nfstream.ipynb #872d3598
@@ -130,7 +170,8 @@ def flatten_splt(flows: pd.DataFrame, n: int) -> pd.DataFrame:
     cols = {}
     for ch, src in _SPLT_LISTS.items():
         a = np.array([list(v) for v in flows[src]], dtype="float64").reshape(len(flows), n)
-        for i in range(n): cols[f"{SEQ_PREFIX[ch]}{i}"] = a[:, i]
+        for i in range(n):
+            cols[f"{SEQ_PREFIX[ch]}{i}"] = a[:, i]
     out = pd.concat([flows.drop(columns=list(_SPLT_LISTS.values())), pd.DataFrame(cols, index=flows.index)], axis=1)
     out.attrs = flows.attrs
     return out
@@ -141,33 +182,54 @@ def _meter(path: Path, opts: dict) -> tuple[list[str], list[list]]:
     keys, rows = None, []
     try:
         for flow in NFStreamer(source=str(path), **opts):
-            if keys is None: keys = list(flow.keys())
+            if keys is None:
+                keys = list(flow.keys())
             rows.append(flow.values())
     except ValueError as e:
         raise PcapError(f"{path}: NFStream could not read the capture after {len(rows)} flow(s): {e}") from e
     return keys or [], rows
 
-
-def pcap_to_flows(path, *, idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20,
-                  n_meters: int = 0, allow_truncated: bool = False, splt: int = 0) -> pd.DataFrame:
+# %% ../nbs/12_nfstream.ipynb #3542f937
+def pcap_to_flows(
+    path,
+    *,
+    idle_timeout: int = 120,
+    active_timeout: int = 1800,
+    n_dissections: int = 20,
+    n_meters: int = 0,
+    allow_truncated: bool = False,
+    splt: int = 0,
+) -> pd.DataFrame:
     "Meter the pcap at `path` with NFStream: one row per bidirectional flow, sorted by time, with `RATES` added; `splt` > 0 adds each flow's first `splt` packets as flat sequence columns."
     path = Path(path)
     info = check_pcap(path)
-    opts = dict(statistical_analysis=True, idle_timeout=idle_timeout, active_timeout=active_timeout,
-                accounting_mode=1, n_dissections=n_dissections, n_meters=n_meters)
-    if splt: opts["splt_analysis"] = int(splt)
+    opts = dict(
+        statistical_analysis=True,
+        idle_timeout=idle_timeout,
+        active_timeout=active_timeout,
+        accounting_mode=1,
+        n_dissections=n_dissections,
+        n_meters=n_meters,
+    )
+    if splt:
+        opts["splt_analysis"] = int(splt)
     keys, rows = _meter(path, opts)
     if info["truncated_at"] is not None and not allow_truncated:
-        raise PcapError(f"{path}: capture truncated at byte {info['truncated_at']} of {path.stat().st_size}: "
-                        f"{info['n_packets']} complete packet(s) give {len(rows)} flow(s); pass "
-                        "allow_truncated=True to use them, or re-copy the capture")
+        raise PcapError(
+            f"{path}: capture truncated at byte {info['truncated_at']} of {path.stat().st_size}: "
+            f"{info['n_packets']} complete packet(s) give {len(rows)} flow(s); pass "
+            "allow_truncated=True to use them, or re-copy the capture"
+        )
     if not rows:
-        raise PcapError(f"{path}: NFStream found no IP flow in {info['n_packets']} packet(s); "
-                        "check that the capture holds Ethernet/IP traffic")
+        raise PcapError(
+            f"{path}: NFStream found no IP flow in {info['n_packets']} packet(s); check that the capture holds Ethernet/IP traffic"
+        )
     flows = pd.DataFrame(rows, columns=keys)
-    flows = flows.sort_values(["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"],
-                              kind="stable", ignore_index=True)
+    flows = flows.sort_values(
+        ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"], kind="stable", ignore_index=True
+    )
     flows["id"] = np.arange(len(flows), dtype="int64")
-    if splt: flows = flatten_splt(flows, int(splt))
+    if splt:
+        flows = flatten_splt(flows, int(splt))
     flows.attrs["nfstream"] = {**opts, "n_packets": info["n_packets"], "truncated": info["truncated_at"] is not None}
     return derive_columns(flows)

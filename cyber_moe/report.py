@@ -27,6 +27,7 @@ def stage_explain(cfg: RunConfig, prep=None, *, n: int = 60, n_background: int =
     from cyber_moe.explain import fig_global_importance, shap_rows, stratified_positions
     from cyber_moe.features import population_stability_index
     from cyber_moe.train import load_prepared, mlflow_run
+
     bundle = load_model_bundle(cfg.run_dir / "model")
     prep = prep or load_prepared(cfg)
     test = prep.rows("test")
@@ -37,10 +38,12 @@ def stage_explain(cfg: RunConfig, prep=None, *, n: int = 60, n_background: int =
     out = cfg.run_dir / "explain"
     write_json(out / "importance.json", {k: v.to_dict(orient="index") for k, v in views.items()} | {"n_rows": len(rows)})
     write_json(out / "drift.json", {"reference": "training rows", "compared": "test split", "psi": drift})
-    figs = {"shap_global": fig_global_importance(views["p_attack"], schema=bundle.schema, title="SHAP: mean |contribution| to p_attack"),
-            "shap_family": fig_global_importance(views["family"], schema=bundle.schema, title="SHAP per family (probability of each family)"),
-            "shap_expert": fig_global_importance(views["expert"], schema=bundle.schema, title="SHAP per expert (what drives the gate)"),
-            "drift": fig_drift(drift)}
+    figs = {
+        "shap_global": fig_global_importance(views["p_attack"], schema=bundle.schema, title="SHAP: mean |contribution| to p_attack"),
+        "shap_family": fig_global_importance(views["family"], schema=bundle.schema, title="SHAP per family (probability of each family)"),
+        "shap_expert": fig_global_importance(views["expert"], schema=bundle.schema, title="SHAP per expert (what drives the gate)"),
+        "drift": fig_drift(drift),
+    }
     save_figures(figs, cfg.run_dir / "figures")
     with mlflow_run(cfg, resume=True):
         mlflow.log_artifacts(str(out), "explain")
@@ -51,22 +54,38 @@ def stage_explain(cfg: RunConfig, prep=None, *, n: int = 60, n_background: int =
 def fig_drift(psi: dict[str, float], *, top_k: int = 25, threshold: float = 0.25):
     "Bar chart of the features with the largest PSI, with the usual drift threshold marked."
     import plotly.graph_objects as go
+
     items = sorted(psi.items(), key=lambda kv: -kv[1])[:top_k][::-1]
-    fig = go.Figure(go.Bar(x=[v for _, v in items], y=[k for k, _ in items], orientation="h",
-                           marker_color=["#d62728" if v > threshold else "#1f77b4" for _, v in items]))
+    fig = go.Figure(
+        go.Bar(
+            x=[v for _, v in items],
+            y=[k for k, _ in items],
+            orientation="h",
+            marker_color=["#d62728" if v > threshold else "#1f77b4" for _, v in items],
+        )
+    )
     fig.add_vline(x=threshold, line_dash="dash", annotation_text=f"PSI {threshold}")
-    fig.update_layout(title="Drift: PSI of each feature against the training reference", xaxis_title="PSI",
-                      height=max(300, 22 * len(items) + 120), margin=dict(l=220))
+    fig.update_layout(
+        title="Drift: PSI of each feature against the training reference",
+        xaxis_title="PSI",
+        height=max(300, 22 * len(items) + 120),
+        margin=dict(l=220),
+    )
     return fig
 
 # %% ../nbs/77_report.ipynb #c45bd9f6
 def detection_rows(metrics: dict) -> tuple[dict, dict]:
     "Lab runs: {family: {flows, MoE, LightGBM}} and {family/tool: ...} flagged shares on the held-out session (empty otherwise)."
     det = metrics.get("detection")
-    if not det: return {}, {}
+    if not det:
+        return {}, {}
+
     def rows(key):
-        return {k: {"flows": v["n"], "MoE flagged": v["rate"], "LightGBM flagged": det["baseline"][key].get(k, {}).get("rate")}
-                for k, v in det["model"][key].items()}
+        return {
+            k: {"flows": v["n"], "MoE flagged": v["rate"], "LightGBM flagged": det["baseline"][key].get(k, {}).get("rate")}
+            for k, v in det["model"][key].items()
+        }
+
     return rows("families"), rows("tools")
 
 # %% ../nbs/77_report.ipynb #2157934c
@@ -76,15 +95,18 @@ def _origin_html(metrics: dict) -> str:
     if o.get("fallback"):
         return f"<p><b>Data: the simulator, not the lab.</b> {html.escape(o['fallback']['message'])}</p>"
     if o.get("used") == "lab":
-        return (f"<p>Data: traffic lab sessions {html.escape(', '.join(o.get('sessions') or []))}; held-out test session(s) "
-                f"{html.escape(', '.join(o.get('test_sessions') or []))}, recorded with another seed.</p>")
+        return (
+            f"<p>Data: traffic lab sessions {html.escape(', '.join(o.get('sessions') or []))}; held-out test session(s) "
+            f"{html.escape(', '.join(o.get('test_sessions') or []))}, recorded with another seed.</p>"
+        )
     return ""
 
 
 def _models_html(metrics: dict) -> str:
     "Which temporal expert the MoE has (packet sequence or timing vector) and whether LightGBM read the sequence as flat columns."
     r = metrics.get("run", {})
-    if "temporal_expert" not in r: return ""
+    if "temporal_expert" not in r:
+        return ""
     n = r.get("baseline_sequence_packets") or 0
     base = f"flow statistics + each flow's first {n} packets as flat splt_* columns" if n else "flow statistics"
     return f"<p>Temporal expert of the MoE: <b>{html.escape(str(r['temporal_expert']))}</b>. LightGBM reads: {html.escape(base)}.</p>"
@@ -92,14 +114,17 @@ def _models_html(metrics: dict) -> str:
 
 def _detection_html(metrics: dict) -> str:
     fam, tools = detection_rows(metrics)
-    if not fam: return ""
+    if not fam:
+        return ""
     t = metrics["detection"]["model"]["targets"]
     fpr = {who: metrics["detection"][who]["benign_fpr"] for who in ("model", "baseline")}
     below = {who: ", ".join(metrics["detection"][who]["families_below_target"]) or "none" for who in ("model", "baseline")}
-    return (f"<h2>Detection per family and tool (held-out lab session)</h2><p>Targets: every attack family at least "
-            f"{t['family_detection_min']:.0%} of its flows flagged; benign false-positive rate at most {t['benign_fpr_max']:.0%}. "
-            f"Benign FPR: MoE {fpr['model']:.4f}, LightGBM {fpr['baseline']:.4f}. Families below target: MoE {html.escape(below['model'])}; "
-            f"LightGBM {html.escape(below['baseline'])}.</p>{html_table(fam)}<h3>Per tool</h3>{html_table(tools)}")
+    return (
+        f"<h2>Detection per family and tool (held-out lab session)</h2><p>Targets: every attack family at least "
+        f"{t['family_detection_min']:.0%} of its flows flagged; benign false-positive rate at most {t['benign_fpr_max']:.0%}. "
+        f"Benign FPR: MoE {fpr['model']:.4f}, LightGBM {fpr['baseline']:.4f}. Families below target: MoE {html.escape(below['model'])}; "
+        f"LightGBM {html.escape(below['baseline'])}.</p>{html_table(fam)}<h3>Per tool</h3>{html_table(tools)}"
+    )
 
 # %% ../nbs/77_report.ipynb #217f30a6
 def build_report(run_dir: str | Path) -> Path:
@@ -109,8 +134,10 @@ def build_report(run_dir: str | Path) -> Path:
     rec = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     training = json.loads((run_dir / "training.json").read_text()) if (run_dir / "training.json").is_file() else {}
     split = m.get("run", {}).get("split", {})
-    per_class = {c: {"support": v.get("support"), "model F1": v.get("f1"), "baseline F1": m["baseline"]["family"]["per_class"].get(c, {}).get("f1")}
-                 for c, v in m["model"]["family"]["per_class"].items()}
+    per_class = {
+        c: {"support": v.get("support"), "model F1": v.get("f1"), "baseline F1": m["baseline"]["family"]["per_class"].get(c, {}).get("f1")}
+        for c, v in m["model"]["family"]["per_class"].items()
+    }
     figs = sorted((run_dir / "figures").glob("*.html"))
     frames = "".join(f'<h3>{html.escape(f.stem)}</h3><iframe src="figures/{f.name}" loading="lazy"></iframe>' for f in figs)
     cfg = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else json.dumps(rec.get("config", {}), indent=2)
@@ -119,15 +146,15 @@ def build_report(run_dir: str | Path) -> Path:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}iframe{{width:100%;height:520px;border:1px solid #eee}}
 pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:24em}}</style></head><body>
 <h1>Run {html.escape(run_dir.name)}</h1>
-<p>Source <b>{html.escape(str(m.get('run', {}).get('source')))}</b>; test split of {m.get('run', {}).get('test_rows', 0):,} flows,
-never used for fitting, early stopping, checkpoint choice or calibration. Git commit {html.escape(str(rec.get('git', {}).get('commit')))}
-(dirty: {rec.get('git', {}).get('dirty')}); started {rec.get('started_at')}, finished {rec.get('finished_at')}.</p>
+<p>Source <b>{html.escape(str(m.get("run", {}).get("source")))}</b>; test split of {m.get("run", {}).get("test_rows", 0):,} flows,
+never used for fitting, early stopping, checkpoint choice or calibration. Git commit {html.escape(str(rec.get("git", {}).get("commit")))}
+(dirty: {rec.get("git", {}).get("dirty")}); started {rec.get("started_at")}, finished {rec.get("finished_at")}.</p>
 {_origin_html(m)}{_models_html(m)}
 <h2>Model vs baseline (test split)</h2>{html_table(headline_rows(m))}{_detection_html(m)}
 <h2>Per class</h2>{html_table(per_class, fmt="{:.3f}")}
 <h2>Data and split</h2>{html_table(split.get("class_rows", {}))}
-<p>Strategy {html.escape(str(split.get('strategy')))}, seed {split.get('seed')}; {split.get('n_duplicate_rows', '?')} duplicate rows kept on one side
-(rows with a copy in another split: {split.get('n_cross_split_duplicate_rows', '?')}).</p>
+<p>Strategy {html.escape(str(split.get("strategy")))}, seed {split.get("seed")}; {split.get("n_duplicate_rows", "?")} duplicate rows kept on one side
+(rows with a copy in another split: {split.get("n_cross_split_duplicate_rows", "?")}).</p>
 <h2>Training</h2>{html_table({"MoE": training}, fmt="{:.4g}") if training else "<p>no training record</p>"}
 <h2>Figures</h2>{frames}
 <h2>Configuration</h2><pre>{html.escape(cfg)}</pre></body></html>"""
@@ -143,9 +170,15 @@ def index_runs(outputs_dir: str | Path) -> Path:
     for mfile in sorted(outputs_dir.glob("*/metrics.json")):
         m = json.loads(mfile.read_text())
         rec = json.loads((mfile.parent / "run.json").read_text()) if (mfile.parent / "run.json").is_file() else {}
-        row = {"run_name": mfile.parent.name, "source": m.get("run", {}).get("source"), "finished_at": rec.get("finished_at"),
-               "git_commit": rec.get("git", {}).get("commit"), "test_rows": m.get("run", {}).get("test_rows")}
-        for who, vals in headline_rows(m).items(): row.update({f"{who} {k}": v for k, v in vals.items()})
+        row = {
+            "run_name": mfile.parent.name,
+            "source": m.get("run", {}).get("source"),
+            "finished_at": rec.get("finished_at"),
+            "git_commit": rec.get("git", {}).get("commit"),
+            "test_rows": m.get("run", {}).get("test_rows"),
+        }
+        for who, vals in headline_rows(m).items():
+            row.update({f"{who} {k}": v for k, v in vals.items()})
         lines.append(row)
     path = outputs_dir / "runs.csv"
     pd.DataFrame(lines).to_csv(path, index=False)
@@ -161,20 +194,30 @@ def results_markdown(metrics_path: str | Path) -> str:
     m = json.loads(metrics_path.read_text())
     rows = headline_rows(m)
     fmt = lambda v: "—" if v is None else f"{v:.4f}"
-    out = [f"Test split of run `{metrics_path.parent.name}` ({m.get('run', {}).get('source')}, "
-           f"{m.get('run', {}).get('test_rows', 0):,} flows; generated from `{metrics_path.as_posix()}`):", "",
-           "| metric | MoE | LightGBM baseline |", "|---|---|---|"]
+    out = [
+        f"Test split of run `{metrics_path.parent.name}` ({m.get('run', {}).get('source')}, "
+        f"{m.get('run', {}).get('test_rows', 0):,} flows; generated from `{metrics_path.as_posix()}`):",
+        "",
+        "| metric | MoE | LightGBM baseline |",
+        "|---|---|---|",
+    ]
     out += [f"| {label} | {fmt(rows['model'][label])} | {fmt(rows['baseline'][label])} |" for label in (m.label for m in HEADLINE)]
     out += ["", "| class | support | MoE F1 | baseline F1 |", "|---|---|---|---|"]
     for c, v in m["model"]["family"]["per_class"].items():
         out.append(f"| {c} | {v.get('support')} | {fmt(v.get('f1'))} | {fmt(m['baseline']['family']['per_class'].get(c, {}).get('f1'))} |")
     fam, tools = detection_rows(m)
     if fam:
-        out += ["", "Share of flows flagged as attacks in the held-out lab session (benign: the false-positive rate):", "",
-                "| family / tool | flows | MoE | LightGBM |", "|---|---|---|---|"]
+        out += [
+            "",
+            "Share of flows flagged as attacks in the held-out lab session (benign: the false-positive rate):",
+            "",
+            "| family / tool | flows | MoE | LightGBM |",
+            "|---|---|---|---|",
+        ]
         out += [f"| {k} | {v['flows']:,} | {fmt(v['MoE flagged'])} | {fmt(v['LightGBM flagged'])} |" for k, v in {**fam, **tools}.items()]
     fb = (m.get("run", {}).get("data_origin") or {}).get("fallback")
-    if fb: out += ["", f"Note: {fb['message']}"]
+    if fb:
+        out += ["", f"Note: {fb['message']}"]
     return "\n".join(out)
 
 
@@ -182,7 +225,8 @@ def update_readme(readme: str | Path, metrics_path: str | Path) -> Path:
     "Replace the text between the results markers of `readme` with `results_markdown(metrics_path)`."
     readme = Path(readme)
     text = readme.read_text()
-    if START not in text or END not in text: raise ValueError(f"{readme}: no '{START}' ... '{END}' markers to put the table between")
+    if START not in text or END not in text:
+        raise ValueError(f"{readme}: no '{START}' ... '{END}' markers to put the table between")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{START}\n{results_markdown(metrics_path)}\n{END}{tail}")

@@ -27,8 +27,14 @@ __all__ = ['VERDICTS', 'MIN_CONFIRMED', 'CHALLENGER', 'CHAMPION', 'FeedbackError
 
 # %% ../nbs/89_retrain.ipynb #881ac48e
 VERDICTS = ("true_positive", "false_positive")
-_VERDICT_ALIASES = {"tp": "true_positive", "true_positive": "true_positive", "true positive": "true_positive",
-                    "fp": "false_positive", "false_positive": "false_positive", "false positive": "false_positive"}
+_VERDICT_ALIASES = {
+    "tp": "true_positive",
+    "true_positive": "true_positive",
+    "true positive": "true_positive",
+    "fp": "false_positive",
+    "false_positive": "false_positive",
+    "false positive": "false_positive",
+}
 
 
 class FeedbackError(ValueError):
@@ -37,7 +43,8 @@ class FeedbackError(ValueError):
 
 def _clean(v) -> str | None:
     "A family cell as text, or None when empty."
-    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA: return None
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return None
     s = str(v).strip()
     return s or None
 
@@ -47,18 +54,27 @@ def feedback_targets(confirmed: pd.DataFrame, classes: list[str], *, benign: str
     if confirmed is None or len(confirmed) == 0:
         raise FeedbackError("no confirmed verdicts: mark alerts as true or false positives first (dashboard, POST /feedback)")
     missing = [c for c in ("verdict", FAMILY) if c not in confirmed.columns]
-    if missing: raise FeedbackError(f"confirmed verdicts lack column(s) {', '.join(missing)} (expected verdict, {FAMILY}, corrected_family and the flow's features)")
+    if missing:
+        raise FeedbackError(
+            f"confirmed verdicts lack column(s) {', '.join(missing)} (expected verdict, {FAMILY}, corrected_family and the flow's features)"
+        )
     verdict = confirmed["verdict"].astype(str).str.strip().str.lower().map(_VERDICT_ALIASES)
     if verdict.isna().any():
         bad = sorted(set(confirmed["verdict"][verdict.isna()].astype(str)))
         raise FeedbackError(f"unknown verdict(s) {', '.join(map(repr, bad))}; valid: {', '.join(VERDICTS)}")
     alert = [_clean(v) for v in confirmed[FAMILY]]
-    given = next((c for c in ("corrected_family", "label") if c in confirmed.columns), None)   # the store's `label`: the family the verdict says
+    given = next(
+        (c for c in ("corrected_family", "label") if c in confirmed.columns), None
+    )  # the store's `label`: the family the verdict says
     corrected = [_clean(v) for v in confirmed[given]] if given else [None] * len(confirmed)
     target = [c or (a if v == "true_positive" else benign) for v, a, c in zip(verdict, alert, corrected)]
     bad = sorted({t for t in target if t not in classes} - {None})
-    if None in target: raise FeedbackError("a true-positive verdict has neither the alert's family nor a corrected family")
-    if bad: raise FeedbackError(f"family {', '.join(map(repr, bad))} in the confirmed verdicts is not one the model knows; valid: {', '.join(classes)}")
+    if None in target:
+        raise FeedbackError("a true-positive verdict has neither the alert's family nor a corrected family")
+    if bad:
+        raise FeedbackError(
+            f"family {', '.join(map(repr, bad))} in the confirmed verdicts is not one the model knows; valid: {', '.join(classes)}"
+        )
     out = confirmed.copy()
     out["alert_family"], out["verdict"] = alert, verdict.to_numpy()
     out[FAMILY] = target
@@ -69,40 +85,54 @@ def feedback_targets(confirmed: pd.DataFrame, classes: list[str], *, benign: str
 MIN_CONFIRMED = 10
 
 
-def split_feedback(labelled: pd.DataFrame, *, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, pd.DataFrame]:
+def split_feedback(
+    labelled: pd.DataFrame, *, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
+) -> dict[str, pd.DataFrame]:
     "Confirmed alerts (with targets) split into disjoint `fit`, `val` and `holdout` parts, stratified by target family."
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-9:
         raise ValueError(f"fractions must be three positive shares summing to 1, got {fractions}")
     if len(labelled) < MIN_CONFIRMED:
-        raise FeedbackError(f"{len(labelled)} confirmed verdict(s): at least {MIN_CONFIRMED} are needed to fine-tune, validate and hold some out")
+        raise FeedbackError(
+            f"{len(labelled)} confirmed verdict(s): at least {MIN_CONFIRMED} are needed to fine-tune, validate and hold some out"
+        )
     rng = np.random.default_rng(seed)
     part = np.empty(len(labelled), dtype=object)
     for _, idx in labelled.groupby(FAMILY, sort=True).indices.items():
         idx = rng.permutation(idx)
         n = len(idx)
         n_val, n_hold = (max(1, int(round(n * fractions[1]))), max(1, int(round(n * fractions[2])))) if n >= 3 else (0, 0)
-        part[idx[:n_hold]], part[idx[n_hold:n_hold + n_val]], part[idx[n_hold + n_val:]] = "holdout", "val", "fit"
+        part[idx[:n_hold]], part[idx[n_hold : n_hold + n_val]], part[idx[n_hold + n_val :]] = "holdout", "val", "fit"
     return {p: labelled[part == p].reset_index(drop=True) for p in ("fit", "val", "holdout")}
 
 # %% ../nbs/89_retrain.ipynb #1887dd5b
 def with_threshold(bundle: ModelBundle, op: dict, *, version: str | None = None, extra: dict | None = None) -> ModelBundle:
     "A new bundle sharing `bundle`'s network, preprocessing and calibration, with operating point `op` (and `extra` merged)."
-    return ModelBundle(schema=bundle.schema, preprocessor=bundle.preprocessor, net=bundle.net, net_kwargs=bundle.net_kwargs,
-                       temperature_family=bundle.temperature_family, temperature_binary=bundle.temperature_binary,
-                       threshold=op["threshold"], name=bundle.name, version=version or bundle.version,
-                       extra={**bundle.extra, **(extra or {}), "operating_point": op})
+    return ModelBundle(
+        schema=bundle.schema,
+        preprocessor=bundle.preprocessor,
+        net=bundle.net,
+        net_kwargs=bundle.net_kwargs,
+        temperature_family=bundle.temperature_family,
+        temperature_binary=bundle.temperature_binary,
+        threshold=op["threshold"],
+        name=bundle.name,
+        version=version or bundle.version,
+        extra={**bundle.extra, **(extra or {}), "operating_point": op},
+    )
 
 
 def operating_rule(bundle: ModelBundle, *, rule: str = "max_f1", target_fpr: float = 0.01) -> dict:
     "The rule a bundle's threshold was chosen by (`rule`, `target_fpr`): its recorded operating point, else the arguments."
     op = bundle.extra.get("operating_point") or {}
-    if op.get("rule") in ("max_f1", "target_fpr"): return {"rule": op["rule"], "target_fpr": float(op.get("target_fpr", target_fpr))}
+    if op.get("rule") in ("max_f1", "target_fpr"):
+        return {"rule": op["rule"], "target_fpr": float(op.get("target_fpr", target_fpr))}
     return {"rule": rule, "target_fpr": float(target_fpr)}
 
 
 def reoperate(bundle: ModelBundle, val_arrays: dict, *, rule: str = "max_f1", target_fpr: float = 0.01) -> ModelBundle:
     "`bundle` with its threshold re-chosen on `val_arrays` (preprocessed rows with `y_binary`) by its own rule."
     from cyber_moe.evaluate import choose_operating_point
+
     r = operating_rule(bundle, rule=rule, target_fpr=target_fpr)
     p = bundle.predict_arrays(val_arrays)["p_attack"]
     op = choose_operating_point(np.asarray(val_arrays["y_binary"]).astype(np.int64), p, rule=r["rule"], target_fpr=r["target_fpr"])
@@ -122,13 +152,15 @@ def repeat_arrays(arrays: dict, times: int) -> dict[str, np.ndarray]:
 
 def feedback_repeat(n_train: int, n_feedback: int, *, share: float = 0.1, max_repeat: int = 50) -> int:
     "How often to repeat `n_feedback` confirmed rows so they are about `share` of the training rows (1 to `max_repeat`)."
-    if n_feedback <= 0: return 1
+    if n_feedback <= 0:
+        return 1
     return int(np.clip(round(share * n_train / n_feedback), 1, max_repeat))
 
 # %% ../nbs/89_retrain.ipynb #4dd2ef12
 @dataclass
 class FineTuneSettings:
     "How a fine-tune runs: epochs, learning rate (and the run's loss settings), batch size, seed."
+
     epochs: int = 3
     lr: float = 5e-4
     batch_size: int = 256
@@ -146,14 +178,33 @@ class FineTuneSettings:
     def from_run(cls, cfg, *, epochs: int = 3, lr_scale: float = 0.25, seed: int | None = None) -> "FineTuneSettings":
         "The settings of a training run's config (`RunConfig`), with `epochs` and the learning rate scaled by `lr_scale`."
         t = cfg.train
-        return cls(epochs=epochs, lr=t.lr * lr_scale, batch_size=t.batch_size, seed=cfg.seed if seed is None else seed,
-                   weight_decay=t.weight_decay, loss=t.loss, class_weight_power=t.class_weight_power,
-                   class_weight_keep_binary=t.class_weight_keep_binary, focal_gamma=t.focal_gamma, family_loss_weight=t.family_loss_weight,
-                   label_smoothing=t.label_smoothing, load_balance_weight=cfg.model.load_balance_weight)
+        return cls(
+            epochs=epochs,
+            lr=t.lr * lr_scale,
+            batch_size=t.batch_size,
+            seed=cfg.seed if seed is None else seed,
+            weight_decay=t.weight_decay,
+            loss=t.loss,
+            class_weight_power=t.class_weight_power,
+            class_weight_keep_binary=t.class_weight_keep_binary,
+            focal_gamma=t.focal_gamma,
+            family_loss_weight=t.family_loss_weight,
+            label_smoothing=t.label_smoothing,
+            load_balance_weight=cfg.model.load_balance_weight,
+        )
 
 # %% ../nbs/89_retrain.ipynb #6d83c2cd
-def fine_tune(bundle: ModelBundle, train: dict, val: dict, *, settings: FineTuneSettings | None = None, work_dir: str | Path | None = None,
-              rule: str = "max_f1", target_fpr: float = 0.01, enable_progress_bar: bool = False) -> tuple[ModelBundle, dict]:
+def fine_tune(
+    bundle: ModelBundle,
+    train: dict,
+    val: dict,
+    *,
+    settings: FineTuneSettings | None = None,
+    work_dir: str | Path | None = None,
+    rule: str = "max_f1",
+    target_fpr: float = 0.01,
+    enable_progress_bar: bool = False,
+) -> tuple[ModelBundle, dict]:
     "A new bundle: `bundle`'s network trained further on `train` (best `val` epoch kept), temperature and operating point fit on `val`; and a summary."
     import torch
     from cyber_moe.bundle import network_outputs
@@ -161,38 +212,81 @@ def fine_tune(bundle: ModelBundle, train: dict, val: dict, *, settings: FineTune
     from cyber_moe.evaluate import fit_temperature
     from cyber_moe.lit import FlowDataModule, MoELitModule, class_weights_from, make_trainer
     from cyber_moe.models import MoEClassifier
+
     s = settings or FineTuneSettings()
     seed_everything(s.seed)
     net = MoEClassifier(**bundle.net_kwargs)
     net.load_state_dict(bundle.net.state_dict())
     n_classes = len(bundle.classes)
-    weights = (class_weights_from(train["y_family"], n_classes, power=s.class_weight_power, keep_binary=s.class_weight_keep_binary)
-               if s.loss != "ce" else None)
-    module = MoELitModule(net, lr=s.lr, weight_decay=s.weight_decay, max_epochs=s.epochs, loss=s.loss, class_weights=weights,
-                          focal_gamma=s.focal_gamma, family_loss_weight=s.family_loss_weight, load_balance_weight=s.load_balance_weight,
-                          label_smoothing=s.label_smoothing)
+    weights = (
+        class_weights_from(train["y_family"], n_classes, power=s.class_weight_power, keep_binary=s.class_weight_keep_binary)
+        if s.loss != "ce"
+        else None
+    )
+    module = MoELitModule(
+        net,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        max_epochs=s.epochs,
+        loss=s.loss,
+        class_weights=weights,
+        focal_gamma=s.focal_gamma,
+        family_loss_weight=s.family_loss_weight,
+        load_balance_weight=s.load_balance_weight,
+        label_smoothing=s.label_smoothing,
+    )
     own = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="cyber-moe-finetune-")) if own else Path(work_dir)
     t0 = time.perf_counter()
     try:
-        trainer = make_trainer(max_epochs=s.epochs, accelerator="cpu", devices=1, precision="32-true", patience=s.epochs,
-                               default_root_dir=str(root), logger=False, enable_progress_bar=enable_progress_bar)
+        trainer = make_trainer(
+            max_epochs=s.epochs,
+            accelerator="cpu",
+            devices=1,
+            precision="32-true",
+            patience=s.epochs,
+            default_root_dir=str(root),
+            logger=False,
+            enable_progress_bar=enable_progress_bar,
+        )
         trainer.fit(module, datamodule=FlowDataModule(train=train, val=val, batch_size=s.batch_size))
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
-        if best: module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        if best:
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     finally:
-        if own: shutil.rmtree(root, ignore_errors=True)
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
     net = module.net.cpu().eval()
     out = network_outputs(net, val)
-    temps = {"family": fit_temperature(out["family"], val["y_family"]), "binary": fit_temperature(out["binary"], val["y_binary"].astype(np.int64))}
-    tuned = ModelBundle(schema=bundle.schema, preprocessor=bundle.preprocessor, net=net, net_kwargs=bundle.net_kwargs,
-                        temperature_family=temps["family"], temperature_binary=temps["binary"], threshold=bundle.threshold,
-                        name=bundle.name, version=bundle.version, extra=dict(bundle.extra))
+    temps = {
+        "family": fit_temperature(out["family"], val["y_family"]),
+        "binary": fit_temperature(out["binary"], val["y_binary"].astype(np.int64)),
+    }
+    tuned = ModelBundle(
+        schema=bundle.schema,
+        preprocessor=bundle.preprocessor,
+        net=net,
+        net_kwargs=bundle.net_kwargs,
+        temperature_family=temps["family"],
+        temperature_binary=temps["binary"],
+        threshold=bundle.threshold,
+        name=bundle.name,
+        version=bundle.version,
+        extra=dict(bundle.extra),
+    )
     tuned = reoperate(tuned, val, **operating_rule(bundle, rule=rule, target_fpr=target_fpr))
-    summary = {"epochs": int(trainer.current_epoch), "best_val_score": float(trainer.checkpoint_callback.best_model_score)
-               if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None else None,
-               "seconds": round(time.perf_counter() - t0, 2), "train_rows": int(len(train["x_num"])), "val_rows": int(len(val["x_num"])),
-               "lr": s.lr, "temperature": temps, "operating_point": tuned.extra["operating_point"]}
+    summary = {
+        "epochs": int(trainer.current_epoch),
+        "best_val_score": float(trainer.checkpoint_callback.best_model_score)
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None
+        else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "train_rows": int(len(train["x_num"])),
+        "val_rows": int(len(val["x_num"])),
+        "lr": s.lr,
+        "temperature": temps,
+        "operating_point": tuned.extra["operating_point"],
+    }
     return tuned, summary
 
 # %% ../nbs/89_retrain.ipynb #00e91c94
@@ -207,42 +301,61 @@ def feedback_scores(bundle: ModelBundle, arrays: dict, rows: pd.DataFrame) -> di
     flagged, y = v["is_attack"].astype(bool), np.asarray(arrays["y_binary"]).astype(bool)
     fam_ok = np.where(y, v["family"] == rows[FAMILY].to_numpy(), ~flagged)
     verdict = rows["verdict"].to_numpy()
-    return {"n": int(len(y)), "agreement": float((flagged == y).mean()), "family_agreement": float(fam_ok.mean()),
-            "false_positives_flagged": _rate((verdict == "false_positive") & ~y, flagged),
-            "true_positives_flagged": _rate(verdict == "true_positive", flagged),
-            "n_false_positive": int(((verdict == "false_positive") & ~y).sum()), "n_true_positive": int((verdict == "true_positive").sum())}
+    return {
+        "n": int(len(y)),
+        "agreement": float((flagged == y).mean()),
+        "family_agreement": float(fam_ok.mean()),
+        "false_positives_flagged": _rate((verdict == "false_positive") & ~y, flagged),
+        "true_positives_flagged": _rate(verdict == "true_positive", flagged),
+        "n_false_positive": int(((verdict == "false_positive") & ~y).sum()),
+        "n_true_positive": int((verdict == "true_positive").sum()),
+    }
 
 
 def test_scores(bundle: ModelBundle, arrays: dict, rows: pd.DataFrame) -> dict:
     "Binary F1, precision, recall, benign false-positive rate and each family's detection rate of `bundle` on test rows."
     from cyber_moe.evaluate import binary_metrics
+
     v = bundle.verdicts(arrays)
     b = binary_metrics(np.asarray(arrays["y_binary"]).astype(np.int64), v["p_attack"], bundle.threshold)
     fam, flagged = rows[FAMILY].astype(str).to_numpy(), v["is_attack"].astype(bool)
     det = {f: _rate(fam == f, flagged) for f in sorted(set(fam)) if f != bundle.schema.benign}
-    return {"n": int(len(fam)), "f1": b["f1"], "precision": b["precision"], "recall": b["recall"], "benign_fpr": b["fpr"],
-            "detection": det, "threshold": bundle.threshold}
+    return {
+        "n": int(len(fam)),
+        "f1": b["f1"],
+        "precision": b["precision"],
+        "recall": b["recall"],
+        "benign_fpr": b["fpr"],
+        "detection": det,
+        "threshold": bundle.threshold,
+    }
 
-
+# %% ../nbs/89_retrain.ipynb #3e7dc97b
 def promotion(champion: dict, candidate: dict, *, tolerance: float = 0.01) -> dict:
     "Whether the candidate wins on held-out feedback (more agreement) and holds on the test split (F1, each family's detection, benign FPR within `tolerance`), with the reasons."
     fb_c, fb_m = champion["feedback"], candidate["feedback"]
     wins = fb_m["agreement"] > fb_c["agreement"]
-    why = [f"held-out feedback: agreement {fb_m['agreement']:.4f} vs champion {fb_c['agreement']:.4f} ({'better' if wins else 'not better'})"]
+    why = [
+        f"held-out feedback: agreement {fb_m['agreement']:.4f} vs champion {fb_c['agreement']:.4f} ({'better' if wins else 'not better'})"
+    ]
     t_c, t_m = champion["test"], candidate["test"]
     holds = True
+
     def _chk(name, new, old, higher_is_better=True):
         nonlocal holds
-        if new is None or old is None: return
+        if new is None or old is None:
+            return
         worse = (old - new) if higher_is_better else (new - old)
         if worse > tolerance:
             holds = False
             why.append(f"test split: {name} {new:.4f} vs champion {old:.4f} (worse by {worse:.4f} > tolerance {tolerance})")
+
     _chk("binary F1", t_m["f1"], t_c["f1"])
     _chk("benign false-positive rate", t_m["benign_fpr"], t_c["benign_fpr"], higher_is_better=False)
     for f in sorted(set(t_c["detection"]) | set(t_m["detection"])):
         _chk(f"detection of {f}", t_m["detection"].get(f), t_c["detection"].get(f))
-    if holds: why.append(f"test split: F1, benign false-positive rate and every family's detection within {tolerance} of the champion")
+    if holds:
+        why.append(f"test split: F1, benign false-positive rate and every family's detection within {tolerance} of the champion")
     return {"promote": bool(wins and holds), "wins_feedback": bool(wins), "holds_test": bool(holds), "tolerance": tolerance, "reasons": why}
 
 # %% ../nbs/89_retrain.ipynb #c7e257a1
@@ -250,23 +363,29 @@ def run_rows(run_dir: str | Path) -> tuple[Any, dict[str, pd.DataFrame]]:
     "A training run's config and the raw rows of its train, val and test splits, re-read from its source."
     from cyber_moe.config import load_config
     from cyber_moe.train import SPLITS, load_source
+
     run_dir = Path(run_dir)
     cfg_file, split_file, source_file = run_dir / "config.yaml", run_dir / "prepared" / "split.npz", run_dir / "prepared" / "source.json"
     if not (cfg_file.is_file() and split_file.is_file() and source_file.is_file()):
-        raise FeedbackError(f"{run_dir}: not a training run folder (needs config.yaml and prepared/split.npz): the model's original "
-                            "training rows come from the run that trained it; pass --run DIR")
+        raise FeedbackError(
+            f"{run_dir}: not a training run folder (needs config.yaml and prepared/split.npz): the model's original "
+            "training rows come from the run that trained it; pass --run DIR"
+        )
     cfg = load_config(cfg_file)
     frame, _, _ = load_source(cfg)
     rows = json.loads(source_file.read_text())["rows"]
     if rows != len(frame):
-        raise FeedbackError(f"{run_dir}: the run was trained on {rows:,} rows but its source now has {len(frame):,}; "
-                            "the original training rows cannot be rebuilt (retrain with `cyber-moe train`)")
+        raise FeedbackError(
+            f"{run_dir}: the run was trained on {rows:,} rows but its source now has {len(frame):,}; "
+            "the original training rows cannot be rebuilt (retrain with `cyber-moe train`)"
+        )
     idx = np.load(split_file)
     return cfg, {n: frame.iloc[idx[n]].reset_index(drop=True) for n in SPLITS}
 
 # %% ../nbs/89_retrain.ipynb #31ee684b
 def _redact(url: str) -> str:
     import re
+
     return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", str(url))
 
 
@@ -275,15 +394,21 @@ def load_confirmed(store: str | Path) -> pd.DataFrame:
     p = Path(str(store))
     if p.suffix.lower() in (".parquet", ".pq", ".csv"):
         from cyber_moe.bundle import read_raw
-        if not p.is_file(): raise FeedbackError(f"{p}: no such file of confirmed verdicts")
+
+        if not p.is_file():
+            raise FeedbackError(f"{p}: no such file of confirmed verdicts")
         return read_raw(p)
     s = str(store)
-    if s.startswith("sqlite:///") and not Path(s[len("sqlite:///"):]).is_file():      # SQLite would create an empty one
-        raise FeedbackError(f"feedback store {s}: no database file at {s[len('sqlite:///'):]} (no alert was stored there yet); give --store URL")
+    if s.startswith("sqlite:///") and not Path(s[len("sqlite:///") :]).is_file():  # SQLite would create an empty one
+        raise FeedbackError(
+            f"feedback store {s}: no database file at {s[len('sqlite:///') :]} (no alert was stored there yet); give --store URL"
+        )
     try:
         from cyber_moe.feedback import FeedbackStore
+
         return FeedbackStore(s).confirmed_labels()
-    except FeedbackError: raise
+    except FeedbackError:
+        raise
     except Exception as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise FeedbackError(f"feedback store {_redact(store)} cannot be read ({type(e).__name__}: {first})") from None
@@ -292,32 +417,43 @@ def load_confirmed(store: str | Path) -> pd.DataFrame:
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
-def register_candidate(bundle: ModelBundle, *, name: str, tracking_uri: str, artifact_location: str | None, example: pd.DataFrame,
-                       report: dict, promote: bool) -> dict:
+def register_candidate(
+    bundle: ModelBundle, *, name: str, tracking_uri: str, artifact_location: str | None, example: pd.DataFrame, report: dict, promote: bool
+) -> dict:
     "Log `bundle` in a new MLflow run, register it as `name`, alias it `challenger` (and `champion` when `promote`); the version and run id."
     import mlflow
     from mlflow import MlflowClient
     from cyber_moe.bundle import log_pyfunc, use_mlflow_store
     from cyber_moe.train import ensure_experiment, flatten_dotted
-    with use_mlflow_store(tracking_uri):                 # MLflow's global store for this call only (its setters also write the environment)
+
+    with use_mlflow_store(tracking_uri):  # MLflow's global store for this call only (its setters also write the environment)
         with mlflow.start_run(run_name=f"retrain-{name}", experiment_id=ensure_experiment(tracking_uri, artifact_location)) as run:
             bundle.version = run.info.run_id[:8]
             flat = flatten_dotted({k: report[k] for k in ("champion", "candidate") if k in report})
-            mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
-            mlflow.log_params({"retrain.from_model": report.get("model", ""), "retrain.promote": promote,
-                               "retrain.tolerance": report.get("decision", {}).get("tolerance")})
+            mlflow.log_metrics(
+                {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+            )
+            mlflow.log_params(
+                {
+                    "retrain.from_model": report.get("model", ""),
+                    "retrain.promote": promote,
+                    "retrain.tolerance": report.get("decision", {}).get("tolerance"),
+                }
+            )
             mlflow.log_dict(report, "retrain_report.json")
             info = log_pyfunc(bundle, example=example, registered_name=name)
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     client.set_registered_model_alias(name, CHALLENGER, version)
-    if promote: client.set_registered_model_alias(name, CHAMPION, version)
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
     return {"name": name, "version": version, "run_id": run.info.run_id, "aliases": [CHALLENGER] + ([CHAMPION] if promote else [])}
 
 # %% ../nbs/89_retrain.ipynb #32a99aa7
 def _model_name(uri: str) -> tuple[str | None, str | None]:
     "Registered name and alias/version of a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI (None, None otherwise)."
     import re
+
     m = re.match(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$", str(uri))
     return (m["name"], m["alias"] or m["version"]) if m else (None, None)
 
@@ -326,14 +462,29 @@ def _scores(bundle: ModelBundle, fb_arrays: dict, fb_rows: pd.DataFrame, test_ar
     return {"feedback": feedback_scores(bundle, fb_arrays, fb_rows), "test": test_scores(bundle, test_arrays, test_rows)}
 
 # %% ../nbs/89_retrain.ipynb #6311d0ab
-def retrain_from_feedback(confirmed: pd.DataFrame, *, model: str | Path, out_dir: str | Path, run_dir: str | Path | None = None,
-                          outputs_dir: str | Path | None = None, tracking_uri: str | None = None, epochs: int = 3, lr_scale: float = 0.25,
-                          fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), tolerance: float = 0.01, feedback_share: float = 0.1,
-                          fine_tune_model: bool = True, register: bool = True, seed: int = 0, log=None) -> dict:
+def retrain_from_feedback(
+    confirmed: pd.DataFrame,
+    *,
+    model: str | Path,
+    out_dir: str | Path,
+    run_dir: str | Path | None = None,
+    outputs_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    epochs: int = 3,
+    lr_scale: float = 0.25,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    tolerance: float = 0.01,
+    feedback_share: float = 0.1,
+    fine_tune_model: bool = True,
+    register: bool = True,
+    seed: int = 0,
+    log=None,
+) -> dict:
     "Re-choose the operating point on confirmed verdicts and fine-tune `model` on them plus its training rows; compare, register as challenger, promote when it wins; the report."
     import logging
     from cyber_moe.bundle import load_model_bundle, resolve_tracking_uri
     from cyber_moe.config import find_project_root, write_json
+
     log = log or logging.getLogger("cyber_moe.retrain")
     t0 = time.perf_counter()
     name, ref = _model_name(str(model))
@@ -345,7 +496,8 @@ def retrain_from_feedback(confirmed: pd.DataFrame, *, model: str | Path, out_dir
     parts = split_feedback(labelled, fractions=fractions, seed=seed)
     run_name = champion.extra.get("run_name")
     if run_dir is None:
-        if not run_name: raise FeedbackError(f"{model}: the bundle does not name the run that trained it; pass --run DIR (the run's folder)")
+        if not run_name:
+            raise FeedbackError(f"{model}: the bundle does not name the run that trained it; pass --run DIR (the run's folder)")
         run_dir = Path(outputs_dir or find_project_root() / "outputs") / run_name
     cfg, orig = run_rows(run_dir)
     pre = champion.preprocessor
@@ -354,40 +506,75 @@ def retrain_from_feedback(confirmed: pd.DataFrame, *, model: str | Path, out_dir
     fb = {k: A(df, f"confirmed verdicts ({k})") for k, df in parts.items()}
     val = concat_arrays(arrays["val"], fb["val"])
     rule = {"rule": cfg.train.operating_point, "target_fpr": cfg.train.target_fpr}
-    log.info("retrain %s (%s): %d confirmed verdicts (fit %d, val %d, held out %d); original rows train %d, val %d, test %d",
-             name, model, len(labelled), *(len(parts[k]) for k in ("fit", "val", "holdout")), *(len(orig[k]) for k in ("train", "val", "test")))
+    log.info(
+        "retrain %s (%s): %d confirmed verdicts (fit %d, val %d, held out %d); original rows train %d, val %d, test %d",
+        name,
+        model,
+        len(labelled),
+        *(len(parts[k]) for k in ("fit", "val", "holdout")),
+        *(len(orig[k]) for k in ("train", "val", "test")),
+    )
     reop = reoperate(champion, val, **rule)
     tuning = None
     if fine_tune_model:
         repeat = feedback_repeat(len(orig["train"]), len(parts["fit"]), share=feedback_share)
         settings = FineTuneSettings.from_run(cfg, epochs=epochs, lr_scale=lr_scale, seed=seed)
-        candidate, tuning = fine_tune(champion, concat_arrays(arrays["train"], repeat_arrays(fb["fit"], repeat)), val,
-                                      settings=settings, work_dir=Path(out_dir) / "lightning", **rule)
+        candidate, tuning = fine_tune(
+            champion,
+            concat_arrays(arrays["train"], repeat_arrays(fb["fit"], repeat)),
+            val,
+            settings=settings,
+            work_dir=Path(out_dir) / "lightning",
+            **rule,
+        )
         tuning["feedback_repeat"] = repeat
         shutil.rmtree(Path(out_dir) / "lightning", ignore_errors=True)
     else:
         candidate = reop
-    candidate.extra = {**candidate.extra, "retrained_from": {"model": str(model), "name": name, "version": champion.version},
-                       "feedback": {"confirmed": len(labelled), **{k: len(v) for k, v in parts.items()}}}
+    candidate.extra = {
+        **candidate.extra,
+        "retrained_from": {"model": str(model), "name": name, "version": champion.version},
+        "feedback": {"confirmed": len(labelled), **{k: len(v) for k, v in parts.items()}},
+    }
     score = lambda b: _scores(b, fb["holdout"], parts["holdout"], arrays["test"], orig["test"])
-    report = {"model": str(model), "name": name, "champion_version": champion.version, "run_dir": str(run_dir),
-              "confirmed": {"n": len(labelled), "verdicts": labelled["verdict"].value_counts().to_dict(),
-                            "targets": labelled[FAMILY].value_counts().to_dict(), "parts": {k: len(v) for k, v in parts.items()}},
-              "original_rows": {k: len(v) for k, v in orig.items()}, "fine_tune": tuning,
-              "champion": score(champion), "champion_reoperated": score(reop), "candidate": score(candidate)}
+    report = {
+        "model": str(model),
+        "name": name,
+        "champion_version": champion.version,
+        "run_dir": str(run_dir),
+        "confirmed": {
+            "n": len(labelled),
+            "verdicts": labelled["verdict"].value_counts().to_dict(),
+            "targets": labelled[FAMILY].value_counts().to_dict(),
+            "parts": {k: len(v) for k, v in parts.items()},
+        },
+        "original_rows": {k: len(v) for k, v in orig.items()},
+        "fine_tune": tuning,
+        "champion": score(champion),
+        "champion_reoperated": score(reop),
+        "candidate": score(candidate),
+    }
     report["decision"] = promotion(report["champion"], report["candidate"], tolerance=tolerance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if register:
-        report["registered"] = register_candidate(candidate, name=name, tracking_uri=store, artifact_location=cfg.artifact_location,
-                                                  example=orig["train"].head(5), report=report, promote=report["decision"]["promote"])
+        report["registered"] = register_candidate(
+            candidate,
+            name=name,
+            tracking_uri=store,
+            artifact_location=cfg.artifact_location,
+            example=orig["train"].head(5),
+            report=report,
+            promote=report["decision"]["promote"],
+        )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "report.json", report)
     (out / "report.md").write_text(report_markdown(report))
     return report
 
 # %% ../nbs/89_retrain.ipynb #46f9a6e5
-def _pct(v) -> str: return "n/a" if v is None else f"{100 * v:.1f}%"
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def report_markdown(report: dict) -> str:
@@ -395,10 +582,15 @@ def report_markdown(report: dict) -> str:
     cols = [("champion", "champion"), ("champion_reoperated", "champion, re-chosen threshold (a)"), ("candidate", "candidate (b)")]
     cols = [(k, t) for k, t in cols if k in report]
     c = report["confirmed"]
-    lines = [f"# Retrain from feedback: {report['name']} (from {report['model']}, version {report['champion_version']})", "",
-             f"{c['n']} confirmed verdicts ({', '.join(f'{k} {v}' for k, v in c['verdicts'].items())}); "
-             f"fine-tune {c['parts']['fit']}, validation {c['parts']['val']}, held out {c['parts']['holdout']}.", "",
-             "| | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [
+        f"# Retrain from feedback: {report['name']} (from {report['model']}, version {report['champion_version']})",
+        "",
+        f"{c['n']} confirmed verdicts ({', '.join(f'{k} {v}' for k, v in c['verdicts'].items())}); "
+        f"fine-tune {c['parts']['fit']}, validation {c['parts']['val']}, held out {c['parts']['holdout']}.",
+        "",
+        "| | " + " | ".join(t for _, t in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     row = lambda label, f: lines.append(f"| {label} | " + " | ".join(f(report[k]) for k, _ in cols) + " |")
     row("threshold", lambda s: f"{s['test']['threshold']:.4f}")
     row(f"held-out feedback: agreement ({report['candidate']['feedback']['n']} alerts)", lambda s: _pct(s["feedback"]["agreement"]))
@@ -409,8 +601,12 @@ def report_markdown(report: dict) -> str:
     for f in sorted(report["champion"]["test"]["detection"]):
         row(f"test split: detection of {f}", lambda s, f=f: _pct(s["test"]["detection"].get(f)))
     d = report["decision"]
-    lines += ["", f"**Decision: {'promote' if d['promote'] else 'keep the champion'}** "
-              f"(wins on held-out feedback: {d['wins_feedback']}; holds on the test split: {d['holds_test']}).", ""]
+    lines += [
+        "",
+        f"**Decision: {'promote' if d['promote'] else 'keep the champion'}** "
+        f"(wins on held-out feedback: {d['wins_feedback']}; holds on the test split: {d['holds_test']}).",
+        "",
+    ]
     lines += [f"- {r}" for r in d["reasons"]]
     if report.get("registered"):
         r = report["registered"]

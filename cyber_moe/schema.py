@@ -20,7 +20,7 @@ FAMILY = "family"
 IS_ATTACK = "is_attack"
 
 
-SEQ_CHANNELS = ("dir", "ps", "piat")   # direction (0 src->dst, 1 dst->src), size (bytes), inter-arrival time (ms)
+SEQ_CHANNELS = ("dir", "ps", "piat")  # direction (0 src->dst, 1 dst->src), size (bytes), inter-arrival time (ms)
 SEQ_PREFIX = {ch: f"splt_{ch}_" for ch in SEQ_CHANNELS}
 
 
@@ -36,6 +36,7 @@ class SchemaError(ValueError):
 @dataclass(frozen=True)
 class FlowSchema:
     "The columns of one source's flow table: features by kind (timing in order), label, identifiers and known classes."
+
     name: str
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
@@ -47,19 +48,22 @@ class FlowSchema:
     timestamp: str | None = None
     binary_label: str | None = None
     label_aliases: dict[str, str] = field(default_factory=dict)
-    sequence: int = 0   # packets per flow of the packet-sequence kind (0: the source has no sequences)
+    sequence: int = 0  # packets per flow of the packet-sequence kind (0: the source has no sequences)
 
     def __post_init__(self):
         seen: dict[str, str] = {}
         for kind in ("numeric", "categorical", "timing", "identifiers"):
             for c in getattr(self, kind):
-                if c in seen: raise ValueError(f"schema {self.name}: column '{c}' is both {seen[c]} and {kind}")
+                if c in seen:
+                    raise ValueError(f"schema {self.name}: column '{c}' is both {seen[c]} and {kind}")
                 seen[c] = kind
         if not isinstance(self.sequence, int) or self.sequence < 0:
             raise ValueError(f"schema {self.name}: sequence must be a packet count >= 0, got {self.sequence!r}")
         for c in self.sequence_columns:
-            if c in seen: raise ValueError(f"schema {self.name}: column '{c}' is both {seen[c]} and sequence")
-        if self.benign not in self.classes: raise ValueError(f"schema {self.name}: benign class '{self.benign}' not in classes")
+            if c in seen:
+                raise ValueError(f"schema {self.name}: column '{c}' is both {seen[c]} and sequence")
+        if self.benign not in self.classes:
+            raise ValueError(f"schema {self.name}: benign class '{self.benign}' not in classes")
 
     @property
     def tabular(self) -> tuple[str, ...]:
@@ -92,10 +96,12 @@ def check_columns(self: FlowSchema, columns: Iterable[str], *, labels: bool = Fa
     miss = self.missing(columns, labels=labels)
     seq = set(self.sequence_columns)
     if seq and seq.issubset(miss):
-        raise SchemaError(f"{where}: this {self.name} model needs each flow's first {self.sequence} packets "
-                          f"(columns {SEQ_PREFIX['dir']}0..{self.sequence - 1}, {SEQ_PREFIX['ps']}0.., "
-                          f"{SEQ_PREFIX['piat']}0..) and the input has none: meter the capture with "
-                          f"splt={self.sequence} (NFStream splt_analysis) or use a model without a sequence expert")
+        raise SchemaError(
+            f"{where}: this {self.name} model needs each flow's first {self.sequence} packets "
+            f"(columns {SEQ_PREFIX['dir']}0..{self.sequence - 1}, {SEQ_PREFIX['ps']}0.., "
+            f"{SEQ_PREFIX['piat']}0..) and the input has none: meter the capture with "
+            f"splt={self.sequence} (NFStream splt_analysis) or use a model without a sequence expert"
+        )
     if miss:
         raise SchemaError(f"{where}: not a {self.name} flow table: {len(miss)} missing column(s): {', '.join(miss)}")
 
@@ -126,100 +132,223 @@ _PROVIDERS = {"nfstream": "cyber_moe.nfstream", "synth": "cyber_moe.nfstream", "
 
 def register_schema(schema: FlowSchema, *aliases: str) -> FlowSchema:
     "Make `schema` available from `get_schema` under its name and `aliases`."
-    for n in (schema.name, *aliases): SCHEMAS[n] = schema
+    for n in (schema.name, *aliases):
+        SCHEMAS[n] = schema
     return schema
 
 
 def get_schema(name: str) -> FlowSchema:
     "The registered schema of source `name` (e.g. 'unsw-nb15', 'cic-ids2017', 'nfstream')."
-    if name not in SCHEMAS and name in _PROVIDERS: importlib.import_module(_PROVIDERS[name])
+    if name not in SCHEMAS and name in _PROVIDERS:
+        importlib.import_module(_PROVIDERS[name])
     if name not in SCHEMAS:
         raise KeyError(f"no flow schema named '{name}'; known: {', '.join(sorted(set(SCHEMAS) | set(_PROVIDERS)))}")
     return SCHEMAS[name]
 
 # %% ../nbs/05_schema.ipynb #0b75ff49
-UNSW_NB15 = register_schema(FlowSchema(
-    name="unsw-nb15",
-    numeric=("spkts", "dpkts", "sbytes", "dbytes", "sttl", "dttl", "sloss", "dloss", "swin", "stcpb", "dtcpb",
-             "dwin", "smean", "dmean", "trans_depth", "response_body_len", "ct_srv_src", "ct_state_ttl",
-             "ct_dst_ltm", "ct_src_dport_ltm", "ct_dst_sport_ltm", "ct_dst_src_ltm", "is_ftp_login", "ct_ftp_cmd",
-             "ct_flw_http_mthd", "ct_src_ltm", "ct_srv_dst", "is_sm_ips_ports"),
-    categorical=("proto", "service", "state"),
-    timing=("synack", "ackdat", "tcprtt", "sinpkt", "dinpkt", "sjit", "djit", "dur", "rate", "sload", "dload"),
-    label="attack_cat", binary_label="label", benign="Normal",
-    classes=("Normal", "Analysis", "Backdoor", "DoS", "Exploits", "Fuzzers", "Generic", "Reconnaissance",
-             "Shellcode", "Worms"),
-    identifiers=("id",),
-    label_aliases={"Backdoors": "Backdoor", "": "Normal"},
-), "unsw")
+UNSW_NB15 = register_schema(
+    FlowSchema(
+        name="unsw-nb15",
+        numeric=(
+            "spkts",
+            "dpkts",
+            "sbytes",
+            "dbytes",
+            "sttl",
+            "dttl",
+            "sloss",
+            "dloss",
+            "swin",
+            "stcpb",
+            "dtcpb",
+            "dwin",
+            "smean",
+            "dmean",
+            "trans_depth",
+            "response_body_len",
+            "ct_srv_src",
+            "ct_state_ttl",
+            "ct_dst_ltm",
+            "ct_src_dport_ltm",
+            "ct_dst_sport_ltm",
+            "ct_dst_src_ltm",
+            "is_ftp_login",
+            "ct_ftp_cmd",
+            "ct_flw_http_mthd",
+            "ct_src_ltm",
+            "ct_srv_dst",
+            "is_sm_ips_ports",
+        ),
+        categorical=("proto", "service", "state"),
+        timing=("synack", "ackdat", "tcprtt", "sinpkt", "dinpkt", "sjit", "djit", "dur", "rate", "sload", "dload"),
+        label="attack_cat",
+        binary_label="label",
+        benign="Normal",
+        classes=("Normal", "Analysis", "Backdoor", "DoS", "Exploits", "Fuzzers", "Generic", "Reconnaissance", "Shellcode", "Worms"),
+        identifiers=("id",),
+        label_aliases={"Backdoors": "Backdoor", "": "Normal"},
+    ),
+    "unsw",
+)
 
 # %% ../nbs/05_schema.ipynb #7fd1a646
 _CIC_TIMING = (
-    "Flow IAT Mean", "Flow IAT Std", "Flow IAT Max", "Flow IAT Min",
-    "Fwd IAT Total", "Fwd IAT Mean", "Fwd IAT Std", "Fwd IAT Max", "Fwd IAT Min",
-    "Bwd IAT Total", "Bwd IAT Mean", "Bwd IAT Std", "Bwd IAT Max", "Bwd IAT Min",
-    "Active Mean", "Active Std", "Active Max", "Active Min",
-    "Idle Mean", "Idle Std", "Idle Max", "Idle Min",
-    "Flow Duration", "Flow Bytes/s", "Flow Packets/s", "Fwd Packets/s", "Bwd Packets/s")
+    "Flow IAT Mean",
+    "Flow IAT Std",
+    "Flow IAT Max",
+    "Flow IAT Min",
+    "Fwd IAT Total",
+    "Fwd IAT Mean",
+    "Fwd IAT Std",
+    "Fwd IAT Max",
+    "Fwd IAT Min",
+    "Bwd IAT Total",
+    "Bwd IAT Mean",
+    "Bwd IAT Std",
+    "Bwd IAT Max",
+    "Bwd IAT Min",
+    "Active Mean",
+    "Active Std",
+    "Active Max",
+    "Active Min",
+    "Idle Mean",
+    "Idle Std",
+    "Idle Max",
+    "Idle Min",
+    "Flow Duration",
+    "Flow Bytes/s",
+    "Flow Packets/s",
+    "Fwd Packets/s",
+    "Bwd Packets/s",
+)
 
+# %% ../nbs/05_schema.ipynb #2a489307
 _CIC_NUMERIC = (
-    "Total Fwd Packets", "Total Backward Packets", "Total Length of Fwd Packets", "Total Length of Bwd Packets",
-    "Fwd Packet Length Max", "Fwd Packet Length Min", "Fwd Packet Length Mean", "Fwd Packet Length Std",
-    "Bwd Packet Length Max", "Bwd Packet Length Min", "Bwd Packet Length Mean", "Bwd Packet Length Std",
-    "Fwd PSH Flags", "Bwd PSH Flags", "Fwd URG Flags", "Bwd URG Flags", "Fwd Header Length", "Bwd Header Length",
-    "Min Packet Length", "Max Packet Length", "Packet Length Mean", "Packet Length Std", "Packet Length Variance",
-    "FIN Flag Count", "SYN Flag Count", "RST Flag Count", "PSH Flag Count", "ACK Flag Count", "URG Flag Count",
-    "CWE Flag Count", "ECE Flag Count", "Down/Up Ratio", "Average Packet Size", "Avg Fwd Segment Size",
-    "Avg Bwd Segment Size", "Fwd Avg Bytes/Bulk", "Fwd Avg Packets/Bulk", "Fwd Avg Bulk Rate",
-    "Bwd Avg Bytes/Bulk", "Bwd Avg Packets/Bulk", "Bwd Avg Bulk Rate", "Subflow Fwd Packets", "Subflow Fwd Bytes",
-    "Subflow Bwd Packets", "Subflow Bwd Bytes", "Init_Win_bytes_forward", "Init_Win_bytes_backward",
-    "act_data_pkt_fwd", "min_seg_size_forward")
+    "Total Fwd Packets",
+    "Total Backward Packets",
+    "Total Length of Fwd Packets",
+    "Total Length of Bwd Packets",
+    "Fwd Packet Length Max",
+    "Fwd Packet Length Min",
+    "Fwd Packet Length Mean",
+    "Fwd Packet Length Std",
+    "Bwd Packet Length Max",
+    "Bwd Packet Length Min",
+    "Bwd Packet Length Mean",
+    "Bwd Packet Length Std",
+    "Fwd PSH Flags",
+    "Bwd PSH Flags",
+    "Fwd URG Flags",
+    "Bwd URG Flags",
+    "Fwd Header Length",
+    "Bwd Header Length",
+    "Min Packet Length",
+    "Max Packet Length",
+    "Packet Length Mean",
+    "Packet Length Std",
+    "Packet Length Variance",
+    "FIN Flag Count",
+    "SYN Flag Count",
+    "RST Flag Count",
+    "PSH Flag Count",
+    "ACK Flag Count",
+    "URG Flag Count",
+    "CWE Flag Count",
+    "ECE Flag Count",
+    "Down/Up Ratio",
+    "Average Packet Size",
+    "Avg Fwd Segment Size",
+    "Avg Bwd Segment Size",
+    "Fwd Avg Bytes/Bulk",
+    "Fwd Avg Packets/Bulk",
+    "Fwd Avg Bulk Rate",
+    "Bwd Avg Bytes/Bulk",
+    "Bwd Avg Packets/Bulk",
+    "Bwd Avg Bulk Rate",
+    "Subflow Fwd Packets",
+    "Subflow Fwd Bytes",
+    "Subflow Bwd Packets",
+    "Subflow Bwd Bytes",
+    "Init_Win_bytes_forward",
+    "Init_Win_bytes_backward",
+    "act_data_pkt_fwd",
+    "min_seg_size_forward",
+)
 
-CIC_IDS2017 = register_schema(FlowSchema(
-    name="cic-ids2017",
-    numeric=_CIC_NUMERIC,
-    categorical=("Destination Port", "Protocol"),
-    timing=_CIC_TIMING,
-    label="Label", benign="BENIGN",
-    classes=("BENIGN", "FTP-Patator", "SSH-Patator", "DoS Hulk", "DoS GoldenEye", "DoS slowloris",
-             "DoS Slowhttptest", "Heartbleed", "Web Attack - Brute Force", "Web Attack - XSS",
-             "Web Attack - Sql Injection", "Infiltration", "Bot", "PortScan", "DDoS"),
-    identifiers=("Flow ID", "Source IP", "Source Port", "Destination IP", "Timestamp"),
-    timestamp="Timestamp",
-    label_aliases={"Web Attack \u2013 Brute Force": "Web Attack - Brute Force",
-                   "Web Attack \u2013 XSS": "Web Attack - XSS",
-                   "Web Attack \u2013 Sql Injection": "Web Attack - Sql Injection"},
-), "cicids2017")
+# %% ../nbs/05_schema.ipynb #57243287
+CIC_IDS2017 = register_schema(
+    FlowSchema(
+        name="cic-ids2017",
+        numeric=_CIC_NUMERIC,
+        categorical=("Destination Port", "Protocol"),
+        timing=_CIC_TIMING,
+        label="Label",
+        benign="BENIGN",
+        classes=(
+            "BENIGN",
+            "FTP-Patator",
+            "SSH-Patator",
+            "DoS Hulk",
+            "DoS GoldenEye",
+            "DoS slowloris",
+            "DoS Slowhttptest",
+            "Heartbleed",
+            "Web Attack - Brute Force",
+            "Web Attack - XSS",
+            "Web Attack - Sql Injection",
+            "Infiltration",
+            "Bot",
+            "PortScan",
+            "DDoS",
+        ),
+        identifiers=("Flow ID", "Source IP", "Source Port", "Destination IP", "Timestamp"),
+        timestamp="Timestamp",
+        label_aliases={
+            "Web Attack \u2013 Brute Force": "Web Attack - Brute Force",
+            "Web Attack \u2013 XSS": "Web Attack - XSS",
+            "Web Attack \u2013 Sql Injection": "Web Attack - Sql Injection",
+        },
+    ),
+    "cicids2017",
+)
 
 # %% ../nbs/05_schema.ipynb #15f23f58
 def _seq_fail(where: str, col: str, rows, what: str):
-    raise SchemaError(f"{where}: column {col}: {what} (rows {', '.join(map(str, list(rows)[:5]))}"
-                      f"{' ...' if len(rows) > 5 else ''})")
+    raise SchemaError(f"{where}: column {col}: {what} (rows {', '.join(map(str, list(rows)[:5]))}{' ...' if len(rows) > 5 else ''})")
 
 
 def sequence_array(df, schema: FlowSchema, *, where: str = "input"):
     "`(x float32 [n, N, 3], mask bool [n, N])` from a frame's sequence columns, validated; padded positions are 0 in `x`."
     import numpy as np
+
     n = schema.sequence
-    if n == 0: raise SchemaError(f"{where}: schema {schema.name} has no packet sequences")
+    if n == 0:
+        raise SchemaError(f"{where}: schema {schema.name} has no packet sequences")
     schema_cols = set(schema.sequence_columns)
     extra = sorted(c for c in df.columns if str(c).startswith(tuple(SEQ_PREFIX.values())) and c not in schema_cols)
     if extra:
-        raise SchemaError(f"{where}: sequence columns beyond the model's {n} packets ({', '.join(extra[:5])}): "
-                          f"the flows were metered with a different sequence length; meter with splt={n}")
+        raise SchemaError(
+            f"{where}: sequence columns beyond the model's {n} packets ({', '.join(extra[:5])}): "
+            f"the flows were metered with a different sequence length; meter with splt={n}"
+        )
     schema.check_columns([*df.columns, *schema.features], where=where)
     arr = {ch: df[[f"{SEQ_PREFIX[ch]}{i}" for i in range(n)]].to_numpy(dtype="float64") for ch in SEQ_CHANNELS}
     d, ps, piat = arr["dir"], arr["ps"], arr["piat"]
     pad = d == -1
-    for name, a, ok in (("dir", d, np.isin(d, (0, 1)) | pad),
-                        ("ps", ps, pad | (np.isfinite(ps) & (ps >= 0))),
-                        ("piat", piat, pad | (np.isfinite(piat) & (piat >= 0)))):
+    for name, a, ok in (
+        ("dir", d, np.isin(d, (0, 1)) | pad),
+        ("ps", ps, pad | (np.isfinite(ps) & (ps >= 0))),
+        ("piat", piat, pad | (np.isfinite(piat) & (piat >= 0))),
+    ):
         if not ok.all():
             r, i = np.nonzero(~ok)
-            what = {"dir": "direction must be 0 or 1 (or -1 for padding)", "ps": "packet size must be finite and >= 0",
-                    "piat": "inter-arrival time must be finite and >= 0"}[name]
+            what = {
+                "dir": "direction must be 0 or 1 (or -1 for padding)",
+                "ps": "packet size must be finite and >= 0",
+                "piat": "inter-arrival time must be finite and >= 0",
+            }[name]
             _seq_fail(where, f"{SEQ_PREFIX[name]}{i[0]}", np.unique(r), f"{what}, got {a[r[0], i[0]]!r}")
-    later = np.logical_and.accumulate(pad[:, ::-1], axis=1)[:, ::-1]   # padded from here to the end
+    later = np.logical_and.accumulate(pad[:, ::-1], axis=1)[:, ::-1]  # padded from here to the end
     if (pad != later).any():
         r, i = np.nonzero(pad != later)
         _seq_fail(where, f"{SEQ_PREFIX['dir']}{i[0]}", np.unique(r), "padding (-1) followed by a real packet")

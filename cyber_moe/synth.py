@@ -28,7 +28,7 @@ __all__ = ['EPOCH', 'GENERATOR_VERSION', 'FAMILIES', 'ATTACK_SHARES', 'SYN', 'AC
            'Host', 'Wire', 'Tcp', 'SnapWriter', 'write_pcap', 'label_flows', 'generate', 'load_or_generate']
 
 # %% ../nbs/15_synth.ipynb #c34cfa18
-EPOCH = 1_704_672_000.0          # Monday 2024-01-08 00:00:00 UTC
+EPOCH = 1_704_672_000.0  # Monday 2024-01-08 00:00:00 UTC
 GENERATOR_VERSION = 1
 FAMILIES = NFSTREAM.classes
 ATTACK_SHARES = {"dos": 0.09, "ddos": 0.09, "portscan": 0.10, "bruteforce": 0.05, "slowhttp": 0.03, "bot": 0.04}
@@ -36,16 +36,18 @@ _HOURLY = (1, 1, 1, 1, 1, 2, 4, 8, 14, 16, 15, 13, 12, 14, 15, 14, 12, 9, 6, 5, 
 
 SYN, ACK, PSH, FIN, RST = dpkt.tcp.TH_SYN, dpkt.tcp.TH_ACK, dpkt.tcp.TH_PUSH, dpkt.tcp.TH_FIN, dpkt.tcp.TH_RST
 _OPT_OS = b"\x02\x04\x05\xb4\x04\x02\x08\x0a\x00\x00\x00\x00\x00\x00\x00\x00\x01\x03\x03\x07"  # MSS,SACK,TS,WS: 20 B
-_OPT_MSS = b"\x02\x04\x05\xb4"                                                                   # nmap: MSS only
+_OPT_MSS = b"\x02\x04\x05\xb4"  # nmap: MSS only
 MSS = 1448
 
 
-def _ip(s: str) -> bytes: return socket.inet_aton(s)
+def _ip(s: str) -> bytes:
+    return socket.inet_aton(s)
 
 
 @dataclass(frozen=True)
 class Host:
     "One address on the simulated wire: IP and the MAC frames to/from it carry (the router's, if external)."
+
     ip: bytes
     mac: bytes
 
@@ -59,13 +61,56 @@ def _host(addr: str) -> Host:
     return Host(b, (b"\x02\x00" + b) if internal else _GW_MAC)
 
 
-SERVERS = {"web": _host("10.0.0.10"), "web2": _host("10.0.0.11"), "dns": _host("10.0.0.53"),
-           "ssh": _host("10.0.0.22"), "mail": _host("10.0.0.25"), "ftp": _host("10.0.0.21"),
-           "monitor": _host("10.0.0.5")}
-OPEN_PORTS = {"web": (80, 443), "web2": (80, 443, 8080), "dns": (53,), "ssh": (22,), "mail": (25, 143, 587),
-              "ftp": (21, 22), "monitor": (22, 5666)}
-_SCAN_PORTS = (21, 22, 23, 25, 53, 80, 110, 111, 135, 139, 143, 443, 445, 587, 993, 995, 1433, 1723, 3306, 3389,
-               5432, 5666, 5900, 8000, 8080, 8443, 8888, 9100)
+SERVERS = {
+    "web": _host("10.0.0.10"),
+    "web2": _host("10.0.0.11"),
+    "dns": _host("10.0.0.53"),
+    "ssh": _host("10.0.0.22"),
+    "mail": _host("10.0.0.25"),
+    "ftp": _host("10.0.0.21"),
+    "monitor": _host("10.0.0.5"),
+}
+OPEN_PORTS = {
+    "web": (80, 443),
+    "web2": (80, 443, 8080),
+    "dns": (53,),
+    "ssh": (22,),
+    "mail": (25, 143, 587),
+    "ftp": (21, 22),
+    "monitor": (22, 5666),
+}
+
+# %% ../nbs/15_synth.ipynb #2e3e0f50
+_SCAN_PORTS = (
+    21,
+    22,
+    23,
+    25,
+    53,
+    80,
+    110,
+    111,
+    135,
+    139,
+    143,
+    443,
+    445,
+    587,
+    993,
+    995,
+    1433,
+    1723,
+    3306,
+    3389,
+    5432,
+    5666,
+    5900,
+    8000,
+    8080,
+    8443,
+    8888,
+    9100,
+)
 
 # %% ../nbs/15_synth.ipynb #e179819d
 class Wire:
@@ -78,7 +123,8 @@ class Wire:
     def port(self, host: Host) -> int:
         "Next ephemeral source port of `host` (sequential, as Linux and hping3 hand them out)."
         p = self._ports.get(host.ip)
-        if p is None: p = self.rng.randrange(32768, 60999)
+        if p is None:
+            p = self.rng.randrange(32768, 60999)
         p = 32768 if p >= 60999 else p + 1
         self._ports[host.ip] = p
         return p
@@ -99,8 +145,21 @@ class Wire:
 class Tcp:
     "One TCP connection between a client and a server, built packet by packet with a moving clock."
 
-    def __init__(self, wire: Wire, family: str, t: float, cli: Host, srv: Host, dport: int, *, rtt: float,
-                 loss: float = 0.0, sport: int | None = None, opts: bytes = _OPT_OS, win: int = 64240):
+    def __init__(
+        self,
+        wire: Wire,
+        family: str,
+        t: float,
+        cli: Host,
+        srv: Host,
+        dport: int,
+        *,
+        rtt: float,
+        loss: float = 0.0,
+        sport: int | None = None,
+        opts: bytes = _OPT_OS,
+        win: int = 64240,
+    ):
         r = wire.rng
         self.w, self.r, self.t, self.t0, self.family = wire, r, t, t, family
         self.cli, self.srv, self.cport, self.sport = cli, srv, sport or wire.port(cli), dport
@@ -129,13 +188,17 @@ class Tcp:
 def connect(self: Tcp, *, answered: bool = True, syn_tries: int = 1) -> bool:
     "SYN (sent `syn_tries` times, 1 s, 2 s, 4 s apart), then SYN/ACK and ACK unless nobody answers."
     for i in range(syn_tries):
-        if i: self.t += 2.0 ** (i - 1) * (1 + 0.02 * self.r.random())
+        if i:
+            self.t += 2.0 ** (i - 1) * (1 + 0.02 * self.r.random())
         self.packet(True, SYN, opts=self.opts)
-        self.cseq -= 1                       # a retransmitted SYN reuses the initial sequence number
+        self.cseq -= 1  # a retransmitted SYN reuses the initial sequence number
     self.cseq += 1
-    if not answered: return False
-    self.half(); self.packet(False, SYN | ACK, opts=self.opts[:4])
-    self.half(); self.packet(True, ACK)
+    if not answered:
+        return False
+    self.half()
+    self.packet(False, SYN | ACK, opts=self.opts[:4])
+    self.half()
+    self.packet(True, ACK)
     return True
 
 
@@ -149,17 +212,22 @@ def send(self: Tcp, from_cli: bool, n_bytes: int, *, ack_each: bool = True):
         last = sent >= n_bytes
         if self.loss and r.random() < self.loss:  # lost: sent, then sent again after the retransmission timeout
             self.packet(from_cli, ACK | (PSH if last else 0), seg)
-            if from_cli: self.cseq -= seg
-            else: self.sseq -= seg
+            if from_cli:
+                self.cseq -= seg
+            else:
+                self.sseq -= seg
             self.t += max(0.2, 3 * self.rtt) * (1 + 0.1 * r.random())
         self.packet(from_cli, ACK | (PSH if last else 0), seg)
         self.t += 0.00012 + 0.0003 * r.random()
-        if not last and (sent // MSS) % 10 == 0: self.half(2)
+        if not last and (sent // MSS) % 10 == 0:
+            self.half(2)
         if ack_each and ((sent // MSS) % 2 == 0 or last):
             t_save = self.t
-            self.half(); self.t += (0.04 if last and seg < MSS else 0.0) * r.random()
+            self.half()
+            self.t += (0.04 if last and seg < MSS else 0.0) * r.random()
             self.packet(not from_cli, ACK)
-            if not last: self.t = t_save
+            if not last:
+                self.t = t_save
     self.half()
 
 
@@ -168,14 +236,17 @@ def exchange(self: Tcp, req: int, resp: int, *, server_time: float = 0.0):
     "A request from the client, then the server's answer after `server_time` seconds."
     self.send(True, req, ack_each=resp == 0)
     self.t += server_time
-    if resp: self.send(False, resp)
+    if resp:
+        self.send(False, resp)
 
-
+# %% ../nbs/15_synth.ipynb #4891cec9
 @patch
 def close(self: Tcp, by_client: bool = True):
     "FIN/ACK from one side, FIN/ACK back, last ACK."
-    self.packet(by_client, FIN | ACK); self.half()
-    self.packet(not by_client, FIN | ACK); self.half()
+    self.packet(by_client, FIN | ACK)
+    self.half()
+    self.packet(not by_client, FIN | ACK)
+    self.half()
     self.packet(by_client, ACK)
     self.done()
 
@@ -205,6 +276,8 @@ def _lan(r) -> float:
 def _wan(r) -> float:
     "Round-trip time to the Internet (median 30 ms, long tail)."
     return r.lognormvariate(math.log(0.03), 0.6)
+
+
 def _logn(r, median, sigma, cap=None):
     "An integer drawn log-normally around `median` (spread `sigma`), capped at `cap`."
     v = r.lognormvariate(math.log(median), sigma)
@@ -221,7 +294,8 @@ def _tls(c: Tcp):
 def _ssh_setup(c: Tcp):
     "SSH banners (server first), key exchange init, Diffie-Hellman, new keys."
     r = c.r
-    c.send(False, r.randint(21, 41)); c.send(True, r.randint(21, 41))
+    c.send(False, r.randint(21, 41))
+    c.send(True, r.randint(21, 41))
     c.exchange(r.randint(1000, 1560), r.randint(700, 1100))
     c.exchange(r.randint(48, 1220), r.randint(420, 1520), server_time=r.uniform(0.001, 0.02))
     c.exchange(16, 0)
@@ -241,13 +315,15 @@ def _login_tries(c: Tcp, n: int, gap, *, req=(80, 124), fail=(36, 60), delay=(2.
         c.wait(r.uniform(*delay))
         c.send(False, r.randint(*fail))
 
-
+# %% ../nbs/15_synth.ipynb #7187cfb2
 def _when(r, n_days: int, *, hours=None) -> float:
     "A start time following the office rhythm (`_HOURLY`, weekends quieter), or uniform within `hours`."
     while True:
         day = r.randrange(n_days)
-        if day % 7 < 5 or r.random() < 0.3: break
-    if hours: return EPOCH + day * 86400 + r.uniform(*hours) * 3600
+        if day % 7 < 5 or r.random() < 0.3:
+            break
+    if hours:
+        return EPOCH + day * 86400 + r.uniform(*hours) * 3600
     h = r.choices(range(24), weights=_HOURLY)[0]
     return EPOCH + day * 86400 + (h + r.random()) * 3600
 
@@ -260,20 +336,26 @@ def _web(w: Wire, t: float, cli: Host):
     port = 443 if r.random() < 0.65 else 80
     c = Tcp(w, "benign", t, cli, srv, port, rtt=_wan(r) if ext else _lan(r), loss=r.choice((0, 0, 0, 0.005, 0.03)))
     c.connect()
-    if port == 443: _tls(c)
+    if port == 443:
+        _tls(c)
     for i in range(min(1 + int(r.expovariate(1 / 1.3)), 30)):
-        if i: c.wait(r.lognormvariate(-1.2, 1.4))
+        if i:
+            c.wait(r.lognormvariate(-1.2, 1.4))
         c.exchange(_logn(r, 480, 0.35), _logn(r, 2500, 1.4, 2_000_000), server_time=r.lognormvariate(-4.5, 1.0))
     end = r.random()
-    if end < 0.15:                                          # idle keep-alive until the server's timeout,
-        idle_end, probe = c.t + r.uniform(4, 115), r.uniform(5, 45)   # with TCP keep-alive probes from some clients
+    if end < 0.15:  # idle keep-alive until the server's timeout,
+        idle_end, probe = c.t + r.uniform(4, 115), r.uniform(5, 45)  # with TCP keep-alive probes from some clients
         while r.random() < 0.6 and c.t + probe < idle_end:
-            c.wait(probe * r.uniform(0.95, 1.05)); c.send(True, 1, ack_each=True)
-        c.t = max(c.t, idle_end); c.close(by_client=False)
+            c.wait(probe * r.uniform(0.95, 1.05))
+            c.send(True, 1, ack_each=True)
+        c.t = max(c.t, idle_end)
+        c.close(by_client=False)
     elif end < 0.2:
-        c.wait(r.uniform(0.2, 6)); c.reset()                    # tab closed
+        c.wait(r.uniform(0.2, 6))
+        c.reset()  # tab closed
     else:
-        c.wait(r.expovariate(3)); c.close()
+        c.wait(r.expovariate(3))
+        c.close()
 
 
 def _dns(w: Wire, t: float, cli: Host):
@@ -283,7 +365,8 @@ def _dns(w: Wire, t: float, cli: Host):
     w.udp(t, cli, srv, sp, 53, q)
     t1 = t
     if r.random() < 0.02:
-        t1 += 1.0 + 0.01 * r.random(); w.udp(t1, cli, srv, sp, 53, q)
+        t1 += 1.0 + 0.01 * r.random()
+        w.udp(t1, cli, srv, sp, 53, q)
     t1 += _lan(r) + (2 * _wan(r) if r.random() < 0.3 else 0.0002)
     w.udp(t1, srv, cli, 53, sp, q + r.randint(16, 260))
     w.label("benign", 17, cli, sp, srv, 53, t, t1)
@@ -293,20 +376,23 @@ def _ssh(w: Wire, t: float, cli: Host):
     "Logins: failed (typos by people, stale passwords in scripts), scripted commands, interactive shells."
     r = w.rng
     c = Tcp(w, "benign", t, cli, SERVERS["ssh"], 22, rtt=_lan(r))
-    c.connect(); _ssh_setup(c)
+    c.connect()
+    _ssh_setup(c)
     kind = r.random()
-    if kind < 0.18:                                          # failed logins, then give up
+    if kind < 0.18:  # failed logins, then give up
         person = r.random() < 0.6
         _login_tries(c, r.randint(1, 3), (lambda: r.uniform(1.5, 9)) if person else (lambda: r.uniform(0.001, 0.08)))
-        c.wait(r.uniform(0.01, 1)); c.close(by_client=r.random() < 0.5)
+        c.wait(r.uniform(0.01, 1))
+        c.close(by_client=r.random() < 0.5)
         return
-    if kind < 0.5:                                           # scripted: key auth, one command, output, exit
+    if kind < 0.5:  # scripted: key auth, one command, output, exit
         c.exchange(r.randint(560, 700), r.randint(36, 60), server_time=r.uniform(0.002, 0.03))
         c.exchange(r.randint(100, 300), r.randint(36, 100))
         c.exchange(r.randint(60, 400), _logn(r, 600, 1.8, 3_000_000), server_time=r.lognormvariate(-2.5, 1.2))
         c.close(by_client=True)
         return
-    c.wait(r.uniform(1.5, 7)); c.exchange(r.randint(80, 124), r.randint(36, 60), server_time=r.uniform(0.05, 0.3))
+    c.wait(r.uniform(1.5, 7))
+    c.exchange(r.randint(80, 124), r.randint(36, 60), server_time=r.uniform(0.05, 0.3))
     c.exchange(r.randint(100, 300), r.randint(200, 900))
     for _ in range(min(_logn(r, 60, 1.0), 600)):
         pause = r.random()
@@ -320,24 +406,32 @@ def _ftp(w: Wire, t: float, cli: Host):
     "FTP control sessions: log in (typos now and then), list, fetch, quit."
     r = w.rng
     c = Tcp(w, "benign", t, cli, SERVERS["ftp"], 21, rtt=_lan(r))
-    c.connect(); _ftp_banner(c)
+    c.connect()
+    _ftp_banner(c)
     if r.random() < 0.2:
         _login_tries(c, r.randint(1, 2), lambda: r.uniform(1, 8), req=(12, 30), fail=(22, 40), delay=(0.5, 3))
-    c.wait(r.uniform(0.5, 5)); c.exchange(r.randint(10, 24), r.randint(30, 40)); c.exchange(r.randint(10, 24), r.randint(20, 60), server_time=r.uniform(0.05, 0.5))
+    c.wait(r.uniform(0.5, 5))
+    c.exchange(r.randint(10, 24), r.randint(30, 40))
+    c.exchange(r.randint(10, 24), r.randint(20, 60), server_time=r.uniform(0.05, 0.5))
     for _ in range(r.randint(1, 6)):
-        c.wait(r.lognormvariate(0, 1)); c.exchange(r.randint(6, 40), r.randint(20, 120))
-    c.exchange(6, r.randint(14, 40)); c.close(by_client=False)
+        c.wait(r.lognormvariate(0, 1))
+        c.exchange(r.randint(6, 40), r.randint(20, 120))
+    c.exchange(6, r.randint(14, 40))
+    c.close(by_client=False)
 
-
+# %% ../nbs/15_synth.ipynb #f5406c50
 def _smtp(w: Wire, t: float, cli: Host):
     "Mail submission: banner, EHLO, envelope, message, QUIT."
     r = w.rng
     c = Tcp(w, "benign", t, cli, SERVERS["mail"], r.choice((25, 587)), rtt=_lan(r))
-    c.connect(); c.send(False, r.randint(40, 90))
+    c.connect()
+    c.send(False, r.randint(40, 90))
     c.exchange(r.randint(12, 30), r.randint(120, 260))
-    for _ in range(r.randint(2, 4)): c.exchange(r.randint(20, 60), r.randint(10, 40))
+    for _ in range(r.randint(2, 4)):
+        c.exchange(r.randint(20, 60), r.randint(10, 40))
     c.exchange(_logn(r, 6000, 1.3, 5_000_000), r.randint(20, 60), server_time=r.uniform(0.01, 0.4))
-    c.exchange(6, r.randint(14, 40)); c.close(by_client=False)
+    c.exchange(6, r.randint(14, 40))
+    c.close(by_client=False)
 
 # %% ../nbs/15_synth.ipynb #69474d3d
 def _monitor(w: Wire, t: float, cli: Host):
@@ -347,10 +441,14 @@ def _monitor(w: Wire, t: float, cli: Host):
     port = r.choice(OPEN_PORTS[name])
     c = Tcp(w, "benign", t, SERVERS["monitor"], SERVERS[name], port, rtt=_lan(r))
     c.connect()
-    if port in (80, 8080, 443): c.exchange(r.randint(60, 140), r.randint(120, 400))
-    elif port in (22, 21, 25, 587, 143): c.send(False, r.randint(20, 90))
-    if r.random() < 0.5: c.reset()
-    else: c.close()
+    if port in (80, 8080, 443):
+        c.exchange(r.randint(60, 140), r.randint(120, 400))
+    elif port in (22, 21, 25, 587, 143):
+        c.send(False, r.randint(20, 90))
+    if r.random() < 0.5:
+        c.reset()
+    else:
+        c.close()
 
 
 def _refused(w: Wire, t: float, cli: Host):
@@ -360,12 +458,16 @@ def _refused(w: Wire, t: float, cli: Host):
         name = r.choice(("web", "web2", "mail", "ssh"))
         port = r.choice((8080, 8443, 3389, 5432, 110, 993, 445, 139))
         c = Tcp(w, "benign", t, cli, SERVERS[name], port, rtt=_lan(r))
-        c.packet(True, SYN, opts=c.opts); c.half(); c.packet(False, RST | ACK); c.done()
+        c.packet(True, SYN, opts=c.opts)
+        c.half()
+        c.packet(False, RST | ACK)
+        c.done()
     else:
         c = Tcp(w, "benign", t, cli, r.choice(EXT_SERVERS), r.choice((443, 80, 8080)), rtt=_wan(r))
-        c.connect(answered=False, syn_tries=r.randint(2, 4)); c.done()
+        c.connect(answered=False, syn_tries=r.randint(2, 4))
+        c.done()
 
-
+# %% ../nbs/15_synth.ipynb #5ece6133
 def _longlived(w: Wire, t: float, cli: Host):
     "Long connections with small periodic messages: websocket ping/pong, streamed uploads, long polling."
     r = w.rng
@@ -373,36 +475,44 @@ def _longlived(w: Wire, t: float, cli: Host):
     port = r.choice((80, 443, 8080))
     c = Tcp(w, "benign", t, cli, r.choice(EXT_SERVERS) if ext else SERVERS["web2"], port, rtt=_wan(r) if ext else _lan(r))
     c.connect()
-    if port == 443: _tls(c)
+    if port == 443:
+        _tls(c)
     kind, every, until = r.random(), r.uniform(5, 45), t + r.uniform(20, 900)
     if kind < 0.35:
         c.exchange(r.randint(300, 800), r.randint(150, 400))
     else:
         c.send(True, r.randint(180, 600), ack_each=False)
-        if r.random() < 0.5: c.send(False, 25)
+        if r.random() < 0.5:
+            c.send(False, 25)
     while c.t < until:
         c.wait(every * r.uniform(0.7, 1.3))
-        if kind < 0.35: c.exchange(r.randint(6, 40), r.randint(2, 40))            # ping / pong
-        elif kind < 0.75: c.send(True, r.randint(1, 60), ack_each=True)          # streamed upload: server only ACKs
-        else: c.exchange(r.randint(8, 40), 0); c.wait(r.uniform(0.5, 3)); c.send(False, r.randint(40, 900))
-    if kind >= 0.35 and r.random() < 0.8: c.send(False, r.randint(150, 450))
+        if kind < 0.35:
+            c.exchange(r.randint(6, 40), r.randint(2, 40))  # ping / pong
+        elif kind < 0.75:
+            c.send(True, r.randint(1, 60), ack_each=True)  # streamed upload: server only ACKs
+        else:
+            c.exchange(r.randint(8, 40), 0)
+            c.wait(r.uniform(0.5, 3))
+            c.send(False, r.randint(40, 900))
+    if kind >= 0.35 and r.random() < 0.8:
+        c.send(False, r.randint(150, 450))
     c.close(by_client=r.random() < 0.5)
 
 
-def _poll(w: Wire, t: float, cli: Host, srv: Host, port: int, req: tuple, resp: tuple, family: str = "benign",
-          rtt: float | None = None):
+def _poll(w: Wire, t: float, cli: Host, srv: Host, port: int, req: tuple, resp: tuple, family: str = "benign", rtt: float | None = None):
     "One periodic check-in: connect, TLS if on 443, one small request and answer, close."
     r = w.rng
     c = Tcp(w, family, t, cli, srv, port, rtt=rtt or _wan(r))
     c.connect()
-    if port == 443: _tls(c)
+    if port == 443:
+        _tls(c)
     c.exchange(r.randint(*req), r.randint(*resp), server_time=r.lognormvariate(-3.5, 0.8))
-    c.wait(r.uniform(0.0, 0.2)); c.close(by_client=r.random() < 0.7)
+    c.wait(r.uniform(0.0, 0.2))
+    c.close(by_client=r.random() < 0.7)
 
 # %% ../nbs/15_synth.ipynb #da038f38
-BENIGN_MIX = {_web: 0.38, _dns: 0.28, _ssh: 0.035, _ftp: 0.015, _smtp: 0.04, _monitor: 0.03, _refused: 0.02,
-              _longlived: 0.04}
-POLL_SHARE = 0.15   # benign flows that come from periodic pollers (updates, telemetry, mail checks)
+BENIGN_MIX = {_web: 0.38, _dns: 0.28, _ssh: 0.035, _ftp: 0.015, _smtp: 0.04, _monitor: 0.03, _refused: 0.02, _longlived: 0.04}
+POLL_SHARE = 0.15  # benign flows that come from periodic pollers (updates, telemetry, mail checks)
 
 
 def _benign(w: Wire, n_flows: int, n_days: int):
@@ -446,23 +556,29 @@ def _dos(w: Wire, n_flows: int, n_days: int):
     for t, n in _episodes(r, n_flows, n_days):
         atk, srv = r.choice(ATTACKERS), SERVERS[r.choice(("web", "web2"))]
         rtt, syn_share, gap = _lan(r) * 4, r.uniform(0.1, 0.5), r.uniform(0.002, 0.02)
-        load = r.uniform(0.01, 0.6)      # how slow the server gets under this episode's load
+        load = r.uniform(0.01, 0.6)  # how slow the server gets under this episode's load
         for _ in range(n):
             t += r.expovariate(1 / gap)
-            if r.random() < syn_share:   # hping3 -S: bare SYN, no options; the attacker's kernel resets the SYN/ACK
+            if r.random() < syn_share:  # hping3 -S: bare SYN, no options; the attacker's kernel resets the SYN/ACK
                 c = Tcp(w, "dos", t, atk, srv, 80, rtt=rtt, opts=b"", win=512)
                 c.packet(True, SYN)
                 if r.random() < 0.7:
-                    c.half(); c.packet(False, SYN | ACK, opts=_OPT_MSS); c.half(); c.packet(True, RST)
+                    c.half()
+                    c.packet(False, SYN | ACK, opts=_OPT_MSS)
+                    c.half()
+                    c.packet(True, RST)
                 c.done()
                 continue
             c = Tcp(w, "dos", t, atk, srv, 80, rtt=rtt, loss=r.choice((0, 0.01, 0.05)))
             c.connect()
-            c.exchange(r.randint(300, 720), _logn(r, 3000, 1.0, 60_000) if r.random() < 0.85 else 0,
-                       server_time=r.expovariate(1 / load))
-            if r.random() < 0.3: c.wait(r.uniform(0.5, 5)); c.close(by_client=False)
-            elif r.random() < 0.5: c.reset()
-            else: c.close()
+            c.exchange(r.randint(300, 720), _logn(r, 3000, 1.0, 60_000) if r.random() < 0.85 else 0, server_time=r.expovariate(1 / load))
+            if r.random() < 0.3:
+                c.wait(r.uniform(0.5, 5))
+                c.close(by_client=False)
+            elif r.random() < 0.5:
+                c.reset()
+            else:
+                c.close()
 
 
 _CGNAT = tuple(range(64, 128))
@@ -483,18 +599,20 @@ def _ddos(w: Wire, n_flows: int, n_days: int):
                 sp, dp = w.port(src), udp_port or r.randrange(1, 65535)
                 t1 = t
                 for _ in range(r.randint(2, 40)):
-                    w.udp(t1, src, srv, sp, dp, udp_size); t1 += r.uniform(0.0002, 0.004)
+                    w.udp(t1, src, srv, sp, dp, udp_size)
+                    t1 += r.uniform(0.0002, 0.004)
                 w.label("ddos", 17, src, sp, srv, dp, t, t1)
                 continue
             c = Tcp(w, "ddos", t, src, srv, 80, rtt=_wan(r), loss=r.choice((0, 0.02, 0.08)))
             if not c.connect(answered=r.random() < 0.9, syn_tries=1 if r.random() < 0.7 else 2):
-                c.done(); continue
+                c.done()
+                continue
             for _ in range(min(1 + int(r.expovariate(1 / 3)), 25)):
                 c.exchange(req, page if r.random() < 0.9 else 0, server_time=r.expovariate(1 / 0.05))
                 c.wait(r.uniform(0.0, 0.01))
             c.reset() if r.random() < 0.6 else c.close()
 
-
+# %% ../nbs/15_synth.ipynb #ac1bd819
 def _portscan(w: Wire, n_flows: int, n_days: int):
     "nmap-like scans: half-open SYN scans (bare MSS option), connect scans, and banner grabs on open ports."
     r = w.rng
@@ -514,17 +632,32 @@ def _portscan(w: Wire, n_flows: int, n_days: int):
                     c = Tcp(w, "portscan", t, atk, dst, port, rtt=rtt)
                     if port in open_:
                         c.connect()
-                        if r.random() < 0.3: c.send(False, r.randint(20, 90)) if port in (21, 22, 25) else c.exchange(r.randint(18, 120), r.randint(0, 400))
+                        if r.random() < 0.3:
+                            c.send(False, r.randint(20, 90)) if port in (21, 22, 25) else c.exchange(r.randint(18, 120), r.randint(0, 400))
                         c.reset()
-                    elif r.random() < filtered: c.connect(answered=False, syn_tries=r.randint(1, 2)); c.done()
-                    else: c.packet(True, SYN, opts=c.opts); c.half(); c.packet(False, RST | ACK); c.done()
+                    elif r.random() < filtered:
+                        c.connect(answered=False, syn_tries=r.randint(1, 2))
+                        c.done()
+                    else:
+                        c.packet(True, SYN, opts=c.opts)
+                        c.half()
+                        c.packet(False, RST | ACK)
+                        c.done()
                     continue
                 c = Tcp(w, "portscan", t, atk, dst, port, rtt=rtt, sport=sport, opts=_OPT_MSS, win=1024)
                 c.packet(True, SYN, opts=_OPT_MSS)
-                if port in open_: c.half(); c.packet(False, SYN | ACK, opts=_OPT_MSS); c.half(); c.packet(True, RST)
+                if port in open_:
+                    c.half()
+                    c.packet(False, SYN | ACK, opts=_OPT_MSS)
+                    c.half()
+                    c.packet(True, RST)
                 elif r.random() < filtered:
-                    if r.random() < 0.5: c.wait(r.uniform(0.8, 1.5)); c.packet(True, SYN, opts=_OPT_MSS)
-                else: c.half(); c.packet(False, RST | ACK)
+                    if r.random() < 0.5:
+                        c.wait(r.uniform(0.8, 1.5))
+                        c.packet(True, SYN, opts=_OPT_MSS)
+                else:
+                    c.half()
+                    c.packet(False, RST | ACK)
                 c.done()
 
 # %% ../nbs/15_synth.ipynb #919ff34d
@@ -543,12 +676,14 @@ def _bruteforce(w: Wire, n_flows: int, n_days: int):
             if ftp:
                 _ftp_banner(c)
                 _login_tries(c, tries, lambda: r.uniform(0.0005, 0.3), req=(12, 30), fail=(22, 40), delay=(0.5, 3))
-                if r.random() < 0.5: c.exchange(6, r.randint(14, 40))
+                if r.random() < 0.5:
+                    c.exchange(6, r.randint(14, 40))
             else:
                 _ssh_setup(c)
                 _login_tries(c, tries, lambda: r.uniform(0.0005, 0.3))
-            if r.random() < 0.02 and not ftp:     # a guess that works: a shell opens, a command runs
-                c.exchange(r.randint(100, 300), r.randint(200, 900)); c.exchange(r.randint(36, 200), r.randint(100, 3000))
+            if r.random() < 0.02 and not ftp:  # a guess that works: a shell opens, a command runs
+                c.exchange(r.randint(100, 300), r.randint(200, 900))
+                c.exchange(r.randint(36, 200), r.randint(100, 3000))
             c.close(by_client=r.random() < 0.6)
 
 
@@ -558,7 +693,7 @@ def _slowhttp(w: Wire, n_flows: int, n_days: int):
     for t, n in _episodes(r, n_flows, n_days, max_eps=2):
         atk, srv = r.choice(ATTACKERS), SERVERS[r.choice(("web", "web2"))]
         every, body = r.uniform(5, 30), r.random() < 0.5
-        timeout = r.choice((None, r.uniform(20, 60), 300))   # server read timeout: none (attack ends), reqtimeout, Apache
+        timeout = r.choice((None, r.uniform(20, 60), 300))  # server read timeout: none (attack ends), reqtimeout, Apache
         length = r.uniform(60, 900)
         rtt = _wan(r)
         for _ in range(n):
@@ -571,9 +706,12 @@ def _slowhttp(w: Wire, n_flows: int, n_days: int):
                 c.wait(every * r.uniform(0.7, 1.3))
                 c.send(True, r.randint(1, 16) if body else r.randint(8, 30), ack_each=True)
             if timeout and timeout < length:
-                c.send(False, r.randint(300, 520)); c.close(by_client=False)
-            elif r.random() < 0.5: c.reset()
-            else: c.close()
+                c.send(False, r.randint(300, 520))
+                c.close(by_client=False)
+            elif r.random() < 0.5:
+                c.reset()
+            else:
+                c.close()
 
 # %% ../nbs/15_synth.ipynb #1e738515
 def _bot(w: Wire, n_flows: int, n_days: int):
@@ -585,20 +723,18 @@ def _bot(w: Wire, n_flows: int, n_days: int):
         budget = max(1, int(n_flows * sh / sum(share)))
         c2, port = r.choice(C2), r.choice((443, 8080, 80))
         span, jitter, rtt = n_days * 86400, r.uniform(0.0, 0.3), _wan(r)
-        period = min(r.uniform(30, 600), 0.7 * span / budget)     # the whole run fits in the simulated days
+        period = min(r.uniform(30, 600), 0.7 * span / budget)  # the whole run fits in the simulated days
         t = EPOCH + r.uniform(0, span - 1.3 * budget * period)
         while budget > 0:
             _poll(w, t, host, c2, port, (150, 520), (120, 700), family="bot", rtt=rtt)
             budget -= 1
-            if r.random() < 0.06 and budget > 0:    # a command came back: its output goes up on a new connection
-                _poll(w, t + r.uniform(1, 20), host, c2, port, (_logn(r, 4000, 1.3, 400_000),) * 2, (100, 300),
-                      family="bot", rtt=rtt)
+            if r.random() < 0.06 and budget > 0:  # a command came back: its output goes up on a new connection
+                _poll(w, t + r.uniform(1, 20), host, c2, port, (_logn(r, 4000, 1.3, 400_000),) * 2, (100, 300), family="bot", rtt=rtt)
                 budget -= 1
             t += period * (1 + r.uniform(-jitter, jitter))
 
 
-ATTACKS = {"dos": _dos, "ddos": _ddos, "portscan": _portscan, "bruteforce": _bruteforce, "slowhttp": _slowhttp,
-           "bot": _bot}
+ATTACKS = {"dos": _dos, "ddos": _ddos, "portscan": _portscan, "bruteforce": _bruteforce, "slowhttp": _slowhttp, "bot": _bot}
 
 # %% ../nbs/15_synth.ipynb #ea1a53ac
 SNAPLEN = 128
@@ -614,7 +750,7 @@ class SnapWriter(dpkt.pcap.Writer):
     def writepkt_time(self, pkt: bytes, ts: float):
         n = len(pkt)
         usec = dpkt.pcap.intround(ts % 1 * self._precision_multiplier)
-        self._out.write(self._pack_hdr(int(ts), usec, min(n, self._snap), n) + pkt[:self._snap])
+        self._out.write(self._pack_hdr(int(ts), usec, min(n, self._snap), n) + pkt[: self._snap])
 
 
 def write_pcap(pkts: list, path: Path) -> int:
@@ -628,9 +764,11 @@ def write_pcap(pkts: list, path: Path) -> int:
             payload = zeros[:n] if n <= MSS else bytes(n)
             if proto == 6:
                 l4 = TCP(sport=sp, dport=dp, seq=seq, ack=ack, flags=flags, win=win, opts=opts, data=payload)
-                if opts: l4.off = 5 + len(opts) // 4
+                if opts:
+                    l4.off = 5 + len(opts) // 4
             else:
-                l4 = UDP(sport=sp, dport=dp, data=payload); l4.ulen = 8 + n
+                l4 = UDP(sport=sp, dport=dp, data=payload)
+                l4.ulen = 8 + n
             ip = IP(src=src.ip, dst=dst.ip, p=proto, ttl=64 if src.ip[0] == 10 else 52, data=l4)
             out.writepkt(Eth(src=src.mac, dst=dst.mac, data=ip), ts=t)
     return len(pkts)
@@ -648,16 +786,21 @@ def label_flows(flows: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     "Give each NFStream flow the family of the simulated connection with its 5-tuple that was open at its first packet."
     by = ["_p", "_lo", "_hi"]
     f = _ends(flows.protocol, flows.src_ip, flows.src_port, flows.dst_ip, flows.dst_port).assign(
-        _t=flows.bidirectional_first_seen_ms.to_numpy("int64"), _row=np.arange(len(flows)))
+        _t=flows.bidirectional_first_seen_ms.to_numpy("int64"), _row=np.arange(len(flows))
+    )
     g = _ends(truth.proto, truth.cli_ip, truth.cli_port, truth.srv_ip, truth.srv_port).assign(
-        _t=np.floor(truth.t0.to_numpy() * 1000).astype("int64"), _t1=np.ceil(truth.t1.to_numpy() * 1000).astype("int64"),
-        family=truth.family.to_numpy())
+        _t=np.floor(truth.t0.to_numpy() * 1000).astype("int64"),
+        _t1=np.ceil(truth.t1.to_numpy() * 1000).astype("int64"),
+        family=truth.family.to_numpy(),
+    )
     m = pd.merge_asof(f.sort_values("_t"), g.sort_values("_t"), on="_t", by=by, direction="backward").sort_values("_row")
     bad = m.family.isna() | (m._t > m._t1 + 1)
     if bad.any():
         ex = flows.loc[bad.to_numpy(), ["src_ip", "src_port", "dst_ip", "dst_port", "protocol"]].head(3).to_dict("records")
-        raise RuntimeError(f"{int(bad.sum())} of {len(flows)} metered flow(s) match no simulated connection, e.g. {ex}: "
-                           "the simulator wrote packets it did not record; report this as a bug")
+        raise RuntimeError(
+            f"{int(bad.sum())} of {len(flows)} metered flow(s) match no simulated connection, e.g. {ex}: "
+            "the simulator wrote packets it did not record; report this as a bug"
+        )
     out = flows.copy()
     out[FAMILY] = m.family.to_numpy()
     out[IS_ATTACK] = (out[FAMILY] != NFSTREAM.benign).astype("int8")
@@ -668,18 +811,20 @@ def _cache_stem(seed: int, n_days: int, n_flows_target: int) -> str:
     "File name stem of one generation: generator version, seed and sizes."
     return f"synth-v{GENERATOR_VERSION}-seed{seed}-days{n_days}-flows{n_flows_target}"
 
-
+# %% ../nbs/15_synth.ipynb #00f298d3
 def generate(*, seed: int, n_days: int, n_flows_target: int, out_dir) -> tuple[pd.DataFrame, dict]:
     "Simulate `n_days` of a small office network, write its pcap, meter it with NFStream and label every flow."
     if n_days < 1 or n_flows_target < 100:
         raise ValueError(f"generate: n_days={n_days}, n_flows_target={n_flows_target}; need n_days >= 1 and n_flows_target >= 100")
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     pcap = out_dir / f"{_cache_stem(seed, n_days, n_flows_target)}.pcap"
     clock = time.perf_counter()
     w = Wire(random.Random(seed))
     n_attack = {k: max(20, round(v * n_flows_target)) for k, v in ATTACK_SHARES.items()}
     _benign(w, n_flows_target - sum(n_attack.values()), n_days)
-    for fam, fn in ATTACKS.items(): fn(w, n_attack[fam], n_days)
+    for fam, fn in ATTACKS.items():
+        fn(w, n_attack[fam], n_days)
     timing = {"simulate_s": time.perf_counter() - clock}
     clock = time.perf_counter()
     n_packets = write_pcap(w.pkts, pcap)
@@ -689,16 +834,27 @@ def generate(*, seed: int, n_days: int, n_flows_target: int, out_dir) -> tuple[p
     timing["nfstream_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     truth = pd.DataFrame(w.truth, columns=["family", "proto", "cli_ip", "cli_port", "srv_ip", "srv_port", "t0", "t1"])
-    for c in ("cli_ip", "srv_ip"): truth[c] = truth[c].map(socket.inet_ntoa)
+    for c in ("cli_ip", "srv_ip"):
+        truth[c] = truth[c].map(socket.inet_ntoa)
     truth.to_parquet(out_dir / f"{_cache_stem(seed, n_days, n_flows_target)}.truth.parquet", index=False)
     nfs = flows.attrs.get("nfstream", {})
     flows = label_flows(flows, truth)
     flows.attrs = {}
     timing["label_s"] = time.perf_counter() - clock
-    info = {"seed": seed, "n_days": n_days, "n_flows_target": n_flows_target, "generator_version": GENERATOR_VERSION,
-            "pcap": str(pcap), "truth": str(out_dir / f"{_cache_stem(seed, n_days, n_flows_target)}.truth.parquet"),
-            "n_packets": n_packets, "n_connections": len(truth), "n_flows": len(flows),
-            "families": flows[FAMILY].value_counts().to_dict(), "nfstream": nfs, "timing": timing}
+    info = {
+        "seed": seed,
+        "n_days": n_days,
+        "n_flows_target": n_flows_target,
+        "generator_version": GENERATOR_VERSION,
+        "pcap": str(pcap),
+        "truth": str(out_dir / f"{_cache_stem(seed, n_days, n_flows_target)}.truth.parquet"),
+        "n_packets": n_packets,
+        "n_connections": len(truth),
+        "n_flows": len(flows),
+        "families": flows[FAMILY].value_counts().to_dict(),
+        "nfstream": nfs,
+        "timing": timing,
+    }
     return flows, info
 
 # %% ../nbs/15_synth.ipynb #f0581323
@@ -713,5 +869,5 @@ def load_or_generate(*, seed: int, n_days: int, n_flows_target: int, out_dir) ->
     tmp = out_dir / f"{stem}.parquet.tmp"
     flows.to_parquet(tmp, index=False)
     js.write_text(json.dumps(info, indent=1))
-    tmp.replace(pq)                        # the parquet appears last: its presence means the cache is complete
+    tmp.replace(pq)  # the parquet appears last: its presence means the cache is complete
     return flows, {**info, "cached": False, "parquet": str(pq)}

@@ -24,9 +24,15 @@ __all__ = ['DEMO_SCHEMA', 'UNSW_CSV', 'PG_BIN', 'FACTORY', 'demo_flows', 'record
            'untrained_bundle', 'unsw_frame', 'free_port', 'split_capture', 'as_postgres', 'postgres_cluster', 'Server']
 
 # %% ../nbs/59_testing.ipynb #f1f66fee
-DEMO_SCHEMA = FlowSchema(name="demo", numeric=("bytes", "pkts", "Total Fwd Packets"), categorical=("proto", "Destination Port"),
-                         timing=("Flow Duration", "Flow IAT Mean", "iat_std"), label="label", benign="benign",
-                         classes=("benign", "scan", "dos", "exfil"))
+DEMO_SCHEMA = FlowSchema(
+    name="demo",
+    numeric=("bytes", "pkts", "Total Fwd Packets"),
+    categorical=("proto", "Destination Port"),
+    timing=("Flow Duration", "Flow IAT Mean", "iat_std"),
+    label="label",
+    benign="benign",
+    classes=("benign", "scan", "dos", "exfil"),
+)
 
 
 def demo_flows(n: int = 1000, *, seed: int = 0) -> pd.DataFrame:
@@ -35,12 +41,20 @@ def demo_flows(n: int = 1000, *, seed: int = 0) -> pd.DataFrame:
     fam = rng.choice(DEMO_SCHEMA.classes, size=n, p=[0.6, 0.2, 0.15, 0.05])
     k = (fam != DEMO_SCHEMA.benign).astype(float)
     pkts = rng.poisson(4 + 30 * k) + 1
-    return pd.DataFrame({
-        "bytes": np.round(rng.lognormal(6 + 2 * k, 1.5)), "pkts": pkts, "Total Fwd Packets": (pkts + 1) // 2,
-        "proto": rng.choice(["tcp", "udp", "icmp"], size=n, p=[0.7, 0.25, 0.05]),
-        "Destination Port": rng.choice([80, 443, 53, 22, 8080, 3389], size=n),
-        "Flow Duration": rng.gamma(1.0, 2e5 / (1 + 3 * k)), "Flow IAT Mean": rng.exponential(1e4 / (1 + 5 * k)),
-        "iat_std": rng.exponential(5e3, size=n), FAMILY: fam, IS_ATTACK: k.astype(np.int8)})
+    return pd.DataFrame(
+        {
+            "bytes": np.round(rng.lognormal(6 + 2 * k, 1.5)),
+            "pkts": pkts,
+            "Total Fwd Packets": (pkts + 1) // 2,
+            "proto": rng.choice(["tcp", "udp", "icmp"], size=n, p=[0.7, 0.25, 0.05]),
+            "Destination Port": rng.choice([80, 443, 53, 22, 8080, 3389], size=n),
+            "Flow Duration": rng.gamma(1.0, 2e5 / (1 + 3 * k)),
+            "Flow IAT Mean": rng.exponential(1e4 / (1 + 5 * k)),
+            "iat_std": rng.exponential(5e3, size=n),
+            FAMILY: fam,
+            IS_ATTACK: k.astype(np.int8),
+        }
+    )
 
 
 def records(df: pd.DataFrame, cols) -> list[dict]:
@@ -55,47 +69,75 @@ def with_sequences(df: pd.DataFrame, n: int = 8, *, seed: int = 0) -> pd.DataFra
     att = (df[IS_ATTACK].to_numpy() == 1) if IS_ATTACK in df.columns else np.zeros(k, bool)
     length = np.where(att, rng.integers(1, max(2, n // 2) + 1, k), rng.integers(max(1, n // 2), n + 1, k))
     real = np.arange(n)[None] < length[:, None]
-    d = rng.integers(0, 2, (k, n)).astype(float); d[:, 0] = 0
+    d = rng.integers(0, 2, (k, n)).astype(float)
+    d[:, 0] = 0
     ps = np.round(rng.lognormal(np.where(att, 6.5, 5.0)[:, None], 0.5, (k, n)))
-    piat = rng.exponential(np.where(att, 0.5, 20.0)[:, None], (k, n)); piat[:, 0] = 0
+    piat = rng.exponential(np.where(att, 0.5, 20.0)[:, None], (k, n))
+    piat[:, 0] = 0
     cols = {}
     for ch, a in (("dir", d), ("ps", ps), ("piat", piat)):
-        for i in range(n): cols[f"splt_{ch}_{i}"] = np.where(real[:, i], a[:, i], -1.0)
+        for i in range(n):
+            cols[f"splt_{ch}_{i}"] = np.where(real[:, i], a[:, i], -1.0)
     return pd.concat([df.reset_index(drop=True), pd.DataFrame(cols)], axis=1)
 
 # %% ../nbs/59_testing.ipynb #0394c77c
-def make_demo_bundle(path: str | Path, *, df: pd.DataFrame | None = None, schema: FlowSchema = DEMO_SCHEMA,
-                     n_rows: int = 2000, seed: int = 0, name: str = "cyber-moe-demo", version: str = "0",
-                     **net_kwargs) -> Path:
+def make_demo_bundle(
+    path: str | Path,
+    *,
+    df: pd.DataFrame | None = None,
+    schema: FlowSchema = DEMO_SCHEMA,
+    n_rows: int = 2000,
+    seed: int = 0,
+    name: str = "cyber-moe-demo",
+    version: str = "0",
+    **net_kwargs,
+) -> Path:
     "Save an untrained bundle (real Preprocessor fitted on `df` or `demo_flows`, random MoE weights) to `path`."
     import torch
     from cyber_moe.bundle import ModelBundle, save_bundle
     from cyber_moe.features import Preprocessor
     from cyber_moe.models import MoEClassifier
+
     df = demo_flows(n_rows, seed=seed) if df is None else df
     pre = Preprocessor(schema=schema).fit(df)
-    kw = dict(n_num=len(schema.numeric), cat_cardinalities=pre.cat_cardinalities, n_time=len(schema.timing),
-              n_classes=len(pre.classes), **net_kwargs)
+    kw = dict(
+        n_num=len(schema.numeric),
+        cat_cardinalities=pre.cat_cardinalities,
+        n_time=len(schema.timing),
+        n_classes=len(pre.classes),
+        **net_kwargs,
+    )
     torch.manual_seed(seed)
-    bundle = ModelBundle(schema=schema, preprocessor=pre, net=MoEClassifier(**kw), net_kwargs=kw, name=name, version=version,
-                         extra={"untrained": True})
+    bundle = ModelBundle(
+        schema=schema, preprocessor=pre, net=MoEClassifier(**kw), net_kwargs=kw, name=name, version=version, extra={"untrained": True}
+    )
     return save_bundle(bundle, path)
 
 
-def untrained_bundle(frame: pd.DataFrame, *, schema: FlowSchema, model_cfg=None, seed: int = 0, threshold: float = 0.5,
-                     name: str = "untrained", version: str = "0"):
+def untrained_bundle(
+    frame: pd.DataFrame,
+    *,
+    schema: FlowSchema,
+    model_cfg=None,
+    seed: int = 0,
+    threshold: float = 0.5,
+    name: str = "untrained",
+    version: str = "0",
+):
     "A `ModelBundle` of an untrained network (ModelConfig sizes by default) over a Preprocessor fit on `frame`."
     import torch
     from cyber_moe.bundle import ModelBundle, net_kwargs, preprocessor_kwargs
     from cyber_moe.config import ModelConfig
     from cyber_moe.features import Preprocessor
     from cyber_moe.models import MoEClassifier
+
     model_cfg = model_cfg or ModelConfig()
     pre = Preprocessor(schema=schema, **preprocessor_kwargs(model_cfg)).fit(frame)
     kw = net_kwargs(model_cfg, pre)
     torch.manual_seed(seed)
-    return ModelBundle(schema=schema, preprocessor=pre, net=MoEClassifier(**kw), net_kwargs=kw, threshold=threshold,
-                       name=name, version=version)
+    return ModelBundle(
+        schema=schema, preprocessor=pre, net=MoEClassifier(**kw), net_kwargs=kw, threshold=threshold, name=name, version=version
+    )
 
 # %% ../nbs/59_testing.ipynb #b5327c97
 UNSW_CSV = "unsw-nb15/UNSW_NB15_training-set.dev80.csv"
@@ -119,15 +161,21 @@ def free_port() -> int:
 def split_capture(pcap: str | Path, out_dir: str | Path, n: int) -> list[Path]:
     "Cut a classic pcap into `n` files of equal time spans, as `tcpdump -G` rotation would; returns their paths."
     import dpkt
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    with open(pcap, "rb") as f: pkts = [(ts, bytes(buf)) for ts, buf in dpkt.pcap.Reader(f)]
-    if not pkts: raise ValueError(f"{pcap}: no packets to split")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(pcap, "rb") as f:
+        pkts = [(ts, bytes(buf)) for ts, buf in dpkt.pcap.Reader(f)]
+    if not pkts:
+        raise ValueError(f"{pcap}: no packets to split")
     t0, t1 = pkts[0][0], pkts[-1][0] + 1e-6
     files = [out_dir / f"cap-{i:02d}.pcap" for i in range(n)]
     handles = [open(f, "wb") for f in files]
     writers = [dpkt.pcap.Writer(h, snaplen=65535) for h in handles]
-    for ts, buf in pkts: writers[min(n - 1, int((ts - t0) / (t1 - t0) * n))].writepkt(buf, ts=ts)
-    for h in handles: h.close()
+    for ts, buf in pkts:
+        writers[min(n - 1, int((ts - t0) / (t1 - t0) * n))].writepkt(buf, ts=ts)
+    for h in handles:
+        h.close()
     return files
 
 # %% ../nbs/59_testing.ipynb #a4f92497
@@ -139,34 +187,60 @@ def as_postgres(*cmd) -> list[str]:
     cmd = [str(c) for c in cmd]
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
-
+# %% ../nbs/59_testing.ipynb #9bdf29a6
 @contextmanager
 def postgres_cluster(database: str = "cyber_moe", *, pg_bin: str | Path = PG_BIN):
     "A throw-away PostgreSQL cluster on 127.0.0.1 with an empty `database`: yields `postgresql+psycopg://postgres@127.0.0.1:PORT/DB`."
     import shutil
     import tempfile
+
     pg_bin = Path(pg_bin)
     missing = [b for b in ("initdb", "pg_ctl", "postgres") if not (pg_bin / b).is_file()]
-    if missing: raise FileNotFoundError(f"PostgreSQL server binaries {missing} not found in {pg_bin}: `apt-get install -y postgresql` (make does this)")
+    if missing:
+        raise FileNotFoundError(
+            f"PostgreSQL server binaries {missing} not found in {pg_bin}: `apt-get install -y postgresql` (make does this)"
+        )
     root = Path(tempfile.mkdtemp(prefix="cyber-moe-pg-"))
     data, port = root / "data", free_port()
-    if os.geteuid() == 0: shutil.chown(root, "postgres", "postgres")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
     started = False
     try:
-        subprocess.run(as_postgres(pg_bin / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"),
-                       check=True, capture_output=True, text=True)
-        r = subprocess.run(as_postgres(pg_bin / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60",
-                                       "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start"), capture_output=True, text=True)
+        subprocess.run(
+            as_postgres(pg_bin / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        r = subprocess.run(
+            as_postgres(
+                pg_bin / "pg_ctl",
+                "-D",
+                data,
+                "-l",
+                root / "server.log",
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off",
+                "start",
+            ),
+            capture_output=True,
+            text=True,
+        )
         started = r.returncode == 0
         if not started:
             log = (root / "server.log").read_text() if (root / "server.log").is_file() else ""
             raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr}\n{log[-2000:]}")
         import psycopg
+
         with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{database}"')
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
     finally:
-        if started: subprocess.run(as_postgres(pg_bin / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"), capture_output=True)
+        if started:
+            subprocess.run(as_postgres(pg_bin / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 # %% ../nbs/59_testing.ipynb #6481dfbf
@@ -176,25 +250,56 @@ FACTORY = "cyber_moe.serve.app:app_from_env"
 class Server:
     "A uvicorn process serving `model` on 127.0.0.1 (free port), started and stopped as a context manager; its feedback store sits next to the log."
 
-    def __init__(self, model, *, log_path: Path, workers: int = 1, env: dict | None = None, wait: bool = True,
-                 app: str = FACTORY, args: tuple = (), cwd: str | Path | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        log_path: Path,
+        workers: int = 1,
+        env: dict | None = None,
+        wait: bool = True,
+        app: str = FACTORY,
+        args: tuple = (),
+        cwd: str | Path | None = None,
+    ):
         self.model, self.workers, self.log_path, self.wait = str(model), workers, Path(log_path), wait
         self.app, self.args, self.cwd = app, tuple(args), cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("CYBER_MOE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        self.env = {**base, "CYBER_MOE_MODEL": self.model,     # the feedback store next to the log, not in the project's outputs/
-                    "CYBER_MOE_FEEDBACK_URL": f"sqlite:///{self.log_path.resolve().parent / 'feedback.db'}", **(env or {})}
+        self.env = {
+            **base,
+            "CYBER_MOE_MODEL": self.model,  # the feedback store next to the log, not in the project's outputs/
+            "CYBER_MOE_FEEDBACK_URL": f"sqlite:///{self.log_path.resolve().parent / 'feedback.db'}",
+            **(env or {}),
+        }
 
     def __enter__(self):
         import httpx  # noqa: F401  (fail here, not in wait_ready, when it is missing)
+
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "uvicorn", self.app, *(["--factory"] if self.app == FACTORY else []), "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(self.workers), "--no-access-log", "--log-level", "warning", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            self.app,
+            *(["--factory"] if self.app == FACTORY else []),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         if self.wait:
-            try: self.wait_ready()
-            except BaseException:                             # __exit__ does not run when __enter__ fails: stop the process here
+            try:
+                self.wait_ready()
+            except BaseException:  # __exit__ does not run when __enter__ fails: stop the process here
                 self.__exit__(None, None, None)
                 raise
         return self
@@ -202,12 +307,16 @@ class Server:
     def wait_ready(self, timeout: float = 180) -> None:
         "Wait until /ready answers 200; raise with the server's log if the process exits or the time runs out."
         import httpx
+
         t = time.time()
         while time.time() - t < timeout:
-            if self.proc.poll() is not None: raise RuntimeError(f"uvicorn exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"uvicorn exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200: return
-            except httpx.HTTPError: pass
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
             time.sleep(0.2)
         raise TimeoutError(f"{self.url} not ready after {timeout} s:\n{self.log()[-3000:]}")
 
@@ -218,6 +327,9 @@ class Server:
 
     def __exit__(self, *exc):
         self.proc.terminate()
-        try: self.proc.wait(15)
-        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._log.close()

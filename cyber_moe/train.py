@@ -32,17 +32,22 @@ def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
     "The lab's schema with the destination port as a category (`LAB` itself), a number, or an identifier only ('drop'); `sequence` packets per flow as the sequence kind (0: none)."
     import dataclasses
     from cyber_moe.lab import LAB
-    if dst_port not in ("categorical", "numeric", "drop"): raise ValueError(f"data.lab_dst_port is {dst_port!r}; valid: categorical, numeric, drop")
+
+    if dst_port not in ("categorical", "numeric", "drop"):
+        raise ValueError(f"data.lab_dst_port is {dst_port!r}; valid: categorical, numeric, drop")
     s = LAB if not sequence else dataclasses.replace(LAB, sequence=int(sequence))
-    if dst_port == "categorical": return s
+    if dst_port == "categorical":
+        return s
     cat = tuple(c for c in LAB.categorical if c != "dst_port")
-    if dst_port == "numeric": return dataclasses.replace(s, name="lab", categorical=cat, numeric=LAB.numeric + ("dst_port",))
+    if dst_port == "numeric":
+        return dataclasses.replace(s, name="lab", categorical=cat, numeric=LAB.numeric + ("dst_port",))
     return dataclasses.replace(s, categorical=cat, identifiers=LAB.identifiers + ("dst_port",))
 
 
 def model_reads_sequences(model_cfg) -> bool:
     "True when one of the config's experts reads packet sequences (`x_seq`, e.g. the 'sequence' expert)."
     from cyber_moe.models import EXPERTS
+
     names = [model_cfg.experts] if isinstance(model_cfg.experts, str) else list(model_cfg.experts)
     return any("x_seq" in EXPERTS[n].inputs for n in names if n in EXPERTS)
 
@@ -50,22 +55,27 @@ def model_reads_sequences(model_cfg) -> bool:
 def frame_sequence_length(frame: pd.DataFrame) -> int:
     "Packets per flow the frame carries as flat sequence columns (`splt_dir_i`, `splt_ps_i`, `splt_piat_i` for every i < n; 0: none)."
     from cyber_moe.schema import SEQ_CHANNELS, SEQ_PREFIX
+
     cols, n = set(frame.columns), 0
-    while all(f"{SEQ_PREFIX[ch]}{n}" in cols for ch in SEQ_CHANNELS): n += 1
+    while all(f"{SEQ_PREFIX[ch]}{n}" in cols for ch in SEQ_CHANNELS):
+        n += 1
     return n
 
 
 def temporal_expert(experts, sequence: int = 0) -> str:
     "Which temporal expert a model has, in words for bundle, report and dashboard: the packet sequence, the timing vector, or none."
     names = list(experts)
-    if "sequence" in names: return f"sequence (each flow's first {sequence} packets)" if sequence else "sequence"
-    if "temporal" in names: return "timing-vector (per-flow timing statistics)"
+    if "sequence" in names:
+        return f"sequence (each flow's first {sequence} packets)" if sequence else "sequence"
+    if "temporal" in names:
+        return "timing-vector (per-flow timing statistics)"
     return "none"
 
 # %% ../nbs/50_train.ipynb #418d09f4
 def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     "Lab sessions: the folders in `data.paths` (the last one is the test session), or the scenario recorded for each seed."
     from cyber_moe.lab import LAB_SEQUENCE, ensure_sessions, load_sessions, read_session
+
     d = cfg.data
     if d.paths:
         folders = [Path(p) for p in d.paths]
@@ -73,21 +83,25 @@ def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     else:
         seeds = list(d.lab_train_seeds) + [s for s in d.lab_test_seeds if s not in d.lab_train_seeds]
         if set(d.lab_train_seeds) & set(d.lab_test_seeds):
-            raise ValueError(f"data.lab_train_seeds {d.lab_train_seeds} and data.lab_test_seeds {d.lab_test_seeds} share a seed; "
-                             "a test session must be recorded with another seed")
+            raise ValueError(
+                f"data.lab_train_seeds {d.lab_train_seeds} and data.lab_test_seeds {d.lab_test_seeds} share a seed; "
+                "a test session must be recorded with another seed"
+            )
         folders = ensure_sessions(d.lab_scenario, seeds, Path(cfg.outputs_dir) / "lab")
         test = [json.loads((f / "session.json").read_text())["session"] for f, s in zip(folders, seeds) if s in d.lab_test_seeds]
     df, info = load_sessions(folders)
     schema = lab_schema(d.lab_dst_port, sequence=LAB_SEQUENCE if model_reads_sequences(cfg.model) else 0)
     return df, schema, {"kind": "lab", "scenario": d.lab_scenario if not d.paths else None, **info, "test_sessions": test}
 
-
+# %% ../nbs/50_train.ipynb #cc9f3de8
 def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     "The flows of `cfg.data` with their schema and a description of their origin (files, hashes, counts)."
     d = cfg.data
     if d.source == "lab":
         from cyber_moe.lab import LabUnavailable
-        try: return _load_lab(cfg)
+
+        try:
+            return _load_lab(cfg)
         except LabUnavailable as e:
             msg = f"the traffic lab cannot run here ({e}); falling back to the simulator (data.source synth, split random)"
             setup_logging(cfg.log_level).warning(msg)
@@ -96,25 +110,31 @@ def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
             return df, schema, {**info, "fallback": {"from": "lab", "to": "synth", "reason": str(e), "message": msg}}
     if d.source == "synth":
         from cyber_moe.synth import load_or_generate
-        df, info = load_or_generate(seed=d.synth_seed, n_days=d.synth_days, n_flows_target=d.synth_n_flows,
-                                    out_dir=Path(cfg.outputs_dir) / "data")
+
+        df, info = load_or_generate(
+            seed=d.synth_seed, n_days=d.synth_days, n_flows_target=d.synth_n_flows, out_dir=Path(cfg.outputs_dir) / "data"
+        )
         schema = get_schema("synth")
         info = dict(info)
-        if model_reads_sequences(cfg.model):     # the generator's capture metered again with each flow's first packets
+        if model_reads_sequences(cfg.model):  # the generator's capture metered again with each flow's first packets
             import dataclasses
             from cyber_moe.lab import LAB_SEQUENCE
             from cyber_moe.nfstream import pcap_to_flows
             from cyber_moe.synth import label_flows
+
             df = label_flows(pcap_to_flows(info["pcap"], splt=LAB_SEQUENCE), pd.read_parquet(info["truth"]))
             df.attrs = {}
             schema = dataclasses.replace(schema, sequence=LAB_SEQUENCE)
     else:
         from cyber_moe.data import load_flows
-        if not d.paths: raise ValueError(f"data.paths is empty: source '{d.source}' needs the data set's files (e.g. data.paths=[../shared/data/...])")
+
+        if not d.paths:
+            raise ValueError(f"data.paths is empty: source '{d.source}' needs the data set's files (e.g. data.paths=[../shared/data/...])")
         df, report = load_flows(d.source, d.paths, max_rows=d.max_rows, verify_checksums=d.verify_checksums, release=d.release)
         schema = get_schema(d.source)
         info = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    if d.max_rows and len(df) > d.max_rows: df = df.iloc[:d.max_rows]
+    if d.max_rows and len(df) > d.max_rows:
+        df = df.iloc[: d.max_rows]
     return df.reset_index(drop=True), schema, info
 
 # %% ../nbs/50_train.ipynb #51185bfa
@@ -124,6 +144,7 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class Prepared:
     "A run's flows after splitting and preprocessing: the arrays of each split and everything needed to redo them."
+
     frame: pd.DataFrame
     schema: FlowSchema
     split: Any
@@ -145,17 +166,29 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
     "Split the run's flows and fit the preprocessing on the training rows only (loads the flows unless given)."
     from cyber_moe.bundle import preprocessor_kwargs
     from cyber_moe.features import Preprocessor, split_flows
-    if frame is None: frame, schema, source = load_source(cfg)
+
+    if frame is None:
+        frame, schema, source = load_source(cfg)
     if model_reads_sequences(cfg.model) and not schema.sequence:
-        raise ValueError(f"model.experts includes a packet-sequence expert but the {schema.name} flows have no packet sequences "
-                         "(published CSV data sets do not; the lab and pcaps metered with splt do): use the 'temporal' expert instead")
+        raise ValueError(
+            f"model.experts includes a packet-sequence expert but the {schema.name} flows have no packet sequences "
+            "(published CSV data sets do not; the lab and pcaps metered with splt do): use the 'temporal' expert instead"
+        )
     s = cfg.split
     source = source or {}
-    strategy = "random" if s.strategy == "session" and "fallback" in source else s.strategy   # simulated flows have no sessions
-    split = split_flows(frame, schema=schema, strategy=strategy, val_frac=s.val_frac, test_frac=s.test_frac,
-                        seed=s.seed, group_col=s.group_col, test_groups=s.test_sessions or source.get("test_sessions"))
+    strategy = "random" if s.strategy == "session" and "fallback" in source else s.strategy  # simulated flows have no sessions
+    split = split_flows(
+        frame,
+        schema=schema,
+        strategy=strategy,
+        val_frac=s.val_frac,
+        test_frac=s.test_frac,
+        seed=s.seed,
+        group_col=s.group_col,
+        test_groups=s.test_sessions or source.get("test_sessions"),
+    )
     train = frame.iloc[split.train]
-    pre = Preprocessor(schema=schema, **preprocessor_kwargs(cfg.model)).fit(train)     # tree bins too when the model uses them
+    pre = Preprocessor(schema=schema, **preprocessor_kwargs(cfg.model)).fit(train)  # tree bins too when the model uses them
     arrays = {}
     for name in SPLITS:
         part = frame.iloc[getattr(split, name)]
@@ -166,12 +199,14 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
 def network_kwargs(cfg: RunConfig, pre) -> dict:
     "The keyword arguments of `MoEClassifier` for this config and fitted preprocessor (stored in the bundle)."
     from cyber_moe.bundle import net_kwargs
+
     return net_kwargs(cfg.model, pre)
 
 
 def _with_unknown_codes(arrays: dict, rate: float, seed: int) -> dict:
     "A copy of `arrays` where a `rate` share of categorical codes is set to 0 (the unknown bucket)."
-    if rate <= 0 or arrays["x_cat"].size == 0: return arrays
+    if rate <= 0 or arrays["x_cat"].size == 0:
+        return arrays
     rng = np.random.default_rng(seed)
     x_cat = arrays["x_cat"].copy()
     x_cat[rng.random(x_cat.shape) < rate] = 0
@@ -181,6 +216,7 @@ def _with_unknown_codes(arrays: dict, rate: float, seed: int) -> dict:
 @dataclass
 class FitResult:
     "The trained network (best validation checkpoint loaded) and how training went."
+
     net: Any
     net_kwargs: dict
     best_score: float | None
@@ -190,28 +226,56 @@ class FitResult:
     checkpoint: str | None
 
 
-def fit_moe(cfg: RunConfig, prep: Prepared, *, logger=None, callbacks=(), unknown_rate: float = 0.02,
-            enable_progress_bar: bool = True) -> FitResult:
+def fit_moe(
+    cfg: RunConfig, prep: Prepared, *, logger=None, callbacks=(), unknown_rate: float = 0.02, enable_progress_bar: bool = True
+) -> FitResult:
     "Train the MoE on the training split; early stopping and checkpoint choice use the validation split only."
     import torch
     from cyber_moe.lit import FlowDataModule, MoELitModule, class_weights_from, make_trainer
     from cyber_moe.models import MoEClassifier
+
     t, m = cfg.train, cfg.model
     seed_everything(cfg.seed)
     kwargs = network_kwargs(cfg, prep.preprocessor)
     net = MoEClassifier(**kwargs)
-    dm = FlowDataModule(train=_with_unknown_codes(prep.arrays["train"], unknown_rate, cfg.seed), val=prep.arrays["val"],
-                        batch_size=t.batch_size, num_workers=t.num_workers)
-    weights = (class_weights_from(prep.arrays["train"]["y_family"], len(prep.classes), power=t.class_weight_power,
-                                  keep_binary=t.class_weight_keep_binary) if t.loss != "ce" else None)
-    module = MoELitModule(net, lr=t.lr, weight_decay=t.weight_decay, max_epochs=t.max_epochs, loss=t.loss,
-                          class_weights=weights, focal_gamma=t.focal_gamma, family_loss_weight=t.family_loss_weight,
-                          load_balance_weight=m.load_balance_weight, label_smoothing=t.label_smoothing)
+    dm = FlowDataModule(
+        train=_with_unknown_codes(prep.arrays["train"], unknown_rate, cfg.seed),
+        val=prep.arrays["val"],
+        batch_size=t.batch_size,
+        num_workers=t.num_workers,
+    )
+    weights = (
+        class_weights_from(
+            prep.arrays["train"]["y_family"], len(prep.classes), power=t.class_weight_power, keep_binary=t.class_weight_keep_binary
+        )
+        if t.loss != "ce"
+        else None
+    )
+    module = MoELitModule(
+        net,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        max_epochs=t.max_epochs,
+        loss=t.loss,
+        class_weights=weights,
+        focal_gamma=t.focal_gamma,
+        family_loss_weight=t.family_loss_weight,
+        load_balance_weight=m.load_balance_weight,
+        label_smoothing=t.label_smoothing,
+    )
     device = select_device(t.accelerator, t.precision)
-    trainer = make_trainer(max_epochs=t.max_epochs, accelerator=device["accelerator"], devices=t.devices, strategy=t.strategy,
-                           precision=device["precision"], patience=t.patience, default_root_dir=str(cfg.run_dir / "lightning"),
-                           logger=logger if logger is not None else False, enable_progress_bar=enable_progress_bar,
-                           extra_callbacks=tuple(callbacks))
+    trainer = make_trainer(
+        max_epochs=t.max_epochs,
+        accelerator=device["accelerator"],
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=device["precision"],
+        patience=t.patience,
+        default_root_dir=str(cfg.run_dir / "lightning"),
+        logger=logger if logger is not None else False,
+        enable_progress_bar=enable_progress_bar,
+        extra_callbacks=tuple(callbacks),
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
@@ -221,56 +285,83 @@ def fit_moe(cfg: RunConfig, prep: Prepared, *, logger=None, callbacks=(), unknow
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     best = ckpt.best_model_score if ckpt is not None else None
-    found = re.search(r"epoch=?(\d+)", Path(best_path).stem) if best_path else None   # Lightning names it best-epoch<N>
+    found = re.search(r"epoch=?(\d+)", Path(best_path).stem) if best_path else None  # Lightning names it best-epoch<N>
     best_epoch = int(found.group(1)) if found else None
     net = module.net.cpu().eval()
-    return FitResult(net=net, net_kwargs=kwargs, best_score=float(best) if best is not None else None, best_epoch=best_epoch,
-                     epochs=trainer.current_epoch, seconds=seconds, checkpoint=best_path or None)
+    return FitResult(
+        net=net,
+        net_kwargs=kwargs,
+        best_score=float(best) if best is not None else None,
+        best_epoch=best_epoch,
+        epochs=trainer.current_epoch,
+        seconds=seconds,
+        checkpoint=best_path or None,
+    )
 
 # %% ../nbs/50_train.ipynb #9cb99f8f
 def calibrate(net, prep: Prepared) -> dict[str, float]:
     "Temperatures of the family and binary heads, fit on the validation split's logits only."
     from cyber_moe.bundle import network_outputs
     from cyber_moe.evaluate import fit_temperature
+
     val = network_outputs(net, prep.arrays["val"])
-    return {"family": fit_temperature(val["family"], prep.arrays["val"]["y_family"]),
-            "binary": fit_temperature(val["binary"], prep.arrays["val"]["y_binary"].astype(np.int64))}
+    return {
+        "family": fit_temperature(val["family"], prep.arrays["val"]["y_family"]),
+        "binary": fit_temperature(val["binary"], prep.arrays["val"]["y_binary"].astype(np.int64)),
+    }
 
 
 def operating_point(cfg: RunConfig, p_classes_val: np.ndarray, y_binary_val: np.ndarray) -> dict:
     "The threshold on p_attack = 1 - p(benign) chosen on the validation rows by `cfg.train.operating_point` (max F1 or a target FPR)."
     from cyber_moe.evaluate import choose_operating_point
+
     p = np.asarray(p_classes_val, np.float64)
-    return choose_operating_point(np.asarray(y_binary_val).astype(np.int64), 1.0 - p[:, 0], rule=cfg.train.operating_point,
-                                  target_fpr=cfg.train.target_fpr)
+    return choose_operating_point(
+        np.asarray(y_binary_val).astype(np.int64), 1.0 - p[:, 0], rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr
+    )
 
 
 def baseline_sequence(cfg: RunConfig, prep: Prepared) -> int:
     "Packets per flow the run's baseline reads as flat columns: `baseline.sequence` (None: the packets the MoE reads, i.e. the schema's sequence)."
-    if cfg.baseline.sequence is False: return 0
-    if cfg.baseline.sequence is None: return prep.schema.sequence
+    if cfg.baseline.sequence is False:
+        return 0
+    if cfg.baseline.sequence is None:
+        return prep.schema.sequence
     n = frame_sequence_length(prep.frame)
-    if not n: raise ValueError(f"baseline.sequence is true but the {prep.schema.name} flows carry no packet sequence columns (splt_dir_0, ...)")
+    if not n:
+        raise ValueError(f"baseline.sequence is true but the {prep.schema.name} flows carry no packet sequence columns (splt_dir_0, ...)")
     return prep.schema.sequence or n
 
 
 def baseline_matrix(prep: Prepared, split: str, sequence: int = 0) -> np.ndarray:
     "The baseline's matrix of split `split`: the preprocessed flow statistics, then `sequence` packets as flat raw columns."
     from cyber_moe.baseline import flat_sequence, stack_features
+
     X = stack_features(prep.arrays[split])
     return np.concatenate([X, flat_sequence(prep.rows(split), sequence, where=f"{split} split")], 1) if sequence else X
 
-
+# %% ../nbs/50_train.ipynb #ec030afe
 def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None):
     "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`)."
     from cyber_moe.baseline import baseline_feature_names, categorical_indices, fit_baseline
+
     b = cfg.baseline
     n = baseline_sequence(cfg, prep) if sequence is None else sequence
-    return fit_baseline(X_train=baseline_matrix(prep, "train", n), y_train=prep.arrays["train"]["y_family"],
-                        X_val=baseline_matrix(prep, "val", n), y_val=prep.arrays["val"]["y_family"],
-                        categorical_idx=categorical_indices(prep.schema), n_classes=len(prep.classes),
-                        n_estimators=b.n_estimators, num_leaves=b.num_leaves, learning_rate=b.learning_rate,
-                        seed=cfg.seed, classes=prep.classes, benign_index=0, feature_names=baseline_feature_names(prep.schema, n))
+    return fit_baseline(
+        X_train=baseline_matrix(prep, "train", n),
+        y_train=prep.arrays["train"]["y_family"],
+        X_val=baseline_matrix(prep, "val", n),
+        y_val=prep.arrays["val"]["y_family"],
+        categorical_idx=categorical_indices(prep.schema),
+        n_classes=len(prep.classes),
+        n_estimators=b.n_estimators,
+        num_leaves=b.num_leaves,
+        learning_rate=b.learning_rate,
+        seed=cfg.seed,
+        classes=prep.classes,
+        benign_index=0,
+        feature_names=baseline_feature_names(prep.schema, n),
+    )
 
 # %% ../nbs/50_train.ipynb #94b0451a
 def _log_probs(p: np.ndarray) -> np.ndarray:
@@ -283,40 +374,80 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def evaluate_run(prep: Prepared, model, baseline, *, experts: list[str] | None = None, threshold: float | None = None,
-                 rule: str = "max_f1", target_fpr: float = 0.01) -> tuple[dict, dict]:
+def evaluate_run(
+    prep: Prepared,
+    model,
+    baseline,
+    *,
+    experts: list[str] | None = None,
+    threshold: float | None = None,
+    rule: str = "max_f1",
+    target_fpr: float = 0.01,
+) -> tuple[dict, dict]:
     "Test metrics of the MoE (a `ModelBundle`, or a bare net) and the baseline side by side (`compare` structure), and their test predictions; both verdicts by `decide`."
     from cyber_moe.baseline import sequence_length_of
     from cyber_moe.bundle import ModelBundle, network_outputs
     from cyber_moe.evaluate import choose_operating_point, compare, decide, evaluate_predictions
+
     test, val = prep.arrays["test"], prep.arrays["val"]
     y = {"y_family": test["y_family"], "y_binary": test["y_binary"].astype(np.int64)}
     y_val_bin = val["y_binary"].astype(np.int64)
+
     def op_for(p_val):
         return choose_operating_point(y_val_bin, 1.0 - p_val[:, 0], rule=rule, target_fpr=target_fpr)
+
     is_bundle = isinstance(model, ModelBundle)
     net, T = (model.net, model.temperature_family) if is_bundle else (model, 1.0)
     experts = list(experts or getattr(net, "experts", ()))
     raw, raw_val = network_outputs(net, test), network_outputs(net, val)
     z, z_val = raw["family"] / T, raw_val["family"] / T
     p_val = _softmax(z_val)
-    if is_bundle: op = model.extra.get("operating_point") or {"rule": "given", "threshold": model.threshold}
-    elif threshold is not None: op = {"rule": "given", "threshold": float(threshold)}
-    else: op = op_for(p_val)
+    if is_bundle:
+        op = model.extra.get("operating_point") or {"rule": "given", "threshold": model.threshold}
+    elif threshold is not None:
+        op = {"rule": "given", "threshold": float(threshold)}
+    else:
+        op = op_for(p_val)
     p = _softmax(z)
     v = decide(p, op["threshold"])
-    model_pred = {"p_family": p, "p_attack": v["p_attack"], "gate": raw["gate"], "is_attack": v["is_attack"], "family_index": v["family_index"]}
-    model_m = evaluate_predictions(**y, p_family=p, p_attack=v["p_attack"], classes=prep.classes, gate=raw["gate"], experts=experts,
-                                   logits_val=z_val, y_val=val["y_family"], logits=z, threshold=op["threshold"],
-                                   family_pred=v["family_index"], operating_point=op)
+    model_pred = {
+        "p_family": p,
+        "p_attack": v["p_attack"],
+        "gate": raw["gate"],
+        "is_attack": v["is_attack"],
+        "family_index": v["family_index"],
+    }
+    model_m = evaluate_predictions(
+        **y,
+        p_family=p,
+        p_attack=v["p_attack"],
+        classes=prep.classes,
+        gate=raw["gate"],
+        experts=experts,
+        logits_val=z_val,
+        y_val=val["y_family"],
+        logits=z,
+        threshold=op["threshold"],
+        family_pred=v["family_index"],
+        operating_point=op,
+    )
     n_seq = sequence_length_of(baseline.feature_names)
     pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
-    op_b = op_for(pb_val)                                           # the same rule, on the baseline's own validation scores
+    op_b = op_for(pb_val)  # the same rule, on the baseline's own validation scores
     vb = decide(pb, op_b["threshold"])
     base_pred = {"p_family": pb, "p_attack": vb["p_attack"], "is_attack": vb["is_attack"], "family_index": vb["family_index"]}
-    base = evaluate_predictions(**y, p_family=pb, p_attack=vb["p_attack"], classes=prep.classes, logits_val=_log_probs(pb_val),
-                                y_val=val["y_family"], logits=_log_probs(pb), threshold=op_b["threshold"],
-                                family_pred=vb["family_index"], operating_point=op_b)
+    base = evaluate_predictions(
+        **y,
+        p_family=pb,
+        p_attack=vb["p_attack"],
+        classes=prep.classes,
+        logits_val=_log_probs(pb_val),
+        y_val=val["y_family"],
+        logits=_log_probs(pb),
+        threshold=op_b["threshold"],
+        family_pred=vb["family_index"],
+        operating_point=op_b,
+    )
     return compare(model_m, base), {"model": model_pred, "baseline": base_pred}
 
 # %% ../nbs/50_train.ipynb #3f45a6e2
@@ -334,8 +465,10 @@ def save_prepared(prep: Prepared, run_dir: str | Path) -> Path:
 def load_prepared(cfg: RunConfig) -> Prepared:
     "Rebuild a run's `Prepared` from `<run_dir>/prepared/` and the re-read flows (the frame must match the recorded row count)."
     from cyber_moe.features import Preprocessor, SplitResult
+
     folder = cfg.run_dir / "prepared"
-    if not (folder / "split.npz").is_file(): raise FileNotFoundError(f"{folder}: no prepared split; run the data stage first (nbs/pipelines/10_data)")
+    if not (folder / "split.npz").is_file():
+        raise FileNotFoundError(f"{folder}: no prepared split; run the data stage first (nbs/pipelines/10_data)")
     frame, schema, source = load_source(cfg)
     rec = json.loads((folder / "source.json").read_text())
     if rec["rows"] != len(frame):
@@ -343,8 +476,10 @@ def load_prepared(cfg: RunConfig) -> Prepared:
     idx = np.load(folder / "split.npz")
     split = SplitResult(train=idx["train"], val=idx["val"], test=idx["test"], record=json.loads((folder / "split.json").read_text()))
     pre = Preprocessor.load(folder / "preprocessor")
-    arrays = {n: {**pre.transform(frame.iloc[idx[n]], where=f"{n} split"), **pre.encode_targets(frame.iloc[idx[n]], where=f"{n} split")}
-              for n in SPLITS}
+    arrays = {
+        n: {**pre.transform(frame.iloc[idx[n]], where=f"{n} split"), **pre.encode_targets(frame.iloc[idx[n]], where=f"{n} split")}
+        for n in SPLITS
+    }
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source)
 
 # %% ../nbs/50_train.ipynb #482eda9f
@@ -356,17 +491,21 @@ def flatten_dotted(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict): out.update(flatten_dotted(v, key + "."))
-        else: out[key] = v
+        if isinstance(v, dict):
+            out.update(flatten_dotted(v, key + "."))
+        else:
+            out[key] = v
     return out
 
 
 def ensure_experiment(tracking_uri: str, artifact_location: str | None) -> str:
     "The id of the project's experiment in MLflow's current store (`tracking_uri`), created when missing with its artefacts under `artifact_location`."
     import mlflow
+
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    if exp is not None: return exp.experiment_id
-    remote = tracking_uri.startswith(("http://", "https://"))          # a tracking server keeps its own artefact store
+    if exp is not None:
+        return exp.experiment_id
+    remote = tracking_uri.startswith(("http://", "https://"))  # a tracking server keeps its own artefact store
     return mlflow.create_experiment(EXPERIMENT, artifact_location=None if remote else artifact_location)
 
 
@@ -375,12 +514,14 @@ def mlflow_run(cfg: RunConfig, *, resume: bool = False):
     "An active MLflow run for `cfg`, with MLflow pointed at `cfg.mlflow_uri` for the block only (restored after); `resume` re-enters the run in `<run_dir>/mlflow.json`."
     import mlflow
     from cyber_moe.bundle import use_mlflow_store
+
     with use_mlflow_store(cfg.mlflow_uri):
         ensure_experiment(cfg.mlflow_uri, cfg.artifact_location)
         mlflow.set_experiment(EXPERIMENT)
         rec = cfg.run_dir / "mlflow.json"
         if resume and rec.is_file():
-            with mlflow.start_run(run_id=json.loads(rec.read_text())["run_id"]) as run: yield run
+            with mlflow.start_run(run_id=json.loads(rec.read_text())["run_id"]) as run:
+                yield run
             return
         with mlflow.start_run(run_name=cfg.run_name) as run:
             write_json(rec, {"run_id": run.info.run_id, "experiment": EXPERIMENT, "tracking_uri": cfg.mlflow_uri})
@@ -396,20 +537,27 @@ def registered_name(cfg: RunConfig) -> str:
 def data_origin(cfg: RunConfig, source: dict) -> dict:
     "Which source a run asked for and which it used (the simulator when the lab could not run), for run.json, metrics and report."
     fb = source.get("fallback")
-    return {"requested": cfg.data.source, "used": fb["to"] if fb else cfg.data.source, "fallback": fb,
-            "sessions": [s.get("session") for s in source.get("sessions", [])], "test_sessions": source.get("test_sessions")}
+    return {
+        "requested": cfg.data.source,
+        "used": fb["to"] if fb else cfg.data.source,
+        "fallback": fb,
+        "sessions": [s.get("session") for s in source.get("sessions", [])],
+        "test_sessions": source.get("test_sessions"),
+    }
 
 
 def stage_data(cfg: RunConfig) -> Prepared:
     "Load, split and preprocess the run's flows; save `prepared/` and log the data description to MLflow."
     import mlflow
+
     log = setup_logging(cfg.log_level)
     seed_everything(cfg.seed)
     prep = prepare(cfg)
     folder = save_prepared(prep, cfg.run_dir)
     origin = data_origin(cfg, prep.source)
     write_run_record(cfg, data_origin=origin)
-    if origin["fallback"]: log.warning("data: %s", origin["fallback"]["message"])
+    if origin["fallback"]:
+        log.warning("data: %s", origin["fallback"]["message"])
     with mlflow_run(cfg):
         mlflow.log_artifacts(str(folder), "prepared")
         counts = prep.split.record.get("rows", {})
@@ -425,33 +573,54 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
     from cyber_moe.baseline import sequence_length_of
     from cyber_moe.bundle import ModelBundle, save_pyfunc
     from cyber_moe.models import n_parameters
+
     log = setup_logging(cfg.log_level)
     prep = prep or load_prepared(cfg)
     with mlflow_run(cfg, resume=True) as run:
         logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=cfg.mlflow_uri, run_id=run.info.run_id)
         fit = fit_moe(cfg, prep, logger=logger, enable_progress_bar=enable_progress_bar)
         temps = calibrate(fit.net, prep)
-        bundle = ModelBundle(schema=prep.schema, preprocessor=prep.preprocessor, net=fit.net, net_kwargs=fit.net_kwargs,
-                             temperature_family=temps["family"], temperature_binary=temps["binary"],
-                             name=registered_name(cfg), version=run.info.run_id[:8],
-                             extra={"run_name": cfg.run_name, "reference": prep.preprocessor.reference,
-                                    "temporal_expert": temporal_expert(fit.net.experts, prep.schema.sequence)})
+        bundle = ModelBundle(
+            schema=prep.schema,
+            preprocessor=prep.preprocessor,
+            net=fit.net,
+            net_kwargs=fit.net_kwargs,
+            temperature_family=temps["family"],
+            temperature_binary=temps["binary"],
+            name=registered_name(cfg),
+            version=run.info.run_id[:8],
+            extra={
+                "run_name": cfg.run_name,
+                "reference": prep.preprocessor.reference,
+                "temporal_expert": temporal_expert(fit.net.experts, prep.schema.sequence),
+            },
+        )
         op = operating_point(cfg, bundle.predict_arrays(prep.arrays["val"])["p_classes"], prep.arrays["val"]["y_binary"])
         bundle.threshold = op["threshold"]
         bundle.extra["operating_point"] = op
         from cyber_moe.explain import attach_background, make_background
+
         attach_background(bundle, make_background(prep.rows("train"), schema=prep.schema, n=100, seed=cfg.seed))
         save_pyfunc(bundle, cfg.run_dir / "model", example=prep.rows("train").head(5))
         t0 = time.perf_counter()
         baseline = fit_run_baseline(cfg, prep)
         base_seconds = time.perf_counter() - t0
         baseline.save(cfg.run_dir / "baseline")
-        summary = {"n_parameters": n_parameters(fit.net), "epochs": fit.epochs, "best_epoch": fit.best_epoch,
-                   "best_val_score": fit.best_score, "train_seconds": round(fit.seconds, 2),
-                   "seconds_per_epoch": round(fit.seconds / max(fit.epochs, 1), 2),
-                   "baseline_seconds": round(base_seconds, 2), "baseline_best_iteration": baseline.best_iteration,
-                   "temperature": temps, "operating_point": op, "train_rows": len(prep.split.train),
-                   "temporal_expert": bundle.extra["temporal_expert"], "baseline_sequence_packets": sequence_length_of(baseline.feature_names)}
+        summary = {
+            "n_parameters": n_parameters(fit.net),
+            "epochs": fit.epochs,
+            "best_epoch": fit.best_epoch,
+            "best_val_score": fit.best_score,
+            "train_seconds": round(fit.seconds, 2),
+            "seconds_per_epoch": round(fit.seconds / max(fit.epochs, 1), 2),
+            "baseline_seconds": round(base_seconds, 2),
+            "baseline_best_iteration": baseline.best_iteration,
+            "temperature": temps,
+            "operating_point": op,
+            "train_rows": len(prep.split.train),
+            "temporal_expert": bundle.extra["temporal_expert"],
+            "baseline_sequence_packets": sequence_length_of(baseline.feature_names),
+        }
         write_json(cfg.run_dir / "training.json", summary)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
     log.info("trained: %s", summary)
@@ -464,35 +633,50 @@ def stage_evaluate(cfg: RunConfig, prep: Prepared | None = None, *, register: bo
     from cyber_moe.baseline import Baseline, sequence_length_of
     from cyber_moe.bundle import load_model_bundle, log_pyfunc
     from cyber_moe.evaluate import evaluation_figures, save_figures, write_metrics
+
     prep = prep or load_prepared(cfg)
     bundle = load_model_bundle(cfg.run_dir / "model")
     baseline = Baseline.load(cfg.run_dir / "baseline")
     metrics, preds = evaluate_run(prep, bundle, baseline, rule=cfg.train.operating_point, target_fpr=cfg.train.target_fpr)
-    metrics["run"] = {"run_name": cfg.run_name, "source": cfg.data.source, "split": prep.split.record,
-                      "test_rows": int(len(prep.split.test)), "classes": prep.classes, "data_origin": data_origin(cfg, prep.source),
-                      "temporal_expert": bundle.extra.get("temporal_expert") or temporal_expert(bundle.experts, prep.schema.sequence),
-                      "baseline_sequence_packets": sequence_length_of(baseline.feature_names)}
-    if "tool" in prep.frame.columns:           # lab flows: detection per family and per tool on the held-out session, each model at its own threshold
+    metrics["run"] = {
+        "run_name": cfg.run_name,
+        "source": cfg.data.source,
+        "split": prep.split.record,
+        "test_rows": int(len(prep.split.test)),
+        "classes": prep.classes,
+        "data_origin": data_origin(cfg, prep.source),
+        "temporal_expert": bundle.extra.get("temporal_expert") or temporal_expert(bundle.experts, prep.schema.sequence),
+        "baseline_sequence_packets": sequence_length_of(baseline.feature_names),
+    }
+    if (
+        "tool" in prep.frame.columns
+    ):  # lab flows: detection per family and per tool on the held-out session, each model at its own threshold
         from cyber_moe.lab import detection_rates
+
         test_rows = prep.rows("test")
-        metrics["detection"] = {who: detection_rates(test_rows, np.asarray(preds[who]["is_attack"], bool))
-                                for who in ("model", "baseline")}
+        metrics["detection"] = {who: detection_rates(test_rows, np.asarray(preds[who]["is_attack"], bool)) for who in ("model", "baseline")}
     path = write_metrics(cfg.run_dir / "metrics.json", metrics)
     test = prep.arrays["test"]
-    figs = evaluation_figures(y_family=test["y_family"], y_binary=test["y_binary"].astype(np.int64), predictions=preds,
-                              metrics={"model": metrics["model"], "baseline": metrics["baseline"]})
+    figs = evaluation_figures(
+        y_family=test["y_family"],
+        y_binary=test["y_binary"].astype(np.int64),
+        predictions=preds,
+        metrics={"model": metrics["model"], "baseline": metrics["baseline"]},
+    )
     save_figures(figs, cfg.run_dir / "figures")
     with mlflow_run(cfg, resume=True):
         mlflow.log_metrics(headline_flat(metrics))
         mlflow.log_artifact(str(path))
         mlflow.log_artifacts(str(cfg.run_dir / "figures"), "figures")
-        if register: log_pyfunc(bundle, example=prep.rows("train").head(5), registered_name=registered_name(cfg))
+        if register:
+            log_pyfunc(bundle, example=prep.rows("train").head(5), registered_name=registered_name(cfg))
     return metrics
 
 
 def train_run(cfg: RunConfig, *, enable_progress_bar: bool = True, register: bool = True) -> dict:
     "The whole of `cyber-moe train`: data, MoE and baseline, test metrics, bundle and MLflow run; returns the metrics."
     from cyber_moe.config import save_config
+
     save_config(cfg, cfg.run_dir / "config.yaml")
     prep = stage_data(cfg)
     stage_train(cfg, prep, enable_progress_bar=enable_progress_bar)

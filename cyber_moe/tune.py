@@ -19,8 +19,17 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, RunConfig, set_dotted, setup_logging, write_json
-from .train import (EXPERIMENT, Prepared, flatten_dotted, fit_moe, load_prepared, prepare, save_prepared,
-                             stage_evaluate, stage_train)
+from cyber_moe.train import (
+    EXPERIMENT,
+    Prepared,
+    flatten_dotted,
+    fit_moe,
+    load_prepared,
+    prepare,
+    save_prepared,
+    stage_evaluate,
+    stage_train,
+)
 
 # %% auto #0
 __all__ = ['DEFAULT_SPACE', 'MONITOR', 'PARENT_ATTR', 'FINGERPRINT_ATTR', 'SPACE_ATTR', 'apply_params', 'validate_space',
@@ -44,15 +53,19 @@ DEFAULT_SPACE: dict[str, dict] = {
 _SPEC_KEYS = {"choices", "low", "high", "log", "step"}
 
 
-def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def apply_params(cfg: RunConfig, params: dict[str, Any]) -> RunConfig:
     "A copy of `cfg` with dotted keys set to `params` values, validated (a bad value raises `ConfigError` naming the key)."
     from pydantic import ValidationError
+
     raw = cfg.model_dump(mode="json")
-    for key, value in params.items(): set_dotted(raw, key, value)
-    try: return RunConfig.model_validate(raw)
+    for key, value in params.items():
+        set_dotted(raw, key, value)
+    try:
+        return RunConfig.model_validate(raw)
     except ValidationError as e:
         bad = "; ".join(f"{'.'.join(map(str, err['loc']))}={err.get('input')!r}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"search space / trial parameters do not fit the config: {bad}") from None
@@ -61,9 +74,11 @@ def apply_params(cfg: RunConfig, params: dict[str, Any]) -> RunConfig:
 def _has_key(dotted: str) -> bool:
     "Whether `dotted` names a field of `RunConfig` (section.key)."
     from pydantic import BaseModel
+
     model: Any = RunConfig
     for part in dotted.split("."):
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields: return False
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return False
         model = model.model_fields[part].annotation
     return True
 
@@ -75,10 +90,12 @@ def _corner_values(spec: dict) -> list:
 # %% ../nbs/60_tune.ipynb #fad30d82
 def validate_space(space: dict[str, dict], cfg: RunConfig) -> dict[str, dict]:
     "Check that every key of `space` is a config key with a well-formed entry that `cfg` accepts; returns `space`."
-    if not space: raise ConfigError("the search space is empty: give at least one key, e.g. {'train.lr': {'low': 1e-4, 'high': 1e-2, 'log': True}}")
+    if not space:
+        raise ConfigError("the search space is empty: give at least one key, e.g. {'train.lr': {'low': 1e-4, 'high': 1e-2, 'log': True}}")
     for key, spec in space.items():
         where = f"search space key '{key}'"
-        if not _has_key(key): raise ConfigError(f"{where}: not a config key (use dotted names of params/*.yaml such as model.d_token or train.lr)")
+        if not _has_key(key):
+            raise ConfigError(f"{where}: not a config key (use dotted names of params/*.yaml such as model.d_token or train.lr)")
         if not isinstance(spec, dict) or set(spec) - _SPEC_KEYS:
             raise ConfigError(f"{where}: expected a mapping with 'choices' or 'low'/'high' (optional 'log', 'step'), got {spec!r}")
         if "choices" in spec:
@@ -88,30 +105,42 @@ def validate_space(space: dict[str, dict], cfg: RunConfig) -> dict[str, dict]:
             low, high = spec.get("low"), spec.get("high")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
                 raise ConfigError(f"{where}: needs numbers low < high, got low={low!r} high={high!r}")
-            if spec.get("log") and low <= 0: raise ConfigError(f"{where}: log scale needs low > 0, got {low}")
-            if spec.get("log") and spec.get("step") is not None: raise ConfigError(f"{where}: 'log' and 'step' cannot be combined")
-        for v in _corner_values(spec): apply_params(cfg, {key: v})
+            if spec.get("log") and low <= 0:
+                raise ConfigError(f"{where}: log scale needs low > 0, got {low}")
+            if spec.get("log") and spec.get("step") is not None:
+                raise ConfigError(f"{where}: 'log' and 'step' cannot be combined")
+        for v in _corner_values(spec):
+            apply_params(cfg, {key: v})
     _check_heads(space, cfg)
     return space
 
 
 def _check_heads(space: dict[str, dict], cfg: RunConfig) -> None:
     "Every searched `d_token` must be divisible by every searched `n_heads` (the attention splits the width)."
+
     def values(key: str, default: int) -> list:
         spec = space.get(key)
-        if spec is None: return [default]
-        if "choices" in spec: return list(spec["choices"])
-        if _is_int(spec.get("step")) and _is_int(spec["low"]): return list(range(spec["low"], spec["high"] + 1, spec["step"]))
+        if spec is None:
+            return [default]
+        if "choices" in spec:
+            return list(spec["choices"])
+        if _is_int(spec.get("step")) and _is_int(spec["low"]):
+            return list(range(spec["low"], spec["high"] + 1, spec["step"]))
         raise ConfigError(f"search space key '{key}': give 'choices' (or an integer 'step') so that d_token % n_heads == 0 can be checked")
+
     bad = [(d, h) for d in values("model.d_token", cfg.model.d_token) for h in values("model.n_heads", cfg.model.n_heads) if d % h]
-    if bad: raise ConfigError(f"search space: model.d_token must be divisible by model.n_heads, but {bad[:3]} are not; choose multiples of n_heads")
+    if bad:
+        raise ConfigError(
+            f"search space: model.d_token must be divisible by model.n_heads, but {bad[:3]} are not; choose multiples of n_heads"
+        )
 
 
 def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
     "Ask `trial` (an Optuna trial) for a value of every key of `space`; returns {dotted key: value}."
     out = {}
     for key, spec in space.items():
-        if "choices" in spec: out[key] = trial.suggest_categorical(key, spec["choices"])
+        if "choices" in spec:
+            out[key] = trial.suggest_categorical(key, spec["choices"])
         elif _is_int(spec["low"]) and _is_int(spec["high"]) and (spec.get("step") is None or _is_int(spec["step"])):
             out[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step") or 1, log=bool(spec.get("log")))
         else:
@@ -125,6 +154,7 @@ MONITOR = "val/family_f1_macro"
 class TuneError(ValueError):
     "A study that cannot be started, joined or continued as asked; the message names the study and storage and what to do."
 
+
 PARENT_ATTR, FINGERPRINT_ATTR, SPACE_ATTR = "mlflow_parent_run_id", "split_fingerprint", "space"
 
 
@@ -136,14 +166,19 @@ def default_storage(cfg: RunConfig) -> str:
 def redact(url: str) -> str:
     "`url` with any password hidden (for logs and MLflow tags)."
     from sqlalchemy.engine import make_url
-    try: return make_url(url).render_as_string(hide_password=True)
-    except Exception: return url.split("@")[-1] if "@" in url else url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
 
 
 def open_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int = 180):
     "An Optuna RDB storage for `url` (sqlite or any SQLAlchemy URL) with heartbeats for dead workers."
     import optuna
-    if url.startswith("sqlite:///"): Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
 
@@ -166,23 +201,28 @@ def sweep_view(prep: Prepared) -> Prepared:
 def experiment_id(client, cfg: RunConfig) -> str:
     "The id of the project's MLflow experiment, created if missing (artifacts under outputs/, or the server's default)."
     exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is not None: return exp.experiment_id
+    if exp is not None:
+        return exp.experiment_id
     remote = cfg.mlflow_uri.startswith(("http://", "https://", "databricks"))
-    try: return client.create_experiment(EXPERIMENT, artifact_location=None if remote else cfg.artifact_location)
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=None if remote else cfg.artifact_location)
     except Exception:  # created meanwhile by another worker
         exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is None: raise
+        if exp is None:
+            raise
         return exp.experiment_id
 
 
 def _mlflow_client(cfg: RunConfig):
     from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=cfg.mlflow_uri)
 
 
 def parent_run(cfg: RunConfig, study, *, storage: str) -> str:
     "The sweep's MLflow run id: the one recorded in the study when it still exists, else a new run (recorded)."
     from mlflow.exceptions import MlflowException
+
     client = _mlflow_client(cfg)
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
@@ -191,34 +231,47 @@ def parent_run(cfg: RunConfig, study, *, storage: str) -> str:
             client.update_run(run_id, status="RUNNING")
             return run_id
         except MlflowException:
-            setup_logging(cfg.log_level).warning("study %s: its MLflow parent run %s is not in %s; starting a new one",
-                                                 study.study_name, run_id, cfg.mlflow_uri)
-    run = client.create_run(experiment_id(client, cfg), run_name=f"sweep-{study.study_name}",
-                            tags={"cyber_moe.role": "sweep", "optuna.study": study.study_name, "optuna.storage": redact(storage)})
+            setup_logging(cfg.log_level).warning(
+                "study %s: its MLflow parent run %s is not in %s; starting a new one", study.study_name, run_id, cfg.mlflow_uri
+            )
+    run = client.create_run(
+        experiment_id(client, cfg),
+        run_name=f"sweep-{study.study_name}",
+        tags={"cyber_moe.role": "sweep", "optuna.study": study.study_name, "optuna.storage": redact(storage)},
+    )
     from mlflow.entities import Param
+
     params = [Param(k, str(v)[:500]) for k, v in flatten_dotted(cfg.model_dump(mode="json")).items()]
-    for i in range(0, len(params), 100): client.log_batch(run.info.run_id, params=params[i:i + 100])
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
     study.set_user_attr(PARENT_ATTR, run.info.run_id)
     return run.info.run_id
 
-
+# %% ../nbs/60_tune.ipynb #d841e746
 class SweepProgress:
     "Optuna callback: after each finished trial, log the sweep's counts, the trial's value and the best value to the parent run."
 
     def __init__(self, *, tracking_uri: str, parent_run_id: str):
         from mlflow import MlflowClient
+
         self.client, self.parent_run_id = MlflowClient(tracking_uri=tracking_uri), parent_run_id
 
     def __call__(self, study, trial) -> None:
         from mlflow.entities import Metric
         from optuna.trial import TrialState
+
         states = [t.state for t in study.get_trials(deepcopy=False)]
         done = sum(s.is_finished() for s in states)
         now = int(time.time() * 1000)
-        vals = {"sweep/n_complete": states.count(TrialState.COMPLETE), "sweep/n_pruned": states.count(TrialState.PRUNED),
-                "sweep/n_failed": states.count(TrialState.FAIL)}
-        if trial.value is not None: vals["sweep/trial_value"] = trial.value
-        if vals["sweep/n_complete"]: vals["sweep/best_value"] = study.best_value
+        vals = {
+            "sweep/n_complete": states.count(TrialState.COMPLETE),
+            "sweep/n_pruned": states.count(TrialState.PRUNED),
+            "sweep/n_failed": states.count(TrialState.FAIL),
+        }
+        if trial.value is not None:
+            vals["sweep/trial_value"] = trial.value
+        if vals["sweep/n_complete"]:
+            vals["sweep/best_value"] = study.best_value
         self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, done) for k, v in vals.items()])
 
 # %% ../nbs/60_tune.ipynb #3aef0de2
@@ -226,7 +279,8 @@ class Objective:
     "The function Optuna calls per trial: train one configuration on the sweep view, return its best validation macro-F1."
 
     def __init__(self, *, cfg: RunConfig, prep: Prepared, space: dict[str, dict], parent_run_id: str, worker: int = 0):
-        if "test" in prep.arrays: raise ValueError("Objective: pass sweep_view(prep); trials must not see the test arrays")
+        if "test" in prep.arrays:
+            raise ValueError("Objective: pass sweep_view(prep); trials must not see the test arrays")
         self.cfg, self.prep, self.space, self.parent_run_id, self.worker = cfg, prep, space, parent_run_id, worker
         self.client = _mlflow_client(cfg)
         self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
@@ -237,21 +291,37 @@ class Objective:
         from mlflow.entities import Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
         from optuna_integration import PyTorchLightningPruningCallback
+
         params = suggest(trial, self.space)
         name = f"trial-{trial.number:04d}"
-        cfg = apply_params(self.cfg, params).model_copy(update={"run_name": name, "tracking_uri": self.cfg.mlflow_uri,
-                                                                 "outputs_dir": str(self.cfg.run_dir / "trials")})
+        cfg = apply_params(self.cfg, params).model_copy(
+            update={"run_name": name, "tracking_uri": self.cfg.mlflow_uri, "outputs_dir": str(self.cfg.run_dir / "trials")}
+        )
         host, pid = socket.gethostname(), os.getpid()
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags={
-            MLFLOW_PARENT_RUN_ID: self.parent_run_id, "cyber_moe.role": "trial", "optuna.study": trial.study.study_name,
-            "optuna.trial": str(trial.number), "optuna.worker": f"{host}:{pid}"}).info.run_id
-        for k, v in {"host": host, "pid": pid, "worker": self.worker, "mlflow_run_id": run_id}.items(): trial.set_user_attr(k, v)
+        run_id = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                "cyber_moe.role": "trial",
+                "optuna.study": trial.study.study_name,
+                "optuna.trial": str(trial.number),
+                "optuna.worker": f"{host}:{pid}",
+            },
+        ).info.run_id
+        for k, v in {"host": host, "pid": pid, "worker": self.worker, "mlflow_run_id": run_id}.items():
+            trial.set_user_attr(k, v)
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         status, state = "FAILED", "FAIL"
         try:
             logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=cfg.mlflow_uri, run_id=run_id)
-            fit = fit_moe(cfg, self.prep, logger=logger, callbacks=[PyTorchLightningPruningCallback(trial, monitor=MONITOR)],
-                          enable_progress_bar=False)
+            fit = fit_moe(
+                cfg,
+                self.prep,
+                logger=logger,
+                callbacks=[PyTorchLightningPruningCallback(trial, monitor=MONITOR)],
+                enable_progress_bar=False,
+            )
             if fit.best_score is None or not math.isfinite(fit.best_score):
                 raise RuntimeError(f"trial {trial.number}: no finite {MONITOR} was logged (got {fit.best_score})")
             self.client.log_metric(run_id, f"{MONITOR}_best", fit.best_score)
@@ -269,26 +339,37 @@ class Objective:
 # %% ../nbs/60_tune.ipynb #897ea8d1
 def _make_sampler(seed: int):
     import optuna
+
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def make_pruner(*, n_startup_trials: int = 3, n_warmup_epochs: int = 0):
     "The default pruner: stop a trial whose epoch value is below the median of earlier trials at that epoch."
     import optuna
+
     return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_epochs)
 
 
 def open_study(study_name: str, storage: str, *, fingerprint: str, space: dict[str, dict], pruner=None, sampler_seed: int = 0):
     "Create the study `study_name` in `storage`, or continue it; refuses a study of another direction or split."
     import optuna
-    study = optuna.create_study(study_name=study_name, storage=open_storage(storage), direction="maximize", load_if_exists=True,
-                                sampler=_make_sampler(sampler_seed), pruner=pruner or make_pruner())
+
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=open_storage(storage),
+        direction="maximize",
+        load_if_exists=True,
+        sampler=_make_sampler(sampler_seed),
+        pruner=pruner or make_pruner(),
+    )
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise TuneError(f"study '{study_name}' in {redact(storage)} minimises; sweeps maximise {MONITOR}: choose another --study name")
     old = study.user_attrs.get(FINGERPRINT_ATTR)
     if old is not None and old != fingerprint:
-        raise TuneError(f"study '{study_name}' in {redact(storage)} was run on another split (fingerprint {old}, now {fingerprint}): "
-                         "its values are not comparable; choose another --study name or restore the data/split settings")
+        raise TuneError(
+            f"study '{study_name}' in {redact(storage)} was run on another split (fingerprint {old}, now {fingerprint}): "
+            "its values are not comparable; choose another --study name or restore the data/split settings"
+        )
     study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
     study.set_user_attr(SPACE_ATTR, space)
     study.set_user_attr("monitor", MONITOR)
@@ -297,48 +378,75 @@ def open_study(study_name: str, storage: str, *, fingerprint: str, space: dict[s
 
 def _sweep_data(cfg: RunConfig) -> Prepared:
     "The sweep's prepared data: `<run_dir>/prepared` when present, else prepared here (seeded, so the same split)."
-    if (cfg.run_dir / "prepared" / "split.npz").is_file(): return load_prepared(cfg)
+    if (cfg.run_dir / "prepared" / "split.npz").is_file():
+        return load_prepared(cfg)
     prep = prepare(cfg)
     save_prepared(prep, cfg.run_dir)
     return prep
 
 # %% ../nbs/60_tune.ipynb #64068faf
-def run_worker(cfg: RunConfig | dict, *, study_name: str, storage: str, n_trials: int | None, timeout: float | None = None,
-               worker: int | None = None, sampler_seed: int = 0, pruner=None, torch_threads: int | None = None,
-               show_progress_bar: bool = False, prep: Prepared | None = None) -> int:
+def run_worker(
+    cfg: RunConfig | dict,
+    *,
+    study_name: str,
+    storage: str,
+    n_trials: int | None,
+    timeout: float | None = None,
+    worker: int | None = None,
+    sampler_seed: int = 0,
+    pruner=None,
+    torch_threads: int | None = None,
+    show_progress_bar: bool = False,
+    prep: Prepared | None = None,
+) -> int:
     "Join study `study_name` and run `n_trials` trials (or until `timeout` seconds); returns the number of trials this worker finished."
     import optuna
     import zlib
+
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg)
     log = setup_logging(cfg.log_level)
-    if worker is None: worker = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000
+    if worker is None:
+        worker = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000
     if torch_threads:
         import torch
+
         torch.set_num_threads(torch_threads)
     store = open_storage(storage)
-    try: existing = optuna.load_study(study_name=study_name, storage=store)
-    except KeyError: raise TuneError(f"no study '{study_name}' in {redact(storage)}: start the sweep with `cyber-moe tune` first") from None
+    try:
+        existing = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        raise TuneError(f"no study '{study_name}' in {redact(storage)}: start the sweep with `cyber-moe tune` first") from None
     attrs = existing.user_attrs
     if PARENT_ATTR not in attrs or SPACE_ATTR not in attrs:
-        raise TuneError(f"study '{study_name}' in {redact(storage)} was not set up by cyber-moe tune (no MLflow parent run or space recorded)")
+        raise TuneError(
+            f"study '{study_name}' in {redact(storage)} was not set up by cyber-moe tune (no MLflow parent run or space recorded)"
+        )
     prep = prep or _sweep_data(cfg)
     if split_fingerprint(prep) != attrs.get(FINGERPRINT_ATTR):
-        raise TuneError(f"worker {worker}: the split here ({split_fingerprint(prep)}) differs from study '{study_name}' "
-                         f"({attrs.get(FINGERPRINT_ATTR)}): use the same params file (data and split settings) as the coordinator")
+        raise TuneError(
+            f"worker {worker}: the split here ({split_fingerprint(prep)}) differs from study '{study_name}' "
+            f"({attrs.get(FINGERPRINT_ATTR)}): use the same params file (data and split settings) as the coordinator"
+        )
     seed = sampler_seed + 1000 * worker + len(existing.trials)
     study = optuna.load_study(study_name=study_name, storage=store, sampler=_make_sampler(seed), pruner=pruner or make_pruner())
     objective = Objective(cfg=cfg, prep=sweep_view(prep), space=attrs[SPACE_ATTR], parent_run_id=attrs[PARENT_ATTR], worker=worker)
     progress = SweepProgress(tracking_uri=cfg.mlflow_uri, parent_run_id=attrs[PARENT_ATTR])
     mine: list[int] = []
     log.info("worker %d (%s:%d): %s trials on study %s", worker, socket.gethostname(), os.getpid(), n_trials, study_name)
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=[progress, lambda s, t: mine.append(t.number)],
-                   show_progress_bar=show_progress_bar)
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        callbacks=[progress, lambda s, t: mine.append(t.number)],
+        show_progress_bar=show_progress_bar,
+    )
     return len(mine)
 
 # %% ../nbs/60_tune.ipynb #e8893452
 @dataclass
 class TuneResult:
     "What a sweep did: its study, the trials of this session, the best trial and the runs that record it."
+
     study_name: str
     storage: str
     n_trials: int
@@ -367,36 +475,57 @@ def _run_processes(cfg: RunConfig, shares: list[int], *, total: int, show_progre
     import multiprocessing as mp
     import optuna
     from tqdm.auto import tqdm
+
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=run_worker, args=(cfg.model_dump(mode="json"),), kwargs={**kw, "n_trials": n, "worker": i},
-                         name=f"cyber-moe-tune-{i}") for i, n in enumerate(shares)]
+    procs = [
+        ctx.Process(
+            target=run_worker, args=(cfg.model_dump(mode="json"),), kwargs={**kw, "n_trials": n, "worker": i}, name=f"cyber-moe-tune-{i}"
+        )
+        for i, n in enumerate(shares)
+    ]
     study = optuna.load_study(study_name=kw["study_name"], storage=open_storage(kw["storage"]))
     start = _finished(study)
-    for p in procs: p.start()
+    for p in procs:
+        p.start()
     with tqdm(total=total, initial=0, desc=f"study {kw['study_name']} ({len(procs)} workers)", disable=not show_progress_bar) as bar:
         while True:
             alive = any(p.is_alive() for p in procs)
             bar.update(min(total, _finished(study) - start) - bar.n)
-            if not alive: break
+            if not alive:
+                break
             time.sleep(1.0)
-    for p in procs: p.join()
+    for p in procs:
+        p.join()
     failed = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
-    if failed: raise RuntimeError(f"tune: worker(s) {', '.join(f'{n} (exit code {c})' for n, c in failed)} failed; their errors are in the log above")
+    if failed:
+        raise RuntimeError(
+            f"tune: worker(s) {', '.join(f'{n} (exit code {c})' for n, c in failed)} failed; their errors are in the log above"
+        )
 
 # %% ../nbs/60_tune.ipynb #ae3f2066
 def register_best(cfg: RunConfig, study, prep: Prepared, *, parent_run_id: str, register: bool = True) -> tuple[str, dict]:
     "Retrain the study's best configuration in a nested run, score the test split once, register it; returns (run id, metrics)."
     from mlflow.entities import Param
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
     best = study.best_trial
     best_cfg = apply_params(cfg, best.params)
     client = _mlflow_client(cfg)
-    run = client.create_run(client.get_run(parent_run_id).info.experiment_id, run_name=f"{study.study_name}-best-trial-{best.number:04d}",
-                            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "cyber_moe.role": "best", "optuna.study": study.study_name,
-                                  "optuna.trial": str(best.number), "optuna.trial_run_id": str(best.user_attrs.get("mlflow_run_id"))})
+    run = client.create_run(
+        client.get_run(parent_run_id).info.experiment_id,
+        run_name=f"{study.study_name}-best-trial-{best.number:04d}",
+        tags={
+            MLFLOW_PARENT_RUN_ID: parent_run_id,
+            "cyber_moe.role": "best",
+            "optuna.study": study.study_name,
+            "optuna.trial": str(best.number),
+            "optuna.trial_run_id": str(best.user_attrs.get("mlflow_run_id")),
+        },
+    )
     run_id = run.info.run_id
     params = [Param(k, str(v)[:500]) for k, v in flatten_dotted(best_cfg.model_dump(mode="json")).items()]
-    for i in range(0, len(params), 100): client.log_batch(run_id, params=params[i:i + 100])
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
     client.log_metric(run_id, f"{MONITOR}_trial", best.value)
     write_json(best_cfg.run_dir / "mlflow.json", {"run_id": run_id, "experiment": EXPERIMENT, "tracking_uri": cfg.mlflow_uri})
     stage_train(best_cfg, prep, enable_progress_bar=False)
@@ -405,14 +534,28 @@ def register_best(cfg: RunConfig, study, prep: Prepared, *, parent_run_id: str, 
     return run_id, metrics
 
 # %% ../nbs/60_tune.ipynb #42352dd2
-def tune(cfg: RunConfig, *, n_trials: int, study_name: str | None = None, storage: str | None = None, workers: int = 1,
-         timeout: float | None = None, space: dict[str, dict] | None = None, sampler_seed: int = 0, pruner=None,
-         torch_threads: int | None = None, register: bool = True, show_progress_bar: bool = True) -> TuneResult:
+def tune(
+    cfg: RunConfig,
+    *,
+    n_trials: int,
+    study_name: str | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    timeout: float | None = None,
+    space: dict[str, dict] | None = None,
+    sampler_seed: int = 0,
+    pruner=None,
+    torch_threads: int | None = None,
+    register: bool = True,
+    show_progress_bar: bool = True,
+) -> TuneResult:
     "Run (or continue) the sweep `study_name` with `n_trials` more trials on `workers` processes; retrain, test and register the best."
     import optuna
     from mlflow.tracking import MlflowClient
+
     log = setup_logging(cfg.log_level)
-    if n_trials < 1 or workers < 1: raise TuneError(f"tune: n_trials ({n_trials}) and workers ({workers}) must be >= 1")
+    if n_trials < 1 or workers < 1:
+        raise TuneError(f"tune: n_trials ({n_trials}) and workers ({workers}) must be >= 1")
     space = validate_space(dict(DEFAULT_SPACE if space is None else space), cfg)
     study_name, storage = study_name or cfg.run_name, storage or default_storage(cfg)
     prep = prepare(cfg)
@@ -423,16 +566,26 @@ def tune(cfg: RunConfig, *, n_trials: int, study_name: str | None = None, storag
     before = {t.number for t in study.get_trials(deepcopy=False)}
     shares = _shares(n_trials, workers)
     threads = torch_threads or max(1, (os.cpu_count() or 1) // len(shares))
-    log.info("study %s (%s): %d trials on %d worker(s), %d trials before; MLflow parent run %s", study_name, redact(storage),
-             n_trials, len(shares), len(before), parent)
+    log.info(
+        "study %s (%s): %d trials on %d worker(s), %d trials before; MLflow parent run %s",
+        study_name,
+        redact(storage),
+        n_trials,
+        len(shares),
+        len(before),
+        parent,
+    )
     kw = dict(study_name=study_name, storage=storage, timeout=timeout, sampler_seed=sampler_seed, pruner=pruner, torch_threads=threads)
     try:
-        if len(shares) == 1: run_worker(cfg, n_trials=n_trials, worker=0, show_progress_bar=show_progress_bar, prep=prep, **kw)
-        else: _run_processes(cfg, shares, total=n_trials, show_progress_bar=show_progress_bar, **kw)
+        if len(shares) == 1:
+            run_worker(cfg, n_trials=n_trials, worker=0, show_progress_bar=show_progress_bar, prep=prep, **kw)
+        else:
+            _run_processes(cfg, shares, total=n_trials, show_progress_bar=show_progress_bar, **kw)
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
         trials = study.get_trials(deepcopy=False)
         states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
-        if not states["COMPLETE"]: raise RuntimeError(f"study '{study_name}': no trial completed ({states}); nothing to retrain")
+        if not states["COMPLETE"]:
+            raise RuntimeError(f"study '{study_name}': no trial completed ({states}); nothing to retrain")
         best = study.best_trial
         log.info("best trial %d: %s = %.4f with %s", best.number, MONITOR, best.value, best.params)
         best_run, metrics = register_best(cfg, study, prep, parent_run_id=parent, register=register)
@@ -443,11 +596,22 @@ def tune(cfg: RunConfig, *, n_trials: int, study_name: str | None = None, storag
     if register:
         versions = client.search_model_versions(f"run_id = '{best_run}'")
         version = str(versions[0].version) if versions else None
-    for k, v in {"best_trial": best.number, "best_run_id": best_run, "best_model_version": version}.items(): client.set_tag(parent, k, str(v))
+    for k, v in {"best_trial": best.number, "best_run_id": best_run, "best_model_version": version}.items():
+        client.set_tag(parent, k, str(v))
     client.set_terminated(parent, "FINISHED")
-    res = TuneResult(study_name=study_name, storage=redact(storage), n_trials=len([t for t in trials if t.number not in before]),
-                     n_total=len(trials), states={k: v for k, v in states.items() if v}, best_number=best.number,
-                     best_value=float(best.value), best_params=dict(best.params), parent_run_id=parent, best_run_id=best_run,
-                     model_version=version, metrics=metrics)
+    res = TuneResult(
+        study_name=study_name,
+        storage=redact(storage),
+        n_trials=len([t for t in trials if t.number not in before]),
+        n_total=len(trials),
+        states={k: v for k, v in states.items() if v},
+        best_number=best.number,
+        best_value=float(best.value),
+        best_params=dict(best.params),
+        parent_run_id=parent,
+        best_run_id=best_run,
+        model_version=version,
+        metrics=metrics,
+    )
     write_json(cfg.run_dir / "tune.json", {k: v for k, v in res.__dict__.items() if k != "metrics"})
     return res

@@ -1,4 +1,5 @@
 """Shared fixtures: the project root, the venv's console script and the real data folder."""
+
 import os
 import sys
 from pathlib import Path

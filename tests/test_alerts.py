@@ -1,32 +1,67 @@
 """Capture scoring and alerts (cyber_moe.alerts) end to end: a generated pcap, a saved and reloaded bundle of the
 default model size on the nfstream schema, alert files in ECS and Suricata-EVE shape, truncated captures, and
 `watch` replaying the pcap."""
+
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cyber_moe.alerts import (SID_BASE, community_id, make_alerts, save_verdicts, score_pcap, summary_table, watch,
-                              write_alerts)
-from cyber_moe.bundle import ModelBundle, load_model_bundle, save_bundle
+from cyber_moe.alerts import SID_BASE, community_id, make_alerts, save_verdicts, score_pcap, summary_table, watch, write_alerts
+from cyber_moe.bundle import load_model_bundle, save_bundle
 from cyber_moe.testing import untrained_bundle
 from cyber_moe.nfstream import NFSTREAM, PcapError, pcap_to_flows
 from cyber_moe.synth import load_or_generate
 
 # Field -> type for the keys every alert must carry (dotted paths into the nested documents).
-ECS_REQUIRED = {"@timestamp": str, "ecs.version": str, "event.kind": str, "event.category": list, "event.type": list,
-                "event.start": str, "event.end": str, "event.duration": int, "event.risk_score": float, "event.severity": int,
-                "source.ip": str, "source.port": int, "destination.ip": str, "destination.port": int,
-                "network.transport": str, "network.iana_number": str, "network.community_id": str,
-                "rule.name": str, "rule.id": str, "rule.ruleset": str, "rule.version": str, "observer.product": str}
-EVE_REQUIRED = {"timestamp": str, "flow_id": int, "event_type": str, "src_ip": str, "src_port": int, "dest_ip": str,
-                "dest_port": int, "proto": str, "community_id": str, "alert.action": str, "alert.gid": int,
-                "alert.signature_id": int, "alert.rev": int, "alert.signature": str, "alert.category": str, "alert.severity": int}
+ECS_REQUIRED = {
+    "@timestamp": str,
+    "ecs.version": str,
+    "event.kind": str,
+    "event.category": list,
+    "event.type": list,
+    "event.start": str,
+    "event.end": str,
+    "event.duration": int,
+    "event.risk_score": float,
+    "event.severity": int,
+    "source.ip": str,
+    "source.port": int,
+    "destination.ip": str,
+    "destination.port": int,
+    "network.transport": str,
+    "network.iana_number": str,
+    "network.community_id": str,
+    "rule.name": str,
+    "rule.id": str,
+    "rule.ruleset": str,
+    "rule.version": str,
+    "observer.product": str,
+}
+EVE_REQUIRED = {
+    "timestamp": str,
+    "flow_id": int,
+    "event_type": str,
+    "src_ip": str,
+    "src_port": int,
+    "dest_ip": str,
+    "dest_port": int,
+    "proto": str,
+    "community_id": str,
+    "alert.action": str,
+    "alert.gid": int,
+    "alert.signature_id": int,
+    "alert.rev": int,
+    "alert.signature": str,
+    "alert.category": str,
+    "alert.severity": int,
+}
 
 
 def get(doc: dict, dotted: str):
-    for k in dotted.split("."): doc = doc[k]
+    for k in dotted.split("."):
+        doc = doc[k]
     return doc
 
 
@@ -49,7 +84,7 @@ def bundle(capture, tmp_path_factory):
     "A bundle of the default ModelConfig size on the nfstream schema, saved and loaded back as the CLI loads it."
     flows, _ = capture
     b = untrained_bundle(flows, schema=NFSTREAM, seed=1, name="nfs-test", version="7")
-    b.threshold = float(np.quantile(b.predict(flows)["p_attack"], 0.7))      # about 30% flagged: both kinds present
+    b.threshold = float(np.quantile(b.predict(flows)["p_attack"], 0.7))  # about 30% flagged: both kinds present
     return load_model_bundle(save_bundle(b, tmp_path_factory.mktemp("model") / "model"))
 
 
@@ -97,14 +132,17 @@ def test_alert_files_one_line_per_flagged_flow(bundle, scored, tmp_path, fmt, sp
     flagged = scored[scored["is_attack"] == 1]
     assert n == len(lines) == len(flagged)
     docs = [json.loads(line) for line in lines]
-    for d in docs: check_shape(d, spec)
+    for d in docs:
+        check_shape(d, spec)
     src = "source.ip" if fmt == "ecs" else "src_ip"
     dport = "destination.port" if fmt == "ecs" else "dest_port"
     cid = "network.community_id" if fmt == "ecs" else "community_id"
     assert [get(d, src) for d in docs] == flagged["src_ip"].tolist()
     assert [get(d, dport) for d in docs] == flagged["dst_port"].tolist()
     assert [get(d, cid) for d in docs] == flagged["community_id"].tolist()
-    benign_keys = set(zip(scored.loc[scored["is_attack"] == 0, "community_id"], scored.loc[scored["is_attack"] == 0, "bidirectional_first_seen_ms"]))
+    benign_keys = set(
+        zip(scored.loc[scored["is_attack"] == 0, "community_id"], scored.loc[scored["is_attack"] == 0, "bidirectional_first_seen_ms"])
+    )
     if fmt == "ecs":
         assert {d["event"]["kind"] for d in docs} == {"alert"}
         assert all("network" in d["event"]["category"] for d in docs)
@@ -162,10 +200,27 @@ def test_watch_flushes_a_waiting_batch_after_max_delay(bundle, capture):
 def test_cli_score_pcap_writes_alerts(cli, bundle, capture, scored, tmp_path):
     import subprocess
     from cyber_moe.bundle import save_bundle
+
     model = save_bundle(bundle, tmp_path / "model")
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
-    r = subprocess.run([cli, "score", "--model", str(model), "--input", str(capture[1]), "--alerts", str(tmp_path / "a.jsonl"),
-                        "--alert-format", "eve", "--feedback", url], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            cli,
+            "score",
+            "--model",
+            str(model),
+            "--input",
+            str(capture[1]),
+            "--alerts",
+            str(tmp_path / "a.jsonl"),
+            "--alert-format",
+            "eve",
+            "--feedback",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     n = int(scored["is_attack"].sum())
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == n
@@ -177,40 +232,76 @@ def test_cli_score_and_watch_apply_suppression_rules(cli, bundle, capture, score
     import subprocess
     from cyber_moe.bundle import save_bundle
     from cyber_moe.feedback import FeedbackStore
+
     model = save_bundle(bundle, tmp_path / "model")
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     flagged = scored[scored["is_attack"] == 1]
     src = flagged["src_ip"].value_counts().index[0]
     n_sup = int((flagged["src_ip"] == src).sum())
     assert 0 < n_sup < len(flagged)
-    with FeedbackStore(url) as fb: rule = fb.add_rule(src=src, reason="the backup server", creator="pytest")
-    r = subprocess.run([cli, "score", "--model", str(model), "--input", str(capture[1]), "--alerts", str(tmp_path / "a.jsonl"),
-                        "--output", str(tmp_path / "v.parquet"), "--feedback", url], capture_output=True, text=True)
+    with FeedbackStore(url) as fb:
+        rule = fb.add_rule(src=src, reason="the backup server", creator="pytest")
+    r = subprocess.run(
+        [
+            cli,
+            "score",
+            "--model",
+            str(model),
+            "--input",
+            str(capture[1]),
+            "--alerts",
+            str(tmp_path / "a.jsonl"),
+            "--output",
+            str(tmp_path / "v.parquet"),
+            "--feedback",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     alerts = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(alerts) == len(flagged) - n_sup and all(a["source"]["ip"] != src for a in alerts)
     assert f"suppressed {n_sup:,} (rule {rule.id} {n_sup:,})" in r.stdout, r.stdout
     assert f"{n_sup:,} flagged flow(s) suppressed by rules" in r.stdout
     v = pd.read_parquet(tmp_path / "v.parquet")
-    assert len(v) == len(scored) and int(v["is_attack"].sum()) == len(flagged)            # still scored
+    assert len(v) == len(scored) and int(v["is_attack"].sum()) == len(flagged)  # still scored
     assert int(v["suppressed_by"].notna().sum()) == n_sup and "bidirectional_packets" not in v.columns
-    w = subprocess.run([cli, "watch", "--model", str(model), "--pcap", str(capture[1]), "--alerts", str(tmp_path / "w.jsonl"),
-                        "--feedback", url], capture_output=True, text=True)
+    w = subprocess.run(
+        [cli, "watch", "--model", str(model), "--pcap", str(capture[1]), "--alerts", str(tmp_path / "w.jsonl"), "--feedback", url],
+        capture_output=True,
+        text=True,
+    )
     assert w.returncode == 0, w.stderr
     assert len((tmp_path / "w.jsonl").read_text().splitlines()) == len(flagged) - n_sup
     assert f"{n_sup:,} suppressed" in w.stderr and "0 new alert(s) stored" in w.stderr, w.stderr
     with FeedbackStore(url) as fb:
         assert fb.count_alerts(suppressed=None) == len(flagged) and fb.count_alerts(suppressed=True) == n_sup
-        assert fb.get_rule(rule.id).n_suppressed == n_sup                                     # stored once, counted once
+        assert fb.get_rule(rule.id).n_suppressed == n_sup  # stored once, counted once
 
 
 def test_cli_score_goes_on_when_the_store_is_unreachable(cli, bundle, capture, scored, tmp_path):
     import subprocess
     from cyber_moe.bundle import save_bundle
     from cyber_moe.testing import free_port
+
     model = save_bundle(bundle, tmp_path / "model")
-    r = subprocess.run([cli, "score", "--model", str(model), "--input", str(capture[1]), "--alerts", str(tmp_path / "a.jsonl"),
-                        "--feedback", f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/fb"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            cli,
+            "score",
+            "--model",
+            str(model),
+            "--input",
+            str(capture[1]),
+            "--alerts",
+            str(tmp_path / "a.jsonl"),
+            "--feedback",
+            f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/fb",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == int(scored["is_attack"].sum())
     assert "going on without feedback" in r.stderr and "secret" not in r.stderr, r.stderr

@@ -1,4 +1,5 @@
 """The `cyber-moe pipeline` command, run as a user would: the console script in a subprocess."""
+
 import json
 import subprocess
 
@@ -18,8 +19,20 @@ def test_help_lists_pipeline(cli, root):
 
 def test_setup_stage_writes_run_record(cli, root, tmp_path):
     out = tmp_path / "outs"
-    r = run(cli, "pipeline", "--params", "params/smoke.yaml", "--stages", "00_setup", "--quiet",
-            "--set", f"outputs_dir={out}", "--set", "train.max_epochs=2", cwd=root)
+    r = run(
+        cli,
+        "pipeline",
+        "--params",
+        "params/smoke.yaml",
+        "--stages",
+        "00_setup",
+        "--quiet",
+        "--set",
+        f"outputs_dir={out}",
+        "--set",
+        "train.max_epochs=2",
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "smoke" / "run.json").read_text())
     assert rec["status"] == "ok" and rec["run_name"] == "smoke"
@@ -52,6 +65,7 @@ def test_bad_params_exit_nonzero_with_one_line_naming_the_key(cli, root, tmp_pat
 
 def test_failing_stage_stops_pipeline_naming_notebook_and_cell(cli, root, tmp_path):
     import nbformat
+
     folder = tmp_path / "stages"
     folder.mkdir()
     for name, src in [("00_ok", "x = 1"), ("10_boom", "raise ValueError('stage exploded')"), ("20_never", "open('NEVER', 'w')")]:
@@ -62,8 +76,9 @@ def test_failing_stage_stops_pipeline_naming_notebook_and_cell(cli, root, tmp_pa
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
         nbformat.write(nb, folder / f"{name}.ipynb")
     out = tmp_path / "outs"
-    r = run(cli, "pipeline", "--params", "params/smoke.yaml", "--pipelines", str(folder), "--quiet",
-            "--set", f"outputs_dir={out}", cwd=root)
+    r = run(
+        cli, "pipeline", "--params", "params/smoke.yaml", "--pipelines", str(folder), "--quiet", "--set", f"outputs_dir={out}", cwd=root
+    )
     assert r.returncode == 1
     assert "10_boom.ipynb" in r.stderr and "ValueError" in r.stderr and "stage exploded" in r.stderr and "cell" in r.stderr
     rec = json.loads((out / "smoke" / "run.json").read_text())

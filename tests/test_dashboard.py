@@ -1,4 +1,5 @@
 """The analyst dashboard for real: a trained run, Voila serving nbs/dashboards/analysis.ipynb, headless Chromium driving it."""
+
 import json
 import shutil
 import socket
@@ -12,13 +13,20 @@ import pytest
 from cyber_moe.dashboard import find_runs, load_run, start, wait_until_serving
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 # Voila's page links fonts on a CDN in <head>; offline, a slow DNS answer stalls the page for minutes:
-                 # resolve every host but the local one to "not found" at once
-                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    # Voila's page links fonts on a CDN in <head>; offline, a slow DNS answer stalls the page for minutes:
+    # resolve every host but the local one to "not found" at once
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]
 STDERR = '.jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"]'
-PAGE_TIMEOUT_MS = 240_000   # a first Voila render runs the whole notebook: 20-40 s here, more on a loaded machine
+PAGE_TIMEOUT_MS = 240_000  # a first Voila render runs the whole notebook: 20-40 s here, more on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +34,14 @@ def run_outputs(tmp_path_factory, root, cli) -> Path:
     "An outputs folder with one smoke run: trained by `cyber-moe train`, with its config.yaml and the explain stage's SHAP/drift views."
     from cyber_moe.config import load_config, save_config
     from cyber_moe.report import stage_explain
+
     out = tmp_path_factory.mktemp("dash") / "outputs"
     args = ["--params", str(root / "params" / "smoke.yaml"), "--set", f"outputs_dir={out}"]
     res = subprocess.run([cli, "train", *args, "--quiet"], cwd=root, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = load_config(root / "params" / "smoke.yaml", [f"outputs_dir={out}"])
-    if not (cfg.run_dir / "config.yaml").is_file(): save_config(cfg, cfg.run_dir / "config.yaml")  # `cyber-moe pipeline` writes it
+    if not (cfg.run_dir / "config.yaml").is_file():
+        save_config(cfg, cfg.run_dir / "config.yaml")  # `cyber-moe pipeline` writes it
     stage_explain(cfg, n=8, n_background=5)
     return out
 
@@ -46,6 +56,7 @@ def _free_port() -> int:
 def serve(tmp_path_factory):
     "Start Voila on the dashboard for an outputs folder (free port on 127.0.0.1); every server is stopped at the end."
     procs = []
+
     def _serve(outputs_dir: Path) -> str:
         port = _free_port()
         log = open(tmp_path_factory.mktemp("voila") / "voila.log", "w")
@@ -54,20 +65,27 @@ def serve(tmp_path_factory):
         url = f"http://127.0.0.1:{port}/"
         wait_until_serving(url, timeout=120, proc=proc)
         return url
+
     yield _serve
     for proc, log in procs:
         proc.terminate()
-        try: proc.wait(timeout=30)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         log.close()
 
 
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: the dashboard test drives a real Chromium; install it with "
-                    "`apt-get install -y chromium` (`make pytest` does it when missing)")
+        pytest.fail(
+            f"{CHROMIUM} not found: the dashboard test drives a real Chromium; install it with "
+            "`apt-get install -y chromium` (`make pytest` does it when missing)"
+        )
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
@@ -77,13 +95,15 @@ def browser():
 def _open(browser, url: str, ready: str, *, width: int = 1366):
     page = browser.new_page(viewport={"width": width, "height": 900})
     page.set_default_timeout(60_000)
-    page.goto(url, wait_until="commit", timeout=PAGE_TIMEOUT_MS)   # the page streams as the notebook runs; some CDN assets never load offline
+    page.goto(
+        url, wait_until="commit", timeout=PAGE_TIMEOUT_MS
+    )  # the page streams as the notebook runs; some CDN assets never load offline
     page.wait_for_selector(ready, timeout=PAGE_TIMEOUT_MS)
     return page
 
 
 def _close(page) -> None:
-    page.close(run_before_unload=True)   # lets Voila shut the page's kernel down
+    page.close(run_before_unload=True)  # lets Voila shut the page's kernel down
 
 
 def _assert_clean(page) -> None:
@@ -100,8 +120,11 @@ def _verdict(page) -> str:
 
 def _wait_verdict(page, condition: str, arg=None) -> None:
     "Wait until the verdict's text `t` satisfies the JavaScript expression `condition` (`a` is `arg`)."
-    page.wait_for_function(f"a => {{ const v = document.querySelector('.cm-verdict'); if (!v) return false; const t = v.innerText; return {condition}; }}",
-                           arg=arg, timeout=60_000)
+    page.wait_for_function(
+        f"a => {{ const v = document.querySelector('.cm-verdict'); if (!v) return false; const t = v.innerText; return {condition}; }}",
+        arg=arg,
+        timeout=60_000,
+    )
 
 
 def test_dashboard_page(run_outputs, serve, browser, root):
@@ -112,12 +135,12 @@ def test_dashboard_page(run_outputs, serve, browser, root):
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 10", timeout=120_000)
         _assert_clean(page)
         body = page.inner_text("body")
-        assert "smoke (outputs) · cyber-moe-synth v1" in body   # the run folder, tagged with its registered version
+        assert "smoke (outputs) · cyber-moe-synth v1" in body  # the run folder, tagged with its registered version
         for who in ("model", "baseline"):
             assert f"{metrics[who]['binary']['f1']:.4f}" in body and f"{metrics[who]['family']['macro_f1']:.4f}" in body
         assert "operating point" in page.locator(".js-plotly-plot").nth(0).inner_text()
         widths = page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => e.getBoundingClientRect().width)")
-        assert widths[0] > 1.6 * widths[1], widths       # the two-panel PR / ROC figure spans the page, the others share rows
+        assert widths[0] > 1.6 * widths[1], widths  # the two-panel PR / ROC figure spans the page, the others share rows
         assert "from the run's explain stage" in body and "explain/drift.json" in body
         assert all(h > 100 for h in page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => e.getBoundingClientRect().height)"))
 
@@ -130,13 +153,18 @@ def test_dashboard_page(run_outputs, serve, browser, root):
 
         # filters: only flows the model got wrong, then only one true family
         page.locator(".cm-outcome button", has_text="wrong").click()
-        page.wait_for_function("() => Array.from(document.querySelectorAll('.cm-flow option')).every(o => o.textContent.endsWith('✗'))", timeout=60_000)
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.cm-flow option')).every(o => o.textContent.endsWith('✗'))", timeout=60_000
+        )
         _wait_verdict(page, "t.includes('family wrong')")
         n_wrong = page.locator(".cm-flow option").count()
         assert n_wrong == metrics["run"]["test_rows"] - round(metrics["model"]["family"]["accuracy"] * metrics["run"]["test_rows"])
         page.select_option(".cm-family select", label="dos")
-        page.wait_for_function("() => Array.from(document.querySelectorAll('.cm-flow option'))"   # ipywidgets writes spaces as U+00A0
-                               ".every(o => o.textContent.replace(/\\u00a0/g, ' ').includes('true dos → '))", timeout=60_000)
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.cm-flow option'))"  # ipywidgets writes spaces as U+00A0
+            ".every(o => o.textContent.replace(/\\u00a0/g, ' ').includes('true dos → '))",
+            timeout=60_000,
+        )
         assert page.locator(".cm-flow option").count() <= n_wrong
 
         # an uploaded CSV (rows of the run's data file): its flows replace the test split's
@@ -154,11 +182,13 @@ def test_dashboard_page(run_outputs, serve, browser, root):
         # an uploaded capture: the first 1,500 packets of the run's generated pcap, metered by NFStream in the kernel
         import dpkt
         from cyber_moe.nfstream import pcap_to_flows
+
         small = run_outputs.parent / "upload.pcap"
         with open(sorted((run_outputs / "data").glob("*.pcap"))[0], "rb") as f, open(small, "wb") as g:
             reader = dpkt.pcap.Reader(f)
             writer = dpkt.pcap.Writer(g, linktype=reader.datalink())
-            for _, (ts, buf) in zip(range(1500), reader): writer.writepkt(buf, ts)
+            for _, (ts, buf) in zip(range(1500), reader):
+                writer.writepkt(buf, ts)
         n_flows = len(pcap_to_flows(small))
         assert 0 < n_flows < 500
         with page.expect_file_chooser() as chooser:
@@ -171,7 +201,7 @@ def test_dashboard_page(run_outputs, serve, browser, root):
         # screenshot of the whole page (the scrolling happens inside Voila's panel: grow the viewport to it)
         height = page.evaluate("Math.max(...Array.from(document.querySelectorAll('div')).map(d => d.scrollHeight))")
         page.set_viewport_size({"width": 1366, "height": int(height) + 40})
-        time.sleep(2)   # plotly relayouts after the resize
+        time.sleep(2)  # plotly relayouts after the resize
         (root / "outputs").mkdir(exist_ok=True)
         page.screenshot(path=str(root / "outputs" / "dashboard.png"))
     finally:
@@ -193,7 +223,7 @@ def test_registry_only_run(run_outputs, tmp_path):
     "A registered model whose run folder is gone is still listed and shown from MLflow's artefacts."
     only_db = tmp_path / "outputs"
     only_db.mkdir()
-    shutil.copy(run_outputs / "mlflow.db", only_db / "mlflow.db")   # the registry still points at the artefact store
+    shutil.copy(run_outputs / "mlflow.db", only_db / "mlflow.db")  # the registry still points at the artefact store
     refs = find_runs(only_db)
     assert [(r.run_dir, r.registered) for r in refs] == [(None, ["cyber-moe-synth v1"])]
     assert refs[0].label.startswith("smoke (cyber-moe-synth v1)")
@@ -209,10 +239,10 @@ def test_run_picker_switches_runs(run_outputs, serve, browser, tmp_path):
     out = tmp_path / "outputs"
     shutil.copytree(run_outputs, out)
     shutil.copytree(out / "smoke", out / "smoke-b")
-    (out / "smoke-b" / "metrics.json").touch()                      # the newest run is listed first
+    (out / "smoke-b" / "metrics.json").touch()  # the newest run is listed first
     page = _open(browser, serve(out), ".cm-verdict")
     try:
-        options = [o.replace("\xa0", " ") for o in page.locator(".cm-run select option").all_inner_texts()]   # ipywidgets writes U+00A0
+        options = [o.replace("\xa0", " ") for o in page.locator(".cm-run select option").all_inner_texts()]  # ipywidgets writes U+00A0
         assert len(options) == 2 and options[0].startswith("smoke-b") and options[1].startswith("smoke "), options
         notes = [t.replace("\xa0", " ") for t in page.locator(".cm-note").all_inner_texts()]
         assert any(t.startswith("smoke-b (outputs)") for t in notes), notes
@@ -229,8 +259,11 @@ def test_run_picker_switches_runs(run_outputs, serve, browser, tmp_path):
         page.wait_for_function("() => window.cmLog.includes('filled')", timeout=120_000)
         # the headline table came first, with the heavy views still marked "computing ...", and they were filled in place later
         assert page.evaluate("window.cmLog") == ["headline", "pending", "filled"], page.evaluate("window.cmLog")
-        page.wait_for_function("() => Array.from(document.querySelectorAll('.cm-note'))"
-                               ".some(n => n.innerText.replace(/\u00a0/g, ' ').startsWith('smoke (outputs)'))", timeout=120_000)
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.cm-note'))"
+            ".some(n => n.innerText.replace(/\u00a0/g, ' ').startsWith('smoke (outputs)'))",
+            timeout=120_000,
+        )
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 10", timeout=120_000)
         _wait_verdict(page, "t.startsWith('Flow #0 of the test split')")
         _assert_clean(page)
@@ -241,27 +274,43 @@ def test_run_picker_switches_runs(run_outputs, serve, browser, tmp_path):
 def test_triage_marks_and_suppresses(run_outputs, serve, browser, tmp_path):
     "An analyst opens the most uncertain alert, marks it a false positive (benign, with a note) and suppresses its source and port: both are in the store."
     from cyber_moe.feedback import FeedbackStore
+
     out = tmp_path / "outputs"
     shutil.copytree(run_outputs, out)
     classes = json.loads((out / "smoke" / "metrics.json").read_text())["run"]["classes"]
     flows = pd.read_parquet([p for p in sorted((out / "data").glob("*.parquet")) if "truth" not in p.name][0]).head(3)
-    recs = [{"id": f"a{i}", "src_ip": f"198.18.0.{i + 1}", "src_port": 40000 + i, "dst_ip": "198.18.1.1", "dst_port": 80, "protocol": 6,
-             "p_attack": p, "family": classes[1], "features": flows.iloc[i].to_dict()} for i, p in enumerate([0.97, 0.62, 0.99])]
+    recs = [
+        {
+            "id": f"a{i}",
+            "src_ip": f"198.18.0.{i + 1}",
+            "src_port": 40000 + i,
+            "dst_ip": "198.18.1.1",
+            "dst_port": 80,
+            "protocol": 6,
+            "p_attack": p,
+            "family": classes[1],
+            "features": flows.iloc[i].to_dict(),
+        }
+        for i, p in enumerate([0.97, 0.62, 0.99])
+    ]
     url = f"sqlite:///{out / 'feedback.db'}"
     with FeedbackStore(url) as store:
         store.add_alerts(recs, model_name="cyber-moe-synth", model_version="1", source="test", classes=classes, threshold=0.5)
     page = _open(browser, serve(out), ".cm-queue select")
     try:
         page.wait_for_function("document.querySelectorAll('.cm-queue option').length === 3", timeout=60_000)
-        assert "alerts 1–3 of 3" in page.locator(".cm-page-info").inner_text().replace("\xa0", " ")      # one page: no older alerts
+        assert "alerts 1–3 of 3" in page.locator(".cm-page-info").inner_text().replace("\xa0", " ")  # one page: no older alerts
         assert page.locator(".cm-page-next").is_disabled() and page.locator(".cm-page-prev").is_disabled()
         page.locator(".cm-order button", has_text="most uncertain").click()
         page.wait_for_function("document.querySelector('.cm-queue option').textContent.includes('198.18.0.2')", timeout=60_000)
         page.select_option(".cm-queue select", index=0)
         page.wait_for_selector('.cm-alert[data-id="a1"]', timeout=60_000)
         page.locator(".cm-verdict-choice button", has_text="false positive").click()
-        page.wait_for_function("document.querySelector('.cm-right-family select').value.length > 0 && "
-                               "document.querySelector('.cm-right-family select').selectedOptions[0].textContent === 'benign'", timeout=60_000)
+        page.wait_for_function(
+            "document.querySelector('.cm-right-family select').value.length > 0 && "
+            "document.querySelector('.cm-right-family select').selectedOptions[0].textContent === 'benign'",
+            timeout=60_000,
+        )
         page.fill(".cm-verdict-note input", "monitoring poller")
         page.locator(".cm-mark").click()
         page.wait_for_selector(".cm-marked", timeout=60_000)

@@ -1,4 +1,5 @@
 """The loaders of cyber_moe.data on the real files in ../shared/data, and on fixtures built from them as bytes."""
+
 import re
 import zipfile
 
@@ -6,8 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cyber_moe.data import (ChecksumError, DataError, engelen2021_time_test_mask, format_inspect, inspect_flows,
-                            load_cic_ids2017, load_flows, sha256_of)
+from cyber_moe.data import (
+    ChecksumError,
+    DataError,
+    engelen2021_time_test_mask,
+    format_inspect,
+    inspect_flows,
+    load_cic_ids2017,
+    load_flows,
+    sha256_of,
+)
 from cyber_moe.schema import CIC_IDS2017, FAMILY, IS_ATTACK, SchemaError
 
 UNSW = "unsw-nb15/UNSW_NB15_training-set.dev80.csv"
@@ -43,10 +52,14 @@ def ml_fixture(cic_bytes, tmp_path_factory):
     header, rows = [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
     names = [h.strip().decode() for h in header]
     fb, fp, lab = names.index("Flow Bytes/s"), names.index("Flow Packets/s"), names.index("Label")
-    for i in range(0, 30, 3): rows[i][fb] = b"Infinity"
-    for i in range(1, 30, 3): rows[i][fp] = b"NaN"
-    for i in range(40, 47): rows[i][lab] = b"Web Attack \x96 Brute Force"
-    for i in range(50, 52): rows[i][lab] = b"Web Attack \xef\xbf\xbd XSS"   # how MachineLearningCSV spells it
+    for i in range(0, 30, 3):
+        rows[i][fb] = b"Infinity"
+    for i in range(1, 30, 3):
+        rows[i][fp] = b"NaN"
+    for i in range(40, 47):
+        rows[i][lab] = b"Web Attack \x96 Brute Force"
+    for i in range(50, 52):
+        rows[i][lab] = b"Web Attack \xef\xbf\xbd XSS"  # how MachineLearningCSV spells it
     path = tmp_path_factory.mktemp("ml") / "Friday-WorkingHours-Afternoon-DDos.ml.csv"
     path.write_bytes(join_csv(header, rows))
     return path, len(header)
@@ -61,12 +74,12 @@ def test_unsw_dev_file(shared_data):
     assert rep.class_counts["Normal"] == 29_600 and rep.class_counts["Worms"] == 35
     assert (df[IS_ATTACK] == (df[FAMILY] != "Normal")).all()
     assert rep.files[0].sha256 == readme_sha256(shared_data, UNSW)
-    assert rep.issues == []                                  # label and attack_cat agree in this partition
-    assert df["service"].value_counts()["-"] == 37_696      # '-' (no service) kept as its own value
+    assert rep.issues == []  # label and attack_cat agree in this partition
+    assert df["service"].value_counts()["-"] == 37_696  # '-' (no service) kept as its own value
     assert df["dur"].dtype == np.float32
     report = inspect_flows(path)
     assert report["source"] == "unsw-nb15" and report["rows"] == 65_866
-    assert report["duplicate_rows"] == 19_710                # exact duplicates once `id` is left out
+    assert report["duplicate_rows"] == 19_710  # exact duplicates once `id` is left out
     assert report["identifier_columns"] == ["id"]
     assert "19,710" in format_inspect(report)
 
@@ -79,9 +92,9 @@ def test_cic_sample(shared_data):
     assert "Fwd Header Length.1" not in df.columns
     assert rep.fixed[0]["unequal_rows"] == 0 and rep.fixed[0]["rows"] == 299
     assert df["Timestamp"].dtype.kind == "M"
-    assert df["Timestamp"].min() == pd.Timestamp("2017-07-07 15:30")   # written '7/7/2017 3:30', captured in the afternoon
+    assert df["Timestamp"].min() == pd.Timestamp("2017-07-07 15:30")  # written '7/7/2017 3:30', captured in the afternoon
     assert rep.non_finite == {"Flow Bytes/s": {"inf": 1}, "Flow Packets/s": {"inf": 1}}
-    assert np.isinf(df["Flow Bytes/s"]).sum() == 1             # kept, not zero-filled
+    assert np.isinf(df["Flow Bytes/s"]).sum() == 1  # kept, not zero-filled
 
 
 def test_machine_learning_csv_fixture(ml_fixture):
@@ -117,7 +130,8 @@ def test_zips(shared_data, cic_bytes, ml_fixture, tmp_path):
     with pytest.raises(DataError, match="load one variant at a time"):
         load_flows("cic-ids2017", mixed)
     uz = tmp_path / "unsw.zip"
-    with zipfile.ZipFile(uz, "w", zipfile.ZIP_DEFLATED) as zf: zf.write(shared_data / UNSW, "UNSW_NB15_training-set.csv")
+    with zipfile.ZipFile(uz, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(shared_data / UNSW, "UNSW_NB15_training-set.csv")
     assert len(load_flows("unsw", uz)[0]) == 65_866
 
 
@@ -127,24 +141,29 @@ def test_errors(shared_data, cic_bytes, tmp_path):
     with pytest.raises(SchemaError, match=r"head299.csv: not a unsw-nb15 flow table: \d+ missing column\(s\): spkts"):
         load_flows("unsw-nb15", shared_data / CIC)
     header, rows = split_csv(cic_bytes)
-    for r in rows[:5]: r[-1] = b"Mirai"
-    bad = tmp_path / "bad.csv"; bad.write_bytes(join_csv(header, rows))
+    for r in rows[:5]:
+        r[-1] = b"Mirai"
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(join_csv(header, rows))
     with pytest.raises(SchemaError, match=r"'Mirai' \(5 rows\)"):
         load_flows("cic-ids2017", bad)
     assert inspect_flows(bad)["unknown_labels"] == {"Mirai": 5}
-    trunc = tmp_path / "trunc.csv"; trunc.write_bytes(cic_bytes[: len(cic_bytes) // 2])
+    trunc = tmp_path / "trunc.csv"
+    trunc.write_bytes(cic_bytes[: len(cic_bytes) // 2])
     with pytest.raises(DataError, match="trunc.csv: cannot be read as a CIC-IDS2017 CSV.*truncated"):
         load_flows("cic-ids2017", trunc)
-    empty = tmp_path / "empty.csv"; empty.write_bytes(b"")
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
     with pytest.raises(DataError, match="empty.csv: the file is empty"):
         load_flows("cic-ids2017", empty)
-    head_only = tmp_path / "head.csv"; head_only.write_bytes(cic_bytes.split(b"\n")[0] + b"\n")
+    head_only = tmp_path / "head.csv"
+    head_only.write_bytes(cic_bytes.split(b"\n")[0] + b"\n")
     with pytest.raises(DataError, match="head.csv: has a header but no data rows"):
         load_flows("cic-ids2017", head_only)
 
 
 def test_checksum_from_idsdata_registry(cic_bytes, tmp_path):
-    known = tmp_path / "Friday-WorkingHours-Afternoon-DDos.pcap_ISCX.csv"   # a name the registry knows, other bytes
+    known = tmp_path / "Friday-WorkingHours-Afternoon-DDos.pcap_ISCX.csv"  # a name the registry knows, other bytes
     known.write_bytes(cic_bytes)
     with pytest.raises(ChecksumError) as e:
         load_flows("cic-ids2017", known)
@@ -157,10 +176,18 @@ def test_checksum_from_idsdata_registry(cic_bytes, tmp_path):
 def test_engelen2021_release(cic_bytes, tmp_path):
     "The corrected release's names, AM/PM timestamps and 'Attempted' labels, from the sample's bytes."
     header, rows = split_csv(cic_bytes)
-    rename = {"Source IP": "Src IP", "Source Port": "Src Port", "Destination IP": "Dst IP", "Destination Port": "Dst Port",
-              "Total Fwd Packets": "Total Fwd Packet", "Total Backward Packets": "Total Bwd packets",
-              "Min Packet Length": "Packet Length Min", "CWE Flag Count": "CWR Flag Count",
-              "Init_Win_bytes_forward": "FWD Init Win Bytes", "act_data_pkt_fwd": "Fwd Act Data Pkts"}
+    rename = {
+        "Source IP": "Src IP",
+        "Source Port": "Src Port",
+        "Destination IP": "Dst IP",
+        "Destination Port": "Dst Port",
+        "Total Fwd Packets": "Total Fwd Packet",
+        "Total Backward Packets": "Total Bwd packets",
+        "Min Packet Length": "Packet Length Min",
+        "CWE Flag Count": "CWR Flag Count",
+        "Init_Win_bytes_forward": "FWD Init Win Bytes",
+        "act_data_pkt_fwd": "Fwd Act Data Pkts",
+    }
     names = [h.strip().decode() for h in header]
     dup = [i for i, n in enumerate(names) if n == "Fwd Header Length"][1]
     header = [rename.get(n, n).encode() for i, n in enumerate(names) if i != dup]
@@ -169,8 +196,10 @@ def test_engelen2021_release(cic_bytes, tmp_path):
     lab -= lab > dup
     for k, r in enumerate(rows):
         r[ts] = f"07/07/2017 03:{30 + k // 10:02d}:00 PM".encode()
-        if k % 10 == 0: r[lab] = b"DoS Hulk - Attempted"
-        elif k % 10 == 1: r[lab] = b"DoS Hulk"
+        if k % 10 == 0:
+            r[lab] = b"DoS Hulk - Attempted"
+        elif k % 10 == 1:
+            r[lab] = b"DoS Hulk"
     path = tmp_path / "Friday-WorkingHours.sample.csv"
     path.write_bytes(join_csv(header, rows))
     with pytest.raises(DataError, match="pass release='engelen2021'"):

@@ -3,6 +3,7 @@
 Lightning's DDP launcher starts the other rank by re-running the script, so the training runs in a script
 file of its own (as a user's would), in a subprocess.
 """
+
 import json
 import os
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import numpy as np
@@ -51,7 +52,7 @@ SCRIPT = textwrap.dedent('''
         trainer = make_trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", default_root_dir=out,
                                enable_progress_bar=False, logger=False, extra_callbacks=[Record(out)])
         trainer.fit(lit, datamodule=FlowDataModule(train=train, val=val, batch_size=64))
-''')
+""")
 
 
 def _free_port() -> int:
@@ -64,8 +65,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=240)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     infos = {i["rank"]: i for i in (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))}
     assert set(infos) == {0, 1}

@@ -1,5 +1,6 @@
 """deploy/: Prometheus config and alert rules pass promtool (and its rule unit tests), the Grafana dashboard
 and the alerts use only metrics the app exports, and the compose file, Dockerfile and provisioning agree."""
+
 import json
 import re
 import shutil
@@ -20,7 +21,8 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 
 def promtool(*args, cwd=None) -> subprocess.CompletedProcess:
-    if not Path(PROMTOOL).exists(): pytest.fail("promtool not found: `make sysdeps-test` installs Debian's prometheus package")
+    if not Path(PROMTOOL).exists():
+        pytest.fail("promtool not found: `make sysdeps-test` installs Debian's prometheus package")
     return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -50,17 +52,20 @@ def test_promtool_checks_the_scrape_config(tmp_path):
     shutil.copy(DEPLOY / "prometheus/alerts.yml", tmp_path / "alerts.yml")
     r = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = promtool("check", "config", "prometheus.yml", cwd=DEPLOY / "prometheus")   # as shipped: only the secret file is missing
+    r = promtool("check", "config", "prometheus.yml", cwd=DEPLOY / "prometheus")  # as shipped: only the secret file is missing
     assert "/run/secrets/api_key" in r.stdout + r.stderr and "rule" not in (r.stdout + r.stderr).lower().replace("rule_files", "")
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> set[str]:
     "Every series name the app's /metrics shows after some traffic (histogram _bucket/_sum/_count included)."
-    d = make_demo_bundle(tmp_path_factory.mktemp("deploy") / "b", d_token=8, n_blocks=1, d_temporal=8, n_temporal_layers=1, d_gate=8, d_head=16)
+    d = make_demo_bundle(
+        tmp_path_factory.mktemp("deploy") / "b", d_token=8, n_blocks=1, d_temporal=8, n_temporal_layers=1, d_gate=8, d_head=16
+    )
     with TestClient(create_app(d, ServeSettings(warmup_rows=2, drift_min_rows=10, access_log=False))) as c:
         for _ in range(200):
-            if c.get("/ready").status_code == 200: break
+            if c.get("/ready").status_code == 200:
+                break
             time.sleep(0.05)
         flows = json.loads(demo_flows(30).loc[:, list(DEMO_SCHEMA.features)].to_json(orient="records"))
         assert c.post("/predict_batch", json=flows).status_code == 200
@@ -69,8 +74,10 @@ def exported(tmp_path_factory) -> set[str]:
 
 
 def _exprs(obj) -> list[str]:
-    if isinstance(obj, dict): return [v for k, v in obj.items() if k == "expr" and isinstance(v, str)] + [e for v in obj.values() for e in _exprs(v)]
-    if isinstance(obj, list): return [e for v in obj for e in _exprs(v)]
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if k == "expr" and isinstance(v, str)] + [e for v in obj.values() for e in _exprs(v)]
+    if isinstance(obj, list):
+        return [e for v in obj for e in _exprs(v)]
     return []
 
 
@@ -110,13 +117,18 @@ def test_compose_dockerfile_and_provisioning_agree():
         for s in src.split():
             assert (ROOT / s).exists(), f"Dockerfile copies {s}, which is not in the project"
             assert not any(x in s for x in (".venv", "outputs", "..")), s
-    assert "uvicorn --factory cyber_moe.serve.app:app_from_env" in docker and "USER 10001" in docker and "HEALTHCHECK" in docker and "/ready" in docker
+    assert (
+        "uvicorn --factory cyber_moe.serve.app:app_from_env" in docker
+        and "USER 10001" in docker
+        and "HEALTHCHECK" in docker
+        and "/ready" in docker
+    )
     assert "EXPOSE 8000" in docker
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*" and "!cyber_moe/" in ignore and "!app/" in ignore
     entry = DEPLOY / "docker-entrypoint.sh"
     assert entry.stat().st_mode & 0o111 and "PROMETHEUS_MULTIPROC_DIR" in entry.read_text() and "CYBER_MOE_RELOAD_DIR" in entry.read_text()
-    assert "CYBER_MOE_RELOAD_DIR=" in docker                   # two workers: a reload sent to one reaches both
+    assert "CYBER_MOE_RELOAD_DIR=" in docker  # two workers: a reload sent to one reaches both
     r = subprocess.run(["sh", "-n", str(entry)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     prov = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/cyber-moe.yml").read_text())["providers"][0]

@@ -1,6 +1,7 @@
 """SHAP explanations of models trained on real UNSW-NB15 rows (../shared/data): additivity, agreement with
 shap's exact explainer, a planted one-feature rule found first, columns outside the schema never explained,
 one row per family and per expert."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,8 +10,18 @@ import torch
 from cyber_moe.bundle import ModelBundle, load_bundle, save_bundle
 from cyber_moe.data import load_flows
 from cyber_moe.evaluate import choose_operating_point
-from cyber_moe.explain import (_encode, _evaluate, attach_background, bundle_background, explain_flow, fig_flow_explanation,
-                               fig_global_importance, global_importance, make_background, shap_rows)
+from cyber_moe.explain import (
+    _encode,
+    _evaluate,
+    attach_background,
+    bundle_background,
+    explain_flow,
+    fig_flow_explanation,
+    fig_global_importance,
+    global_importance,
+    make_background,
+    shap_rows,
+)
 from cyber_moe.features import Preprocessor, split_flows
 from cyber_moe.models import MoEClassifier
 from cyber_moe.schema import FAMILY, IS_ATTACK, FlowSchema, get_schema
@@ -40,8 +51,13 @@ def train_bundle(frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: i
     split = split_flows(frame, schema=schema, seed=seed)
     train, val, test = split.frames(frame)
     pre = Preprocessor(schema=schema).fit(train)
-    kw = dict(n_num=len(schema.numeric), cat_cardinalities=list(pre.cat_cardinalities), n_time=len(schema.timing),
-              n_classes=len(pre.classes), **sizes)
+    kw = dict(
+        n_num=len(schema.numeric),
+        cat_cardinalities=list(pre.cat_cardinalities),
+        n_time=len(schema.timing),
+        n_classes=len(pre.classes),
+        **sizes,
+    )
     torch.manual_seed(seed)
     net = MoEClassifier(**kw)
     t = {k: torch.from_numpy(v) for k, v in {**pre.transform(train), **pre.encode_targets(train)}.items()}
@@ -52,9 +68,12 @@ def train_bundle(frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: i
     for _ in range(steps):
         i = torch.randint(0, len(t["x_num"]), (256,), generator=g)
         out = net(t["x_num"][i], t["x_cat"][i], t["x_time"][i])
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(out["binary"], t["y_binary"][i].float())
-                + torch.nn.functional.cross_entropy(out["family"], t["y_family"][i], weight=w / w.mean()))
-        opt.zero_grad(); loss.backward(); opt.step()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            out["binary"], t["y_binary"][i].float()
+        ) + torch.nn.functional.cross_entropy(out["family"], t["y_family"][i], weight=w / w.mean())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     b = ModelBundle(schema=schema, preprocessor=pre, net=net.eval(), net_kwargs=kw, name=f"test-{schema.name}")
     # is_attack at the validation operating point, as stage_train sets it (p_attack = 1 - p(benign))
     b.threshold = choose_operating_point(val[IS_ATTACK].to_numpy(), b.predict(val)["p_attack"].to_numpy())["threshold"]
@@ -65,14 +84,19 @@ def train_bundle(frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: i
 @pytest.fixture(scope="module")
 def trained(unsw):
     "An MoE over the full UNSW-NB15 schema (42 raw features), trained for a few hundred steps."
-    return train_bundle(unsw, get_schema("unsw-nb15"), steps=400, d_token=16, n_blocks=1, n_heads=2, d_temporal=16,
-                        d_gate=16, d_head=32)
+    return train_bundle(unsw, get_schema("unsw-nb15"), steps=400, d_token=16, n_blocks=1, n_heads=2, d_temporal=16, d_gate=16, d_head=32)
 
 
 # a reduced schema; `sttl`, the strongest real feature, is left out on purpose
-PLANT = FlowSchema(name="unsw-planted", numeric=("spkts", "sbytes", "dbytes", "stcpb", "dtcpb", "smean"),
-                   categorical=("proto", "state"), timing=("dur", "sinpkt"), label="attack_cat", benign="Normal",
-                   classes=("Normal", "Exploits"))
+PLANT = FlowSchema(
+    name="unsw-planted",
+    numeric=("spkts", "sbytes", "dbytes", "stcpb", "dtcpb", "smean"),
+    categorical=("proto", "state"),
+    timing=("dur", "sinpkt"),
+    label="attack_cat",
+    benign="Normal",
+    classes=("Normal", "Exploits"),
+)
 
 
 @pytest.fixture(scope="module")

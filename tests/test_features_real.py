@@ -1,4 +1,5 @@
 """Splits and preprocessing (cyber_moe.features) on the real UNSW-NB15 file (65,866 rows)."""
+
 import json
 
 import numpy as np
@@ -11,8 +12,6 @@ from cyber_moe.features import Preprocessor, population_stability_index, split_f
 from cyber_moe.schema import FAMILY, UNSW_NB15, SchemaError
 
 UNSW_DEV = "unsw-nb15/UNSW_NB15_training-set.dev80.csv"
-
-
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def pre(parts):
 def test_random_split_keeps_every_feature_vector_on_one_side(unsw, split):
     assert len(split.train) + len(split.val) + len(split.test) == len(unsw) == 65_866
     assert np.array_equal(np.sort(np.concatenate([split.train, split.val, split.test])), np.arange(len(unsw)))
-    keys = pd.MultiIndex.from_frame(unsw[list(UNSW_NB15.features)])       # exact comparison, not the split's hash
+    keys = pd.MultiIndex.from_frame(unsw[list(UNSW_NB15.features)])  # exact comparison, not the split's hash
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         n = int(keys[getattr(split, a)].isin(keys[getattr(split, b)]).sum())
         assert n == 0, f"{n} {a} rows have a copy in {b}"
@@ -96,7 +95,7 @@ def test_transform_contract_and_targets(unsw, parts, pre):
     assert arr["x_time"].shape == (n, 11) and arr["x_time"].dtype == np.float32
     assert np.isfinite(arr["x_num"]).all() and np.isfinite(arr["x_time"]).all()
     assert np.abs(arr["x_num"]).max() <= 10 and (arr["x_cat"] < np.array(pre.cat_cardinalities)).all()
-    assert pre.classes == list(UNSW_NB15.classes)            # all ten seen in training, Normal first
+    assert pre.classes == list(UNSW_NB15.classes)  # all ten seen in training, Normal first
     y = pre.encode_targets(unsw)
     assert (y["y_binary"] == unsw["label"].to_numpy()).all()
     assert (np.array(pre.classes)[y["y_family"]] == unsw[FAMILY].to_numpy()).all()
@@ -110,7 +109,7 @@ def test_transform_contract_and_targets(unsw, parts, pre):
 
 def test_raw_file_text_and_shuffled_columns_give_identical_arrays(shared_data, unsw, pre):
     ref = pre.transform(unsw)
-    raw = pd.read_csv(shared_data / UNSW_DEV, dtype=str)     # every value as text, BOM left in the header
+    raw = pd.read_csv(shared_data / UNSW_DEV, dtype=str)  # every value as text, BOM left in the header
     raw = raw[list(raw.columns[::-1])].assign(extra="x")
     got = pre.transform(raw)
     for k in ref:

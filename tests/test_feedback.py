@@ -1,6 +1,7 @@
 """Analyst feedback (issue 16) end to end: the REST service under real uvicorn (two workers) on a real, throw-away
 PostgreSQL cluster: verdicts by request id and by Community ID, the alert queue, suppression rules applied by every
 worker and counted, the bad inputs of the issue, concurrent verdicts, and a database that cannot be reached."""
+
 import json
 import re
 import threading
@@ -21,6 +22,7 @@ SMALL_NET = dict(d_token=8, n_blocks=1, d_temporal=8, n_temporal_layers=1, d_gat
 
 class Server(testing.Server):
     "The service as `cyber-moe serve` starts it (header-timeout protocol)."
+
     def __init__(self, model, **kw):
         super().__init__(model, args=("--http", HTTP_PROTOCOL), **kw)
 
@@ -28,8 +30,10 @@ class Server(testing.Server):
 @pytest.fixture(scope="module")
 def pg_url():
     try:
-        with postgres_cluster("feedback") as url: yield url
-    except FileNotFoundError as e: pytest.fail(str(e))
+        with postgres_cluster("feedback") as url:
+            yield url
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,12 @@ def bundle(tmp_path_factory):
 def server(bundle, pg_url, tmp_path_factory):
     d = tmp_path_factory.mktemp("server")
     (d / "metrics").mkdir()
-    env = {"CYBER_MOE_API_KEY": KEY, "CYBER_MOE_FEEDBACK_URL": pg_url, "CYBER_MOE_RULES_REFRESH_SECONDS": "0.3",
-           "PROMETHEUS_MULTIPROC_DIR": str(d / "metrics")}
+    env = {
+        "CYBER_MOE_API_KEY": KEY,
+        "CYBER_MOE_FEEDBACK_URL": pg_url,
+        "CYBER_MOE_RULES_REFRESH_SECONDS": "0.3",
+        "PROMETHEUS_MULTIPROC_DIR": str(d / "metrics"),
+    }
     with Server(bundle, log_path=d / "server.log", workers=2, env=env) as s:
         yield s
 
@@ -50,7 +58,7 @@ def server(bundle, pg_url, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
-        ok, t = 0, time.time()                                 # both workers: model loaded, store opened (in the background)
+        ok, t = 0, time.time()  # both workers: model loaded, store opened (in the background)
         while ok < 10 and time.time() - t < 180:
             r = c.get("/ready")
             ok = ok + 1 if r.status_code == 200 and r.json().get("feedback") == "ok" else 0
@@ -91,10 +99,27 @@ def test_alerts_and_verdicts_on_postgres(client, pg_url, bundle):
     # by Community ID: an alert a capture made (stored by `score --alerts` in another process)
     with FeedbackStore(pg_url) as store:
         assert store.revision == head_revision()
-        store.add_alerts([{"id": "cap-1", "community_id": "1:Q1Zk3Zs9tBfN7wO6mHd3Yq2rZ5M=", "src_ip": "198.18.0.7", "src_port": 5353,
-                           "dst_ip": "198.18.0.1", "dst_port": 161, "protocol": 17, "first_seen_ms": 1, "last_seen_ms": 2,
-                           "p_attack": 0.71, "family": "scan", "features": {"bytes": 80.0}}],
-                         model_name="fb-demo", model_version="3", source="score")
+        store.add_alerts(
+            [
+                {
+                    "id": "cap-1",
+                    "community_id": "1:Q1Zk3Zs9tBfN7wO6mHd3Yq2rZ5M=",
+                    "src_ip": "198.18.0.7",
+                    "src_port": 5353,
+                    "dst_ip": "198.18.0.1",
+                    "dst_port": 161,
+                    "protocol": 17,
+                    "first_seen_ms": 1,
+                    "last_seen_ms": 2,
+                    "p_attack": 0.71,
+                    "family": "scan",
+                    "features": {"bytes": 80.0},
+                }
+            ],
+            model_name="fb-demo",
+            model_version="3",
+            source="score",
+        )
     v = client.post("/feedback", json={"community_id": "1:Q1Zk3Zs9tBfN7wO6mHd3Yq2rZ5M=", "verdict": "fp", "family": "benign"})
     assert v.status_code == 200 and v.json()["alert_id"] == "cap-1", v.text
     # the queue: newest first and most uncertain first, with the latest verdicts
@@ -105,8 +130,11 @@ def test_alerts_and_verdicts_on_postgres(client, pg_url, bundle):
     assert ids["cap-1"]["src_ip"] == "198.18.0.7" and ids[f"batch-1:{flagged[0]}"]["verdict"] is None
     unc = client.get("/alerts", params={"order": "uncertain", "limit": 500}).json()["alerts"]
     margins = [a["margin"] for a in unc if a["margin"] is not None]
-    assert margins == sorted(margins) and len(margins) == len(unc) - 1          # cap-1 has no margin: last
-    assert [a["id"] for a in client.get("/alerts", params={"verdict": "fp", "limit": 500}).json()["alerts"]] == ["cap-1", f"batch-1:{flagged[1]}"]
+    assert margins == sorted(margins) and len(margins) == len(unc) - 1  # cap-1 has no margin: last
+    assert [a["id"] for a in client.get("/alerts", params={"verdict": "fp", "limit": 500}).json()["alerts"]] == [
+        "cap-1",
+        f"batch-1:{flagged[1]}",
+    ]
     # what retraining reads: every alert with a verdict, its label and its features
     with FeedbackStore(pg_url) as store:
         cl = store.confirmed_labels(model_name="fb-demo").set_index("id")
@@ -138,7 +166,7 @@ def test_bad_input_is_named(client):
     r = client.get("/alerts", params=[("family", "dos"), ("family", "scan")])
     assert r.status_code == 422 and "given more than once: family" in r.json()["detail"], r.text
     for method, path in (("get", "/alerts"), ("get", "/rules"), ("post", "/feedback"), ("post", "/rules")):
-        assert getattr(httpx, method)(client.base_url.join(path), timeout=30).status_code == 401, path   # behind the key
+        assert getattr(httpx, method)(client.base_url.join(path), timeout=30).status_code == 401, path  # behind the key
 
 
 def test_two_concurrent_verdicts_keep_the_last_and_record_both(client, pg_url):
@@ -147,48 +175,55 @@ def test_two_concurrent_verdicts_keep_the_last_and_record_both(client, pg_url):
     results: dict = {}
 
     def post(row: int, verdict: str):
-        results[(row, verdict)] = client.post("/feedback", json={"request_id": "batch-3", "row": row, "verdict": verdict, "analyst": verdict})
+        results[(row, verdict)] = client.post(
+            "/feedback", json={"request_id": "batch-3", "row": row, "verdict": verdict, "analyst": verdict}
+        )
 
     threads = [threading.Thread(target=post, args=(row, v)) for row in rows for v in ("tp", "fp")]
-    for t in threads: t.start()
-    for t in threads: t.join()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert all(r.status_code == 200 for r in results.values()), [r.text for r in results.values()]
     with FeedbackStore(pg_url) as store:
         latest = store.alerts(limit=500, suppressed=None).set_index("id")
         for row in rows:
             vs = store.verdicts(f"batch-3:{row}")
-            assert sorted(v["verdict"] for v in vs) == ["fp", "tp"]                            # both recorded
+            assert sorted(v["verdict"] for v in vs) == ["fp", "tp"]  # both recorded
             last = max(vs, key=lambda v: v["id"])
-            assert latest.loc[f"batch-3:{row}", "verdict"] == last["verdict"]                  # the last one kept
+            assert latest.loc[f"batch-3:{row}", "verdict"] == last["verdict"]  # the last one kept
 
 
 def test_rules_suppress_in_every_worker_and_are_counted(client, server):
     preds = predict(client, "batch-4")
     fam = attack_family(next(p for p in preds if p["is_attack"]))
-    r = client.post("/rules", json={"family": fam, "reason": "the nightly backup looks like this", "creator": "ana",
-                                    "expires_at": "2099-01-01T00:00:00Z"})
+    r = client.post(
+        "/rules",
+        json={"family": fam, "reason": "the nightly backup looks like this", "creator": "ana", "expires_at": "2099-01-01T00:00:00Z"},
+    )
     assert r.status_code == 201, r.text
     rule = r.json()
     assert rule["active"] and rule["n_suppressed"] == 0
-    time.sleep(1.0)                                                                           # the other worker re-reads its rules
+    time.sleep(1.0)  # the other worker re-reads its rules
     want, got = 0, 0
-    for k in range(6):                                                                        # requests spread over both workers
+    for k in range(6):  # requests spread over both workers
         out = predict(client, f"batch-5-{k}")
         expect = [p["is_attack"] and attack_family(p) == fam for p in out]
         assert [p["suppressed_by"] == rule["id"] for p in out] == expect
-        assert [p["is_attack"] for p in out] == [p["is_attack"] for p in preds]               # still scored the same
+        assert [p["is_attack"] for p in out] == [p["is_attack"] for p in preds]  # still scored the same
         want += sum(expect)
     assert want > 0
     text = client.get("/metrics").text
     got = float(re.search(rf'^cyber_moe_alerts_suppressed_total\{{rule="{rule["id"]}"\}} (\S+)$', text, re.M).group(1))
     assert got == want
-    for _ in range(50):                                                                       # the writers add to the rule's count
+    for _ in range(50):  # the writers add to the rule's count
         n = next(x["n_suppressed"] for x in client.get("/rules").json()["rules"] if x["id"] == rule["id"])
-        if n == want: break
+        if n == want:
+            break
         time.sleep(0.1)
     assert n == want
     sup = client.get("/alerts", params={"suppressed": "only", "limit": 1000}).json()["alerts"]
-    assert len([a for a in sup if a["suppressed_by"] == rule["id"]]) == want                # stored, not lost
+    assert len([a for a in sup if a["suppressed_by"] == rule["id"]]) == want  # stored, not lost
     assert client.get("/rules", params={"active": "true"}).json()["rules"][0]["id"] == rule["id"]
     assert client.delete(f"/rules/{rule['id']}").json()["id"] == rule["id"]
     time.sleep(1.0)
@@ -201,15 +236,20 @@ def test_an_unreachable_database_leaves_scoring_alone(bundle, tmp_path):
     with Server(bundle, log_path=tmp_path / "server.log", env=env) as s, httpx.Client(base_url=s.url, headers=AUTH, timeout=30) as c:
         for _ in range(100):
             ready = c.get("/ready")
-            if ready.json().get("feedback", "").startswith("unavailable"): break
+            if ready.json().get("feedback", "").startswith("unavailable"):
+                break
             time.sleep(0.1)
         assert ready.status_code == 200, ready.text
         assert ready.json()["feedback"].startswith(f"unavailable: feedback store postgresql+psycopg://fb:***@127.0.0.1:{port}/feedback")
         r = c.post("/predict_batch", json=FLOWS)
         assert r.status_code == 200 and len(r.json()["predictions"]) == len(FLOWS)
-        assert all(p["alert_id"] is None for p in r.json()["predictions"])                   # nothing promised
-        for method, path, body in (("post", "/feedback", {"alert_id": "x", "verdict": "tp"}), ("get", "/alerts", None),
-                                   ("get", "/rules", None), ("post", "/rules", {"dst_port": 22, "reason": "x", "creator": "y"})):
+        assert all(p["alert_id"] is None for p in r.json()["predictions"])  # nothing promised
+        for method, path, body in (
+            ("post", "/feedback", {"alert_id": "x", "verdict": "tp"}),
+            ("get", "/alerts", None),
+            ("get", "/rules", None),
+            ("post", "/rules", {"dst_port": 22, "reason": "x", "creator": "y"}),
+        ):
             r = c.request(method.upper(), path, json=body)
             assert r.status_code == 503 and "feedback store unavailable" in r.json()["detail"], (path, r.text)
         log = s.log()

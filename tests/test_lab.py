@@ -4,23 +4,21 @@ Two smoke sessions are recorded at once (different seeds, so concurrent runs are
 interrupted with SIGTERM and one has a step crash on purpose. After each, nothing of the lab may be left:
 no namespace, no process, no work folder.
 """
+
 import json
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import lightgbm as lgb
-import numpy as np
 import pandas as pd
 import pytest
 
 from dataclasses import replace
 
 from cyber_moe.schema import sequence_array
-from cyber_moe.lab import (LAB, LAB_SEQUENCE, LabUnavailable, check_available, lab_namespaces, load_scenario, meter_capture,
-                           plan_session)
+from cyber_moe.lab import LAB, LAB_SEQUENCE, LabUnavailable, check_available, lab_namespaces, load_scenario, meter_capture, plan_session
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "lab" / "smoke.yaml"
@@ -28,16 +26,20 @@ SMOKE = ROOT / "params" / "lab" / "smoke.yaml"
 
 @pytest.fixture(scope="module", autouse=True)
 def lab_available():
-    try: check_available(plan_session(load_scenario(SMOKE), 0, Path("/x")).binaries())
-    except LabUnavailable as e: pytest.skip(f"traffic lab unavailable here: {e}")
+    try:
+        check_available(plan_session(load_scenario(SMOKE), 0, Path("/x")).binaries())
+    except LabUnavailable as e:
+        pytest.skip(f"traffic lab unavailable here: {e}")
 
 
 def _leftovers(info: dict) -> dict:
     "What a finished run left behind: its namespaces, processes mentioning its work folder, the folder itself."
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {"namespaces": lab_namespaces(info["run_id"]),
-            "processes": [l for l in ps.splitlines() if info["work"] in l],
-            "work": Path(info["work"]).exists()}
+    return {
+        "namespaces": lab_namespaces(info["run_id"]),
+        "processes": [l for l in ps.splitlines() if info["work"] in l],
+        "work": Path(info["work"]).exists(),
+    }
 
 
 def _clean(info: dict) -> bool:
@@ -45,8 +47,12 @@ def _clean(info: dict) -> bool:
 
 
 def _record(cli, out, seed, *extra):
-    return subprocess.Popen([cli, "lab", "record", "--scenario", str(SMOKE), "--out", str(out), "--seed", str(seed), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [cli, "lab", "record", "--scenario", str(SMOKE), "--out", str(out), "--seed", str(seed), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,8 @@ def test_outputs_and_cleanup(sessions):
     for out in sessions.values():
         info = json.loads((out / "session.json").read_text())
         assert info["status"] == "ok" and info["failed_steps"] == []
-        for f in ("capture.pcap", "labels.parquet", "flows.parquet", "unattributed.parquet"): assert (out / f).is_file(), f
+        for f in ("capture.pcap", "labels.parquet", "flows.parquet", "unattributed.parquet"):
+            assert (out / f).is_file(), f
         assert info["capture_s"] < 30 and info["tcpdump"]["dropped_by_kernel"] == 0
         assert _clean(info), _leftovers(info)
     a, b = (json.loads((o / "session.json").read_text()) for o in sessions.values())
@@ -107,9 +114,9 @@ def test_sigterm_mid_run_removes_everything(cli, tmp_path):
     js = tmp_path / "t" / "session.json"
     pcap = tmp_path / "t" / "capture.pcap"
     end = time.time() + 30
-    while time.time() < end and not (pcap.is_file() and pcap.stat().st_size > 24):    # the capture has packets
+    while time.time() < end and not (pcap.is_file() and pcap.stat().st_size > 24):  # the capture has packets
         time.sleep(0.1)
-    time.sleep(3)                                  # services, clients and attack tools are running
+    time.sleep(3)  # services, clients and attack tools are running
     info = json.loads(js.read_text())
     assert len(lab_namespaces(info["run_id"])) >= 10
     assert len(_leftovers(info)["processes"]) >= 5
@@ -131,12 +138,12 @@ def test_crashing_step_is_recorded_and_labels_stay_correct(cli, tmp_path):
     assert info["failed_steps"] == ["slowloris"] and _clean(info), _leftovers(info)
     step = next(s for s in info["steps"] if s["name"] == "slowloris")
     assert step["status"] == "failed" and "SIGKILL" in step["error"]
-    assert step["t_end"] - step["t_start"] < 4               # killed part-way through its 10 s
+    assert step["t_end"] - step["t_start"] < 4  # killed part-way through its 10 s
     flows = pd.read_parquet(out / "flows.parquet")
     mine = flows[flows.step == "slowloris"]
     assert len(mine) > 0 and (mine.family == "slowhttp").all()
     assert (mine.bidirectional_first_seen_ms / 1000 <= step["t_end"] + 2).all()
-    assert set(flows.family) == set(load_scenario(SMOKE).families)   # the other steps ran on
+    assert set(flows.family) == set(load_scenario(SMOKE).families)  # the other steps ran on
 
 
 def test_model_from_one_session_flags_the_families_of_another(sessions):

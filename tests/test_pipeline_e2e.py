@@ -1,5 +1,6 @@
 """End to end as a user runs it: `cyber-moe pipeline` on params/smoke.yaml (papermill), then the model it
 registered, `cyber-moe score`, and a failing stage. One pipeline run is shared by the tests of this module."""
+
 import json
 import subprocess
 
@@ -63,7 +64,8 @@ def test_model_folder_scores_raw_rows_through_mlflow_and_registry(smoke_run):
     assert len(pred) == 300 and list(pred.columns[:4]) == ["is_attack", "p_attack", "family", "p_family"]
     assert pred["p_attack"].between(0, 1).all() and set(pred["family"]) <= set(get_schema("nfstream").classes)
     from cyber_moe.bundle import use_mlflow_store
-    with use_mlflow_store(f"sqlite:///{smoke_run / 'mlflow.db'}"):      # not left behind for the tests after this one
+
+    with use_mlflow_store(f"sqlite:///{smoke_run / 'mlflow.db'}"):  # not left behind for the tests after this one
         reg = mlflow.pyfunc.load_model("models:/cyber-moe-synth/1").predict(raw)
     pd.testing.assert_series_equal(reg["p_attack"], pred["p_attack"])
 
@@ -71,8 +73,17 @@ def test_model_folder_scores_raw_rows_through_mlflow_and_registry(smoke_run):
 def test_score_command_writes_one_row_per_input_in_order(cli, root, smoke_run, tmp_path):
     flows = smoke_flows(smoke_run).head(500)
     flows.to_csv(tmp_path / "flows.csv", index=False)
-    r = run(cli, "score", "--model", str(smoke_run / "smoke" / "model"), "--input", str(tmp_path / "flows.csv"),
-            "--output", str(tmp_path / "preds.csv"), cwd=root)
+    r = run(
+        cli,
+        "score",
+        "--model",
+        str(smoke_run / "smoke" / "model"),
+        "--input",
+        str(tmp_path / "flows.csv"),
+        "--output",
+        str(tmp_path / "preds.csv"),
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr
     preds = pd.read_csv(tmp_path / "preds.csv")
     assert len(preds) == 500
@@ -81,16 +92,37 @@ def test_score_command_writes_one_row_per_input_in_order(cli, root, smoke_run, t
     assert (preds["family"].to_numpy() == direct["family"].to_numpy()).all()
     # a file of another schema is rejected with its missing columns named, and nothing is written
     flows.drop(columns=["bidirectional_packets", "protocol"]).to_csv(tmp_path / "wrong.csv", index=False)
-    r = run(cli, "score", "--model", str(smoke_run / "smoke" / "model"), "--input", str(tmp_path / "wrong.csv"),
-            "--output", str(tmp_path / "never.csv"), cwd=root)
+    r = run(
+        cli,
+        "score",
+        "--model",
+        str(smoke_run / "smoke" / "model"),
+        "--input",
+        str(tmp_path / "wrong.csv"),
+        "--output",
+        str(tmp_path / "never.csv"),
+        cwd=root,
+    )
     assert r.returncode == 2 and "bidirectional_packets" in r.stderr and "protocol" in r.stderr
     assert not (tmp_path / "never.csv").exists()
 
 
 def test_failing_stage_names_notebook_and_cell(cli, root, tmp_path):
     # a data source that cannot load: the data stage fails, later stages never run
-    r = run(cli, "pipeline", "--params", "params/smoke.yaml", "--quiet", "--set", f"outputs_dir={tmp_path}",
-            "--set", "data.source=unsw-nb15", "--set", "data.paths=[does/not/exist.csv]", cwd=root)
+    r = run(
+        cli,
+        "pipeline",
+        "--params",
+        "params/smoke.yaml",
+        "--quiet",
+        "--set",
+        f"outputs_dir={tmp_path}",
+        "--set",
+        "data.source=unsw-nb15",
+        "--set",
+        "data.paths=[does/not/exist.csv]",
+        cwd=root,
+    )
     assert r.returncode == 1
     assert "10_data.ipynb" in r.stderr and "cell" in r.stderr
     assert not (tmp_path / "smoke" / "notebooks" / "20_train.ipynb").exists()

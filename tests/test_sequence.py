@@ -1,6 +1,7 @@
 """A model with the packet-sequence expert on every scoring path (issue 14): a pcap metered with the bundle's splt and
 scored (`score_pcap`, `watch`, `cyber-moe score`), and the REST app taking each flow's first packets as JSON arrays,
 refusing bad sequences with 422s that name the field, and flows without sequences with a message saying what is missing."""
+
 import dataclasses
 import math
 import time
@@ -22,14 +23,17 @@ from cyber_moe.synth import load_or_generate
 from cyber_moe.testing import untrained_bundle
 
 N = 8
-SEQ_MODEL = ModelConfig(experts={"tabm": {"k": 2, "d_block": 32, "embedding": "none"},
-                                 "sequence": {"d_seq": 16, "n_seq_layers": 2, "n_packets": N}}, d_gate=16, d_head=32)
+SEQ_MODEL = ModelConfig(
+    experts={"tabm": {"k": 2, "d_block": 32, "embedding": "none"}, "sequence": {"d_seq": 16, "n_seq_layers": 2, "n_packets": N}},
+    d_gate=16,
+    d_head=32,
+)
 
 
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     "A small generated capture and its flows metered with N packets each (families drawn at random: the model is untrained)."
-    d = tmp_path_factory.mktemp("seqcap") / "data"       # outputs_dir/data: the cache load_source reads too
+    d = tmp_path_factory.mktemp("seqcap") / "data"  # outputs_dir/data: the cache load_source reads too
     _, info = load_or_generate(seed=3, n_days=1, n_flows_target=1500, out_dir=d)
     flows = pcap_to_flows(info["pcap"], splt=N)
     rng = np.random.default_rng(0)
@@ -42,7 +46,7 @@ def capture(tmp_path_factory):
 def bundle_dir(capture, tmp_path_factory):
     _, flows = capture
     b = untrained_bundle(flows, schema=dataclasses.replace(NFSTREAM, sequence=N), model_cfg=SEQ_MODEL, name="seq", version="1")
-    b.threshold = float(np.median(b.predict(flows)["p_attack"]))     # about half the flows flagged: alerts to compare
+    b.threshold = float(np.median(b.predict(flows)["p_attack"]))  # about half the flows flagged: alerts to compare
     return save_bundle(b, tmp_path_factory.mktemp("seqbundle") / "model")
 
 
@@ -62,6 +66,7 @@ def test_score_pcap_and_watch_meter_the_sequence(capture, bundle_dir):
 def test_cli_score_on_a_pcap(capture, bundle_dir, tmp_path):
     "`cyber-moe score --input capture.pcap` with a sequence model writes one verdict per flow."
     from cyber_moe.cli import main
+
     pcap, flows = capture
     out = tmp_path / "verdicts.csv"
     main(["score", "--model", str(bundle_dir), "--input", str(pcap), "--output", str(out)])
@@ -99,7 +104,7 @@ def client(bundle_dir):
 def test_rest_takes_sequences_as_arrays(client, capture, bundle_dir):
     _, flows = capture
     bundle = load_model_bundle(bundle_dir)
-    rows = [0, 1, 2, int(np.argmax((flows["splt_dir_1"] == -1).to_numpy()))]      # one of them a single-packet flow
+    rows = [0, 1, 2, int(np.argmax((flows["splt_dir_1"] == -1).to_numpy()))]  # one of them a single-packet flow
     ref = bundle.predict(flows.iloc[rows])
     for j, i in enumerate(rows):
         r = client.post("/predict", json=_flow_json(flows, i))
@@ -111,21 +116,27 @@ def test_rest_takes_sequences_as_arrays(client, capture, bundle_dir):
     np.testing.assert_allclose([p["p_attack"] for p in r.json()["predictions"]], ref["p_attack"].to_numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("field,value,says", [
-    ("splt_ps", [60.0] * (N + 1), f"1 to {N} packet sizes"),              # longer than the model's N packets
-    ("splt_ps", [-1.0], "finite number >= 0"),
-    ("splt_piat_ms", [float("nan")], "finite number >= 0"),
-    ("splt_piat_ms", [float("inf")], "finite number >= 0"),
-    ("splt_direction", [2], "each 0"),
-    ("splt_direction", [], "1 to"),
-    ("splt_ps", "60", "packet sizes"),
-])
+@pytest.mark.parametrize(
+    "field,value,says",
+    [
+        ("splt_ps", [60.0] * (N + 1), f"1 to {N} packet sizes"),  # longer than the model's N packets
+        ("splt_ps", [-1.0], "finite number >= 0"),
+        ("splt_piat_ms", [float("nan")], "finite number >= 0"),
+        ("splt_piat_ms", [float("inf")], "finite number >= 0"),
+        ("splt_direction", [2], "each 0"),
+        ("splt_direction", [], "1 to"),
+        ("splt_ps", "60", "packet sizes"),
+    ],
+)
 def test_rest_refuses_bad_sequences_naming_the_field(client, capture, field, value, says):
     _, flows = capture
     flow = {**_flow_json(flows, 0), "splt_direction": [0], "splt_ps": [60.0], "splt_piat_ms": [0.0]}
     flow[field] = value
-    if field == "splt_ps" and isinstance(value, list) and len(value) > 1: flow["splt_direction"] = [0] * len(value); flow["splt_piat_ms"] = [0.0] * len(value)
+    if field == "splt_ps" and isinstance(value, list) and len(value) > 1:
+        flow["splt_direction"] = [0] * len(value)
+        flow["splt_piat_ms"] = [0.0] * len(value)
     import json
+
     r = client.post("/predict", content=json.dumps(flow, allow_nan=True), headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     body = r.json()
@@ -151,29 +162,37 @@ def test_pyfunc_and_onnx_score_sequences(capture, bundle_dir, tmp_path):
     "The MLflow pyfunc of a sequence model takes raw flows with their splt_* columns (the signature lists them); ONNX gives the same numbers."
     import mlflow
     from cyber_moe.bundle import save_pyfunc
+
     _, flows = capture
     bundle = load_model_bundle(bundle_dir)
     save_pyfunc(bundle, tmp_path / "pyfunc", example=flows.head(5))
     model = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
-    got = model.predict(flows.head(300))                  # ONNX Runtime by default: the bundle carries its checked graph
+    got = model.predict(flows.head(300))  # ONNX Runtime by default: the bundle carries its checked graph
     ref = bundle.predict(flows.head(300))
-    np.testing.assert_allclose(model.predict(flows.head(300), params={"runtime": "torch"})["p_attack"].to_numpy(),
-                               ref["p_attack"].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(flows.head(300), params={"runtime": "torch"})["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-6
+    )
     bundle.use_onnx(threads=1)
     onnx = bundle.predict(flows.head(300))
     np.testing.assert_allclose(onnx["p_attack"].to_numpy(), ref["p_attack"].to_numpy(), atol=1e-4)
     np.testing.assert_allclose(got["p_attack"].to_numpy(), onnx["p_attack"].to_numpy(), atol=1e-6)
-    bad = flows.head(300).assign(splt_ps_3=-5.0)           # the pyfunc refuses a bad sequence, naming the column
-    with pytest.raises(SchemaError, match="splt_ps_3"): model.predict(bad)
+    bad = flows.head(300).assign(splt_ps_3=-5.0)  # the pyfunc refuses a bad sequence, naming the column
+    with pytest.raises(SchemaError, match="splt_ps_3"):
+        model.predict(bad)
 
 
 def test_simulator_gives_sequences_to_a_sequence_model(capture):
     "The simulator (the lab's fallback without root) meters its capture again with 32 packets when the model reads sequences."
     from cyber_moe.config import RunConfig
     from cyber_moe.train import load_source
+
     pcap, flows = capture
-    cfg = RunConfig(run_name="s", outputs_dir=str(Path(pcap).parent.parent), model=SEQ_MODEL.model_dump(),
-                    data={"source": "synth", "synth_seed": 3, "synth_days": 1, "synth_n_flows": 1500})
+    cfg = RunConfig(
+        run_name="s",
+        outputs_dir=str(Path(pcap).parent.parent),
+        model=SEQ_MODEL.model_dump(),
+        data={"source": "synth", "synth_seed": 3, "synth_days": 1, "synth_n_flows": 1500},
+    )
     df, schema, _ = load_source(cfg)
     assert schema.sequence == 32 and "splt_piat_31" in df.columns and len(df) == len(flows)
     plain, s0, _ = load_source(cfg.model_copy(update={"model": ModelConfig()}))
@@ -192,15 +211,24 @@ def test_dashboard_shows_the_sequence_strip(tmp_path):
     from cyber_moe.explain import attach_background, make_background
     from cyber_moe.models import MoEClassifier
     from cyber_moe.train import evaluate_run, fit_run_baseline, network_kwargs, prepare, save_prepared
+
     outputs = tmp_path / "outputs"
-    cfg = RunConfig.model_validate({"run_name": "seqdash", "outputs_dir": str(outputs), "seed": 0,
-                                    "data": {"source": "synth", "synth_seed": 3, "synth_days": 1, "synth_n_flows": 1000},
-                                    "model": SEQ_MODEL.model_copy(update={"experts": {**SEQ_MODEL.experts, "sequence": {
-                                        **SEQ_MODEL.experts["sequence"], "n_packets": 32}}}).model_dump(),
-                                    "baseline": {"n_estimators": 5, "num_leaves": 7}})
+    cfg = RunConfig.model_validate(
+        {
+            "run_name": "seqdash",
+            "outputs_dir": str(outputs),
+            "seed": 0,
+            "data": {"source": "synth", "synth_seed": 3, "synth_days": 1, "synth_n_flows": 1000},
+            "model": SEQ_MODEL.model_copy(
+                update={"experts": {**SEQ_MODEL.experts, "sequence": {**SEQ_MODEL.experts["sequence"], "n_packets": 32}}}
+            ).model_dump(),
+            "baseline": {"n_estimators": 5, "num_leaves": 7},
+        }
+    )
     prep = prepare(cfg)
     assert prep.schema.sequence == 32
-    save_prepared(prep, cfg.run_dir); save_config(cfg, cfg.run_dir / "config.yaml")
+    save_prepared(prep, cfg.run_dir)
+    save_config(cfg, cfg.run_dir / "config.yaml")
     torch.manual_seed(0)
     kw = network_kwargs(cfg, prep.preprocessor)
     b = ModelBundle(schema=prep.schema, preprocessor=prep.preprocessor, net=MoEClassifier(**kw), net_kwargs=kw, name="seqdash", version="1")
@@ -217,7 +245,8 @@ def test_dashboard_shows_the_sequence_strip(tmp_path):
     strip = figs[1]
     assert strip["y"] == ["inter-arrival time", "size", "direction"] and len(strip["x"]) == 32
     z = strip["z"]
-    if isinstance(z, dict):                        # plotly's JSON carries numpy arrays as base64 ("bdata")
+    if isinstance(z, dict):  # plotly's JSON carries numpy arrays as base64 ("bdata")
         import base64
+
         z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"])
     assert np.asarray(z, dtype=float).size == 3 * 32 and np.abs(np.asarray(z, dtype=float)).sum() > 0

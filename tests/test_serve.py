@@ -1,5 +1,6 @@
 """The REST service under a real uvicorn process on 127.0.0.1 (started through the package's app factory, as `cyber-moe serve` does): the old service's payloads, OIP v2, bad inputs,
 the API key, hot reload under load, Prometheus metrics (one and two workers) and the JSON access log."""
+
 import json
 import re
 import threading
@@ -26,6 +27,7 @@ AUTH = {"X-API-Key": KEY}
 
 class Server(testing.Server):
     "The service under uvicorn with the header timeout protocol, as `cyber-moe serve` and the container start it."
+
     def __init__(self, model, **kw):
         super().__init__(model, args=("--http", HTTP_PROTOCOL), **kw)
 
@@ -38,8 +40,10 @@ def unsw(shared_data) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def unsw_bundles(tmp_path_factory, unsw) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("bundles")
-    return (make_demo_bundle(d / "v1", df=unsw, schema=UNSW_NB15, name="cyber-moe-unsw", version="1", seed=0, **SMALL_NET),
-            make_demo_bundle(d / "v2", df=unsw, schema=UNSW_NB15, name="cyber-moe-unsw", version="2", seed=1, **SMALL_NET))
+    return (
+        make_demo_bundle(d / "v1", df=unsw, schema=UNSW_NB15, name="cyber-moe-unsw", version="1", seed=0, **SMALL_NET),
+        make_demo_bundle(d / "v2", df=unsw, schema=UNSW_NB15, name="cyber-moe-unsw", version="2", seed=1, **SMALL_NET),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,7 @@ def test_the_network_runs_on_onnx_runtime(client, unsw, unsw_bundles):
     assert client.get("/ready").json()["runtime"] == "onnx"
     assert client.get("/v2/models/cyber-moe-unsw").json()["platform"] == "onnxruntime_onnx"
     flows = records(unsw.iloc[100:300], UNSW_NB15.features)
-    torch_ref = load_model_bundle(unsw_bundles[0]).predict(pd.DataFrame(flows), class_probs=True)    # torch, frame path
+    torch_ref = load_model_bundle(unsw_bundles[0]).predict(pd.DataFrame(flows), class_probs=True)  # torch, frame path
     got = client.post("/predict_batch", json=flows).json()["predictions"]
     assert [p["family"] for p in got] == list(torch_ref["family"])
     np.testing.assert_allclose([p["p_attack"] for p in got], torch_ref["p_attack"], rtol=0, atol=1e-5)
@@ -104,9 +108,18 @@ def test_open_inference_protocol_v2(client, unsw):
     assert meta["versions"] == ["1"] and [i["name"] for i in meta["inputs"]] == list(UNSW_NB15.features)
     assert [o["name"] for o in meta["outputs"]] == list(OIP_OUTPUTS)
     assert client.get("/v2/models/cyber-moe-unsw/ready").json() == {"name": "cyber-moe-unsw", "ready": True}
-    per_feature = {"id": "oip-1", "inputs": [
-        {"name": f, "shape": [n], "datatype": "BYTES" if f in UNSW_NB15.categorical else ("INT64" if df[f].dtype.kind == "i" else "FP64"),
-         "data": df[f].tolist()} for f in UNSW_NB15.features]}
+    per_feature = {
+        "id": "oip-1",
+        "inputs": [
+            {
+                "name": f,
+                "shape": [n],
+                "datatype": "BYTES" if f in UNSW_NB15.categorical else ("INT64" if df[f].dtype.kind == "i" else "FP64"),
+                "data": df[f].tolist(),
+            }
+            for f in UNSW_NB15.features
+        ],
+    }
     r = client.post("/v2/models/cyber-moe-unsw/infer", json=per_feature)
     assert r.status_code == 200, r.text
     out = {o["name"]: o for o in r.json()["outputs"]}
@@ -115,10 +128,19 @@ def test_open_inference_protocol_v2(client, unsw):
     assert out["gate"]["parameters"]["columns"] == ["tabular", "temporal"] and out["is_attack"]["datatype"] == "BOOL"
     batch = client.post("/predict_batch", json=records(df, UNSW_NB15.features)).json()["predictions"]
     assert out["family"]["data"] == [p["family"] for p in batch]
-    two_d = {"inputs": [{"name": "numeric", "shape": [n, len(num)], "datatype": "FP64", "parameters": {"columns": num},
-                         "data": df[num].astype(float).to_numpy().tolist()}] +
-                       [{"name": c, "shape": [n], "datatype": "BYTES", "data": df[c].tolist()} for c in UNSW_NB15.categorical],
-             "outputs": [{"name": "p_attack"}, {"name": "family"}]}
+    two_d = {
+        "inputs": [
+            {
+                "name": "numeric",
+                "shape": [n, len(num)],
+                "datatype": "FP64",
+                "parameters": {"columns": num},
+                "data": df[num].astype(float).to_numpy().tolist(),
+            }
+        ]
+        + [{"name": c, "shape": [n], "datatype": "BYTES", "data": df[c].tolist()} for c in UNSW_NB15.categorical],
+        "outputs": [{"name": "p_attack"}, {"name": "family"}],
+    }
     r2 = client.post("/v2/models/cyber-moe-unsw/infer", json=two_d).json()
     assert [o["name"] for o in r2["outputs"]] == ["p_attack", "family"]
     assert np.allclose(r2["outputs"][0]["data"], out["p_attack"]["data"], atol=1e-6)
@@ -139,14 +161,14 @@ def cic_server(shared_data, tmp_path_factory):
 
 def test_cic_ids2017_spaced_names_and_infinity(cic_server):
     s, df = cic_server
-    cols = [c for c in df.columns if c.strip() in CIC_IDS2017.features]        # the file's own names, leading spaces included
+    cols = [c for c in df.columns if c.strip() in CIC_IDS2017.features]  # the file's own names, leading spaces included
     assert " Flow Duration" in cols and len(cols) == len(CIC_IDS2017.features)
     fin = df[cols].apply(lambda col: np.isfinite(col.astype(float))).all(axis=1)
     r = httpx.post(s.url + "/predict", json=records(df[fin].iloc[:1], cols)[0])
     assert r.status_code == 200, r.text
     assert r.json()["model_name"] == "cyber-moe-cic"
     row = df[~fin].iloc[0]
-    body = json.dumps({c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in cols})   # 'Infinity' / 'NaN' literals
+    body = json.dumps({c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in cols})  # 'Infinity' / 'NaN' literals
     r = httpx.post(s.url + "/predict", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and "Flow Bytes/s (must be a finite number)" in r.json()["detail"], r.text
 
@@ -161,7 +183,13 @@ def _bad_cases(flow: dict) -> list:
         ("number as string", "/predict", dict(json={**flow, "sbytes": "12"}), 422, "invalid value(s): sbytes"),
         ("bool", "/predict", dict(json={**flow, "spkts": True}), 422, "invalid value(s): spkts"),
         ("null", "/predict", dict(json={**flow, "spkts": None}), 422, "invalid value(s): spkts"),
-        ("1e400", "/predict", dict(content=json.dumps(flow).replace(f'"{first}": {json.dumps(flow[first])}', f'"{first}": 1e400')), 422, f"invalid value(s): {first}"),
+        (
+            "1e400",
+            "/predict",
+            dict(content=json.dumps(flow).replace(f'"{first}": {json.dumps(flow[first])}', f'"{first}": 1e400')),
+            422,
+            f"invalid value(s): {first}",
+        ),
         ("long category", "/predict", dict(json={**flow, "proto": "x" * 1000}), 422, "proto (must be a string of at most 256 characters"),
         ("missing features", "/predict", dict(json=missing), 422, "missing feature(s): sbytes, proto"),
         ("extra feature", "/predict", dict(json={**flow, "id": 7, "attack_cat": "Normal"}), 422, "unknown feature(s): id, attack_cat"),
@@ -174,18 +202,57 @@ def _bad_cases(flow: dict) -> list:
         ("oversized batch", "/predict_batch", dict(json=[flow] * 257), 413, "batch of 257 flows is over the limit of 256"),
         ("empty batch", "/predict_batch", dict(json=[]), 422, "no flows"),
         ("object to batch", "/predict_batch", dict(json=flow), 422, "expected a JSON array"),
-        ("bad row in batch", "/predict_batch", dict(json=[flow, {**flow, "sbytes": "x"}]), 422, "invalid value(s): sbytes (must be a finite number) in row(s) 1"),
+        (
+            "bad row in batch",
+            "/predict_batch",
+            dict(json=[flow, {**flow, "sbytes": "x"}]),
+            422,
+            "invalid value(s): sbytes (must be a finite number) in row(s) 1",
+        ),
         ("OIP malformed JSON", "/v2/models/cyber-moe-unsw/infer", dict(content=b"{"), 422, "json"),
         ("OIP no inputs", "/v2/models/cyber-moe-unsw/infer", dict(json={"inputs": []}), 422, "inputs"),
-        ("OIP NaN in tensor", "/v2/models/cyber-moe-unsw/infer",
-         dict(content=json.dumps({"inputs": [{"name": k, "shape": [1], "datatype": "BYTES" if k in UNSW_NB15.categorical else "FP64",
-                                              "data": [float("nan") if k == "sbytes" else v]} for k, v in flow.items()]})), 422, "sbytes must be a finite number"),
-        ("OIP missing feature", "/v2/models/cyber-moe-unsw/infer",
-         dict(json={"inputs": [{"name": "sbytes", "shape": [1], "datatype": "FP64", "data": [1.0]}]}), 422, "missing feature(s): spkts"),
-        ("OIP shape mismatch", "/v2/models/cyber-moe-unsw/infer",
-         dict(json={"inputs": [{"name": "sbytes", "shape": [2], "datatype": "FP64", "data": [1.0]}]}), 422, "shape [2] holds 2 value(s) but data has 1"),
-        ("OIP oversized batch", "/v2/models/cyber-moe-unsw/infer",
-         dict(json={"inputs": [{"name": "sbytes", "shape": [300], "datatype": "FP64", "data": [1.0] * 300}]}), 413, "over the limit of 256"),
+        (
+            "OIP NaN in tensor",
+            "/v2/models/cyber-moe-unsw/infer",
+            dict(
+                content=json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": k,
+                                "shape": [1],
+                                "datatype": "BYTES" if k in UNSW_NB15.categorical else "FP64",
+                                "data": [float("nan") if k == "sbytes" else v],
+                            }
+                            for k, v in flow.items()
+                        ]
+                    }
+                )
+            ),
+            422,
+            "sbytes must be a finite number",
+        ),
+        (
+            "OIP missing feature",
+            "/v2/models/cyber-moe-unsw/infer",
+            dict(json={"inputs": [{"name": "sbytes", "shape": [1], "datatype": "FP64", "data": [1.0]}]}),
+            422,
+            "missing feature(s): spkts",
+        ),
+        (
+            "OIP shape mismatch",
+            "/v2/models/cyber-moe-unsw/infer",
+            dict(json={"inputs": [{"name": "sbytes", "shape": [2], "datatype": "FP64", "data": [1.0]}]}),
+            422,
+            "shape [2] holds 2 value(s) but data has 1",
+        ),
+        (
+            "OIP oversized batch",
+            "/v2/models/cyber-moe-unsw/infer",
+            dict(json={"inputs": [{"name": "sbytes", "shape": [300], "datatype": "FP64", "data": [1.0] * 300}]}),
+            413,
+            "over the limit of 256",
+        ),
         ("reload: unknown key", "/admin/reload", dict(json={"uri": "x"}), 422, "uri"),
         ("explain: top_k 0", "/explain?top_k=0", dict(json=flow), 422, "top_k"),
     ]
@@ -199,7 +266,8 @@ def test_bad_inputs_are_4xx_with_a_message(client, unsw):
         r = client.post(path, headers={"Content-Type": "application/json"}, **kw)
         body = r.json()
         msg = body.get("detail") or body.get("error") or ""
-        if r.status_code != status or contains.lower() not in msg.lower(): failures.append((name, r.status_code, msg[:300]))
+        if r.status_code != status or contains.lower() not in msg.lower():
+            failures.append((name, r.status_code, msg[:300]))
     assert not failures, failures
 
 
@@ -208,10 +276,16 @@ def test_api_key(server, unsw):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for path in ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/cyber-moe-unsw/ready"):
             assert c.get(path).status_code == 200, path
-        for method, path, kw in [("POST", "/predict", dict(json=flow)), ("POST", "/predict_batch", dict(json=[flow])),
-                                 ("GET", "/metrics", {}), ("GET", "/openapi.json", {}), ("GET", "/v2/models/cyber-moe-unsw", {}),
-                                 ("POST", "/v2/models/cyber-moe-unsw/infer", dict(json={"inputs": []})), ("POST", "/admin/reload", {}),
-                                 ("POST", "/explain", dict(json=flow))]:
+        for method, path, kw in [
+            ("POST", "/predict", dict(json=flow)),
+            ("POST", "/predict_batch", dict(json=[flow])),
+            ("GET", "/metrics", {}),
+            ("GET", "/openapi.json", {}),
+            ("GET", "/v2/models/cyber-moe-unsw", {}),
+            ("POST", "/v2/models/cyber-moe-unsw/infer", dict(json={"inputs": []})),
+            ("POST", "/admin/reload", {}),
+            ("POST", "/explain", dict(json=flow)),
+        ]:
             r = c.request(method, path, **kw)
             assert r.status_code == 401 and "missing API key" in r.json()["detail"], (path, r.text)
             r = c.request(method, path, headers={"X-API-Key": KEY + "x"}, **kw)
@@ -227,18 +301,32 @@ def test_openapi_describes_the_served_model(client):
     assert flow["properties"]["proto"]["anyOf"][0]["type"] == "string" and flow["properties"]["sbytes"]["type"] == "number"
     assert spec["components"]["schemas"]["FlowBatch"]["maxItems"] == 256
     assert spec["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
-    assert {"/predict", "/predict_batch", "/explain", "/health", "/ready", "/metrics", "/admin/reload", "/v2/health/live",
-            "/v2/health/ready", "/v2/models/{model_name}", "/v2/models/{model_name}/ready", "/v2/models/{model_name}/infer"} <= set(spec["paths"])
+    assert {
+        "/predict",
+        "/predict_batch",
+        "/explain",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/admin/reload",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{model_name}",
+        "/v2/models/{model_name}/ready",
+        "/v2/models/{model_name}/infer",
+    } <= set(spec["paths"])
 
 
 def test_metrics_after_traffic(client, unsw, unsw_bundles):
     flows = records(unsw.iloc[200:460], UNSW_NB15.features)
     assert client.post("/predict_batch", json=flows[:200]).status_code == 200
-    for f in flows[200:210]: assert client.post("/predict", json=f).status_code == 200
+    for f in flows[200:210]:
+        assert client.post("/predict", json=f).status_code == 200
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for name in METRIC_NAMES: assert f"# TYPE {name} " in text, name
+    for name in METRIC_NAMES:
+        assert f"# TYPE {name} " in text, name
     fams = dict(re.findall(r'^cyber_moe_predictions_total\{family="([^"]+)"\} (\S+)$', text, re.M))
     assert fams and set(fams) <= set(load_model_bundle(unsw_bundles[0]).classes)
     assert sum(float(v) for v in fams.values()) >= 210
@@ -274,13 +362,15 @@ def test_hot_reload_under_concurrent_requests(server, unsw, unsw_bundles, tmp_pa
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
             while not stop.is_set():
                 try:
-                    r = (c.post("/predict", json=flows[i % 64]) if i % 2 else c.post("/predict_batch", json=flows[:32]))
+                    r = c.post("/predict", json=flows[i % 64]) if i % 2 else c.post("/predict_batch", json=flows[:32])
                     results.append((r.status_code, r.json().get("model_version")))
-                except Exception as e: errors.append(repr(e))
+                except Exception as e:
+                    errors.append(repr(e))
                 i += 1
 
     threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
-    for t in threads: t.start()
+    for t in threads:
+        t.start()
     reloads = []
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
         for uri in [unsw_bundles[1], unsw_bundles[0], tmp_path / "no-such-bundle", unsw_bundles[1], unsw_bundles[0]]:
@@ -288,7 +378,8 @@ def test_hot_reload_under_concurrent_requests(server, unsw, unsw_bundles, tmp_pa
             reloads.append(c.post("/admin/reload", json={"model_uri": str(uri)}))
         time.sleep(0.5)
     stop.set()
-    for t in threads: t.join()
+    for t in threads:
+        t.join()
     assert not errors, errors[:3]
     statuses = [s for s, _ in results]
     assert len(results) > 40 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
@@ -303,19 +394,24 @@ def test_hot_reload_under_concurrent_requests(server, unsw, unsw_bundles, tmp_pa
 
 def test_two_workers_share_metrics(unsw_bundles, unsw, tmp_path):
     "With PROMETHEUS_MULTIPROC_DIR, /metrics of either worker counts the predictions of both."
-    prom_dir = tmp_path / "prom"; prom_dir.mkdir()
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
     env = {"PROMETHEUS_MULTIPROC_DIR": str(prom_dir), "CYBER_MOE_TORCH_THREADS": "1"}
     flows = records(unsw.iloc[:4], UNSW_NB15.features)
     with Server(unsw_bundles[0], log_path=tmp_path / "server.log", workers=2, env=env, wait=False) as s:
         s.wait_ready()
-        time.sleep(3)                                   # both workers loaded (each warms its own model)
+        time.sleep(3)  # both workers loaded (each warms its own model)
 
         def send(k):
             for j in range(15):
-                with httpx.Client(base_url=s.url, timeout=60) as c: assert c.post("/predict", json=flows[(k + j) % 4]).status_code == 200
+                with httpx.Client(base_url=s.url, timeout=60) as c:
+                    assert c.post("/predict", json=flows[(k + j) % 4]).status_code == 200
+
         threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
-        for t in threads: t.start()
-        for t in threads: t.join()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         text = httpx.get(s.url + "/metrics").text
         total = sum(float(v) for v in re.findall(r'^cyber_moe_predictions_total\{family="[^"]+"\} (\S+)$', text, re.M))
         assert total == 120, text[:2000]
@@ -326,23 +422,29 @@ def test_two_workers_share_metrics(unsw_bundles, unsw, tmp_path):
 
 def test_reload_reaches_every_worker(unsw_bundles, unsw, tmp_path):
     "Two workers sharing CYBER_MOE_RELOAD_DIR: a reload sent to one is served by both within a poll interval."
-    env = {"CYBER_MOE_API_KEY": KEY, "CYBER_MOE_TORCH_THREADS": "1", "CYBER_MOE_RELOAD_DIR": str(tmp_path / "reload"),
-           "CYBER_MOE_RELOAD_POLL_SECONDS": "0.5", "CYBER_MOE_WARMUP_ROWS": "8"}
+    env = {
+        "CYBER_MOE_API_KEY": KEY,
+        "CYBER_MOE_TORCH_THREADS": "1",
+        "CYBER_MOE_RELOAD_DIR": str(tmp_path / "reload"),
+        "CYBER_MOE_RELOAD_POLL_SECONDS": "0.5",
+        "CYBER_MOE_WARMUP_ROWS": "8",
+    }
     flow = records(unsw.iloc[:1], UNSW_NB15.features)[0]
 
-    def versions(n=40):                                  # a new connection per request: the kernel spreads them over both workers
+    def versions(n=40):  # a new connection per request: the kernel spreads them over both workers
         out = []
         for _ in range(n):
-            with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as c: out.append(c.post("/predict", json=flow).json()["model_version"])
+            with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as c:
+                out.append(c.post("/predict", json=flow).json()["model_version"])
         return out
 
     with Server(unsw_bundles[0], log_path=tmp_path / "server.log", workers=2, env=env, wait=False) as s:
         s.wait_ready()
-        time.sleep(3)                                    # both workers loaded
+        time.sleep(3)  # both workers loaded
         assert set(versions()) == {"1"}
         r = httpx.post(s.url + "/admin/reload", json={"model_uri": str(unsw_bundles[1])}, headers=AUTH, timeout=120)
         assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
-        time.sleep(4)                                    # the other worker polls every 0.5 s and loads v2
+        time.sleep(4)  # the other worker polls every 0.5 s and loads v2
         assert set(versions()) == {"2"}
         events = [json.loads(ln) for ln in s.log().splitlines() if ln.startswith("{")]
     reloaded = {(e["pid"], e["via"]) for e in events if e.get("event") == "model_reloaded"}
@@ -356,15 +458,22 @@ def test_registry_alias_moves_the_model(unsw_bundles, unsw, tmp_path):
     import mlflow
     from mlflow import MlflowClient
     from cyber_moe.bundle import log_pyfunc, use_mlflow_store
+
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with use_mlflow_store(db):                      # MLflow's global store for this test only
+    with use_mlflow_store(db):  # MLflow's global store for this test only
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri()))
         for b in unsw_bundles:
-            with mlflow.start_run(): log_pyfunc(load_model_bundle(b), example=unsw.iloc[:5], registered_name="cyber-moe-unsw")
+            with mlflow.start_run():
+                log_pyfunc(load_model_bundle(b), example=unsw.iloc[:5], registered_name="cyber-moe-unsw")
         client = MlflowClient()
         client.set_registered_model_alias("cyber-moe-unsw", "champion", "1")
-        env = {"CYBER_MOE_API_KEY": KEY, "MLFLOW_TRACKING_URI": db, "CYBER_MOE_ALIAS_POLL_SECONDS": "1",
-               "CYBER_MOE_RELOAD_POLL_SECONDS": "0.5", "CYBER_MOE_WARMUP_ROWS": "8"}
+        env = {
+            "CYBER_MOE_API_KEY": KEY,
+            "MLFLOW_TRACKING_URI": db,
+            "CYBER_MOE_ALIAS_POLL_SECONDS": "1",
+            "CYBER_MOE_RELOAD_POLL_SECONDS": "0.5",
+            "CYBER_MOE_WARMUP_ROWS": "8",
+        }
         flow = records(unsw.iloc[:1], UNSW_NB15.features)[0]
         with Server("models:/cyber-moe-unsw@champion", log_path=tmp_path / "server.log", env=env) as s:
             with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as c:

@@ -1,4 +1,5 @@
 """The generated data set (cyber_moe.synth) end to end: real pcaps, real NFStream runs, a real LightGBM baseline."""
+
 from pathlib import Path
 
 import lightgbm as lgb

@@ -1,4 +1,5 @@
 """Sweeps on the default sqlite storage: nested MLflow runs per trial, the best registered, and a resumed study."""
+
 import json
 from pathlib import Path
 
@@ -10,16 +11,26 @@ from cyber_moe.config import RunConfig
 from cyber_moe.train import EXPERIMENT, registered_name
 from cyber_moe.tune import MONITOR, default_storage, tune
 
-SPACE = {"model.d_token": {"choices": [8, 16]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True},
-         "model.gate_top_k": {"choices": [None, 1]}}
+SPACE = {
+    "model.d_token": {"choices": [8, 16]},
+    "train.lr": {"low": 1e-3, "high": 1e-2, "log": True},
+    "model.gate_top_k": {"choices": [None, 1]},
+}
 
 
 def tiny_cfg(outputs: Path, name: str = "sweep", **extra) -> RunConfig:
     "A sweep config over 2000 generated flows (one day), one epoch per trial, tiny experts."
-    return RunConfig(run_name=name, seed=0, outputs_dir=str(outputs), log_level="WARNING",
-                     data={"source": "synth", "synth_seed": 1, "synth_days": 1, "synth_n_flows": 2000},
-                     model={"d_token": 16, "n_blocks": 1, "d_temporal": 16, "n_temporal_layers": 1, "d_gate": 16, "d_head": 32},
-                     train={"max_epochs": 1, "batch_size": 256}, baseline={"n_estimators": 10}, **extra)
+    return RunConfig(
+        run_name=name,
+        seed=0,
+        outputs_dir=str(outputs),
+        log_level="WARNING",
+        data={"source": "synth", "synth_seed": 1, "synth_days": 1, "synth_n_flows": 2000},
+        model={"d_token": 16, "n_blocks": 1, "d_temporal": 16, "n_temporal_layers": 1, "d_gate": 16, "d_head": 32},
+        train={"max_epochs": 1, "batch_size": 256},
+        baseline={"n_estimators": 10},
+        **extra,
+    )
 
 
 def sweep_runs(client: MlflowClient, parent_run_id: str) -> dict[str, list]:
@@ -27,7 +38,8 @@ def sweep_runs(client: MlflowClient, parent_run_id: str) -> dict[str, list]:
     exp = client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
     out: dict[str, list] = {}
-    for r in runs: out.setdefault(r.data.tags.get("cyber_moe.role"), []).append(r)
+    for r in runs:
+        out.setdefault(r.data.tags.get("cyber_moe.role"), []).append(r)
     return out
 
 
@@ -50,7 +62,8 @@ def check_trial_runs(client: MlflowClient, res, trials, space=SPACE) -> None:
         assert {k: r.data.params[k] for k in space} == {k: str(t.params[k]) for k in space}
         assert MONITOR in r.data.metrics, r.data.metrics
         assert r.data.tags["optuna.state"] == t.state.name
-        if t.state.name == "COMPLETE": assert r.data.metrics[f"{MONITOR}_best"] == pytest.approx(t.value)
+        if t.state.name == "COMPLETE":
+            assert r.data.metrics[f"{MONITOR}_best"] == pytest.approx(t.value)
         assert not [k for k in r.data.metrics if k.startswith("test")], "a trial run holds test metrics"
     assert [r.info.run_id for r in runs["best"] if r.info.run_id == res.best_run_id]
     assert client.get_run(res.parent_run_id).data.metrics["sweep/n_complete"] == sum(t.state.name == "COMPLETE" for t in trials)
@@ -61,7 +74,7 @@ def test_sqlite_sweep_registers_best_and_resumes(tmp_path):
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     first = tune(cfg, n_trials=3, space=SPACE, torch_threads=1, show_progress_bar=False)
     assert (first.n_trials, first.n_total) == (3, 3)
-    assert Path(default_storage(cfg)[len("sqlite:///"):]) == tmp_path / "optuna.db"
+    assert Path(default_storage(cfg)[len("sqlite:///") :]) == tmp_path / "optuna.db"
     study = optuna.load_study(study_name="sweep", storage=default_storage(cfg))
     trials = check_study(study, 3)
     check_trial_runs(client, first, trials)
@@ -70,7 +83,7 @@ def test_sqlite_sweep_registers_best_and_resumes(tmp_path):
     assert best.data.tags["optuna.trial"] == str(first.best_number)
     # same seed, same threads: the retrained model is the best trial's model again
     assert best.data.metrics["best_val_score"] == pytest.approx(first.best_value, abs=1e-6), (best.data.metrics, first.best_value)
-    assert best.data.metrics["test.model.family.macro_f1"] >= 0            # test scored for the best run only
+    assert best.data.metrics["test.model.family.macro_f1"] >= 0  # test scored for the best run only
     assert json.loads((tmp_path / "sweep" / "metrics.json").read_text())["run"]["test_rows"] > 0
     v1 = client.search_model_versions(f"name = '{registered_name(cfg)}'")
     assert [(str(v.version), v.run_id) for v in v1] == [("1", first.best_run_id)]

@@ -1,4 +1,5 @@
 """Two worker processes on one Optuna study in a real, throw-away PostgreSQL cluster."""
+
 import os
 import socket
 
@@ -15,8 +16,10 @@ from test_tune import SPACE, check_study, check_trial_runs, tiny_cfg
 def postgres_url():
     "A PostgreSQL 15 cluster in a temporary folder on 127.0.0.1 with an empty database; stopped and removed afterwards."
     try:
-        with postgres_cluster("sweeps") as url: yield url
-    except FileNotFoundError as e: pytest.fail(str(e))
+        with postgres_cluster("sweeps") as url:
+            yield url
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
 
 
 def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):
@@ -24,9 +27,9 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):
     n = 6
     res = tune(cfg, n_trials=n, workers=2, storage=postgres_url, space=SPACE, torch_threads=1, show_progress_bar=False)
     assert (res.n_trials, res.n_total) == (n, n)
-    assert res.storage == postgres_url                                 # no password to hide here, the URL is kept as is
+    assert res.storage == postgres_url  # no password to hide here, the URL is kept as is
     assert not (tmp_path / "optuna.db").exists(), "the study went to sqlite instead of PostgreSQL"
-    trials = check_study(optuna.load_study(study_name="pgsweep", storage=postgres_url), n)   # none lost, none twice
+    trials = check_study(optuna.load_study(study_name="pgsweep", storage=postgres_url), n)  # none lost, none twice
     pids = {t.user_attrs["pid"] for t in trials}
     assert len(pids) == 2 and os.getpid() not in pids, f"trials came from processes {pids}, expected the two workers"
     assert sorted(sum(t.user_attrs["pid"] == p for t in trials) for p in pids) == [3, 3]

@@ -1,6 +1,7 @@
 """One verdict per flow on every row of a real data set (UNSW-NB15 dev file): `family` is benign exactly when
 `is_attack` is 0, `p_attack` = 1 - p(benign), and an attack's family is its most likely attack family, through the
 bundle, the MLflow pyfunc, `cyber-moe score` (a real process) and the REST app."""
+
 import subprocess
 import time
 
@@ -28,8 +29,12 @@ def unsw(shared_data) -> pd.DataFrame:
 def bundle(unsw) -> ModelBundle:
     # a small network with tree-binned piecewise-linear embeddings; untrained weights are enough for the rule, and the
     # threshold at the median p_attack makes both verdicts frequent
-    cfg = ModelConfig(experts={"tabm": {"k": 2, "d_block": 32, "d_embedding": 4}, "temporal": {"d_temporal": 8}},
-                      d_gate=8, d_head=16, numeric={"n_bins": 8})
+    cfg = ModelConfig(
+        experts={"tabm": {"k": 2, "d_block": 32, "d_embedding": 4}, "temporal": {"d_temporal": 8}},
+        d_gate=8,
+        d_head=16,
+        numeric={"n_bins": 8},
+    )
     b = untrained_bundle(unsw.sample(5000, random_state=0), schema=get_schema("unsw-nb15"), model_cfg=cfg, seed=3)
     b.threshold = float(np.median(b.predict(unsw.head(5000))["p_attack"]))
     return b
@@ -53,16 +58,30 @@ def test_every_row_through_the_bundle_and_the_pyfunc(unsw, bundle, tmp_path):
     assert len(out) == len(unsw) == 65_866
     check_rule(out, bundle.classes, bundle.schema.benign, bundle.threshold)
     save_pyfunc(bundle, tmp_path / "model", example=unsw.head(5))
-    via = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(unsw.drop(columns=[FAMILY, IS_ATTACK]),
-                                                                     params={"class_probs": True, "runtime": "torch"})
+    via = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(
+        unsw.drop(columns=[FAMILY, IS_ATTACK]), params={"class_probs": True, "runtime": "torch"}
+    )
     check_rule(via, bundle.classes, bundle.schema.benign, bundle.threshold)
     assert (via["family"].to_numpy() == out["family"].to_numpy()).all()
 
 
 def test_every_row_through_the_cli(unsw, bundle, cli, shared_data, tmp_path):
     save_pyfunc(bundle, tmp_path / "model", example=unsw.head(5))
-    r = subprocess.run([cli, "score", "--model", str(tmp_path / "model"), "--input", str(shared_data / UNSW_FILE),
-                        "--output", str(tmp_path / "verdicts.csv")], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            cli,
+            "score",
+            "--model",
+            str(tmp_path / "model"),
+            "--input",
+            str(shared_data / UNSW_FILE),
+            "--output",
+            str(tmp_path / "verdicts.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = pd.read_csv(tmp_path / "verdicts.csv")
     assert len(got) == len(unsw)
@@ -75,17 +94,19 @@ def test_every_row_through_the_cli(unsw, bundle, cli, shared_data, tmp_path):
 def test_rest_follows_the_bundle(unsw, bundle, tmp_path):
     from fastapi.testclient import TestClient
     from cyber_moe.serve import create_app
+
     save_pyfunc(bundle, tmp_path / "model", example=unsw.head(5))
     rows = unsw.sample(1024, random_state=1)
     feats = list(bundle.schema.features)
     records = rows[feats].astype(object).where(rows[feats].notna(), None).to_dict("records")
     with TestClient(create_app(tmp_path / "model")) as client:
-        for _ in range(600):                      # the service loads the model in the background
-            if client.get("/ready").status_code == 200: break
+        for _ in range(600):  # the service loads the model in the background
+            if client.get("/ready").status_code == 200:
+                break
             time.sleep(0.5)
         got = []
         for s in range(0, len(records), 256):
-            r = client.post("/predict_batch", json=records[s:s + 256])
+            r = client.post("/predict_batch", json=records[s : s + 256])
             assert r.status_code == 200, r.text[:500]
             got += r.json()["predictions"]
     ref = bundle.predict(rows)

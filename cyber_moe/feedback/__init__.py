@@ -6,6 +6,25 @@
 __all__ = []
 
 # %% ../../nbs/63_feedback_package.ipynb #8ff77df1
-from .store import (FEEDBACK_ENV_VAR, ORDERS, VERDICTS, AddResult, FeedbackError, FeedbackStore, InvalidFeedback, RuleView,
-                    StoreUnavailable, UnknownAlert, UnknownRule, check_rule_fields, current_revision, default_url, flow_alert_id,
-                    head_revision, migrate, redact_url, rest_alert_id, utc_now)
+from cyber_moe.feedback.store import (
+    FEEDBACK_ENV_VAR,
+    ORDERS,
+    VERDICTS,
+    AddResult,
+    FeedbackError,
+    FeedbackStore,
+    InvalidFeedback,
+    RuleView,
+    StoreUnavailable,
+    UnknownAlert,
+    UnknownRule,
+    check_rule_fields,
+    current_revision,
+    default_url,
+    flow_alert_id,
+    head_revision,
+    migrate,
+    redact_url,
+    rest_alert_id,
+    utc_now,
+)

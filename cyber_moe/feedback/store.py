@@ -46,12 +46,15 @@ class StoreUnavailable(FeedbackError):
 # %% ../../nbs/62_feedback.ipynb #dac79820
 class UTCDateTime(sa.types.TypeDecorator):
     "A datetime stored as naive UTC and read back as UTC-aware."
+
     impl = sa.DateTime
     cache_ok = True
 
     def process_bind_param(self, value, dialect):
-        if value is None: return None
-        if value.tzinfo is not None: value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
         return value
 
     def process_result_value(self, value, dialect):
@@ -69,6 +72,7 @@ class Base(DeclarativeBase):
 
 class Model(Base):
     "A model that made alerts: its classes (the valid families of verdicts) and its threshold."
+
     __tablename__ = "feedback_models"
     name: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
     version: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
@@ -79,6 +83,7 @@ class Model(Base):
 # %% ../../nbs/62_feedback.ipynb #30529aee
 class Rule(Base):
     "A suppression rule: flows matching every field set (source address or network, destination port, family) are not alerted."
+
     __tablename__ = "feedback_rules"
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
     src: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
@@ -93,6 +98,7 @@ class Rule(Base):
 # %% ../../nbs/62_feedback.ipynb #fd536421
 class Alert(Base):
     "An alert: a flow a model flagged, with its 5-tuple, times, model, verdict fields and features (JSON)."
+
     __tablename__ = "feedback_alerts"
     id: Mapped[str] = mapped_column(sa.String(160), primary_key=True)
     community_id: Mapped[str | None] = mapped_column(sa.String(64), nullable=True, index=True)
@@ -118,6 +124,7 @@ class Alert(Base):
 
 class Verdict(Base):
     "An analyst's verdict on an alert; every one is kept, the latest (highest id) is the alert's verdict."
+
     __tablename__ = "feedback_verdicts"
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
     alert_id: Mapped[str] = mapped_column(sa.ForeignKey("feedback_alerts.id", ondelete="CASCADE"), index=True)
@@ -133,10 +140,11 @@ def _script():
     from alembic.config import Config
     from alembic.script import ScriptDirectory
     from cyber_moe.feedback.migrations import MIGRATIONS_DIR
+
     cfg = Config()
-    cfg.set_main_option("path_separator", "os")                          # a folder with spaces stays one folder
+    cfg.set_main_option("path_separator", "os")  # a folder with spaces stays one folder
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("version_locations", str(MIGRATIONS_DIR))        # the revisions sit next to __init__.py, no versions/
+    cfg.set_main_option("version_locations", str(MIGRATIONS_DIR))  # the revisions sit next to __init__.py, no versions/
     return cfg, ScriptDirectory.from_config(cfg)
 
 
@@ -149,6 +157,7 @@ def current_revision(engine: sa.Engine) -> str | None:
     "The revision a database is at (None for an empty one)."
     from alembic.runtime.migration import MigrationContext
     from cyber_moe.feedback.migrations import VERSION_TABLE
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
@@ -157,6 +166,7 @@ def migrate(engine: sa.Engine, revision: str = "head", *, attempts: int = 5) -> 
     "Upgrade (or downgrade) the database of `engine` to `revision`; returns the revision it is at."
     from alembic.runtime.environment import EnvironmentContext
     from cyber_moe.feedback.migrations import VERSION_TABLE
+
     cfg, script = _script()
     target = script.get_current_head() if revision == "head" else revision
 
@@ -170,15 +180,17 @@ def migrate(engine: sa.Engine, revision: str = "head", *, attempts: int = 5) -> 
     for i in range(attempts):
         try:
             with engine.begin() as conn:
-                if conn.dialect.name == "postgresql": conn.execute(sa.text("SELECT pg_advisory_xact_lock(7216061)"))
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7216061)"))
                 with EnvironmentContext(cfg, script, fn=steps, destination_rev=target) as env:
-                    env.configure(connection=conn, target_metadata=Base.metadata, version_table=VERSION_TABLE,
-                                  transactional_ddl=True)
-                    with env.begin_transaction(): env.run_migrations()
+                    env.configure(connection=conn, target_metadata=Base.metadata, version_table=VERSION_TABLE, transactional_ddl=True)
+                    with env.begin_transaction():
+                        env.run_migrations()
             return current_revision(engine)
         except (sa_exc.OperationalError, sa_exc.IntegrityError, sa_exc.ProgrammingError) as e:
-            if i == attempts - 1 or _unreachable(e): raise
-            time.sleep(0.2 * (i + 1))                      # another process was creating the same tables
+            if i == attempts - 1 or _unreachable(e):
+                raise
+            time.sleep(0.2 * (i + 1))  # another process was creating the same tables
 
 # %% ../../nbs/62_feedback.ipynb #7fb208d1
 FEEDBACK_ENV_VAR = "CYBER_MOE_FEEDBACK_URL"
@@ -193,32 +205,53 @@ def default_url(outputs_dir: str | Path = "outputs") -> str:
 
 def redact_url(url: str) -> str:
     "`url` with its password hidden."
-    try: return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception: return "<unparseable URL>"
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
 
 
 def _unreachable(e: BaseException) -> bool:
     "True for errors that mean the database is not there (connection refused, unopenable file), not a bad statement."
-    if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated: return True
-    if isinstance(e, (sa_exc.InterfaceError,)): return True
+    if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
+        return True
+    if isinstance(e, (sa_exc.InterfaceError,)):
+        return True
     msg = str(getattr(e, "orig", e)).lower()
-    return isinstance(e, sa_exc.OperationalError) and any(s in msg for s in (
-        "unable to open database", "connection", "could not connect", "timeout", "server closed", "terminating", "refused",
-        "no such host", "name or service", "authentication", "does not exist", "disk i/o"))
+    return isinstance(e, sa_exc.OperationalError) and any(
+        s in msg
+        for s in (
+            "unable to open database",
+            "connection",
+            "could not connect",
+            "timeout",
+            "server closed",
+            "terminating",
+            "refused",
+            "no such host",
+            "name or service",
+            "authentication",
+            "does not exist",
+            "disk i/o",
+        )
+    )
 
-
+# %% ../../nbs/62_feedback.ipynb #36078cf5
 def _engine(url: str, connect_timeout: float) -> sa.Engine:
     "An engine for `url`: SQLite with WAL and a busy timeout (its folder created), PostgreSQL with a connect timeout."
     u = sa.make_url(url)
     if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:": Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         eng = sa.create_engine(u, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(eng, "connect")
         def _pragmas(dbapi_conn, _):
             cur = dbapi_conn.cursor()
-            for p in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON", "synchronous=NORMAL"): cur.execute(f"PRAGMA {p}")
+            for p in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON", "synchronous=NORMAL"):
+                cur.execute(f"PRAGMA {p}")
             cur.close()
+
         return eng
     args = {"connect_timeout": max(1, int(connect_timeout))} if u.get_backend_name() == "postgresql" else {}
     return sa.create_engine(u, connect_args=args, pool_pre_ping=True)
@@ -227,6 +260,7 @@ def _engine(url: str, connect_timeout: float) -> sa.Engine:
 def flow_alert_id(model_name: str, model_version: str, protocol, src_ip, src_port, dst_ip, dst_port, first_seen_ms) -> str:
     "Stable id of a flow's alert by one model: hex digest of the model and the flow's 5-tuple and first-seen time."
     import hashlib
+
     key = "|".join(map(str, (model_name, model_version, protocol, src_ip, src_port, dst_ip, dst_port, first_seen_ms)))
     return hashlib.sha1(key.encode()).hexdigest()[:24]
 
@@ -239,6 +273,7 @@ def rest_alert_id(request_id: str, row: int | None = None) -> str:
 @dataclass(frozen=True)
 class RuleView:
     "A suppression rule as read from the store (plain values)."
+
     id: int
     src: str | None
     dst_port: int | None
@@ -256,28 +291,38 @@ class RuleView:
     def matches(self, src_ip: str | None, dst_port: int | None, family: str | None) -> bool:
         "True when every field the rule sets matches the alert's."
         if self.src is not None:
-            if src_ip is None: return False
+            if src_ip is None:
+                return False
             try:
-                if ipaddress.ip_address(str(src_ip)) not in ipaddress.ip_network(self.src, strict=False): return False
-            except ValueError: return False
-        if self.dst_port is not None and (dst_port is None or int(dst_port) != self.dst_port): return False
-        if self.family is not None and family != self.family: return False
+                if ipaddress.ip_address(str(src_ip)) not in ipaddress.ip_network(self.src, strict=False):
+                    return False
+            except ValueError:
+                return False
+        if self.dst_port is not None and (dst_port is None or int(dst_port) != self.dst_port):
+            return False
+        if self.family is not None and family != self.family:
+            return False
         return True
 
     def as_dict(self) -> dict:
         "JSON-ready fields (times as ISO strings)."
         d = dict(self.__dict__)
-        for k in ("expires_at", "created_at"): d[k] = d[k].isoformat() if d[k] is not None else None
+        for k in ("expires_at", "created_at"):
+            d[k] = d[k].isoformat() if d[k] is not None else None
         return d
 
 
 def check_rule_fields(src: str | None, dst_port: int | None, family: str | None, families: Sequence[str] | None = None) -> str | None:
     "Validate a rule's fields (InvalidFeedback naming the field); returns the source normalised (an address or a network)."
     if src is None and dst_port is None and family is None:
-        raise InvalidFeedback("a suppression rule must set at least one of src, dst_port, family: a rule with none would silence every alert")
+        raise InvalidFeedback(
+            "a suppression rule must set at least one of src, dst_port, family: a rule with none would silence every alert"
+        )
     if src is not None:
-        try: net = ipaddress.ip_network(str(src).strip(), strict=False)
-        except ValueError: raise InvalidFeedback(f"src: '{src}' is not an IP address or network (e.g. 198.18.0.5 or 198.18.0.0/24)") from None
+        try:
+            net = ipaddress.ip_network(str(src).strip(), strict=False)
+        except ValueError:
+            raise InvalidFeedback(f"src: '{src}' is not an IP address or network (e.g. 198.18.0.5 or 198.18.0.0/24)") from None
         src = str(net.network_address) if net.num_addresses == 1 else str(net)
     if dst_port is not None and not (isinstance(dst_port, (int, np.integer)) and 0 <= int(dst_port) <= 65535):
         raise InvalidFeedback(f"dst_port: {dst_port!r} is not a port number (0..65535)")
@@ -291,14 +336,17 @@ _ALERT_COLS = tuple(c.name for c in Alert.__table__.columns)
 
 def _json_safe(v: Any) -> Any:
     "A value JSON columns accept: numpy scalars as Python ones, non-finite floats as None."
-    if isinstance(v, np.generic): v = v.item()
-    if isinstance(v, float) and not math.isfinite(v): return None
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
 
 
 @dataclass
 class AddResult:
     "What `FeedbackStore.add_alerts` did: ids in input order, the suppressing rule id per alert (None: alerted), new alerts per rule."
+
     ids: list[str]
     suppressed_by: list[int | None]
     n_new: int
@@ -332,83 +380,145 @@ class FeedbackStore:
 
     def _guard(self, fn):
         "Run `fn`; database errors that mean 'unreachable' become StoreUnavailable."
-        try: return fn()
+        try:
+            return fn()
         except sa_exc.DBAPIError as e:
             if _unreachable(e) or isinstance(e, sa_exc.OperationalError):
-                raise StoreUnavailable(f"feedback store {redact_url(self.url)} unavailable: {str(e.orig).strip().splitlines()[0] if e.orig else e}") from None
+                raise StoreUnavailable(
+                    f"feedback store {redact_url(self.url)} unavailable: {str(e.orig).strip().splitlines()[0] if e.orig else e}"
+                ) from None
             raise
 
     def close(self) -> None:
         "Release the database connections."
         self.engine.dispose()
 
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+    def __enter__(self):
+        return self
 
-    def __repr__(self) -> str: return f"FeedbackStore({redact_url(self.url)!r})"
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeedbackStore({redact_url(self.url)!r})"
 
 # %% ../../nbs/62_feedback.ipynb #06092a26
 def _rule_view(r: Rule) -> RuleView:
-    return RuleView(r.id, r.src, r.dst_port, r.family, r.expires_at.replace(tzinfo=timezone.utc) if r.expires_at and r.expires_at.tzinfo is None
-                    else r.expires_at, r.reason, r.creator, r.created_at, int(r.n_suppressed or 0))
+    return RuleView(
+        r.id,
+        r.src,
+        r.dst_port,
+        r.family,
+        r.expires_at.replace(tzinfo=timezone.utc) if r.expires_at and r.expires_at.tzinfo is None else r.expires_at,
+        r.reason,
+        r.creator,
+        r.created_at,
+        int(r.n_suppressed or 0),
+    )
 
 
-def _register_model(self: FeedbackStore, name: str, version: str, *, classes: Sequence[str] | None = None,
-                    benign: str | None = None, threshold: float | None = None) -> None:
+def _register_model(
+    self: FeedbackStore,
+    name: str,
+    version: str,
+    *,
+    classes: Sequence[str] | None = None,
+    benign: str | None = None,
+    threshold: float | None = None,
+) -> None:
     "Record a model's classes (valid verdict families) and threshold; known models are updated."
+
     def run():
         with self._session.begin() as s:
             m = s.get(Model, (str(name), str(version)))
-            if m is None: s.add(Model(name=str(name), version=str(version), classes=list(classes) if classes else None,
-                                      benign=benign, threshold=threshold))
+            if m is None:
+                s.add(
+                    Model(
+                        name=str(name), version=str(version), classes=list(classes) if classes else None, benign=benign, threshold=threshold
+                    )
+                )
             else:
-                if classes: m.classes = list(classes)
-                if benign is not None: m.benign = benign
-                if threshold is not None: m.threshold = float(threshold)
+                if classes:
+                    m.classes = list(classes)
+                if benign is not None:
+                    m.benign = benign
+                if threshold is not None:
+                    m.threshold = float(threshold)
+
     self._guard(run)
 
-
+# %% ../../nbs/62_feedback.ipynb #28ca4a8d
 def _families(self: FeedbackStore, model_name: str | None = None, model_version: str | None = None) -> list[str] | None:
     "Classes of a model (all known models when none is named); None when none is recorded."
+
     def run():
         with self._session() as s:
             q = sa.select(Model.classes)
-            if model_name is not None: q = q.where(Model.name == model_name)
-            if model_version is not None: q = q.where(Model.version == model_version)
+            if model_name is not None:
+                q = q.where(Model.name == model_name)
+            if model_version is not None:
+                q = q.where(Model.version == model_version)
             out = []
             for (c,) in s.execute(q):
                 out += [x for x in (c or []) if x not in out]
             return out or None
+
     return self._guard(run)
 
 
 FeedbackStore.register_model, FeedbackStore.families = _register_model, _families
 
 # %% ../../nbs/62_feedback.ipynb #7c697ec9
-def _add_rule(self: FeedbackStore, *, src: str | None = None, dst_port: int | None = None, family: str | None = None,
-              expires_at: datetime | None = None, reason: str, creator: str, families: Sequence[str] | None = None) -> RuleView:
+def _add_rule(
+    self: FeedbackStore,
+    *,
+    src: str | None = None,
+    dst_port: int | None = None,
+    family: str | None = None,
+    expires_at: datetime | None = None,
+    reason: str,
+    creator: str,
+    families: Sequence[str] | None = None,
+) -> RuleView:
     "Add a suppression rule (at least one of src, dst_port, family; `family` checked against `families` or the known models')."
-    if not str(reason or "").strip(): raise InvalidFeedback("reason: say why the traffic is known (a non-empty string)")
-    if not str(creator or "").strip(): raise InvalidFeedback("creator: name who creates the rule (a non-empty string)")
+    if not str(reason or "").strip():
+        raise InvalidFeedback("reason: say why the traffic is known (a non-empty string)")
+    if not str(creator or "").strip():
+        raise InvalidFeedback("creator: name who creates the rule (a non-empty string)")
     known = families if families is not None else (self.families() if family is not None else None)
-    if known is not None: known = [f for f in known if f != "benign"]
+    if known is not None:
+        known = [f for f in known if f != "benign"]
     src = check_rule_fields(src, dst_port, family, known)
-    if expires_at is not None and expires_at.tzinfo is None: raise InvalidFeedback("expires_at: give a time zone (e.g. 2026-12-01T00:00:00Z)")
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise InvalidFeedback("expires_at: give a time zone (e.g. 2026-12-01T00:00:00Z)")
+
     def run():
         with self._session.begin() as s:
-            r = Rule(src=src, dst_port=None if dst_port is None else int(dst_port), family=family, expires_at=expires_at,
-                     reason=str(reason).strip(), creator=str(creator).strip(), created_at=utc_now(), n_suppressed=0)
+            r = Rule(
+                src=src,
+                dst_port=None if dst_port is None else int(dst_port),
+                family=family,
+                expires_at=expires_at,
+                reason=str(reason).strip(),
+                creator=str(creator).strip(),
+                created_at=utc_now(),
+                n_suppressed=0,
+            )
             s.add(r)
             s.flush()
             return _rule_view(r)
+
     return self._guard(run)
 
 
 def _list_rules(self: FeedbackStore, *, active_only: bool = False, now: datetime | None = None) -> list[RuleView]:
     "Every rule (or only the active ones), oldest first, with how many alerts each silenced."
+
     def run():
-        with self._session() as s: rules = [_rule_view(r) for r in s.scalars(sa.select(Rule).order_by(Rule.id))]
+        with self._session() as s:
+            rules = [_rule_view(r) for r in s.scalars(sa.select(Rule).order_by(Rule.id))]
         return [r for r in rules if r.active(now)] if active_only else rules
+
     return self._guard(run)
 
 
@@ -422,28 +532,36 @@ FeedbackStore.add_rule, FeedbackStore.list_rules, FeedbackStore.active_rules = _
 # %% ../../nbs/62_feedback.ipynb #5b056b69
 def _get_rule(self: FeedbackStore, rule_id: int) -> RuleView:
     "One rule by id (UnknownAlert-like LookupError naming it when absent)."
+
     def run():
         with self._session() as s:
             r = s.get(Rule, int(rule_id))
-            if r is None: raise UnknownRule(f"rule {rule_id} not found")
+            if r is None:
+                raise UnknownRule(f"rule {rule_id} not found")
             return _rule_view(r)
+
     return self._guard(run)
 
 
 def _delete_rule(self: FeedbackStore, rule_id: int) -> RuleView:
     "Delete a rule (its alerts stay, no longer marked as suppressed by it); returns it as it was."
+
     def run():
         with self._session.begin() as s:
             r = s.get(Rule, int(rule_id))
-            if r is None: raise UnknownRule(f"rule {rule_id} not found")
+            if r is None:
+                raise UnknownRule(f"rule {rule_id} not found")
             view = _rule_view(r)
             s.execute(sa.update(Alert).where(Alert.suppressed_by == r.id).values(suppressed_by=None))
             s.delete(r)
             return view
+
     return self._guard(run)
 
 
-def _matching_rule(self: FeedbackStore, alert: dict, rules: Sequence[RuleView] | None = None, now: datetime | None = None) -> RuleView | None:
+def _matching_rule(
+    self: FeedbackStore, alert: dict, rules: Sequence[RuleView] | None = None, now: datetime | None = None
+) -> RuleView | None:
     "The first active rule (lowest id) matching `alert` (a dict with src_ip, dst_port, family), or None."
     rules = self.active_rules(now) if rules is None else rules
     return next((r for r in rules if r.active(now) and r.matches(alert.get("src_ip"), alert.get("dst_port"), alert.get("family"))), None)
@@ -460,47 +578,75 @@ def _insert_ignore(dialect: str, table: sa.Table):
     "INSERT that skips rows whose primary key exists (SQLite and PostgreSQL)."
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
+
         return insert(table).on_conflict_do_nothing(index_elements=[table.c.id])
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
+
         return insert(table).on_conflict_do_nothing(index_elements=[table.c.id])
     return table.insert().prefix_with("IGNORE")
 
 
-def _add_alerts(self: FeedbackStore, records: Sequence[dict] | pd.DataFrame, *, model_name: str, model_version: str,
-                source: str, classes: Sequence[str] | None = None, benign: str | None = None, threshold: float | None = None,
-                rules: Sequence[RuleView] | None = None, now: datetime | None = None) -> AddResult:
+def _add_alerts(
+    self: FeedbackStore,
+    records: Sequence[dict] | pd.DataFrame,
+    *,
+    model_name: str,
+    model_version: str,
+    source: str,
+    classes: Sequence[str] | None = None,
+    benign: str | None = None,
+    threshold: float | None = None,
+    rules: Sequence[RuleView] | None = None,
+    now: datetime | None = None,
+) -> AddResult:
     "Store alert `records` of one model, suppressing those an active rule matches (or as a record's `suppressed_by` says); returns ids, suppressions, counts."
-    if isinstance(records, pd.DataFrame): records = records.to_dict(orient="records")
+    if isinstance(records, pd.DataFrame):
+        records = records.to_dict(orient="records")
     now = now or utc_now()
-    if classes or threshold is not None: self.register_model(model_name, model_version, classes=classes, benign=benign, threshold=threshold)
+    if classes or threshold is not None:
+        self.register_model(model_name, model_version, classes=classes, benign=benign, threshold=threshold)
     rules = self.active_rules(now) if rules is None else [r for r in rules if r.active(now)]
     rows, sup, per_rule = [], [], {}
     for rec in records:
         miss = [k for k in ("id", "p_attack", "family") if rec.get(k) is None]
-        if miss: raise InvalidFeedback(f"alert record lacks {', '.join(miss)}: {dict(list(rec.items())[:6])}")
-        if "suppressed_by" in rec: rid = rec["suppressed_by"]          # decided by the caller (the service, with its cached rules)
+        if miss:
+            raise InvalidFeedback(f"alert record lacks {', '.join(miss)}: {dict(list(rec.items())[:6])}")
+        if "suppressed_by" in rec:
+            rid = rec["suppressed_by"]  # decided by the caller (the service, with its cached rules)
         else:
             rule = next((r for r in rules if r.matches(rec.get("src_ip"), rec.get("dst_port"), rec.get("family"))), None)
             rid = None if rule is None else rule.id
         row = {k: _json_safe(rec.get(k)) for k in _ALERT_COLS if k not in ("features", "created_at", "suppressed_by")}
-        row.update(model_name=str(model_name), model_version=str(model_version), source=source, created_at=now,
-                   suppressed_by=None if rid is None else int(rid), id=str(rec["id"]),
-                   features=None if rec.get("features") is None else {str(k): _json_safe(v) for k, v in rec["features"].items()})
-        if row.get("margin") is None and threshold is not None: row["margin"] = float(row["p_attack"]) - float(threshold)
-        rows.append(row); sup.append(row["suppressed_by"])
+        row.update(
+            model_name=str(model_name),
+            model_version=str(model_version),
+            source=source,
+            created_at=now,
+            suppressed_by=None if rid is None else int(rid),
+            id=str(rec["id"]),
+            features=None if rec.get("features") is None else {str(k): _json_safe(v) for k, v in rec["features"].items()},
+        )
+        if row.get("margin") is None and threshold is not None:
+            row["margin"] = float(row["p_attack"]) - float(threshold)
+        rows.append(row)
+        sup.append(row["suppressed_by"])
+
     def run():
         with self._session.begin() as s:
-            if not rows: return set()
+            if not rows:
+                return set()
             named = {r["suppressed_by"] for r in rows if r["suppressed_by"] is not None}
             gone = named - set(s.scalars(sa.select(Rule.id).where(Rule.id.in_(named)))) if named else set()
-            for r in rows:                                 # a rule deleted since the caller decided: the alert stays unsuppressed
-                if r["suppressed_by"] in gone: r["suppressed_by"] = None
+            for r in rows:  # a rule deleted since the caller decided: the alert stays unsuppressed
+                if r["suppressed_by"] in gone:
+                    r["suppressed_by"] = None
             new = set(s.scalars(_insert_ignore(s.bind.dialect.name, Alert.__table__).returning(Alert.id), rows))
             for rid, n in Counter(r["suppressed_by"] for r in rows if r["id"] in new and r["suppressed_by"] is not None).items():
                 s.execute(sa.update(Rule).where(Rule.id == rid).values(n_suppressed=Rule.n_suppressed + n))
                 per_rule[rid] = n
             return new
+
     new = self._guard(run)
     return AddResult(ids=[r["id"] for r in rows], suppressed_by=sup, n_new=len(new), per_rule=per_rule)
 
@@ -508,60 +654,106 @@ def _add_alerts(self: FeedbackStore, records: Sequence[dict] | pd.DataFrame, *, 
 FeedbackStore.add_alerts = _add_alerts
 
 # %% ../../nbs/62_feedback.ipynb #7dce4dcc
-def _resolve(self: FeedbackStore, *, alert_id: str | None = None, community_id: str | None = None,
-             request_id: str | None = None, row: int | None = None) -> str:
+def _resolve(
+    self: FeedbackStore,
+    *,
+    alert_id: str | None = None,
+    community_id: str | None = None,
+    request_id: str | None = None,
+    row: int | None = None,
+) -> str:
     "The id of the alert named by its id, its Community ID (the newest alert of that flow) or its REST request id (and row)."
     given = [k for k, v in (("alert_id", alert_id), ("community_id", community_id), ("request_id", request_id)) if v is not None]
-    if len(given) != 1: raise InvalidFeedback(f"name the alert by exactly one of alert_id, community_id, request_id (got {', '.join(given) or 'none'})")
+    if len(given) != 1:
+        raise InvalidFeedback(f"name the alert by exactly one of alert_id, community_id, request_id (got {', '.join(given) or 'none'})")
+
     def run():
         with self._session() as s:
             if alert_id is not None:
-                if s.get(Alert, str(alert_id)) is None: raise UnknownAlert(f"alert '{alert_id}' not found")
+                if s.get(Alert, str(alert_id)) is None:
+                    raise UnknownAlert(f"alert '{alert_id}' not found")
                 return str(alert_id)
             if request_id is not None:
                 aid = rest_alert_id(str(request_id), row)
                 if s.get(Alert, aid) is None:
-                    raise UnknownAlert(f"no alert for request id '{request_id}'" + (f" row {row}" if row is not None else "") +
-                                       " (only flows flagged as attacks make alerts)")
+                    raise UnknownAlert(
+                        f"no alert for request id '{request_id}'"
+                        + (f" row {row}" if row is not None else "")
+                        + " (only flows flagged as attacks make alerts)"
+                    )
                 return aid
-            aid = s.scalar(sa.select(Alert.id).where(Alert.community_id == str(community_id))
-                           .order_by(Alert.last_seen_ms.desc().nulls_last(), Alert.created_at.desc()).limit(1))
-            if aid is None: raise UnknownAlert(f"no alert with Community ID '{community_id}'")
+            aid = s.scalar(
+                sa.select(Alert.id)
+                .where(Alert.community_id == str(community_id))
+                .order_by(Alert.last_seen_ms.desc().nulls_last(), Alert.created_at.desc())
+                .limit(1)
+            )
+            if aid is None:
+                raise UnknownAlert(f"no alert with Community ID '{community_id}'")
             return aid
+
     return self._guard(run)
 
-
-def _record_verdict(self: FeedbackStore, alert_id: str, verdict: str, *, family: str | None = None, note: str | None = None,
-                    analyst: str | None = None, at: datetime | None = None) -> dict:
+# %% ../../nbs/62_feedback.ipynb #8e7b2877
+def _record_verdict(
+    self: FeedbackStore,
+    alert_id: str,
+    verdict: str,
+    *,
+    family: str | None = None,
+    note: str | None = None,
+    analyst: str | None = None,
+    at: datetime | None = None,
+) -> dict:
     "Record an analyst's verdict ('tp' or 'fp', the right family or benign) on alert `alert_id`; returns the stored verdict."
-    if verdict not in VERDICTS: raise InvalidFeedback(f"verdict: '{verdict}' is not one of {', '.join(VERDICTS)} (true / false positive)")
+    if verdict not in VERDICTS:
+        raise InvalidFeedback(f"verdict: '{verdict}' is not one of {', '.join(VERDICTS)} (true / false positive)")
+
     def run():
         with self._session.begin() as s:
             a = s.get(Alert, str(alert_id))
-            if a is None: raise UnknownAlert(f"alert '{alert_id}' not found")
+            if a is None:
+                raise UnknownAlert(f"alert '{alert_id}' not found")
             m = s.get(Model, (a.model_name, a.model_version))
             classes, benign = (list(m.classes) if m and m.classes else None), (m.benign if m and m.benign else "benign")
             if family is not None and classes is not None and family not in classes:
-                raise InvalidFeedback(f"family: unknown family '{family}' for model {a.model_name} v{a.model_version}; valid: {', '.join(classes)}")
+                raise InvalidFeedback(
+                    f"family: unknown family '{family}' for model {a.model_name} v{a.model_version}; valid: {', '.join(classes)}"
+                )
             if verdict == "tp" and family == benign:
                 raise InvalidFeedback(f"family: a true positive cannot be '{benign}'; say fp for benign traffic")
             label = family if family is not None else (a.family if verdict == "tp" else benign)
             v = Verdict(alert_id=a.id, verdict=verdict, label=label, note=note, analyst=analyst, created_at=at or utc_now())
-            s.add(v); s.flush()
-            return {"id": v.id, "alert_id": a.id, "verdict": verdict, "label": label, "note": note, "analyst": analyst,
-                    "created_at": v.created_at, "model_name": a.model_name, "model_version": a.model_version}
+            s.add(v)
+            s.flush()
+            return {
+                "id": v.id,
+                "alert_id": a.id,
+                "verdict": verdict,
+                "label": label,
+                "note": note,
+                "analyst": analyst,
+                "created_at": v.created_at,
+                "model_name": a.model_name,
+                "model_version": a.model_version,
+            }
+
     return self._guard(run)
 
 
 def _verdicts(self: FeedbackStore, alert_id: str) -> list[dict]:
     "Every verdict on one alert, oldest first."
+
     def run():
         with self._session() as s:
-            return [{"id": v.id, "verdict": v.verdict, "label": v.label, "note": v.note, "analyst": v.analyst, "created_at": v.created_at}
-                    for v in s.scalars(sa.select(Verdict).where(Verdict.alert_id == str(alert_id)).order_by(Verdict.id))]
+            return [
+                {"id": v.id, "verdict": v.verdict, "label": v.label, "note": v.note, "analyst": v.analyst, "created_at": v.created_at}
+                for v in s.scalars(sa.select(Verdict).where(Verdict.alert_id == str(alert_id)).order_by(Verdict.id))
+            ]
+
     return self._guard(run)
 
-
+# %% ../../nbs/62_feedback.ipynb #1b1c276b
 FeedbackStore.resolve, FeedbackStore.record_verdict, FeedbackStore.verdicts = _resolve, _record_verdict, _verdicts
 
 # %% ../../nbs/62_feedback.ipynb #8d6989d3
@@ -570,38 +762,89 @@ def _latest_verdicts():
     return sa.select(Verdict.alert_id, sa.func.max(Verdict.id).label("vid")).group_by(Verdict.alert_id).subquery()
 
 
-_QUEUE_COLS = ("id", "community_id", "request_id", "source", "src_ip", "src_port", "dst_ip", "dst_port", "protocol", "first_seen_ms",
-               "last_seen_ms", "model_name", "model_version", "p_attack", "p_family", "margin", "family", "created_at", "suppressed_by")
+_QUEUE_COLS = (
+    "id",
+    "community_id",
+    "request_id",
+    "source",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_port",
+    "protocol",
+    "first_seen_ms",
+    "last_seen_ms",
+    "model_name",
+    "model_version",
+    "p_attack",
+    "p_family",
+    "margin",
+    "family",
+    "created_at",
+    "suppressed_by",
+)
 _VERDICT_COLS = ("verdict", "label", "note", "analyst", "verdict_at")
 
 
-def _alerts(self: FeedbackStore, order: str = "newest", *, limit: int = 100, offset: int = 0, model_name: str | None = None,
-            model_version: str | None = None, family: str | None = None, src_ip: str | None = None, verdict: str | None = None,
-            suppressed: bool | None = False, since: datetime | None = None, with_features: bool = False) -> pd.DataFrame:
+def _alerts(
+    self: FeedbackStore,
+    order: str = "newest",
+    *,
+    limit: int = 100,
+    offset: int = 0,
+    model_name: str | None = None,
+    model_version: str | None = None,
+    family: str | None = None,
+    src_ip: str | None = None,
+    verdict: str | None = None,
+    suppressed: bool | None = False,
+    since: datetime | None = None,
+    with_features: bool = False,
+) -> pd.DataFrame:
     "Alerts with their latest verdict: `order` 'newest' or 'uncertain'; filters by model, family, source, verdict ('tp', 'fp', 'none')."
-    if order not in ORDERS: raise InvalidFeedback(f"order: '{order}' is not one of {', '.join(ORDERS)}")
-    if verdict not in (None, "tp", "fp", "none"): raise InvalidFeedback(f"verdict: '{verdict}' is not one of tp, fp, none")
+    if order not in ORDERS:
+        raise InvalidFeedback(f"order: '{order}' is not one of {', '.join(ORDERS)}")
+    if verdict not in (None, "tp", "fp", "none"):
+        raise InvalidFeedback(f"verdict: '{verdict}' is not one of tp, fp, none")
     lv = _latest_verdicts()
     cols = [getattr(Alert, c) for c in _QUEUE_COLS] + ([Alert.features] if with_features else [])
-    q = (sa.select(*cols, Verdict.verdict, Verdict.label, Verdict.note, Verdict.analyst, Verdict.created_at.label("verdict_at"))
-         .outerjoin(lv, lv.c.alert_id == Alert.id).outerjoin(Verdict, Verdict.id == lv.c.vid))
-    if model_name is not None: q = q.where(Alert.model_name == model_name)
-    if model_version is not None: q = q.where(Alert.model_version == model_version)
-    if family is not None: q = q.where(Alert.family == family)
-    if src_ip is not None: q = q.where(Alert.src_ip == src_ip)
-    if since is not None: q = q.where(Alert.created_at >= since)
-    if suppressed is False: q = q.where(Alert.suppressed_by.is_(None))
-    elif suppressed is True: q = q.where(Alert.suppressed_by.is_not(None))
-    if verdict == "none": q = q.where(lv.c.vid.is_(None))
-    elif verdict is not None: q = q.where(Verdict.verdict == verdict)
-    q = q.order_by(Alert.created_at.desc(), Alert.first_seen_ms.desc().nulls_last(), Alert.id) if order == "newest" else \
-        q.order_by(Alert.margin.asc().nulls_last(), Alert.p_attack.asc(), Alert.id)
+    q = (
+        sa.select(*cols, Verdict.verdict, Verdict.label, Verdict.note, Verdict.analyst, Verdict.created_at.label("verdict_at"))
+        .outerjoin(lv, lv.c.alert_id == Alert.id)
+        .outerjoin(Verdict, Verdict.id == lv.c.vid)
+    )
+    if model_name is not None:
+        q = q.where(Alert.model_name == model_name)
+    if model_version is not None:
+        q = q.where(Alert.model_version == model_version)
+    if family is not None:
+        q = q.where(Alert.family == family)
+    if src_ip is not None:
+        q = q.where(Alert.src_ip == src_ip)
+    if since is not None:
+        q = q.where(Alert.created_at >= since)
+    if suppressed is False:
+        q = q.where(Alert.suppressed_by.is_(None))
+    elif suppressed is True:
+        q = q.where(Alert.suppressed_by.is_not(None))
+    if verdict == "none":
+        q = q.where(lv.c.vid.is_(None))
+    elif verdict is not None:
+        q = q.where(Verdict.verdict == verdict)
+    q = (
+        q.order_by(Alert.created_at.desc(), Alert.first_seen_ms.desc().nulls_last(), Alert.id)
+        if order == "newest"
+        else q.order_by(Alert.margin.asc().nulls_last(), Alert.p_attack.asc(), Alert.id)
+    )
     q = q.limit(int(limit)).offset(int(offset))
+
     def run():
-        with self._session() as s: rows = s.execute(q).all()
+        with self._session() as s:
+            rows = s.execute(q).all()
         names = list(_QUEUE_COLS) + (["features"] if with_features else []) + list(_VERDICT_COLS)
         df = pd.DataFrame([tuple(r) for r in rows], columns=names)
         return df
+
     return self._guard(run)
 
 
@@ -611,21 +854,30 @@ FeedbackStore.alerts = _alerts
 def _count_alerts(self: FeedbackStore, *, model_name: str | None = None, suppressed: bool | None = None) -> int:
     "How many alerts are stored (of one model; suppressed only, alerted only, or all)."
     q = sa.select(sa.func.count()).select_from(Alert)
-    if model_name is not None: q = q.where(Alert.model_name == model_name)
-    if suppressed is True: q = q.where(Alert.suppressed_by.is_not(None))
-    elif suppressed is False: q = q.where(Alert.suppressed_by.is_(None))
+    if model_name is not None:
+        q = q.where(Alert.model_name == model_name)
+    if suppressed is True:
+        q = q.where(Alert.suppressed_by.is_not(None))
+    elif suppressed is False:
+        q = q.where(Alert.suppressed_by.is_(None))
+
     def run():
-        with self._session() as s: return int(s.scalar(q))
+        with self._session() as s:
+            return int(s.scalar(q))
+
     return self._guard(run)
 
 
 def _get_alert(self: FeedbackStore, alert_id: str) -> dict:
     "One alert with its features and every verdict (UnknownAlert naming it when absent)."
+
     def run():
         with self._session() as s:
             a = s.get(Alert, str(alert_id))
-            if a is None: raise UnknownAlert(f"alert '{alert_id}' not found")
+            if a is None:
+                raise UnknownAlert(f"alert '{alert_id}' not found")
             return {c: getattr(a, c) for c in _ALERT_COLS}
+
     d = self._guard(run)
     d["verdicts"] = self.verdicts(alert_id)
     return d
@@ -648,7 +900,8 @@ def _precision_over_time(self: FeedbackStore, model_name: str, *, freq: str = "D
     df = self.alerts("newest", limit=2**62, model_name=model_name, model_version=model_version, suppressed=None)
     df = df[df["verdict"].notna()]
     cols = ["period", "model_version", "n_verdicts", "n_tp", "n_fp", "precision"]
-    if df.empty: return pd.DataFrame(columns=cols)
+    if df.empty:
+        return pd.DataFrame(columns=cols)
     t = pd.to_datetime(df["created_at"], utc=True).dt.tz_localize(None)
     df = df.assign(period=t.dt.to_period(freq).dt.start_time.dt.tz_localize("UTC"), tp=(df["verdict"] == "tp").astype(int))
     g = df.groupby(["period", "model_version"], sort=True)["tp"]

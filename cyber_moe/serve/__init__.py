@@ -8,10 +8,44 @@ __all__ = []
 # %% ../../nbs/87_serve.ipynb #04d0c9db
 from .settings import ENV_PREFIX, MODEL_ENV_VAR, ServeSettings, env_var, settings_from_env
 from .schemas import *  # noqa: F403
-from .validation import FlowError, FlowValidator, RawFlows, ServiceError, category_value, parse_envelope, parse_json_body, tensor_columns
+from cyber_moe.serve.validation import (
+    FlowError,
+    FlowValidator,
+    RawFlows,
+    ServiceError,
+    category_value,
+    parse_envelope,
+    parse_json_body,
+    tensor_columns,
+)
 from .metrics import METRIC_NAMES, DriftMonitor, ServeMetrics, observe_many
 from .feedback import FeedbackDown, FeedbackLink, request_alerts
-from .reload import (POINTER_FILE, ModelNotReady, ModelSlot, ServedModel, check_model_uri, load_served,
-                                    publish_model, read_model_pointer, resolve_alias, settle)
-from .app import (HTTP_PROTOCOL, PUBLIC_PATHS, Door, JsonFormatter, _explainer, app_from_env, create_app, describe,
-                                 infer_outputs, is_public, json_logger, mark_alerts, model_metadata, prediction_records, served_model)
+from cyber_moe.serve.reload import (
+    POINTER_FILE,
+    ModelNotReady,
+    ModelSlot,
+    ServedModel,
+    check_model_uri,
+    load_served,
+    publish_model,
+    read_model_pointer,
+    resolve_alias,
+    settle,
+)
+from cyber_moe.serve.app import (
+    HTTP_PROTOCOL,
+    PUBLIC_PATHS,
+    Door,
+    JsonFormatter,
+    _explainer,
+    app_from_env,
+    create_app,
+    describe,
+    infer_outputs,
+    is_public,
+    json_logger,
+    mark_alerts,
+    model_metadata,
+    prediction_records,
+    served_model,
+)

@@ -35,12 +35,33 @@ from ..schema import SchemaError
 from .feedback import FeedbackLink, ScoredAlerts
 from .metrics import ServeMetrics
 from .reload import ModelSlot, ServedModel, publish_model
-from .schemas import (_NO_NUL, OIP_OUTPUTS, AlertList, BatchResponse, ErrorResponse, ExplainResponse, FeedbackRequest, Health,
-                                     InferRequest, InferResponse, ModelMetadata, ModelReady, OIPError, PredictResponse, Readiness,
-                                     ReloadRequest, ReloadResponse, RuleList, RuleRecord, RuleRequest, ServerLive, ServerMetadata,
-                                     ServerReady, VerdictResponse)
+from cyber_moe.serve.schemas import (
+    _NO_NUL,
+    OIP_OUTPUTS,
+    AlertList,
+    BatchResponse,
+    ErrorResponse,
+    ExplainResponse,
+    FeedbackRequest,
+    Health,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelReady,
+    OIPError,
+    PredictResponse,
+    Readiness,
+    ReloadRequest,
+    ReloadResponse,
+    RuleList,
+    RuleRecord,
+    RuleRequest,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    VerdictResponse,
+)
 from .settings import MODEL_ENV_VAR, ServeSettings, settings_from_env
-from .validation import FlowError, RawFlows, ServiceError, _names, parse_envelope, parse_json_body, tensor_columns
 
 # %% auto #0
 __all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'workbench', 'operations', 'feedback', 'oip', 'ROUTERS',
@@ -52,6 +73,9 @@ __all__ = ['PUBLIC_PATHS', 'CLIENT_CLOSED', 'HANDLED', 'Served', 'workbench', 'o
            'get_rules', 'delete_rule', 'v2_server', 'v2_live', 'v2_ready', 'v2_model', 'v2_model_ready', 'v2_infer',
            'service_openapi', 'create_app', 'app_from_env', 'HeaderTimeoutH11']
 
+# %% ../../nbs/86_serve_app.ipynb #b7366d1c
+from .validation import FlowError, RawFlows, ServiceError, _names, parse_envelope, parse_json_body, tensor_columns
+
 # %% ../../nbs/86_serve_app.ipynb #6a79991b
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
 _PUBLIC_RE = re.compile(r"^/v2/models/[^/]+/ready$")
@@ -61,20 +85,30 @@ CLIENT_CLOSED = 499
 
 class BodyTooLarge(ServiceError):
     "A request body over the configured limit."
+
     status = 413
 
 
 class BodyTimeout(ServiceError):
     "A request body that did not arrive in time."
+
     status = 408
 
 
 class JsonFormatter(logging.Formatter):
     "One JSON object per log line: time, level, logger, process id, message and the record's `fields`."
+
     def format(self, record: logging.LogRecord) -> str:
-        d = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-             "level": record.levelname.lower(), "logger": record.name, "pid": record.process, "msg": record.getMessage(), **getattr(record, "fields", {})}
-        if record.exc_info: d["exc"] = self.formatException(record.exc_info)
+        d = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
         return json.dumps(d, default=str)
 
 
@@ -83,7 +117,9 @@ def json_logger(name: str, *, enabled: bool = True) -> logging.Logger:
     log = logging.getLogger(name)
     log.propagate = False
     if not any(getattr(h, "_cyber_moe", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stderr); h.setFormatter(JsonFormatter()); h._cyber_moe = True  # type: ignore[attr-defined]
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(JsonFormatter())
+        h._cyber_moe = True  # type: ignore[attr-defined]
         log.addHandler(h)
     log.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
     return log
@@ -106,16 +142,20 @@ class Door:
         given = headers.get(b"x-api-key")
         if given is None:
             auth = headers.get(b"authorization", b"")
-            if auth[:7].lower() == b"bearer ": given = auth[7:].strip()
-        if not given: return 401, "missing API key: send it in the X-API-Key header"
-        if not hmac.compare_digest(given, self.key): return 403, "wrong API key"
+            if auth[:7].lower() == b"bearer ":
+                given = auth[7:].strip()
+        if not given:
+            return 401, "missing API key: send it in the X-API-Key header"
+        if not hmac.compare_digest(given, self.key):
+            return 403, "wrong API key"
         return None
 
     def _denied(self, scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         "(status, message) for a request refused before its route runs (key, Content-Length), else None."
         denied = self._auth(headers) if self.key is not None and not is_public(scope["path"]) else None
         length, limit = headers.get(b"content-length", b"0"), self.settings.max_body_bytes
-        if denied is None and not length.isdigit(): return 400, "invalid Content-Length header"
+        if denied is None and not length.isdigit():
+            return 400, "invalid Content-Length header"
         if denied is None and int(length) > limit:
             return 413, f"request body of {length.decode('latin-1')} bytes is over the limit of {limit} bytes (max_body_bytes)"
         return denied
@@ -125,6 +165,7 @@ class Door:
         route = scope.get("route")
         if route is None:
             from starlette.routing import Match
+
             route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
         return getattr(route, "path", None) or "unmatched"
 
@@ -134,21 +175,26 @@ def _receiver(receive, *, limit: int, seconds: float, size: list):
     deadline, done = asyncio.get_running_loop().time() + seconds, [False]
 
     async def receive_():
-        if done[0]: return await receive()                   # the body is in: no deadline on waiting for a disconnect
+        if done[0]:
+            return await receive()  # the body is in: no deadline on waiting for a disconnect
         try:
-            async with asyncio.timeout_at(deadline): msg = await receive()
+            async with asyncio.timeout_at(deadline):
+                msg = await receive()
         except TimeoutError:
             raise BodyTimeout(f"request body not received within {seconds:g} s (body_timeout_seconds)") from None
         if msg["type"] == "http.request":
             size[0] += len(msg.get("body", b""))
-            if size[0] > limit: raise BodyTooLarge(f"request body is over the limit of {limit} bytes (max_body_bytes)")
+            if size[0] > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes (max_body_bytes)")
             done[0] = not msg.get("more_body", False)
         return msg
+
     return receive_
 
-
+# %% ../../nbs/86_serve_app.ipynb #916db23e
 async def _door_call(self: Door, scope, receive, send):
-    if scope["type"] != "http": return await self.app(scope, receive, send)
+    if scope["type"] != "http":
+        return await self.app(scope, receive, send)
     t0 = time.perf_counter()
     headers = dict(scope["headers"])
     rid = headers.get(b"x-request-id", b"").decode("latin-1")
@@ -165,18 +211,34 @@ async def _door_call(self: Door, scope, receive, send):
     try:
         denied = self._denied(scope, headers)
         if denied:
-            await JSONResponse({"detail": denied[1], "errors": [], "n_errors": 0, "request_id": rid}, status_code=denied[0])(scope, receive, send_)
+            await JSONResponse({"detail": denied[1], "errors": [], "n_errors": 0, "request_id": rid}, status_code=denied[0])(
+                scope, receive, send_
+            )
         else:
-            await self.app(scope, _receiver(receive, limit=self.settings.max_body_bytes, seconds=self.settings.body_timeout_seconds,
-                                            size=size), send_)
+            await self.app(
+                scope, _receiver(receive, limit=self.settings.max_body_bytes, seconds=self.settings.body_timeout_seconds, size=size), send_
+            )
     finally:
         route, dt = self._route(scope), time.perf_counter() - t0
         self.metrics.http.labels(route, scope["method"], str(status[0])).inc()
         self.metrics.http_duration.labels(route).observe(dt)
         client = scope.get("client")
-        self.log.info("request", extra={"fields": {
-            "event": "http_request", "request_id": rid, "method": scope["method"], "path": scope["path"], "route": route,
-            "status": status[0], "duration_ms": round(dt * 1e3, 3), "client": client[0] if client else None, "bytes_in": size[0]}})
+        self.log.info(
+            "request",
+            extra={
+                "fields": {
+                    "event": "http_request",
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status[0],
+                    "duration_ms": round(dt * 1e3, 3),
+                    "client": client[0] if client else None,
+                    "bytes_in": size[0],
+                }
+            },
+        )
 
 
 Door.__call__ = _door_call
@@ -184,12 +246,18 @@ Door.__call__ = _door_call
 # %% ../../nbs/86_serve_app.ipynb #dbb87991
 def describe(exc: Exception, max_errors: int = 20) -> tuple[int, str, list, int, dict]:
     "(status, message, listed problems, number of problems, headers) for an error a route met."
-    if isinstance(exc, FlowError): return exc.status, exc.message, exc.errors, exc.n_errors, {}
-    if isinstance(exc, ServiceError): return exc.status, exc.message, [], 0, dict(exc.headers)
-    if isinstance(exc, SchemaError): return 422, str(exc), [], 0, {}
-    if isinstance(exc, ClientDisconnect): return CLIENT_CLOSED, "client closed the connection before its request was read", [], 0, {}
+    if isinstance(exc, FlowError):
+        return exc.status, exc.message, exc.errors, exc.n_errors, {}
+    if isinstance(exc, ServiceError):
+        return exc.status, exc.message, [], 0, dict(exc.headers)
+    if isinstance(exc, SchemaError):
+        return 422, str(exc), [], 0, {}
+    if isinstance(exc, ClientDisconnect):
+        return CLIENT_CLOSED, "client closed the connection before its request was read", [], 0, {}
     if isinstance(exc, RequestValidationError):
-        errs = [{"loc": [x for x in e.get("loc", ()) if x != "body"], "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        errs = [
+            {"loc": [x for x in e.get("loc", ()) if x != "body"], "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
         msg = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in errs[:12])
         return 422, msg, errs[:max_errors], len(errs), {}
     raise TypeError(f"describe: {type(exc).__name__} is not a request error")
@@ -207,21 +275,24 @@ class WorkbenchRoute(APIRoute):
     "A route that answers request errors as `ErrorResponse` (detail, errors, n_errors, request_id)."
 
     def render(self, request: Request, status: int, detail: str, errors: list, n: int, headers: dict) -> Response:
-        return JSONResponse({"detail": detail, "errors": errors, "n_errors": n, "request_id": request_id(request)},
-                            status_code=status, headers=headers)
+        return JSONResponse(
+            {"detail": detail, "errors": errors, "n_errors": n, "request_id": request_id(request)}, status_code=status, headers=headers
+        )
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
-            try: return await handler(request)
+            try:
+                return await handler(request)
             except HANDLED as exc:
                 return self.render(request, *describe(exc, request.app.state.settings.max_errors))
+
         return guarded
 
 
 class OIPRoute(WorkbenchRoute):
-    "A route of the Open Inference Protocol: request errors are `{\"error\": message}`."
+    'A route of the Open Inference Protocol: request errors are `{"error": message}`.'
 
     def render(self, request: Request, status: int, detail: str, errors: list, n: int, headers: dict) -> Response:
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
@@ -229,11 +300,13 @@ class OIPRoute(WorkbenchRoute):
 # %% ../../nbs/86_serve_app.ipynb #7254fbed
 class UnknownModel(ServiceError):
     "An Open Inference Protocol route named a model this server does not serve."
+
     status = 404
 
 
 class BatchTooLarge(ServiceError):
     "More flows in one request than `max_batch`."
+
     status = 413
 
 
@@ -241,7 +314,8 @@ async def served_model(request: Request) -> ServedModel:
     "The model serving now (503 before one is; 404 when the path names another model)."
     served = request.app.state.slot.current()
     name = request.path_params.get("model_name")
-    if name is not None and name != served.name: raise UnknownModel(f"model '{name}' not found; this server serves '{served.name}'")
+    if name is not None and name != served.name:
+        raise UnknownModel(f"model '{name}' not found; this server serves '{served.name}'")
     return served
 
 
@@ -256,7 +330,7 @@ class Scorer:
 
     def __init__(self, settings: ServeSettings, metrics: ServeMetrics):
         self.settings, self.metrics = settings, metrics
-        self._slots: asyncio.Semaphore | None = None         # created in the server's event loop
+        self._slots: asyncio.Semaphore | None = None  # created in the server's event loop
 
     def run(self, served: ServedModel, raw: RawFlows) -> dict[str, np.ndarray]:
         "Score `raw` now, in this thread."
@@ -270,8 +344,10 @@ class Scorer:
 
     async def score(self, served: ServedModel, raw: RawFlows) -> dict[str, np.ndarray]:
         "Score `raw`: inline when small, else in the thread pool, `model_concurrency` at a time."
-        if len(raw) <= self.settings.inline_rows: return self.run(served, raw)
-        if self._slots is None: self._slots = asyncio.Semaphore(self.settings.model_concurrency)
+        if len(raw) <= self.settings.inline_rows:
+            return self.run(served, raw)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.model_concurrency)
         async with self._slots:
             return await run_in_threadpool(self.run, served, raw)
 
@@ -284,10 +360,17 @@ async def off_loop(fn: Callable, *args, inline: bool, **kw):
 def prediction_records(v: dict[str, np.ndarray], served: ServedModel) -> list[dict]:
     "One JSON-ready dict per flow of `ServedModel.score` output: verdict, probabilities per class, gate weight per expert."
     cl, ex = served.classes, served.experts
-    return [{"is_attack": bool(a), "p_attack": pa, "family": str(f), "p_family": pf,
-             "class_probs": dict(zip(cl, p)), "gate": dict(zip(ex, g))}
-            for a, pa, f, pf, p, g in zip(v["is_attack"].tolist(), v["p_attack"].tolist(), v["family"].tolist(),
-                                          v["p_family"].tolist(), v["p_classes"].tolist(), v["gate"].tolist())]
+    return [
+        {"is_attack": bool(a), "p_attack": pa, "family": str(f), "p_family": pf, "class_probs": dict(zip(cl, p)), "gate": dict(zip(ex, g))}
+        for a, pa, f, pf, p, g in zip(
+            v["is_attack"].tolist(),
+            v["p_attack"].tolist(),
+            v["family"].tolist(),
+            v["p_family"].tolist(),
+            v["p_classes"].tolist(),
+            v["gate"].tolist(),
+        )
+    ]
 
 
 def infer_outputs(v: dict[str, np.ndarray], served: ServedModel, wanted: Sequence[str] | None = None) -> list[dict]:
@@ -298,35 +381,61 @@ def infer_outputs(v: dict[str, np.ndarray], served: ServedModel, wanted: Sequenc
         "p_attack": lambda: {"datatype": "FP64", "shape": [n], "data": v["p_attack"].tolist()},
         "family": lambda: {"datatype": "BYTES", "shape": [n], "data": [str(f) for f in v["family"]]},
         "p_family": lambda: {"datatype": "FP64", "shape": [n], "data": v["p_family"].tolist()},
-        "class_probs": lambda: {"datatype": "FP64", "shape": [n, len(served.classes)], "parameters": {"columns": served.classes},
-                                "data": v["p_classes"].ravel().tolist()},
-        "gate": lambda: {"datatype": "FP64", "shape": [n, len(served.experts)], "parameters": {"columns": served.experts},
-                         "data": v["gate"].ravel().tolist()}}
+        "class_probs": lambda: {
+            "datatype": "FP64",
+            "shape": [n, len(served.classes)],
+            "parameters": {"columns": served.classes},
+            "data": v["p_classes"].ravel().tolist(),
+        },
+        "gate": lambda: {
+            "datatype": "FP64",
+            "shape": [n, len(served.experts)],
+            "parameters": {"columns": served.experts},
+            "data": v["gate"].ravel().tolist(),
+        },
+    }
     names = list(OIP_OUTPUTS) if not wanted else list(dict.fromkeys(wanted))
     unknown = [w for w in names if w not in make]
-    if unknown: raise FlowError(f"outputs: unknown output(s) {_names(unknown)}; this model has {_names(OIP_OUTPUTS)}")
+    if unknown:
+        raise FlowError(f"outputs: unknown output(s) {_names(unknown)}; this model has {_names(OIP_OUTPUTS)}")
     return [{"name": w, **make[w]()} for w in names]
 
-
+# %% ../../nbs/86_serve_app.ipynb #8e7a12ff
 def model_metadata(served: ServedModel) -> dict:
     "OIP v2 metadata of the served model: one input per feature (FP64, or BYTES for categories), the outputs."
     k, e = len(served.classes), len(served.experts)
-    shapes = {"is_attack": ("BOOL", [-1]), "p_attack": ("FP64", [-1]), "family": ("BYTES", [-1]), "p_family": ("FP64", [-1]),
-              "class_probs": ("FP64", [-1, k]), "gate": ("FP64", [-1, e])}
-    return {"name": served.name, "versions": [served.version], "platform": "onnxruntime_onnx" if served.runtime == "onnx" else "pytorch",
-            "inputs": [{"name": f, "datatype": "BYTES" if f in served.validator.categorical else "FP64", "shape": [-1]}
-                       for f in served.validator.features],
-            "outputs": [{"name": o, "datatype": shapes[o][0], "shape": shapes[o][1]} for o in OIP_OUTPUTS]}
+    shapes = {
+        "is_attack": ("BOOL", [-1]),
+        "p_attack": ("FP64", [-1]),
+        "family": ("BYTES", [-1]),
+        "p_family": ("FP64", [-1]),
+        "class_probs": ("FP64", [-1, k]),
+        "gate": ("FP64", [-1, e]),
+    }
+    return {
+        "name": served.name,
+        "versions": [served.version],
+        "platform": "onnxruntime_onnx" if served.runtime == "onnx" else "pytorch",
+        "inputs": [
+            {"name": f, "datatype": "BYTES" if f in served.validator.categorical else "FP64", "shape": [-1]}
+            for f in served.validator.features
+        ],
+        "outputs": [{"name": o, "datatype": shapes[o][0], "shape": shapes[o][1]} for o in OIP_OUTPUTS],
+    }
 
 # %% ../../nbs/86_serve_app.ipynb #ae2f14dd
 def _explainer() -> tuple[Callable | None, str]:
     "`cyber_moe.explain.explain_flow` if importable, else None and why."
     import importlib
+
     try:
         explain = importlib.import_module("cyber_moe.explain")
     except ModuleNotFoundError as e:
         if e.name in ("cyber_moe.explain", "shap"):
-            return None, f"explanations are not available in this build: module {e.name} is not installed (cyber_moe.explain comes from nbs/70_explain)"
+            return (
+                None,
+                f"explanations are not available in this build: module {e.name} is not installed (cyber_moe.explain comes from nbs/70_explain)",
+            )
         raise
     fn = getattr(explain, "explain_flow", None)
     return (fn, "") if callable(fn) else (None, "explanations are not available: cyber_moe.explain has no explain_flow(bundle, row, top_k)")
@@ -334,19 +443,26 @@ def _explainer() -> tuple[Callable | None, str]:
 
 def _jsonable(x: Any) -> Any:
     "Plain JSON values from what an explainer returns (frames, series, numpy arrays and scalars, dicts, lists)."
-    if isinstance(x, pd.DataFrame): return _jsonable(x.to_dict(orient="records"))
-    if isinstance(x, pd.Series): return _jsonable(x.to_dict())
-    if isinstance(x, np.ndarray): return _jsonable(x.tolist())
-    if isinstance(x, np.generic): return _jsonable(x.item())
-    if isinstance(x, dict): return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x): return None
+    if isinstance(x, pd.DataFrame):
+        return _jsonable(x.to_dict(orient="records"))
+    if isinstance(x, pd.Series):
+        return _jsonable(x.to_dict())
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 # %% ../../nbs/86_serve_app.ipynb #a4a8e167
 _ERR = {"model": ErrorResponse}
 _OIP_ERR = {"model": OIPError}
-_BIG_BODY = 64 * 1024                                        # bodies above this are parsed in the thread pool
+_BIG_BODY = 64 * 1024  # bodies above this are parsed in the thread pool
 
 
 def _body_ref(ref: str, required: bool = True) -> dict:
@@ -354,13 +470,15 @@ def _body_ref(ref: str, required: bool = True) -> dict:
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}}
 
 
-async def raise_alerts(request: Request, served: ServedModel, raw: RawFlows, v: dict, rid: str, *, batch: bool,
-                       wait_s: float = 2.0) -> ScoredAlerts | None:
+async def raise_alerts(
+    request: Request, served: ServedModel, raw: RawFlows, v: dict, rid: str, *, batch: bool, wait_s: float = 2.0
+) -> ScoredAlerts | None:
     "Queue a scored request's alerts and answer once they are stored (at most `wait_s`), so its alert ids resolve in every worker."
     alerts = request.app.state.feedback.on_scored(served, raw, v, rid, batch=batch)
     if alerts is not None and alerts.written is not None:
         t = time.monotonic() + wait_s
-        while not alerts.written.is_set() and time.monotonic() < t: await asyncio.sleep(0.002)
+        while not alerts.written.is_set() and time.monotonic() < t:
+            await asyncio.sleep(0.002)
     return alerts
 
 
@@ -368,14 +486,17 @@ def mark_alerts(recs: list[dict], alerts: ScoredAlerts | None) -> list[dict]:
     "Prediction records with the alert id and suppressing rule of each flagged flow."
     if alerts is not None:
         for rec, a, s in zip(recs, alerts.ids, alerts.suppressed_by):
-            if a is not None: rec["alert_id"], rec["suppressed_by"] = a, s
+            if a is not None:
+                rec["alert_id"], rec["suppressed_by"] = a, s
     return recs
 
 # %% ../../nbs/86_serve_app.ipynb #6b1ae4ef
 workbench = APIRouter(tags=["predict"], route_class=WorkbenchRoute, responses={413: _ERR, 422: _ERR, 503: _ERR})
 
 
-@workbench.post("/predict", response_model=PredictResponse, openapi_extra=_body_ref("Flow"), summary="Score one flow (a JSON object feature -> value)")
+@workbench.post(
+    "/predict", response_model=PredictResponse, openapi_extra=_body_ref("Flow"), summary="Score one flow (a JSON object feature -> value)"
+)
 async def predict(request: Request, served: Served):
     rid = request_id(request)
     raw = served.validator.values([parse_json_body(await request.body())])
@@ -387,14 +508,21 @@ async def predict(request: Request, served: Served):
 def _batch(body: bytes, served: ServedModel, max_batch: int) -> RawFlows:
     "A batch body parsed and checked: a non-empty JSON array of at most `max_batch` valid flows."
     flows = parse_json_body(body)
-    if not isinstance(flows, list): raise FlowError(f"batch: expected a JSON array of flows, got {type(flows).__name__}")
-    if not flows: raise FlowError("batch: no flows (the array is empty)")
-    if len(flows) > max_batch: raise BatchTooLarge(f"batch of {len(flows)} flows is over the limit of {max_batch} (max_batch); split it")
+    if not isinstance(flows, list):
+        raise FlowError(f"batch: expected a JSON array of flows, got {type(flows).__name__}")
+    if not flows:
+        raise FlowError("batch: no flows (the array is empty)")
+    if len(flows) > max_batch:
+        raise BatchTooLarge(f"batch of {len(flows)} flows is over the limit of {max_batch} (max_batch); split it")
     return served.validator.values(flows, batch=True, where="batch")
 
 
-@workbench.post("/predict_batch", response_model=BatchResponse, openapi_extra=_body_ref("FlowBatch"),
-                summary="Score a list of flows (at most max_batch)")
+@workbench.post(
+    "/predict_batch",
+    response_model=BatchResponse,
+    openapi_extra=_body_ref("FlowBatch"),
+    summary="Score a list of flows (at most max_batch)",
+)
 async def predict_batch(request: Request, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     raw = await off_loop(_batch, body, served, settings.max_batch, inline=len(body) <= _BIG_BODY)
@@ -403,17 +531,30 @@ async def predict_batch(request: Request, served: Served):
     return {"predictions": recs, "n_flows": len(recs), "model_name": served.name, "model_version": served.version, "request_id": rid}
 
 # %% ../../nbs/86_serve_app.ipynb #2305abcb
-@workbench.post("/explain", response_model=ExplainResponse, responses={501: _ERR}, openapi_extra=_body_ref("Flow"),
-                summary="SHAP: the features that moved the verdict on one flow most")
+@workbench.post(
+    "/explain",
+    response_model=ExplainResponse,
+    responses={501: _ERR},
+    openapi_extra=_body_ref("Flow"),
+    summary="SHAP: the features that moved the verdict on one flow most",
+)
 async def explain(request: Request, served: Served, top_k: int = Query(5, ge=1, le=50, description="how many contributions")):
     rid = request_id(request)
     extra = sorted(set(request.query_params) - {"top_k"})
-    if extra: raise FlowError(f"unknown query parameter(s): {_names(extra)}; /explain takes top_k")
+    if extra:
+        raise FlowError(f"unknown query parameter(s): {_names(extra)}; /explain takes top_k")
     fn, why = _explainer()
-    if fn is None: raise ServiceError(why, status=501)
+    if fn is None:
+        raise ServiceError(why, status=501)
     df = served.validator.frame([parse_json_body(await request.body())])
     result = await run_in_threadpool(lambda: fn(served.bundle, df, top_k=top_k))
-    return {"contributions": _jsonable(result), "top_k": top_k, "model_name": served.name, "model_version": served.version, "request_id": rid}
+    return {
+        "contributions": _jsonable(result),
+        "top_k": top_k,
+        "model_name": served.name,
+        "model_version": served.version,
+        "request_id": rid,
+    }
 
 # %% ../../nbs/86_serve_app.ipynb #d710667f
 operations = APIRouter(route_class=WorkbenchRoute)
@@ -427,28 +568,44 @@ async def health():
 def readiness(slot: ModelSlot, feedback: FeedbackLink | None = None) -> tuple[int, Readiness]:
     "(status, body) of the readiness routes: 200 with the model, or 503 with the reason; the feedback store's state either way."
     s, fb = slot.served, feedback.status() if feedback is not None else None
-    if s is None: return 503, Readiness(ready=False, detail=slot.error or f"model at {slot.uri} is still loading", feedback=fb)
+    if s is None:
+        return 503, Readiness(ready=False, detail=slot.error or f"model at {slot.uri} is still loading", feedback=fb)
     return 200, Readiness(ready=True, model_name=s.name, model_version=s.version, runtime=s.runtime, feedback=fb)
 
 
-@operations.get("/ready", response_model=Readiness, response_model_exclude_none=True, tags=["health"], responses={503: {"model": Readiness}},
-                summary="Readiness: model loaded and warmed (503 until then)")
+@operations.get(
+    "/ready",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    tags=["health"],
+    responses={503: {"model": Readiness}},
+    summary="Readiness: model loaded and warmed (503 until then)",
+)
 async def ready(request: Request, response: Response):
     response.status_code, body = readiness(request.app.state.slot, request.app.state.feedback)
     return body
 
 
-@operations.get("/metrics", tags=["operations"], summary="Prometheus metrics (text exposition format)",
-                responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+@operations.get(
+    "/metrics",
+    tags=["operations"],
+    summary="Prometheus metrics (text exposition format)",
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics_route(request: Request):
     st = request.app.state
     st.metrics.update_drift(st.slot.served.drift if st.slot.served else None, force=True)
     return Response(st.metrics.exposition(), media_type=prom.CONTENT_TYPE_LATEST)
 
 # %% ../../nbs/86_serve_app.ipynb #70632172
-@operations.post("/admin/reload", response_model=ReloadResponse, tags=["operations"],
-                 responses={403: _ERR, 413: _ERR, 422: {"model": ReloadResponse}}, openapi_extra=_body_ref("ReloadRequest", required=False),
-                 summary="Load a model (default: the same URI) and swap it in without dropping requests")
+@operations.post(
+    "/admin/reload",
+    response_model=ReloadResponse,
+    tags=["operations"],
+    responses={403: _ERR, 413: _ERR, 422: {"model": ReloadResponse}},
+    openapi_extra=_body_ref("ReloadRequest", required=False),
+    summary="Load a model (default: the same URI) and swap it in without dropping requests",
+)
 async def reload(request: Request, response: Response):
     settings, rid = request.app.state.settings, request_id(request)
     if settings.api_key is None:
@@ -460,13 +617,30 @@ async def reload(request: Request, response: Response):
     new, prev, why = await slot.swap_to(uri, via="admin", request_id=rid)
     if new is None:
         response.status_code = 422
-        detail = f"model at {uri} failed to load ({why}); " + (f"still serving {prev['model_name']} {prev['model_version']}" if prev else "no model is serving")
-        return ReloadResponse(reloaded=False, model_name=(prev or {}).get("model_name"), model_version=(prev or {}).get("model_version"),
-                              model_uri=(prev or {}).get("model_uri"), previous=prev, detail=detail, seconds=time.perf_counter() - t, request_id=rid)
-    if settings.reload_dir:                                   # the other workers follow within reload_poll_seconds
+        detail = f"model at {uri} failed to load ({why}); " + (
+            f"still serving {prev['model_name']} {prev['model_version']}" if prev else "no model is serving"
+        )
+        return ReloadResponse(
+            reloaded=False,
+            model_name=(prev or {}).get("model_name"),
+            model_version=(prev or {}).get("model_version"),
+            model_uri=(prev or {}).get("model_uri"),
+            previous=prev,
+            detail=detail,
+            seconds=time.perf_counter() - t,
+            request_id=rid,
+        )
+    if settings.reload_dir:  # the other workers follow within reload_poll_seconds
         slot.generation = await run_in_threadpool(publish_model, settings.reload_dir, uri=uri, base_uri=slot.base_uri)
-    return ReloadResponse(reloaded=True, model_name=new.name, model_version=new.version, model_uri=uri, previous=prev,
-                          seconds=time.perf_counter() - t, request_id=rid)
+    return ReloadResponse(
+        reloaded=True,
+        model_name=new.name,
+        model_version=new.version,
+        model_uri=uri,
+        previous=prev,
+        seconds=time.perf_counter() - t,
+        request_id=rid,
+    )
 
 # %% ../../nbs/86_serve_app.ipynb #36fe5680
 feedback = APIRouter(tags=["feedback"], route_class=WorkbenchRoute, responses={404: _ERR, 422: _ERR, 503: _ERR})
@@ -474,8 +648,10 @@ feedback = APIRouter(tags=["feedback"], route_class=WorkbenchRoute, responses={4
 
 async def store_call(request: Request, fn: Callable):
     "`fn(store)` in the thread pool: unknown alert or rule 404, refused input 422, store off or unreachable 503."
-    try: return await run_in_threadpool(request.app.state.feedback.call, fn)
-    except (UnknownAlert, UnknownRule) as e: raise ServiceError(str(e), status=404) from None
+    try:
+        return await run_in_threadpool(request.app.state.feedback.call, fn)
+    except (UnknownAlert, UnknownRule) as e:
+        raise ServiceError(str(e), status=404) from None
     except InvalidFeedback as e:
         m = re.match(r"^(\w+): ", str(e))
         raise FlowError(str(e), [{"loc": [m.group(1)] if m else [], "msg": str(e), "type": "value_error"}]) from None
@@ -484,27 +660,35 @@ async def store_call(request: Request, fn: Callable):
 def no_extra_query(request: Request, allowed: set) -> None:
     "422 naming query parameters a route does not take, or that are given more than once (each takes one value)."
     extra = sorted(set(request.query_params) - allowed)
-    if extra: raise FlowError(f"unknown query parameter(s): {_names(extra)}; {request.url.path} takes "
-                              + (_names(sorted(allowed)) if allowed else "none"))
+    if extra:
+        raise FlowError(
+            f"unknown query parameter(s): {_names(extra)}; {request.url.path} takes " + (_names(sorted(allowed)) if allowed else "none")
+        )
     again = sorted(k for k in set(request.query_params) if len(request.query_params.getlist(k)) > 1)
-    if again: raise FlowError(f"query parameter(s) given more than once: {_names(again)}; each takes one value")
+    if again:
+        raise FlowError(f"query parameter(s) given more than once: {_names(again)}; each takes one value")
 
 
 def _rule_record(r: RuleView) -> dict:
     return {**r.__dict__, "active": r.active()}
 
 # %% ../../nbs/86_serve_app.ipynb #320273d2
-@feedback.post("/feedback", response_model=VerdictResponse, openapi_extra=_body_ref("FeedbackRequest"),
-               summary="Record an analyst's verdict (tp / fp) on an alert")
+@feedback.post(
+    "/feedback",
+    response_model=VerdictResponse,
+    openapi_extra=_body_ref("FeedbackRequest"),
+    summary="Record an analyst's verdict (tp / fp) on an alert",
+)
 async def post_feedback(request: Request):
     rid, link, settings = request_id(request), request.app.state.feedback, request.app.state.settings
     no_extra_query(request, set())
     body = parse_envelope(FeedbackRequest, await request.body(), where="feedback", max_errors=settings.max_errors)
 
     def run(store):
-        link.flush(2.0)                                       # an alert raised a moment ago is written first
+        link.flush(2.0)  # an alert raised a moment ago is written first
         aid = store.resolve(alert_id=body.alert_id, community_id=body.community_id, request_id=body.request_id, row=body.row)
         return store.record_verdict(aid, body.verdict, family=body.family, note=body.note, analyst=body.analyst)
+
     return {**await store_call(request, run), "request_id": rid}
 
 # %% ../../nbs/86_serve_app.ipynb #9494478b
@@ -517,29 +701,54 @@ _ALERT_QUERY = {"order", "limit", "offset", "model_name", "family", "src_ip", "v
 
 
 @feedback.get("/alerts", response_model=AlertList, summary="The alert queue: newest or most uncertain first, with the latest verdict")
-async def get_alerts(request: Request, order: Literal["newest", "uncertain"] = "newest", limit: int = Query(100, ge=1, le=1000),
-                     offset: int = Query(0, ge=0, le=10**9), model_name: str | None = Query(None, max_length=256, pattern=_NO_NUL),
-                     family: str | None = Query(None, max_length=128, pattern=_NO_NUL), src_ip: str | None = Query(None, max_length=64, pattern=_NO_NUL),
-                     verdict: Literal["tp", "fp", "none"] | None = Query(None, description="latest verdict; none: not triaged yet"),
-                     suppressed: Literal["exclude", "include", "only"] = Query("exclude", description="alerts a rule silenced")):
+async def get_alerts(
+    request: Request,
+    order: Literal["newest", "uncertain"] = "newest",
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=10**9),
+    model_name: str | None = Query(None, max_length=256, pattern=_NO_NUL),
+    family: str | None = Query(None, max_length=128, pattern=_NO_NUL),
+    src_ip: str | None = Query(None, max_length=64, pattern=_NO_NUL),
+    verdict: Literal["tp", "fp", "none"] | None = Query(None, description="latest verdict; none: not triaged yet"),
+    suppressed: Literal["exclude", "include", "only"] = Query("exclude", description="alerts a rule silenced"),
+):
     no_extra_query(request, _ALERT_QUERY)
     sup = {"exclude": False, "include": None, "only": True}[suppressed]
-    df = await store_call(request, lambda s: s.alerts(order, limit=limit, offset=offset, model_name=model_name, family=family,
-                                                      src_ip=src_ip, verdict=verdict, suppressed=sup))
+    df = await store_call(
+        request,
+        lambda s: s.alerts(
+            order, limit=limit, offset=offset, model_name=model_name, family=family, src_ip=src_ip, verdict=verdict, suppressed=sup
+        ),
+    )
     rows = _jsonable_rows(df)
     return {"alerts": rows, "n": len(rows), "order": order, "request_id": request_id(request)}
 
 # %% ../../nbs/86_serve_app.ipynb #8c6a14ae
-@feedback.post("/rules", response_model=RuleRecord, status_code=201, openapi_extra=_body_ref("RuleRequest"),
-               summary="Create a suppression rule (src, dst_port, family: at least one)")
+@feedback.post(
+    "/rules",
+    response_model=RuleRecord,
+    status_code=201,
+    openapi_extra=_body_ref("RuleRequest"),
+    summary="Create a suppression rule (src, dst_port, family: at least one)",
+)
 async def post_rule(request: Request):
     served, link, settings = request.app.state.slot.served, request.app.state.feedback, request.app.state.settings
     no_extra_query(request, set())
     body = parse_envelope(RuleRequest, await request.body(), where="rule", max_errors=settings.max_errors)
     fams = [c for c in served.classes if c != served.bundle.schema.benign] if served is not None else None
-    r = await store_call(request, lambda s: s.add_rule(src=body.src, dst_port=body.dst_port, family=body.family, expires_at=body.expires_at,
-                                                       reason=body.reason, creator=body.creator, families=fams))
-    await run_in_threadpool(link.refresh_rules)               # in force in this worker now
+    r = await store_call(
+        request,
+        lambda s: s.add_rule(
+            src=body.src,
+            dst_port=body.dst_port,
+            family=body.family,
+            expires_at=body.expires_at,
+            reason=body.reason,
+            creator=body.creator,
+            families=fams,
+        ),
+    )
+    await run_in_threadpool(link.refresh_rules)  # in force in this worker now
     return _rule_record(r)
 
 
@@ -565,6 +774,7 @@ _OIP_COMMON = {404: _OIP_ERR, 503: _OIP_ERR}
 @oip.get("", response_model=ServerMetadata, summary="Server metadata")
 async def v2_server():
     import cyber_moe
+
     return ServerMetadata(name="cyber-moe", version=cyber_moe.__version__)
 
 
@@ -573,8 +783,12 @@ async def v2_live():
     return ServerLive(live=True)
 
 
-@oip.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}},
-         summary="Server ready (503 until the model is loaded and warmed)")
+@oip.get(
+    "/health/ready",
+    response_model=ServerReady,
+    responses={503: {"model": ServerReady}},
+    summary="Server ready (503 until the model is loaded and warmed)",
+)
 async def v2_ready(request: Request, response: Response):
     response.status_code, _ = readiness(request.app.state.slot)
     return ServerReady(ready=response.status_code == 200)
@@ -595,63 +809,87 @@ def _infer_raw(body: bytes, served: ServedModel, settings: ServeSettings) -> tup
     req = parse_envelope(InferRequest, body, where="inference request", max_errors=settings.max_errors)
     cols = tensor_columns(req.inputs)
     n = len(next(iter(cols.values())))
-    if n > settings.max_batch: raise BatchTooLarge(f"{n} flows is over the limit of {settings.max_batch} (max_batch); split the request")
+    if n > settings.max_batch:
+        raise BatchTooLarge(f"{n} flows is over the limit of {settings.max_batch} (max_batch); split the request")
     return req, served.validator.columns_values(cols)
 
-
-@oip.post("/models/{model_name}/infer", response_model=InferResponse, responses={**_OIP_COMMON, 413: _OIP_ERR, 422: _OIP_ERR},
-          openapi_extra=_body_ref("InferRequest"), summary="Inference (OIP v2 tensors in, verdict tensors out)")
+# %% ../../nbs/86_serve_app.ipynb #e50ed0bb
+@oip.post(
+    "/models/{model_name}/infer",
+    response_model=InferResponse,
+    responses={**_OIP_COMMON, 413: _OIP_ERR, 422: _OIP_ERR},
+    openapi_extra=_body_ref("InferRequest"),
+    summary="Inference (OIP v2 tensors in, verdict tensors out)",
+)
 async def v2_infer(request: Request, model_name: str, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     req, raw = await off_loop(_infer_raw, body, served, settings, inline=len(body) <= _BIG_BODY)
     res = await request.app.state.scorer.score(served, raw)
     alerts = await raise_alerts(request, served, raw, res, rid, batch=True)
     outputs = infer_outputs(res, served, [o.name for o in req.outputs] if req.outputs else None)
-    params = {"request_id": rid}     # with a feedback store: per flow, its alert id (None: not flagged) and suppressing rule
-    if alerts is not None: params.update(alert_ids=list(alerts.ids), suppressed_by=list(alerts.suppressed_by))
+    params = {"request_id": rid}  # with a feedback store: per flow, its alert id (None: not flagged) and suppressing rule
+    if alerts is not None:
+        params.update(alert_ids=list(alerts.ids), suppressed_by=list(alerts.suppressed_by))
     return {"model_name": served.name, "model_version": served.version, "id": req.id or rid, "parameters": params, "outputs": outputs}
 
 # %% ../../nbs/86_serve_app.ipynb #1cc146dc
 def _fill_components(comps: dict, served: ServedModel | None, settings: ServeSettings) -> None:
     "The body components of the routes that read their body themselves: Flow, FlowBatch, InferRequest, ReloadRequest, FeedbackRequest, RuleRequest."
-    comps["Flow"] = (served.validator.json_schema(max_category_chars=settings.max_category_chars) if served else
-                     {"title": "Flow", "type": "object", "description": "model not loaded yet: its features are not known",
-                      "additionalProperties": {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "integer"}]}})
+    comps["Flow"] = (
+        served.validator.json_schema(max_category_chars=settings.max_category_chars)
+        if served
+        else {
+            "title": "Flow",
+            "type": "object",
+            "description": "model not loaded yet: its features are not known",
+            "additionalProperties": {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "integer"}]},
+        }
+    )
     for model in (InferRequest, ReloadRequest, FeedbackRequest, RuleRequest):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.update(js.pop("$defs", {}))
         comps[model.__name__] = js
-    comps["FlowBatch"] = {"title": "FlowBatch", "type": "array", "items": {"$ref": "#/components/schemas/Flow"},
-                          "minItems": 1, "maxItems": settings.max_batch}
+    comps["FlowBatch"] = {
+        "title": "FlowBatch",
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/Flow"},
+        "minItems": 1,
+        "maxItems": settings.max_batch,
+    }
 
 
 def service_openapi(app: FastAPI) -> dict:
     "The app's OpenAPI schema for the model it serves now (cached until the model changes)."
     settings, served, cache = app.state.settings, app.state.slot.served, app.state.openapi_cache
-    if cache.get("served") is served and "schema" in cache: return cache["schema"]
+    if cache.get("served") is served and "schema" in cache:
+        return cache["schema"]
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     _fill_components(schema.setdefault("components", {}).setdefault("schemas", {}), served, settings)
     for path, ops in schema["paths"].items():
         for op in ops.values():
             for p in op.get("parameters", []):
-                if p["name"] == "model_name" and p.get("in") == "path" and served: p["schema"] = {"type": "string", "enum": [served.name], "title": "Model Name"}
+                if p["name"] == "model_name" and p.get("in") == "path" and served:
+                    p["schema"] = {"type": "string", "enum": [served.name], "title": "Model Name"}
             if settings.api_key is not None and not is_public(path):
                 op["security"] = [{"APIKeyHeader": []}]
                 for code, what in (("401", "no API key"), ("403", "wrong API key")):
-                    op.setdefault("responses", {}).setdefault(code, {"description": what, "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+                    op.setdefault("responses", {}).setdefault(
+                        code,
+                        {"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
+                    )
     if settings.api_key is not None:
         schema["components"]["securitySchemes"] = {"APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
     cache.update(served=served, schema=schema)
     return schema
 
 # %% ../../nbs/86_serve_app.ipynb #13b6305e
-ROUTERS = (workbench, oip, operations, feedback)               # the busiest routes are matched first
+ROUTERS = (workbench, oip, operations, feedback)  # the busiest routes are matched first
 
-
+# %% ../../nbs/86_serve_app.ipynb #ac6593aa
 def create_app(model_uri: str, settings: ServeSettings | None = None) -> FastAPI:
     "The FastAPI app serving the bundle at `model_uri` (a local folder, models:/ or runs:/ URI) under `settings`."
     import cyber_moe
+
     settings = settings or ServeSettings()
     metrics = ServeMetrics(multiprocess_dir=settings.prometheus_multiproc_dir)
     log = json_logger("cyber_moe.serve")
@@ -664,71 +902,103 @@ def create_app(model_uri: str, settings: ServeSettings | None = None) -> FastAPI
         link.start()
         yield
         for task in tasks:
-            if not task.done(): task.cancel()
+            if not task.done():
+                task.cancel()
         await run_in_threadpool(link.stop)
 
-    app = FastAPI(title="cyber-moe", version=cyber_moe.__version__, lifespan=lifespan,
-                  description="Network intrusion detection with a Mixture-of-Experts: score raw flows, "
-                              "workbench routes and Open Inference Protocol v2.")
+    app = FastAPI(
+        title="cyber-moe",
+        version=cyber_moe.__version__,
+        lifespan=lifespan,
+        description="Network intrusion detection with a Mixture-of-Experts: score raw flows, "
+        "workbench routes and Open Inference Protocol v2.",
+    )
     app.state.settings, app.state.metrics, app.state.slot, app.state.feedback = settings, metrics, slot, link
     app.state.scorer, app.state.openapi_cache = Scorer(settings, metrics), {}
-    for router in ROUTERS: app.include_router(router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        log.error("internal error", exc_info=exc, extra={"fields": {"event": "internal_error", "request_id": request_id(request),
-                                                                    "path": request.url.path}})
-        return JSONResponse({"detail": f"internal error; the server log has the details under request id {request_id(request)}",
-                             "errors": [], "n_errors": 0, "request_id": request_id(request)}, status_code=500)
+        log.error(
+            "internal error",
+            exc_info=exc,
+            extra={"fields": {"event": "internal_error", "request_id": request_id(request), "path": request.url.path}},
+        )
+        return JSONResponse(
+            {
+                "detail": f"internal error; the server log has the details under request id {request_id(request)}",
+                "errors": [],
+                "n_errors": 0,
+                "request_id": request_id(request),
+            },
+            status_code=500,
+        )
 
     app.openapi = lambda: service_openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(Door, settings=settings, metrics=metrics, access_log=json_logger("cyber_moe.serve.access", enabled=settings.access_log),
-                       routes=[r for router in ROUTERS for r in router.routes])   # to name the route of a request refused at the door
+    app.add_middleware(
+        Door,
+        settings=settings,
+        metrics=metrics,
+        access_log=json_logger("cyber_moe.serve.access", enabled=settings.access_log),
+        routes=[r for router in ROUTERS for r in router.routes],
+    )  # to name the route of a request refused at the door
     return app
 
-
+# %% ../../nbs/86_serve_app.ipynb #5bcba189
 def app_from_env() -> FastAPI:
     "The app for the model (`CYBER_MOE_MODEL`) and settings in the environment; a clear error when no model is named."
     settings = settings_from_env()
     if not settings.model:
-        raise RuntimeError(f"{MODEL_ENV_VAR} is not set: set it to the model bundle folder or MLflow URI to serve, "
-                           "e.g. outputs/default/model or models:/cyber-moe-unsw-nb15/1")
+        raise RuntimeError(
+            f"{MODEL_ENV_VAR} is not set: set it to the model bundle folder or MLflow URI to serve, "
+            "e.g. outputs/default/model or models:/cyber-moe-unsw-nb15/1"
+        )
     return create_app(settings.model, settings)
 
 # %% ../../nbs/86_serve_app.ipynb #949a2d8a
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-try: from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError: HttpToolsProtocol = None    # uvicorn without httptools: only the h11 protocol
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:
+    HttpToolsProtocol = None  # uvicorn without httptools: only the h11 protocol
 
 
 class _HeaderDeadline:
     "Mixin for uvicorn's HTTP protocols: close a connection whose request headers are not complete within `header_timeout_seconds`."
-    header_timeout: float | None = None                      # read once per process from the settings
+
+    header_timeout: float | None = None  # read once per process from the settings
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        if _HeaderDeadline.header_timeout is None: _HeaderDeadline.header_timeout = settings_from_env().header_timeout_seconds
+        if _HeaderDeadline.header_timeout is None:
+            _HeaderDeadline.header_timeout = settings_from_env().header_timeout_seconds
         self._hd_timer = None
         self._arm()
 
     def _arm(self) -> None:
-        self._hd_cycle = self.cycle                          # a new request's headers complete = a new cycle
+        self._hd_cycle = self.cycle  # a new request's headers complete = a new cycle
         self._hd_timer = self.loop.call_later(_HeaderDeadline.header_timeout, self._expired)
 
     def _expired(self) -> None:
         self._hd_timer = None
-        if self.cycle is self._hd_cycle and not self.transport.is_closing(): self.transport.close()
+        if self.cycle is self._hd_cycle and not self.transport.is_closing():
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._hd_timer is not None:
-            if self.cycle is not self._hd_cycle: self._hd_timer.cancel(); self._hd_timer = None
+            if self.cycle is not self._hd_cycle:
+                self._hd_timer.cancel()
+                self._hd_timer = None
         elif self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
-            self._arm()                                      # the next request on a kept-alive connection has begun
+            self._arm()  # the next request on a kept-alive connection has begun
 
     def connection_lost(self, exc) -> None:
-        if getattr(self, "_hd_timer", None) is not None: self._hd_timer.cancel(); self._hd_timer = None
+        if getattr(self, "_hd_timer", None) is not None:
+            self._hd_timer.cancel()
+            self._hd_timer = None
         super().connection_lost(exc)
 
 
@@ -736,6 +1006,13 @@ class HeaderTimeoutH11(_HeaderDeadline, H11Protocol):
     "uvicorn's h11 protocol with a request header timeout."
 
 
-HeaderTimeoutHttpTools = type("HeaderTimeoutHttpTools", (_HeaderDeadline, HttpToolsProtocol), {
-    "__doc__": "uvicorn's httptools protocol with a request header timeout."}) if HttpToolsProtocol else HeaderTimeoutH11
+HeaderTimeoutHttpTools = (
+    type(
+        "HeaderTimeoutHttpTools",
+        (_HeaderDeadline, HttpToolsProtocol),
+        {"__doc__": "uvicorn's httptools protocol with a request header timeout."},
+    )
+    if HttpToolsProtocol
+    else HeaderTimeoutH11
+)
 HTTP_PROTOCOL = "cyber_moe.serve.app:HeaderTimeoutHttpTools"

@@ -29,14 +29,15 @@ PORT_FEATURES = ("dst_port", "Destination Port", "dsport")
 def request_alerts(served, raw: RawFlows, v: dict[str, np.ndarray], request_id: str, *, batch: bool) -> tuple[np.ndarray, list[dict]]:
     "(rows flagged, one store record per flagged row) for `ServedModel.score` output `v` of the validated flows `raw`."
     rows = np.flatnonzero(np.asarray(v["is_attack"]).astype(bool))
-    if not len(rows): return rows, []
+    if not len(rows):
+        return rows, []
     schema, classes = served.bundle.schema, list(served.classes)
     attack = [i for i, c in enumerate(classes) if c != schema.benign]
     pc = np.asarray(v["p_classes"])[rows][:, attack]
     fams = [classes[attack[j]] for j in pc.argmax(axis=1)] if attack else [str(f) for f in np.asarray(v["family"])[rows]]
     num_cols, cats = list(served.validator.num_columns), list(schema.categorical)
     nums = raw.num[rows]
-    finite = bool(np.isfinite(nums).all())                   # the validator admits only finite numbers; be safe anyway
+    finite = bool(np.isfinite(nums).all())  # the validator admits only finite numbers; be safe anyway
     nums = nums.tolist() if finite else [[x if np.isfinite(x) else None for x in r] for r in nums.tolist()]
     catv = [raw.cats[j][rows].tolist() for j in range(len(cats))]
     port = next((f for f in PORT_FEATURES if f in cats or f in num_cols), None)
@@ -46,19 +47,33 @@ def request_alerts(served, raw: RawFlows, v: dict[str, np.ndarray], request_id: 
     out = []
     for k, i in enumerate(rows.tolist()):
         feats = dict(zip(num_cols, nums[k]))
-        for j, c in enumerate(cats): feats[c] = str(catv[j][k])
-        try: dst = None if ports[k] is None else int(float(ports[k]))
-        except (TypeError, ValueError): dst = None
-        out.append({"id": rest_alert_id(request_id, i if batch else None), "request_id": request_id, "dst_port": dst,
-                    "p_attack": pa[k], "p_family": pf[k], "family": fams[k], "margin": pa[k] - thr, "features": feats})
+        for j, c in enumerate(cats):
+            feats[c] = str(catv[j][k])
+        try:
+            dst = None if ports[k] is None else int(float(ports[k]))
+        except (TypeError, ValueError):
+            dst = None
+        out.append(
+            {
+                "id": rest_alert_id(request_id, i if batch else None),
+                "request_id": request_id,
+                "dst_port": dst,
+                "p_attack": pa[k],
+                "p_family": pf[k],
+                "family": fams[k],
+                "margin": pa[k] - thr,
+                "features": feats,
+            }
+        )
     return rows, out
 
 # %% ../../nbs/85_serve_feedback.ipynb #4330ae0f
 class FeedbackDown(ServiceError):
     "The feedback store is off or cannot be reached (503)."
+
     status = 503
 
-
+# %% ../../nbs/85_serve_feedback.ipynb #cd35d162
 class FeedbackLink:
     "The service's feedback store: opened and retried in the background, alerts written by one thread, active rules cached."
 
@@ -78,8 +93,10 @@ class FeedbackLink:
 
     def status(self) -> str:
         "'off', 'ok', 'connecting' or 'unavailable: why' (for /ready)."
-        if not self.enabled: return "off"
-        if self.store is not None: return "ok"
+        if not self.enabled:
+            return "off"
+        if self.store is not None:
+            return "ok"
         return f"unavailable: {self.error}" if self.error else "connecting"
 
     def _down(self, e: Exception) -> None:
@@ -87,33 +104,45 @@ class FeedbackLink:
         first = self.error is None
         self.error, self._next_try = str(e), time.monotonic() + self.retry_s
         store, self.store = self.store, None
-        if store is not None: store.close()
-        if first: self.log.warning("feedback store unavailable; scoring goes on without it", extra={"fields": {
-            "event": "feedback_unavailable", "feedback_url": redact_url(self.url), "error": self.error}})
+        if store is not None:
+            store.close()
+        if first:
+            self.log.warning(
+                "feedback store unavailable; scoring goes on without it",
+                extra={"fields": {"event": "feedback_unavailable", "feedback_url": redact_url(self.url), "error": self.error}},
+            )
 
     def open(self, *, force: bool = False) -> FeedbackStore | None:
         "The store, opening (and migrating) it when due; None while it cannot be reached."
-        if not self.enabled: return None
+        if not self.enabled:
+            return None
         with self._open_lock:
-            if self.store is not None: return self.store
-            if not force and time.monotonic() < self._next_try: return None
-            try: store = FeedbackStore(self.url)
+            if self.store is not None:
+                return self.store
+            if not force and time.monotonic() < self._next_try:
+                return None
+            try:
+                store = FeedbackStore(self.url)
             except StoreUnavailable as e:
                 self._down(e)
                 return None
             was_down, self.store, self.error = self.error is not None, store, None
-            self.log.info("feedback store available", extra={"fields": {"event": "feedback_available", "feedback_url": redact_url(self.url),
-                                                                        "recovered": was_down}})
+            self.log.info(
+                "feedback store available",
+                extra={"fields": {"event": "feedback_available", "feedback_url": redact_url(self.url), "recovered": was_down}},
+            )
             return store
 
 # %% ../../nbs/85_serve_feedback.ipynb #c6d1b110
 def _call(self: FeedbackLink, fn):
     "`fn(store)`; FeedbackDown (503) when the store is off or unreachable."
-    if not self.enabled: raise FeedbackDown("the feedback store is off in this service (CYBER_MOE_FEEDBACK=false)")
+    if not self.enabled:
+        raise FeedbackDown("the feedback store is off in this service (CYBER_MOE_FEEDBACK=false)")
     store = self.store or self.open()
     if store is None:
         raise FeedbackDown(f"feedback store unavailable ({self.error}); scoring goes on without it; retried every {self.retry_s:g} s")
-    try: return fn(store)
+    try:
+        return fn(store)
     except StoreUnavailable as e:
         self._down(e)
         raise FeedbackDown(f"{e}; scoring goes on without it") from None
@@ -122,9 +151,12 @@ def _call(self: FeedbackLink, fn):
 def _refresh_rules(self: FeedbackLink) -> None:
     "Re-read the active rules (kept as they were while the store is down)."
     store = self.store or self.open()
-    if store is None: return
-    try: self.rules, self._rules_at = store.active_rules(), time.monotonic()
-    except StoreUnavailable as e: self._down(e)
+    if store is None:
+        return
+    try:
+        self.rules, self._rules_at = store.active_rules(), time.monotonic()
+    except StoreUnavailable as e:
+        self._down(e)
 
 
 FeedbackLink.call, FeedbackLink.refresh_rules = _call, _refresh_rules
@@ -132,6 +164,7 @@ FeedbackLink.call, FeedbackLink.refresh_rules = _call, _refresh_rules
 # %% ../../nbs/85_serve_feedback.ipynb #9c982386
 class ScoredAlerts(NamedTuple):
     "A scored request's alerts: the alert id per flow (None while the store is down), its suppressing rule, and an event set once they are stored."
+
     ids: list
     suppressed_by: list
     written: threading.Event | None
@@ -139,9 +172,11 @@ class ScoredAlerts(NamedTuple):
 
 def _on_scored(self: FeedbackLink, served, raw: RawFlows, v: dict, request_id: str, *, batch: bool) -> ScoredAlerts | None:
     "Queue the alerts of a scored request and return them (`ScoredAlerts`), or None when no flow is flagged."
-    if not self.enabled: return None
+    if not self.enabled:
+        return None
     rows, recs = request_alerts(served, raw, v, request_id, batch=batch)
-    if not len(rows): return None
+    if not len(rows):
+        return None
     n, down = len(v["p_attack"]), self.store is None and self.error is not None
     ids, sup = [None] * n, [None] * n
     now = utc_now()
@@ -150,10 +185,13 @@ def _on_scored(self: FeedbackLink, served, raw: RawFlows, v: dict, request_id: s
         rule = next((r for r in rules if r.matches(None, rec["dst_port"], rec["family"])), None)
         rec["suppressed_by"] = None if rule is None else rule.id
         ids[i], sup[i] = (None if down else rec["id"]), rec["suppressed_by"]
-        if rule is not None: self.metrics.suppressed.labels(str(rule.id)).inc()
+        if rule is not None:
+            self.metrics.suppressed.labels(str(rule.id)).inc()
     n_sup = sum(s is not None for s in sup)
-    if n_sup: self.metrics.alerts.labels("suppressed").inc(n_sup)
-    if len(recs) - n_sup: self.metrics.alerts.labels("alerted").inc(len(recs) - n_sup)
+    if n_sup:
+        self.metrics.alerts.labels("suppressed").inc(n_sup)
+    if len(recs) - n_sup:
+        self.metrics.alerts.labels("alerted").inc(len(recs) - n_sup)
     return ScoredAlerts(ids, sup, self.submit(served, recs))
 
 
@@ -172,7 +210,8 @@ def _submit(self: FeedbackLink, served, recs: list[dict]) -> threading.Event | N
 
 def _flush(self: FeedbackLink, timeout: float = 5.0) -> bool:
     "Wait until the queued alerts are written (or dropped); False on timeout."
-    with self._cv: return self._cv.wait_for(lambda: self._pending == 0, timeout)
+    with self._cv:
+        return self._cv.wait_for(lambda: self._pending == 0, timeout)
 
 
 FeedbackLink.on_scored, FeedbackLink.submit, FeedbackLink.flush = _on_scored, _submit, _flush
@@ -186,22 +225,30 @@ def _write(self: FeedbackLink, items: list) -> None:
             self.n_dropped += sum(len(it[3]) for it in items)
             return
         groups: dict = {}
-        for name, version, served, recs, _ in items: groups.setdefault((name, version), (served, []))[1].extend(recs)
+        for name, version, served, recs, _ in items:
+            groups.setdefault((name, version), (served, []))[1].extend(recs)
         for (name, version), (served, recs) in groups.items():
             first = (name, version) not in self._models
             try:
-                store.add_alerts(recs, model_name=name, model_version=version, source="rest",
-                                 classes=served.classes if first else None, benign=served.bundle.schema.benign if first else None,
-                                 threshold=float(getattr(served.bundle, "threshold", 0.5)) if first else None)
+                store.add_alerts(
+                    recs,
+                    model_name=name,
+                    model_version=version,
+                    source="rest",
+                    classes=served.classes if first else None,
+                    benign=served.bundle.schema.benign if first else None,
+                    threshold=float(getattr(served.bundle, "threshold", 0.5)) if first else None,
+                )
                 self._models.add((name, version))
             except StoreUnavailable as e:
                 self._down(e)
                 self.n_dropped += len(recs)
-            except Exception as e:                        # a bad record must not stop the writer
+            except Exception as e:  # a bad record must not stop the writer
                 self.n_dropped += len(recs)
                 self.log.error("feedback store refused alerts", exc_info=e, extra={"fields": {"event": "feedback_write_failed"}})
     finally:
-        for it in items: it[4].set()
+        for it in items:
+            it[4].set()
         with self._cv:
             self._pending -= len(items)
             self._cv.notify_all()
@@ -214,19 +261,26 @@ def _run(self: FeedbackLink) -> None:
     "Writer thread body."
     self.refresh_rules()
     while not self._stop.is_set():
-        try: items = [self._q.get(timeout=0.2)]
-        except queue.Empty: items = []
+        try:
+            items = [self._q.get(timeout=0.2)]
+        except queue.Empty:
+            items = []
         while items and len(items) < 256:
-            try: items.append(self._q.get_nowait())
-            except queue.Empty: break
-        if time.monotonic() - self._rules_at >= self.refresh_s: self.refresh_rules()
-        if items: self._write(items)
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        if time.monotonic() - self._rules_at >= self.refresh_s:
+            self.refresh_rules()
+        if items:
+            self._write(items)
 
 
 def _start(self: FeedbackLink) -> None:
     "Start the writer thread (nothing when the store is off)."
-    if not self.enabled or self._thread is not None: return
-    self._stop.clear()                                        # a stopped link may start again (an app's lifespan re-entered)
+    if not self.enabled or self._thread is not None:
+        return
+    self._stop.clear()  # a stopped link may start again (an app's lifespan re-entered)
     self._thread = threading.Thread(target=self._run, daemon=True, name="feedback-writer")
     self._thread.start()
 
@@ -238,7 +292,8 @@ def _stop(self: FeedbackLink) -> None:
         self._stop.set()
         self._thread.join(10)
         self._thread = None
-    if self.store is not None: self.store.close()
+    if self.store is not None:
+        self.store.close()
 
 
 FeedbackLink._run, FeedbackLink.start, FeedbackLink.stop = _run, _start, _stop

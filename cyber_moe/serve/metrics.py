@@ -29,8 +29,17 @@ def _reference_profile(bundle) -> dict | None:
 class DriftMonitor:
     "Population stability index of each watched feature over a sliding window of served flows, against a training profile."
 
-    def __init__(self, *, profile: dict, features: Sequence[str], num_columns: Sequence[str], categorical: Sequence[str],
-                 window: int = 5000, min_rows: int = 200, eps: float = 1e-4):
+    def __init__(
+        self,
+        *,
+        profile: dict,
+        features: Sequence[str],
+        num_columns: Sequence[str],
+        categorical: Sequence[str],
+        window: int = 5000,
+        min_rows: int = 200,
+        eps: float = 1e-4,
+    ):
         self.features, self.window, self.min_rows, self.eps = tuple(features), int(window), int(min_rows), float(eps)
         self._spec, self._ref, self._col = [], [], []
         num_columns, categorical = list(num_columns), list(categorical)
@@ -46,11 +55,14 @@ class DriftMonitor:
                 self._spec.append(("cat", {str(v): i for i, v in enumerate(r["values"])}))
                 self._ref.append(np.append(np.asarray(r["shares"], np.float64), float(r["other_share"])))
                 self._col.append(categorical.index(f))
-            else: raise KeyError(f"drift: feature '{f}' has no reference in the training profile (it has: "
-                                 f"{_names(list(profile.get('numeric', {})) + list(profile.get('categorical', {})))})")
+            else:
+                raise KeyError(
+                    f"drift: feature '{f}' has no reference in the training profile (it has: "
+                    f"{_names(list(profile.get('numeric', {})) + list(profile.get('categorical', {})))})"
+                )
         sizes = [len(p) for p in self._ref]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
-        self._flat = np.zeros(int(sum(sizes)), np.int64)               # every feature's bin counts, one after another
+        self._flat = np.zeros(int(sum(sizes)), np.int64)  # every feature's bin counts, one after another
         self._bins = np.zeros((self.window, len(self.features)), np.int64)
         self._n, self._pos, self._lock = 0, 0, threading.Lock()
 
@@ -71,11 +83,13 @@ def _codes(self: DriftMonitor, raw: RawFlows) -> np.ndarray:
             out[:, j] = [spec.get(v, len(spec)) for v in raw.cats[col]]
     return out + self._offsets
 
+
 def _update(self: DriftMonitor, raw: RawFlows) -> None:
     "Add validated flows to the window, evicting the oldest."
-    codes = self._codes(raw)[-self.window:]
+    codes = self._codes(raw)[-self.window :]
     n = len(codes)
-    if n == 0: return
+    if n == 0:
+        return
     with self._lock:
         idx = (self._pos + np.arange(n)) % self.window
         live = idx < self._n
@@ -91,10 +105,11 @@ DriftMonitor._codes, DriftMonitor.update = _codes, _update
 def _psi(self: DriftMonitor) -> dict[str, float]:
     "PSI per watched feature over the current window (NaN while fewer than `min_rows` flows were seen)."
     with self._lock:
-        if self._n < self.min_rows: return {f: math.nan for f in self.features}
+        if self._n < self.min_rows:
+            return {f: math.nan for f in self.features}
         out = {}
         for f, p, o in zip(self.features, self._ref, self._offsets):
-            q = self._flat[o:o + len(p)] / self._n
+            q = self._flat[o : o + len(p)] / self._n
             out[f] = float(np.sum((q - p) * np.log((q + self.eps) / (p + self.eps))))
         return out
 
@@ -102,10 +117,21 @@ def _psi(self: DriftMonitor) -> dict[str, float]:
 DriftMonitor.psi = _psi
 
 # %% ../../nbs/83_serve_metrics.ipynb #ffebfb91
-METRIC_NAMES = ("cyber_moe_predictions_total", "cyber_moe_flows_total", "cyber_moe_prediction_confidence", "cyber_moe_expert_gate_weight",
-                "cyber_moe_prediction_duration_seconds", "cyber_moe_http_requests_total", "cyber_moe_http_request_duration_seconds",
-                "cyber_moe_model_loaded", "cyber_moe_model_info", "cyber_moe_model_reloads_total", "cyber_moe_feature_drift_psi",
-                "cyber_moe_alerts_total", "cyber_moe_alerts_suppressed_total")
+METRIC_NAMES = (
+    "cyber_moe_predictions_total",
+    "cyber_moe_flows_total",
+    "cyber_moe_prediction_confidence",
+    "cyber_moe_expert_gate_weight",
+    "cyber_moe_prediction_duration_seconds",
+    "cyber_moe_http_requests_total",
+    "cyber_moe_http_request_duration_seconds",
+    "cyber_moe_model_loaded",
+    "cyber_moe_model_info",
+    "cyber_moe_model_reloads_total",
+    "cyber_moe_feature_drift_psi",
+    "cyber_moe_alerts_total",
+    "cyber_moe_alerts_suppressed_total",
+)
 _PROB_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -113,21 +139,25 @@ _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0
 def _multiprocess_values() -> bool:
     "True when prometheus-client stores values in PROMETHEUS_MULTIPROC_DIR files (decided at its import)."
     from prometheus_client import values
+
     return getattr(values.ValueClass, "__name__", "") == "MmapedValue"
 
 
 def observe_many(hist, values: np.ndarray) -> None:
     "Add every value of `values` to histogram child `hist` at once (same result as one `observe` per value)."
     values = np.asarray(values, np.float64)
-    if len(values) == 1:                                    # one flow (/predict): the plain call is cheaper
-        if math.isfinite(values[0]): hist.observe(float(values[0]))
+    if len(values) == 1:  # one flow (/predict): the plain call is cheaper
+        if math.isfinite(values[0]):
+            hist.observe(float(values[0]))
         return
     values = values[np.isfinite(values)]
-    if not len(values): return
+    if not len(values):
+        return
     upper = [b for b in hist._upper_bounds]
-    idx = np.searchsorted(np.asarray(upper), values, side="left")      # bucket i holds values <= upper[i]
+    idx = np.searchsorted(np.asarray(upper), values, side="left")  # bucket i holds values <= upper[i]
     counts = np.bincount(idx, minlength=len(upper))
-    for i in np.flatnonzero(counts): hist._buckets[i].inc(int(counts[i]))
+    for i in np.flatnonzero(counts):
+        hist._buckets[i].inc(int(counts[i]))
     hist._sum.inc(float(values.sum()))
 
 # %% ../../nbs/83_serve_metrics.ipynb #07b07a5f
@@ -136,66 +166,116 @@ class ServeMetrics:
 
     def __init__(self, *, multiprocess_dir: str | None = None):
         if multiprocess_dir and not _multiprocess_values():
-            raise ValueError(f"prometheus_multiproc_dir={multiprocess_dir!r} but prometheus-client was imported without "
-                             "PROMETHEUS_MULTIPROC_DIR in the environment: set the variable before starting the server")
+            raise ValueError(
+                f"prometheus_multiproc_dir={multiprocess_dir!r} but prometheus-client was imported without "
+                "PROMETHEUS_MULTIPROC_DIR in the environment: set the variable before starting the server"
+            )
         self.multiprocess_dir = multiprocess_dir
         r = self.registry = prom.CollectorRegistry()
         self.predictions = prom.Counter("cyber_moe_predictions_total", "Flows scored, by predicted family.", ["family"], registry=r)
-        self.verdicts = prom.Counter("cyber_moe_flows_total", "Flows scored, by the binary head's verdict (attack / benign).", ["verdict"], registry=r)
-        for v in ("attack", "benign"): self.verdicts.labels(v)
-        self.confidence = prom.Histogram("cyber_moe_prediction_confidence", "Probability of the predicted family per flow.",
-                                         buckets=_PROB_BUCKETS, registry=r)
-        self.gate = prom.Histogram("cyber_moe_expert_gate_weight", "Gate weight given to each expert per flow.", ["expert"],
-                                   buckets=_PROB_BUCKETS, registry=r)
-        self.duration = prom.Histogram("cyber_moe_prediction_duration_seconds", "Time in the model (preprocessing and network) per request.",
-                                       buckets=_TIME_BUCKETS, registry=r)
-        self.http = prom.Counter("cyber_moe_http_requests_total", "HTTP requests by route template, method and status.",
-                                 ["route", "method", "status"], registry=r)
-        self.http_duration = prom.Histogram("cyber_moe_http_request_duration_seconds", "HTTP request latency by route template.",
-                                            ["route"], buckets=_TIME_BUCKETS, registry=r)
-        self.loaded = prom.Gauge("cyber_moe_model_loaded", "1 when the model is loaded and warmed up (min over workers).",
-                                 multiprocess_mode="livemin", registry=r)
-        self.info = prom.Gauge("cyber_moe_model_info", "1 for the name and version of the served model.", ["name", "version"],
-                               multiprocess_mode="livemax", registry=r)
+        self.verdicts = prom.Counter(
+            "cyber_moe_flows_total", "Flows scored, by the binary head's verdict (attack / benign).", ["verdict"], registry=r
+        )
+        for v in ("attack", "benign"):
+            self.verdicts.labels(v)
+        self.confidence = prom.Histogram(
+            "cyber_moe_prediction_confidence", "Probability of the predicted family per flow.", buckets=_PROB_BUCKETS, registry=r
+        )
+        self.gate = prom.Histogram(
+            "cyber_moe_expert_gate_weight", "Gate weight given to each expert per flow.", ["expert"], buckets=_PROB_BUCKETS, registry=r
+        )
+        self.duration = prom.Histogram(
+            "cyber_moe_prediction_duration_seconds",
+            "Time in the model (preprocessing and network) per request.",
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.http = prom.Counter(
+            "cyber_moe_http_requests_total",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = prom.Histogram(
+            "cyber_moe_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["route"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.loaded = prom.Gauge(
+            "cyber_moe_model_loaded",
+            "1 when the model is loaded and warmed up (min over workers).",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.info = prom.Gauge(
+            "cyber_moe_model_info",
+            "1 for the name and version of the served model.",
+            ["name", "version"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.reloads = prom.Counter("cyber_moe_model_reloads_total", "Model reloads by result (ok / failed).", ["result"], registry=r)
-        self.drift = prom.Gauge("cyber_moe_feature_drift_psi", "Population stability index of a feature over the recent window vs training.",
-                                ["feature"], multiprocess_mode="livemax", registry=r)
-        self.alerts = prom.Counter("cyber_moe_alerts_total", "Flows flagged as attacks, by what became of them (alerted / suppressed).",
-                                   ["outcome"], registry=r)
-        for o in ("alerted", "suppressed"): self.alerts.labels(o)
-        self.suppressed = prom.Counter("cyber_moe_alerts_suppressed_total", "Alerts a suppression rule silenced (still scored and stored), by rule id.",
-                                       ["rule"], registry=r)
+        self.drift = prom.Gauge(
+            "cyber_moe_feature_drift_psi",
+            "Population stability index of a feature over the recent window vs training.",
+            ["feature"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.alerts = prom.Counter(
+            "cyber_moe_alerts_total", "Flows flagged as attacks, by what became of them (alerted / suppressed).", ["outcome"], registry=r
+        )
+        for o in ("alerted", "suppressed"):
+            self.alerts.labels(o)
+        self.suppressed = prom.Counter(
+            "cyber_moe_alerts_suppressed_total",
+            "Alerts a suppression rule silenced (still scored and stored), by rule id.",
+            ["rule"],
+            registry=r,
+        )
         self.loaded.set(0)
         self._drift_at = 0.0
 
     def model_served(self, name: str, version: str, previous: tuple[str, str] | None = None) -> None:
         "Record that `name` `version` now serves (replacing `previous`)."
-        if previous and previous != (name, version): self.info.labels(*previous).set(0)
+        if previous and previous != (name, version):
+            self.info.labels(*previous).set(0)
         self.info.labels(name, version).set(1)
         self.loaded.set(1)
 
     def observe_predictions(self, v: dict[str, np.ndarray], experts: Sequence[str], seconds: float) -> None:
         "Count verdicts by family and fill the confidence, gate and duration histograms from `ModelBundle.verdicts` output."
-        for fam, n in Counter(v["family"].tolist()).items(): self.predictions.labels(str(fam)).inc(n)
+        for fam, n in Counter(v["family"].tolist()).items():
+            self.predictions.labels(str(fam)).inc(n)
         n_attack = int(v["is_attack"].sum())
-        if n_attack: self.verdicts.labels("attack").inc(n_attack)
-        if len(v["is_attack"]) - n_attack: self.verdicts.labels("benign").inc(len(v["is_attack"]) - n_attack)
+        if n_attack:
+            self.verdicts.labels("attack").inc(n_attack)
+        if len(v["is_attack"]) - n_attack:
+            self.verdicts.labels("benign").inc(len(v["is_attack"]) - n_attack)
         observe_many(self.confidence, v["p_family"])
-        for i, e in enumerate(experts): observe_many(self.gate.labels(e), v["gate"][:, i])
+        for i, e in enumerate(experts):
+            observe_many(self.gate.labels(e), v["gate"][:, i])
         self.duration.observe(seconds)
 
 # %% ../../nbs/83_serve_metrics.ipynb #c8ca86bb
 def _update_drift(self: ServeMetrics, monitor, *, every: float = 1.0, force: bool = False) -> None:
     "Set the drift gauges from `monitor` (at most once per `every` seconds unless `force`)."
     now = time.monotonic()
-    if monitor is None or (not force and now - self._drift_at < every): return
+    if monitor is None or (not force and now - self._drift_at < every):
+        return
     self._drift_at = now
-    for f, v in monitor.psi().items(): self.drift.labels(f).set(v)
+    for f, v in monitor.psi().items():
+        self.drift.labels(f).set(v)
+
 
 def _exposition(self: ServeMetrics) -> bytes:
     "The text exposition format of every metric (summed over workers in multiprocess mode)."
-    if not self.multiprocess_dir: return prom.generate_latest(self.registry)
+    if not self.multiprocess_dir:
+        return prom.generate_latest(self.registry)
     from prometheus_client import multiprocess
+
     reg = prom.CollectorRegistry()
     multiprocess.MultiProcessCollector(reg, path=self.multiprocess_dir)
     return prom.generate_latest(reg)

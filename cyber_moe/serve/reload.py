@@ -31,11 +31,12 @@ __all__ = ['POINTER_FILE', 'check_model_uri', 'resolve_alias', 'read_model_point
 def check_model_uri(uri: str | Path) -> str:
     "`uri` if it names a local folder or an MLflow `models:/` or `runs:/` URI (`bundle.model_uri_scheme`); ValueError naming what is accepted otherwise."
     from cyber_moe.bundle import model_uri_scheme
+
     uri = str(uri).strip()
-    if not uri: raise ValueError("model URI is empty: give a bundle folder or models:/NAME/VERSION")
+    if not uri:
+        raise ValueError("model URI is empty: give a bundle folder or models:/NAME/VERSION")
     model_uri_scheme(uri)
     return uri
-
 
 # %% ../../nbs/84_serve_reload.ipynb #bcf9977a
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
@@ -44,10 +45,12 @@ _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 def resolve_alias(uri: str) -> tuple[str, str | None]:
     "For `models:/NAME@ALIAS`: the pinned `models:/NAME/VERSION` the alias names now, and that version; any other URI as is, None."
     m = _ALIAS_URI.match(str(uri))
-    if not m: return str(uri), None
+    if not m:
+        return str(uri), None
     from mlflow import MlflowClient
     from cyber_moe.bundle import resolve_tracking_uri
-    store = resolve_tracking_uri()          # the same store load_model_bundle resolves models:/ against
+
+    store = resolve_tracking_uri()  # the same store load_model_bundle resolves models:/ against
     version = str(MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(m["name"], m["alias"]).version)
     return f"models:/{m['name']}/{version}", version
 
@@ -57,19 +60,24 @@ POINTER_FILE = "model.json"
 
 def read_model_pointer(reload_dir: str | Path) -> dict | None:
     "The model every worker should serve, as the last reload published it in `reload_dir` (None before any)."
-    try: return json.loads((Path(reload_dir) / POINTER_FILE).read_text())
-    except (FileNotFoundError, ValueError): return None
+    try:
+        return json.loads((Path(reload_dir) / POINTER_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def publish_model(reload_dir: str | Path, *, uri: str, base_uri: str) -> int:
     "Tell every worker sharing `reload_dir` to serve `uri`; returns the pointer's new generation (one more than any before)."
-    d = Path(reload_dir); d.mkdir(parents=True, exist_ok=True)
+    d = Path(reload_dir)
+    d.mkdir(parents=True, exist_ok=True)
     with open(d / "model.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)                    # generations only grow, even with reloads in two workers at once
+        fcntl.flock(lock, fcntl.LOCK_EX)  # generations only grow, even with reloads in two workers at once
         generation = int((read_model_pointer(d) or {}).get("generation", 0)) + 1
         tmp = d / f".{POINTER_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps({"uri": str(uri), "base_uri": str(base_uri), "generation": generation, "pid": os.getpid(), "at": time.time()}))
-        os.replace(tmp, d / POINTER_FILE)                   # readers see the old pointer or the new one, never half of one
+        tmp.write_text(
+            json.dumps({"uri": str(uri), "base_uri": str(base_uri), "generation": generation, "pid": os.getpid(), "at": time.time()})
+        )
+        os.replace(tmp, d / POINTER_FILE)  # readers see the old pointer or the new one, never half of one
     return generation
 
 # %% ../../nbs/84_serve_reload.ipynb #268b5de2
@@ -80,19 +88,33 @@ class ServedModel:
         self.bundle, self.uri = bundle, str(uri)
         self.name, self.version = str(bundle.name), str(bundle.version)
         self.classes, self.experts = list(bundle.classes), list(bundle.experts)
-        self.validator = FlowValidator(bundle.schema, max_category_chars=settings.max_category_chars,
-                                       num_columns=bundle.preprocessor.num_columns, max_errors=settings.max_errors)
-        self.runtime, self.runtime_error = "torch", None     # load_served switches to "onnx" when the bundle's graph loads
-        self.registry_version: str | None = None           # for models:/NAME@ALIAS, the version the alias named at load
+        self.validator = FlowValidator(
+            bundle.schema,
+            max_category_chars=settings.max_category_chars,
+            num_columns=bundle.preprocessor.num_columns,
+            max_errors=settings.max_errors,
+        )
+        self.runtime, self.runtime_error = "torch", None  # load_served switches to "onnx" when the bundle's graph loads
+        self.registry_version: str | None = None  # for models:/NAME@ALIAS, the version the alias named at load
         self.chunk_rows = settings.chunk_rows
         self.profile = _reference_profile(bundle)
-        feats = settings.drift_features if settings.drift_features is not None else bundle.schema.features[:settings.drift_max_features]
+        feats = settings.drift_features if settings.drift_features is not None else bundle.schema.features[: settings.drift_max_features]
         unknown = [f for f in feats if f not in bundle.schema.features]
-        if unknown: raise ValueError(f"drift_features: {_names(unknown)} not features of {bundle.schema.name}")
-        feats = tuple(feats)[:settings.drift_max_features]
-        self.drift = (DriftMonitor(profile=self.profile, features=feats, num_columns=self.validator.num_columns,
-                                   categorical=bundle.schema.categorical, window=settings.drift_window, min_rows=settings.drift_min_rows)
-                      if self.profile and feats else None)
+        if unknown:
+            raise ValueError(f"drift_features: {_names(unknown)} not features of {bundle.schema.name}")
+        feats = tuple(feats)[: settings.drift_max_features]
+        self.drift = (
+            DriftMonitor(
+                profile=self.profile,
+                features=feats,
+                num_columns=self.validator.num_columns,
+                categorical=bundle.schema.categorical,
+                window=settings.drift_window,
+                min_rows=settings.drift_min_rows,
+            )
+            if self.profile and feats
+            else None
+        )
         self.loaded_at = time.time()
 
     def typical_row(self) -> dict[str, Any]:
@@ -105,7 +127,7 @@ class ServedModel:
             else:
                 edges = prof.get("numeric", {}).get(f, {}).get("edges") or [0.0]
                 row[f] = float(edges[len(edges) // 2])
-        if self.validator.sequence:                       # a flow of two packets, one each way (warm-up and examples)
+        if self.validator.sequence:  # a flow of two packets, one each way (warm-up and examples)
             row.update(splt_direction=[0, 1], splt_ps=[60.0, 60.0], splt_piat_ms=[0.0, 1.0])
         return row
 
@@ -118,33 +140,39 @@ class ServedModel:
 def load_served(uri: str | Path, settings: ServeSettings) -> ServedModel:
     "Load the bundle at `uri` (a local folder, models:/ or runs:/), build its validator and drift monitor, warm it up; raises if any step fails."
     from cyber_moe.bundle import load_model_bundle
+
     uri = check_model_uri(uri)
     if settings.torch_threads:
         import torch
+
         torch.set_num_threads(settings.torch_threads)
-    pinned, registry_version = resolve_alias(uri)           # an alias is read once: the model loaded is the version recorded
+    pinned, registry_version = resolve_alias(uri)  # an alias is read once: the model loaded is the version recorded
     served = ServedModel(load_model_bundle(pinned), uri=uri, settings=settings)
     served.registry_version = registry_version
     if settings.runtime == "onnx":
         try:
             served.bundle.use_onnx(threads=settings.torch_threads)
             served.runtime = "onnx"
-        except Exception as e:                              # torch gives the same numbers, only slower: serve, and say so
+        except Exception as e:  # torch gives the same numbers, only slower: serve, and say so
             served.runtime_error = f"{type(e).__name__}: {e}"
             logging.getLogger(__name__).warning("model at %s: ONNX Runtime unavailable (%s); scoring with torch", uri, served.runtime_error)
     one = served.typical_row()
-    served.score(served.validator.values([one])); served.score(served.validator.values([one] * settings.warmup_rows, batch=True))
+    served.score(served.validator.values([one]))
+    served.score(served.validator.values([one] * settings.warmup_rows, batch=True))
     return served
 
 # %% ../../nbs/84_serve_reload.ipynb #1d1f0abb
 class ModelNotReady(ServiceError):
     "No model is serving yet (loading, or the load failed): 503, retry soon."
+
     status, headers = 503, {"Retry-After": "2"}
 
 
 def settle() -> None:
     "Collect what is unreachable (replaced models included), then freeze what remains out of the collector's reach."
-    gc.unfreeze(); gc.collect(); gc.freeze()
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _identity(s: ServedModel | None) -> dict[str, str | None] | None:
@@ -158,19 +186,22 @@ class ModelSlot:
         self.settings, self.metrics, self.log = settings, metrics, log
         self.served: ServedModel | None = None
         self.uri, self.error = str(uri), None
-        self.base_uri, self.generation = str(uri), 0         # the configured model; the last reload_dir pointer followed
+        self.base_uri, self.generation = str(uri), 0  # the configured model; the last reload_dir pointer followed
         self.reload_lock = asyncio.Lock()
 
     def current(self) -> ServedModel:
         "The model serving now; ModelNotReady (with the reason) before one is."
         served = self.served
-        if served is None: raise ModelNotReady(self.error or f"model at {self.uri} is still loading")
+        if served is None:
+            raise ModelNotReady(self.error or f"model at {self.uri} is still loading")
         return served
 
     async def load(self, uri: str, *, timeout: float | None = None) -> ServedModel:
         "`load_served` in a worker thread, bounded by `timeout` seconds when given (TimeoutError after it)."
-        if timeout is None: return await run_in_threadpool(load_served, uri, self.settings)
-        try: return await asyncio.wait_for(run_in_threadpool(load_served, uri, self.settings), timeout=timeout)
+        if timeout is None:
+            return await run_in_threadpool(load_served, uri, self.settings)
+        try:
+            return await asyncio.wait_for(run_in_threadpool(load_served, uri, self.settings), timeout=timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"loading took longer than {timeout:g} s (reload_timeout_seconds); the load was abandoned") from None
 
@@ -184,36 +215,60 @@ async def _swap_to(self: ModelSlot, uri: str, *, via: str, request_id: str = "")
         except Exception as e:
             self.metrics.reloads.labels("failed").inc()
             why = f"{type(e).__name__}: {e}"
-            self.log.error("model reload failed", extra={"fields": {"event": "model_reload_failed", "uri": uri, "via": via, "error": why,
-                                                                    "request_id": request_id}})
+            self.log.error(
+                "model reload failed",
+                extra={"fields": {"event": "model_reload_failed", "uri": uri, "via": via, "error": why, "request_id": request_id}},
+            )
             return None, previous, why
         self.served, self.uri, self.error = new, uri, None
         self.metrics.model_served(new.name, new.version, (previous["model_name"], previous["model_version"]) if previous else None)
         self.metrics.reloads.labels("ok").inc()
-        settle()                                             # the replaced model is unreachable now (but for requests still on it)
-    self.log.info("model reloaded", extra={"fields": {"event": "model_reloaded", "uri": uri, "via": via, "name": new.name,
-                                                      "version": new.version, "request_id": request_id}})
+        settle()  # the replaced model is unreachable now (but for requests still on it)
+    self.log.info(
+        "model reloaded",
+        extra={
+            "fields": {
+                "event": "model_reloaded",
+                "uri": uri,
+                "via": via,
+                "name": new.name,
+                "version": new.version,
+                "request_id": request_id,
+            }
+        },
+    )
     return new, previous, None
 
-
+# %% ../../nbs/84_serve_reload.ipynb #9e6e8969
 async def _initial_load(self: ModelSlot) -> None:
     "Load the configured model (or the one a reload published in `reload_dir`); on failure, record why and stay not ready."
     pointer = read_model_pointer(self.settings.reload_dir) if self.settings.reload_dir else None
-    if pointer:                                               # a worker (re)started after a reload serves what the others serve
+    if pointer:  # a worker (re)started after a reload serves what the others serve
         self.generation = int(pointer.get("generation", 0))
-        if pointer.get("base_uri") == self.base_uri: self.uri = str(pointer["uri"])
+        if pointer.get("base_uri") == self.base_uri:
+            self.uri = str(pointer["uri"])
     try:
         served = await self.load(self.uri)
     except Exception as e:
         self.error = f"model at {self.uri} failed to load: {type(e).__name__}: {e}"
         self.log.error("model load failed", extra={"fields": {"event": "model_load_failed", "uri": self.uri, "error": str(e)}})
         return
-    if self.served is None:                                   # a reload may have won the race
+    if self.served is None:  # a reload may have won the race
         self.served = served
         self.metrics.model_served(served.name, served.version)
         settle()
-        self.log.info("model ready", extra={"fields": {"event": "model_ready", "uri": self.uri, "name": served.name,
-                                                       "version": served.version, "runtime": served.runtime}})
+        self.log.info(
+            "model ready",
+            extra={
+                "fields": {
+                    "event": "model_ready",
+                    "uri": self.uri,
+                    "name": served.name,
+                    "version": served.version,
+                    "runtime": served.runtime,
+                }
+            },
+        )
 
 
 ModelSlot.swap_to, ModelSlot.initial_load = _swap_to, _initial_load
@@ -227,15 +282,21 @@ async def _follow(self: ModelSlot) -> None:
         try:
             pointer = read_model_pointer(s.reload_dir) if s.reload_dir else None
             if pointer and pointer.get("base_uri") == self.base_uri and int(pointer["generation"]) > self.generation:
-                self.generation = int(pointer["generation"])     # once per generation, even if that load fails
+                self.generation = int(pointer["generation"])  # once per generation, even if that load fails
                 await self.swap_to(str(pointer["uri"]), via="reload_dir")
             served = self.served
-            if (s.alias_poll_seconds and served is not None and served.registry_version is not None
-                    and time.monotonic() - checked_alias >= s.alias_poll_seconds):
+            if (
+                s.alias_poll_seconds
+                and served is not None
+                and served.registry_version is not None
+                and time.monotonic() - checked_alias >= s.alias_poll_seconds
+            ):
                 checked_alias = time.monotonic()
                 _, version = await run_in_threadpool(resolve_alias, served.uri)
-                if version != served.registry_version: await self.swap_to(served.uri, via="alias")
-        except asyncio.CancelledError: raise
+                if version != served.registry_version:
+                    await self.swap_to(served.uri, via="alias")
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
             self.log.error("model watch failed", extra={"fields": {"event": "model_watch_failed", "error": f"{type(e).__name__}: {e}"}})
 

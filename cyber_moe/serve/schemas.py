@@ -20,6 +20,7 @@ __all__ = ['OIP_DATATYPES', 'OIP_OUTPUTS', 'FieldError', 'ErrorResponse', 'OIPEr
 # %% ../../nbs/81_serve_schemas.ipynb #afdcb824
 class FieldError(BaseModel):
     "One problem with a request: where (row, feature), what, and its kind."
+
     loc: list[Union[int, str]]
     msg: str
     type: str
@@ -27,6 +28,7 @@ class FieldError(BaseModel):
 
 class ErrorResponse(BaseModel):
     "An error of the workbench's routes: a message for people, the first problems for programs, and how many there are."
+
     detail: str
     errors: list[FieldError] = []
     n_errors: int = Field(0, description="number of problems found; `errors` lists the first of them")
@@ -35,24 +37,30 @@ class ErrorResponse(BaseModel):
 
 class OIPError(BaseModel):
     "An error of the Open Inference Protocol routes."
+
     error: str
 
 
 class Prediction(BaseModel):
     "The verdict on one flow."
+
     is_attack: bool = Field(description="binary head's probability >= the bundle's threshold")
     p_attack: float
     family: str = Field(description="most probable family (the benign class included)")
     p_family: float
     class_probs: dict[str, float] = Field(description="calibrated probability of each family")
     gate: dict[str, float] = Field(description="weight the gate gave each expert")
-    alert_id: str | None = Field(None, description="id of the alert this flow raised (flagged flows with the feedback store on): "
-                                                   "the request id, or REQUEST_ID:ROW in a batch")
+    alert_id: str | None = Field(
+        None,
+        description="id of the alert this flow raised (flagged flows with the feedback store on): "
+        "the request id, or REQUEST_ID:ROW in a batch",
+    )
     suppressed_by: int | None = Field(None, description="id of the suppression rule that silenced this alert (stored, not alerted)")
 
 
 class _Served(BaseModel):
     "The model that answered and the request's id."
+
     model_config = ConfigDict(protected_namespaces=())
     model_name: str
     model_version: str
@@ -61,50 +69,69 @@ class _Served(BaseModel):
 
 class PredictResponse(Prediction):
     "`POST /predict`: the verdict on one flow, with the model that gave it."
+
     model_config = ConfigDict(protected_namespaces=())
     model_name: str
     model_version: str
     request_id: str
 
-
+# %% ../../nbs/81_serve_schemas.ipynb #4dd5d22a
 class BatchResponse(_Served):
     "`POST /predict_batch`: one verdict per flow, in order."
+
     predictions: list[Prediction]
     n_flows: int
 
 
 class ExplainResponse(_Served):
     "`POST /explain`: the largest SHAP contributions for one flow, as `cyber_moe.explain.explain_flow` returns them."
+
     contributions: Any
     top_k: int
 
 # %% ../../nbs/81_serve_schemas.ipynb #355116d5
-_NO_NUL = r"^[^\x00]*$"                                       # text columns of PostgreSQL refuse NUL characters
+_NO_NUL = r"^[^\x00]*$"  # text columns of PostgreSQL refuse NUL characters
 _Name = Annotated[str, Field(min_length=1, max_length=256, pattern=_NO_NUL)]
 
 
 class FeedbackRequest(BaseModel):
     "`POST /feedback`: an analyst's verdict on one alert, named by its id, its request id (and row) or its Community ID."
+
     model_config = ConfigDict(extra="forbid")
-    alert_id: str | None = Field(None, min_length=1, max_length=160, pattern=_NO_NUL, description="the alert's id (as GET /alerts lists it)")
-    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=_NO_NUL, description="the X-Request-ID of the /predict or /predict_batch that raised it")
+    alert_id: str | None = Field(
+        None, min_length=1, max_length=160, pattern=_NO_NUL, description="the alert's id (as GET /alerts lists it)"
+    )
+    request_id: str | None = Field(
+        None, min_length=1, max_length=128, pattern=_NO_NUL, description="the X-Request-ID of the /predict or /predict_batch that raised it"
+    )
     row: int | None = Field(None, ge=0, le=10**6, strict=True, description="with request_id: the flow's position in the batch")
-    community_id: str | None = Field(None, min_length=1, max_length=64, pattern=_NO_NUL, description="the flow's Community ID (the newest alert of that flow)")
+    community_id: str | None = Field(
+        None, min_length=1, max_length=64, pattern=_NO_NUL, description="the flow's Community ID (the newest alert of that flow)"
+    )
     verdict: Literal["tp", "fp"] = Field(description="tp: a true positive; fp: a false positive")
-    family: str | None = Field(None, min_length=1, max_length=128, pattern=_NO_NUL, description="the right family: a corrected attack family, or benign (default: the alert's for tp, benign for fp)")
+    family: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=_NO_NUL,
+        description="the right family: a corrected attack family, or benign (default: the alert's for tp, benign for fp)",
+    )
     note: str | None = Field(None, max_length=4096, pattern=_NO_NUL)
     analyst: _Name | None = None
 
     @model_validator(mode="after")
     def _one_name(self):
         given = [k for k in ("alert_id", "request_id", "community_id") if getattr(self, k) is not None]
-        if len(given) != 1: raise ValueError(f"name the alert by exactly one of alert_id, request_id, community_id (got {', '.join(given) or 'none'})")
-        if self.row is not None and self.request_id is None: raise ValueError("row goes with request_id (a row of a batch request)")
+        if len(given) != 1:
+            raise ValueError(f"name the alert by exactly one of alert_id, request_id, community_id (got {', '.join(given) or 'none'})")
+        if self.row is not None and self.request_id is None:
+            raise ValueError("row goes with request_id (a row of a batch request)")
         return self
 
 
 class VerdictResponse(BaseModel):
     "A recorded verdict: every one is kept, the latest is the alert's."
+
     model_config = ConfigDict(protected_namespaces=())
     id: int
     alert_id: str
@@ -120,6 +147,7 @@ class VerdictResponse(BaseModel):
 # %% ../../nbs/81_serve_schemas.ipynb #9173ed6a
 class AlertRecord(BaseModel):
     "An alert in the triage queue, with its latest verdict (none yet: null)."
+
     model_config = ConfigDict(protected_namespaces=())
     id: str
     community_id: str | None = None
@@ -149,6 +177,7 @@ class AlertRecord(BaseModel):
 
 class AlertList(BaseModel):
     "`GET /alerts`: a page of the queue."
+
     alerts: list[AlertRecord]
     n: int
     order: Literal["newest", "uncertain"]
@@ -157,8 +186,11 @@ class AlertList(BaseModel):
 # %% ../../nbs/81_serve_schemas.ipynb #3248a68c
 class RuleRequest(BaseModel):
     "`POST /rules`: flows matching every field set are stored but not alerted, until `expires_at` (none: until deleted)."
+
     model_config = ConfigDict(extra="forbid")
-    src: str | None = Field(None, min_length=1, max_length=64, pattern=_NO_NUL, description="source address or network (CIDR), e.g. 198.18.0.5 or 198.18.0.0/24")
+    src: str | None = Field(
+        None, min_length=1, max_length=64, pattern=_NO_NUL, description="source address or network (CIDR), e.g. 198.18.0.5 or 198.18.0.0/24"
+    )
     dst_port: int | None = Field(None, ge=0, le=65535, strict=True)
     family: str | None = Field(None, min_length=1, max_length=128, pattern=_NO_NUL, description="an attack family of the served model")
     expires_at: AwareDatetime | None = Field(None, description="when the rule stops (with a time zone); none: never")
@@ -170,13 +202,16 @@ class RuleRequest(BaseModel):
     def _in_range(cls, v):
         "A time that has a UTC equivalent (9999-12-31T23:00:00-05:00 has none)."
         if v is not None:
-            try: v.astimezone(timezone.utc)
-            except OverflowError: raise ValueError("out of the range of dates (years 1 to 9999 in UTC)") from None
+            try:
+                v.astimezone(timezone.utc)
+            except OverflowError:
+                raise ValueError("out of the range of dates (years 1 to 9999 in UTC)") from None
         return v
 
 
 class RuleRecord(BaseModel):
     "A suppression rule with how many alerts it silenced."
+
     id: int
     src: str | None = None
     dst_port: int | None = None
@@ -191,35 +226,46 @@ class RuleRecord(BaseModel):
 
 class RuleList(BaseModel):
     "`GET /rules`."
+
     rules: list[RuleRecord]
     request_id: str
 
 # %% ../../nbs/81_serve_schemas.ipynb #53d282ee
 class Health(BaseModel):
     "Liveness: the process answers."
+
     status: Literal["ok"] = "ok"
 
 
 class Readiness(BaseModel):
     "Readiness: a model is loaded and warmed (503 until then, with the reason)."
+
     model_config = ConfigDict(protected_namespaces=())
     ready: bool
     model_name: str | None = None
     model_version: str | None = None
     runtime: str | None = Field(None, description="what runs the network: onnx (ONNX Runtime) or torch")
-    feedback: str | None = Field(None, description="the feedback store: ok, off, or unavailable with the reason (scoring goes on without it)")
+    feedback: str | None = Field(
+        None, description="the feedback store: ok, off, or unavailable with the reason (scoring goes on without it)"
+    )
     detail: str | None = None
 
 
 class ReloadRequest(BaseModel):
     "`POST /admin/reload`: load `model_uri` (default: the URI served now) and swap it in."
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model_uri: str | None = Field(None, min_length=1, max_length=4096,
-                                  description="a local bundle or MLflow model folder, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH")
+    model_uri: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="a local bundle or MLflow model folder, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH",
+    )
 
 
 class ReloadResponse(BaseModel):
     "Result of a reload: what serves now and what served before."
+
     model_config = ConfigDict(protected_namespaces=())
     reloaded: bool
     model_name: str | None
@@ -237,6 +283,7 @@ OIP_OUTPUTS = ("is_attack", "p_attack", "family", "p_family", "class_probs", "ga
 
 class InferInput(BaseModel):
     "An OIP v2 input tensor: a feature column ([n]) or several columns ([n, k] with `parameters.columns`)."
+
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=512)
     shape: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(min_length=1, max_length=2)
@@ -247,6 +294,7 @@ class InferInput(BaseModel):
 
 class RequestedOutput(BaseModel):
     "An output the client wants (by name)."
+
     model_config = ConfigDict(extra="forbid")
     name: str
     parameters: dict[str, Any] | None = None
@@ -254,6 +302,7 @@ class RequestedOutput(BaseModel):
 
 class InferRequest(BaseModel):
     "An OIP v2 inference request."
+
     model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, max_length=256)
     parameters: dict[str, Any] | None = None
@@ -263,6 +312,7 @@ class InferRequest(BaseModel):
 # %% ../../nbs/81_serve_schemas.ipynb #8296742d
 class InferOutput(BaseModel):
     "An OIP v2 output tensor."
+
     name: str
     shape: list[int]
     datatype: str
@@ -272,6 +322,7 @@ class InferOutput(BaseModel):
 
 class InferResponse(BaseModel):
     "An OIP v2 inference response."
+
     model_config = ConfigDict(protected_namespaces=())
     model_name: str
     model_version: str | None = None
@@ -282,6 +333,7 @@ class InferResponse(BaseModel):
 
 class TensorMeta(BaseModel):
     "Name, datatype and shape of a model input or output (OIP model metadata)."
+
     name: str
     datatype: str
     shape: list[int]
@@ -289,6 +341,7 @@ class TensorMeta(BaseModel):
 
 class ModelMetadata(BaseModel):
     "OIP v2 model metadata."
+
     name: str
     versions: list[str]
     platform: str
@@ -298,6 +351,7 @@ class ModelMetadata(BaseModel):
 
 class ServerMetadata(BaseModel):
     "OIP v2 server metadata."
+
     name: str
     version: str
     extensions: list[str] = []
@@ -305,15 +359,18 @@ class ServerMetadata(BaseModel):
 
 class ServerLive(BaseModel):
     "OIP v2 server liveness."
+
     live: bool
 
 
 class ServerReady(BaseModel):
     "OIP v2 server readiness (503 until a model is loaded and warmed)."
+
     ready: bool
 
-
+# %% ../../nbs/81_serve_schemas.ipynb #e73a513e
 class ModelReady(BaseModel):
     "OIP v2 model readiness."
+
     name: str
     ready: bool

@@ -21,48 +21,73 @@ ENV_PREFIX = "CYBER_MOE_"
 
 class ServeSettings(BaseSettings):
     "How the REST app serves a bundle: limits, API key, timeouts, drift monitoring, metrics mode, logging."
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True,
-                                      populate_by_name=True)
-    model: str | None = Field(None, description="the model to serve (a bundle folder, models:/ or runs:/ URI) when none is given to create_app")
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True, populate_by_name=True)
+    model: str | None = Field(
+        None, description="the model to serve (a bundle folder, models:/ or runs:/ URI) when none is given to create_app"
+    )
     api_key: SecretStr | None = Field(None, description="when set, every route except health/readiness needs it (X-API-Key header)")
     max_batch: int = Field(4096, ge=1, le=1_000_000, description="most flows one request may carry")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest request body accepted (413 above)")
     max_category_chars: int = Field(256, ge=1, description="longest string accepted for a categorical feature")
-    max_errors: int = Field(20, ge=1, le=10_000, description="most individual problems listed in one error response (the count says how many in all)")
+    max_errors: int = Field(
+        20, ge=1, le=10_000, description="most individual problems listed in one error response (the count says how many in all)"
+    )
     drift_features: Annotated[tuple[str, ...] | None, NoDecode] = Field(
-        None, description="features to watch for drift (default: the first drift_max_features of the schema)")
+        None, description="features to watch for drift (default: the first drift_max_features of the schema)"
+    )
     drift_max_features: int = Field(20, ge=0, description="bound on the number of drift gauges")
     drift_window: int = Field(5000, ge=10, description="flows in the sliding window compared with the training reference")
     drift_min_rows: int = Field(200, ge=1, description="flows needed in the window before a PSI is reported")
-    warmup_rows: int = Field(256, ge=1, description="rows scored once after loading, before the model is called ready "
-                                                   "(chunk_rows of them take the runtime's memory to its peak before traffic)")
+    warmup_rows: int = Field(
+        256,
+        ge=1,
+        description="rows scored once after loading, before the model is called ready "
+        "(chunk_rows of them take the runtime's memory to its peak before traffic)",
+    )
     chunk_rows: int = Field(256, ge=1, description="rows per network call; bounds the runtime's memory for large batches")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of torch and ONNX Runtime (None: their default)")
     runtime: Literal["onnx", "torch"] = Field("onnx", description="network runtime: ONNX Runtime (the bundle's checked graph) or torch")
-    inline_rows: int = Field(8, ge=0, description="requests of at most this many flows are checked and scored on the event loop, without a thread hop")
+    inline_rows: int = Field(
+        8, ge=0, description="requests of at most this many flows are checked and scored on the event loop, without a thread hop"
+    )
     model_concurrency: int = Field(2, ge=1, description="requests scoring at once per worker; the others wait their turn in order")
     prometheus_multiproc_dir: str | None = Field(
-        None, validation_alias=AliasChoices("prometheus_multiproc_dir", "PROMETHEUS_MULTIPROC_DIR"),
-        description="set when several workers share metrics (PROMETHEUS_MULTIPROC_DIR)")
+        None,
+        validation_alias=AliasChoices("prometheus_multiproc_dir", "PROMETHEUS_MULTIPROC_DIR"),
+        description="set when several workers share metrics (PROMETHEUS_MULTIPROC_DIR)",
+    )
     access_log: bool = Field(True, description="write one JSON line per request to stderr (no payloads)")
     reload_dir: str | None = Field(None, description="folder the workers share: a reload in one worker is picked up by all")
     reload_poll_seconds: float = Field(1.0, gt=0, description="how often a worker looks at reload_dir")
     reload_timeout_seconds: float = Field(120.0, gt=0, description="a model load that takes longer fails (the old model serves on)")
-    alias_poll_seconds: float = Field(30.0, ge=0, description="how often a models:/NAME@ALIAS model checks where its alias points (0: never)")
-    header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send a request's headers within this time, else it is closed")
+    alias_poll_seconds: float = Field(
+        30.0, ge=0, description="how often a models:/NAME@ALIAS model checks where its alias points (0: never)"
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a connection must send a request's headers within this time, else it is closed"
+    )
     body_timeout_seconds: float = Field(30.0, gt=0, description="a request's body must arrive within this time, else 408")
     feedback: bool = Field(True, description="store alerts in the feedback store and apply its suppression rules (false: neither)")
-    feedback_url: str | None = Field(None, description="database of the feedback store, e.g. postgresql+psycopg://user@host/db "
-                                                      "(default: SQLite at outputs/feedback.db under the working directory)")
+    feedback_url: str | None = Field(
+        None,
+        description="database of the feedback store, e.g. postgresql+psycopg://user@host/db "
+        "(default: SQLite at outputs/feedback.db under the working directory)",
+    )
     feedback_retry_seconds: float = Field(15.0, gt=0, description="how often an unreachable feedback store is tried again")
-    rules_refresh_seconds: float = Field(5.0, gt=0, description="how often the suppression rules are re-read (rules made in another process)")
-    feedback_queue: int = Field(10_000, ge=1, description="alerts waiting to be written at most; more are dropped (and counted) while the store is down")
+    rules_refresh_seconds: float = Field(
+        5.0, gt=0, description="how often the suppression rules are re-read (rules made in another process)"
+    )
+    feedback_queue: int = Field(
+        10_000, ge=1, description="alerts waiting to be written at most; more are dropped (and counted) while the store is down"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _blank_is_unset(cls, data: Any) -> Any:
         "Blank strings (an empty `CYBER_MOE_API_KEY=' '`) count as unset, like empty ones."
-        if isinstance(data, dict): return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
         return data
 
     @field_validator("drift_features", mode="before")
@@ -79,6 +104,7 @@ def env_var(field: str) -> str:
 
 class _MappingSource(EnvSettingsSource):
     "pydantic-settings' environment source over a given mapping instead of `os.environ`."
+
     def __init__(self, settings_cls, env: Mapping[str, str]):
         self._mapping = dict(env)
         super().__init__(settings_cls)
@@ -90,7 +116,8 @@ class _MappingSource(EnvSettingsSource):
 def settings_from_env(env: Mapping[str, str] | None = None, **overrides) -> ServeSettings:
     "`ServeSettings` from `env` (default: the process environment) and `overrides`; ValueError naming the variable of a bad value."
     try:
-        if env is None: return ServeSettings(**overrides)
+        if env is None:
+            return ServeSettings(**overrides)
         return ServeSettings(**{**_MappingSource(ServeSettings, env)(), **overrides})
     except ValidationError as e:
         bad = "; ".join(f"{env_var(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}" for err in e.errors())

@@ -25,17 +25,20 @@ __all__ = ['SEQ_FIELDS', 'ServiceError', 'FlowError', 'parse_json_body', 'parse_
 # %% ../../nbs/82_serve_validation.ipynb #9a5e2c9a
 class ServiceError(Exception):
     "An error the service answers with `status` and its message (each route in its own error shape)."
+
     status: int = 400
     headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, status: int | None = None):
         super().__init__(message)
         self.message = message
-        if status is not None: self.status = status
+        if status is not None:
+            self.status = status
 
 
 class FlowError(ServiceError, ValueError):
     "Flows that do not fit the served schema (422); `.errors` lists the first {loc, msg, type} problems, `.n_errors` counts them all."
+
     status = 422
 
     def __init__(self, message: str, errors: list[dict] | None = None, n_errors: int | None = None):
@@ -53,25 +56,36 @@ def _names(items: Sequence, limit: int = 12) -> str:
 
 def parse_json_body(body: bytes) -> Any:
     "The JSON value in `body`; FlowError for an empty body or malformed JSON (NaN / Infinity literals are read, for the validator to name)."
-    if not body.strip(): raise FlowError("request body is empty: expected JSON")
-    try: return from_json(body, allow_inf_nan=True)
-    except ValueError as e: raise FlowError(f"malformed JSON: {e}") from None
+    if not body.strip():
+        raise FlowError("request body is empty: expected JSON")
+    try:
+        return from_json(body, allow_inf_nan=True)
+    except ValueError as e:
+        raise FlowError(f"malformed JSON: {e}") from None
 
 
 def parse_envelope(model: type[BaseModel], body: bytes, *, where: str, optional: bool = False, max_errors: int = 20):
     "`model` validated from JSON `body` (None for an empty body when `optional`); FlowError naming each bad field."
-    if optional and not body.strip(): return None
-    try: return model.model_validate(parse_json_body(body))
+    if optional and not body.strip():
+        return None
+    try:
+        return model.model_validate(parse_json_body(body))
     except ValidationError as e:
-        errs = [{"loc": list(x["loc"]), "msg": x["msg"], "type": x["type"]}
-                for x in e.errors(include_url=False, include_context=False, include_input=False)[:max_errors]]
-        raise FlowError(f"{where}: " + "; ".join(f"{'.'.join(str(i) for i in x['loc']) or 'body'}: {x['msg']}" for x in errs[:12]),
-                        errs, e.error_count()) from None
+        errs = [
+            {"loc": list(x["loc"]), "msg": x["msg"], "type": x["type"]}
+            for x in e.errors(include_url=False, include_context=False, include_input=False)[:max_errors]
+        ]
+        raise FlowError(
+            f"{where}: " + "; ".join(f"{'.'.join(str(i) for i in x['loc']) or 'body'}: {x['msg']}" for x in errs[:12]),
+            errs,
+            e.error_count(),
+        ) from None
 
 # %% ../../nbs/82_serve_validation.ipynb #74dad8ce
 @dataclass(frozen=True)
 class RawFlows:
     "Validated flows as raw values: `num` [n, numeric + timing features], one array of category strings per categorical feature, and for a sequence model `seq` = (x [n, N, 3], mask [n, N])."
+
     num: np.ndarray
     cats: list
     seq: tuple | None = None
@@ -80,19 +94,24 @@ class RawFlows:
         return len(self.num)
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, *, num_columns: Sequence[str], categorical: Sequence[str], schema: FlowSchema | None = None) -> "RawFlows":
+    def from_frame(
+        cls, df: pd.DataFrame, *, num_columns: Sequence[str], categorical: Sequence[str], schema: FlowSchema | None = None
+    ) -> "RawFlows":
         "The raw values of a frame's numeric (`num_columns` order) and categorical columns (and its packet sequences when `schema` has them)."
-        return cls(df[list(num_columns)].to_numpy(np.float64).reshape(len(df), len(num_columns)),
-                   [category_strings(df[c]) for c in categorical],
-                   sequence_array(df, schema, where="flows") if schema is not None and schema.sequence else None)
+        return cls(
+            df[list(num_columns)].to_numpy(np.float64).reshape(len(df), len(num_columns)),
+            [category_strings(df[c]) for c in categorical],
+            sequence_array(df, schema, where="flows") if schema is not None and schema.sequence else None,
+        )
 
 
-SEQ_FIELDS = ("splt_direction", "splt_ps", "splt_piat_ms")   # a flow's first packets in JSON, NFStream's own names
+SEQ_FIELDS = ("splt_direction", "splt_ps", "splt_piat_ms")  # a flow's first packets in JSON, NFStream's own names
 
 
 def _integral(x: float) -> float:
     "A float category must be a whole number, exactly (pydantic's multiple_of allows a tolerance)."
-    if not x.is_integer(): raise ValueError("not an integer")
+    if not x.is_integer():
+        raise ValueError("not an integer")
     return x
 
 
@@ -104,31 +123,41 @@ def category_value(x: Any) -> str:
 class FlowValidator:
     "Checks raw flows (feature name -> value) against a FlowSchema and turns them into raw values or a frame for the bundle."
 
-    def __init__(self, schema: FlowSchema, *, max_category_chars: int = 256, num_columns: Sequence[str] | None = None,
-                 max_errors: int = 20):
+    def __init__(
+        self, schema: FlowSchema, *, max_category_chars: int = 256, num_columns: Sequence[str] | None = None, max_errors: int = 20
+    ):
         self.schema, self.features, self.max_errors = schema, tuple(schema.features), int(max_errors)
-        self.num_columns = tuple(num_columns or (schema.numeric + schema.timing))     # the preprocessor's order
+        self.num_columns = tuple(num_columns or (schema.numeric + schema.timing))  # the preprocessor's order
         self.categorical = frozenset(schema.categorical)
         self._set = frozenset(self.features)
         self._num = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-        self._cat = Union[Annotated[str, Field(strict=True, max_length=max_category_chars)],
-                          Annotated[int, Field(strict=True, ge=-2**53, le=2**53)],
-                          Annotated[float, Field(strict=True, ge=-2**53, le=2**53), AfterValidator(_integral)]]    # 80.0 is JSON's integer 80
-        self._msg = {"num": "must be a finite number",
-                     "cat": f"must be a string of at most {max_category_chars} characters or an integer (|x| <= 2**53)"}
+        self._cat = Union[
+            Annotated[str, Field(strict=True, max_length=max_category_chars)],
+            Annotated[int, Field(strict=True, ge=-(2**53), le=2**53)],
+            Annotated[float, Field(strict=True, ge=-(2**53), le=2**53), AfterValidator(_integral)],
+        ]  # 80.0 is JSON's integer 80
+        self._msg = {
+            "num": "must be a finite number",
+            "cat": f"must be a string of at most {max_category_chars} characters or an integer (|x| <= 2**53)",
+        }
         fields = {f"f{i}": (self._cat if f in self.categorical else self._num, Field(alias=f)) for i, f in enumerate(self.features)}
         self.sequence = int(schema.sequence)
         self.seq_fields = SEQ_FIELDS if self.sequence else ()
-        if self.sequence:                           # each a list of the flow's first 1..N packets, NFStream's order
+        if self.sequence:  # each a list of the flow's first 1..N packets, NFStream's order
             n = self.sequence
-            elem = {"seq_dir": Annotated[int, Field(strict=True, ge=0, le=1)],
-                    "seq_num": Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]}
+            elem = {
+                "seq_dir": Annotated[int, Field(strict=True, ge=0, le=1)],
+                "seq_num": Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)],
+            }
             for f, kind in zip(SEQ_FIELDS, ("seq_dir", "seq_num", "seq_num")):
                 fields[f] = (Annotated[list[elem[kind]], Field(min_length=1, max_length=n)], Field(alias=f))
-            self._msg.update({
-                "splt_direction": f"must be a list of 1 to {n} packet directions, each 0 (source to destination) or 1",
-                "splt_ps": f"must be a list of 1 to {n} packet sizes, each a finite number >= 0",
-                "splt_piat_ms": f"must be a list of 1 to {n} inter-arrival times (ms), each a finite number >= 0"})
+            self._msg.update(
+                {
+                    "splt_direction": f"must be a list of 1 to {n} packet directions, each 0 (source to destination) or 1",
+                    "splt_ps": f"must be a list of 1 to {n} packet sizes, each a finite number >= 0",
+                    "splt_piat_ms": f"must be a list of 1 to {n} inter-arrival times (ms), each a finite number >= 0",
+                }
+            )
             self._set = frozenset(self.features + SEQ_FIELDS)
         model = create_model("Flow", __config__=ConfigDict(extra="forbid"), **fields)
         self._one, self._many = TypeAdapter(model), TypeAdapter(list[model])
@@ -139,11 +168,14 @@ class FlowValidator:
         return feature if feature in self.seq_fields else "cat" if feature in self.categorical else "num"
 
     def _strip_keys(self, flow: Any, where: str) -> dict:
-        if not isinstance(flow, dict): raise FlowError(f"{where}: expected a JSON object of feature -> value, got {type(flow).__name__}")
-        if flow.keys() == self._set or all(k == k.strip() for k in flow): return flow
+        if not isinstance(flow, dict):
+            raise FlowError(f"{where}: expected a JSON object of feature -> value, got {type(flow).__name__}")
+        if flow.keys() == self._set or all(k == k.strip() for k in flow):
+            return flow
         out: dict = {}
         for k, v in flow.items():
-            if k.strip() in out: raise FlowError(f"{where}: feature '{k.strip()}' given twice (names are compared without surrounding spaces)")
+            if k.strip() in out:
+                raise FlowError(f"{where}: feature '{k.strip()}' given twice (names are compared without surrounding spaces)")
             out[k.strip()] = v
         return out
 
@@ -156,7 +188,8 @@ def _problems(self: FlowValidator, errs: list[dict], *, offset: int | None) -> l
         row = loc.pop(0) + offset if offset is not None else None
         field = str(loc[0]) if loc else ""
         kind = {"missing": "missing", "extra_forbidden": "unknown"}.get(e["type"], "invalid")
-        if (row, field, kind) in seen: continue          # a union reports one error per member
+        if (row, field, kind) in seen:
+            continue  # a union reports one error per member
         seen.add((row, field, kind))
         msg = {"missing": "missing feature", "unknown": "unknown feature"}.get(kind) or self._msg[self.kind(field)]
         out.append({"loc": ([row] if offset is not None else []) + [field], "msg": msg, "type": kind})
@@ -168,14 +201,17 @@ def _message(self: FlowValidator, problems: list[dict], *, batch: bool, where: s
     parts = []
     for kind, label in (("missing", "missing feature(s)"), ("unknown", "unknown feature(s)"), ("invalid", "invalid value(s)")):
         these = [p for p in problems if p["type"] == kind]
-        if not these: continue
+        if not these:
+            continue
         fields = list(dict.fromkeys(p["loc"][-1] for p in these))
         names = [f if kind != "invalid" else f"{f} ({self._msg[self.kind(f)]})" for f in fields]
         rows = sorted({p["loc"][0] for p in these}) if batch else []
         parts.append(f"{label}: {_names(names)}" + (f" in row(s) {_names(rows, 8)}" if batch else ""))
     if any(p["type"] == "missing" for p in problems) and not any(p["type"] == "unknown" for p in problems):
-        parts.append(f"the model needs all of: {_names(self.features + self.seq_fields, 80)}"
-                     + (f" (splt_*: each flow's first 1..{self.sequence} packets as lists)" if self.sequence else ""))
+        parts.append(
+            f"the model needs all of: {_names(self.features + self.seq_fields, 80)}"
+            + (f" (splt_*: each flow's first 1..{self.sequence} packets as lists)" if self.sequence else "")
+        )
     more = f" ({n_errors} problems in all; the first {len(problems)} are listed)" if n_errors > len(problems) else ""
     return f"{where}: " + "; ".join(parts) + more
 
@@ -191,22 +227,25 @@ def _batch_error(self: FlowValidator, flows: list, *, where: str, chunk: int = 6
     listed: list[dict] = []
     n = 0
     for s in range(0, len(flows), chunk):
-        part = flows[s:s + chunk]
-        if len(listed) >= self.max_errors:                 # counting only: the keys cheaply, values by pydantic's count
+        part = flows[s : s + chunk]
+        if len(listed) >= self.max_errors:  # counting only: the keys cheaply, values by pydantic's count
             keys = [set(f) for f in part]
             n_keys = sum(len(self._set - k) + len(k - self._set) for k in keys)
             good = [f for f, k in zip(part, keys) if k == self._set]
             n_vals = 0
             if good:
-                try: self._many.validate_python(good)
-                except ValidationError as e: n_vals = len({(x["loc"][0], x["loc"][1]) for x in e.errors(**_ERRS)})
+                try:
+                    self._many.validate_python(good)
+                except ValidationError as e:
+                    n_vals = len({(x["loc"][0], x["loc"][1]) for x in e.errors(**_ERRS)})
             n += n_keys + n_vals
             continue
-        try: self._many.validate_python(part)
+        try:
+            self._many.validate_python(part)
         except ValidationError as e:
             found = self._problems(e.errors(**_ERRS), offset=s)
             n += len(found)
-            listed.extend(found[:self.max_errors - len(listed)])
+            listed.extend(found[: self.max_errors - len(listed)])
     return FlowError(self._message(listed, batch=True, where=where, n_errors=n), listed, n)
 
 
@@ -216,41 +255,54 @@ FlowValidator._batch_error = _batch_error
 def _validated(self: FlowValidator, flows: list, *, where: str, batch: bool) -> list[dict]:
     "The flows with stripped keys once every value passed; FlowError otherwise."
     flows = [self._strip_keys(f, f"{where} {i}" if batch else where) for i, f in enumerate(flows)]
-    if batch and not all(f.keys() == self._set for f in flows): raise self._batch_error(flows, where=where)   # skip a full pass of errors
+    if batch and not all(f.keys() == self._set for f in flows):
+        raise self._batch_error(flows, where=where)  # skip a full pass of errors
     try:
-        if batch: self._many.validate_python(flows)
-        else: self._one.validate_python(flows[0])
+        if batch:
+            self._many.validate_python(flows)
+        else:
+            self._one.validate_python(flows[0])
     except ValidationError as e:
-        if batch: raise self._batch_error(flows, where=where) from None
+        if batch:
+            raise self._batch_error(flows, where=where) from None
         found = self._problems(e.errors(**_ERRS), offset=None)
         raise FlowError(self._message(found, batch=False, where=where, n_errors=len(found)), found) from None
-    if self.sequence:                                     # the three lists describe the same packets
+    if self.sequence:  # the three lists describe the same packets
         bad = [(i, f) for i, fl in enumerate(flows) for f in SEQ_FIELDS[1:] if len(fl[f]) != len(fl[SEQ_FIELDS[0]])]
         if bad:
-            errs = [{"loc": ([i] if batch else []) + [f], "msg": "must hold one value per packet of splt_direction", "type": "invalid"}
-                    for i, f in bad[:self.max_errors]]
+            errs = [
+                {"loc": ([i] if batch else []) + [f], "msg": "must hold one value per packet of splt_direction", "type": "invalid"}
+                for i, f in bad[: self.max_errors]
+            ]
             rows = f" in row(s) {_names(sorted({i for i, _ in bad}), 8)}" if batch else ""
-            raise FlowError(f"{where}: invalid value(s): {_names([f for _, f in bad])} must hold as many packets as splt_direction{rows}",
-                            errs, len(bad))
+            raise FlowError(
+                f"{where}: invalid value(s): {_names([f for _, f in bad])} must hold as many packets as splt_direction{rows}",
+                errs,
+                len(bad),
+            )
     return flows
 
 
 def _sequences(self: FlowValidator, column: Callable[[str], list], n: int) -> tuple | None:
     "(x float32 [n, N, 3], mask [n, N]) from validated sequence lists (`column(field)`: n lists each), padding 0 as `sequence_array` gives."
-    if not self.sequence: return None
+    if not self.sequence:
+        return None
     x, mask = np.zeros((n, self.sequence, 3), np.float32), np.zeros((n, self.sequence), bool)
     for j, f in enumerate(SEQ_FIELDS):
         for r, v in enumerate(column(f)):
-            x[r, :len(v), j] = v
-            if j == 0: mask[r, :len(v)] = True
+            x[r, : len(v), j] = v
+            if j == 0:
+                mask[r, : len(v)] = True
     return x, mask
 
 
 def _raw(self: FlowValidator, column: Callable[[str], list], n: int) -> RawFlows:
     "`RawFlows` of n validated flows from `column(feature)`, that feature's n values."
-    return RawFlows(np.array([column(c) for c in self.num_columns], np.float64).reshape(len(self.num_columns), n).T,
-                    [np.array([category_value(x) for x in column(c)], dtype=object) for c in self.schema.categorical],
-                    self._sequences(column, n))
+    return RawFlows(
+        np.array([column(c) for c in self.num_columns], np.float64).reshape(len(self.num_columns), n).T,
+        [np.array([category_value(x) for x in column(c)], dtype=object) for c in self.schema.categorical],
+        self._sequences(column, n),
+    )
 
 
 FlowValidator._validated, FlowValidator._raw = _validated, _raw
@@ -267,14 +319,16 @@ def frame(self: FlowValidator, flows: list, *, where: str = "flow", batch: bool 
     "Validated flows as a frame with the schema's feature columns (in schema order); FlowError otherwise."
     flows = self._validated(flows, where=where, batch=batch)
     df = pd.DataFrame.from_records(flows, columns=list(self.features))
-    if self.sequence:                                     # the flat splt_* columns a frame holds, -1 after a flow's last packet
+    if self.sequence:  # the flat splt_* columns a frame holds, -1 after a flow's last packet
         x, mask = self._sequences(lambda c: [f[c] for f in flows], len(flows))
         flat = np.where(mask[..., None], x, -1.0).transpose(0, 2, 1).reshape(len(flows), -1)
         df = pd.concat([df, pd.DataFrame(flat.astype(np.float64), columns=list(self.schema.sequence_columns))], axis=1)
-    for c in self.schema.categorical:                     # integral floats as ints: 80.0 is port 80, not the category '80.0'
+    for c in self.schema.categorical:  # integral floats as ints: 80.0 is port 80, not the category '80.0'
         col = df[c]
-        if col.dtype.kind == "f": df[c] = col.astype(np.int64)
-        elif col.dtype == object and any(type(x) is float for x in col): df[c] = [int(x) if type(x) is float else x for x in col]
+        if col.dtype.kind == "f":
+            df[c] = col.astype(np.int64)
+        elif col.dtype == object and any(type(x) is float for x in col):
+            df[c] = [int(x) if type(x) is float else x for x in col]
     return df
 
 
@@ -284,37 +338,48 @@ FlowValidator.values, FlowValidator.frame = values, frame
 def columns_values(self: FlowValidator, columns: dict[str, list], *, where: str = "inputs") -> RawFlows:
     "Validated columns (feature -> list of values, equal lengths) as `RawFlows`; integral floats are accepted as categories."
     cols = {k.strip(): v for k, v in columns.items()}
-    if len(cols) != len(columns): raise FlowError(f"{where}: a feature is given twice (names are compared without surrounding spaces)")
+    if len(cols) != len(columns):
+        raise FlowError(f"{where}: a feature is given twice (names are compared without surrounding spaces)")
     seq_cols = list(self.schema.sequence_columns)
     seq = {c: cols.pop(c) for c in seq_cols if c in cols}
     if self.sequence and len(seq) < len(seq_cols):
         miss = [c for c in seq_cols if c not in seq]
-        raise FlowError(f"{where}: missing packet-sequence column(s) {_names(miss, 6)}: this model reads each flow's first {self.sequence} "
-                        f"packets as flat columns {seq_cols[0]}..{seq_cols[-1]} (-1 after a flow's last packet)",
-                        [{"loc": [c], "msg": "missing feature", "type": "missing"} for c in miss[:self.max_errors]], len(miss))
+        raise FlowError(
+            f"{where}: missing packet-sequence column(s) {_names(miss, 6)}: this model reads each flow's first {self.sequence} "
+            f"packets as flat columns {seq_cols[0]}..{seq_cols[-1]} (-1 after a flow's last packet)",
+            [{"loc": [c], "msg": "missing feature", "type": "missing"} for c in miss[: self.max_errors]],
+            len(miss),
+        )
     missing, unknown = [f for f in self.features if f not in cols], [c for c in cols if c not in self.features]
     if missing or unknown:
-        parts = ([f"missing feature(s): {_names(missing)}"] if missing else []) + ([f"unknown feature(s): {_names(unknown)}"] if unknown else [])
-        errs = [{"loc": [f], "msg": "missing feature", "type": "missing"} for f in missing] + \
-               [{"loc": [f], "msg": "unknown feature", "type": "unknown"} for f in unknown]
-        raise FlowError(f"{where}: " + "; ".join(parts), errs[:self.max_errors], len(errs))
+        parts = ([f"missing feature(s): {_names(missing)}"] if missing else []) + (
+            [f"unknown feature(s): {_names(unknown)}"] if unknown else []
+        )
+        errs = [{"loc": [f], "msg": "missing feature", "type": "missing"} for f in missing] + [
+            {"loc": [f], "msg": "unknown feature", "type": "unknown"} for f in unknown
+        ]
+        raise FlowError(f"{where}: " + "; ".join(parts), errs[: self.max_errors], len(errs))
     out, errs = {}, []
     for f in self.features:
         v, kind = cols[f], self.kind(f)
-        try: out[f] = self._col[kind].validate_python(v)
+        try:
+            out[f] = self._col[kind].validate_python(v)
         except ValidationError as e:
             rows = sorted({int(x["loc"][0]) for x in e.errors(**_ERRS) if x["loc"]})
             errs.append({"loc": [f, *rows[:1]], "msg": f"{self._msg[kind]} (row(s) {_names(rows, 8)})", "type": "invalid"})
     if errs:
-        raise FlowError(f"{where}: invalid value(s): " + "; ".join(f"{e['loc'][0]} {e['msg']}" for e in errs[:12]),
-                        errs[:self.max_errors], len(errs))
+        raise FlowError(
+            f"{where}: invalid value(s): " + "; ".join(f"{e['loc'][0]} {e['msg']}" for e in errs[:12]), errs[: self.max_errors], len(errs)
+        )
     n = len(out[self.features[0]])
-    if not self.sequence: return self._raw(out.__getitem__, n)
+    if not self.sequence:
+        return self._raw(out.__getitem__, n)
     try:
         df = pd.DataFrame({c: np.asarray(v, dtype=np.float64) for c, v in seq.items()})
-        if len(df) != n: raise SchemaError(f"{where}: the packet-sequence columns hold {len(df)} rows, the features {n}")
+        if len(df) != n:
+            raise SchemaError(f"{where}: the packet-sequence columns hold {len(df)} rows, the features {n}")
         x_mask = sequence_array(df, self.schema, where=where)
-    except (ValueError, TypeError) as e:            # SchemaError is a ValueError; non-numbers fail the float conversion
+    except (ValueError, TypeError) as e:  # SchemaError is a ValueError; non-numbers fail the float conversion
         msg = str(e) if isinstance(e, SchemaError) else f"{where}: packet-sequence columns must hold numbers ({e})"
         field = next((c for c in seq_cols if c in msg), seq_cols[0])
         raise FlowError(msg, [{"loc": [field], "msg": msg, "type": "invalid"}], 1) from None
@@ -327,10 +392,13 @@ FlowValidator.columns_values = columns_values
 # %% ../../nbs/82_serve_validation.ipynb #a466edaa
 def _flatten(data: list, depth: int = 0) -> list:
     "Row-major flat list of a possibly nested data list (OIP allows both)."
-    if depth > 2: raise FlowError("tensor data nested deeper than its shape allows")
-    if not any(isinstance(x, list) for x in data): return data
+    if depth > 2:
+        raise FlowError("tensor data nested deeper than its shape allows")
+    if not any(isinstance(x, list) for x in data):
+        return data
     out: list = []
-    for x in data: out.extend(_flatten(x, depth + 1) if isinstance(x, list) else [x])
+    for x in data:
+        out.extend(_flatten(x, depth + 1) if isinstance(x, list) else [x])
     return out
 
 
@@ -341,43 +409,64 @@ def tensor_columns(inputs: Sequence[InferInput]) -> dict[str, list]:
         data, where = _flatten(t.data), f"input '{t.name}'"
         if len(data) != math.prod(t.shape):
             raise FlowError(f"{where}: shape {t.shape} holds {math.prod(t.shape)} value(s) but data has {len(data)}")
-        if t.datatype == "BOOL": raise FlowError(f"{where}: datatype BOOL is not a feature type; send numbers as FP64/INT64 and categories as BYTES or INT64")
+        if t.datatype == "BOOL":
+            raise FlowError(f"{where}: datatype BOOL is not a feature type; send numbers as FP64/INT64 and categories as BYTES or INT64")
         if t.datatype.startswith(("INT", "UINT")) and any(type(x) is not int for x in data):
             raise FlowError(f"{where}: datatype {t.datatype} but the data holds non-integers")
         columns = (t.parameters or {}).get("columns")
-        if len(t.shape) == 1 or (columns is None and t.shape[1] == 1): parts = {t.name: data}
+        if len(t.shape) == 1 or (columns is None and t.shape[1] == 1):
+            parts = {t.name: data}
         else:
             if not (isinstance(columns, list) and len(columns) == t.shape[1] and all(isinstance(c, str) for c in columns)):
                 raise FlowError(f"{where}: a 2-D input needs parameters.columns, a list of its {t.shape[1]} column names")
             k = t.shape[1]
             parts = {c: data[j::k] for j, c in enumerate(columns)}
         for c, v in parts.items():
-            if c.strip() in cols: raise FlowError(f"{where}: feature '{c.strip()}' given twice")
+            if c.strip() in cols:
+                raise FlowError(f"{where}: feature '{c.strip()}' given twice")
             cols[c.strip()] = v
     lengths = {len(v) for v in cols.values()}
-    if len(lengths) > 1: raise FlowError(f"inputs: feature columns differ in length ({_names(sorted(lengths))}); every feature needs one value per flow")
-    if lengths == {0}: raise FlowError("inputs: no flows (every tensor is empty)")
+    if len(lengths) > 1:
+        raise FlowError(f"inputs: feature columns differ in length ({_names(sorted(lengths))}); every feature needs one value per flow")
+    if lengths == {0}:
+        raise FlowError("inputs: no flows (every tensor is empty)")
     return cols
 
 # %% ../../nbs/82_serve_validation.ipynb #48722f9b
 def json_schema(self: FlowValidator, *, max_category_chars: int = 256) -> dict:
     "The OpenAPI schema of one flow: every feature required, no others, numbers or (categorical) string / integer."
     num = {"type": "number"}
-    cat = {"anyOf": [{"type": "string", "maxLength": max_category_chars},        # an integer: 80 and 80.0 alike, as JSON means them
-                     {"type": "number", "multipleOf": 1, "minimum": -2**53, "maximum": 2**53}]}
-    return {"title": f"Flow ({self.schema.name})", "type": "object", "additionalProperties": False,
-            "required": list(self.features + self.seq_fields),
-            "description": (f"One flow of {self.schema.name}: every feature of the model, by the data set's own column name "
-                            "(surrounding spaces are ignored, so CIC-IDS2017's ' Flow Duration' is accepted)."),
-            "properties": {f: dict(cat if f in self.categorical else num) for f in self.features} | _seq_schema(self)}
+    cat = {
+        "anyOf": [
+            {"type": "string", "maxLength": max_category_chars},  # an integer: 80 and 80.0 alike, as JSON means them
+            {"type": "number", "multipleOf": 1, "minimum": -(2**53), "maximum": 2**53},
+        ]
+    }
+    return {
+        "title": f"Flow ({self.schema.name})",
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(self.features + self.seq_fields),
+        "description": (
+            f"One flow of {self.schema.name}: every feature of the model, by the data set's own column name "
+            "(surrounding spaces are ignored, so CIC-IDS2017's ' Flow Duration' is accepted)."
+        ),
+        "properties": {f: dict(cat if f in self.categorical else num) for f in self.features} | _seq_schema(self),
+    }
 
 
 def _seq_schema(self: FlowValidator) -> dict:
     "JSON schema of the packet-sequence lists (none without sequences)."
-    if not self.sequence: return {}
-    item = {"splt_direction": {"type": "integer", "enum": [0, 1]}, "splt_ps": {"type": "number", "minimum": 0},
-            "splt_piat_ms": {"type": "number", "minimum": 0}}
-    return {f: {"type": "array", "minItems": 1, "maxItems": self.sequence, "items": item[f], "description": self._msg[f]} for f in SEQ_FIELDS}
+    if not self.sequence:
+        return {}
+    item = {
+        "splt_direction": {"type": "integer", "enum": [0, 1]},
+        "splt_ps": {"type": "number", "minimum": 0},
+        "splt_piat_ms": {"type": "number", "minimum": 0},
+    }
+    return {
+        f: {"type": "array", "minItems": 1, "maxItems": self.sequence, "items": item[f], "description": self._msg[f]} for f in SEQ_FIELDS
+    }
 
 
 FlowValidator.json_schema = json_schema

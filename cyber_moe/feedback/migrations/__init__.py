@@ -10,5 +10,7 @@ import importlib
 from pathlib import Path
 
 VERSION_TABLE = "feedback_alembic_version"
-try: MIGRATIONS_DIR = Path(__file__).resolve().parent
-except NameError: MIGRATIONS_DIR = Path(importlib.import_module("cyber_moe").__file__).resolve().parent / "feedback" / "migrations"   # in the notebook
+try:
+    MIGRATIONS_DIR = Path(__file__).resolve().parent
+except NameError:
+    MIGRATIONS_DIR = Path(importlib.import_module("cyber_moe").__file__).resolve().parent / "feedback" / "migrations"  # in the notebook

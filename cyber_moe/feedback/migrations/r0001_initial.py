@@ -22,43 +22,67 @@ def _utc():
 
 def upgrade() -> None:
     "Create the models, rules, alerts and verdicts tables."
-    op.create_table("feedback_models",
-                    sa.Column("name", sa.String(256), primary_key=True), sa.Column("version", sa.String(64), primary_key=True),
-                    sa.Column("classes", sa.JSON, nullable=True), sa.Column("benign", sa.String(128), nullable=True),
-                    sa.Column("threshold", sa.Float, nullable=True))
-    op.create_table("feedback_rules",
-                    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                    sa.Column("src", sa.String(64), nullable=True), sa.Column("dst_port", sa.Integer, nullable=True),
-                    sa.Column("family", sa.String(128), nullable=True), sa.Column("expires_at", _utc(), nullable=True),
-                    sa.Column("reason", sa.Text, nullable=False), sa.Column("creator", sa.String(256), nullable=False),
-                    sa.Column("created_at", _utc(), nullable=False),
-                    sa.Column("n_suppressed", sa.BigInteger, nullable=False, server_default="0"))
-    op.create_table("feedback_alerts",
-                    sa.Column("id", sa.String(160), primary_key=True),
-                    sa.Column("community_id", sa.String(64), nullable=True), sa.Column("request_id", sa.String(160), nullable=True),
-                    sa.Column("source", sa.String(32), nullable=False),
-                    sa.Column("src_ip", sa.String(64), nullable=True), sa.Column("src_port", sa.Integer, nullable=True),
-                    sa.Column("dst_ip", sa.String(64), nullable=True), sa.Column("dst_port", sa.Integer, nullable=True),
-                    sa.Column("protocol", sa.Integer, nullable=True),
-                    sa.Column("first_seen_ms", sa.BigInteger, nullable=True), sa.Column("last_seen_ms", sa.BigInteger, nullable=True),
-                    sa.Column("model_name", sa.String(256), nullable=False), sa.Column("model_version", sa.String(64), nullable=False),
-                    sa.Column("p_attack", sa.Float, nullable=False), sa.Column("p_family", sa.Float, nullable=True),
-                    sa.Column("margin", sa.Float, nullable=True), sa.Column("family", sa.String(128), nullable=False),
-                    sa.Column("features", sa.JSON, nullable=True), sa.Column("created_at", _utc(), nullable=False),
-                    sa.Column("suppressed_by", sa.Integer, sa.ForeignKey("feedback_rules.id", ondelete="SET NULL"), nullable=True))
+    op.create_table(
+        "feedback_models",
+        sa.Column("name", sa.String(256), primary_key=True),
+        sa.Column("version", sa.String(64), primary_key=True),
+        sa.Column("classes", sa.JSON, nullable=True),
+        sa.Column("benign", sa.String(128), nullable=True),
+        sa.Column("threshold", sa.Float, nullable=True),
+    )
+    op.create_table(
+        "feedback_rules",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("src", sa.String(64), nullable=True),
+        sa.Column("dst_port", sa.Integer, nullable=True),
+        sa.Column("family", sa.String(128), nullable=True),
+        sa.Column("expires_at", _utc(), nullable=True),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("creator", sa.String(256), nullable=False),
+        sa.Column("created_at", _utc(), nullable=False),
+        sa.Column("n_suppressed", sa.BigInteger, nullable=False, server_default="0"),
+    )
+    op.create_table(
+        "feedback_alerts",
+        sa.Column("id", sa.String(160), primary_key=True),
+        sa.Column("community_id", sa.String(64), nullable=True),
+        sa.Column("request_id", sa.String(160), nullable=True),
+        sa.Column("source", sa.String(32), nullable=False),
+        sa.Column("src_ip", sa.String(64), nullable=True),
+        sa.Column("src_port", sa.Integer, nullable=True),
+        sa.Column("dst_ip", sa.String(64), nullable=True),
+        sa.Column("dst_port", sa.Integer, nullable=True),
+        sa.Column("protocol", sa.Integer, nullable=True),
+        sa.Column("first_seen_ms", sa.BigInteger, nullable=True),
+        sa.Column("last_seen_ms", sa.BigInteger, nullable=True),
+        sa.Column("model_name", sa.String(256), nullable=False),
+        sa.Column("model_version", sa.String(64), nullable=False),
+        sa.Column("p_attack", sa.Float, nullable=False),
+        sa.Column("p_family", sa.Float, nullable=True),
+        sa.Column("margin", sa.Float, nullable=True),
+        sa.Column("family", sa.String(128), nullable=False),
+        sa.Column("features", sa.JSON, nullable=True),
+        sa.Column("created_at", _utc(), nullable=False),
+        sa.Column("suppressed_by", sa.Integer, sa.ForeignKey("feedback_rules.id", ondelete="SET NULL"), nullable=True),
+    )
     op.create_index("ix_feedback_alerts_community_id", "feedback_alerts", ["community_id"])
     op.create_index("ix_feedback_alerts_request_id", "feedback_alerts", ["request_id"])
     op.create_index("ix_feedback_alerts_model_name", "feedback_alerts", ["model_name"])
     op.create_index("ix_feedback_alerts_created_at", "feedback_alerts", ["created_at"])
-    op.create_table("feedback_verdicts",
-                    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                    sa.Column("alert_id", sa.String(160), sa.ForeignKey("feedback_alerts.id", ondelete="CASCADE"), nullable=False),
-                    sa.Column("verdict", sa.String(8), nullable=False), sa.Column("label", sa.String(128), nullable=False),
-                    sa.Column("note", sa.Text, nullable=True), sa.Column("analyst", sa.String(256), nullable=True),
-                    sa.Column("created_at", _utc(), nullable=False))
+    op.create_table(
+        "feedback_verdicts",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("alert_id", sa.String(160), sa.ForeignKey("feedback_alerts.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("verdict", sa.String(8), nullable=False),
+        sa.Column("label", sa.String(128), nullable=False),
+        sa.Column("note", sa.Text, nullable=True),
+        sa.Column("analyst", sa.String(256), nullable=True),
+        sa.Column("created_at", _utc(), nullable=False),
+    )
     op.create_index("ix_feedback_verdicts_alert_id", "feedback_verdicts", ["alert_id"])
 
 
 def downgrade() -> None:
     "Drop the tables (verdicts, alerts, rules, models)."
-    for t in ("feedback_verdicts", "feedback_alerts", "feedback_rules", "feedback_models"): op.drop_table(t)
+    for t in ("feedback_verdicts", "feedback_alerts", "feedback_rules", "feedback_models"):
+        op.drop_table(t)
