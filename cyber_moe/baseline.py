@@ -69,7 +69,7 @@ def sequence_length_of(feature_names) -> int:
     "Packets per flow a baseline matrix with these column names holds as flat columns (0: none)."
     return sum(1 for c in feature_names if str(c).startswith(SEQ_PREFIX["dir"]))
 
-# %% ../nbs/45_baseline.ipynb #b3079f9c
+# %% ../nbs/45_baseline.ipynb #f9fc3a8f
 _MODEL_FILE, _META_FILE = "model.txt", "baseline.json"
 
 
@@ -118,36 +118,41 @@ class Baseline:
             len(X), len(self.classes)
         )
 
-    def predict_logits(self, X) -> np.ndarray:
-        "Raw multiclass scores [n, n_classes] (softmax of them is `predict_proba`), for temperature scaling."
-        return self.booster.predict(self._check(X), num_iteration=self.best_iteration, raw_score=True, num_threads=self.n_jobs).reshape(
-            len(X), len(self.classes)
-        )
+# %% ../nbs/45_baseline.ipynb #603ba921
+@patch
+def predict_logits(self: Baseline, X) -> np.ndarray:
+    "Raw multiclass scores [n, n_classes] (softmax of them is `predict_proba`), for temperature scaling."
+    return self.booster.predict(self._check(X), num_iteration=self.best_iteration, raw_score=True, num_threads=self.n_jobs).reshape(
+        len(X), len(self.classes)
+    )
 
-    def predict_attack(self, X) -> np.ndarray:
-        "Probability that each row is an attack: 1 - p(benign family)."
-        return 1.0 - self.predict_proba(X)[:, self.benign_index]
 
-    @classmethod
-    def load(cls, in_dir: str | Path, *, n_jobs: int = 2) -> "Baseline":
-        "Read a baseline written by `save`; `n_jobs` threads predict."
-        d = Path(in_dir)
-        for f in (_MODEL_FILE, _META_FILE):
-            if not (d / f).is_file():
-                raise FileNotFoundError(f"{d / f} not found: not a baseline folder written by Baseline.save")
-        meta = json.loads((d / _META_FILE).read_text())
-        booster = lgb.Booster(model_file=str(d / _MODEL_FILE))
-        return cls(
-            booster=booster,
-            classes=meta["classes"],
-            benign_index=meta["benign_index"],
-            feature_names=meta["feature_names"],
-            categorical_idx=meta["categorical_idx"],
-            best_iteration=meta["best_iteration"],
-            params=meta.get("params"),
-            history=meta.get("history"),
-            n_jobs=n_jobs,
-        )
+@patch
+def predict_attack(self: Baseline, X) -> np.ndarray:
+    "Probability that each row is an attack: 1 - p(benign family)."
+    return 1.0 - self.predict_proba(X)[:, self.benign_index]
+
+# %% ../nbs/45_baseline.ipynb #f5b81162
+@patch(cls_method=True)
+def load(cls: Baseline, in_dir: str | Path, *, n_jobs: int = 2) -> "Baseline":
+    "Read a baseline written by `save`; `n_jobs` threads predict."
+    d = Path(in_dir)
+    for f in (_MODEL_FILE, _META_FILE):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"{d / f} not found: not a baseline folder written by Baseline.save")
+    meta = json.loads((d / _META_FILE).read_text())
+    booster = lgb.Booster(model_file=str(d / _MODEL_FILE))
+    return cls(
+        booster=booster,
+        classes=meta["classes"],
+        benign_index=meta["benign_index"],
+        feature_names=meta["feature_names"],
+        categorical_idx=meta["categorical_idx"],
+        best_iteration=meta["best_iteration"],
+        params=meta.get("params"),
+        history=meta.get("history"),
+        n_jobs=n_jobs,
+    )
 
 # %% ../nbs/45_baseline.ipynb #6dce1b73
 @patch
@@ -174,7 +179,7 @@ def save(self: Baseline, out_dir: str | Path) -> Path:
 def __repr__(self: Baseline):
     return f"Baseline({len(self.classes)} classes, {self.n_features} features, {self.best_iteration} iterations)"
 
-# %% ../nbs/45_baseline.ipynb #b52e6344
+# %% ../nbs/45_baseline.ipynb #271a2f38
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     "Balanced per-class weights `n / (n_classes_present * count)`; classes absent from `y` get weight 0."
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -183,7 +188,7 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     w[present] = len(y) / (present.sum() * counts[present])
     return w
 
-
+# %% ../nbs/45_baseline.ipynb #0fe80645
 def _check_labels(y, n: int, n_classes: int, name: str) -> np.ndarray:
     y = np.asarray(y)
     if y.shape != (n,):
@@ -195,6 +200,45 @@ def _check_labels(y, n: int, n_classes: int, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _check_fit_inputs(X_train, y_train, X_val, y_val, categorical_idx, n_classes, class_weight, feature_names, classes):
+    "`fit_baseline`'s inputs checked: float32 matrices, integer labels, feature and class names."
+    X_train, X_val = np.asarray(X_train, np.float32), np.asarray(X_val, np.float32)
+    if X_train.ndim != 2 or X_val.ndim != 2 or X_train.shape[1] != X_val.shape[1]:
+        raise ValueError(f"fit_baseline: X_train {X_train.shape} and X_val {X_val.shape} must be matrices with the same columns")
+    if n_classes < 2:
+        raise ValueError(f"fit_baseline: n_classes is {n_classes}, need at least 2")
+    y_train = _check_labels(y_train, len(X_train), n_classes, "y_train")
+    y_val = _check_labels(y_val, len(X_val), n_classes, "y_val")
+    if len(X_val) == 0:
+        raise ValueError("fit_baseline: the validation set is empty; early stopping needs validation rows")
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"fit_baseline: class_weight must be None or 'balanced', got {class_weight!r}")
+    bad = [i for i in categorical_idx if not 0 <= i < X_train.shape[1]]
+    if bad:
+        raise ValueError(f"fit_baseline: categorical_idx {bad} outside 0..{X_train.shape[1] - 1}")
+    names = list(feature_names) if feature_names else [f"f{i}" for i in range(X_train.shape[1])]
+    if len(names) != X_train.shape[1]:
+        raise ValueError(f"fit_baseline: {len(names)} feature names for {X_train.shape[1]} columns")
+    classes = list(classes) if classes else [str(i) for i in range(n_classes)]
+    return X_train, y_train, X_val, y_val, names, classes
+
+# %% ../nbs/45_baseline.ipynb #6f99bc9b
+def _lgb_params(n_classes: int, num_leaves: int, learning_rate: float, seed: int, n_jobs: int) -> dict:
+    "LightGBM parameters of the family model: multiclass log loss, deterministic, `n_jobs` threads."
+    return {
+        "objective": "multiclass",
+        "num_class": n_classes,
+        "metric": "multi_logloss",
+        "num_leaves": num_leaves,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "num_threads": n_jobs,
+        "deterministic": True,
+        "force_col_wise": True,
+        "verbosity": -1,
+    }
+
+# %% ../nbs/45_baseline.ipynb #8009d94a
 def fit_baseline(
     *,
     X_train,
@@ -215,24 +259,9 @@ def fit_baseline(
     feature_names: list[str] | None = None,
 ) -> Baseline:
     "Train the LightGBM family model on the training rows, early-stopped on the validation rows only."
-    X_train, X_val = np.asarray(X_train, np.float32), np.asarray(X_val, np.float32)
-    if X_train.ndim != 2 or X_val.ndim != 2 or X_train.shape[1] != X_val.shape[1]:
-        raise ValueError(f"fit_baseline: X_train {X_train.shape} and X_val {X_val.shape} must be matrices with the same columns")
-    if n_classes < 2:
-        raise ValueError(f"fit_baseline: n_classes is {n_classes}, need at least 2")
-    y_train = _check_labels(y_train, len(X_train), n_classes, "y_train")
-    y_val = _check_labels(y_val, len(X_val), n_classes, "y_val")
-    if len(X_val) == 0:
-        raise ValueError("fit_baseline: the validation set is empty; early stopping needs validation rows")
-    if class_weight not in (None, "balanced"):
-        raise ValueError(f"fit_baseline: class_weight must be None or 'balanced', got {class_weight!r}")
-    bad = [i for i in categorical_idx if not 0 <= i < X_train.shape[1]]
-    if bad:
-        raise ValueError(f"fit_baseline: categorical_idx {bad} outside 0..{X_train.shape[1] - 1}")
-    names = list(feature_names) if feature_names else [f"f{i}" for i in range(X_train.shape[1])]
-    if len(names) != X_train.shape[1]:
-        raise ValueError(f"fit_baseline: {len(names)} feature names for {X_train.shape[1]} columns")
-    classes = list(classes) if classes else [str(i) for i in range(n_classes)]
+    X_train, y_train, X_val, y_val, names, classes = _check_fit_inputs(
+        X_train, y_train, X_val, y_val, categorical_idx, n_classes, class_weight, feature_names, classes
+    )
 
     w = class_weights(y_train, n_classes) if class_weight == "balanced" else None
     # LightGBM rejects some characters in feature names (JSON specials); keep ours only in the metadata.
@@ -240,18 +269,7 @@ def fit_baseline(
     kw = dict(feature_name=cols, categorical_feature=list(categorical_idx), free_raw_data=True)
     d_train = lgb.Dataset(X_train, y_train, weight=None if w is None else w[y_train], **kw)
     d_val = lgb.Dataset(X_val, y_val, weight=None if w is None else w[y_val], reference=d_train, **kw)
-    params = {
-        "objective": "multiclass",
-        "num_class": n_classes,
-        "metric": "multi_logloss",
-        "num_leaves": num_leaves,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "num_threads": n_jobs,
-        "deterministic": True,
-        "force_col_wise": True,
-        "verbosity": -1,
-    }
+    params = _lgb_params(n_classes, num_leaves, learning_rate, seed, n_jobs)
     evals: dict = {}
     booster = lgb.train(
         params,
