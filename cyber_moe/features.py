@@ -219,7 +219,19 @@ def _split_record(part, groups, fam, *, strategy, seed, val_frac, test_frac, gro
         "test_policy": TEST_POLICY,
     }
 
-# %% ../nbs/20_features.ipynb #b5868ccd
+# %% ../nbs/20_features.ipynb #b0fbcf62
+def _check_split_args(df: pd.DataFrame, schema: FlowSchema, strategy: str, val_frac: float, test_frac: float) -> None:
+    "`split_flows`' arguments checked: a known strategy, fractions that leave a training set, a family column, 3 rows."
+    if strategy not in ("random", "time", "day", "file", "session"):
+        raise ValueError(f"split_flows: unknown strategy '{strategy}'; expected 'random', 'time', 'day', 'file' or 'session'")
+    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"split_flows: val_frac={val_frac} and test_frac={test_frac} must be in (0, 1) with a sum below 1")
+    if FAMILY not in df.columns:
+        raise SchemaError(f"split_flows: the frame has no '{FAMILY}' column; load it with the {schema.name} loader, which adds it")
+    if len(df) < 3:
+        raise ValueError(f"split_flows: {len(df)} row(s) cannot make three splits")
+
+# %% ../nbs/20_features.ipynb #4c1c50ad
 def split_flows(
     df: pd.DataFrame,
     *,
@@ -232,14 +244,7 @@ def split_flows(
     test_groups: Sequence[str] | None = None,
 ) -> SplitResult:
     "Split a flows frame into train / val / test by `strategy` ('random' duplicate-grouped, 'time', 'day', 'file' or 'session')."
-    if strategy not in ("random", "time", "day", "file", "session"):
-        raise ValueError(f"split_flows: unknown strategy '{strategy}'; expected 'random', 'time', 'day', 'file' or 'session'")
-    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"split_flows: val_frac={val_frac} and test_frac={test_frac} must be in (0, 1) with a sum below 1")
-    if FAMILY not in df.columns:
-        raise SchemaError(f"split_flows: the frame has no '{FAMILY}' column; load it with the {schema.name} loader, which adds it")
-    if len(df) < 3:
-        raise ValueError(f"split_flows: {len(df)} row(s) cannot make three splits")
+    _check_split_args(df, schema, strategy, val_frac, test_frac)
     fam = df[FAMILY].astype(str).to_numpy()
     groups = feature_groups(df, schema=schema)
     _, fam_idx = np.unique(fam, return_inverse=True)
