@@ -477,7 +477,48 @@ def unsw_raw_names(features_csv: FlowFile | str | Path) -> list[str]:
         raise DataError(f"{ff.name}: expected the 49 column names of the raw UNSW-NB15 files, found {len(names)}")
     return names
 
-# %% ../nbs/10_data.ipynb #625a781f
+# %% ../nbs/10_data.ipynb #0e3f1071
+def _unsw_names(ff: FlowFile, variant: str, raw_names: list[str] | None, schema) -> tuple[list[str], list[str] | None]:
+    "Column names of one UNSW-NB15 file (a raw file's from NUSW-NB15_features.csv, passed or beside it), and the raw names."
+    if variant == "raw":
+        if raw_names is None:
+            side = ff.path.parent / "NUSW-NB15_features.csv"
+            if ff.member is None and side.is_file():
+                raw_names = unsw_raw_names(side)
+            else:
+                raise DataError(
+                    f"{ff.name}: a headerless raw UNSW-NB15 file (49 columns); its column names are in "
+                    "NUSW-NB15_features.csv of the same release: pass that file in `paths` too"
+                )
+        names = raw_names
+    else:
+        names = clean_header(read_header(ff))
+        schema.check_columns(names, labels=True, where=ff.name)
+    return names, raw_names
+
+
+def _unsw_finish(df: pd.DataFrame, schema, report: LoadReport, acc: dict, *, strict: bool) -> pd.DataFrame:
+    "`_finish` for UNSW-NB15: a missing `rate` added as NaN, non-finite counts, label/attack_cat disagreements counted."
+    if "rate" not in df.columns:
+        df["rate"] = np.float32(np.nan)
+        report.fix(
+            "column 'rate' absent in the raw UNSW-NB15 files (computed for the partitions only): added as missing (NaN)",
+            len(df),
+            column="rate",
+        )
+        acc.setdefault("rate", Counter())["missing"] += len(df)
+    _report_non_finite(acc, report)
+    df = _finish(df, schema, report, strict=strict)
+    bad = (df["label"] != df[IS_ATTACK]).to_numpy()
+    report.issue(
+        "label (0/1) disagrees with attack_cat: kept, is_attack follows attack_cat",
+        int(bad.sum()),
+        label1_normal=int((bad & (df[IS_ATTACK] == 0).to_numpy()).sum()),
+        label0_attack=int((bad & (df[IS_ATTACK] == 1).to_numpy()).sum()),
+    )
+    return df
+
+# %% ../nbs/10_data.ipynb #3031f17b
 def load_unsw_nb15(
     paths, *, max_rows: int | None = None, verify_checksums: bool = True, strict: bool = True
 ) -> tuple[pd.DataFrame, LoadReport]:
@@ -497,20 +538,7 @@ def load_unsw_nb15(
             continue
         if src != schema.name:
             schema.check_columns(clean_header(read_header(ff)), labels=True, where=ff.name)
-        if variant == "raw":
-            if raw_names is None:
-                side = ff.path.parent / "NUSW-NB15_features.csv"
-                if ff.member is None and side.is_file():
-                    raw_names = unsw_raw_names(side)
-                else:
-                    raise DataError(
-                        f"{ff.name}: a headerless raw UNSW-NB15 file (49 columns); its column names are in "
-                        "NUSW-NB15_features.csv of the same release: pass that file in `paths` too"
-                    )
-            names = raw_names
-        else:
-            names = clean_header(read_header(ff))
-            schema.check_columns(names, labels=True, where=ff.name)
+        names, raw_names = _unsw_names(ff, variant, raw_names, schema)
         _same_variant(report, ff.name, variant)
         rec = FileRecord(name=ff.name, variant=variant)
 
@@ -535,23 +563,7 @@ def load_unsw_nb15(
             f"{', '.join(str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths))}: no UNSW-NB15 flow table among the inputs"
         )
     df = _to_frame(batches)
-    if "rate" not in df.columns:
-        df["rate"] = np.float32(np.nan)
-        report.fix(
-            "column 'rate' absent in the raw UNSW-NB15 files (computed for the partitions only): added as missing (NaN)",
-            len(df),
-            column="rate",
-        )
-        acc.setdefault("rate", Counter())["missing"] += len(df)
-    _report_non_finite(acc, report)
-    df = _finish(df, schema, report, strict=strict)
-    bad = (df["label"] != df[IS_ATTACK]).to_numpy()
-    report.issue(
-        "label (0/1) disagrees with attack_cat: kept, is_attack follows attack_cat",
-        int(bad.sum()),
-        label1_normal=int((bad & (df[IS_ATTACK] == 0).to_numpy()).sum()),
-        label0_attack=int((bad & (df[IS_ATTACK] == 1).to_numpy()).sum()),
-    )
+    df = _unsw_finish(df, schema, report, acc, strict=strict)
     return df, report
 
 # %% ../nbs/10_data.ipynb #ead03a16
@@ -697,7 +709,47 @@ def _finish_cic(df: pd.DataFrame, schema, report: LoadReport, *, release: str, a
             )
     return df
 
-# %% ../nbs/10_data.ipynb #44e1d3b0
+# %% ../nbs/10_data.ipynb #e451be88
+def _cic_file_names(ff: FlowFile, schema, release: str) -> tuple[list[str], str | None]:
+    "Column names and variant of one CIC-IDS2017 file, checked against the schema and the `release` asked for."
+    fields = read_header(ff)
+    src, variant = detect_source(fields)
+    names = _cic_names(fields, variant or "")
+    if src != schema.name:
+        schema.check_columns(names, labels=True, where=ff.name)
+    if (variant == "engelen2021") != (release == "engelen2021"):
+        raise DataError(
+            f"{ff.name}: a {'corrected (engelen2021)' if variant == 'engelen2021' else 'original'} CIC-IDS2017 file, "
+            f"but release={release!r}; pass release={'engelen2021' if variant == 'engelen2021' else 'original'!r}"
+        )
+    need = set(schema.features) - ({"Protocol"} if variant == "ml" else set())
+    schema.check_columns([*names, *(set(schema.features) - need)], labels=True, where=ff.name)
+    return names, variant
+
+
+def _cic_frame(batches: list, acc: dict, state: Counter, report: LoadReport) -> pd.DataFrame:
+    "The frame of the CIC-IDS2017 batches, with the duplicate column, missing Protocol, non-finite values and timestamps reported."
+    if state["dup_rows"]:
+        report.fix(
+            "second 'Fwd Header Length' column dropped after comparing it with the first",
+            state["dup_rows"],
+            column="Fwd Header Length.1",
+            unequal_rows=state["dup_unequal"],
+        )
+        report.issue("second 'Fwd Header Length' differs from the first (the first is kept)", state["dup_unequal"])
+    df = _to_frame(batches)
+    if "Protocol" not in df.columns:
+        df["Protocol"] = pd.array([pd.NA] * len(df), dtype="Int16")
+        report.fix("column 'Protocol' absent (MachineLearningCSV): added as missing (pandas NA)", len(df), column="Protocol")
+    _report_non_finite(acc, report)
+    if "Timestamp" in df.columns:
+        df["Timestamp"] = parse_cic_timestamps(df["Timestamp"], where=", ".join(r.name for r in report.files))
+        report.notes.append(
+            "Timestamp: local capture time; without AM/PM an hour 1..8 is read as 13..20 (captured during working hours, 9:00-17:00)"
+        )
+    return df
+
+# %% ../nbs/10_data.ipynb #403e562d
 def load_cic_ids2017(
     paths,
     *,
@@ -715,18 +767,7 @@ def load_cic_ids2017(
     schema, report = CIC_IDS2017, LoadReport(source=CIC_IDS2017.name, release=release)
     batches, acc, state, total = [], {}, Counter(), 0
     for ff in expand_paths(paths):
-        fields = read_header(ff)
-        src, variant = detect_source(fields)
-        names = _cic_names(fields, variant or "")
-        if src != schema.name:
-            schema.check_columns(names, labels=True, where=ff.name)
-        if (variant == "engelen2021") != (release == "engelen2021"):
-            raise DataError(
-                f"{ff.name}: a {'corrected (engelen2021)' if variant == 'engelen2021' else 'original'} CIC-IDS2017 file, "
-                f"but release={release!r}; pass release={'engelen2021' if variant == 'engelen2021' else 'original'!r}"
-            )
-        need = set(schema.features) - ({"Protocol"} if variant == "ml" else set())
-        schema.check_columns([*names, *(set(schema.features) - need)], labels=True, where=ff.name)
+        names, variant = _cic_file_names(ff, schema, release)
         _same_variant(report, ff.name, variant)
         rec = FileRecord(name=ff.name, variant=variant)
         blank0 = state["blank"]
@@ -750,24 +791,7 @@ def load_cic_ids2017(
         total += rec.rows
         if max_rows is not None and total >= max_rows:
             break
-    if state["dup_rows"]:
-        report.fix(
-            "second 'Fwd Header Length' column dropped after comparing it with the first",
-            state["dup_rows"],
-            column="Fwd Header Length.1",
-            unequal_rows=state["dup_unequal"],
-        )
-        report.issue("second 'Fwd Header Length' differs from the first (the first is kept)", state["dup_unequal"])
-    df = _to_frame(batches)
-    if "Protocol" not in df.columns:
-        df["Protocol"] = pd.array([pd.NA] * len(df), dtype="Int16")
-        report.fix("column 'Protocol' absent (MachineLearningCSV): added as missing (pandas NA)", len(df), column="Protocol")
-    _report_non_finite(acc, report)
-    if "Timestamp" in df.columns:
-        df["Timestamp"] = parse_cic_timestamps(df["Timestamp"], where=", ".join(r.name for r in report.files))
-        report.notes.append(
-            "Timestamp: local capture time; without AM/PM an hour 1..8 is read as 13..20 (captured during working hours, 9:00-17:00)"
-        )
+    df = _cic_frame(batches, acc, state, report)
     df = _finish_cic(df, schema, report, release=release, attempted=attempted, strict=strict)
     return df, report
 
