@@ -1124,7 +1124,22 @@ def _which(name: str) -> str | None:
     "The program `name` on PATH, also looking in the sbin folders (sshd, hping3 live there)."
     return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")
 
-# %% ../nbs/14_lab.ipynb #541d064b
+# %% ../nbs/14_lab.ipynb #571b723d
+def _write_site_files(plan: SessionPlan, w: Path, r: random.Random) -> None:
+    "Write the plan's web files at their sizes (HTML filler or random bytes); files/ are also hard-linked into ftp/pub."
+    for path, size in plan.files.items():
+        p = w / "www" / path
+        with open(p, "wb") as f:
+            if path.endswith(".html"):
+                para = b"<p>" + b"lorem ipsum dolor sit amet " * 8 + b"</p>\n"
+                f.write(b"<html><body>" + para * (size // len(para) + 1))
+            else:
+                f.write(r.randbytes(min(size, 65536)) * (size // 65536 + 1))
+            f.truncate(size)
+        if path.startswith("files/"):
+            os.link(p, w / "ftp" / "pub" / p.name)
+
+# %% ../nbs/14_lab.ipynb #6689daf0
 def write_work(plan: SessionPlan) -> None:
     "Write configs, scripts, web content, keys and wordlists of `plan` into its work folder."
     w, r = plan.work, random.Random(plan.seed + 1)
@@ -1144,17 +1159,7 @@ def write_work(plan: SessionPlan) -> None:
         "nginx-infra",
     ):
         (w / d).mkdir(parents=True, exist_ok=True)
-    for path, size in plan.files.items():
-        p = w / "www" / path
-        with open(p, "wb") as f:
-            if path.endswith(".html"):
-                para = b"<p>" + b"lorem ipsum dolor sit amet " * 8 + b"</p>\n"
-                f.write(b"<html><body>" + para * (size // len(para) + 1))
-            else:
-                f.write(r.randbytes(min(size, 65536)) * (size // 65536 + 1))
-            f.truncate(size)
-        if path.startswith("files/"):
-            os.link(p, w / "ftp" / "pub" / p.name)
+    _write_site_files(plan, w, r)
     (w / "www" / "index.html").write_text(
         "<html><body>" + "".join(f'<a href="/{p}">{p}</a>' for p in plan.files if p.startswith("pages/")) + "</body></html>"
     )
@@ -1508,7 +1513,41 @@ def _step_results(plan: SessionPlan, done: list[dict]) -> list[dict]:
         )
     return steps
 
-# %% ../nbs/14_lab.ipynb #be054e42
+# %% ../nbs/14_lab.ipynb #d45e005c
+def _start_due_steps(lab: Lab, pending: list, running: dict, t0: float, now: float, on_event: Callable | None) -> None:
+    "Start the pending steps whose offset has come (each command after its delay), moving them to `running`."
+    while pending and now - t0 >= pending[0].at:
+        st = pending.pop(0)
+        rec = {"step": st, "procs": [], "t_start": time.time(), "crashed": False, "stopped": False}
+        for k, c in enumerate(st.commands):
+            if c.delay:
+                time.sleep(c.delay)
+            bound = None if c.daemon else st.max_s
+            rec["procs"].append((c, lab.spawn(c.host, c.argv, f"{st.name}-{k}", bound_s=bound)))
+        running[st.name] = rec
+        if on_event:
+            on_event("start", st.name)
+
+
+def _end_steps(lab: Lab, running: dict, done: list, now: float, inject_crash: str | None, on_event: Callable | None) -> None:
+    "Kill the tool of the `inject_crash` step part-way; steps whose tools ended get their daemons stopped and move to `done`."
+    for name, rec in list(running.items()):
+        main = [p for c, p in rec["procs"] if not c.daemon]
+        if inject_crash == name and not rec["crashed"] and now - rec["t_start"] >= min(2.0, 0.4 * rec["step"].max_s):
+            for p in main:
+                lab.stop(p, signal.SIGKILL, wait=1)
+            rec["crashed"] = True
+        if all(p.ended is not None for p in main):
+            for c, p in rec["procs"]:
+                if c.daemon:
+                    lab.stop(p)
+            rec["t_end"] = max(p.ended or time.time() for _, p in rec["procs"])
+            done.append(rec)
+            del running[name]
+            if on_event:
+                on_event("end", name)
+
+# %% ../nbs/14_lab.ipynb #229650ee
 def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_event: Callable | None = None) -> dict:
     "Capture a whole session on the bridge of a built `lab` into `pcap`; the record of what ran when."
     plan, sc = lab.plan, lab.plan.scenario
@@ -1526,32 +1565,8 @@ def run_session(lab: Lab, pcap: Path, *, inject_crash: str | None = None, on_eve
     done: list[dict] = []
     while True:
         now = time.time()
-        while pending and now - t0 >= pending[0].at:
-            st = pending.pop(0)
-            rec = {"step": st, "procs": [], "t_start": time.time(), "crashed": False, "stopped": False}
-            for k, c in enumerate(st.commands):
-                if c.delay:
-                    time.sleep(c.delay)
-                bound = None if c.daemon else st.max_s
-                rec["procs"].append((c, lab.spawn(c.host, c.argv, f"{st.name}-{k}", bound_s=bound)))
-            running[st.name] = rec
-            if on_event:
-                on_event("start", st.name)
-        for name, rec in list(running.items()):
-            main = [p for c, p in rec["procs"] if not c.daemon]
-            if inject_crash == name and not rec["crashed"] and now - rec["t_start"] >= min(2.0, 0.4 * rec["step"].max_s):
-                for p in main:
-                    lab.stop(p, signal.SIGKILL, wait=1)
-                rec["crashed"] = True
-            if all(p.ended is not None for p in main):
-                for c, p in rec["procs"]:
-                    if c.daemon:
-                        lab.stop(p)
-                rec["t_end"] = max(p.ended or time.time() for _, p in rec["procs"])
-                done.append(rec)
-                del running[name]
-                if on_event:
-                    on_event("end", name)
+        _start_due_steps(lab, pending, running, t0, now, on_event)
+        _end_steps(lab, running, done, now, inject_crash, on_event)
         if now - t0 >= sc.duration_s and not pending:
             break
         time.sleep(0.05)
@@ -1690,24 +1705,18 @@ def session_name(scenario: Scenario, seed: int) -> str:
     "The name of a session in the `session` column: scenario and seed."
     return f"{scenario.name}-seed{seed}"
 
-# %% ../nbs/14_lab.ipynb #7616c5ee
-def record_session(
-    scenario: Scenario | str | Path, out_dir, *, seed: int = 0, inject_crash: str | None = None, keep_work: bool = False
-) -> dict:
-    "Record one lab session into `out_dir` (capture.pcap, labels.parquet, flows.parquet, unattributed.parquet, session.json)."
-    sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+# %% ../nbs/14_lab.ipynb #59bc8737
+def _check_inject_crash(sc: Scenario, inject_crash: str | None) -> None:
+    "A `ScenarioError` when `inject_crash` names no step of `sc`."
     if inject_crash is not None:
         names = [s.name or f"s{i:02d}-{s.family}-{s.tool}" for i, s in enumerate(sc.steps, start=1)]
         if inject_crash not in names:
             raise ScenarioError(f"inject_crash: no step named '{inject_crash}'; steps: {', '.join(names)}")
-    out = Path(out_dir).resolve()  # tcpdump runs in another namespace and folder: give it an absolute path
-    out.mkdir(parents=True, exist_ok=True)
-    run_id = secrets.token_hex(3)
-    check_available(plan_session(sc, seed, Path("/nonexistent")).binaries())
-    work = Path(tempfile.mkdtemp(prefix=f"cyber-moe-lab-{run_id}-"))
-    plan = plan_session(sc, seed, work)
-    session = session_name(sc, seed)
-    info = {
+
+
+def _session_info(run_id: str, work: Path, sc: Scenario, seed: int, session: str) -> dict:
+    "The first session.json of a session: status running, with what identifies its processes, namespaces and folder."
+    return {
         "status": "running",
         "run_id": run_id,
         "pid": os.getpid(),
@@ -1718,6 +1727,66 @@ def record_session(
         "session": session,
         "started": time.time(),
     }
+
+# %% ../nbs/14_lab.ipynb #357b7f3f
+def _write_tables(out: Path, labelled: pd.DataFrame, unattributed: pd.DataFrame, record: dict, session: str) -> None:
+    "Write flows.parquet, unattributed.parquet and labels.parquet (the ground truth) into `out`."
+    labelled.attrs = {}
+    unattributed.attrs = {}
+    labelled.to_parquet(out / "flows.parquet", index=False)
+    unattributed.to_parquet(out / "unattributed.parquet", index=False)
+    _ground_truth(record, session).to_parquet(out / "labels.parquet", index=False)
+
+
+def _count_step_flows(record: dict, labelled: pd.DataFrame, session: str) -> list[str]:
+    "Set each step's `n_flows` in `record`; the names of the steps that made no flow (logged as a warning)."
+    per_step = labelled["step"].value_counts()
+    for s in record["steps"]:
+        s["n_flows"] = int(per_step.get(s["name"], 0))
+    silent = [s["name"] for s in record["steps"] if s["n_flows"] == 0]
+    if silent:
+        log.warning("lab session %s: step(s) that made no flow: %s", session, ", ".join(silent))
+    return silent
+
+
+def _step_summaries(record: dict) -> list[dict]:
+    "The per-step entries of session.json."
+    return [
+        {
+            k: s[k]
+            for k in (
+                "name",
+                "family",
+                "tool",
+                "variant",
+                "status",
+                "exit_codes",
+                "error",
+                "t_start",
+                "t_end",
+                "target",
+                "intensity",
+                "n_flows",
+            )
+        }
+        for s in record["steps"]
+    ]
+
+# %% ../nbs/14_lab.ipynb #c4fa114e
+def record_session(
+    scenario: Scenario | str | Path, out_dir, *, seed: int = 0, inject_crash: str | None = None, keep_work: bool = False
+) -> dict:
+    "Record one lab session into `out_dir` (capture.pcap, labels.parquet, flows.parquet, unattributed.parquet, session.json)."
+    sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+    _check_inject_crash(sc, inject_crash)
+    out = Path(out_dir).resolve()  # tcpdump runs in another namespace and folder: give it an absolute path
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(3)
+    check_available(plan_session(sc, seed, Path("/nonexistent")).binaries())
+    work = Path(tempfile.mkdtemp(prefix=f"cyber-moe-lab-{run_id}-"))
+    plan = plan_session(sc, seed, work)
+    session = session_name(sc, seed)
+    info = _session_info(run_id, work, sc, seed, session)
     (out / "session.json").write_text(json.dumps(info, indent=1, default=str))
     clock = time.perf_counter()
     try:
@@ -1734,42 +1803,14 @@ def record_session(
     flows = meter_capture(out / "capture.pcap")
     labelled, unattributed = label_flows(flows, record, session)
     meter_s = time.perf_counter() - clock
-    labelled.attrs = {}
-    unattributed.attrs = {}
-    labelled.to_parquet(out / "flows.parquet", index=False)
-    unattributed.to_parquet(out / "unattributed.parquet", index=False)
-    _ground_truth(record, session).to_parquet(out / "labels.parquet", index=False)
+    _write_tables(out, labelled, unattributed, record, session)
     failed = [s["name"] for s in record["steps"] if s["status"] == "failed"]
-    per_step = labelled["step"].value_counts()
-    for s in record["steps"]:
-        s["n_flows"] = int(per_step.get(s["name"], 0))
-    silent = [s["name"] for s in record["steps"] if s["n_flows"] == 0]
-    if silent:
-        log.warning("lab session %s: step(s) that made no flow: %s", session, ", ".join(silent))
+    silent = _count_step_flows(record, labelled, session)
     info.update(
         status="ok" if not failed else "failed_steps",
         failed_steps=failed,
         silent_steps=silent,
-        steps=[
-            {
-                k: s[k]
-                for k in (
-                    "name",
-                    "family",
-                    "tool",
-                    "variant",
-                    "status",
-                    "exit_codes",
-                    "error",
-                    "t_start",
-                    "t_end",
-                    "target",
-                    "intensity",
-                    "n_flows",
-                )
-            }
-            for s in record["steps"]
-        ],
+        steps=_step_summaries(record),
         capture_s=round(record["t_capture_end"] - record["t_start"], 2),
         setup_s=record["setup_s"],
         lab_s=round(lab_s, 2),
