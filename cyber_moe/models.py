@@ -30,7 +30,22 @@ def check_embedding(kind: str, where: str = "embedding") -> str:
         raise ValueError(f"{where}: unknown numeric embedding kind {kind!r}; valid kinds: {', '.join(EMBEDDINGS)}")
     return kind
 
+# %% ../nbs/30_models.ipynb #712f9aa7
+def _ple_columns(kind: str, bins: Sequence | None, n_features: int) -> list[int]:
+    "Indices of the features with >= 2 bin edges when `kind` is 'ple' (else none); a ValueError for missing or mismatched bins."
+    binned: list[int] = []
+    if kind == "ple":
+        if bins is None:
+            raise ValueError(
+                "embedding 'ple' needs bin edges fitted on the training rows: fit the Preprocessor with bins "
+                "(prepare() does when a model part selects 'ple') and pass preprocessor.bins"
+            )
+        if len(bins) != n_features:
+            raise ValueError(f"NumEmbedding: {len(bins)} bin lists for {n_features} features")
+        binned = [j for j, b in enumerate(bins) if b is not None and len(b) >= 2]
+    return binned
 
+# %% ../nbs/30_models.ipynb #ab74392c
 class NumEmbedding(nn.Module):
     "Scaled numeric values [B, n] -> per-feature vectors [B, n, d]: piecewise-linear over fitted bins, periodic or linear."
 
@@ -53,16 +68,7 @@ class NumEmbedding(nn.Module):
         if n_features < 1:
             raise ValueError(f"NumEmbedding: n_features must be >= 1, got {n_features}")
         self.kind, self.n_features, self.d_embedding = kind, n_features, d_embedding
-        binned: list[int] = []
-        if kind == "ple":
-            if bins is None:
-                raise ValueError(
-                    "embedding 'ple' needs bin edges fitted on the training rows: fit the Preprocessor with bins "
-                    "(prepare() does when a model part selects 'ple') and pass preprocessor.bins"
-                )
-            if len(bins) != n_features:
-                raise ValueError(f"NumEmbedding: {len(bins)} bin lists for {n_features} features")
-            binned = [j for j, b in enumerate(bins) if b is not None and len(b) >= 2]
+        binned = _ple_columns(kind, bins, n_features)
         plain = [j for j in range(n_features) if j not in binned]
         self.binned, self.plain = binned, plain
         self.register_buffer("order", torch.argsort(torch.tensor(binned + plain, dtype=torch.long)), persistent=False)
@@ -88,17 +94,19 @@ class NumEmbedding(nn.Module):
             self.periodic = None
             self.linear = rne.LinearEmbeddings(len(plain), d_embedding) if plain else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        "[B, n_features] -> [B, n_features, d_embedding]."
-        if self.periodic is not None:
-            return self.periodic(x)
-        parts = []
-        if self.ple is not None:
-            parts.append(self.ple(x[:, self.binned]))
-        if self.plain:
-            parts.append(self.linear(x[:, self.plain]))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return out if not (self.binned and self.plain) else out[:, self.order]
+# %% ../nbs/30_models.ipynb #b44eb5c5
+@patch
+def forward(self: NumEmbedding, x: Tensor) -> Tensor:
+    "[B, n_features] -> [B, n_features, d_embedding]."
+    if self.periodic is not None:
+        return self.periodic(x)
+    parts = []
+    if self.ple is not None:
+        parts.append(self.ple(x[:, self.binned]))
+    if self.plain:
+        parts.append(self.linear(x[:, self.plain]))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return out if not (self.binned and self.plain) else out[:, self.order]
 
 # %% ../nbs/30_models.ipynb #1490b828
 INPUTS = ("x_num", "x_cat", "x_time", "x_seq")  # x_seq: packet sequences [B, N, 4], only for schemas with sequences
@@ -194,7 +202,7 @@ def _uniform(*shape: int, d: int) -> nn.Parameter:
     s = d**-0.5
     return nn.Parameter(torch.empty(*shape).uniform_(-s, s))
 
-
+# %% ../nbs/30_models.ipynb #c94f486b
 class FeatureTokenizer(nn.Module):
     "Numeric values [B, n_num] and category indices [B, n_cat] -> tokens [B, n_tokens, d_token]."
 
@@ -248,21 +256,23 @@ class FeatureTokenizer(nn.Module):
         "Tokens per row: numeric tokens (features / group size, rounded up) plus one per categorical feature."
         return self.n_num_tokens + self.n_cat
 
-    def forward(self, x_num: Tensor, x_cat: Tensor) -> Tensor:
-        "x_num float [B, n_num], x_cat int64 [B, n_cat] -> [B, n_tokens, d_token]."
-        parts = []
-        if self.n_num:
-            g, t = self.num_group_size, self.n_num_tokens
-            if self.num_embed is not None:
-                parts.append(self.num_embed(x_num))
-            elif g == 1:
-                parts.append(x_num[..., None] * self.num_weight + self.num_bias)
-            else:
-                x = F.pad(x_num, (0, t * g - self.n_num))
-                parts.append(torch.einsum("btg,tgd->btd", x.view(-1, t, g), self.num_weight.view(t, g, -1)) + self.num_bias)
-        if self.n_cat:
-            parts.append(self.cat_embed(x_cat + self.cat_offsets) + self.cat_bias)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+# %% ../nbs/30_models.ipynb #3fcf606d
+@patch
+def forward(self: FeatureTokenizer, x_num: Tensor, x_cat: Tensor) -> Tensor:  # noqa: F811 (patched onto its class)
+    "x_num float [B, n_num], x_cat int64 [B, n_cat] -> [B, n_tokens, d_token]."
+    parts = []
+    if self.n_num:
+        g, t = self.num_group_size, self.n_num_tokens
+        if self.num_embed is not None:
+            parts.append(self.num_embed(x_num))
+        elif g == 1:
+            parts.append(x_num[..., None] * self.num_weight + self.num_bias)
+        else:
+            x = F.pad(x_num, (0, t * g - self.n_num))
+            parts.append(torch.einsum("btg,tgd->btd", x.view(-1, t, g), self.num_weight.view(t, g, -1)) + self.num_bias)
+    if self.n_cat:
+        parts.append(self.cat_embed(x_cat + self.cat_offsets) + self.cat_bias)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 # %% ../nbs/30_models.ipynb #43388d90
 class MultiheadAttention(nn.Module):
@@ -328,6 +338,24 @@ class TransformerBlock(nn.Module):
         x = x_q + self.drop(self.attn(h_q, h))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
+# %% ../nbs/30_models.ipynb #a83e9900
+def _ft_blocks(
+    n_blocks: int, d_token: int, n_heads: int, d_hidden: int, attention_dropout: float, ffn_dropout: float, residual_dropout: float
+) -> nn.ModuleList:
+    "`n_blocks` transformer blocks of these sizes and dropouts; all but the first have a LayerNorm before attention."
+    return nn.ModuleList(
+        TransformerBlock(
+            d_token=d_token,
+            n_heads=n_heads,
+            d_hidden=d_hidden,
+            attention_dropout=attention_dropout,
+            ffn_dropout=ffn_dropout,
+            residual_dropout=residual_dropout,
+            attention_norm=i > 0,
+        )
+        for i in range(n_blocks)
+    )
+
 # %% ../nbs/30_models.ipynb #0d700bcf
 @register_expert("tabular")
 class FTTransformer(ExpertModule):
@@ -379,49 +407,41 @@ class FTTransformer(ExpertModule):
         )
         self.cls = _uniform(d_token, d=d_token)
         d_hidden = max(1, round(d_token * d_ffn_factor))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                d_token=d_token,
-                n_heads=n_heads,
-                d_hidden=d_hidden,
-                attention_dropout=attention_dropout,
-                ffn_dropout=ffn_dropout,
-                residual_dropout=residual_dropout,
-                attention_norm=i > 0,
-            )
-            for i in range(n_blocks)
-        )
+        self.blocks = _ft_blocks(n_blocks, d_token, n_heads, d_hidden, attention_dropout, ffn_dropout, residual_dropout)
         self.norm = nn.LayerNorm(d_token)
         self.d_out, self.eval_chunk_size = d_token, eval_chunk_size
 
-    @classmethod
-    def build(
-        cls,
-        *,
-        n_num: int,
-        cat_cardinalities: Sequence[int],
-        n_time: int,
-        bins: Sequence | None,
-        embedding_kw: Mapping,
-        eval_chunk_size: int | None,
+# %% ../nbs/30_models.ipynb #441a7a54
+@patch(cls_method=True)
+def build(
+    cls: FTTransformer,
+    *,
+    n_num: int,
+    cat_cardinalities: Sequence[int],
+    n_time: int,
+    bins: Sequence | None,
+    embedding_kw: Mapping,
+    eval_chunk_size: int | None,
+    **settings,
+) -> "FTTransformer":
+    "The expert for these data sizes; it reads the numeric columns' bins (the first `n_num`)."
+    return cls(
+        n_num=n_num,
+        cat_cardinalities=cat_cardinalities,
+        bins=None if bins is None else bins[:n_num],
+        embedding_kw=embedding_kw,
+        eval_chunk_size=eval_chunk_size,
         **settings,
-    ) -> "FTTransformer":
-        "The expert for these data sizes; it reads the numeric columns' bins (the first `n_num`)."
-        return cls(
-            n_num=n_num,
-            cat_cardinalities=cat_cardinalities,
-            bins=None if bins is None else bins[:n_num],
-            embedding_kw=embedding_kw,
-            eval_chunk_size=eval_chunk_size,
-            **settings,
-        )
+    )
 
-    def _forward(self, x_num: Tensor, x_cat: Tensor) -> Tensor:
-        t = self.tokenizer(x_num, x_cat)
-        x = torch.cat([t, self.cls.expand(t.shape[0], 1, -1)], 1)
-        for i, block in enumerate(self.blocks):
-            x = block(x, last_only=i == len(self.blocks) - 1)
-        return self.norm(x[:, -1])
+# %% ../nbs/30_models.ipynb #dbe3fabf
+@patch
+def _forward(self: FTTransformer, x_num: Tensor, x_cat: Tensor) -> Tensor:
+    t = self.tokenizer(x_num, x_cat)
+    x = torch.cat([t, self.cls.expand(t.shape[0], 1, -1)], 1)
+    for i, block in enumerate(self.blocks):
+        x = block(x, last_only=i == len(self.blocks) - 1)
+    return self.norm(x[:, -1])
 
 # %% ../nbs/30_models.ipynb #9bb1c794
 @register_expert("temporal")
@@ -529,39 +549,42 @@ class TabMExpert(ExpertModule):
         )
         self.k, self.d_out, self.eval_chunk_size = k, d_block, eval_chunk_size
 
-    @classmethod
-    def build(
-        cls,
-        *,
-        n_num: int,
-        cat_cardinalities: Sequence[int],
-        n_time: int,
-        bins: Sequence | None,
-        embedding_kw: Mapping,
-        eval_chunk_size: int | None,
+# %% ../nbs/30_models.ipynb #e76c2136
+@patch(cls_method=True)
+def build(  # noqa: F811 (patched onto its class)
+    cls: TabMExpert,
+    *,
+    n_num: int,
+    cat_cardinalities: Sequence[int],
+    n_time: int,
+    bins: Sequence | None,
+    embedding_kw: Mapping,
+    eval_chunk_size: int | None,
+    **settings,
+) -> "TabMExpert":
+    "The expert for these data sizes (numeric, categorical and, with `timing`, timing features)."
+    return cls(
+        n_num=n_num,
+        cat_cardinalities=cat_cardinalities,
+        n_time=n_time,
+        bins=bins,
+        embedding_kw=embedding_kw,
+        eval_chunk_size=max(eval_chunk_size or 0, 2048),
         **settings,
-    ) -> "TabMExpert":
-        "The expert for these data sizes (numeric, categorical and, with `timing`, timing features)."
-        return cls(
-            n_num=n_num,
-            cat_cardinalities=cat_cardinalities,
-            n_time=n_time,
-            bins=bins,
-            embedding_kw=embedding_kw,
-            eval_chunk_size=max(eval_chunk_size or 0, 2048),
-            **settings,
-        )
+    )
 
-    def _forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
-        x = torch.cat([x_num, x_time], 1) if self.use_time else x_num
-        if self.embed is not None:
-            x = self.embed(x).flatten(1)
-        if self.cards:
-            hot = x.new_zeros(x.shape[0], sum(self.cards))
-            hot = hot.scatter(1, x_cat + self.cat_offsets, 1.0)
-            x = torch.cat([x, hot], 1)
-        # TabM.forward's own input handling takes len(x), which fixes the batch size of an exported graph: call its parts
-        return self.net.backbone(self.net.ensemble_view(x))
+# %% ../nbs/30_models.ipynb #12a73242
+@patch
+def _forward(self: TabMExpert, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:  # noqa: F811 (patched onto its class)
+    x = torch.cat([x_num, x_time], 1) if self.use_time else x_num
+    if self.embed is not None:
+        x = self.embed(x).flatten(1)
+    if self.cards:
+        hot = x.new_zeros(x.shape[0], sum(self.cards))
+        hot = hot.scatter(1, x_cat + self.cat_offsets, 1.0)
+        x = torch.cat([x, hot], 1)
+    # TabM.forward's own input handling takes len(x), which fixes the batch size of an exported graph: call its parts
+    return self.net.backbone(self.net.ensemble_view(x))
 
 # %% ../nbs/30_models.ipynb #b216a8a5
 @register_expert("sequence")
@@ -682,30 +705,34 @@ class Gate(nn.Module):
         "True when fewer than all experts are kept per row (experts then run only on the rows routed to them)."
         return self.top_k is not None and self.top_k < self.n_experts
 
-    def features(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
-        "The gate's hidden layer [B, d_gate] over numeric values (or their embeddings), category embeddings and timing values."
-        parts = [x_num, x_time] if self.num_embed is None else [self.num_embed(torch.cat([x_num, x_time], 1)).flatten(1)]
-        if self.n_cat:
-            parts.append(self.cat_embed(x_cat + self.cat_offsets).flatten(1))
-        return self.hidden(torch.cat(parts, 1))
+# %% ../nbs/30_models.ipynb #ce550ed5
+@patch
+def features(self: Gate, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:
+    "The gate's hidden layer [B, d_gate] over numeric values (or their embeddings), category embeddings and timing values."
+    parts = [x_num, x_time] if self.num_embed is None else [self.num_embed(torch.cat([x_num, x_time], 1)).flatten(1)]
+    if self.n_cat:
+        parts.append(self.cat_embed(x_cat + self.cat_offsets).flatten(1))
+    return self.hidden(torch.cat(parts, 1))
 
-    def forward(self, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> tuple[Tensor, Tensor]:
-        "-> (weights [B, E] summing to 1 per row, with `top_k` non-zeros when sparse; load-balancing loss, a scalar)."
-        h = self.features(x_num, x_cat, x_time)
-        logits = self.logits(h)
-        if self.noise and self.training:
-            logits = logits + torch.randn_like(logits) * F.softplus(self.noise_scale(h))
-        probs = logits.softmax(-1)
-        aux = load_balance_loss(probs, logits.argmax(-1))
-        if not self.sparse:
-            return probs, aux
-        top, idx = logits.topk(self.top_k, dim=-1)
-        if self.top_k == 1:
-            p = probs.gather(1, idx)
-            kept = p / p.detach()
-        else:
-            kept = top.softmax(-1)
-        return torch.zeros_like(probs).scatter(1, idx, kept), aux
+# %% ../nbs/30_models.ipynb #9da63106
+@patch
+def forward(self: Gate, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> tuple[Tensor, Tensor]:  # noqa: F811 (patched onto its class)
+    "-> (weights [B, E] summing to 1 per row, with `top_k` non-zeros when sparse; load-balancing loss, a scalar)."
+    h = self.features(x_num, x_cat, x_time)
+    logits = self.logits(h)
+    if self.noise and self.training:
+        logits = logits + torch.randn_like(logits) * F.softplus(self.noise_scale(h))
+    probs = logits.softmax(-1)
+    aux = load_balance_loss(probs, logits.argmax(-1))
+    if not self.sparse:
+        return probs, aux
+    top, idx = logits.topk(self.top_k, dim=-1)
+    if self.top_k == 1:
+        p = probs.gather(1, idx)
+        kept = p / p.detach()
+    else:
+        kept = top.softmax(-1)
+    return torch.zeros_like(probs).scatter(1, idx, kept), aux
 
 # %% ../nbs/30_models.ipynb #f1474bd5
 DEFAULT_EXPERTS = ("tabular", "temporal")
@@ -722,6 +749,39 @@ def _mean_of_sigmoid_logit(logit_k: Tensor) -> Tensor:
     "[B, k] member logits -> [B] logit of the mean of the k sigmoids."
     p = logit_k.float().sigmoid().mean(1).clamp(1e-7, 1 - 1e-7)
     return torch.log(p) - torch.log1p(-p)
+
+# %% ../nbs/30_models.ipynb #242d5adf
+def _expert_nets(
+    settings: Mapping[str, Mapping],
+    n_num: int,
+    cat_cardinalities: Sequence[int],
+    n_time: int,
+    bins: Sequence | None,
+    embedding_kw: Mapping,
+    eval_chunk_size: int | None,
+) -> nn.ModuleDict:
+    "One expert per name in `settings` (its settings), each built for the same data sizes, bins and numeric settings."
+    return nn.ModuleDict(
+        {
+            name: EXPERTS[name].build(
+                n_num=n_num,
+                cat_cardinalities=cat_cardinalities,
+                n_time=n_time,
+                bins=bins,
+                embedding_kw=embedding_kw,
+                eval_chunk_size=eval_chunk_size,
+                **s,
+            )
+            for name, s in settings.items()
+        }
+    )
+
+
+def _moe_gate(experts: Sequence[str], emb: Mapping, **kw) -> Gate | None:
+    "The gate over `experts` (None for a single expert), its embedding width read from the numeric settings `emb`."
+    if len(experts) <= 1:
+        return None
+    return Gate(n_experts=len(experts), d_embedding=int(emb.get("d_gate_embedding", 4)), embedding_kw=emb, **kw)
 
 # %% ../nbs/30_models.ipynb #f4f99217
 class MoEClassifier(nn.Module):
@@ -757,56 +817,47 @@ class MoEClassifier(nn.Module):
         self.cat_cardinalities = [int(c) for c in cat_cardinalities]
         self.register_buffer("_cards", torch.tensor(self.cat_cardinalities, dtype=torch.long), persistent=False)
         emb = dict(numeric or {})
-        self.nets = nn.ModuleDict(
-            {
-                name: EXPERTS[name].build(
-                    n_num=n_num,
-                    cat_cardinalities=self.cat_cardinalities,
-                    n_time=n_time,
-                    bins=bins,
-                    embedding_kw=emb,
-                    eval_chunk_size=eval_chunk_size,
-                    **s,
-                )
-                for name, s in settings.items()
-            }
-        )
+        self.nets = _expert_nets(settings, n_num, self.cat_cardinalities, n_time, bins, emb, eval_chunk_size)
         self.k = max(int(getattr(net, "k", 1)) for net in self.nets.values())
         self.proj = nn.ModuleDict({e: nn.Linear(self.nets[e].d_out, d_head) for e in self.experts})
-        self.gate = (
-            Gate(
-                n_num=n_num,
-                cat_cardinalities=cat_cardinalities,
-                n_time=n_time,
-                n_experts=len(self.experts),
-                d_gate=d_gate,
-                top_k=gate_top_k,
-                noise=gate_noise,
-                embedding=gate_embedding,
-                d_embedding=int(emb.get("d_gate_embedding", 4)),
-                bins=bins,
-                embedding_kw=emb,
-            )
-            if len(self.experts) > 1
-            else None
+        self.gate = _moe_gate(
+            self.experts,
+            emb,
+            n_num=n_num,
+            cat_cardinalities=cat_cardinalities,
+            n_time=n_time,
+            d_gate=d_gate,
+            top_k=gate_top_k,
+            noise=gate_noise,
+            embedding=gate_embedding,
+            bins=bins,
         )
         self.head = nn.Sequential(nn.LayerNorm(d_head), nn.ReLU(), nn.Linear(d_head, d_head), nn.ReLU(), nn.Dropout(head_dropout))
         self.binary_out = nn.Linear(d_head, 1)
         self.family_out = nn.Linear(d_head, n_classes)
         self.d_head = d_head
 
-    @classmethod
-    def from_config(
-        cls, model_cfg, *, n_num: int, cat_cardinalities: Sequence[int], n_time: int, n_classes: int, bins: Sequence | None = None
-    ) -> "MoEClassifier":
-        "Build from a `cyber_moe.config.ModelConfig` (its `load_balance_weight` belongs to the training module, not the net)."
-        kw = model_cfg.model_dump(exclude={"load_balance_weight"})
-        return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_classes=n_classes, bins=bins, **kw)
+# %% ../nbs/30_models.ipynb #70c244ed
+@patch(cls_method=True)
+def from_config(
+    cls: MoEClassifier,
+    model_cfg,
+    *,
+    n_num: int,
+    cat_cardinalities: Sequence[int],
+    n_time: int,
+    n_classes: int,
+    bins: Sequence | None = None,
+) -> "MoEClassifier":
+    "Build from a `cyber_moe.config.ModelConfig` (its `load_balance_weight` belongs to the training module, not the net)."
+    kw = model_cfg.model_dump(exclude={"load_balance_weight"})
+    return cls(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, n_classes=n_classes, bins=bins, **kw)
 
-    @property
-    def needs_sequences(self) -> bool:
-        "True when an expert reads the packet sequences (`x_seq`)."
-        return any("x_seq" in self.nets[e].inputs for e in self.experts)
+# %% ../nbs/30_models.ipynb #19bd4608
+@patch(as_prop=True)
+def needs_sequences(self: MoEClassifier) -> bool:
+    "True when an expert reads the packet sequences (`x_seq`)."
+    return any("x_seq" in self.nets[e].inputs for e in self.experts)
 
 # %% ../nbs/30_models.ipynb #30547ac4
 @patch
@@ -865,7 +916,7 @@ def _outputs(self: MoEClassifier, mixed: Tensor) -> tuple[Tensor, Tensor, Tensor
 
 # %% ../nbs/30_models.ipynb #99e041e3
 @patch
-def forward(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> dict[str, Tensor]:
+def forward(self: MoEClassifier, x_num: Tensor, x_cat: Tensor, x_time: Tensor, x_seq: Tensor | None = None) -> dict[str, Tensor]:  # noqa: F811 (patched onto its class)
     "-> dict(binary [B], family [B, C], gate [B, E], aux_loss []); with k > 1 members also binary_k [B, k], family_k [B, k, C]."
     self._check(x_num, x_cat, x_time, x_seq)
     B = x_num.shape[0]

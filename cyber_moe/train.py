@@ -225,25 +225,12 @@ class FitResult:
     seconds: float
     checkpoint: str | None
 
-
-def fit_moe(
-    cfg: RunConfig, prep: Prepared, *, logger=None, callbacks=(), unknown_rate: float = 0.02, enable_progress_bar: bool = True
-) -> FitResult:
-    "Train the MoE on the training split; early stopping and checkpoint choice use the validation split only."
-    import torch
-    from cyber_moe.lit import FlowDataModule, MoELitModule, class_weights_from, make_trainer
-    from cyber_moe.models import MoEClassifier
+# %% ../nbs/50_train.ipynb #9746aa09
+def _lit_module(cfg: RunConfig, prep: Prepared, net):
+    "The Lightning module training `net` with the run's loss, class weights (from the training labels) and optimiser settings."
+    from cyber_moe.lit import MoELitModule, class_weights_from
 
     t, m = cfg.train, cfg.model
-    seed_everything(cfg.seed)
-    kwargs = network_kwargs(cfg, prep.preprocessor)
-    net = MoEClassifier(**kwargs)
-    dm = FlowDataModule(
-        train=_with_unknown_codes(prep.arrays["train"], unknown_rate, cfg.seed),
-        val=prep.arrays["val"],
-        batch_size=t.batch_size,
-        num_workers=t.num_workers,
-    )
     weights = (
         class_weights_from(
             prep.arrays["train"]["y_family"], len(prep.classes), power=t.class_weight_power, keep_binary=t.class_weight_keep_binary
@@ -263,6 +250,14 @@ def fit_moe(
         load_balance_weight=m.load_balance_weight,
         label_smoothing=t.label_smoothing,
     )
+    return module
+
+# %% ../nbs/50_train.ipynb #febfbe91
+def _trainer(cfg: RunConfig, logger, callbacks, enable_progress_bar: bool):
+    "The Lightning trainer of the run: device and precision chosen by `select_device`, early stopping on validation."
+    from cyber_moe.lit import make_trainer
+
+    t = cfg.train
     device = select_device(t.accelerator, t.precision)
     trainer = make_trainer(
         max_epochs=t.max_epochs,
@@ -276,6 +271,29 @@ def fit_moe(
         enable_progress_bar=enable_progress_bar,
         extra_callbacks=tuple(callbacks),
     )
+    return trainer
+
+# %% ../nbs/50_train.ipynb #2f084ff6
+def fit_moe(
+    cfg: RunConfig, prep: Prepared, *, logger=None, callbacks=(), unknown_rate: float = 0.02, enable_progress_bar: bool = True
+) -> FitResult:
+    "Train the MoE on the training split; early stopping and checkpoint choice use the validation split only."
+    import torch
+    from cyber_moe.lit import FlowDataModule
+    from cyber_moe.models import MoEClassifier
+
+    t = cfg.train
+    seed_everything(cfg.seed)
+    kwargs = network_kwargs(cfg, prep.preprocessor)
+    net = MoEClassifier(**kwargs)
+    dm = FlowDataModule(
+        train=_with_unknown_codes(prep.arrays["train"], unknown_rate, cfg.seed),
+        val=prep.arrays["val"],
+        batch_size=t.batch_size,
+        num_workers=t.num_workers,
+    )
+    module = _lit_module(cfg, prep, net)
+    trainer = _trainer(cfg, logger, callbacks, enable_progress_bar)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
@@ -373,7 +391,62 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
+# %% ../nbs/50_train.ipynb #abfa4710
+def _model_scores(prep: Prepared, y: dict, p: np.ndarray, v: dict, op: dict, raw: dict, z, z_val, experts: list[str]) -> tuple[dict, dict]:
+    "The MoE's test metrics and predictions from its family probabilities `p`, verdicts `v` at `op`, raw outputs and logits."
+    from cyber_moe.evaluate import evaluate_predictions
 
+    val = prep.arrays["val"]
+    model_pred = {
+        "p_family": p,
+        "p_attack": v["p_attack"],
+        "gate": raw["gate"],
+        "is_attack": v["is_attack"],
+        "family_index": v["family_index"],
+    }
+    model_m = evaluate_predictions(
+        **y,
+        p_family=p,
+        p_attack=v["p_attack"],
+        classes=prep.classes,
+        gate=raw["gate"],
+        experts=experts,
+        logits_val=z_val,
+        y_val=val["y_family"],
+        logits=z,
+        threshold=op["threshold"],
+        family_pred=v["family_index"],
+        operating_point=op,
+    )
+    return model_m, model_pred
+
+# %% ../nbs/50_train.ipynb #52551f64
+def _baseline_scores(prep: Prepared, baseline, y: dict, op_for) -> tuple[dict, dict]:
+    "The baseline's test metrics and predictions, its threshold chosen by `op_for` on its own validation scores."
+    from cyber_moe.baseline import sequence_length_of
+    from cyber_moe.evaluate import decide, evaluate_predictions
+
+    val = prep.arrays["val"]
+    n_seq = sequence_length_of(baseline.feature_names)
+    pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
+    op_b = op_for(pb_val)  # the same rule, on the baseline's own validation scores
+    vb = decide(pb, op_b["threshold"])
+    base_pred = {"p_family": pb, "p_attack": vb["p_attack"], "is_attack": vb["is_attack"], "family_index": vb["family_index"]}
+    base = evaluate_predictions(
+        **y,
+        p_family=pb,
+        p_attack=vb["p_attack"],
+        classes=prep.classes,
+        logits_val=_log_probs(pb_val),
+        y_val=val["y_family"],
+        logits=_log_probs(pb),
+        threshold=op_b["threshold"],
+        family_pred=vb["family_index"],
+        operating_point=op_b,
+    )
+    return base, base_pred
+
+# %% ../nbs/50_train.ipynb #3bbdbd90
 def evaluate_run(
     prep: Prepared,
     model,
@@ -385,9 +458,8 @@ def evaluate_run(
     target_fpr: float = 0.01,
 ) -> tuple[dict, dict]:
     "Test metrics of the MoE (a `ModelBundle`, or a bare net) and the baseline side by side (`compare` structure), and their test predictions; both verdicts by `decide`."
-    from cyber_moe.baseline import sequence_length_of
     from cyber_moe.bundle import ModelBundle, network_outputs
-    from cyber_moe.evaluate import choose_operating_point, compare, decide, evaluate_predictions
+    from cyber_moe.evaluate import choose_operating_point, compare, decide
 
     test, val = prep.arrays["test"], prep.arrays["val"]
     y = {"y_family": test["y_family"], "y_binary": test["y_binary"].astype(np.int64)}
@@ -410,44 +482,8 @@ def evaluate_run(
         op = op_for(p_val)
     p = _softmax(z)
     v = decide(p, op["threshold"])
-    model_pred = {
-        "p_family": p,
-        "p_attack": v["p_attack"],
-        "gate": raw["gate"],
-        "is_attack": v["is_attack"],
-        "family_index": v["family_index"],
-    }
-    model_m = evaluate_predictions(
-        **y,
-        p_family=p,
-        p_attack=v["p_attack"],
-        classes=prep.classes,
-        gate=raw["gate"],
-        experts=experts,
-        logits_val=z_val,
-        y_val=val["y_family"],
-        logits=z,
-        threshold=op["threshold"],
-        family_pred=v["family_index"],
-        operating_point=op,
-    )
-    n_seq = sequence_length_of(baseline.feature_names)
-    pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
-    op_b = op_for(pb_val)  # the same rule, on the baseline's own validation scores
-    vb = decide(pb, op_b["threshold"])
-    base_pred = {"p_family": pb, "p_attack": vb["p_attack"], "is_attack": vb["is_attack"], "family_index": vb["family_index"]}
-    base = evaluate_predictions(
-        **y,
-        p_family=pb,
-        p_attack=vb["p_attack"],
-        classes=prep.classes,
-        logits_val=_log_probs(pb_val),
-        y_val=val["y_family"],
-        logits=_log_probs(pb),
-        threshold=op_b["threshold"],
-        family_pred=vb["family_index"],
-        operating_point=op_b,
-    )
+    model_m, model_pred = _model_scores(prep, y, p, v, op, raw, z, z_val, experts)
+    base, base_pred = _baseline_scores(prep, baseline, y, op_for)
     return compare(model_m, base), {"model": model_pred, "baseline": base_pred}
 
 # %% ../nbs/50_train.ipynb #3f45a6e2
