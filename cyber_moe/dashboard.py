@@ -646,25 +646,38 @@ class Dashboard:
             self._read_registry(uri)
             uri = None
         self._open_triage(feedback_url, analyst)
-        self.run_select = W.Dropdown(
-            options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run", layout=W.Layout(width="min(100%, 640px)")
-        )
-        self.run_select.add_class("cm-run")
-        header = W.HTML(CSS + f'<div class="cm-note">Outputs folder: {html.escape(str(self.outputs_dir.resolve()))}</div>')
-        self.widget = W.VBox([header, self.run_select, self.status, self.progress, self.body], layout=W.Layout(width="100%"))
-        self.status.value = self._notice
+        self._build_page()
         if not self.refs:
             self.run_select.layout.display = "none"
             self.body.children = [W.HTML(_msg(no_run_message(self.outputs_dir), "cm-nodata"))]
             return
-        names = [r.name for r in self.refs]
-        if run is not None and run not in names:
-            self._notice += _msg(f"run '{run}' not found in {self.outputs_dir}; runs: {', '.join(names)}. Showing the newest.", "cm-error")
-        self.run_select.value = names.index(run) if run in names else 0
-        self._relabelling = False
-        self.run_select.observe(lambda ch: None if self._relabelling else self._guard(self.select_run, ch["new"]), names="value")
-        self._guard(self.select_run, self.run_select.value)
+        self._choose_run(run)
         self._start_loaders(uri)
+
+# %% ../nbs/75_dashboard.ipynb #f7667fad
+@patch
+def _build_page(self: Dashboard) -> None:
+    "Build the run selector and `self.widget` (header, selector, status, progress, body); show the page's notice."
+    W = self.W
+    self.run_select = W.Dropdown(
+        options=[(r.label, i) for i, r in enumerate(self.refs)], description="Run", layout=W.Layout(width="min(100%, 640px)")
+    )
+    self.run_select.add_class("cm-run")
+    header = W.HTML(CSS + f'<div class="cm-note">Outputs folder: {html.escape(str(self.outputs_dir.resolve()))}</div>')
+    self.widget = W.VBox([header, self.run_select, self.status, self.progress, self.body], layout=W.Layout(width="100%"))
+    self.status.value = self._notice
+
+# %% ../nbs/75_dashboard.ipynb #45bf7ab3
+@patch
+def _choose_run(self: Dashboard, run: str | None) -> None:
+    "Select `run` (else the newest, with a notice), draw it and redraw on every choice."
+    names = [r.name for r in self.refs]
+    if run is not None and run not in names:
+        self._notice += _msg(f"run '{run}' not found in {self.outputs_dir}; runs: {', '.join(names)}. Showing the newest.", "cm-error")
+    self.run_select.value = names.index(run) if run in names else 0
+    self._relabelling = False
+    self.run_select.observe(lambda ch: None if self._relabelling else self._guard(self.select_run, ch["new"]), names="value")
+    self._guard(self.select_run, self.run_select.value)
 
 # %% ../nbs/75_dashboard.ipynb #72a90235
 @patch
@@ -1168,50 +1181,9 @@ class Triage:
         )
         self.rule_reason = W.Text(description="Reason", layout=W.Layout(width="min(100%, 500px)"))
         self.rule_button = W.Button(description="Suppress like this", icon="bell-slash", layout=W.Layout(width="auto"))
-        for w, cls in (
-            (self.queue, "cm-queue"),
-            (self.detail, "cm-alert-box"),
-            (self.verdict, "cm-verdict-choice"),
-            (self.family, "cm-right-family"),
-            (self.note, "cm-verdict-note"),
-            (self.mark, "cm-mark"),
-            (self.rule_reason, "cm-rule-reason"),
-            (self.rule_button, "cm-rule-create"),
-            (self.rule_days, "cm-rule-days"),
-            (self.rule_family, "cm-rule-family"),
-            (self.msg, "cm-triage-msg"),
-            (self.order, "cm-order"),
-            (self.prev_page, "cm-page-prev"),
-            (self.next_page, "cm-page-next"),
-            (self.page_info, "cm-page-info"),
-        ):
-            w.add_class(cls)
-        self.order.observe(lambda ch: self._guard(self.page, None), names="value")
-        self.prev_page.on_click(lambda b: self._guard(self.page, -1))
-        self.next_page.on_click(lambda b: self._guard(self.page, 1))
-        self.queue.observe(lambda ch: self._guard(self.open, ch["new"]), names="value")
-        self.verdict.observe(lambda ch: self._guard(self._families), names="value")
-        self.mark.on_click(lambda b: self._guard(self.mark_alert))
-        self.rule_button.on_click(lambda b: self._guard(self.create_rule))
-        row = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow="row wrap", align_items="center"))
-        self.widget = W.VBox(
-            [
-                self.order,
-                self.queue,
-                row([self.prev_page, self.page_info, self.next_page]),
-                self.detail,
-                self.explain_out,
-                row([self.verdict, self.family]),
-                row([self.note, self.mark]),
-                row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]),
-                row([self.rule_reason, self.rule_button]),
-                self.msg,
-                W.HTML("<h4>Suppression rules</h4>"),
-                self.rules,
-                self.precision_out,
-            ],
-            layout=W.Layout(width="100%"),
-        )
+        self._add_classes()
+        self._wire()
+        self._layout()
         self.refresh(precision=precision)  # precision=False: the caller draws it later (`draw_precision`; plotly takes a while to import)
 
     def _guard(self, fn, *args) -> None:
@@ -1220,6 +1192,66 @@ class Triage:
             fn(*args)
         except Exception as e:
             self.msg.value = _msg(f"{type(e).__name__}: {e}", "cm-error")
+
+# %% ../nbs/75_dashboard.ipynb #6809db53
+@patch
+def _add_classes(self: Triage) -> None:
+    "Give the widgets their CSS classes (`cm-queue`, `cm-mark`, ...)."
+    for w, cls in (
+        (self.queue, "cm-queue"),
+        (self.detail, "cm-alert-box"),
+        (self.verdict, "cm-verdict-choice"),
+        (self.family, "cm-right-family"),
+        (self.note, "cm-verdict-note"),
+        (self.mark, "cm-mark"),
+        (self.rule_reason, "cm-rule-reason"),
+        (self.rule_button, "cm-rule-create"),
+        (self.rule_days, "cm-rule-days"),
+        (self.rule_family, "cm-rule-family"),
+        (self.msg, "cm-triage-msg"),
+        (self.order, "cm-order"),
+        (self.prev_page, "cm-page-prev"),
+        (self.next_page, "cm-page-next"),
+        (self.page_info, "cm-page-info"),
+    ):
+        w.add_class(cls)
+
+# %% ../nbs/75_dashboard.ipynb #f9e1f785
+@patch
+def _wire(self: Triage) -> None:
+    "Connect the controls: order and paging, the queue's selection, the verdict, marking and the rule button."
+    self.order.observe(lambda ch: self._guard(self.page, None), names="value")
+    self.prev_page.on_click(lambda b: self._guard(self.page, -1))
+    self.next_page.on_click(lambda b: self._guard(self.page, 1))
+    self.queue.observe(lambda ch: self._guard(self.open, ch["new"]), names="value")
+    self.verdict.observe(lambda ch: self._guard(self._families), names="value")
+    self.mark.on_click(lambda b: self._guard(self.mark_alert))
+    self.rule_button.on_click(lambda b: self._guard(self.create_rule))
+
+# %% ../nbs/75_dashboard.ipynb #bd3a6d14
+@patch
+def _layout(self: Triage) -> None:
+    "Arrange the widgets in `self.widget`."
+    W = self.W
+    row = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow="row wrap", align_items="center"))
+    self.widget = W.VBox(
+        [
+            self.order,
+            self.queue,
+            row([self.prev_page, self.page_info, self.next_page]),
+            self.detail,
+            self.explain_out,
+            row([self.verdict, self.family]),
+            row([self.note, self.mark]),
+            row([self.rule_src, self.rule_port, self.rule_family, self.rule_days]),
+            row([self.rule_reason, self.rule_button]),
+            self.msg,
+            W.HTML("<h4>Suppression rules</h4>"),
+            self.rules,
+            self.precision_out,
+        ],
+        layout=W.Layout(width="100%"),
+    )
 
 # %% ../nbs/75_dashboard.ipynb #0ad5400b
 @patch

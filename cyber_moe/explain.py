@@ -229,6 +229,18 @@ def _background_matrix(bundle: ModelBundle, background, n_background: int | None
     bundle.schema.check_columns(bg.columns, where="background")
     return _encode(bundle, bg, "background"), what
 
+# %% ../nbs/70_explain.ipynb #b9edcda3
+def _shap_inputs(bundle: ModelBundle, rows, background, n_background: int | None, rng, per_position: bool):
+    "The rows to explain (checked), the players, and the encoded rows and background (with where the background came from)."
+    rows = strip_columns(pd.DataFrame(rows))
+    if rows.empty:
+        raise SchemaError("no rows to explain: the input frame is empty")
+    feats, player = _players(bundle, per_position)
+    bundle.schema.check_columns(rows.columns, where="rows to explain")
+    z = _encode(bundle, rows, "rows to explain")
+    zb, what = _background_matrix(bundle, background, n_background, rng)
+    return rows, feats, player, z, zb, what
+
 # %% ../nbs/70_explain.ipynb #0d70f907
 def shap_rows(
     bundle: ModelBundle,
@@ -246,13 +258,7 @@ def shap_rows(
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
     rng = np.random.default_rng(seed)
-    rows = strip_columns(pd.DataFrame(rows))
-    if rows.empty:
-        raise SchemaError("no rows to explain: the input frame is empty")
-    feats, player = _players(bundle, per_position)
-    bundle.schema.check_columns(rows.columns, where="rows to explain")
-    z = _encode(bundle, rows, "rows to explain")
-    zb, what = _background_matrix(bundle, background, n_background, rng)
+    rows, feats, player, z, zb, what = _shap_inputs(bundle, rows, background, n_background, rng, per_position)
     base = _evaluate(bundle, zb).mean(0)
     fx = _evaluate(bundle, z)
     n, M, N, C = len(z), len(feats), len(zb), z.shape[1]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 
 from .schema import FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema
 
@@ -274,57 +275,6 @@ class Server:
             **(env or {}),
         }
 
-    def __enter__(self):
-        import httpx  # noqa: F401  (fail here, not in wait_ready, when it is missing)
-
-        self._log = open(self.log_path, "wb")
-        cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            self.app,
-            *(["--factory"] if self.app == FACTORY else []),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            str(self.workers),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            *self.args,
-        ]
-        self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        if self.wait:
-            try:
-                self.wait_ready()
-            except BaseException:  # __exit__ does not run when __enter__ fails: stop the process here
-                self.__exit__(None, None, None)
-                raise
-        return self
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        "Wait until /ready answers 200; raise with the server's log if the process exits or the time runs out."
-        import httpx
-
-        t = time.time()
-        while time.time() - t < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.url} not ready after {timeout} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        "Everything the server wrote so far (stdout and stderr)."
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
     def __exit__(self, *exc):
         self.proc.terminate()
         try:
@@ -333,3 +283,60 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+# %% ../nbs/59_testing.ipynb #32498ada
+@patch
+def __enter__(self: Server):
+    import httpx  # noqa: F401  (fail here, not in wait_ready, when it is missing)
+
+    self._log = open(self.log_path, "wb")
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        self.app,
+        *(["--factory"] if self.app == FACTORY else []),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(self.port),
+        "--workers",
+        str(self.workers),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        *self.args,
+    ]
+    self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+    if self.wait:
+        try:
+            self.wait_ready()
+        except BaseException:  # __exit__ does not run when __enter__ fails: stop the process here
+            self.__exit__(None, None, None)
+            raise
+    return self
+
+# %% ../nbs/59_testing.ipynb #c5ebcfb6
+@patch
+def wait_ready(self: Server, timeout: float = 180) -> None:
+    "Wait until /ready answers 200; raise with the server's log if the process exits or the time runs out."
+    import httpx
+
+    t = time.time()
+    while time.time() - t < timeout:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+        try:
+            if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{self.url} not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+
+@patch
+def log(self: Server) -> str:
+    "Everything the server wrote so far (stdout and stderr)."
+    self._log.flush()
+    return self.log_path.read_text(errors="replace")

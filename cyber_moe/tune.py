@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastcore.basics import patch
 
 from .config import ConfigError, RunConfig, set_dotted, setup_logging, write_json
 from cyber_moe.train import (
@@ -285,56 +286,58 @@ class Objective:
         self.client = _mlflow_client(cfg)
         self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
 
-    def __call__(self, trial) -> float:
-        import optuna
-        from lightning.pytorch.loggers import MLFlowLogger
-        from mlflow.entities import Param
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-        from optuna_integration import PyTorchLightningPruningCallback
+# %% ../nbs/60_tune.ipynb #d4de1501
+@patch
+def __call__(self: Objective, trial) -> float:
+    import optuna
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.entities import Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+    from optuna_integration import PyTorchLightningPruningCallback
 
-        params = suggest(trial, self.space)
-        name = f"trial-{trial.number:04d}"
-        cfg = apply_params(self.cfg, params).model_copy(
-            update={"run_name": name, "tracking_uri": self.cfg.mlflow_uri, "outputs_dir": str(self.cfg.run_dir / "trials")}
+    params = suggest(trial, self.space)
+    name = f"trial-{trial.number:04d}"
+    cfg = apply_params(self.cfg, params).model_copy(
+        update={"run_name": name, "tracking_uri": self.cfg.mlflow_uri, "outputs_dir": str(self.cfg.run_dir / "trials")}
+    )
+    host, pid = socket.gethostname(), os.getpid()
+    run_id = self.client.create_run(
+        self.experiment_id,
+        run_name=name,
+        tags={
+            MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+            "cyber_moe.role": "trial",
+            "optuna.study": trial.study.study_name,
+            "optuna.trial": str(trial.number),
+            "optuna.worker": f"{host}:{pid}",
+        },
+    ).info.run_id
+    for k, v in {"host": host, "pid": pid, "worker": self.worker, "mlflow_run_id": run_id}.items():
+        trial.set_user_attr(k, v)
+    self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    status, state = "FAILED", "FAIL"
+    try:
+        logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=cfg.mlflow_uri, run_id=run_id)
+        fit = fit_moe(
+            cfg,
+            self.prep,
+            logger=logger,
+            callbacks=[PyTorchLightningPruningCallback(trial, monitor=MONITOR)],
+            enable_progress_bar=False,
         )
-        host, pid = socket.gethostname(), os.getpid()
-        run_id = self.client.create_run(
-            self.experiment_id,
-            run_name=name,
-            tags={
-                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-                "cyber_moe.role": "trial",
-                "optuna.study": trial.study.study_name,
-                "optuna.trial": str(trial.number),
-                "optuna.worker": f"{host}:{pid}",
-            },
-        ).info.run_id
-        for k, v in {"host": host, "pid": pid, "worker": self.worker, "mlflow_run_id": run_id}.items():
-            trial.set_user_attr(k, v)
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        status, state = "FAILED", "FAIL"
-        try:
-            logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=cfg.mlflow_uri, run_id=run_id)
-            fit = fit_moe(
-                cfg,
-                self.prep,
-                logger=logger,
-                callbacks=[PyTorchLightningPruningCallback(trial, monitor=MONITOR)],
-                enable_progress_bar=False,
-            )
-            if fit.best_score is None or not math.isfinite(fit.best_score):
-                raise RuntimeError(f"trial {trial.number}: no finite {MONITOR} was logged (got {fit.best_score})")
-            self.client.log_metric(run_id, f"{MONITOR}_best", fit.best_score)
-            self.client.log_metric(run_id, "train_seconds", fit.seconds)
-            status, state = "FINISHED", "COMPLETE"
-            return fit.best_score
-        except optuna.TrialPruned:
-            status, state = "FINISHED", "PRUNED"
-            raise
-        finally:
-            self.client.set_tag(run_id, "optuna.state", state)
-            self.client.set_terminated(run_id, status)
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        if fit.best_score is None or not math.isfinite(fit.best_score):
+            raise RuntimeError(f"trial {trial.number}: no finite {MONITOR} was logged (got {fit.best_score})")
+        self.client.log_metric(run_id, f"{MONITOR}_best", fit.best_score)
+        self.client.log_metric(run_id, "train_seconds", fit.seconds)
+        status, state = "FINISHED", "COMPLETE"
+        return fit.best_score
+    except optuna.TrialPruned:
+        status, state = "FINISHED", "PRUNED"
+        raise
+    finally:
+        self.client.set_tag(run_id, "optuna.state", state)
+        self.client.set_terminated(run_id, status)
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
 
 # %% ../nbs/60_tune.ipynb #897ea8d1
 def _make_sampler(seed: int):
@@ -533,31 +536,22 @@ def register_best(cfg: RunConfig, study, prep: Prepared, *, parent_run_id: str, 
     client.set_terminated(run_id, "FINISHED")
     return run_id, metrics
 
-# %% ../nbs/60_tune.ipynb #42352dd2
-def tune(
+# %% ../nbs/60_tune.ipynb #1e5d5abc
+def _open_sweep(
     cfg: RunConfig,
-    *,
+    log,
+    study_name: str,
+    storage: str,
+    space: dict,
+    pruner,
+    sampler_seed: int,
     n_trials: int,
-    study_name: str | None = None,
-    storage: str | None = None,
-    workers: int = 1,
-    timeout: float | None = None,
-    space: dict[str, dict] | None = None,
-    sampler_seed: int = 0,
-    pruner=None,
-    torch_threads: int | None = None,
-    register: bool = True,
-    show_progress_bar: bool = True,
-) -> TuneResult:
-    "Run (or continue) the sweep `study_name` with `n_trials` more trials on `workers` processes; retrain, test and register the best."
-    import optuna
+    workers: int,
+    torch_threads: int | None,
+):
+    "Prepare the data once, open the study and its MLflow parent run, and share the trials out to the workers."
     from mlflow.tracking import MlflowClient
 
-    log = setup_logging(cfg.log_level)
-    if n_trials < 1 or workers < 1:
-        raise TuneError(f"tune: n_trials ({n_trials}) and workers ({workers}) must be >= 1")
-    space = validate_space(dict(DEFAULT_SPACE if space is None else space), cfg)
-    study_name, storage = study_name or cfg.run_name, storage or default_storage(cfg)
     prep = prepare(cfg)
     save_prepared(prep, cfg.run_dir)
     study = open_study(study_name, storage, fingerprint=split_fingerprint(prep), space=space, pruner=pruner, sampler_seed=sampler_seed)
@@ -575,23 +569,33 @@ def tune(
         len(before),
         parent,
     )
-    kw = dict(study_name=study_name, storage=storage, timeout=timeout, sampler_seed=sampler_seed, pruner=pruner, torch_threads=threads)
-    try:
-        if len(shares) == 1:
-            run_worker(cfg, n_trials=n_trials, worker=0, show_progress_bar=show_progress_bar, prep=prep, **kw)
-        else:
-            _run_processes(cfg, shares, total=n_trials, show_progress_bar=show_progress_bar, **kw)
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
-        trials = study.get_trials(deepcopy=False)
-        states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
-        if not states["COMPLETE"]:
-            raise RuntimeError(f"study '{study_name}': no trial completed ({states}); nothing to retrain")
-        best = study.best_trial
-        log.info("best trial %d: %s = %.4f with %s", best.number, MONITOR, best.value, best.params)
-        best_run, metrics = register_best(cfg, study, prep, parent_run_id=parent, register=register)
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
-        raise
+    return prep, parent, client, before, shares, threads
+
+# %% ../nbs/60_tune.ipynb #d6a0a588
+def _run_sweep(
+    cfg: RunConfig, prep: Prepared, shares: list[int], log, *, n_trials: int, show_progress_bar: bool, parent: str, register: bool, kw: dict
+):
+    "Run the trials (in this process, or one process per share), then retrain, test and register the best; raise if none completed."
+    import optuna
+
+    if len(shares) == 1:
+        run_worker(cfg, n_trials=n_trials, worker=0, show_progress_bar=show_progress_bar, prep=prep, **kw)
+    else:
+        _run_processes(cfg, shares, total=n_trials, show_progress_bar=show_progress_bar, **kw)
+    study_name = kw["study_name"]
+    study = optuna.load_study(study_name=study_name, storage=open_storage(kw["storage"]))
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    if not states["COMPLETE"]:
+        raise RuntimeError(f"study '{study_name}': no trial completed ({states}); nothing to retrain")
+    best = study.best_trial
+    log.info("best trial %d: %s = %.4f with %s", best.number, MONITOR, best.value, best.params)
+    best_run, metrics = register_best(cfg, study, prep, parent_run_id=parent, register=register)
+    return trials, states, best, best_run, metrics
+
+# %% ../nbs/60_tune.ipynb #329cc8b6
+def _close_parent(client, parent: str, best, best_run: str, register: bool) -> str | None:
+    "Tag the parent run with the best trial, its run and its registered version (returned), and finish it."
     version = None
     if register:
         versions = client.search_model_versions(f"run_id = '{best_run}'")
@@ -599,6 +603,42 @@ def tune(
     for k, v in {"best_trial": best.number, "best_run_id": best_run, "best_model_version": version}.items():
         client.set_tag(parent, k, str(v))
     client.set_terminated(parent, "FINISHED")
+    return version
+
+# %% ../nbs/60_tune.ipynb #42352dd2
+def tune(
+    cfg: RunConfig,
+    *,
+    n_trials: int,
+    study_name: str | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    timeout: float | None = None,
+    space: dict[str, dict] | None = None,
+    sampler_seed: int = 0,
+    pruner=None,
+    torch_threads: int | None = None,
+    register: bool = True,
+    show_progress_bar: bool = True,
+) -> TuneResult:
+    "Run (or continue) the sweep `study_name` with `n_trials` more trials on `workers` processes; retrain, test and register the best."
+    log = setup_logging(cfg.log_level)
+    if n_trials < 1 or workers < 1:
+        raise TuneError(f"tune: n_trials ({n_trials}) and workers ({workers}) must be >= 1")
+    space = validate_space(dict(DEFAULT_SPACE if space is None else space), cfg)
+    study_name, storage = study_name or cfg.run_name, storage or default_storage(cfg)
+    prep, parent, client, before, shares, threads = _open_sweep(
+        cfg, log, study_name, storage, space, pruner, sampler_seed, n_trials, workers, torch_threads
+    )
+    kw = dict(study_name=study_name, storage=storage, timeout=timeout, sampler_seed=sampler_seed, pruner=pruner, torch_threads=threads)
+    try:
+        trials, states, best, best_run, metrics = _run_sweep(
+            cfg, prep, shares, log, n_trials=n_trials, show_progress_bar=show_progress_bar, parent=parent, register=register, kw=kw
+        )
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    version = _close_parent(client, parent, best, best_run, register)
     res = TuneResult(
         study_name=study_name,
         storage=redact(storage),

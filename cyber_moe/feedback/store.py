@@ -586,7 +586,34 @@ def _insert_ignore(dialect: str, table: sa.Table):
         return insert(table).on_conflict_do_nothing(index_elements=[table.c.id])
     return table.insert().prefix_with("IGNORE")
 
+# %% ../../nbs/62_feedback.ipynb #625a3436
+def _alert_row(
+    rec: dict, rules: Sequence[RuleView], *, model_name: str, model_version: str, source: str, now: datetime, threshold: float | None
+) -> dict:
+    "The alerts-table row of one alert record; `suppressed_by` as the record says, else the first active rule that matches it."
+    miss = [k for k in ("id", "p_attack", "family") if rec.get(k) is None]
+    if miss:
+        raise InvalidFeedback(f"alert record lacks {', '.join(miss)}: {dict(list(rec.items())[:6])}")
+    if "suppressed_by" in rec:
+        rid = rec["suppressed_by"]  # decided by the caller (the service, with its cached rules)
+    else:
+        rule = next((r for r in rules if r.matches(rec.get("src_ip"), rec.get("dst_port"), rec.get("family"))), None)
+        rid = None if rule is None else rule.id
+    row = {k: _json_safe(rec.get(k)) for k in _ALERT_COLS if k not in ("features", "created_at", "suppressed_by")}
+    row.update(
+        model_name=str(model_name),
+        model_version=str(model_version),
+        source=source,
+        created_at=now,
+        suppressed_by=None if rid is None else int(rid),
+        id=str(rec["id"]),
+        features=None if rec.get("features") is None else {str(k): _json_safe(v) for k, v in rec["features"].items()},
+    )
+    if row.get("margin") is None and threshold is not None:
+        row["margin"] = float(row["p_attack"]) - float(threshold)
+    return row
 
+# %% ../../nbs/62_feedback.ipynb #a1279cea
 def _add_alerts(
     self: FeedbackStore,
     records: Sequence[dict] | pd.DataFrame,
@@ -609,26 +636,7 @@ def _add_alerts(
     rules = self.active_rules(now) if rules is None else [r for r in rules if r.active(now)]
     rows, sup, per_rule = [], [], {}
     for rec in records:
-        miss = [k for k in ("id", "p_attack", "family") if rec.get(k) is None]
-        if miss:
-            raise InvalidFeedback(f"alert record lacks {', '.join(miss)}: {dict(list(rec.items())[:6])}")
-        if "suppressed_by" in rec:
-            rid = rec["suppressed_by"]  # decided by the caller (the service, with its cached rules)
-        else:
-            rule = next((r for r in rules if r.matches(rec.get("src_ip"), rec.get("dst_port"), rec.get("family"))), None)
-            rid = None if rule is None else rule.id
-        row = {k: _json_safe(rec.get(k)) for k in _ALERT_COLS if k not in ("features", "created_at", "suppressed_by")}
-        row.update(
-            model_name=str(model_name),
-            model_version=str(model_version),
-            source=source,
-            created_at=now,
-            suppressed_by=None if rid is None else int(rid),
-            id=str(rec["id"]),
-            features=None if rec.get("features") is None else {str(k): _json_safe(v) for k, v in rec["features"].items()},
-        )
-        if row.get("margin") is None and threshold is not None:
-            row["margin"] = float(row["p_attack"]) - float(threshold)
+        row = _alert_row(rec, rules, model_name=model_name, model_version=model_version, source=source, now=now, threshold=threshold)
         rows.append(row)
         sup.append(row["suppressed_by"])
 
@@ -785,7 +793,30 @@ _QUEUE_COLS = (
 )
 _VERDICT_COLS = ("verdict", "label", "note", "analyst", "verdict_at")
 
+# %% ../../nbs/62_feedback.ipynb #69901787
+def _filter_alerts(q, lv, *, model_name, model_version, family, src_ip, since, suppressed, verdict):
+    "The queue query `q` narrowed by model, family, source, time, suppression and verdict (`lv`: the latest verdicts)."
+    if model_name is not None:
+        q = q.where(Alert.model_name == model_name)
+    if model_version is not None:
+        q = q.where(Alert.model_version == model_version)
+    if family is not None:
+        q = q.where(Alert.family == family)
+    if src_ip is not None:
+        q = q.where(Alert.src_ip == src_ip)
+    if since is not None:
+        q = q.where(Alert.created_at >= since)
+    if suppressed is False:
+        q = q.where(Alert.suppressed_by.is_(None))
+    elif suppressed is True:
+        q = q.where(Alert.suppressed_by.is_not(None))
+    if verdict == "none":
+        q = q.where(lv.c.vid.is_(None))
+    elif verdict is not None:
+        q = q.where(Verdict.verdict == verdict)
+    return q
 
+# %% ../../nbs/62_feedback.ipynb #77c92e4c
 def _alerts(
     self: FeedbackStore,
     order: str = "newest",
@@ -813,24 +844,17 @@ def _alerts(
         .outerjoin(lv, lv.c.alert_id == Alert.id)
         .outerjoin(Verdict, Verdict.id == lv.c.vid)
     )
-    if model_name is not None:
-        q = q.where(Alert.model_name == model_name)
-    if model_version is not None:
-        q = q.where(Alert.model_version == model_version)
-    if family is not None:
-        q = q.where(Alert.family == family)
-    if src_ip is not None:
-        q = q.where(Alert.src_ip == src_ip)
-    if since is not None:
-        q = q.where(Alert.created_at >= since)
-    if suppressed is False:
-        q = q.where(Alert.suppressed_by.is_(None))
-    elif suppressed is True:
-        q = q.where(Alert.suppressed_by.is_not(None))
-    if verdict == "none":
-        q = q.where(lv.c.vid.is_(None))
-    elif verdict is not None:
-        q = q.where(Verdict.verdict == verdict)
+    q = _filter_alerts(
+        q,
+        lv,
+        model_name=model_name,
+        model_version=model_version,
+        family=family,
+        src_ip=src_ip,
+        since=since,
+        suppressed=suppressed,
+        verdict=verdict,
+    )
     q = (
         q.order_by(Alert.created_at.desc(), Alert.first_seen_ms.desc().nulls_last(), Alert.id)
         if order == "newest"

@@ -19,9 +19,9 @@ def _utc():
     "Naive UTC datetimes (the store's UTCDateTime)."
     return sa.DateTime()
 
-
-def upgrade() -> None:
-    "Create the models, rules, alerts and verdicts tables."
+# %% ../../../nbs/61_feedback_r0001.ipynb #9702c761
+def _create_models() -> None:
+    "The feedback_models table: one row per model name and version."
     op.create_table(
         "feedback_models",
         sa.Column("name", sa.String(256), primary_key=True),
@@ -30,6 +30,10 @@ def upgrade() -> None:
         sa.Column("benign", sa.String(128), nullable=True),
         sa.Column("threshold", sa.Float, nullable=True),
     )
+
+
+def _create_rules() -> None:
+    "The feedback_rules table: suppression rules and how many alerts each suppressed."
     op.create_table(
         "feedback_rules",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -42,6 +46,10 @@ def upgrade() -> None:
         sa.Column("created_at", _utc(), nullable=False),
         sa.Column("n_suppressed", sa.BigInteger, nullable=False, server_default="0"),
     )
+
+# %% ../../../nbs/61_feedback_r0001.ipynb #adb88728
+def _create_alerts() -> None:
+    "The feedback_alerts table and its indexes."
     op.create_table(
         "feedback_alerts",
         sa.Column("id", sa.String(160), primary_key=True),
@@ -69,6 +77,10 @@ def upgrade() -> None:
     op.create_index("ix_feedback_alerts_request_id", "feedback_alerts", ["request_id"])
     op.create_index("ix_feedback_alerts_model_name", "feedback_alerts", ["model_name"])
     op.create_index("ix_feedback_alerts_created_at", "feedback_alerts", ["created_at"])
+
+# %% ../../../nbs/61_feedback_r0001.ipynb #32551d30
+def _create_verdicts() -> None:
+    "The feedback_verdicts table and its index."
     op.create_table(
         "feedback_verdicts",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -80,6 +92,14 @@ def upgrade() -> None:
         sa.Column("created_at", _utc(), nullable=False),
     )
     op.create_index("ix_feedback_verdicts_alert_id", "feedback_verdicts", ["alert_id"])
+
+
+def upgrade() -> None:
+    "Create the models, rules, alerts and verdicts tables."
+    _create_models()
+    _create_rules()
+    _create_alerts()
+    _create_verdicts()
 
 
 def downgrade() -> None:
