@@ -14,19 +14,20 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import communityid
 import numpy as np
 import pandas as pd
 import torch
-from nfstream import NFStreamer
 
 from . import __version__
 from .bundle import ModelBundle
-from .nfstream import NFSTREAM, PcapError, check_pcap, derive_columns, flatten_splt, pcap_to_flows
 from .feedback import StoreUnavailable, flow_alert_id
 from .schema import SchemaError
+
+if TYPE_CHECKING:  # NFStream is imported where captures are metered, not with the module
+    from nfstream import NFStreamer
 
 # %% auto #0
 __all__ = ['FLOW_COLUMNS', 'CAPTURE_SUFFIXES', 'ALERT_FORMATS', 'ECS_VERSION', 'SID_BASE', 'TRANSPORT', 'EVE_PROTO', 'CATEGORY',
@@ -99,6 +100,8 @@ def is_capture(path: str | Path) -> bool:
 
 def _check_nfstream_bundle(bundle: ModelBundle) -> None:
     "Refuse a model trained on another schema: its features do not exist in NFStream flows (lab models read NFStream's own columns)."
+    from cyber_moe.nfstream import NFSTREAM  # imports nfstream: only scoring captures needs it
+
     nfs = set(NFSTREAM.features) | set(NFSTREAM.identifiers)
     if bundle.schema.name != NFSTREAM.name and not set(bundle.schema.features) <= nfs:
         raise SchemaError(
@@ -169,6 +172,36 @@ def _torch_threads(n: int):
     finally:
         torch.set_num_threads(old)
 
+# %% ../nbs/85_alerts.ipynb #6c051c30
+def _open_streamer(source: str | Path, *, bpf_filter: str | None, max_flows: int | None, splt: int, nfstream_opts: dict):
+    "An NFStreamer on `source` with the options of `pcap_to_flows`; CaptureError (what to check) when NFStream cannot open it."
+    from nfstream import NFStreamer  # imported here: scoring CSV or Parquet flows does not need NFStream
+
+    try:
+        return NFStreamer(
+            source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **_streamer_opts(**nfstream_opts, splt=splt)
+        )
+    except ValueError as e:
+        raise CaptureError(
+            f"{source}: NFStream cannot open it ({e}); give a pcap file or the name of a network interface "
+            "(`ip link` lists them) and run with capture rights (root or CAP_NET_RAW)"
+        ) from None
+
+# %% ../nbs/85_alerts.ipynb #9edbf77a
+def _score_rows(bundle: ModelBundle, rows: list, keys, *, splt: int, n_threads: int, features: bool, stats: dict) -> pd.DataFrame:
+    "Score the NFStream flows in `rows` (columns `keys`), count them in `stats` and empty `rows`."
+    from cyber_moe.nfstream import derive_columns, flatten_splt
+
+    flows = pd.DataFrame(rows, columns=keys)
+    if splt:
+        flows = flatten_splt(flows, splt)
+    with _torch_threads(n_threads):
+        out = score_flows(bundle, derive_columns(flows), features=features)
+    stats["n_flows"] += len(rows)
+    stats["n_batches"] += 1
+    rows.clear()
+    return out
+
 # %% ../nbs/85_alerts.ipynb #06a44f6c
 def scored_batches(
     source: str | Path,
@@ -184,21 +217,15 @@ def scored_batches(
     **nfstream_opts,
 ) -> Iterator[pd.DataFrame]:
     "Yield `score_flows` frames for the flows NFStream meters from `source` (pcap or interface), `batch_size` at most, as they end; a sequence model's flows are metered with its `splt`."
+    from cyber_moe.nfstream import PcapError, check_pcap
+
     _check_nfstream_bundle(bundle)
     splt = int(bundle.schema.sequence)
     if batch_size < 1 or max_delay_s <= 0:
         raise ValueError(f"batch_size must be >= 1 and max_delay_s > 0, got {batch_size}, {max_delay_s}")
     is_file = Path(str(source)).is_file() or is_capture(source)
     info = check_pcap(source) if is_file else None
-    try:
-        streamer = NFStreamer(
-            source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **_streamer_opts(**nfstream_opts, splt=splt)
-        )
-    except ValueError as e:
-        raise CaptureError(
-            f"{source}: NFStream cannot open it ({e}); give a pcap file or the name of a network interface "
-            "(`ip link` lists them) and run with capture rights (root or CAP_NET_RAW)"
-        ) from None
+    streamer = _open_streamer(source, bpf_filter=bpf_filter, max_flows=max_flows, splt=splt, nfstream_opts=nfstream_opts)
     if n_threads is None:
         n_threads = max(1, len(os.sched_getaffinity(0)) - streamer.n_meters)
     stats.update(source=str(source), n_flows=0, n_batches=0, interrupted=False, n_threads=n_threads)
@@ -207,17 +234,7 @@ def scored_batches(
     q: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     threading.Thread(target=_reader, args=(streamer, q), daemon=True, name="nfstream-reader").start()
     keys, rows, first_at, err = None, [], None, None
-
-    def batch() -> pd.DataFrame:
-        flows = pd.DataFrame(rows, columns=keys)
-        if splt:
-            flows = flatten_splt(flows, splt)
-        with _torch_threads(n_threads):
-            out = score_flows(bundle, derive_columns(flows), features=features)
-        stats["n_flows"] += len(rows)
-        stats["n_batches"] += 1
-        rows.clear()
-        return out
+    batch = lambda: _score_rows(bundle, rows, keys, splt=splt, n_threads=n_threads, features=features, stats=stats)
 
     try:
         while True:
@@ -258,6 +275,8 @@ def score_pcap(
     **nfstream_opts,
 ) -> pd.DataFrame:
     "Meter `pcap_path` with NFStream (`pcap_to_flows` options in `nfstream_opts`) and score every flow; rows in `pcap_to_flows` order."
+    from cyber_moe.nfstream import PcapError, check_pcap, pcap_to_flows
+
     _check_nfstream_bundle(bundle)
     info = check_pcap(pcap_path)
     if info["truncated_at"] is not None and not allow_truncated:
@@ -515,9 +534,9 @@ def save_verdicts(scored: pd.DataFrame, path: str | Path) -> Path:
         scored.to_csv(path, index=False)
     return path
 
-# %% ../nbs/85_alerts.ipynb #86c4331d
-def alert_records(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
-    "Feedback-store records of the flagged flows of `scored`: stable id, 5-tuple, times, verdict and the features present."
+# %% ../nbs/85_alerts.ipynb #b7c7c8fe
+def _record_columns(scored: pd.DataFrame, bundle: ModelBundle) -> tuple[dict, list]:
+    "The flagged flows of `scored` as JSON-ready column lists, and their features as one dict (or None) per flow; SchemaError for missing columns."
     miss = [
         c
         for c in (
@@ -554,37 +573,42 @@ def alert_records(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
         )
     }
     fv = df[feats].astype(object).where(df[feats].notna(), None).to_dict(orient="records") if feats else [None] * len(df)
-    out = []
-    for i in range(len(df)):
-        c = {k: v[i] for k, v in cols.items()}
-        out.append(
-            {
-                "id": flow_alert_id(
-                    bundle.name,
-                    bundle.version,
-                    c["protocol"],
-                    c["src_ip"],
-                    c["src_port"],
-                    c["dst_ip"],
-                    c["dst_port"],
-                    c["bidirectional_first_seen_ms"],
-                ),
-                "community_id": c["community_id"],
-                "src_ip": c["src_ip"],
-                "src_port": c["src_port"],
-                "dst_ip": c["dst_ip"],
-                "dst_port": c["dst_port"],
-                "protocol": c["protocol"],
-                "first_seen_ms": c["bidirectional_first_seen_ms"],
-                "last_seen_ms": c["bidirectional_last_seen_ms"],
-                "p_attack": float(c["p_attack"]),
-                "p_family": None if c["p_family"] is None else float(c["p_family"]),
-                "family": c["attack_family"],
-                "margin": float(c["p_attack"]) - bundle.threshold,
-                "features": fv[i],
-            }
-        )
-    return out
+    return cols, fv
+
+# %% ../nbs/85_alerts.ipynb #29593ecf
+def _alert_record(c: dict, features: dict | None, bundle: ModelBundle) -> dict:
+    "The feedback-store record of one flagged flow from its columns `c`."
+    return {
+        "id": flow_alert_id(
+            bundle.name,
+            bundle.version,
+            c["protocol"],
+            c["src_ip"],
+            c["src_port"],
+            c["dst_ip"],
+            c["dst_port"],
+            c["bidirectional_first_seen_ms"],
+        ),
+        "community_id": c["community_id"],
+        "src_ip": c["src_ip"],
+        "src_port": c["src_port"],
+        "dst_ip": c["dst_ip"],
+        "dst_port": c["dst_port"],
+        "protocol": c["protocol"],
+        "first_seen_ms": c["bidirectional_first_seen_ms"],
+        "last_seen_ms": c["bidirectional_last_seen_ms"],
+        "p_attack": float(c["p_attack"]),
+        "p_family": None if c["p_family"] is None else float(c["p_family"]),
+        "family": c["attack_family"],
+        "margin": float(c["p_attack"]) - bundle.threshold,
+        "features": features,
+    }
+
+# %% ../nbs/85_alerts.ipynb #86c4331d
+def alert_records(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
+    "Feedback-store records of the flagged flows of `scored`: stable id, 5-tuple, times, verdict and the features present."
+    cols, fv = _record_columns(scored, bundle)
+    return [_alert_record({k: v[i] for k, v in cols.items()}, fv[i], bundle) for i in range(len(fv))]
 
 
 def store_alerts(store, scored: pd.DataFrame, bundle: ModelBundle, *, source: str):

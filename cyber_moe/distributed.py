@@ -239,7 +239,7 @@ def suppress_alerts(scored: pd.DataFrame, bundle, rules: list) -> tuple[pd.DataF
     out.attrs = dict(scored.attrs)
     return out, recs
 
-# %% ../nbs/88_distributed.ipynb #1dcec6fd
+# %% ../nbs/88_distributed.ipynb #edc7708c
 def _read_unit(unit: WorkUnit) -> pd.DataFrame:
     "The rows of a flow unit: the whole file (as `read_raw` reads it) or its row groups."
     from cyber_moe.bundle import read_raw, strip_columns
@@ -250,59 +250,63 @@ def _read_unit(unit: WorkUnit) -> pd.DataFrame:
 
     return strip_columns(pq.ParquetFile(unit.path).read_row_groups(list(unit.row_groups)).to_pandas())
 
+# %% ../nbs/88_distributed.ipynb #6e35328c
+def _score_pcap_unit(unit: WorkUnit, bundle, *, allow_truncated: bool, batch_size: int, alert_format: str, rules, drop_features):
+    "Verdicts, alerts and feedback records (None without `rules`) of a capture unit."
+    from cyber_moe.alerts import make_alerts, score_pcap
 
-def score_unit(
-    unit: WorkUnit,
-    model: str,
-    out_dir: str,
-    *,
-    runtime: str = "onnx",
-    batch_size: int = 8192,
-    alert_format: str = "ecs",
-    allow_truncated: bool = False,
-    rules: list | None = None,
-) -> dict:
-    "The task: meter/read one unit, score it with the worker's bundle, apply suppression `rules` (None: no feedback store), write its alerts and verdict part; returns counts."
-    from cyber_moe.alerts import FLOW_COLUMNS, make_alerts, score_pcap, write_alerts
+    import multiprocessing
 
-    t0 = time.perf_counter()
-    bundle, note = worker_bundle(model, runtime=runtime)
-    out, records = Path(out_dir), None
-    drop_features = lambda f: f.drop(columns=[c for c in bundle.schema.features if c in f.columns and c not in FLOW_COLUMNS])
-    if unit.kind == "pcap":
-        import multiprocessing
-
-        if multiprocessing.current_process().daemon:
-            raise RuntimeError(
-                f"{unit.path}: this Dask worker is a daemonic process, where NFStream cannot start its meters; "
-                "start workers that meter captures with DASK_DISTRIBUTED__WORKER__DAEMON=False (or `dask worker --no-nanny`)"
-            )
-        verdicts = score_pcap(
-            bundle, unit.path, allow_truncated=allow_truncated, batch_size=batch_size, n_threads=1, features=rules is not None
+    records = None
+    if multiprocessing.current_process().daemon:
+        raise RuntimeError(
+            f"{unit.path}: this Dask worker is a daemonic process, where NFStream cannot start its meters; "
+            "start workers that meter captures with DASK_DISTRIBUTED__WORKER__DAEMON=False (or `dask worker --no-nanny`)"
         )
-        if rules is not None:
-            verdicts, records = suppress_alerts(verdicts, bundle, rules)
-            verdicts = drop_features(verdicts)
-        alerts = make_alerts(verdicts, bundle, alert_format=alert_format)
-    else:
-        df = _read_unit(unit)
-        bundle.schema.check_columns(df.columns, where=unit.path)
-        probs = not {"attack", "family"} & set(bundle.classes)  # p_<class> columns would collide with p_attack/p_family
-        pred = bundle.predict(df, batch_size=batch_size, class_probs=probs)
-        flagged = _flow_flagged(df, pred, bundle, features=rules is not None) if probs else None
-        if flagged is not None and rules is not None:
-            flagged, records = suppress_alerts(flagged, bundle, rules)
-            flagged = drop_features(flagged)
-        alerts = None if flagged is None else make_alerts(flagged, bundle, alert_format=alert_format)
-        verdicts = (pred.drop(columns=[f"p_{c}" for c in bundle.classes]) if probs else pred).reset_index(drop=True)
-        if rules is not None:  # the flagged rows, in order, are those of `flagged`
-            sup = pd.Series(pd.NA, index=verdicts.index, dtype="Int64")
-            if flagged is not None:
-                sup.iloc[np.flatnonzero(verdicts["is_attack"].to_numpy() == 1)] = flagged["suppressed_by"].to_numpy()
-            verdicts = verdicts.assign(suppressed_by=sup)
-    if alerts is not None:
-        _atomic_write(out / unit.alerts, lambda p: write_alerts(alerts, p))
-    _atomic_write(out / unit.part, lambda p: verdicts.to_parquet(p, index=False))
+    verdicts = score_pcap(
+        bundle, unit.path, allow_truncated=allow_truncated, batch_size=batch_size, n_threads=1, features=rules is not None
+    )
+    if rules is not None:
+        verdicts, records = suppress_alerts(verdicts, bundle, rules)
+        verdicts = drop_features(verdicts)
+    alerts = make_alerts(verdicts, bundle, alert_format=alert_format)
+    return verdicts, alerts, records
+
+# %% ../nbs/88_distributed.ipynb #74adcd0f
+def _score_flow_unit(unit: WorkUnit, bundle, *, batch_size: int, alert_format: str, rules, drop_features):
+    "Verdicts, alerts (None when the model's classes collide with p_attack/p_family) and feedback records of a flow unit."
+    from cyber_moe.alerts import make_alerts
+
+    records = None
+    df = _read_unit(unit)
+    bundle.schema.check_columns(df.columns, where=unit.path)
+    probs = not {"attack", "family"} & set(bundle.classes)  # p_<class> columns would collide with p_attack/p_family
+    pred = bundle.predict(df, batch_size=batch_size, class_probs=probs)
+    flagged = _flow_flagged(df, pred, bundle, features=rules is not None) if probs else None
+    if flagged is not None and rules is not None:
+        flagged, records = suppress_alerts(flagged, bundle, rules)
+        flagged = drop_features(flagged)
+    alerts = None if flagged is None else make_alerts(flagged, bundle, alert_format=alert_format)
+    verdicts = (pred.drop(columns=[f"p_{c}" for c in bundle.classes]) if probs else pred).reset_index(drop=True)
+    if rules is not None:  # the flagged rows, in order, are those of `flagged`
+        sup = pd.Series(pd.NA, index=verdicts.index, dtype="Int64")
+        if flagged is not None:
+            sup.iloc[np.flatnonzero(verdicts["is_attack"].to_numpy() == 1)] = flagged["suppressed_by"].to_numpy()
+        verdicts = verdicts.assign(suppressed_by=sup)
+    return verdicts, alerts, records
+
+# %% ../nbs/88_distributed.ipynb #ca11abaf
+def _per_rule(records: list[dict]) -> dict[str, int]:
+    "Alerts suppressed per rule id (as a string: the manifest is JSON)."
+    out: dict[str, int] = {}
+    for r in records:
+        if r["suppressed_by"] is not None:
+            out[str(r["suppressed_by"])] = out.get(str(r["suppressed_by"]), 0) + 1
+    return out
+
+
+def _unit_result(unit: WorkUnit, verdicts: pd.DataFrame, alerts, records, *, t0: float, runtime: str, note) -> dict:
+    "The summary `score_unit` returns for `unit` (time counted from `t0`)."
     return {
         "unit": unit.id,
         "input": unit.path,
@@ -320,14 +324,34 @@ def score_unit(
         **({} if records is None else {"suppressed": _per_rule(records), "alert_records": records}),
     }
 
+# %% ../nbs/88_distributed.ipynb #073e92e4
+def score_unit(
+    unit: WorkUnit,
+    model: str,
+    out_dir: str,
+    *,
+    runtime: str = "onnx",
+    batch_size: int = 8192,
+    alert_format: str = "ecs",
+    allow_truncated: bool = False,
+    rules: list | None = None,
+) -> dict:
+    "The task: meter/read one unit, score it with the worker's bundle, apply suppression `rules` (None: no feedback store), write its alerts and verdict part; returns counts."
+    from cyber_moe.alerts import FLOW_COLUMNS, write_alerts
 
-def _per_rule(records: list[dict]) -> dict[str, int]:
-    "Alerts suppressed per rule id (as a string: the manifest is JSON)."
-    out: dict[str, int] = {}
-    for r in records:
-        if r["suppressed_by"] is not None:
-            out[str(r["suppressed_by"])] = out.get(str(r["suppressed_by"]), 0) + 1
-    return out
+    t0 = time.perf_counter()
+    bundle, note = worker_bundle(model, runtime=runtime)
+    out = Path(out_dir)
+    drop_features = lambda f: f.drop(columns=[c for c in bundle.schema.features if c in f.columns and c not in FLOW_COLUMNS])
+    opts = dict(batch_size=batch_size, alert_format=alert_format, rules=rules, drop_features=drop_features)
+    if unit.kind == "pcap":
+        verdicts, alerts, records = _score_pcap_unit(unit, bundle, allow_truncated=allow_truncated, **opts)
+    else:
+        verdicts, alerts, records = _score_flow_unit(unit, bundle, **opts)
+    if alerts is not None:
+        _atomic_write(out / unit.alerts, lambda p: write_alerts(alerts, p))
+    _atomic_write(out / unit.part, lambda p: verdicts.to_parquet(p, index=False))
+    return _unit_result(unit, verdicts, alerts, records, t0=t0, runtime=runtime, note=note)
 
 # %% ../nbs/88_distributed.ipynb #030b9a35
 MANIFEST = "manifest.json"
@@ -494,28 +518,10 @@ def summary_text(s: dict) -> str:
     lines.append(f"verdicts: {s['output']}/verdicts  alerts: {s['output']}/alerts  manifest: {s['manifest']}")
     return "\n".join(lines)
 
-# %% ../nbs/88_distributed.ipynb #7f357fcd
-def score_many(
-    inputs: list[str],
-    model: str | Path,
-    output: str | Path,
-    *,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    rows_per_task: int = 1_000_000,
-    runtime: str = "onnx",
-    batch_size: int = 1024,
-    alert_format: str = "ecs",
-    allow_truncated: bool = False,
-    stream: TextIO | None = None,
-    dashboard_address: str | None = ":8787",
-    feedback=None,
-) -> dict:
-    "Score files, folders and globs on a Dask cluster (address `scheduler`, or a LocalCluster of `workers` processes) into folder `output`; `feedback`: a FeedbackStore whose rules suppress alerts and which stores them."
-    from distributed import Client, LocalCluster
-    import dask
+# %% ../nbs/88_distributed.ipynb #1528ca33
+def _check_many(alert_format: str, runtime: str, workers: int | None, output: str | Path) -> None:
+    "Refuse an unknown alert format or runtime, fewer than one worker, or an output that is a file."
     from cyber_moe.alerts import ALERT_FORMATS
-    from cyber_moe.bundle import load_model_bundle
 
     if alert_format not in ALERT_FORMATS:
         raise ValueError(f"alert_format '{alert_format}' unknown; use one of {', '.join(ALERT_FORMATS)}")
@@ -526,57 +532,38 @@ def score_many(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise SchemaError(f"--output {out}: a file; scoring many inputs needs an output folder")
-    stream = stream or sys.stdout
-    found, skipped = expand_inputs(list(inputs))
-    bundle = load_model_bundle(model)  # fails here, once, for a wrong --model
-    out.mkdir(parents=True, exist_ok=True)
-    ref = _model_ref(model)
-    manifest = Manifest(out, model={"uri": ref, "name": bundle.name, "version": bundle.version}, settings={"rows_per_task": rows_per_task})
-    units = plan_units(found, rows_per_task=int(manifest.settings["rows_per_task"]))
-    t0 = t_run = time.perf_counter()
-    res = {"results": {}, "failures": {}, "skipped_done": sum(manifest.done(u.id) for u in units)}
-    fb, keep = _feedback_for(feedback, bundle, stream)
-    if len(units) > res["skipped_done"]:
-        stack = contextlib.ExitStack()
-        if scheduler:
-            try:
-                client, cluster = Client(scheduler), None
-            except OSError as e:
-                raise ClusterError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({e})") from None
-        else:
-            n = workers or max(1, len(os.sched_getaffinity(0)))
-            stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))  # NFStream's meters are child processes
-            cluster = LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard_address, silence_logs=logging.CRITICAL
-            )  # task errors are reported by file name below, not as worker logs
-            client = Client(cluster)
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: str | None, workers: int | None, dashboard_address: str | None):
+    "A client of `scheduler`, or of a new LocalCluster of `workers` non-daemonic processes; both closed at the end of the block."
+    from distributed import Client, LocalCluster
+    import dask
+
+    stack = contextlib.ExitStack()
+    if scheduler:
         try:
-            print(
-                f"scoring {len(units) - res['skipped_done']:,} unit(s) of {len(found):,} input(s) with {bundle.name} v{bundle.version} "
-                f"on {len(client.scheduler_info()['workers'])} worker(s); dashboard: {client.dashboard_link}",
-                file=stream,
-                flush=True,
-            )
-            t_run = time.perf_counter()
-            res = run_units(
-                client,
-                units,
-                ref,
-                out,
-                manifest,
-                progress=Progress(len(units) - res["skipped_done"], stream=stream),
-                on_result=keep,
-                runtime=runtime,
-                batch_size=batch_size,
-                alert_format=alert_format,
-                allow_truncated=allow_truncated,
-                **({} if fb is None or fb["rules"] is None else {"rules": fb["rules"]}),
-            )
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-            stack.close()
+            client, cluster = Client(scheduler), None
+        except OSError as e:
+            raise ClusterError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({e})") from None
+    else:
+        n = workers or max(1, len(os.sched_getaffinity(0)))
+        stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))  # NFStream's meters are child processes
+        cluster = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard_address, silence_logs=logging.CRITICAL
+        )  # task errors are reported by file name below, not as worker logs
+        client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        stack.close()
+
+# %% ../nbs/88_distributed.ipynb #b5c5be9a
+def _finish_many(out: Path, manifest, units: list, found: list, skipped: list, res: dict, fb, *, t0: float, t_run: float) -> dict:
+    "Record the run in the manifest and return the summary of `score_many`."
     secs = time.perf_counter() - t0
     run_secs = time.perf_counter() - t_run if res["results"] or res["failures"] else 0.0
     rows = sum(r["rows"] for r in res["results"].values())
@@ -607,6 +594,64 @@ def score_many(
         "complete": all(manifest.done(u.id) for u in units),
         "feedback": None if fb is None else {k: v for k, v in fb.items() if k != "rules"},
     }
+
+# %% ../nbs/88_distributed.ipynb #095381ac
+def score_many(
+    inputs: list[str],
+    model: str | Path,
+    output: str | Path,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    rows_per_task: int = 1_000_000,
+    runtime: str = "onnx",
+    batch_size: int = 1024,
+    alert_format: str = "ecs",
+    allow_truncated: bool = False,
+    stream: TextIO | None = None,
+    dashboard_address: str | None = ":8787",
+    feedback=None,
+) -> dict:
+    "Score files, folders and globs on a Dask cluster (address `scheduler`, or a LocalCluster of `workers` processes) into folder `output`; `feedback`: a FeedbackStore whose rules suppress alerts and which stores them."
+    import distributed  # noqa: F401 (without the [dask] extra, fail here, before any work)
+    from cyber_moe.bundle import load_model_bundle
+
+    _check_many(alert_format, runtime, workers, output)
+    out = Path(output)
+    stream = stream or sys.stdout
+    found, skipped = expand_inputs(list(inputs))
+    bundle = load_model_bundle(model)  # fails here, once, for a wrong --model
+    out.mkdir(parents=True, exist_ok=True)
+    ref = _model_ref(model)
+    manifest = Manifest(out, model={"uri": ref, "name": bundle.name, "version": bundle.version}, settings={"rows_per_task": rows_per_task})
+    units = plan_units(found, rows_per_task=int(manifest.settings["rows_per_task"]))
+    t0 = t_run = time.perf_counter()
+    res = {"results": {}, "failures": {}, "skipped_done": sum(manifest.done(u.id) for u in units)}
+    fb, keep = _feedback_for(feedback, bundle, stream)
+    if len(units) > res["skipped_done"]:
+        with _dask_client(scheduler, workers, dashboard_address) as client:
+            print(
+                f"scoring {len(units) - res['skipped_done']:,} unit(s) of {len(found):,} input(s) with {bundle.name} v{bundle.version} "
+                f"on {len(client.scheduler_info()['workers'])} worker(s); dashboard: {client.dashboard_link}",
+                file=stream,
+                flush=True,
+            )
+            t_run = time.perf_counter()
+            res = run_units(
+                client,
+                units,
+                ref,
+                out,
+                manifest,
+                progress=Progress(len(units) - res["skipped_done"], stream=stream),
+                on_result=keep,
+                runtime=runtime,
+                batch_size=batch_size,
+                alert_format=alert_format,
+                allow_truncated=allow_truncated,
+                **({} if fb is None or fb["rules"] is None else {"rules": fb["rules"]}),
+            )
+    return _finish_many(out, manifest, units, found, skipped, res, fb, t0=t0, t_run=t_run)
 
 # %% ../nbs/88_distributed.ipynb #866891d3
 def _feedback_for(store, bundle, stream: TextIO) -> tuple[dict | None, Callable[[dict], None]]:

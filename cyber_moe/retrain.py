@@ -193,28 +193,12 @@ class FineTuneSettings:
             load_balance_weight=cfg.model.load_balance_weight,
         )
 
-# %% ../nbs/89_retrain.ipynb #6d83c2cd
-def fine_tune(
-    bundle: ModelBundle,
-    train: dict,
-    val: dict,
-    *,
-    settings: FineTuneSettings | None = None,
-    work_dir: str | Path | None = None,
-    rule: str = "max_f1",
-    target_fpr: float = 0.01,
-    enable_progress_bar: bool = False,
-) -> tuple[ModelBundle, dict]:
-    "A new bundle: `bundle`'s network trained further on `train` (best `val` epoch kept), temperature and operating point fit on `val`; and a summary."
-    import torch
-    from cyber_moe.bundle import network_outputs
-    from cyber_moe.config import seed_everything
-    from cyber_moe.evaluate import fit_temperature
-    from cyber_moe.lit import FlowDataModule, MoELitModule, class_weights_from, make_trainer
+# %% ../nbs/89_retrain.ipynb #6fb0e0e6
+def _fine_tune_module(bundle: ModelBundle, train: dict, s: FineTuneSettings):
+    "A `MoELitModule` around a copy of `bundle`'s network, with the loss and class weights of `s`."
+    from cyber_moe.lit import MoELitModule, class_weights_from
     from cyber_moe.models import MoEClassifier
 
-    s = settings or FineTuneSettings()
-    seed_everything(s.seed)
     net = MoEClassifier(**bundle.net_kwargs)
     net.load_state_dict(bundle.net.state_dict())
     n_classes = len(bundle.classes)
@@ -223,7 +207,7 @@ def fine_tune(
         if s.loss != "ce"
         else None
     )
-    module = MoELitModule(
+    return MoELitModule(
         net,
         lr=s.lr,
         weight_decay=s.weight_decay,
@@ -235,9 +219,15 @@ def fine_tune(
         load_balance_weight=s.load_balance_weight,
         label_smoothing=s.label_smoothing,
     )
+
+# %% ../nbs/89_retrain.ipynb #622ad660
+def _fit_best(module, train: dict, val: dict, s: FineTuneSettings, work_dir: str | Path | None, enable_progress_bar: bool):
+    "Fit `module` for `s.epochs` epochs and load its best checkpoint; the trainer."
+    import torch
+    from cyber_moe.lit import FlowDataModule, make_trainer
+
     own = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="cyber-moe-finetune-")) if own else Path(work_dir)
-    t0 = time.perf_counter()
     try:
         trainer = make_trainer(
             max_epochs=s.epochs,
@@ -256,7 +246,14 @@ def fine_tune(
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)
-    net = module.net.cpu().eval()
+    return trainer
+
+# %% ../nbs/89_retrain.ipynb #4498d3d1
+def _calibrated(bundle: ModelBundle, net, val: dict) -> tuple[ModelBundle, dict]:
+    "A copy of `bundle` with network `net` and its temperatures fit on `val`; and the temperatures."
+    from cyber_moe.bundle import network_outputs
+    from cyber_moe.evaluate import fit_temperature
+
     out = network_outputs(net, val)
     temps = {
         "family": fit_temperature(out["family"], val["y_family"]),
@@ -274,6 +271,30 @@ def fine_tune(
         version=bundle.version,
         extra=dict(bundle.extra),
     )
+    return tuned, temps
+
+# %% ../nbs/89_retrain.ipynb #f9a94002
+def fine_tune(
+    bundle: ModelBundle,
+    train: dict,
+    val: dict,
+    *,
+    settings: FineTuneSettings | None = None,
+    work_dir: str | Path | None = None,
+    rule: str = "max_f1",
+    target_fpr: float = 0.01,
+    enable_progress_bar: bool = False,
+) -> tuple[ModelBundle, dict]:
+    "A new bundle: `bundle`'s network trained further on `train` (best `val` epoch kept), temperature and operating point fit on `val`; and a summary."
+    from cyber_moe.config import seed_everything
+
+    s = settings or FineTuneSettings()
+    seed_everything(s.seed)
+    module = _fine_tune_module(bundle, train, s)
+    t0 = time.perf_counter()
+    trainer = _fit_best(module, train, val, s, work_dir, enable_progress_bar)
+    net = module.net.cpu().eval()
+    tuned, temps = _calibrated(bundle, net, val)
     tuned = reoperate(tuned, val, **operating_rule(bundle, rule=rule, target_fpr=target_fpr))
     summary = {
         "epochs": int(trainer.current_epoch),
@@ -461,7 +482,89 @@ def _model_name(uri: str) -> tuple[str | None, str | None]:
 def _scores(bundle: ModelBundle, fb_arrays: dict, fb_rows: pd.DataFrame, test_arrays: dict, test_rows: pd.DataFrame) -> dict:
     return {"feedback": feedback_scores(bundle, fb_arrays, fb_rows), "test": test_scores(bundle, test_arrays, test_rows)}
 
-# %% ../nbs/89_retrain.ipynb #6311d0ab
+# %% ../nbs/89_retrain.ipynb #f826febc
+def _feedback_data(champion: ModelBundle, confirmed: pd.DataFrame, model, *, run_dir, outputs_dir, fractions, seed: int):
+    "The labelled verdicts, their parts, the run folder, its config and rows, and the arrays of both (rows and verdicts)."
+    from cyber_moe.config import find_project_root
+
+    labelled = feedback_targets(confirmed, champion.classes, benign=champion.schema.benign)
+    champion.schema.check_columns(labelled.columns, where="confirmed verdicts")
+    parts = split_feedback(labelled, fractions=fractions, seed=seed)
+    run_name = champion.extra.get("run_name")
+    if run_dir is None:
+        if not run_name:
+            raise FeedbackError(f"{model}: the bundle does not name the run that trained it; pass --run DIR (the run's folder)")
+        run_dir = Path(outputs_dir or find_project_root() / "outputs") / run_name
+    cfg, orig = run_rows(run_dir)
+    pre = champion.preprocessor
+    A = lambda df, where: {**pre.transform(df, where=where), **pre.encode_targets(df, where=where)}
+    arrays = {n: A(df, f"original {n} split") for n, df in orig.items()}
+    fb = {k: A(df, f"confirmed verdicts ({k})") for k, df in parts.items()}
+    return labelled, parts, run_dir, cfg, orig, arrays, fb
+
+# %% ../nbs/89_retrain.ipynb #23dd420d
+def _log_sizes(log, name: str, model, labelled: pd.DataFrame, parts: dict, orig: dict) -> None:
+    "Log how many verdicts and original rows a retrain uses."
+    log.info(
+        "retrain %s (%s): %d confirmed verdicts (fit %d, val %d, held out %d); original rows train %d, val %d, test %d",
+        name,
+        model,
+        len(labelled),
+        *(len(parts[k]) for k in ("fit", "val", "holdout")),
+        *(len(orig[k]) for k in ("train", "val", "test")),
+    )
+
+# %% ../nbs/89_retrain.ipynb #15c1ad80
+def _retrain_candidate(champion, reop, cfg, arrays, fb, val, rule, parts, labelled, *, model, name, out_dir, options: dict):
+    "The candidate bundle and the fine-tune summary (None without a fine-tune); `options`: tune, epochs, lr_scale, seed, feedback_share, n_train."
+    tuning = None
+    if options["tune"]:
+        repeat = feedback_repeat(options["n_train"], len(parts["fit"]), share=options["feedback_share"])
+        settings = FineTuneSettings.from_run(cfg, epochs=options["epochs"], lr_scale=options["lr_scale"], seed=options["seed"])
+        candidate, tuning = fine_tune(
+            champion,
+            concat_arrays(arrays["train"], repeat_arrays(fb["fit"], repeat)),
+            val,
+            settings=settings,
+            work_dir=Path(out_dir) / "lightning",
+            **rule,
+        )
+        tuning["feedback_repeat"] = repeat
+        shutil.rmtree(Path(out_dir) / "lightning", ignore_errors=True)
+    else:
+        candidate = reop
+    candidate.extra = {
+        **candidate.extra,
+        "retrained_from": {"model": str(model), "name": name, "version": champion.version},
+        "feedback": {"confirmed": len(labelled), **{k: len(v) for k, v in parts.items()}},
+    }
+    return candidate, tuning
+
+# %% ../nbs/89_retrain.ipynb #a6858a63
+def _retrain_report(model, name, champion, run_dir, labelled, parts, orig, arrays, fb, tuning, reop, candidate, tolerance: float) -> dict:
+    "The report of a retrain, without registration and time."
+    score = lambda b: _scores(b, fb["holdout"], parts["holdout"], arrays["test"], orig["test"])
+    report = {
+        "model": str(model),
+        "name": name,
+        "champion_version": champion.version,
+        "run_dir": str(run_dir),
+        "confirmed": {
+            "n": len(labelled),
+            "verdicts": labelled["verdict"].value_counts().to_dict(),
+            "targets": labelled[FAMILY].value_counts().to_dict(),
+            "parts": {k: len(v) for k, v in parts.items()},
+        },
+        "original_rows": {k: len(v) for k, v in orig.items()},
+        "fine_tune": tuning,
+        "champion": score(champion),
+        "champion_reoperated": score(reop),
+        "candidate": score(candidate),
+    }
+    report["decision"] = promotion(report["champion"], report["candidate"], tolerance=tolerance)
+    return report
+
+# %% ../nbs/89_retrain.ipynb #adc41918
 def retrain_from_feedback(
     confirmed: pd.DataFrame,
     *,
@@ -483,7 +586,7 @@ def retrain_from_feedback(
     "Re-choose the operating point on confirmed verdicts and fine-tune `model` on them plus its training rows; compare, register as challenger, promote when it wins; the report."
     import logging
     from cyber_moe.bundle import load_model_bundle, resolve_tracking_uri
-    from cyber_moe.config import find_project_root, write_json
+    from cyber_moe.config import write_json
 
     log = log or logging.getLogger("cyber_moe.retrain")
     t0 = time.perf_counter()
@@ -491,70 +594,19 @@ def retrain_from_feedback(
     store = resolve_tracking_uri(tracking_uri) if (name or register) else tracking_uri
     champion = load_model_bundle(model, tracking_uri=store)
     name = name or champion.name
-    labelled = feedback_targets(confirmed, champion.classes, benign=champion.schema.benign)
-    champion.schema.check_columns(labelled.columns, where="confirmed verdicts")
-    parts = split_feedback(labelled, fractions=fractions, seed=seed)
-    run_name = champion.extra.get("run_name")
-    if run_dir is None:
-        if not run_name:
-            raise FeedbackError(f"{model}: the bundle does not name the run that trained it; pass --run DIR (the run's folder)")
-        run_dir = Path(outputs_dir or find_project_root() / "outputs") / run_name
-    cfg, orig = run_rows(run_dir)
-    pre = champion.preprocessor
-    A = lambda df, where: {**pre.transform(df, where=where), **pre.encode_targets(df, where=where)}
-    arrays = {n: A(df, f"original {n} split") for n, df in orig.items()}
-    fb = {k: A(df, f"confirmed verdicts ({k})") for k, df in parts.items()}
+    data = _feedback_data(champion, confirmed, model, run_dir=run_dir, outputs_dir=outputs_dir, fractions=fractions, seed=seed)
+    labelled, parts, run_dir, cfg, orig, arrays, fb = data
     val = concat_arrays(arrays["val"], fb["val"])
     rule = {"rule": cfg.train.operating_point, "target_fpr": cfg.train.target_fpr}
-    log.info(
-        "retrain %s (%s): %d confirmed verdicts (fit %d, val %d, held out %d); original rows train %d, val %d, test %d",
-        name,
-        model,
-        len(labelled),
-        *(len(parts[k]) for k in ("fit", "val", "holdout")),
-        *(len(orig[k]) for k in ("train", "val", "test")),
-    )
+    _log_sizes(log, name, model, labelled, parts, orig)
     reop = reoperate(champion, val, **rule)
-    tuning = None
-    if fine_tune_model:
-        repeat = feedback_repeat(len(orig["train"]), len(parts["fit"]), share=feedback_share)
-        settings = FineTuneSettings.from_run(cfg, epochs=epochs, lr_scale=lr_scale, seed=seed)
-        candidate, tuning = fine_tune(
-            champion,
-            concat_arrays(arrays["train"], repeat_arrays(fb["fit"], repeat)),
-            val,
-            settings=settings,
-            work_dir=Path(out_dir) / "lightning",
-            **rule,
-        )
-        tuning["feedback_repeat"] = repeat
-        shutil.rmtree(Path(out_dir) / "lightning", ignore_errors=True)
-    else:
-        candidate = reop
-    candidate.extra = {
-        **candidate.extra,
-        "retrained_from": {"model": str(model), "name": name, "version": champion.version},
-        "feedback": {"confirmed": len(labelled), **{k: len(v) for k, v in parts.items()}},
-    }
-    score = lambda b: _scores(b, fb["holdout"], parts["holdout"], arrays["test"], orig["test"])
-    report = {
-        "model": str(model),
-        "name": name,
-        "champion_version": champion.version,
-        "run_dir": str(run_dir),
-        "confirmed": {
-            "n": len(labelled),
-            "verdicts": labelled["verdict"].value_counts().to_dict(),
-            "targets": labelled[FAMILY].value_counts().to_dict(),
-            "parts": {k: len(v) for k, v in parts.items()},
-        },
-        "original_rows": {k: len(v) for k, v in orig.items()},
-        "fine_tune": tuning,
-        "champion": score(champion),
-        "champion_reoperated": score(reop),
-        "candidate": score(candidate),
-    }
-    report["decision"] = promotion(report["champion"], report["candidate"], tolerance=tolerance)
+    opts = dict(
+        tune=fine_tune_model, epochs=epochs, lr_scale=lr_scale, seed=seed, feedback_share=feedback_share, n_train=len(orig["train"])
+    )
+    candidate, tuning = _retrain_candidate(
+        champion, reop, cfg, arrays, fb, val, rule, parts, labelled, model=model, name=name, out_dir=out_dir, options=opts
+    )
+    report = _retrain_report(model, name, champion, run_dir, labelled, parts, orig, arrays, fb, tuning, reop, candidate, tolerance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if register:

@@ -160,7 +160,78 @@ def observe_many(hist, values: np.ndarray) -> None:
         hist._buckets[i].inc(int(counts[i]))
     hist._sum.inc(float(values.sum()))
 
-# %% ../../nbs/83_serve_metrics.ipynb #07b07a5f
+# %% ../../nbs/83_serve_metrics.ipynb #273a0bb5
+def _prediction_metrics(m, r) -> None:
+    "Register the per-flow metrics of `ServeMetrics` `m` in registry `r`: families, verdicts, confidence, gate weights, model time."
+    m.predictions = prom.Counter("cyber_moe_predictions_total", "Flows scored, by predicted family.", ["family"], registry=r)
+    m.verdicts = prom.Counter(
+        "cyber_moe_flows_total", "Flows scored, by the binary head's verdict (attack / benign).", ["verdict"], registry=r
+    )
+    for v in ("attack", "benign"):
+        m.verdicts.labels(v)
+    m.confidence = prom.Histogram(
+        "cyber_moe_prediction_confidence", "Probability of the predicted family per flow.", buckets=_PROB_BUCKETS, registry=r
+    )
+    m.gate = prom.Histogram(
+        "cyber_moe_expert_gate_weight", "Gate weight given to each expert per flow.", ["expert"], buckets=_PROB_BUCKETS, registry=r
+    )
+    m.duration = prom.Histogram(
+        "cyber_moe_prediction_duration_seconds",
+        "Time in the model (preprocessing and network) per request.",
+        buckets=_TIME_BUCKETS,
+        registry=r,
+    )
+
+# %% ../../nbs/83_serve_metrics.ipynb #85c33f0e
+def _service_metrics(m, r) -> None:
+    "Register the service metrics of `ServeMetrics` `m` in registry `r`: HTTP, model state, reloads, drift, alerts."
+    m.http = prom.Counter(
+        "cyber_moe_http_requests_total",
+        "HTTP requests by route template, method and status.",
+        ["route", "method", "status"],
+        registry=r,
+    )
+    m.http_duration = prom.Histogram(
+        "cyber_moe_http_request_duration_seconds",
+        "HTTP request latency by route template.",
+        ["route"],
+        buckets=_TIME_BUCKETS,
+        registry=r,
+    )
+    m.loaded = prom.Gauge(
+        "cyber_moe_model_loaded",
+        "1 when the model is loaded and warmed up (min over workers).",
+        multiprocess_mode="livemin",
+        registry=r,
+    )
+    m.info = prom.Gauge(
+        "cyber_moe_model_info",
+        "1 for the name and version of the served model.",
+        ["name", "version"],
+        multiprocess_mode="livemax",
+        registry=r,
+    )
+    m.reloads = prom.Counter("cyber_moe_model_reloads_total", "Model reloads by result (ok / failed).", ["result"], registry=r)
+    m.drift = prom.Gauge(
+        "cyber_moe_feature_drift_psi",
+        "Population stability index of a feature over the recent window vs training.",
+        ["feature"],
+        multiprocess_mode="livemax",
+        registry=r,
+    )
+    m.alerts = prom.Counter(
+        "cyber_moe_alerts_total", "Flows flagged as attacks, by what became of them (alerted / suppressed).", ["outcome"], registry=r
+    )
+    for o in ("alerted", "suppressed"):
+        m.alerts.labels(o)
+    m.suppressed = prom.Counter(
+        "cyber_moe_alerts_suppressed_total",
+        "Alerts a suppression rule silenced (still scored and stored), by rule id.",
+        ["rule"],
+        registry=r,
+    )
+
+# %% ../../nbs/83_serve_metrics.ipynb #f27c1e9e
 class ServeMetrics:
     "The Prometheus metrics of one app, in its own registry (or summed over workers in multiprocess mode)."
 
@@ -172,69 +243,8 @@ class ServeMetrics:
             )
         self.multiprocess_dir = multiprocess_dir
         r = self.registry = prom.CollectorRegistry()
-        self.predictions = prom.Counter("cyber_moe_predictions_total", "Flows scored, by predicted family.", ["family"], registry=r)
-        self.verdicts = prom.Counter(
-            "cyber_moe_flows_total", "Flows scored, by the binary head's verdict (attack / benign).", ["verdict"], registry=r
-        )
-        for v in ("attack", "benign"):
-            self.verdicts.labels(v)
-        self.confidence = prom.Histogram(
-            "cyber_moe_prediction_confidence", "Probability of the predicted family per flow.", buckets=_PROB_BUCKETS, registry=r
-        )
-        self.gate = prom.Histogram(
-            "cyber_moe_expert_gate_weight", "Gate weight given to each expert per flow.", ["expert"], buckets=_PROB_BUCKETS, registry=r
-        )
-        self.duration = prom.Histogram(
-            "cyber_moe_prediction_duration_seconds",
-            "Time in the model (preprocessing and network) per request.",
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self.http = prom.Counter(
-            "cyber_moe_http_requests_total",
-            "HTTP requests by route template, method and status.",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.http_duration = prom.Histogram(
-            "cyber_moe_http_request_duration_seconds",
-            "HTTP request latency by route template.",
-            ["route"],
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self.loaded = prom.Gauge(
-            "cyber_moe_model_loaded",
-            "1 when the model is loaded and warmed up (min over workers).",
-            multiprocess_mode="livemin",
-            registry=r,
-        )
-        self.info = prom.Gauge(
-            "cyber_moe_model_info",
-            "1 for the name and version of the served model.",
-            ["name", "version"],
-            multiprocess_mode="livemax",
-            registry=r,
-        )
-        self.reloads = prom.Counter("cyber_moe_model_reloads_total", "Model reloads by result (ok / failed).", ["result"], registry=r)
-        self.drift = prom.Gauge(
-            "cyber_moe_feature_drift_psi",
-            "Population stability index of a feature over the recent window vs training.",
-            ["feature"],
-            multiprocess_mode="livemax",
-            registry=r,
-        )
-        self.alerts = prom.Counter(
-            "cyber_moe_alerts_total", "Flows flagged as attacks, by what became of them (alerted / suppressed).", ["outcome"], registry=r
-        )
-        for o in ("alerted", "suppressed"):
-            self.alerts.labels(o)
-        self.suppressed = prom.Counter(
-            "cyber_moe_alerts_suppressed_total",
-            "Alerts a suppression rule silenced (still scored and stored), by rule id.",
-            ["rule"],
-            registry=r,
-        )
+        _prediction_metrics(self, r)
+        _service_metrics(self, r)
         self.loaded.set(0)
         self._drift_at = 0.0
 

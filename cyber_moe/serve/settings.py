@@ -14,13 +14,13 @@ from pydantic_settings.sources.utils import parse_env_vars
 # %% auto #0
 __all__ = ['MODEL_ENV_VAR', 'ENV_PREFIX', 'ServeSettings', 'env_var', 'settings_from_env']
 
-# %% ../../nbs/80_serve_settings.ipynb #3500c356
+# %% ../../nbs/80_serve_settings.ipynb #9ad07a33
 MODEL_ENV_VAR = "CYBER_MOE_MODEL"
 ENV_PREFIX = "CYBER_MOE_"
 
 
-class ServeSettings(BaseSettings):
-    "How the REST app serves a bundle: limits, API key, timeouts, drift monitoring, metrics mode, logging."
+class _ServeLimits(BaseSettings):
+    "The first fields of `ServeSettings` (model, key, request limits, drift, runtime), with its configuration."
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True, populate_by_name=True)
     model: str | None = Field(
@@ -52,6 +52,17 @@ class ServeSettings(BaseSettings):
         8, ge=0, description="requests of at most this many flows are checked and scored on the event loop, without a thread hop"
     )
     model_concurrency: int = Field(2, ge=1, description="requests scoring at once per worker; the others wait their turn in order")
+
+    @field_validator("drift_features", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        "A comma-separated string (as the environment gives it) as a tuple of names."
+        return tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else v
+
+# %% ../../nbs/80_serve_settings.ipynb #db342646
+class ServeSettings(_ServeLimits):
+    "How the REST app serves a bundle: limits, API key, timeouts, drift monitoring, metrics mode, logging."
+
     prometheus_multiproc_dir: str | None = Field(
         None,
         validation_alias=AliasChoices("prometheus_multiproc_dir", "PROMETHEUS_MULTIPROC_DIR"),
@@ -89,12 +100,6 @@ class ServeSettings(BaseSettings):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
         return data
-
-    @field_validator("drift_features", mode="before")
-    @classmethod
-    def _comma_list(cls, v: Any) -> Any:
-        "A comma-separated string (as the environment gives it) as a tuple of names."
-        return tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else v
 
 # %% ../../nbs/80_serve_settings.ipynb #eae0641c
 def env_var(field: str) -> str:
