@@ -136,21 +136,6 @@ _ORDER = ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_po
 _END = object()
 
 
-def _streamer_opts(idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0, splt: int = 0) -> dict:
-    "The NFStreamer options of `pcap_to_flows` (statistics on, same accounting; `splt` packets per flow when > 0), so scored flows match the training flows."
-    opts = dict(
-        statistical_analysis=True,
-        idle_timeout=idle_timeout,
-        active_timeout=active_timeout,
-        accounting_mode=1,
-        n_dissections=n_dissections,
-        n_meters=n_meters,
-    )
-    if splt:
-        opts["splt_analysis"] = int(splt)
-    return opts
-
-
 def _reader(streamer: NFStreamer, q: queue.Queue) -> None:
     "Thread body: put (keys for the first flow else None, values) per flow on `q`, then (_END, error or None)."
     err = None
@@ -177,9 +162,11 @@ def _open_streamer(source: str | Path, *, bpf_filter: str | None, max_flows: int
     "An NFStreamer on `source` with the options of `pcap_to_flows`; CaptureError (what to check) when NFStream cannot open it."
     from nfstream import NFStreamer  # imported here: scoring CSV or Parquet flows does not need NFStream
 
+    from cyber_moe.nfstream import streamer_opts
+
     try:
         return NFStreamer(
-            source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **_streamer_opts(**nfstream_opts, splt=splt)
+            source=str(source), bpf_filter=bpf_filter, max_nflows=int(max_flows or 0), **streamer_opts(**nfstream_opts, splt=splt)
         )
     except ValueError as e:
         raise CaptureError(

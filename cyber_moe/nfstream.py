@@ -17,7 +17,7 @@ from .schema import FAMILY, SEQ_PREFIX, FlowSchema, register_schema
 
 # %% auto #0
 __all__ = ['RATES', 'NFSTREAM_IDENTIFIERS', 'NFSTREAM', 'derive_columns', 'PcapError', 'check_pcap', 'flatten_splt',
-           'pcap_to_flows']
+           'streamer_opts', 'pcap_to_flows']
 
 # %% ../nbs/12_nfstream.ipynb #ac0bc995
 _FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
@@ -189,6 +189,21 @@ def _meter(path: Path, opts: dict) -> tuple[list[str], list[list]]:
         raise PcapError(f"{path}: NFStream could not read the capture after {len(rows)} flow(s): {e}") from e
     return keys or [], rows
 
+# %% ../nbs/12_nfstream.ipynb #acae54e37e7d407bbb7b55eff062a284
+def streamer_opts(idle_timeout: int = 120, active_timeout: int = 1800, n_dissections: int = 20, n_meters: int = 0, splt: int = 0) -> dict:
+    "NFStreamer keyword arguments: statistics on, same accounting and timeouts; `splt` first packets per flow when > 0."
+    opts = dict(
+        statistical_analysis=True,
+        idle_timeout=idle_timeout,
+        active_timeout=active_timeout,
+        accounting_mode=1,
+        n_dissections=n_dissections,
+        n_meters=n_meters,
+    )
+    if splt:
+        opts["splt_analysis"] = int(splt)
+    return opts
+
 # %% ../nbs/12_nfstream.ipynb #3542f937
 def pcap_to_flows(
     path,
@@ -203,16 +218,7 @@ def pcap_to_flows(
     "Meter the pcap at `path` with NFStream: one row per bidirectional flow, sorted by time, with `RATES` added; `splt` > 0 adds each flow's first `splt` packets as flat sequence columns."
     path = Path(path)
     info = check_pcap(path)
-    opts = dict(
-        statistical_analysis=True,
-        idle_timeout=idle_timeout,
-        active_timeout=active_timeout,
-        accounting_mode=1,
-        n_dissections=n_dissections,
-        n_meters=n_meters,
-    )
-    if splt:
-        opts["splt_analysis"] = int(splt)
+    opts = streamer_opts(idle_timeout, active_timeout, n_dissections, n_meters, splt)
     keys, rows = _meter(path, opts)
     if info["truncated_at"] is not None and not allow_truncated:
         raise PcapError(

@@ -392,6 +392,21 @@ def test_hot_reload_under_concurrent_requests(server, unsw, unsw_bundles, tmp_pa
     assert re.search(r'^cyber_moe_model_info\{name="cyber-moe-unsw",version="2"\} 0\.0$', text, re.M)
 
 
+def _ready_pids(server) -> set:
+    "The worker processes that have answered /ready with 200, from the server's JSON log."
+    lines = [json.loads(ln) for ln in server.log().splitlines() if ln.startswith("{")]
+    return {r["pid"] for r in lines if r.get("route") == "/ready" and r.get("status") == 200}
+
+
+def _wait_both_workers_ready(server, timeout: float = 180) -> None:
+    "Ask /ready on fresh connections (each may reach either worker) until both workers have answered 200."
+    t = time.time()
+    while len(_ready_pids(server)) < 2:
+        assert time.time() - t < timeout, f"only {len(_ready_pids(server))} worker(s) ready after {timeout} s:\n{server.log()[-3000:]}"
+        httpx.get(server.url + "/ready", timeout=10)
+        time.sleep(0.05)
+
+
 def test_two_workers_share_metrics(unsw_bundles, unsw, tmp_path):
     "With PROMETHEUS_MULTIPROC_DIR, /metrics of either worker counts the predictions of both."
     prom_dir = tmp_path / "prom"
@@ -400,7 +415,7 @@ def test_two_workers_share_metrics(unsw_bundles, unsw, tmp_path):
     flows = records(unsw.iloc[:4], UNSW_NB15.features)
     with Server(unsw_bundles[0], log_path=tmp_path / "server.log", workers=2, env=env, wait=False) as s:
         s.wait_ready()
-        time.sleep(3)  # both workers loaded (each warms its own model)
+        _wait_both_workers_ready(s)
 
         def send(k):
             for j in range(15):
