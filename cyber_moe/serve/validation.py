@@ -19,8 +19,8 @@ from ..schema import FlowSchema, SchemaError, sequence_array
 from .schemas import InferInput
 
 # %% auto #0
-__all__ = ['SEQ_FIELDS', 'ServiceError', 'FlowError', 'parse_json_body', 'parse_envelope', 'RawFlows', 'category_value',
-           'FlowValidator', 'values', 'frame', 'columns_values', 'tensor_columns', 'json_schema']
+__all__ = ['SEQ_FIELDS', 'MAX_CATEGORY_INT', 'ServiceError', 'FlowError', 'parse_json_body', 'parse_envelope', 'RawFlows',
+           'category_value', 'FlowValidator', 'values', 'frame', 'columns_values', 'tensor_columns', 'json_schema']
 
 # %% ../../nbs/82_serve_validation.ipynb #9a5e2c9a
 class ServiceError(Exception):
@@ -108,6 +108,9 @@ class RawFlows:
 SEQ_FIELDS = ("splt_direction", "splt_ps", "splt_piat_ms")  # a flow's first packets in JSON, NFStream's own names
 
 
+MAX_CATEGORY_INT = 2**53 - 1  # the largest integer a double holds exactly, with its neighbours
+
+
 def _integral(x: float) -> float:
     "A float category must be a whole number, exactly (pydantic's multiple_of allows a tolerance)."
     if not x.is_integer():
@@ -133,12 +136,13 @@ class FlowValidator:
         self._num = Annotated[float, Field(strict=True, allow_inf_nan=False)]
         self._cat = Union[
             Annotated[str, Field(strict=True, max_length=max_category_chars)],
-            Annotated[int, Field(strict=True, ge=-(2**53), le=2**53)],
-            Annotated[float, Field(strict=True, ge=-(2**53), le=2**53), AfterValidator(_integral)],
+            Annotated[int, Field(strict=True, ge=-MAX_CATEGORY_INT, le=MAX_CATEGORY_INT)],
+            # a JSON integer past the int bound becomes a float here, rounded to a double: the bound stops it too
+            Annotated[float, Field(strict=True, ge=-MAX_CATEGORY_INT, le=MAX_CATEGORY_INT), AfterValidator(_integral)],
         ]  # 80.0 is JSON's integer 80
         self._msg = {
             "num": "must be a finite number",
-            "cat": f"must be a string of at most {max_category_chars} characters or an integer (|x| <= 2**53)",
+            "cat": f"must be a string of at most {max_category_chars} characters or an integer (|x| < 2**53)",
         }
         fields = {f"f{i}": (self._cat if f in self.categorical else self._num, Field(alias=f)) for i, f in enumerate(self.features)}
         self.sequence = int(schema.sequence)
@@ -439,7 +443,7 @@ def json_schema(self: FlowValidator, *, max_category_chars: int = 256) -> dict:
     cat = {
         "anyOf": [
             {"type": "string", "maxLength": max_category_chars},  # an integer: 80 and 80.0 alike, as JSON means them
-            {"type": "number", "multipleOf": 1, "minimum": -(2**53), "maximum": 2**53},
+            {"type": "number", "multipleOf": 1, "minimum": -MAX_CATEGORY_INT, "maximum": MAX_CATEGORY_INT},
         ]
     }
     return {
