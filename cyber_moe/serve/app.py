@@ -470,16 +470,9 @@ def _body_ref(ref: str, required: bool = True) -> dict:
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}}
 
 
-async def raise_alerts(
-    request: Request, served: ServedModel, raw: RawFlows, v: dict, rid: str, *, batch: bool, wait_s: float = 2.0
-) -> ScoredAlerts | None:
-    "Queue a scored request's alerts and answer once they are stored (at most `wait_s`), so its alert ids resolve in every worker."
-    alerts = request.app.state.feedback.on_scored(served, raw, v, rid, batch=batch)
-    if alerts is not None and alerts.written is not None:
-        t = time.monotonic() + wait_s
-        while not alerts.written.is_set() and time.monotonic() < t:
-            await asyncio.sleep(0.002)
-    return alerts
+def raise_alerts(request: Request, served: ServedModel, raw: RawFlows, v: dict, rid: str, *, batch: bool) -> ScoredAlerts | None:
+    "Queue a scored request's alerts for the store's writer thread and return their ids at once: scoring never waits on the store."
+    return request.app.state.feedback.on_scored(served, raw, v, rid, batch=batch)
 
 
 def mark_alerts(recs: list[dict], alerts: ScoredAlerts | None) -> list[dict]:
@@ -501,7 +494,7 @@ async def predict(request: Request, served: Served):
     rid = request_id(request)
     raw = served.validator.values([parse_json_body(await request.body())])
     v = await request.app.state.scorer.score(served, raw)
-    rec = mark_alerts(prediction_records(v, served), await raise_alerts(request, served, raw, v, rid, batch=False))[0]
+    rec = mark_alerts(prediction_records(v, served), raise_alerts(request, served, raw, v, rid, batch=False))[0]
     return {**rec, "model_name": served.name, "model_version": served.version, "request_id": rid}
 
 
@@ -527,7 +520,7 @@ async def predict_batch(request: Request, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     raw = await off_loop(_batch, body, served, settings.max_batch, inline=len(body) <= _BIG_BODY)
     v = await request.app.state.scorer.score(served, raw)
-    recs = mark_alerts(prediction_records(v, served), await raise_alerts(request, served, raw, v, rid, batch=True))
+    recs = mark_alerts(prediction_records(v, served), raise_alerts(request, served, raw, v, rid, batch=True))
     return {"predictions": recs, "n_flows": len(recs), "model_name": served.name, "model_version": served.version, "request_id": rid}
 
 # %% ../../nbs/86_serve_app.ipynb #2305abcb
@@ -685,8 +678,7 @@ async def post_feedback(request: Request):
     body = parse_envelope(FeedbackRequest, await request.body(), where="feedback", max_errors=settings.max_errors)
 
     def run(store):
-        link.flush(2.0)  # an alert raised a moment ago is written first
-        aid = store.resolve(alert_id=body.alert_id, community_id=body.community_id, request_id=body.request_id, row=body.row)
+        aid = link.resolve(store, alert_id=body.alert_id, community_id=body.community_id, request_id=body.request_id, row=body.row)
         return store.record_verdict(aid, body.verdict, family=body.family, note=body.note, analyst=body.analyst)
 
     return {**await store_call(request, run), "request_id": rid}
@@ -825,7 +817,7 @@ async def v2_infer(request: Request, model_name: str, served: Served):
     settings, rid, body = request.app.state.settings, request_id(request), await request.body()
     req, raw = await off_loop(_infer_raw, body, served, settings, inline=len(body) <= _BIG_BODY)
     res = await request.app.state.scorer.score(served, raw)
-    alerts = await raise_alerts(request, served, raw, res, rid, batch=True)
+    alerts = raise_alerts(request, served, raw, res, rid, batch=True)
     outputs = infer_outputs(res, served, [o.name for o in req.outputs] if req.outputs else None)
     params = {"request_id": rid}  # with a feedback store: per flow, its alert id (None: not flagged) and suppressing rule
     if alerts is not None:

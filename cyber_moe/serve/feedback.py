@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..feedback import FeedbackStore, RuleView, StoreUnavailable, default_url, redact_url, rest_alert_id, utc_now
+from ..feedback import FeedbackStore, RuleView, StoreUnavailable, UnknownAlert, default_url, redact_url, rest_alert_id, utc_now
 from .metrics import ServeMetrics
 from .settings import ServeSettings
 from .validation import RawFlows, ServiceError
@@ -81,6 +81,8 @@ class FeedbackLink:
         self.enabled, self.metrics, self.log = bool(settings.feedback), metrics, log
         self.url = settings.feedback_url or default_url(Path.cwd() / "outputs")
         self.retry_s, self.refresh_s = settings.feedback_retry_seconds, settings.rules_refresh_seconds
+        settle = settings.alert_settle_seconds
+        self.settle_s = settle if settle is not None else (2.0 if settings.prometheus_multiproc_dir else 0.0)
         self.store: FeedbackStore | None = None
         self.error: str | None = None
         self.rules: list[RuleView] = []
@@ -141,6 +143,7 @@ def _call(self: FeedbackLink, fn):
     store = self.store or self.open()
     if store is None:
         raise FeedbackDown(f"feedback store unavailable ({self.error}); scoring goes on without it; retried every {self.retry_s:g} s")
+    self.flush(2.0)  # this worker's own alerts, queued a moment ago, are read back
     try:
         return fn(store)
     except StoreUnavailable as e:
@@ -159,7 +162,19 @@ def _refresh_rules(self: FeedbackLink) -> None:
         self._down(e)
 
 
-FeedbackLink.call, FeedbackLink.refresh_rules = _call, _refresh_rules
+def _resolve(self: FeedbackLink, store: FeedbackStore, **names) -> str:
+    "`store.resolve(**names)`, waiting up to `settle_s` for an alert (named by its id or request id) that another worker has queued."
+    t = time.monotonic() + self.settle_s
+    while True:
+        try:
+            return store.resolve(**names)
+        except UnknownAlert:
+            if names.get("community_id") is not None or time.monotonic() >= t:
+                raise
+            time.sleep(0.05)
+
+
+FeedbackLink.call, FeedbackLink.refresh_rules, FeedbackLink.resolve = _call, _refresh_rules, _resolve
 
 # %% ../../nbs/85_serve_feedback.ipynb #9c982386
 class ScoredAlerts(NamedTuple):

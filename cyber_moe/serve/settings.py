@@ -92,6 +92,13 @@ class ServeSettings(_ServeLimits):
     feedback_queue: int = Field(
         10_000, ge=1, description="alerts waiting to be written at most; more are dropped (and counted) while the store is down"
     )
+    alert_settle_seconds: float | None = Field(
+        None,
+        ge=0,
+        le=60,
+        description="how long POST /feedback waits for an alert another worker has queued but not yet written "
+        "(default: 2 s with several workers, i.e. PROMETHEUS_MULTIPROC_DIR set; 0 with one, whose own queue is flushed first)",
+    )
 
     @model_validator(mode="before")
     @classmethod
