@@ -22,10 +22,10 @@ from .schema import FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
-           'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe', 'calibrate',
-           'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline', 'evaluate_run',
-           'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run', 'registered_name',
-           'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
+           'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'TrainSettings', 'lit_module',
+           'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline',
+           'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run',
+           'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
 
 # %% ../nbs/50_train.ipynb #32f53083
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
@@ -226,31 +226,69 @@ class FitResult:
     checkpoint: str | None
 
 # %% ../nbs/50_train.ipynb #9746aa09
-def _lit_module(cfg: RunConfig, prep: Prepared, net):
-    "The Lightning module training `net` with the run's loss, class weights (from the training labels) and optimiser settings."
+@dataclass
+class TrainSettings:
+    "How a network is trained: epochs, learning rate, batch size, seed and the loss settings (defaults: a short fine-tune)."
+
+    epochs: int = 3
+    lr: float = 5e-4
+    batch_size: int = 256
+    seed: int = 0
+    weight_decay: float = 1e-4
+    loss: str = "weighted_ce"
+    class_weight_power: float = 1.0
+    class_weight_keep_binary: bool = False
+    focal_gamma: float = 2.0
+    family_loss_weight: float = 1.0
+    label_smoothing: float = 0.0
+    load_balance_weight: float = 0.01
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, *, epochs: int | None = None, lr_scale: float = 1.0, seed: int | None = None) -> "TrainSettings":
+        "The settings of a run's config, with `epochs` (default `train.max_epochs`) and the learning rate scaled by `lr_scale`."
+        t = cfg.train
+        return cls(
+            epochs=t.max_epochs if epochs is None else epochs,
+            lr=t.lr * lr_scale,
+            batch_size=t.batch_size,
+            seed=cfg.seed if seed is None else seed,
+            weight_decay=t.weight_decay,
+            loss=t.loss,
+            class_weight_power=t.class_weight_power,
+            class_weight_keep_binary=t.class_weight_keep_binary,
+            focal_gamma=t.focal_gamma,
+            family_loss_weight=t.family_loss_weight,
+            label_smoothing=t.label_smoothing,
+            load_balance_weight=cfg.model.load_balance_weight,
+        )
+
+
+def lit_module(net, y_family: np.ndarray, n_classes: int, s: TrainSettings):
+    "The Lightning module training `net` with the loss and optimiser settings of `s`; class weights from the training labels `y_family` (none for plain cross-entropy)."
     from cyber_moe.lit import MoELitModule, class_weights_from
 
-    t, m = cfg.train, cfg.model
     weights = (
-        class_weights_from(
-            prep.arrays["train"]["y_family"], len(prep.classes), power=t.class_weight_power, keep_binary=t.class_weight_keep_binary
-        )
-        if t.loss != "ce"
+        class_weights_from(y_family, n_classes, power=s.class_weight_power, keep_binary=s.class_weight_keep_binary)
+        if s.loss != "ce"
         else None
     )
-    module = MoELitModule(
+    return MoELitModule(
         net,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        max_epochs=t.max_epochs,
-        loss=t.loss,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        max_epochs=s.epochs,
+        loss=s.loss,
         class_weights=weights,
-        focal_gamma=t.focal_gamma,
-        family_loss_weight=t.family_loss_weight,
-        load_balance_weight=m.load_balance_weight,
-        label_smoothing=t.label_smoothing,
+        focal_gamma=s.focal_gamma,
+        family_loss_weight=s.family_loss_weight,
+        load_balance_weight=s.load_balance_weight,
+        label_smoothing=s.label_smoothing,
     )
-    return module
+
+
+def _lit_module(cfg: RunConfig, prep: Prepared, net):
+    "The Lightning module training `net` with the run's loss, class weights (from the training labels) and optimiser settings."
+    return lit_module(net, prep.arrays["train"]["y_family"], len(prep.classes), TrainSettings.from_run(cfg))
 
 # %% ../nbs/50_train.ipynb #febfbe91
 def _trainer(cfg: RunConfig, logger, callbacks, enable_progress_bar: bool):
