@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import emit_table
 from cyber_moe.alerts import alerts_ecs, alerts_eve, community_ids, score_pcap, watch
 from cyber_moe.bundle import ModelBundle
 from cyber_moe.testing import untrained_bundle
@@ -97,11 +98,7 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {sec:.2f} | {fl:,.0f} |" for name, sec, fl in rows]
     lines.append(f"| ratio `score_pcap` / NFStream flows/s (target >= 0.50) | | x{ratio:.2f} |")
     lines.append(f"| ratio `watch` / NFStream flows/s | | x{ratio_w:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not a.no_append:
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
-            f.write(text)
+    emit_table(lines, None if a.no_append else Path(__file__).resolve().parent / "RESULTS.md")
     return 0 if ratio >= 0.5 else 1
 
 

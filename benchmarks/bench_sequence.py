@@ -31,7 +31,7 @@ import torch
 
 from cyber_moe.config import load_config, setup_logging
 from cyber_moe.lab import detection_rates
-from cyber_moe.train import evaluate_run, fit_moe, fit_run_baseline, prepare
+from cyber_moe.train import evaluate_baseline, evaluate_run, fit_moe, fit_run_baseline, prepare
 
 SEQUENCE = {"d_seq": 64, "n_seq_layers": 3, "kernel_size": 3, "dropout": 0.1, "n_packets": 32}
 
@@ -67,33 +67,6 @@ def summarise(metrics: dict, pred: dict, rows, classes) -> dict:
     if "gate" in metrics:
         out["gate"] = metrics["gate"]["per_class"]
     return out
-
-
-def evaluate_baseline(prep, baseline, *, rule: str, target_fpr: float) -> tuple[dict, dict]:
-    "The baseline half of `cyber_moe.train.evaluate_run` (same operating-point rule on its own validation scores, same metrics)."
-    from cyber_moe.baseline import sequence_length_of
-    from cyber_moe.evaluate import choose_operating_point, decide, evaluate_predictions
-    from cyber_moe.train import _log_probs, baseline_matrix
-
-    test, val = prep.arrays["test"], prep.arrays["val"]
-    n_seq = sequence_length_of(baseline.feature_names)
-    pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
-    op = choose_operating_point(val["y_binary"].astype(np.int64), 1.0 - pb_val[:, 0], rule=rule, target_fpr=target_fpr)
-    v = decide(pb, op["threshold"])
-    m = evaluate_predictions(
-        y_family=test["y_family"],
-        y_binary=test["y_binary"].astype(np.int64),
-        p_family=pb,
-        p_attack=v["p_attack"],
-        classes=prep.classes,
-        logits_val=_log_probs(pb_val),
-        y_val=val["y_family"],
-        logits=_log_probs(pb),
-        threshold=op["threshold"],
-        family_pred=v["family_index"],
-        operating_point=op,
-    )
-    return m, {"is_attack": v["is_attack"]}
 
 
 class _NoBaseline:

@@ -16,6 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from common import emit_table
 from cyber_moe.nfstream import pcap_to_flows
 from cyber_moe.synth import generate
 
@@ -59,11 +60,7 @@ def main(argv=None) -> int:
     ]
     lines += [f"| {name} | {sec:.1f} | {fmt(fl)} | {fmt(pk)} |" for name, sec, fl, pk in rows]
     lines.append(f"| ratio: simulate+write packets/s over NFStream packets/s | | | x{(n_pk / sim_write) / (n_pk / meter):.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not a.no_append:
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
-            f.write(text)
+    emit_table(lines, None if a.no_append else Path(__file__).resolve().parent / "RESULTS.md")
     return 0
 
 

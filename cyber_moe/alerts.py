@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .bundle import ModelBundle
+from .bundle import ModelBundle, write_table
 from .feedback import StoreUnavailable, flow_alert_id
 from .schema import SchemaError
 
@@ -336,30 +336,28 @@ def suppressed_mask(scored: pd.DataFrame) -> np.ndarray:
     return scored["suppressed_by"].notna().to_numpy()
 
 
+_ENDPOINTS = ("src_ip", "src_port", "dst_ip", "dst_port", "protocol", "bidirectional_first_seen_ms")  # every alert names them
+_VERDICT = ("is_attack", "p_attack", "attack_family")
+
+
+def _require(scored: pd.DataFrame, cols: Iterable[str], who: str) -> None:
+    "SchemaError naming the columns of `cols` that `scored` lacks (`who` says which writer needs them)."
+    miss = [c for c in cols if c not in scored.columns]
+    if miss:
+        raise SchemaError(f"{who}: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
+
+
+def _json_list(s: pd.Series) -> list:
+    "The values of `s` as Python objects, missing ones None (JSON-ready)."
+    return s.astype(object).where(s.notna(), None).tolist()
+
+
 def _flagged(scored: pd.DataFrame, bundle: ModelBundle) -> dict[str, list]:
     "Columns of the flagged rows as Python lists (JSON-ready; optional columns absent -> None), plus derived alert fields."
-    miss = [
-        c
-        for c in (
-            "src_ip",
-            "src_port",
-            "dst_ip",
-            "dst_port",
-            "protocol",
-            "bidirectional_first_seen_ms",
-            "bidirectional_last_seen_ms",
-            "community_id",
-            "is_attack",
-            "p_attack",
-            "attack_family",
-        )
-        if c not in scored.columns
-    ]
-    if miss:
-        raise SchemaError(f"alerts: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
+    _require(scored, (*_ENDPOINTS, "bidirectional_last_seen_ms", "community_id", *_VERDICT), "alerts")
     df = scored[(scored["is_attack"].to_numpy() == 1) & ~suppressed_mask(scored)]
     n = len(df)
-    c = {k: df[k].astype(object).where(df[k].notna(), None).tolist() for k in df.columns}
+    c = {k: _json_list(df[k]) for k in df.columns}
     for k in _OPTIONAL:
         c.setdefault(k, [None] * n)
     c["_n"], c["_gates"] = n, [k for k in df.columns if k.startswith("gate_")]
@@ -513,52 +511,16 @@ def write_alerts(alerts: Iterable[dict], path: str | Path, *, append: bool = Fal
 
 def save_verdicts(scored: pd.DataFrame, path: str | Path) -> Path:
     "Write the scored flows to `path`: parquet for .parquet/.pq, CSV otherwise (folders created)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        scored.to_parquet(path, index=False)
-    else:
-        scored.to_csv(path, index=False)
-    return path
+    return write_table(scored, path)
 
 # %% ../nbs/85_alerts.ipynb #b7c7c8fe
 def _record_columns(scored: pd.DataFrame, bundle: ModelBundle) -> tuple[dict, list]:
     "The flagged flows of `scored` as JSON-ready column lists, and their features as one dict (or None) per flow; SchemaError for missing columns."
-    miss = [
-        c
-        for c in (
-            "src_ip",
-            "src_port",
-            "dst_ip",
-            "dst_port",
-            "protocol",
-            "bidirectional_first_seen_ms",
-            "is_attack",
-            "p_attack",
-            "attack_family",
-        )
-        if c not in scored.columns
-    ]
-    if miss:
-        raise SchemaError(f"alert_records: the scored frame lacks column(s) {', '.join(miss)}; make it with score_pcap or score_flows")
+    _require(scored, (*_ENDPOINTS, *_VERDICT), "alert_records")
     df = scored[scored["is_attack"].to_numpy() == 1]
     feats = [f for f in bundle.schema.features if f in df.columns]
-    cols = {
-        k: df[k].astype(object).where(df[k].notna(), None).tolist() if k in df.columns else [None] * len(df)
-        for k in (
-            "src_ip",
-            "src_port",
-            "dst_ip",
-            "dst_port",
-            "protocol",
-            "bidirectional_first_seen_ms",
-            "bidirectional_last_seen_ms",
-            "community_id",
-            "p_attack",
-            "p_family",
-            "attack_family",
-        )
-    }
+    keys = (*_ENDPOINTS, "bidirectional_last_seen_ms", "community_id", "p_attack", "p_family", "attack_family")
+    cols = {k: _json_list(df[k]) if k in df.columns else [None] * len(df) for k in keys}
     fv = df[feats].astype(object).where(df[feats].notna(), None).to_dict(orient="records") if feats else [None] * len(df)
     return cols, fv
 

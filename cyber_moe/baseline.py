@@ -71,6 +71,8 @@ def sequence_length_of(feature_names) -> int:
 
 # %% ../nbs/45_baseline.ipynb #f9fc3a8f
 _MODEL_FILE, _META_FILE = "model.txt", "baseline.json"
+_META_KEYS = ("classes", "benign_index", "feature_names", "categorical_idx", "best_iteration", "params", "history")  # baseline.json
+_OPTIONAL_META = ("params", "history")  # absent from older files
 
 
 class Baseline:
@@ -142,17 +144,7 @@ def load(cls: Baseline, in_dir: str | Path, *, n_jobs: int = 2) -> "Baseline":
             raise FileNotFoundError(f"{d / f} not found: not a baseline folder written by Baseline.save")
     meta = json.loads((d / _META_FILE).read_text())
     booster = lgb.Booster(model_file=str(d / _MODEL_FILE))
-    return cls(
-        booster=booster,
-        classes=meta["classes"],
-        benign_index=meta["benign_index"],
-        feature_names=meta["feature_names"],
-        categorical_idx=meta["categorical_idx"],
-        best_iteration=meta["best_iteration"],
-        params=meta.get("params"),
-        history=meta.get("history"),
-        n_jobs=n_jobs,
-    )
+    return cls(booster=booster, n_jobs=n_jobs, **{k: meta.get(k) if k in _OPTIONAL_META else meta[k] for k in _META_KEYS})
 
 # %% ../nbs/45_baseline.ipynb #6dce1b73
 @patch
@@ -161,16 +153,7 @@ def save(self: Baseline, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     self.booster.save_model(out / _MODEL_FILE, num_iteration=self.best_iteration)
-    meta = {
-        "classes": self.classes,
-        "benign_index": self.benign_index,
-        "feature_names": self.feature_names,
-        "categorical_idx": self.categorical_idx,
-        "best_iteration": self.best_iteration,
-        "params": self.params,
-        "history": self.history,
-        "lightgbm": lgb.__version__,
-    }
+    meta = {**{k: getattr(self, k) for k in _META_KEYS}, "lightgbm": lgb.__version__}
     (out / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

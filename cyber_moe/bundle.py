@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import os
 import io
 import json
@@ -37,7 +38,7 @@ __all__ = ['BUNDLE_FORMAT', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'PYFUNC_RUNTIMES', 
            'export_onnx', 'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest',
            'check_net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs', 'save_pyfunc',
            'log_pyfunc', 'model_uri_scheme', 'resolve_tracking_uri', 'use_mlflow_store', 'load_model_bundle',
-           'read_raw', 'score_file']
+           'read_raw', 'write_table', 'score_file']
 
 # %% ../nbs/58_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 2  # 2: one verdict from the family distribution and a validation operating point (issue 13)
@@ -99,6 +100,11 @@ class ModelBundle:
     def experts(self) -> tuple[str, ...]:
         "Expert names in the order of the gate's outputs."
         return tuple(self.net.experts)
+
+    def replace(self, **changes) -> "ModelBundle":
+        "A new bundle with this one's parts (network and preprocessing shared, not copied) but for `changes` (constructor arguments)."
+        own = {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters if p != "self"}
+        return type(self)(**{**own, **changes})
 
 # %% ../nbs/58_bundle.ipynb #eae20137
 @patch
@@ -780,6 +786,17 @@ def read_raw(path: str | Path) -> pd.DataFrame:
     return strip_columns(df)
 
 
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    "Write `df` to `path`: parquet for .parquet/.pq, CSV otherwise (folders created); the path."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        df.to_parquet(path, index=False)
+    else:
+        df.to_csv(path, index=False)
+    return path
+
+
 def score_file(
     model: str | Path | ModelBundle, input_path: str | Path, output_path: str | Path | None = None, *, batch_size: int = 8192
 ) -> pd.DataFrame:
@@ -789,10 +806,5 @@ def score_file(
     bundle.schema.check_columns(df.columns, where=str(input_path))
     out = bundle.predict(df, batch_size=batch_size).reset_index(drop=True)
     if output_path is not None:
-        output_path = Path(output_path)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        if output_path.suffix.lower() in (".parquet", ".pq"):
-            out.to_parquet(output_path, index=False)
-        else:
-            out.to_csv(output_path, index=False)
+        write_table(out, output_path)
     return out

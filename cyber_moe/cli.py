@@ -228,6 +228,15 @@ def _add_feedback_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-feedback", action="store_true", help="neither store alerts nor apply suppression rules")
 
+
+def _add_alert_args(p: argparse.ArgumentParser, alerts_help: str) -> None:
+    "The alert options of `score` and `watch`: the alerts file (`alerts_help` says when it is written), their shape, the feedback store."
+    p.add_argument("--alerts", metavar="FILE", help=alerts_help)
+    p.add_argument(
+        "--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE"
+    )
+    _add_feedback_args(p)
+
 # %% ../nbs/90_cli.ipynb #f1a2a74f
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.set)
@@ -473,11 +482,7 @@ def _add_score_parser(sub) -> None:
         type=int,
         help="rows per forward pass (default 8192; 1024 for several inputs, where ONNX Runtime keeps its largest batch's memory)",
     )
-    p.add_argument("--alerts", metavar="FILE", help="capture input: write one JSON line per flagged flow to FILE")
-    p.add_argument(
-        "--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE"
-    )
-    _add_feedback_args(p)
+    _add_alert_args(p, "capture input: write one JSON line per flagged flow to FILE")
     p.add_argument(
         "--allow-truncated",
         action="store_true",
@@ -550,11 +555,7 @@ def _add_watch_parser(sub) -> None:
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--interface", help="network interface to capture from, e.g. eth0 (`ip link` lists them)")
     src.add_argument("--pcap", help="replay this capture file instead of a live interface")
-    w.add_argument("--alerts", metavar="FILE", help="append alerts to this JSON-lines file, flushed per alert (default: standard output)")
-    w.add_argument(
-        "--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE"
-    )
-    _add_feedback_args(w)
+    _add_alert_args(w, "append alerts to this JSON-lines file, flushed per alert (default: standard output)")
     w.add_argument("--bpf", metavar="FILTER", help="BPF capture filter, e.g. 'tcp or udp'")
     w.add_argument("--batch-size", type=int, default=256, help="score at most this many flows at once")
     w.add_argument("--max-delay", type=float, default=1.0, help="seconds a finished flow may wait for its batch to fill")

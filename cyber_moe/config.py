@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # %% auto #0
 __all__ = ['PINNED_PACKAGES', 'ConfigError', 'DataConfig', 'SplitConfig', 'NumericConfig', 'ModelConfig', 'TrainConfig',
            'BaselineConfig', 'TuneConfig', 'RunConfig', 'find_project_root', 'set_dotted', 'parse_overrides',
-           'load_config', 'save_config', 'seed_everything', 'select_device', 'setup_logging', 'package_versions',
-           'git_state', 'utc_now', 'write_json', 'write_run_record', 'terminal_safe']
+           'read_yaml', 'load_config', 'save_config', 'seed_everything', 'select_device', 'setup_logging',
+           'package_versions', 'git_state', 'utc_now', 'write_json', 'write_run_record', 'terminal_safe']
 
 # %% ../nbs/00_config.ipynb #66d328ec
 class ConfigError(ValueError):
@@ -337,17 +337,22 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None) -> RunConfig:
-    "Read, override and validate a params YAML file; any problem raises `ConfigError` naming the file and key."
-    path = Path(path)
+def read_yaml(path: Path, *, error: type[Exception], missing: str):
+    "The YAML document in file `path` ({} when empty); `error(missing)` when there is no such file, `error` naming the line when it is not YAML."
     if not path.is_file():
-        raise ConfigError(f"params file '{path}' not found (expected a YAML file such as params/default.yaml)")
+        raise error(missing)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
+        raise error(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None) -> RunConfig:
+    "Read, override and validate a params YAML file; any problem raises `ConfigError` naming the file and key."
+    path = Path(path)
+    raw = read_yaml(path, error=ConfigError, missing=f"params file '{path}' not found (expected a YAML file such as params/default.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     for key, value in parse_overrides(overrides):

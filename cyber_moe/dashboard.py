@@ -287,38 +287,13 @@ def table_html(df: pd.DataFrame, *, digits: int = 4) -> str:
 # %% ../nbs/75_dashboard.ipynb #b41152bf
 def mark_operating_points(fig, metrics: dict):
     "Add each model's operating point (its threshold) with its FPR to a `fig_pr_roc` figure; returns the figure."
-    from cyber_moe.evaluate import MODEL_COLORS
+    from cyber_moe.evaluate import MODEL_COLORS, add_operating_point
 
     for j, who in enumerate(("model", "baseline")):
         b = metrics[who]["binary"]
         text = f"{who} operating point (threshold {b['threshold']:.3g}): recall {b['recall']:.3f}, FPR {b['fpr']:.4f}"
         marker = dict(color=MODEL_COLORS[j % len(MODEL_COLORS)], size=14, symbol="star", line=dict(color="black", width=1))
-        fig.add_scatter(
-            x=[b["recall"]],
-            y=[b["precision"]],
-            mode="markers",
-            marker=marker,
-            name=f"{who} operating point",
-            legendgroup=who,
-            hovertext=[text],
-            hoverinfo="text",
-            row=1,
-            col=1,
-        )
-        fig.add_scatter(
-            x=[b["fpr"]],
-            y=[b["recall"]],
-            mode="markers+text",
-            marker=marker,
-            showlegend=False,
-            legendgroup=who,
-            text=[f"FPR {b['fpr']:.3g}"],
-            textposition="bottom right",
-            hovertext=[text],
-            hoverinfo="text",
-            row=1,
-            col=2,
-        )
+        add_operating_point(fig, b, marker=marker, group=who, text=text, name=f"{who} operating point", textposition="bottom right")
     return fig
 
 
@@ -479,34 +454,22 @@ def fig_flow_scores(verdict: pd.Series, *, classes: list[str], experts: list[str
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], subplot_titles=("Family probabilities", "Gate weight per expert"))
+
+    def bars(x, y, color, name):
+        return go.Bar(
+            x=x,
+            y=y,
+            marker_color=color,
+            text=[f"{v:.2f}" for v in y],
+            textposition="outside",
+            name=name,
+            hovertemplate="%{x}: %{y:.4f}<extra></extra>",
+        )
+
     p = [float(verdict[f"p_{c}"]) for c in classes]
-    fig.add_trace(
-        go.Bar(
-            x=classes,
-            y=p,
-            marker_color=["#b00020" if c == verdict["family"] else "#4C78A8" for c in classes],
-            text=[f"{v:.2f}" for v in p],
-            textposition="outside",
-            name="p(family)",
-            hovertemplate="%{x}: %{y:.4f}<extra></extra>",
-        ),
-        row=1,
-        col=1,
-    )
+    fig.add_trace(bars(classes, p, ["#b00020" if c == verdict["family"] else "#4C78A8" for c in classes], "p(family)"), row=1, col=1)
     g = [float(verdict[f"gate_{e}"]) for e in experts]
-    fig.add_trace(
-        go.Bar(
-            x=list(experts),
-            y=g,
-            marker_color="#54A24B",
-            text=[f"{v:.2f}" for v in g],
-            textposition="outside",
-            name="gate",
-            hovertemplate="%{x}: %{y:.4f}<extra></extra>",
-        ),
-        row=1,
-        col=2,
-    )
+    fig.add_trace(bars(list(experts), g, "#54A24B", "gate"), row=1, col=2)
     fig.update_yaxes(range=[0, 1.15])
     fig.update_layout(showlegend=False, height=340, margin=dict(l=10, r=10, t=50, b=10))
     return fig

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 __all__ = ['OPERATING_RULES', 'DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'binary_metrics', 'confusion_counts',
            'family_metrics', 'decide', 'choose_operating_point', 'reliability_bins', 'expected_calibration_error',
            'negative_log_likelihood', 'apply_temperature', 'fit_temperature', 'gate_usage', 'calibration_metrics',
-           'evaluate_predictions', 'compare', 'write_metrics', 'fig_confusion', 'fig_pr_roc', 'fig_per_class_f1',
-           'fig_gate_usage', 'fig_reliability', 'evaluation_figures', 'save_figures']
+           'evaluate_predictions', 'compare', 'write_metrics', 'fig_confusion', 'add_operating_point', 'fig_pr_roc',
+           'fig_per_class_f1', 'fig_gate_usage', 'fig_reliability', 'evaluation_figures', 'save_figures']
 
 # %% ../nbs/55_evaluate.ipynb #b9439096
 def _labels(y, name: str, n_classes: int) -> np.ndarray:
@@ -452,33 +452,59 @@ def _thin(*arrays: np.ndarray, max_points: int = 2000) -> list[np.ndarray]:
     return [a[idx] for a in arrays]
 
 
-def fig_confusion(confusion: dict, *, title: str = "Confusion matrix (share of each true class)") -> go.Figure:
-    "Heatmap of `family_metrics(...)['confusion_matrix']` normalised per true class; hover shows the counts."
+def _share_heatmap(z, x, y, *, title: str, xaxis_title: str, width: int, height: int, **heatmap) -> go.Figure:
+    "A heatmap of shares in [0, 1] (two decimals in each cell), true classes as rows from the top; `heatmap` to `go.Heatmap`."
     import plotly.graph_objects as go
 
-    classes, cm = confusion["classes"], np.asarray(confusion["matrix"], dtype=np.float64)
-    rows = cm.sum(1, keepdims=True)
-    share = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
-    fig = go.Figure(
-        go.Heatmap(
-            z=share,
-            x=classes,
-            y=classes,
-            customdata=cm.astype(int),
-            zmin=0,
-            zmax=1,
-            colorscale="Blues",
-            texttemplate="%{z:.2f}",
-            name="confusion",
-            hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.3f}<br>count %{customdata}<extra></extra>",
-        )
-    )
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, zmin=0, zmax=1, texttemplate="%{z:.2f}", **heatmap))
     fig.update_layout(
-        title=title, xaxis_title="predicted class", yaxis_title="true class", yaxis_autorange="reversed", width=700, height=600
+        title=title, xaxis_title=xaxis_title, yaxis_title="true class", yaxis_autorange="reversed", width=width, height=height
     )
     return fig
 
+
+def fig_confusion(confusion: dict, *, title: str = "Confusion matrix (share of each true class)") -> go.Figure:
+    "Heatmap of `family_metrics(...)['confusion_matrix']` normalised per true class; hover shows the counts."
+    classes, cm = confusion["classes"], np.asarray(confusion["matrix"], dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
+    return _share_heatmap(
+        share,
+        classes,
+        classes,
+        title=title,
+        xaxis_title="predicted class",
+        width=700,
+        height=600,
+        customdata=cm.astype(int),
+        colorscale="Blues",
+        name="confusion",
+        hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.3f}<br>count %{customdata}<extra></extra>",
+    )
+
 # %% ../nbs/55_evaluate.ipynb #0305ba4b
+def add_operating_point(
+    fig, op: dict, *, marker: dict, group: str, text: str, name: str, roc_name: str | None = None, textposition: str = "middle right"
+):
+    "Mark operating point `op` (its recall, precision, fpr) on a `fig_pr_roc` figure: on the PR curve as legend entry `name`, on the ROC curve (out of the legend, named `roc_name`) labelled with its FPR."
+    hover = dict(legendgroup=group, hovertext=[text], hoverinfo="text")
+    fig.add_scatter(x=[op["recall"]], y=[op["precision"]], mode="markers", marker=marker, name=name, **hover, row=1, col=1)
+    fig.add_scatter(
+        x=[op["fpr"]],
+        y=[op["recall"]],
+        mode="markers+text",
+        marker=marker,
+        name=roc_name,
+        showlegend=False,
+        text=[f"FPR {op['fpr']:.3g}"],
+        textposition=textposition,
+        **hover,
+        row=1,
+        col=2,
+    )
+    return fig
+
+
 def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_points: int = 2000) -> go.Figure:
     "PR and ROC curves of each model in `scores` ({name: (y_binary, p_attack)}), with the operating points at `recalls` and their FPR."
     from plotly.subplots import make_subplots
@@ -498,33 +524,7 @@ def fig_pr_roc(scores: dict, *, recalls: tuple[float, ...] = (0.95, 0.99), max_p
             label = f"{name} @{r * 100:g}% recall"
             text = f"{label}: FPR {op['fpr']:.4f}, threshold {op['threshold']:.4g}"
             marker = dict(color=color, size=10, symbol=("circle", "diamond", "square", "x")[k % 4])
-            fig.add_scatter(
-                x=[op["recall"]],
-                y=[op["precision"]],
-                mode="markers",
-                marker=marker,
-                name=label,
-                legendgroup=name,
-                hovertext=[text],
-                hoverinfo="text",
-                row=1,
-                col=1,
-            )
-            fig.add_scatter(
-                x=[op["fpr"]],
-                y=[op["recall"]],
-                mode="markers+text",
-                marker=marker,
-                name=label,
-                showlegend=False,
-                legendgroup=name,
-                text=[f"FPR {op['fpr']:.3g}"],
-                textposition="middle right",
-                hovertext=[text],
-                hoverinfo="text",
-                row=1,
-                col=2,
-            )
+            add_operating_point(fig, op, marker=marker, group=name, text=text, name=label, roc_name=label)
     fig.update_xaxes(title_text="recall", range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(title_text="precision", range=[0, 1.02], row=1, col=1)
     fig.update_xaxes(title_text="false-positive rate", row=1, col=2)
@@ -555,34 +555,22 @@ def fig_per_class_f1(family: dict) -> go.Figure:
 
 def fig_gate_usage(usage: dict) -> go.Figure:
     "Heatmap of the mean gate weight per expert (columns) for each true class and overall (rows), from `gate_usage`."
-    import plotly.graph_objects as go
-
     rows = [*usage["per_class"], "overall"]
     z = [[usage["per_class"][r][e] for e in usage["experts"]] for r in usage["per_class"]] + [
         [usage["overall"][e] for e in usage["experts"]]
     ]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=usage["experts"],
-            y=rows,
-            zmin=0,
-            zmax=1,
-            colorscale="Viridis",
-            name="gate",
-            texttemplate="%{z:.2f}",
-            hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>",
-        )
-    )
-    fig.update_layout(
+    return _share_heatmap(
+        z,
+        usage["experts"],
+        rows,
         title="Mean gate weight per expert and class",
         xaxis_title="expert",
-        yaxis_title="true class",
-        yaxis_autorange="reversed",
         width=600,
         height=220 + 45 * len(rows),
+        colorscale="Viridis",
+        name="gate",
+        hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>",
     )
-    return fig
 
 # %% ../nbs/55_evaluate.ipynb #57a74fb2
 def fig_reliability(probs: dict, *, n_bins: int = 15) -> go.Figure:

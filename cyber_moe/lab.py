@@ -25,10 +25,10 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .config import read_yaml
 from .nfstream import NFSTREAM, pcap_to_flows
 from .schema import FAMILY, IS_ATTACK, FlowSchema, register_schema
 
@@ -134,15 +134,7 @@ DEBIAN_PACKAGES = {
     "ssh-keygen": "openssh-client",
     "dig": "dnsutils",
     "python3": "python3",
-    "nmap": "nmap",
-    "masscan": "masscan",
-    "hping3": "hping3",
-    "goldeneye": "goldeneye",
-    "slowhttptest": "slowhttptest",
-    "hydra": "hydra",
-    "medusa": "medusa",
-    "ncrack": "ncrack",
-    "sqlmap": "sqlmap",
+    **{b: b for b in TOOL_BINARIES.values()},  # each attack tool's package is named as its binary
 }
 
 # %% ../nbs/14_lab.ipynb #0c5e4d12
@@ -294,12 +286,7 @@ def parse_scenario(raw: dict, where: str = "scenario") -> Scenario:
 def load_scenario(path) -> Scenario:
     "Read and validate `params/lab/<name>.yaml`."
     path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(f"scenario file '{path}' not found (expected e.g. params/lab/smoke.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, error=ScenarioError, missing=f"scenario file '{path}' not found (expected e.g. params/lab/smoke.yaml)")
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
     return parse_scenario(raw, str(path))

@@ -5,6 +5,7 @@
 # %% ../nbs/30_models.ipynb #0dae1ef7
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
@@ -191,6 +192,26 @@ class ExpertModule(nn.Module):
     legacy_flat: ClassVar[bool] = False
     k: int = 1
     eval_chunk_size: int | None = 256
+    min_eval_chunk_size: ClassVar[int] = 0
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        n_num: int,
+        cat_cardinalities: Sequence[int],
+        n_time: int,
+        bins: Sequence | None,
+        embedding_kw: Mapping,
+        eval_chunk_size: int | None,
+        **settings,
+    ) -> "ExpertModule":
+        "The expert for these data sizes: `settings` plus the sizes its constructor takes (by name); `eval_chunk_size` at least `min_eval_chunk_size`."
+        if cls.min_eval_chunk_size:
+            eval_chunk_size = max(eval_chunk_size or 0, cls.min_eval_chunk_size)
+        sizes = dict(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, bins=bins, embedding_kw=embedding_kw)
+        takes = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in sizes.items() if k in takes}, eval_chunk_size=eval_chunk_size, **settings)
 
     def forward(self, *xs: Tensor) -> Tensor:
         "The expert's representation, [B, d_out] (or [B, k, d_out] for an ensemble)."
@@ -413,26 +434,9 @@ class FTTransformer(ExpertModule):
 
 # %% ../nbs/30_models.ipynb #441a7a54
 @patch(cls_method=True)
-def build(
-    cls: FTTransformer,
-    *,
-    n_num: int,
-    cat_cardinalities: Sequence[int],
-    n_time: int,
-    bins: Sequence | None,
-    embedding_kw: Mapping,
-    eval_chunk_size: int | None,
-    **settings,
-) -> "FTTransformer":
-    "The expert for these data sizes; it reads the numeric columns' bins (the first `n_num`)."
-    return cls(
-        n_num=n_num,
-        cat_cardinalities=cat_cardinalities,
-        bins=None if bins is None else bins[:n_num],
-        embedding_kw=embedding_kw,
-        eval_chunk_size=eval_chunk_size,
-        **settings,
-    )
+def build(cls: FTTransformer, *, n_num: int, bins: Sequence | None, **sizes_and_settings) -> "FTTransformer":
+    "The expert for these data sizes (`ExpertModule.build`); it reads the numeric columns' bins (the first `n_num`)."
+    return super(FTTransformer, cls).build(n_num=n_num, bins=None if bins is None else bins[:n_num], **sizes_and_settings)
 
 # %% ../nbs/30_models.ipynb #dbe3fabf
 @patch
@@ -469,21 +473,6 @@ class TemporalCNN(ExpertModule):
         self.out = nn.Linear(2 * c, d_temporal)
         self.n_time, self.d_out, self.eval_chunk_size = n_time, d_temporal, eval_chunk_size
 
-    @classmethod
-    def build(
-        cls,
-        *,
-        n_num: int,
-        cat_cardinalities: Sequence[int],
-        n_time: int,
-        bins: Sequence | None,
-        embedding_kw: Mapping,
-        eval_chunk_size: int | None,
-        **settings,
-    ) -> "TemporalCNN":
-        "The expert for these data sizes (it reads only the timing features)."
-        return cls(n_time=n_time, eval_chunk_size=eval_chunk_size, **settings)
-
     def _forward(self, x_time: Tensor) -> Tensor:
         h = (x_time[..., None] * self.pos_weight + self.pos_bias).transpose(1, 2)
         for conv in self.convs:
@@ -497,6 +486,7 @@ class TabMExpert(ExpertModule):
 
     inputs = ("x_num", "x_cat", "x_time")
     settings = dict(k=16, n_blocks=2, d_block=256, dropout=0.1, embedding="ple", d_embedding=16, timing=True)
+    min_eval_chunk_size = 2048  # its k-member batched products pay off on larger chunks
 
     def __init__(
         self,
@@ -549,30 +539,6 @@ class TabMExpert(ExpertModule):
         )
         self.k, self.d_out, self.eval_chunk_size = k, d_block, eval_chunk_size
 
-# %% ../nbs/30_models.ipynb #e76c2136
-@patch(cls_method=True)
-def build(  # noqa: F811 (patched onto its class)
-    cls: TabMExpert,
-    *,
-    n_num: int,
-    cat_cardinalities: Sequence[int],
-    n_time: int,
-    bins: Sequence | None,
-    embedding_kw: Mapping,
-    eval_chunk_size: int | None,
-    **settings,
-) -> "TabMExpert":
-    "The expert for these data sizes (numeric, categorical and, with `timing`, timing features)."
-    return cls(
-        n_num=n_num,
-        cat_cardinalities=cat_cardinalities,
-        n_time=n_time,
-        bins=bins,
-        embedding_kw=embedding_kw,
-        eval_chunk_size=max(eval_chunk_size or 0, 2048),
-        **settings,
-    )
-
 # %% ../nbs/30_models.ipynb #12a73242
 @patch
 def _forward(self: TabMExpert, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:  # noqa: F811 (patched onto its class)
@@ -593,6 +559,7 @@ class SequenceCNN(ExpertModule):
 
     inputs = ("x_seq",)
     settings = dict(d_seq=64, n_seq_layers=3, kernel_size=3, dropout=0.1, n_packets=32)
+    min_eval_chunk_size = 1024
 
     def __init__(
         self,
@@ -618,21 +585,6 @@ class SequenceCNN(ExpertModule):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(2 * c + 1, d_seq)
         self.n_packets, self.d_out, self.eval_chunk_size = n_packets, d_seq, eval_chunk_size
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        n_num: int,
-        cat_cardinalities: Sequence[int],
-        n_time: int,
-        bins: Sequence | None,
-        embedding_kw: Mapping,
-        eval_chunk_size: int | None,
-        **settings,
-    ) -> "SequenceCNN":
-        "The expert (it reads only the packet sequences)."
-        return cls(eval_chunk_size=max(eval_chunk_size or 0, 1024), **settings)
 
     def _forward(self, x_seq: Tensor) -> Tensor:
         m = x_seq[..., 3:4]  # [B, N, 1]: 1 for a real packet

@@ -9,7 +9,6 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pandas as pd
 
 from .bundle import ModelBundle
 from .schema import FAMILY, IS_ATTACK
+from .train import TrainSettings, lit_module
 
 # %% auto #0
 __all__ = ['VERDICTS', 'MIN_CONFIRMED', 'CHALLENGER', 'CHAMPION', 'FeedbackError', 'feedback_targets', 'split_feedback',
@@ -107,17 +107,8 @@ def split_feedback(
 # %% ../nbs/89_retrain.ipynb #1887dd5b
 def with_threshold(bundle: ModelBundle, op: dict, *, version: str | None = None, extra: dict | None = None) -> ModelBundle:
     "A new bundle sharing `bundle`'s network, preprocessing and calibration, with operating point `op` (and `extra` merged)."
-    return ModelBundle(
-        schema=bundle.schema,
-        preprocessor=bundle.preprocessor,
-        net=bundle.net,
-        net_kwargs=bundle.net_kwargs,
-        temperature_family=bundle.temperature_family,
-        temperature_binary=bundle.temperature_binary,
-        threshold=op["threshold"],
-        name=bundle.name,
-        version=version or bundle.version,
-        extra={**bundle.extra, **(extra or {}), "operating_point": op},
+    return bundle.replace(
+        threshold=op["threshold"], version=version or bundle.version, extra={**bundle.extra, **(extra or {}), "operating_point": op}
     )
 
 
@@ -157,68 +148,22 @@ def feedback_repeat(n_train: int, n_feedback: int, *, share: float = 0.1, max_re
     return int(np.clip(round(share * n_train / n_feedback), 1, max_repeat))
 
 # %% ../nbs/89_retrain.ipynb #4dd2ef12
-@dataclass
-class FineTuneSettings:
-    "How a fine-tune runs: epochs, learning rate (and the run's loss settings), batch size, seed."
-
-    epochs: int = 3
-    lr: float = 5e-4
-    batch_size: int = 256
-    seed: int = 0
-    weight_decay: float = 1e-4
-    loss: str = "weighted_ce"
-    class_weight_power: float = 1.0
-    class_weight_keep_binary: bool = False
-    focal_gamma: float = 2.0
-    family_loss_weight: float = 1.0
-    label_smoothing: float = 0.0
-    load_balance_weight: float = 0.01
+class FineTuneSettings(TrainSettings):
+    "How a fine-tune runs: `TrainSettings` (epochs, learning rate, batch size, seed, the run's loss settings); from a run, 3 epochs at a quarter of its learning rate by default."
 
     @classmethod
     def from_run(cls, cfg, *, epochs: int = 3, lr_scale: float = 0.25, seed: int | None = None) -> "FineTuneSettings":
         "The settings of a training run's config (`RunConfig`), with `epochs` and the learning rate scaled by `lr_scale`."
-        t = cfg.train
-        return cls(
-            epochs=epochs,
-            lr=t.lr * lr_scale,
-            batch_size=t.batch_size,
-            seed=cfg.seed if seed is None else seed,
-            weight_decay=t.weight_decay,
-            loss=t.loss,
-            class_weight_power=t.class_weight_power,
-            class_weight_keep_binary=t.class_weight_keep_binary,
-            focal_gamma=t.focal_gamma,
-            family_loss_weight=t.family_loss_weight,
-            label_smoothing=t.label_smoothing,
-            load_balance_weight=cfg.model.load_balance_weight,
-        )
+        return super().from_run(cfg, epochs=epochs, lr_scale=lr_scale, seed=seed)
 
 # %% ../nbs/89_retrain.ipynb #6fb0e0e6
 def _fine_tune_module(bundle: ModelBundle, train: dict, s: FineTuneSettings):
     "A `MoELitModule` around a copy of `bundle`'s network, with the loss and class weights of `s`."
-    from cyber_moe.lit import MoELitModule, class_weights_from
     from cyber_moe.models import MoEClassifier
 
     net = MoEClassifier(**bundle.net_kwargs)
     net.load_state_dict(bundle.net.state_dict())
-    n_classes = len(bundle.classes)
-    weights = (
-        class_weights_from(train["y_family"], n_classes, power=s.class_weight_power, keep_binary=s.class_weight_keep_binary)
-        if s.loss != "ce"
-        else None
-    )
-    return MoELitModule(
-        net,
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-        max_epochs=s.epochs,
-        loss=s.loss,
-        class_weights=weights,
-        focal_gamma=s.focal_gamma,
-        family_loss_weight=s.family_loss_weight,
-        load_balance_weight=s.load_balance_weight,
-        label_smoothing=s.label_smoothing,
-    )
+    return lit_module(net, train["y_family"], len(bundle.classes), s)
 
 # %% ../nbs/89_retrain.ipynb #622ad660
 def _fit_best(module, train: dict, val: dict, s: FineTuneSettings, work_dir: str | Path | None, enable_progress_bar: bool):
@@ -259,18 +204,7 @@ def _calibrated(bundle: ModelBundle, net, val: dict) -> tuple[ModelBundle, dict]
         "family": fit_temperature(out["family"], val["y_family"]),
         "binary": fit_temperature(out["binary"], val["y_binary"].astype(np.int64)),
     }
-    tuned = ModelBundle(
-        schema=bundle.schema,
-        preprocessor=bundle.preprocessor,
-        net=net,
-        net_kwargs=bundle.net_kwargs,
-        temperature_family=temps["family"],
-        temperature_binary=temps["binary"],
-        threshold=bundle.threshold,
-        name=bundle.name,
-        version=bundle.version,
-        extra=dict(bundle.extra),
-    )
+    tuned = bundle.replace(net=net, temperature_family=temps["family"], temperature_binary=temps["binary"])
     return tuned, temps
 
 # %% ../nbs/89_retrain.ipynb #f9a94002

@@ -259,6 +259,15 @@ def reset(self: Tcp, by_client: bool = True):
 
 
 @patch
+def hang_up(self: Tcp):
+    "End the connection from the client, by a reset or a close with even odds (as clients do)."
+    if self.r.random() < 0.5:
+        self.reset()
+    else:
+        self.close()
+
+
+@patch
 def done(self: Tcp):
     "Record the connection's ground truth (family, 5-tuple, first and last packet time)."
     self.w.label(self.family, 6, self.cli, self.cport, self.srv, self.sport, self.t0, self.t)
@@ -445,10 +454,7 @@ def _monitor(w: Wire, t: float, cli: Host):
         c.exchange(r.randint(60, 140), r.randint(120, 400))
     elif port in (22, 21, 25, 587, 143):
         c.send(False, r.randint(20, 90))
-    if r.random() < 0.5:
-        c.reset()
-    else:
-        c.close()
+    c.hang_up()
 
 
 def _refused(w: Wire, t: float, cli: Host):
@@ -575,10 +581,8 @@ def _dos(w: Wire, n_flows: int, n_days: int):
             if r.random() < 0.3:
                 c.wait(r.uniform(0.5, 5))
                 c.close(by_client=False)
-            elif r.random() < 0.5:
-                c.reset()
             else:
-                c.close()
+                c.hang_up()
 
 
 _CGNAT = tuple(range(64, 128))
@@ -708,10 +712,8 @@ def _slowhttp(w: Wire, n_flows: int, n_days: int):
             if timeout and timeout < length:
                 c.send(False, r.randint(300, 520))
                 c.close(by_client=False)
-            elif r.random() < 0.5:
-                c.reset()
             else:
-                c.close()
+                c.hang_up()
 
 # %% ../nbs/15_synth.ipynb #1e738515
 def _bot(w: Wire, n_flows: int, n_days: int):

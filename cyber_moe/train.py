@@ -9,7 +9,7 @@ import contextlib
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from .schema import FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
-           'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'fit_moe', 'calibrate',
-           'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline', 'evaluate_run',
-           'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run', 'registered_name',
-           'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
+           'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'TrainSettings', 'lit_module',
+           'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline',
+           'evaluate_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment',
+           'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
 
 # %% ../nbs/50_train.ipynb #32f53083
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
@@ -226,31 +226,63 @@ class FitResult:
     checkpoint: str | None
 
 # %% ../nbs/50_train.ipynb #9746aa09
-def _lit_module(cfg: RunConfig, prep: Prepared, net):
-    "The Lightning module training `net` with the run's loss, class weights (from the training labels) and optimiser settings."
+@dataclass
+class TrainSettings:
+    "How a network is trained: epochs, learning rate, batch size, seed and the loss settings (defaults: a short fine-tune)."
+
+    epochs: int = 3
+    lr: float = 5e-4
+    batch_size: int = 256
+    seed: int = 0
+    weight_decay: float = 1e-4
+    loss: str = "weighted_ce"
+    class_weight_power: float = 1.0
+    class_weight_keep_binary: bool = False
+    focal_gamma: float = 2.0
+    family_loss_weight: float = 1.0
+    label_smoothing: float = 0.0
+    load_balance_weight: float = 0.01
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, *, epochs: int | None = None, lr_scale: float = 1.0, seed: int | None = None) -> "TrainSettings":
+        "The settings of a run's config, with `epochs` (default `train.max_epochs`) and the learning rate scaled by `lr_scale`."
+        t = cfg.train
+        same = {f.name: getattr(t, f.name) for f in fields(cls) if f.name in type(t).model_fields}  # train.<name> as it is
+        own = {
+            "epochs": t.max_epochs if epochs is None else epochs,
+            "lr": t.lr * lr_scale,
+            "seed": cfg.seed if seed is None else seed,
+            "load_balance_weight": cfg.model.load_balance_weight,
+        }
+        return cls(**{**same, **own})
+
+
+def lit_module(net, y_family: np.ndarray, n_classes: int, s: TrainSettings):
+    "The Lightning module training `net` with the loss and optimiser settings of `s`; class weights from the training labels `y_family` (none for plain cross-entropy)."
     from cyber_moe.lit import MoELitModule, class_weights_from
 
-    t, m = cfg.train, cfg.model
     weights = (
-        class_weights_from(
-            prep.arrays["train"]["y_family"], len(prep.classes), power=t.class_weight_power, keep_binary=t.class_weight_keep_binary
-        )
-        if t.loss != "ce"
+        class_weights_from(y_family, n_classes, power=s.class_weight_power, keep_binary=s.class_weight_keep_binary)
+        if s.loss != "ce"
         else None
     )
-    module = MoELitModule(
+    return MoELitModule(
         net,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        max_epochs=t.max_epochs,
-        loss=t.loss,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        max_epochs=s.epochs,
+        loss=s.loss,
         class_weights=weights,
-        focal_gamma=t.focal_gamma,
-        family_loss_weight=t.family_loss_weight,
-        load_balance_weight=m.load_balance_weight,
-        label_smoothing=t.label_smoothing,
+        focal_gamma=s.focal_gamma,
+        family_loss_weight=s.family_loss_weight,
+        load_balance_weight=s.load_balance_weight,
+        label_smoothing=s.label_smoothing,
     )
-    return module
+
+
+def _lit_module(cfg: RunConfig, prep: Prepared, net):
+    "The Lightning module training `net` with the run's loss, class weights (from the training labels) and optimiser settings."
+    return lit_module(net, prep.arrays["train"]["y_family"], len(prep.classes), TrainSettings.from_run(cfg))
 
 # %% ../nbs/50_train.ipynb #febfbe91
 def _trainer(cfg: RunConfig, logger, callbacks, enable_progress_bar: bool):
@@ -421,11 +453,25 @@ def _model_scores(prep: Prepared, y: dict, p: np.ndarray, v: dict, op: dict, raw
     return model_m, model_pred
 
 # %% ../nbs/50_train.ipynb #52551f64
-def _baseline_scores(prep: Prepared, baseline, y: dict, op_for) -> tuple[dict, dict]:
-    "The baseline's test metrics and predictions, its threshold chosen by `op_for` on its own validation scores."
+def _targets(arrays: dict) -> dict:
+    "The family and binary targets of a split's arrays, as `evaluate_predictions` takes them."
+    return {"y_family": arrays["y_family"], "y_binary": arrays["y_binary"].astype(np.int64)}
+
+
+def _rule(prep: Prepared, rule: str, target_fpr: float):
+    "The operating-point rule on the validation split: validation probabilities [N, C] (benign first) -> operating point."
+    from cyber_moe.evaluate import choose_operating_point
+
+    y_val_bin = prep.arrays["val"]["y_binary"].astype(np.int64)
+    return lambda p_val: choose_operating_point(y_val_bin, 1.0 - p_val[:, 0], rule=rule, target_fpr=target_fpr)
+
+
+def evaluate_baseline(prep: Prepared, baseline, *, rule: str = "max_f1", target_fpr: float = 0.01) -> tuple[dict, dict]:
+    "The baseline's test metrics and predictions, its threshold chosen by `rule` on its own validation scores."
     from cyber_moe.baseline import sequence_length_of
     from cyber_moe.evaluate import decide, evaluate_predictions
 
+    y, op_for = _targets(prep.arrays["test"]), _rule(prep, rule, target_fpr)
     val = prep.arrays["val"]
     n_seq = sequence_length_of(baseline.feature_names)
     pb, pb_val = baseline.predict_proba(baseline_matrix(prep, "test", n_seq)), baseline.predict_proba(baseline_matrix(prep, "val", n_seq))
@@ -459,14 +505,10 @@ def evaluate_run(
 ) -> tuple[dict, dict]:
     "Test metrics of the MoE (a `ModelBundle`, or a bare net) and the baseline side by side (`compare` structure), and their test predictions; both verdicts by `decide`."
     from cyber_moe.bundle import ModelBundle, network_outputs
-    from cyber_moe.evaluate import choose_operating_point, compare, decide
+    from cyber_moe.evaluate import compare, decide
 
     test, val = prep.arrays["test"], prep.arrays["val"]
-    y = {"y_family": test["y_family"], "y_binary": test["y_binary"].astype(np.int64)}
-    y_val_bin = val["y_binary"].astype(np.int64)
-
-    def op_for(p_val):
-        return choose_operating_point(y_val_bin, 1.0 - p_val[:, 0], rule=rule, target_fpr=target_fpr)
+    y, op_for = _targets(test), _rule(prep, rule, target_fpr)
 
     is_bundle = isinstance(model, ModelBundle)
     net, T = (model.net, model.temperature_family) if is_bundle else (model, 1.0)
@@ -483,7 +525,7 @@ def evaluate_run(
     p = _softmax(z)
     v = decide(p, op["threshold"])
     model_m, model_pred = _model_scores(prep, y, p, v, op, raw, z, z_val, experts)
-    base, base_pred = _baseline_scores(prep, baseline, y, op_for)
+    base, base_pred = evaluate_baseline(prep, baseline, rule=rule, target_fpr=target_fpr)
     return compare(model_m, base), {"model": model_pred, "baseline": base_pred}
 
 # %% ../nbs/50_train.ipynb #3f45a6e2

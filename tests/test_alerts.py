@@ -197,30 +197,17 @@ def test_watch_flushes_a_waiting_batch_after_max_delay(bundle, capture):
     assert stats["n_batches"] == len(sizes) >= 2 and sum(sizes) == stats["n_flows"]
 
 
-def test_cli_score_pcap_writes_alerts(cli, bundle, capture, scored, tmp_path):
+def score_capture(cli, bundle, capture, tmp_path, feedback: str, *more: str):
+    "`cyber-moe score` of the capture with the bundle saved under tmp_path, alerts to a.jsonl, `more` options and store `feedback`."
     import subprocess
-    from cyber_moe.bundle import save_bundle
 
     model = save_bundle(bundle, tmp_path / "model")
-    url = f"sqlite:///{tmp_path / 'feedback.db'}"
-    r = subprocess.run(
-        [
-            cli,
-            "score",
-            "--model",
-            str(model),
-            "--input",
-            str(capture[1]),
-            "--alerts",
-            str(tmp_path / "a.jsonl"),
-            "--alert-format",
-            "eve",
-            "--feedback",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    cmd = [cli, "score", "--model", str(model), "--input", str(capture[1]), "--alerts", str(tmp_path / "a.jsonl"), *more]
+    return subprocess.run([*cmd, "--feedback", feedback], capture_output=True, text=True)
+
+
+def test_cli_score_pcap_writes_alerts(cli, bundle, capture, scored, tmp_path):
+    r = score_capture(cli, bundle, capture, tmp_path, f"sqlite:///{tmp_path / 'feedback.db'}", "--alert-format", "eve")
     assert r.returncode == 0, r.stderr
     n = int(scored["is_attack"].sum())
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == n
@@ -230,10 +217,8 @@ def test_cli_score_pcap_writes_alerts(cli, bundle, capture, scored, tmp_path):
 def test_cli_score_and_watch_apply_suppression_rules(cli, bundle, capture, scored, tmp_path):
     "A rule made from one alert's source silences that source in `score --alerts` and `watch`; the flows are still scored and stored."
     import subprocess
-    from cyber_moe.bundle import save_bundle
     from cyber_moe.feedback import FeedbackStore
 
-    model = save_bundle(bundle, tmp_path / "model")
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     flagged = scored[scored["is_attack"] == 1]
     src = flagged["src_ip"].value_counts().index[0]
@@ -241,24 +226,8 @@ def test_cli_score_and_watch_apply_suppression_rules(cli, bundle, capture, score
     assert 0 < n_sup < len(flagged)
     with FeedbackStore(url) as fb:
         rule = fb.add_rule(src=src, reason="the backup server", creator="pytest")
-    r = subprocess.run(
-        [
-            cli,
-            "score",
-            "--model",
-            str(model),
-            "--input",
-            str(capture[1]),
-            "--alerts",
-            str(tmp_path / "a.jsonl"),
-            "--output",
-            str(tmp_path / "v.parquet"),
-            "--feedback",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = score_capture(cli, bundle, capture, tmp_path, url, "--output", str(tmp_path / "v.parquet"))
+    model = tmp_path / "model"
     assert r.returncode == 0, r.stderr
     alerts = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(alerts) == len(flagged) - n_sup and all(a["source"]["ip"] != src for a in alerts)
@@ -281,27 +250,9 @@ def test_cli_score_and_watch_apply_suppression_rules(cli, bundle, capture, score
 
 
 def test_cli_score_goes_on_when_the_store_is_unreachable(cli, bundle, capture, scored, tmp_path):
-    import subprocess
-    from cyber_moe.bundle import save_bundle
     from cyber_moe.testing import free_port
 
-    model = save_bundle(bundle, tmp_path / "model")
-    r = subprocess.run(
-        [
-            cli,
-            "score",
-            "--model",
-            str(model),
-            "--input",
-            str(capture[1]),
-            "--alerts",
-            str(tmp_path / "a.jsonl"),
-            "--feedback",
-            f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/fb",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = score_capture(cli, bundle, capture, tmp_path, f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/fb")
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == int(scored["is_attack"].sum())
     assert "going on without feedback" in r.stderr and "secret" not in r.stderr, r.stderr

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cyber_moe.dashboard import find_runs, load_run, start, wait_until_serving
+from cyber_moe.dashboard import find_runs, load_run, start, stop, wait_until_serving
+from cyber_moe.testing import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -46,19 +46,13 @@ def run_outputs(tmp_path_factory, root, cli) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
     "Start Voila on the dashboard for an outputs folder (free port on 127.0.0.1); every server is stopped at the end."
     procs = []
 
     def _serve(outputs_dir: Path) -> str:
-        port = _free_port()
+        port = free_port()
         log = open(tmp_path_factory.mktemp("voila") / "voila.log", "w")
         proc = start(outputs_dir=outputs_dir, port=port, stdout=log, stderr=subprocess.STDOUT)
         procs.append((proc, log))
@@ -68,12 +62,7 @@ def serve(tmp_path_factory):
 
     yield _serve
     for proc, log in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=30)
         log.close()
 
 

@@ -16,13 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cyber_moe.dashboard import start, wait_until_serving
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cyber_moe.dashboard import start, stop, wait_until_serving
+from cyber_moe.testing import free_port
 
 
 def _children(pid: int) -> set[int]:
@@ -92,7 +87,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def voila(tiny, tmp_path_factory):
     "Voila on the tiny notebook with the dashboard's launcher: 2 kernels at most, culled after 4 idle seconds."
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("voila-log") / "voila.log", "w")
     proc = start(
         outputs_dir=tiny.parent,
@@ -108,12 +103,7 @@ def voila(tiny, tmp_path_factory):
         wait_until_serving(f"http://127.0.0.1:{port}/", timeout=120, proc=proc)
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=30)
         log.close()
 
 
@@ -176,7 +166,7 @@ def test_foreign_origin_websocket_is_refused(voila):
 
 
 def test_cli_dashboard_stops_voila_and_kernels_on_sigterm(cli, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "cli.log", "w")
     proc = subprocess.Popen(
         [cli, "dashboard", "--outputs", str(tmp_path / "outputs"), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT

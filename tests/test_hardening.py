@@ -328,18 +328,18 @@ def registry(toy, tmp_path_factory):
     return uri
 
 
+def score_registered(cli, toy, where, tracking_uri: str | None):
+    "`cyber-moe score` of models:/toy-model/1 run in folder `where` (created), with MLFLOW_TRACKING_URI `tracking_uri` (None: unset)."
+    where.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})
+    cmd = [cli, "score", "--model", "models:/toy-model/1", "--input", str(toy["csv"])]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=where, env=env)
+
+
 def test_models_uri_resolves_against_the_configured_store(toy, registry, cli, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    r = subprocess.run(
-        [cli, "score", "--model", "models:/toy-model/1", "--input", str(toy["csv"])],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=elsewhere,
-        env={**env, "MLFLOW_TRACKING_URI": registry},
-    )
+    r = score_registered(cli, toy, elsewhere, registry)
     assert r.returncode == 0 and "scored 300 flows with toy v1" in r.stdout, r.stderr[-3000:]
     assert not list(elsewhere.iterdir()), list(elsewhere.iterdir())  # nothing written where the command ran
 
@@ -347,26 +347,9 @@ def test_models_uri_resolves_against_the_configured_store(toy, registry, cli, tm
 def test_models_uri_without_a_store_is_a_clear_error(toy, cli, root, tmp_path):
     "From another folder, with no MLFLOW_TRACKING_URI: the project's own store (outputs/mlflow.db), and no stray mlflow.db."
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    store = f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}"
-    r = subprocess.run(
-        [cli, "score", "--model", "models:/toy-model/1", "--input", str(toy["csv"])],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=elsewhere,
-        env={**env, "MLFLOW_TRACKING_URI": store},
-    )
+    r = score_registered(cli, toy, elsewhere, f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}")
     assert_refused(r, "no MLflow tracking store at", str(tmp_path / "absent" / "mlflow.db"))
-    r = subprocess.run(
-        [cli, "score", "--model", "models:/toy-model/1", "--input", str(toy["csv"])],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=elsewhere,
-        env=env,
-    )
+    r = score_registered(cli, toy, elsewhere, None)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert str(root / "outputs" / "mlflow.db") in r.stderr or "toy-model" in r.stderr, r.stderr[-2000:]
     assert not (elsewhere / "mlflow.db").exists() and not list(elsewhere.iterdir())

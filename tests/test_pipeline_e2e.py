@@ -73,17 +73,21 @@ def test_model_folder_scores_raw_rows_through_mlflow_and_registry(smoke_run):
 def test_score_command_writes_one_row_per_input_in_order(cli, root, smoke_run, tmp_path):
     flows = smoke_flows(smoke_run).head(500)
     flows.to_csv(tmp_path / "flows.csv", index=False)
-    r = run(
-        cli,
-        "score",
-        "--model",
-        str(smoke_run / "smoke" / "model"),
-        "--input",
-        str(tmp_path / "flows.csv"),
-        "--output",
-        str(tmp_path / "preds.csv"),
-        cwd=root,
-    )
+
+    def score(name: str, out: str):
+        return run(
+            cli,
+            "score",
+            "--model",
+            str(smoke_run / "smoke" / "model"),
+            "--input",
+            str(tmp_path / name),
+            "--output",
+            str(tmp_path / out),
+            cwd=root,
+        )
+
+    r = score("flows.csv", "preds.csv")
     assert r.returncode == 0, r.stderr
     preds = pd.read_csv(tmp_path / "preds.csv")
     assert len(preds) == 500
@@ -92,17 +96,7 @@ def test_score_command_writes_one_row_per_input_in_order(cli, root, smoke_run, t
     assert (preds["family"].to_numpy() == direct["family"].to_numpy()).all()
     # a file of another schema is rejected with its missing columns named, and nothing is written
     flows.drop(columns=["bidirectional_packets", "protocol"]).to_csv(tmp_path / "wrong.csv", index=False)
-    r = run(
-        cli,
-        "score",
-        "--model",
-        str(smoke_run / "smoke" / "model"),
-        "--input",
-        str(tmp_path / "wrong.csv"),
-        "--output",
-        str(tmp_path / "never.csv"),
-        cwd=root,
-    )
+    r = score("wrong.csv", "never.csv")
     assert r.returncode == 2 and "bidirectional_packets" in r.stderr and "protocol" in r.stderr
     assert not (tmp_path / "never.csv").exists()
 
