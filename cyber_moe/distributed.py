@@ -681,15 +681,7 @@ def _feedback_for(store, bundle, stream: TextIO) -> tuple[dict | None, Callable[
             return
         recs = list({r["id"]: r for r in recs}.values())  # a flow repeated in a file is one alert of the store
         try:
-            n = store.add_alerts(
-                recs,
-                model_name=bundle.name,
-                model_version=bundle.version,
-                source="score",
-                classes=bundle.classes,
-                benign=bundle.schema.benign,
-                threshold=bundle.threshold,
-            ).n_new
+            n = store.add_bundle_alerts(recs, bundle, source="score").n_new
         except StoreUnavailable as e:
             fail(e)
             return
