@@ -9,7 +9,7 @@ Measured, all in this run:
     (torch, its default threads; process start and model load included, and also reported without them), on the
     first --single-files files (default: enough for 500,000 flows): its rate is the baseline, and at 10 million flows
     scoring every file this way would take longer than the rest of the benchmark together;
-  - `score_many` on a LocalCluster of 1 and of 2 worker processes (1 thread each, ONNX Runtime with 1 intra-op thread),
+  - `score_many` on a LocalCluster of 1 and of 2 worker processes (1 thread each, ONNX Runtime with 1 intra-op thread, batches of distributed.BATCH_SIZE),
     end to end (cluster start included), the workers' peak RSS and flows per CPU-second of the tasks (the rate the
     code allows when other jobs share the cores);
   - metering: `pcap_to_flows` over the captures one after the other in one process, against the same calls as Dask
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     import torch
     from cyber_moe.bundle import save_bundle, score_file
     from cyber_moe.testing import split_capture, untrained_bundle
-    from cyber_moe.distributed import score_many
+    from cyber_moe.distributed import BATCH_SIZE, score_many
     from cyber_moe.nfstream import NFSTREAM, pcap_to_flows
     from cyber_moe.synth import load_or_generate
 
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         dist[n] = (sec, n_rows / sec, n_rows / busy, n_rows / s["run_seconds"], n_rows / cpu)
         rows.append(
             (
-                f"`score_many`, LocalCluster of {n} worker process(es) x 1 thread, ONNX Runtime 1 thread, batches of 1,024 (cluster start included)",
+                f"`score_many`, LocalCluster of {n} worker process(es) x 1 thread, ONNX Runtime 1 thread, batches of {BATCH_SIZE:,} (cluster start included)",
                 sec,
                 n_rows / sec,
                 " / ".join(f"{v:,.0f}" for v in sorted(rss.values())),

@@ -27,9 +27,9 @@ import pandas as pd
 from .schema import SchemaError
 
 # %% auto #0
-__all__ = ['FLOW_SUFFIXES', 'RUNTIMES', 'MANIFEST', 'MANIFEST_FORMAT', 'input_kind', 'expand_inputs', 'WorkUnit', 'plan_units',
-           'worker_bundle', 'suppress_alerts', 'score_unit', 'Manifest', 'Progress', 'run_units', 'ClusterError',
-           'summary_text', 'score_many']
+__all__ = ['FLOW_SUFFIXES', 'RUNTIMES', 'BATCH_SIZE', 'PCAP_BATCH', 'MANIFEST', 'MANIFEST_FORMAT', 'input_kind', 'expand_inputs',
+           'WorkUnit', 'plan_units', 'worker_bundle', 'suppress_alerts', 'score_unit', 'Manifest', 'Progress',
+           'run_units', 'ClusterError', 'summary_text', 'score_many']
 
 # %% ../nbs/88_distributed.ipynb #b3c2033d
 FLOW_SUFFIXES = (".parquet", ".pq", ".csv")
@@ -159,6 +159,8 @@ def plan_units(inputs: list[dict], *, rows_per_task: int = 1_000_000) -> list[Wo
 _BUNDLES: dict = {}
 _BUNDLE_LOCK = threading.Lock()
 RUNTIMES = ("onnx", "torch")
+BATCH_SIZE = 128  # rows per ONNX Runtime call: the activations of a batch stay in the core's caches
+PCAP_BATCH = 1024  # at least this many flows per streaming batch of a capture: each batch costs a frame and an alert pass
 
 
 def worker_bundle(model: str, *, runtime: str = "onnx"):
@@ -264,7 +266,7 @@ def _score_pcap_unit(unit: WorkUnit, bundle, *, allow_truncated: bool, batch_siz
             "start workers that meter captures with DASK_DISTRIBUTED__WORKER__DAEMON=False (or `dask worker --no-nanny`)"
         )
     verdicts = score_pcap(
-        bundle, unit.path, allow_truncated=allow_truncated, batch_size=batch_size, n_threads=1, features=rules is not None
+        bundle, unit.path, allow_truncated=allow_truncated, batch_size=max(batch_size, PCAP_BATCH), n_threads=1, features=rules is not None
     )
     if rules is not None:
         verdicts, records = suppress_alerts(verdicts, bundle, rules)
@@ -332,7 +334,7 @@ def score_unit(
     out_dir: str,
     *,
     runtime: str = "onnx",
-    batch_size: int = 8192,
+    batch_size: int = BATCH_SIZE,
     alert_format: str = "ecs",
     allow_truncated: bool = False,
     rules: list | None = None,
@@ -606,7 +608,7 @@ def score_many(
     workers: int | None = None,
     rows_per_task: int = 1_000_000,
     runtime: str = "onnx",
-    batch_size: int = 1024,
+    batch_size: int = BATCH_SIZE,
     alert_format: str = "ecs",
     allow_truncated: bool = False,
     stream: TextIO | None = None,
