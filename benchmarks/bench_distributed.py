@@ -6,14 +6,17 @@ Generates (or reuses, under --out-dir) the embedded simulator's traffic, replica
 ModelConfig size on the nfstream schema (untrained: inference costs the same as a trained one), saved with its ONNX graph.
 Measured, all in this run:
   - single process: `cyber-moe score --input FILE --output FILE.parquet` once per file, as a user scores files today
-    (torch, its default threads; process start and model load included, and also reported without them);
-  - `score_many` on a LocalCluster of 1 and of 2 worker processes (1 thread each, ONNX Runtime with 1 intra-op thread),
-    end to end (cluster start included) and the workers' peak RSS;
+    (torch, its default threads; process start and model load included, and also reported without them), on the
+    first --single-files files (default: enough for 500,000 flows): its rate is the baseline, and at 10 million flows
+    scoring every file this way would take longer than the rest of the benchmark together;
+  - `score_many` on a LocalCluster of 1 and of 2 worker processes (1 thread each, ONNX Runtime with 1 intra-op thread, batches of distributed.BATCH_SIZE),
+    end to end (cluster start included), the workers' peak RSS and flows per CPU-second of the tasks (the rate the
+    code allows when other jobs share the cores);
   - metering: `pcap_to_flows` over the captures one after the other in one process, against the same calls as Dask
     tasks on 2 worker processes; and `score_many` on the captures (meter + score + alerts) with 2 workers.
 Appends a table to benchmarks/RESULTS.md unless --no-append.
 
-    .venv/bin/python benchmarks/bench_distributed.py [--rows 200000] [--files 8] [--captures 6] [--flows 20000] [--no-append]
+    .venv/bin/python benchmarks/bench_distributed.py [--rows 200000] [--files 8] [--single-files K] [--captures 6] [--flows 20000] [--no-append]
 """
 
 from __future__ import annotations
@@ -59,16 +62,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000, help="flows in all the Parquet files together")
     ap.add_argument("--files", type=int, default=8)
+    ap.add_argument(
+        "--single-files", type=int, default=None, help="files scored by the single-process rows (default: enough for 500,000 flows)"
+    )
     ap.add_argument("--captures", type=int, default=6)
     ap.add_argument("--flows", type=int, default=20_000, help="size of the generated traffic (flows) the files are made from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_distributed"))
     ap.add_argument("--no-append", action="store_true")
     a = ap.parse_args(argv)
+    t_start = time.perf_counter()
     import torch
     from cyber_moe.bundle import save_bundle, score_file
     from cyber_moe.testing import split_capture, untrained_bundle
-    from cyber_moe.distributed import score_many
+    from cyber_moe.distributed import BATCH_SIZE, score_many
     from cyber_moe.nfstream import NFSTREAM, pcap_to_flows
     from cyber_moe.synth import load_or_generate
 
@@ -89,6 +96,9 @@ def main(argv=None) -> int:
         flows.iloc[rng.integers(0, len(flows), per)].reset_index(drop=True).to_parquet(p, index=False)
         files.append(p)
     n_rows = per * a.files
+    k = min(a.files, a.single_files or -(-500_000 // max(per, 1)))
+    single, n_single = files[:k], per * k
+    sub = "" if k == a.files else f" on the first {k} of the {a.files} files ({n_single:,} flows)"
     caps = split_capture(Path(info["pcap"]), out / "captures", a.captures)
     load0 = os.getloadavg()[0]
     rows = []
@@ -98,24 +108,29 @@ def main(argv=None) -> int:
     shutil.rmtree(single_out, ignore_errors=True)
     single_out.mkdir()
     t_cli, rss_cli = 0.0, 0.0
-    for p in files:
+    for p in single:
         s, rss = run_cli_rss(["score", "--model", str(model), "--input", str(p), "--output", str(single_out / p.name)])
         t_cli += s
         rss_cli = max(rss_cli, rss)
     rows.append(
         (
-            "single process: `cyber-moe score` once per file (torch, default threads; start-up and model load included)",
+            f"single process: `cyber-moe score` once per file{sub} (torch, default threads; start-up and model load included)",
             t_cli,
-            n_rows / t_cli,
+            n_single / t_cli,
             f"{rss_cli:,.0f}",
         )
     )
     t = time.perf_counter()
-    for p in files:
+    for p in single:
         score_file(model, p)
     t_in = time.perf_counter() - t
     rows.append(
-        (f"single process: `score_file` per file in one warm process (torch, {torch.get_num_threads()} threads)", t_in, n_rows / t_in, "")
+        (
+            f"single process: `score_file` per file{sub} in one warm process (torch, {torch.get_num_threads()} threads)",
+            t_in,
+            n_single / t_in,
+            "",
+        )
     )
 
     dist = {}
@@ -130,16 +145,18 @@ def main(argv=None) -> int:
         for r in s["results"].values():
             rss[r["worker"]] = max(rss.get(r["worker"], 0), r["peak_rss_mb"])
         busy = sum(r["seconds"] for r in s["results"].values())
-        dist[n] = (sec, n_rows / sec, n_rows / busy, n_rows / s["run_seconds"])
+        cpu = sum(r["cpu_seconds"] for r in s["results"].values())
+        dist[n] = (sec, n_rows / sec, n_rows / busy, n_rows / s["run_seconds"], n_rows / cpu)
         rows.append(
             (
-                f"`score_many`, LocalCluster of {n} worker process(es) x 1 thread, ONNX Runtime 1 thread, batches of 1,024 (cluster start included)",
+                f"`score_many`, LocalCluster of {n} worker process(es) x 1 thread, ONNX Runtime 1 thread, batches of {BATCH_SIZE:,} (cluster start included)",
                 sec,
                 n_rows / sec,
                 " / ".join(f"{v:,.0f}" for v in sorted(rss.values())),
             )
         )
         rows.append(("  the same, from the first task submitted to the last finished", s["run_seconds"], n_rows / s["run_seconds"], ""))
+        rows.append(("  the same, flows per CPU-second of the tasks (all workers' task CPU time)", cpu, n_rows / cpu, ""))
     # the Dask verdicts are the single-process ones
     ref = pd.read_parquet(single_out / files[0].name)
     got = pd.read_parquet(out / "dask-2" / "verdicts" / f"source={files[0].name}")
@@ -189,7 +206,7 @@ def main(argv=None) -> int:
 
     r1, r2 = dist[1][1], dist[2][1]
     per_worker = dist[1][2]  # flows/s of one worker while busy (task time only, model loading included)
-    base = n_rows / t_cli
+    base = n_single / t_cli
     lines = [
         f"## Scoring at scale (`benchmarks/bench_distributed.py`, cyber_moe.distributed), {date.today()}",
         "",
@@ -209,13 +226,17 @@ def main(argv=None) -> int:
         f"| ratio 2 workers / 1 worker, from the first task submitted | | x{dist[2][3] / dist[1][3]:.2f} | |",
         f"| ratio metering on 2 workers / one process | | x{t_meter1 / t_meter2:.2f} | |",
         "",
+        f"The whole benchmark took {(time.perf_counter() - t_start) / 60:.1f} min (data generation included).",
+        "",
         f"Verdicts of the 2-worker run equal the single-process CLI's on the files compared (is_attack identical; "
         f"p_attack within {diff:.1g}: ONNX Runtime against torch).",
         "",
         f"Projection (from one busy worker's {per_worker:,.0f} flows/s on this shared machine, task time only): a day of "
         f"100 million flows needs {1e8 / 86400:,.0f} flows/s sustained, i.e. {int(np.ceil(1e8 / 86400 / per_worker))} worker process(es) "
         f"keeping pace; scoring a stored day of 100 million flows takes {1e8 / per_worker / 3600:,.1f} h on 1 worker, "
-        f"{1e8 / per_worker / 3600 / 8:,.1f} h on 8 and {1e8 / per_worker / 3600 / 32:,.2f} h on 32 (one free core each). "
+        f"{1e8 / per_worker / 3600 / 8:,.1f} h on 8 and {1e8 / per_worker / 3600 / 32:,.2f} h on 32 (one free core each); at the "
+        f"{dist[1][4]:,.0f} flows per CPU-second a worker's tasks used, which is what an unshared core gives, "
+        f"{1e8 / dist[1][4] / 3600:,.1f} h on 1 worker. "
         f"That assumes throughput grows with the number of workers, which the tasks allow (one file each, no data "
         f"exchanged between workers) but this run could not show: 2 workers gave x{r2 / r1:.2f} of 1, because the "
         "machine's two cores were already busy with other jobs. Metering captures adds NFStream's cost per flow on top.",

@@ -179,15 +179,7 @@ def main(argv=None) -> int:
         f.unlink()
     url = f"sqlite:///{db.resolve()}"
     store = FeedbackStore(url)
-    store.add_alerts(
-        [{k: v for k, v in r.items() if k != "_row"} for r in recs],
-        model_name=champion.name,
-        model_version=champion.version,
-        source="score",
-        classes=champion.classes,
-        benign=champion.schema.benign,
-        threshold=champion.threshold,
-    )
+    store.add_bundle_alerts([{k: v for k, v in r.items() if k != "_row"} for r in recs], champion)
     # 2. the analyst: poller alerts are false positives; a sample of the rest confirmed against the lab's ground truth
     rng = np.random.default_rng(0)
     truth = flows.loc[[r["_row"] for r in recs], ["family", "tool"]].reset_index(drop=True)

@@ -5,11 +5,14 @@
 # %% ../nbs/85_alerts.ipynb #007eaf63
 from __future__ import annotations
 
+import base64
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -54,14 +57,38 @@ def community_id(src_ip: str, src_port: int | None, dst_ip: str, dst_port: int |
     return out
 
 
+def _fast_cid(s, sp, d, dp, p, ports: bool, head: bytes, packed: dict) -> str:
+    "`community_id` of one flow from the specification's bytes, addresses packed once per call of `community_ids` (the reference implementation builds objects per flow: ~40x slower); any error -> ValueError."
+    a, b = packed.get(s), packed.get(d)
+    if a is None:
+        a = packed[s] = ipaddress.ip_address(s if isinstance(s, str) else None).packed  # text addresses only
+    if b is None:
+        b = packed[d] = ipaddress.ip_address(d if isinstance(d, str) else None).packed
+    if len(a) != len(b):
+        raise ValueError("mixed address families")
+    if ports:
+        x, y = struct.pack("!H", int(sp)), struct.pack("!H", int(dp))
+        if b < a or (a == b and y < x):
+            a, b, x, y = b, a, y, x
+        data = head + a + b + struct.pack("BB", int(p), 0) + x + y
+    else:
+        data = head + (a + b if a < b else b + a) + struct.pack("BB", int(p), 0)
+    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")
+
+
 def community_ids(flows: pd.DataFrame, *, seed: int = 0) -> pd.Series:
     "Community ID of every NFStream flow in `flows` (None for ICMP/ICMPv6, whose type and code NFStream does not keep); `.attrs['n_missing']` counts those."
     cols = [flows[c].tolist() for c in ("src_ip", "src_port", "dst_ip", "dst_port", "protocol")]
     ports = set(communityid.PORT_PROTOS) - _PORTLESS
-    out = [
-        None if p in _PORTLESS else community_id(s, sp, d, dp, p, seed=seed) if p in ports else community_id(s, None, d, None, p, seed=seed)
-        for s, sp, d, dp, p in zip(*cols)
-    ]
+    head, packed, out = struct.pack("!H", seed), {}, []
+    for s, sp, d, dp, p in zip(*cols):
+        if p in _PORTLESS:
+            out.append(None)
+            continue
+        try:
+            out.append(_fast_cid(s, sp, d, dp, p, p in ports, head, packed))
+        except (ValueError, TypeError, OverflowError, struct.error):  # the reference implementation says what is wrong
+            out.append(community_id(s, sp, d, dp, p, seed=seed) if p in ports else community_id(s, None, d, None, p, seed=seed))
     res = pd.Series(out, index=flows.index, dtype=object, name="community_id")
     res.attrs["n_missing"] = sum(v is None for v in out)
     return res

@@ -63,15 +63,7 @@ def make_store(outs, url, *, verdicts: bool = True):
         for i in top
     ]
     store = FeedbackStore(url)
-    store.add_alerts(
-        recs,
-        model_name=bundle.name,
-        model_version=bundle.version,
-        source="score",
-        classes=bundle.classes,
-        benign=bundle.schema.benign,
-        threshold=bundle.threshold,
-    )
+    store.add_bundle_alerts(recs, bundle)
     if verdicts:
         for i in top:
             truth = str(test["family"].iloc[i])

@@ -661,6 +661,22 @@ def _add_alerts(
 
 FeedbackStore.add_alerts = _add_alerts
 
+# %% ../../nbs/62_feedback.ipynb #401fb734
+def _add_bundle_alerts(self: FeedbackStore, records: Sequence[dict] | pd.DataFrame, bundle, *, source: str = "score") -> AddResult:
+    "`add_alerts` for the alert records of `bundle`: its name and version, with its classes, benign class and threshold registered."
+    return self.add_alerts(
+        records,
+        model_name=bundle.name,
+        model_version=bundle.version,
+        source=source,
+        classes=bundle.classes,
+        benign=bundle.schema.benign,
+        threshold=bundle.threshold,
+    )
+
+
+FeedbackStore.add_bundle_alerts = _add_bundle_alerts
+
 # %% ../../nbs/62_feedback.ipynb #7dce4dcc
 def _resolve(
     self: FeedbackStore,
