@@ -180,7 +180,7 @@ def decide(p_classes, threshold: float, *, benign_index: int = 0) -> dict[str, n
 
 
 def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_fpr: float = 0.01) -> dict:
-    "The threshold on p_attack chosen on validation rows: maximum F1 (`max_f1`) or the most recall with FPR <= `target_fpr`; with its validation scores."
+    "The threshold on p_attack chosen on validation rows: maximum F1 (`max_f1`) or the most recall with FPR <= `target_fpr` (mid-gap); with its validation scores."
     if rule not in OPERATING_RULES:
         raise ValueError(f"operating point rule {rule!r} unknown; valid rules: {', '.join(OPERATING_RULES)}")
     y = _labels(y_binary, "y_binary", 2)
@@ -198,8 +198,12 @@ def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_f
         i = int(np.argmax(f1))
     else:
         ok = np.flatnonzero(fpr <= target_fpr)
-        i = int(ok[-1]) if len(ok) else 0
-    t = float(np.clip(thr[i], 1e-6, 1 - 1e-6))
+        i = int(ok[np.argmax(tp[ok])]) if len(ok) else 0  # the highest threshold with that recall: no budget spent for nothing
+    t = float(thr[i])
+    if rule == "target_fpr" and i + 1 < len(thr):  # the middle of the gap to the next lower score, on the logit scale
+        lo, hi = np.clip([thr[i + 1], t], 1e-6, 1 - 1e-6)
+        t = float(1 / (1 + np.sqrt((1 - lo) / lo * (1 - hi) / hi)))
+    t = float(np.clip(t, 1e-6, 1 - 1e-6))
     out = {
         "rule": rule,
         "threshold": t,
