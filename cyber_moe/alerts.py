@@ -590,15 +590,7 @@ def alert_records(scored: pd.DataFrame, bundle: ModelBundle) -> list[dict]:
 def store_alerts(store, scored: pd.DataFrame, bundle: ModelBundle, *, source: str):
     "Store the flagged flows of `scored` in `store` (a FeedbackStore), applying its rules; returns `scored` with `suppressed_by`, and the AddResult."
     recs = alert_records(scored, bundle)
-    res = store.add_alerts(
-        recs,
-        model_name=bundle.name,
-        model_version=bundle.version,
-        source=source,
-        classes=bundle.classes,
-        benign=bundle.schema.benign,
-        threshold=bundle.threshold,
-    )
+    res = store.add_bundle_alerts(recs, bundle, source=source)
     sup = pd.Series(pd.NA, index=scored.index, dtype="Int64")
     sup[scored.index[scored["is_attack"].to_numpy() == 1]] = pd.array(res.suppressed_by, dtype="Int64")
     out = scored.assign(suppressed_by=sup)
