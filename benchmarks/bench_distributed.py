@@ -2,8 +2,9 @@
 `cyber-moe score` on the same files in the same run, and pcap metering of several captures in parallel against one process.
 
 Generates (or reuses, under --out-dir) the embedded simulator's traffic, replicates its flows into --files Parquet files
-(--rows flows in all), and cuts its pcap into --captures hourly-style files. The model is a bundle of the default
-ModelConfig size on the nfstream schema (untrained: inference costs the same as a trained one), saved with its ONNX graph.
+(--rows flows in all), and cuts its pcap into --captures hourly-style files. The model is a bundle of --params' model
+(default: params/default.yaml, what `make run` trains) on the nfstream schema, untrained (inference costs the same as a
+trained one), saved with its ONNX graph.
 Measured, all in this run:
   - single process: `cyber-moe score --input FILE --output FILE.parquet` once per file, as a user scores files today
     (torch, its default threads; process start and model load included, and also reported without them), on the
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--captures", type=int, default=6)
     ap.add_argument("--flows", type=int, default=20_000, help="size of the generated traffic (flows) the files are made from")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--params", default=str(ROOT / "params" / "default.yaml"), help="the model section of this file is measured")
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_distributed"))
     ap.add_argument("--no-append", action="store_true")
     a = ap.parse_args(argv)
@@ -78,10 +80,12 @@ def main(argv=None) -> int:
     from cyber_moe.distributed import BATCH_SIZE, score_many
     from cyber_moe.nfstream import NFSTREAM, pcap_to_flows
     from cyber_moe.synth import load_or_generate
+    from cyber_moe.config import load_config
 
     out = Path(a.out_dir)
     flows, info = load_or_generate(seed=a.seed, n_days=1, n_flows_target=a.flows, out_dir=out / "synth")
-    b = untrained_bundle(flows, schema=NFSTREAM, name="bench", version="1")
+    model_cfg = load_config(a.params).model
+    b = untrained_bundle(flows, schema=NFSTREAM, model_cfg=model_cfg, name="bench", version="1")
     b.threshold = float(np.quantile(b.predict(flows.head(5000))["p_attack"], 0.7))
     n_params = sum(p.numel() for p in b.net.parameters())
     model = save_bundle(b, out / "model")
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
         f"## Scoring at scale (`benchmarks/bench_distributed.py`, cyber_moe.distributed), {date.today()}",
         "",
         f"{n_rows:,} flows (the simulator's {len(flows):,} NFStream flows resampled into {a.files} Parquet files of {per:,}); "
-        f"{len(caps)} captures cut from its pcap ({n_flows_caps:,} flows). Model: default ModelConfig sizes ({n_params:,} parameters, untrained). "
+        f"{len(caps)} captures cut from its pcap ({n_flows_caps:,} flows). Model: {Path(a.params).name}'s ({', '.join(model_cfg.experts)}; {n_params:,} parameters, untrained). "
         f"Load average {load0:.1f} before, {load1:.1f} after: the 2 cores were shared with other engineers' jobs during the "
         "measurement, so absolute rates are low and vary between runs; the ratios are measured in the same run.",
         "",

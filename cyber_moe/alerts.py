@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .bundle import ModelBundle, write_table
+from .bundle import PREDICT_BATCH, ModelBundle, write_table
 from .feedback import StoreUnavailable, flow_alert_id
 from .schema import SchemaError
 
@@ -137,7 +137,7 @@ def _check_nfstream_bundle(bundle: ModelBundle) -> None:
         )
 
 
-def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = 8192, features: bool = False) -> pd.DataFrame:
+def score_flows(bundle: ModelBundle, flows: pd.DataFrame, *, batch_size: int = PREDICT_BATCH, features: bool = False) -> pd.DataFrame:
     "Verdicts for NFStream flows (rates derived): the `FLOW_COLUMNS`, `community_id`, the bundle's verdicts, `attack_family` (and the model's `features`)."
     _check_nfstream_bundle(bundle)
     bundle.schema.check_columns(flows.columns, where="NFStream flows")

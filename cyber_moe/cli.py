@@ -414,18 +414,20 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from cyber_moe.alerts import FLOW_COLUMNS, is_capture, make_alerts, save_verdicts, score_pcap, store_alerts, summary_table, write_alerts
     from collections import Counter
     from cyber_moe.feedback import StoreUnavailable
-    from cyber_moe.bundle import load_model_bundle, score_file
+    from cyber_moe.bundle import PREDICT_BATCH, load_model_bundle, score_file
 
     if _score_is_many(args):
         return _cmd_score_many(args)
-    args.input, args.batch_size = args.input[0], args.batch_size or 8192
+    args.input = args.input[0]
     capture = is_capture(args.input)
     if not capture and (args.alerts or args.allow_truncated):
         raise ConfigError(f"--alerts and --allow-truncated need a packet capture (.pcap/.pcapng), not {args.input}")
     bundle = load_model_bundle(args.model)
     if capture:
         store = _open_feedback(args) if args.alerts else None
-        out = score_pcap(bundle, args.input, allow_truncated=args.allow_truncated, batch_size=args.batch_size, features=store is not None)
+        out = score_pcap(
+            bundle, args.input, allow_truncated=args.allow_truncated, batch_size=args.batch_size or 8192, features=store is not None
+        )
         if store is not None:
             try:
                 out, res = store_alerts(store, out, bundle, source="score")
@@ -445,7 +447,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             n = write_alerts(make_alerts(out, bundle, alert_format=args.alert_format), args.alerts)
             print(f"alerts ({args.alert_format}, {n:,}): {args.alerts}")
     else:
-        out = score_file(bundle, args.input, args.output, batch_size=args.batch_size)
+        out = score_file(bundle, args.input, args.output, batch_size=args.batch_size or PREDICT_BATCH)
         n_att = int(out["is_attack"].sum())
         print(f"scored {len(out):,} flows with {bundle.name} v{bundle.version}: {n_att:,} flagged as attacks ({n_att / len(out):.1%})")
         print(out["family"].value_counts().rename("flows").to_string())
@@ -480,7 +482,7 @@ def _add_score_parser(sub) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        help="rows per forward pass (default 8192; 128 for several inputs, where ONNX Runtime runs fastest per flow with small batches)",
+        help="rows per forward pass (default 512 for a file of flows, 8192 flows per batch for a capture, 128 for several inputs)",
     )
     _add_alert_args(p, "capture input: write one JSON line per flagged flow to FILE")
     p.add_argument(

@@ -175,11 +175,8 @@ def worker_bundle(model: str, *, runtime: str = "onnx"):
 
             torch.set_num_threads(1)
             b, note = load_model_bundle(model), None
-            if runtime == "onnx":
-                try:
-                    b.use_onnx(threads=1)
-                except Exception as e:
-                    note = f"ONNX Runtime unavailable ({type(e).__name__}: {e}); scored with torch"
+            if runtime == "onnx" and (why := b.try_onnx(threads=1)):
+                note = f"{why}; scored with torch"
             hit = _BUNDLES[(model, runtime)] = (b, note)
     return hit
 

@@ -149,13 +149,12 @@ def load_served(uri: str | Path, settings: ServeSettings) -> ServedModel:
     pinned, registry_version = resolve_alias(uri)  # an alias is read once: the model loaded is the version recorded
     served = ServedModel(load_model_bundle(pinned), uri=uri, settings=settings)
     served.registry_version = registry_version
-    if settings.runtime == "onnx":
-        try:
-            served.bundle.use_onnx(threads=settings.torch_threads)
+    if settings.runtime == "onnx":  # torch gives the same numbers, only slower: serve, and say so
+        served.runtime_error = served.bundle.try_onnx(threads=settings.torch_threads)
+        if served.runtime_error is None:
             served.runtime = "onnx"
-        except Exception as e:  # torch gives the same numbers, only slower: serve, and say so
-            served.runtime_error = f"{type(e).__name__}: {e}"
-            logging.getLogger(__name__).warning("model at %s: ONNX Runtime unavailable (%s); scoring with torch", uri, served.runtime_error)
+        else:
+            logging.getLogger(__name__).warning("model at %s: %s; scoring with torch", uri, served.runtime_error)
     one = served.typical_row()
     served.score(served.validator.values([one]))
     served.score(served.validator.values([one] * settings.warmup_rows, batch=True))
