@@ -529,16 +529,29 @@ def _active_rules(self: FeedbackStore, now: datetime | None = None) -> list[Rule
 
 FeedbackStore.add_rule, FeedbackStore.list_rules, FeedbackStore.active_rules = _add_rule, _list_rules, _active_rules
 
+# %% ../../nbs/62_feedback.ipynb #93c964fb
+def _stored_rule(s, rule_id: int) -> Rule:
+    "Rule `rule_id` in session `s`; `UnknownRule` when there is none."
+    r = s.get(Rule, int(rule_id))
+    if r is None:
+        raise UnknownRule(f"rule {rule_id} not found")
+    return r
+
+
+def _stored_alert(s, alert_id: str) -> Alert:
+    "Alert `alert_id` in session `s`; `UnknownAlert` when there is none."
+    a = s.get(Alert, str(alert_id))
+    if a is None:
+        raise UnknownAlert(f"alert '{alert_id}' not found")
+    return a
+
 # %% ../../nbs/62_feedback.ipynb #5b056b69
 def _get_rule(self: FeedbackStore, rule_id: int) -> RuleView:
     "One rule by id (UnknownAlert-like LookupError naming it when absent)."
 
     def run():
         with self._session() as s:
-            r = s.get(Rule, int(rule_id))
-            if r is None:
-                raise UnknownRule(f"rule {rule_id} not found")
-            return _rule_view(r)
+            return _rule_view(_stored_rule(s, rule_id))
 
     return self._guard(run)
 
@@ -548,9 +561,7 @@ def _delete_rule(self: FeedbackStore, rule_id: int) -> RuleView:
 
     def run():
         with self._session.begin() as s:
-            r = s.get(Rule, int(rule_id))
-            if r is None:
-                raise UnknownRule(f"rule {rule_id} not found")
+            r = _stored_rule(s, rule_id)
             view = _rule_view(r)
             s.execute(sa.update(Alert).where(Alert.suppressed_by == r.id).values(suppressed_by=None))
             s.delete(r)
@@ -694,8 +705,7 @@ def _resolve(
     def run():
         with self._session() as s:
             if alert_id is not None:
-                if s.get(Alert, str(alert_id)) is None:
-                    raise UnknownAlert(f"alert '{alert_id}' not found")
+                _stored_alert(s, alert_id)  # UnknownAlert when there is none
                 return str(alert_id)
             if request_id is not None:
                 aid = rest_alert_id(str(request_id), row)
@@ -735,9 +745,7 @@ def _record_verdict(
 
     def run():
         with self._session.begin() as s:
-            a = s.get(Alert, str(alert_id))
-            if a is None:
-                raise UnknownAlert(f"alert '{alert_id}' not found")
+            a = _stored_alert(s, alert_id)
             m = s.get(Model, (a.model_name, a.model_version))
             classes, benign = (list(m.classes) if m and m.classes else None), (m.benign if m and m.benign else "benign")
             if family is not None and classes is not None and family not in classes:
@@ -913,9 +921,7 @@ def _get_alert(self: FeedbackStore, alert_id: str) -> dict:
 
     def run():
         with self._session() as s:
-            a = s.get(Alert, str(alert_id))
-            if a is None:
-                raise UnknownAlert(f"alert '{alert_id}' not found")
+            a = _stored_alert(s, alert_id)
             return {c: getattr(a, c) for c in _ALERT_COLS}
 
     d = self._guard(run)
