@@ -89,6 +89,12 @@ def _subcommand(sub, name: str, func, *, help: str, description: str) -> argpars
     return p
 
 
+def _command_group(sub, name: str, *, help: str, description: str):
+    "Add subcommand `name` whose actions are subcommands of their own (`lab record`); returns the sub-parsers to add them to."
+    group = sub.add_parser(name, help=help, description=description)
+    return group.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+
 _MODEL_HELP = "bundle folder (outputs/<run>/model), MLflow model folder, or MLflow URI such as models:/cyber-moe-unsw-nb15/1"
 
 
@@ -167,12 +173,12 @@ def _cmd_lab_record(args: argparse.Namespace) -> int:
 
 def _add_lab_parser(sub) -> None:
     "The `lab` subcommand: record sessions of the traffic lab."
-    lab = sub.add_parser(
+    lsub = _command_group(
+        sub,
         "lab",
         help="the traffic lab: real tools and clients in network namespaces",
         description="Record sessions of the traffic lab (needs root and network namespaces).",
     )
-    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     r = _subcommand(
         lsub,
         "record",
@@ -754,8 +760,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def _add_data_parser(sub) -> None:
     "The `data` subcommand: inspect data set files."
-    d = sub.add_parser("data", help="inspect data set files", description="Work with flow files as published.")
-    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dsub = _command_group(sub, "data", help="inspect data set files", description="Work with flow files as published.")
     di = _subcommand(
         dsub,
         "inspect",
