@@ -62,7 +62,7 @@ def strip_columns(df: pd.DataFrame) -> pd.DataFrame:
     cols = [str(c).strip() for c in df.columns]
     return df if cols == list(df.columns) else df.set_axis(cols, axis=1)
 
-
+# %% ../nbs/58_bundle.ipynb #b4ca962f
 class ModelBundle:
     "A trained MoE with its schema, preprocessing, classes and calibration: scores raw flow rows."
 

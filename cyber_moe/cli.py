@@ -81,6 +81,64 @@ def run_pipeline(cfg: RunConfig, stages: list[Path], *, kernel_name: str = "pyth
     write_run_record(cfg, finished_at=utc_now(), status="ok", stages=done)
     return done
 
+# %% ../nbs/90_cli.ipynb #66556a80
+def _subcommand(sub, name: str, func, *, help: str, description: str) -> argparse.ArgumentParser:
+    "Add subcommand `name` to the sub-parsers `sub`, run by `func(args)`; returns its parser, for its options."
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def _command_group(sub, name: str, *, help: str, description: str):
+    "Add subcommand `name` whose actions are subcommands of their own (`lab record`); returns the sub-parsers to add them to."
+    group = sub.add_parser(name, help=help, description=description)
+    return group.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+
+_MODEL_HELP = "bundle folder (outputs/<run>/model), MLflow model folder, or MLflow URI such as models:/cyber-moe-unsw-nb15/1"
+
+
+def _add_model_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    "`--model URI`, the model a subcommand loads (`note`: what it must be trained on)."
+    p.add_argument("--model", required=True, metavar="URI", help=_MODEL_HELP + note)
+
+
+def _add_outputs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outputs", help="the project's outputs folder, holding the runs (default: outputs/ of this checkout)")
+
+
+def _outputs_dir(args: argparse.Namespace) -> Path:
+    "The folder given as --outputs, else the project's outputs/."
+    return Path(args.outputs) if args.outputs else find_project_root() / "outputs"
+
+# %% ../nbs/90_cli.ipynb #57f48937
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", required=True, help="YAML run configuration, e.g. params/default.yaml")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. train.max_epochs=3"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_feedback_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--feedback",
+        metavar="URL",
+        help="feedback store that keeps the alerts and holds the suppression rules "
+        "(default: $CYBER_MOE_FEEDBACK_URL, else sqlite:///<project>/outputs/feedback.db), e.g. postgresql+psycopg://user@host/db",
+    )
+    g.add_argument("--no-feedback", action="store_true", help="neither store alerts nor apply suppression rules")
+
+
+def _add_alert_args(p: argparse.ArgumentParser, alerts_help: str) -> None:
+    "The alert options of `score` and `watch`: the alerts file (`alerts_help` says when it is written), their shape, the feedback store."
+    p.add_argument("--alerts", metavar="FILE", help=alerts_help)
+    p.add_argument(
+        "--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE"
+    )
+    _add_feedback_args(p)
+
 # %% ../nbs/90_cli.ipynb #2fd2e733
 def _cmd_lab_record(args: argparse.Namespace) -> int:
     from cyber_moe.lab import LabInterrupted, LabUnavailable, record_session
@@ -115,14 +173,16 @@ def _cmd_lab_record(args: argparse.Namespace) -> int:
 
 def _add_lab_parser(sub) -> None:
     "The `lab` subcommand: record sessions of the traffic lab."
-    lab = sub.add_parser(
+    lsub = _command_group(
+        sub,
         "lab",
         help="the traffic lab: real tools and clients in network namespaces",
         description="Record sessions of the traffic lab (needs root and network namespaces).",
     )
-    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
-    r = lsub.add_parser(
+    r = _subcommand(
+        lsub,
         "record",
+        _cmd_lab_record,
         help="record one session: capture.pcap, labels.parquet, flows.parquet",
         description="Build the lab, run the scenario's clients and attack steps, capture on the bridge, "
         "remove everything, then meter and label the flows.",
@@ -131,7 +191,6 @@ def _add_lab_parser(sub) -> None:
     r.add_argument("--out", required=True, help="output folder of the session")
     r.add_argument("--seed", type=int, default=0, help="draws timings, order, clients, targets, intensities and tool options")
     r.add_argument("--inject-crash", metavar="STEP", help="(testing) kill this step's tool part-way, as a crash would")
-    r.set_defaults(func=_cmd_lab_record)
 
 # %% ../nbs/90_cli.ipynb #83eaaeb6
 DEFAULT_RETRAIN_MODEL = "models:/cyber-moe-lab@champion"
@@ -146,7 +205,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tolerance must be in [0, 1), got {args.tolerance}")
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
-    outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
+    outputs = _outputs_dir(args)
     store = args.store or f"sqlite:///{outputs.resolve() / 'feedback.db'}"
     setup_logging("INFO")
     confirmed = load_confirmed(store)
@@ -171,8 +230,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 # %% ../nbs/90_cli.ipynb #8c93113e
 def _add_retrain_parser(sub) -> None:
     "The `retrain` subcommand: learn from the analysts' confirmed verdicts."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "retrain",
+        _cmd_retrain,
         help="learn from analysts' verdicts: re-choose the operating point, fine-tune, register a challenger, promote if it wins",
         description="Read confirmed verdicts from the feedback store; re-choose the operating point on them; fine-tune the model "
         "from its weights on them plus its original training rows; compare candidate and champion on held-out "
@@ -192,7 +253,7 @@ def _add_retrain_parser(sub) -> None:
     p.add_argument(
         "--run", help="folder of the run that trained the model (default <outputs>/<the bundle's run_name>): its original training rows"
     )
-    p.add_argument("--outputs", help="the project's outputs folder (default: outputs/ of this checkout)")
+    _add_outputs_arg(p)
     p.add_argument("--out", help="folder for report.json and report.md (default <outputs>/retrain/<UTC time>)")
     p.add_argument("--tracking-uri", help="MLflow tracking store (default MLFLOW_TRACKING_URI or <outputs>/mlflow.db)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
@@ -207,35 +268,6 @@ def _add_retrain_parser(sub) -> None:
     )
     p.add_argument("--no-register", action="store_true", help="compare and report only: register nothing, move no alias")
     p.add_argument("--seed", type=int, default=0, help="seed of the feedback split and the fine-tune")
-    p.set_defaults(func=_cmd_retrain)
-
-# %% ../nbs/90_cli.ipynb #57f48937
-def _add_params_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", required=True, help="YAML run configuration, e.g. params/default.yaml")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. train.max_epochs=3"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _add_feedback_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--feedback",
-        metavar="URL",
-        help="feedback store that keeps the alerts and holds the suppression rules "
-        "(default: $CYBER_MOE_FEEDBACK_URL, else sqlite:///<project>/outputs/feedback.db), e.g. postgresql+psycopg://user@host/db",
-    )
-    g.add_argument("--no-feedback", action="store_true", help="neither store alerts nor apply suppression rules")
-
-
-def _add_alert_args(p: argparse.ArgumentParser, alerts_help: str) -> None:
-    "The alert options of `score` and `watch`: the alerts file (`alerts_help` says when it is written), their shape, the feedback store."
-    p.add_argument("--alerts", metavar="FILE", help=alerts_help)
-    p.add_argument(
-        "--alert-format", choices=["ecs", "eve"], default="ecs", help="alert shape: Elastic Common Schema (default) or Suricata EVE"
-    )
-    _add_feedback_args(p)
 
 # %% ../nbs/90_cli.ipynb #f1a2a74f
 def _cmd_pipeline(args: argparse.Namespace) -> int:
@@ -255,15 +287,16 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _add_pipeline_parser(sub) -> None:
     "The `pipeline` subcommand: run the pipeline notebooks for one params file."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "pipeline",
+        _cmd_pipeline,
         help="run the pipeline notebooks with papermill for one params file",
         description="Execute nbs/pipelines/*.ipynb in order into outputs/<run_name>/notebooks/.",
     )
     _add_params_args(p)
     p.add_argument("--pipelines", help="folder of pipeline notebooks (default: nbs/pipelines of this checkout)")
     p.add_argument("--stages", nargs="+", help="run only these stages (notebook names without .ipynb)")
-    p.set_defaults(func=_cmd_pipeline)
 
 # %% ../nbs/90_cli.ipynb #9ecf2561
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -283,13 +316,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train_parser(sub) -> None:
     "The `train` subcommand: train, evaluate and register in one process."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "train",
+        _cmd_train,
         help="train the MoE and the LightGBM baseline, evaluate both on the test split, save and register the model",
         description="Data, split, preprocessing, MoE + baseline training, test metrics, model bundle and MLflow run, in one process.",
     )
     _add_params_args(p)
-    p.set_defaults(func=_cmd_train)
 
 # %% ../nbs/90_cli.ipynb #5157c950
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -322,8 +356,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _add_tune_parser(sub) -> None:
     "The `tune` subcommand: an Optuna sweep, then retrain, test and register the best."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "tune",
+        _cmd_tune,
         help="Optuna sweep over model, gate and optimiser settings; retrain, test and register the best",
         description="Run (or continue) an Optuna study: each trial a nested MLflow run, pruning per epoch on validation; "
         "the best configuration is retrained, scored on the test split once and registered. "
@@ -339,7 +375,6 @@ def _add_tune_parser(sub) -> None:
     p.add_argument(
         "--worker", action="store_true", help="only join an existing study as a worker (another host); no retraining or registration"
     )
-    p.set_defaults(func=_cmd_tune)
 
 # %% ../nbs/90_cli.ipynb #07dfda61
 def _score_is_many(args: argparse.Namespace) -> bool:
@@ -458,14 +493,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
 # %% ../nbs/90_cli.ipynb #372c1d46
 def _add_score_parser(sub) -> None:
     "The `score` subcommand: verdicts for a file of flows, a capture, or many inputs on Dask."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "score",
+        _cmd_score,
         help="score a file of flows or a packet capture with a trained model",
         description="Read flows in the data set's own format (CSV as published, or parquet) and write one verdict per row, in order; "
         "or meter a packet capture (.pcap/.pcapng) with NFStream, score its flows with a model trained on NFStream flows, "
         "print a summary and optionally write alerts.",
     )
-    p.add_argument("--model", required=True, help="model folder (outputs/<run>/model) or MLflow URI (models:/cyber-moe-unsw-nb15/1)")
+    _add_model_arg(p)
     p.add_argument(
         "--input",
         required=True,
@@ -500,7 +537,6 @@ def _add_score_parser(sub) -> None:
     p.add_argument(
         "--rows-per-task", type=int, default=1_000_000, help="several inputs: Parquet files with more rows are split into row-group tasks"
     )
-    p.set_defaults(func=_cmd_score)
 
 # %% ../nbs/90_cli.ipynb #c20476c0
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -547,13 +583,15 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 # %% ../nbs/90_cli.ipynb #aa0063e4
 def _add_watch_parser(sub) -> None:
     "The `watch` subcommand: score live traffic (or a replayed capture) as flows end."
-    w = sub.add_parser(
+    w = _subcommand(
+        sub,
         "watch",
+        _cmd_watch,
         help="score live traffic on a network interface (or replay a pcap) and write alerts as flows end",
         description="Capture with NFStream (same flow options as training), score flows in micro-batches as they end, "
         "and write each alert as a JSON line as soon as it is made. Live capture needs root or CAP_NET_RAW; Ctrl-C stops.",
     )
-    w.add_argument("--model", required=True, help="model folder or MLflow URI of a model trained on NFStream flows")
+    _add_model_arg(w, "; a model trained on NFStream flows")
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--interface", help="network interface to capture from, e.g. eth0 (`ip link` lists them)")
     src.add_argument("--pcap", help="replay this capture file instead of a live interface")
@@ -565,7 +603,6 @@ def _add_watch_parser(sub) -> None:
     w.add_argument(
         "--idle-timeout", type=int, default=120, help="seconds without packets that end a flow (the models are trained with 120)"
     )
-    w.set_defaults(func=_cmd_watch)
 
 # %% ../nbs/90_cli.ipynb #269225ae
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -582,16 +619,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _add_explain_parser(sub) -> None:
     "The `explain` subcommand: SHAP contributions for one flow."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "explain",
+        _cmd_explain,
         help="SHAP: the raw features that moved a model's verdict on one flow",
         description="Explain one flow of a file (SHAP over the raw feature columns, background from training rows).",
     )
-    p.add_argument("--model", required=True, help="model folder or MLflow URI")
+    _add_model_arg(p)
     p.add_argument("--input", required=True, help="CSV or parquet file of flows")
     p.add_argument("--row", type=int, default=0, help="position of the flow in the file")
     p.add_argument("--top-k", type=int, default=10, help="how many contributions")
-    p.set_defaults(func=_cmd_explain)
 
 # %% ../nbs/90_cli.ipynb #34b63941
 def _cmd_results(args: argparse.Namespace) -> int:
@@ -609,14 +647,15 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 def _add_results_parser(sub) -> None:
     "The `results` subcommand: a run's results table, printed or written into the README."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "results",
+        _cmd_results,
         help="print a run's results table (Markdown) or write it into the README",
         description="Render outputs/<run>/metrics.json as the README's results table; never type numbers by hand.",
     )
     p.add_argument("--run", required=True, help="run folder, e.g. outputs/unsw-nb15")
     p.add_argument("--readme", help="write the table between the results markers of this file (e.g. README.md)")
-    p.set_defaults(func=_cmd_results)
 
 # %% ../nbs/90_cli.ipynb #2ee1a529
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -659,32 +698,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_serve_parser(sub) -> None:
     "The `serve` subcommand: the REST service under uvicorn."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "serve",
+        _cmd_serve,
         help="serve a model bundle over HTTP: REST, Open Inference Protocol v2, Prometheus metrics",
         description="Run the REST service (cyber_moe.serve.app under uvicorn). Other settings come from environment variables: "
         "CYBER_MOE_API_KEY, CYBER_MOE_MAX_BATCH, ... (cyber_moe.serve.ServeSettings).",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="URI",
-        help="bundle folder, MLflow model folder, or MLflow URI such as models:/cyber-moe-unsw-nb15/1",
-    )
+    _add_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument(
         "--workers", type=int, default=1, help="uvicorn worker processes (default 1; metrics are shared through PROMETHEUS_MULTIPROC_DIR)"
     )
-    p.set_defaults(func=_cmd_serve)
 
 # %% ../nbs/90_cli.ipynb #99306c06
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from cyber_moe.dashboard import launch
 
-    outputs = Path(args.outputs) if args.outputs else find_project_root() / "outputs"
     return launch(
-        outputs_dir=outputs,
+        outputs_dir=_outputs_dir(args),
         run=args.run,
         port=args.port,
         open_browser=args.open,
@@ -695,15 +729,17 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 def _add_dashboard_parser(sub) -> None:
     "The `dashboard` subcommand: the analyst dashboard under Voila."
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "dashboard",
+        _cmd_dashboard,
         help="serve the analyst dashboard (Voila) on the runs of an outputs folder",
         description="Start Voila on nbs/dashboards/analysis.ipynb at http://127.0.0.1:PORT/: model vs baseline, curves, "
         "SHAP and drift views, single flows with their explanation. Ctrl-C or SIGTERM stops it and its kernels.",
     )
     p.add_argument("--run", help="run shown first (folder name under the outputs folder; default: the newest)")
     p.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
-    p.add_argument("--outputs", help="folder holding the runs (default: the project's outputs/)")
+    _add_outputs_arg(p)
     p.add_argument("--open", action="store_true", help="open a browser tab")
     p.add_argument(
         "--allow-host",
@@ -713,7 +749,6 @@ def _add_dashboard_parser(sub) -> None:
         help="a host name (besides localhost and loopback addresses) that browsers may use to reach the dashboard (repeatable)",
     )
     p.add_argument("--max-kernels", type=int, default=6, help="page views served at once, one kernel each (default 6; more get HTTP 503)")
-    p.set_defaults(func=_cmd_dashboard)
 
 # %% ../nbs/90_cli.ipynb #a5f55dac
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -727,10 +762,11 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def _add_data_parser(sub) -> None:
     "The `data` subcommand: inspect data set files."
-    d = sub.add_parser("data", help="inspect data set files", description="Work with flow files as published.")
-    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    di = dsub.add_parser(
+    dsub = _command_group(sub, "data", help="inspect data set files", description="Work with flow files as published.")
+    di = _subcommand(
+        dsub,
         "inspect",
+        _cmd_data_inspect,
         help="report rows, classes, duplicates, non-finite values, constant/identifier columns",
         description="Inspect UNSW-NB15 / CIC-IDS2017 CSV files, folders or zips (source detected from the header).",
     )
@@ -739,7 +775,6 @@ def _add_data_parser(sub) -> None:
     di.add_argument("--release", choices=["original", "engelen2021"], default="original", help="CIC-IDS2017 release")
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.add_argument("--strict", action="store_true", help="exit 1 when an ids-lint error rule fires")
-    di.set_defaults(func=_cmd_data_inspect)
 
 # %% ../nbs/90_cli.ipynb #7080b678
 def build_parser() -> argparse.ArgumentParser:

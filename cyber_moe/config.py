@@ -336,7 +336,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         out["tune"] = {**tune, "storage": absolute_sqlite(tune["storage"])}
     return out
 
-
+# %% ../nbs/00_config.ipynb #ecfc14b3
 def read_yaml(path: Path, *, error: type[Exception], missing: str):
     "The YAML document in file `path` ({} when empty); `error(missing)` when there is no such file, `error` naming the line when it is not YAML."
     if not path.is_file():

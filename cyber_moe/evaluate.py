@@ -154,9 +154,6 @@ def family_metrics(y_true, p_family, classes: list[str], y_pred=None) -> dict:
     return out
 
 # %% ../nbs/55_evaluate.ipynb #41a9334a
-OPERATING_RULES = ("max_f1", "target_fpr")
-
-
 def decide(p_classes, threshold: float, *, benign_index: int = 0) -> dict[str, np.ndarray]:
     "The verdict rule: p_attack = 1 - p(benign); is_attack = p_attack >= threshold; family = top attack family if is_attack else benign."
     p = np.asarray(p_classes, dtype=np.float64)
@@ -177,6 +174,9 @@ def decide(p_classes, threshold: float, *, benign_index: int = 0) -> dict[str, n
         "family_index": family.astype(np.int64),
         "p_family": p[np.arange(len(p)), family],
     }
+
+# %% ../nbs/55_evaluate.ipynb #30c55444
+OPERATING_RULES = ("max_f1", "target_fpr")
 
 
 def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_fpr: float = 0.01) -> dict:

@@ -746,6 +746,11 @@ _SSH_OPTS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o Batc
 _NAMES = ["www.lab.test", "files.lab.test", "updates.lab.test", "ssh.lab.test", "mail.lab.test", "intranet.lab.test"]
 
 
+def _curl(seconds: int, args: str) -> str:
+    "A quiet curl of `args` (options and URLs) that may take `seconds` (killed 1 s later if it ignores the stop)."
+    return f"timeout -k 1 {seconds} curl -s {args} >/dev/null"
+
+
 def _activity(r: random.Random, kind: str, work: Path, files: dict[str, int]) -> str:
     "One benign activity as a bash command line (backgrounded by the caller)."
     web, infra = SERVERS["web"], SERVERS["infra"]
@@ -756,20 +761,18 @@ def _activity(r: random.Random, kind: str, work: Path, files: dict[str, int]) ->
         host = r.choice([web, web, infra])
         picks = r.sample(pages, r.randint(1, 5)) + r.sample([p for p in files if p.startswith("img/")], r.randint(0, 3))
         if r.random() < 0.5:
-            return "timeout -k 1 20 curl -s " + " ".join(f"http://{host}/{p}" for p in picks) + " >/dev/null"
-        return "; ".join(f"timeout -k 1 10 curl -s http://{host}/{p} >/dev/null; sleep {r.uniform(0.3, 4):.1f}" for p in picks)
+            return _curl(20, " ".join(f"http://{host}/{p}" for p in picks))
+        return "; ".join(f"{_curl(10, f'http://{host}/{p}')}; sleep {r.uniform(0.3, 4):.1f}" for p in picks)
     if kind == "download":
         p = r.choice(blobs)
         lim = r.choice(["", "", "--limit-rate 200k ", "--limit-rate 1m "])
-        return f"timeout -k 1 30 curl -s {lim}http://{r.choice([web, infra])}/{p} >/dev/null"
+        return _curl(30, f"{lim}http://{r.choice([web, infra])}/{p}")
     if kind == "login":
         pw = SECRET_PASSWORD if r.random() < 0.9 else "correct-horse-batery"  # people mistype, now and then
-        return (
-            f"timeout -k 1 10 curl -s http://{web}/login.html >/dev/null; sleep {r.uniform(1, 5):.1f}; "
-            f"timeout -k 1 10 curl -s -X POST -d 'user={SECRET_USER}&password={pw}' http://{web}/app/login >/dev/null"
-        )
+        login = _curl(10, f"-X POST -d 'user={SECRET_USER}&password={pw}' http://{web}/app/login")
+        return f"{_curl(10, f'http://{web}/login.html')}; sleep {r.uniform(1, 5):.1f}; {login}"
     if kind == "private":
-        return f"timeout -k 1 10 curl -s -u {SECRET_USER}:{SECRET_PASSWORD} http://{web}/private/report-{r.randint(1, 8)}.html >/dev/null"
+        return _curl(10, f"-u {SECRET_USER}:{SECRET_PASSWORD} http://{web}/private/report-{r.randint(1, 8)}.html")
     if kind == "ssh":
         srv = r.choice([web, infra])
         if r.random() < 0.5:
@@ -785,17 +788,17 @@ def _activity(r: random.Random, kind: str, work: Path, files: dict[str, int]) ->
         return f"timeout -k 1 30 scp -q {key} root@{r.choice([web, infra])}:{work / 'www' / r.choice(blobs)} /dev/null 2>/dev/null"
     if kind == "ftp":
         if r.random() < 0.3:
-            return f"timeout -k 1 15 curl -s ftp://{web}/pub/ >/dev/null"
-        return f"timeout -k 1 30 curl -s ftp://{web}/pub/{Path(r.choice(blobs)).name} >/dev/null"
+            return _curl(15, f"ftp://{web}/pub/")
+        return _curl(30, f"ftp://{web}/pub/{Path(r.choice(blobs)).name}")
     if kind == "dns":
         name = r.choice(_NAMES) if r.random() < 0.8 else f"host{r.randint(1, 999)}.lab.test"
         return f"timeout -k 1 5 dig @{infra} +tries=1 +time=2 {name} {r.choice(['A', 'A', 'A', 'MX', 'TXT', 'AAAA'])} >/dev/null"
     if kind == "update":
-        return f"timeout -k 1 10 curl -s -A 'lab-updater/1.{r.randint(0, 9)}' http://{infra}/updates/manifest.json >/dev/null"
+        return _curl(10, f"-A 'lab-updater/1.{r.randint(0, 9)}' http://{infra}/updates/manifest.json")
     if kind == "idle":
         if r.random() < 0.5:
             return f"timeout -k 1 90 ssh {key} root@{r.choice([web, infra])} 'sleep {r.randint(15, 60)}' >/dev/null 2>&1"
-        return f"timeout -k 1 60 curl -s http://{web}/app/slow?s={r.randint(5, 30)} >/dev/null"
+        return _curl(60, f"http://{web}/app/slow?s={r.randint(5, 30)}")
     raise ValueError(f"unknown benign activity '{kind}'; valid: {', '.join(BENIGN_ACTIVITIES)}")
 
 # %% ../nbs/14_lab.ipynb #f71bd003

@@ -703,37 +703,17 @@ def _mean_of_sigmoid_logit(logit_k: Tensor) -> Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 # %% ../nbs/30_models.ipynb #242d5adf
-def _expert_nets(
-    settings: Mapping[str, Mapping],
-    n_num: int,
-    cat_cardinalities: Sequence[int],
-    n_time: int,
-    bins: Sequence | None,
-    embedding_kw: Mapping,
-    eval_chunk_size: int | None,
-) -> nn.ModuleDict:
-    "One expert per name in `settings` (its settings), each built for the same data sizes, bins and numeric settings."
-    return nn.ModuleDict(
-        {
-            name: EXPERTS[name].build(
-                n_num=n_num,
-                cat_cardinalities=cat_cardinalities,
-                n_time=n_time,
-                bins=bins,
-                embedding_kw=embedding_kw,
-                eval_chunk_size=eval_chunk_size,
-                **s,
-            )
-            for name, s in settings.items()
-        }
-    )
+def _expert_nets(settings: Mapping[str, Mapping], sizes: Mapping, eval_chunk_size: int | None) -> nn.ModuleDict:
+    "One expert per name in `settings` (its settings), each built for the same data `sizes` (`ExpertModule.build`'s keywords)."
+    return nn.ModuleDict({name: EXPERTS[name].build(**sizes, eval_chunk_size=eval_chunk_size, **s) for name, s in settings.items()})
 
 
-def _moe_gate(experts: Sequence[str], emb: Mapping, **kw) -> Gate | None:
-    "The gate over `experts` (None for a single expert), its embedding width read from the numeric settings `emb`."
+def _moe_gate(experts: Sequence[str], sizes: Mapping, **kw) -> Gate | None:
+    "The gate over `experts` (None for a single expert) for the data `sizes`, its embedding width read from their numeric settings."
     if len(experts) <= 1:
         return None
-    return Gate(n_experts=len(experts), d_embedding=int(emb.get("d_gate_embedding", 4)), embedding_kw=emb, **kw)
+    d_embedding = int(sizes["embedding_kw"].get("d_gate_embedding", 4))
+    return Gate(n_experts=len(experts), d_embedding=d_embedding, **sizes, **kw)
 
 # %% ../nbs/30_models.ipynb #f4f99217
 class MoEClassifier(nn.Module):
@@ -768,22 +748,12 @@ class MoEClassifier(nn.Module):
         self.expert_settings = settings
         self.cat_cardinalities = [int(c) for c in cat_cardinalities]
         self.register_buffer("_cards", torch.tensor(self.cat_cardinalities, dtype=torch.long), persistent=False)
-        emb = dict(numeric or {})
-        self.nets = _expert_nets(settings, n_num, self.cat_cardinalities, n_time, bins, emb, eval_chunk_size)
+        # the data sizes, bins and numeric settings: the same for every expert and the gate
+        sizes = dict(n_num=n_num, cat_cardinalities=self.cat_cardinalities, n_time=n_time, bins=bins, embedding_kw=dict(numeric or {}))
+        self.nets = _expert_nets(settings, sizes, eval_chunk_size)
         self.k = max(int(getattr(net, "k", 1)) for net in self.nets.values())
         self.proj = nn.ModuleDict({e: nn.Linear(self.nets[e].d_out, d_head) for e in self.experts})
-        self.gate = _moe_gate(
-            self.experts,
-            emb,
-            n_num=n_num,
-            cat_cardinalities=cat_cardinalities,
-            n_time=n_time,
-            d_gate=d_gate,
-            top_k=gate_top_k,
-            noise=gate_noise,
-            embedding=gate_embedding,
-            bins=bins,
-        )
+        self.gate = _moe_gate(self.experts, sizes, d_gate=d_gate, top_k=gate_top_k, noise=gate_noise, embedding=gate_embedding)
         self.head = nn.Sequential(nn.LayerNorm(d_head), nn.ReLU(), nn.Linear(d_head, d_head), nn.ReLU(), nn.Dropout(head_dropout))
         self.binary_out = nn.Linear(d_head, 1)
         self.family_out = nn.Linear(d_head, n_classes)

@@ -287,6 +287,13 @@ def _wan(r) -> float:
     return r.lognormvariate(math.log(0.03), 0.6)
 
 
+def _lan_call(w: Wire, t: float, cli: Host, srv: Host, port: int) -> Tcp:
+    "A benign TCP connection from `cli` to `srv`:`port` inside the office, its handshake done."
+    c = Tcp(w, "benign", t, cli, srv, port, rtt=_lan(w.rng))
+    c.connect()
+    return c
+
+
 def _logn(r, median, sigma, cap=None):
     "An integer drawn log-normally around `median` (spread `sigma`), capped at `cap`."
     v = r.lognormvariate(math.log(median), sigma)
@@ -384,8 +391,7 @@ def _dns(w: Wire, t: float, cli: Host):
 def _ssh(w: Wire, t: float, cli: Host):
     "Logins: failed (typos by people, stale passwords in scripts), scripted commands, interactive shells."
     r = w.rng
-    c = Tcp(w, "benign", t, cli, SERVERS["ssh"], 22, rtt=_lan(r))
-    c.connect()
+    c = _lan_call(w, t, cli, SERVERS["ssh"], 22)
     _ssh_setup(c)
     kind = r.random()
     if kind < 0.18:  # failed logins, then give up
@@ -414,8 +420,7 @@ def _ssh(w: Wire, t: float, cli: Host):
 def _ftp(w: Wire, t: float, cli: Host):
     "FTP control sessions: log in (typos now and then), list, fetch, quit."
     r = w.rng
-    c = Tcp(w, "benign", t, cli, SERVERS["ftp"], 21, rtt=_lan(r))
-    c.connect()
+    c = _lan_call(w, t, cli, SERVERS["ftp"], 21)
     _ftp_banner(c)
     if r.random() < 0.2:
         _login_tries(c, r.randint(1, 2), lambda: r.uniform(1, 8), req=(12, 30), fail=(22, 40), delay=(0.5, 3))
@@ -432,8 +437,7 @@ def _ftp(w: Wire, t: float, cli: Host):
 def _smtp(w: Wire, t: float, cli: Host):
     "Mail submission: banner, EHLO, envelope, message, QUIT."
     r = w.rng
-    c = Tcp(w, "benign", t, cli, SERVERS["mail"], r.choice((25, 587)), rtt=_lan(r))
-    c.connect()
+    c = _lan_call(w, t, cli, SERVERS["mail"], r.choice((25, 587)))
     c.send(False, r.randint(40, 90))
     c.exchange(r.randint(12, 30), r.randint(120, 260))
     for _ in range(r.randint(2, 4)):
@@ -448,8 +452,7 @@ def _monitor(w: Wire, t: float, cli: Host):
     r = w.rng
     name = r.choice(("web", "web2", "ssh", "mail", "ftp", "dns"))
     port = r.choice(OPEN_PORTS[name])
-    c = Tcp(w, "benign", t, SERVERS["monitor"], SERVERS[name], port, rtt=_lan(r))
-    c.connect()
+    c = _lan_call(w, t, SERVERS["monitor"], SERVERS[name], port)
     if port in (80, 8080, 443):
         c.exchange(r.randint(60, 140), r.randint(120, 400))
     elif port in (22, 21, 25, 587, 143):

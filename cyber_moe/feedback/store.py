@@ -35,6 +35,8 @@ class FeedbackError(ValueError):
 class UnknownAlert(FeedbackError, LookupError):
     "No alert with the given id (or Community ID / request id)."
 
+    what = "alert '{}'"
+
 
 class InvalidFeedback(FeedbackError):
     "A verdict or rule whose fields do not fit (unknown family, a rule with no field set, ...)."
@@ -529,16 +531,22 @@ def _active_rules(self: FeedbackStore, now: datetime | None = None) -> list[Rule
 
 FeedbackStore.add_rule, FeedbackStore.list_rules, FeedbackStore.active_rules = _add_rule, _list_rules, _active_rules
 
+# %% ../../nbs/62_feedback.ipynb #93c964fb
+def _stored(s, table: type[Rule] | type[Alert], key: int | str):
+    "Row `key` of `table` in session `s`; `UnknownRule` or `UnknownAlert`, naming the key, when there is none."
+    missing = UnknownRule if table is Rule else UnknownAlert
+    row = s.get(table, int(key) if table is Rule else str(key))
+    if row is None:
+        raise missing(f"{missing.what.format(key)} not found")
+    return row
+
 # %% ../../nbs/62_feedback.ipynb #5b056b69
 def _get_rule(self: FeedbackStore, rule_id: int) -> RuleView:
     "One rule by id (UnknownAlert-like LookupError naming it when absent)."
 
     def run():
         with self._session() as s:
-            r = s.get(Rule, int(rule_id))
-            if r is None:
-                raise UnknownRule(f"rule {rule_id} not found")
-            return _rule_view(r)
+            return _rule_view(_stored(s, Rule, rule_id))
 
     return self._guard(run)
 
@@ -548,9 +556,7 @@ def _delete_rule(self: FeedbackStore, rule_id: int) -> RuleView:
 
     def run():
         with self._session.begin() as s:
-            r = s.get(Rule, int(rule_id))
-            if r is None:
-                raise UnknownRule(f"rule {rule_id} not found")
+            r = _stored(s, Rule, rule_id)
             view = _rule_view(r)
             s.execute(sa.update(Alert).where(Alert.suppressed_by == r.id).values(suppressed_by=None))
             s.delete(r)
@@ -569,6 +575,8 @@ def _matching_rule(
 
 class UnknownRule(FeedbackError, LookupError):
     "No suppression rule with the given id."
+
+    what = "rule {}"
 
 
 FeedbackStore.get_rule, FeedbackStore.delete_rule, FeedbackStore.matching_rule = _get_rule, _delete_rule, _matching_rule
@@ -694,8 +702,7 @@ def _resolve(
     def run():
         with self._session() as s:
             if alert_id is not None:
-                if s.get(Alert, str(alert_id)) is None:
-                    raise UnknownAlert(f"alert '{alert_id}' not found")
+                _stored(s, Alert, alert_id)  # UnknownAlert when there is none
                 return str(alert_id)
             if request_id is not None:
                 aid = rest_alert_id(str(request_id), row)
@@ -735,9 +742,7 @@ def _record_verdict(
 
     def run():
         with self._session.begin() as s:
-            a = s.get(Alert, str(alert_id))
-            if a is None:
-                raise UnknownAlert(f"alert '{alert_id}' not found")
+            a = _stored(s, Alert, alert_id)
             m = s.get(Model, (a.model_name, a.model_version))
             classes, benign = (list(m.classes) if m and m.classes else None), (m.benign if m and m.benign else "benign")
             if family is not None and classes is not None and family not in classes:
@@ -913,9 +918,7 @@ def _get_alert(self: FeedbackStore, alert_id: str) -> dict:
 
     def run():
         with self._session() as s:
-            a = s.get(Alert, str(alert_id))
-            if a is None:
-                raise UnknownAlert(f"alert '{alert_id}' not found")
+            a = _stored(s, Alert, alert_id)
             return {c: getattr(a, c) for c in _ALERT_COLS}
 
     d = self._guard(run)

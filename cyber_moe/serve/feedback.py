@@ -114,26 +114,30 @@ class FeedbackLink:
                 extra={"fields": {"event": "feedback_unavailable", "feedback_url": redact_url(self.url), "error": self.error}},
             )
 
-    def open(self, *, force: bool = False) -> FeedbackStore | None:
-        "The store, opening (and migrating) it when due; None while it cannot be reached."
-        if not self.enabled:
+# %% ../../nbs/85_serve_feedback.ipynb #666b182e
+def _open(self: FeedbackLink, *, force: bool = False) -> FeedbackStore | None:
+    "The store, opening (and migrating) it when due; None while it cannot be reached."
+    if not self.enabled:
+        return None
+    with self._open_lock:
+        if self.store is not None:
+            return self.store
+        if not force and time.monotonic() < self._next_try:
             return None
-        with self._open_lock:
-            if self.store is not None:
-                return self.store
-            if not force and time.monotonic() < self._next_try:
-                return None
-            try:
-                store = FeedbackStore(self.url)
-            except StoreUnavailable as e:
-                self._down(e)
-                return None
-            was_down, self.store, self.error = self.error is not None, store, None
-            self.log.info(
-                "feedback store available",
-                extra={"fields": {"event": "feedback_available", "feedback_url": redact_url(self.url), "recovered": was_down}},
-            )
-            return store
+        try:
+            store = FeedbackStore(self.url)
+        except StoreUnavailable as e:
+            self._down(e)
+            return None
+        was_down, self.store, self.error = self.error is not None, store, None
+        self.log.info(
+            "feedback store available",
+            extra={"fields": {"event": "feedback_available", "feedback_url": redact_url(self.url), "recovered": was_down}},
+        )
+        return store
+
+
+FeedbackLink.open = _open
 
 # %% ../../nbs/85_serve_feedback.ipynb #c6d1b110
 def _call(self: FeedbackLink, fn):
