@@ -434,7 +434,7 @@ def _explainer() -> tuple[Callable | None, str]:
         if e.name in ("cyber_moe.explain", "shap"):
             return (
                 None,
-                f"explanations are not available in this build: module {e.name} is not installed (cyber_moe.explain comes from nbs/70_explain)",
+                f"explanations are not available in this build: module {e.name} is not installed (cyber_moe.explain comes from nbs/48_explain)",
             )
         raise
     fn = getattr(explain, "explain_flow", None)
