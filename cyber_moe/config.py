@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
 __all__ = ['PINNED_PACKAGES', 'ConfigError', 'DataConfig', 'SplitConfig', 'NumericConfig', 'ModelConfig', 'TrainConfig',
@@ -38,7 +38,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     "Where the flows come from: the embedded generator or a data set's files as published."
 
-    source: Literal["synth", "unsw-nb15", "cic-ids2017", "nfstream", "lab"] = "synth"
+    source: str = Field(
+        "synth", description="a registered data source (cyber_moe.data.source_names): synth, lab, unsw-nb15, cic-ids2017, nfstream, ..."
+    )
     paths: list[str] = Field(default_factory=list, description="files, directories or zips in the data set's own format")
     release: Literal["original", "engelen2021"] = "original"
     verify_checksums: bool = True
@@ -59,6 +61,15 @@ class DataConfig(_Section):
         "drop",
         description="source 'lab': the destination port as a category, a number, or not a feature (floods and scans of another session hit ports a vocabulary of one session does not hold)",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from cyber_moe.data import source_names  # the registry of data sources (chapter 10)
+
+        if v not in source_names():
+            raise ValueError(f"unknown data source '{v}'; known: {', '.join(source_names())}")
+        return v
 
 
 class SplitConfig(_Section):

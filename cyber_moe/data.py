@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import importlib
 import io
@@ -24,14 +25,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .config import terminal_safe
-from .schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema, SchemaError, get_schema
+from .schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema, SchemaError, get_schema, register_schema
 
 # %% auto #0
-__all__ = ['ZIP_MAX_MEMBER_BYTES', 'ZIP_MAX_RATIO', 'MAX_LINE_BYTES', 'UNSW_RAW_IDENTIFIERS', 'LOADERS', 'DataError',
-           'ChecksumError', 'FileRecord', 'LoadReport', 'FlowFile', 'expand_paths', 'sha256_of', 'read_header',
-           'clean_header', 'detect_source', 'read_flow_csv', 'recorded_checksum', 'unsw_raw_names', 'load_unsw_nb15',
-           'repair_label_text', 'parse_cic_timestamp', 'parse_cic_timestamps', 'load_cic_ids2017',
-           'engelen2021_time_test_mask', 'register_loader', 'load_flows', 'inspect_flows', 'format_inspect']
+__all__ = ['ZIP_MAX_MEMBER_BYTES', 'ZIP_MAX_RATIO', 'MAX_LINE_BYTES', 'UNSW_RAW_IDENTIFIERS', 'LOADERS', 'SOURCES',
+           'BUILTIN_SOURCES', 'DataError', 'ChecksumError', 'FileRecord', 'LoadReport', 'FlowFile', 'expand_paths',
+           'sha256_of', 'read_header', 'clean_header', 'detect_source', 'read_flow_csv', 'recorded_checksum',
+           'unsw_raw_names', 'load_unsw_nb15', 'repair_label_text', 'parse_cic_timestamp', 'parse_cic_timestamps',
+           'load_cic_ids2017', 'engelen2021_time_test_mask', 'register_loader', 'register_source', 'source_names',
+           'get_source', 'load_flows', 'load_nfstream_flows', 'inspect_flows', 'format_inspect']
 
 # %% ../nbs/10_data.ipynb #fe526c1c
 class DataError(ValueError):
@@ -807,12 +809,44 @@ def engelen2021_time_test_mask(df: pd.DataFrame) -> pd.Series:
 
 # %% ../nbs/10_data.ipynb #cf1e0623
 LOADERS: dict[str, Callable[..., tuple[pd.DataFrame, LoadReport]]] = {}
-_LOADER_PROVIDERS = {"synth": "cyber_moe.nfstream", "nfstream": "cyber_moe.nfstream"}
+SOURCES: dict[str, Callable] = {}
+BUILTIN_SOURCES = {"synth": "cyber_moe.train", "lab": "cyber_moe.train"}  # sources these modules register when imported
 
 
-def register_loader(source: str, fn: Callable[..., tuple[pd.DataFrame, LoadReport]]) -> None:
-    "Make `load_flows(source, ...)` call `fn(paths, max_rows=, verify_checksums=, release=)`."
+def register_loader(source: str, fn: Callable[..., tuple[pd.DataFrame, LoadReport]], *, schema: FlowSchema | None = None) -> None:
+    "Make `load_flows(source, ...)` call `fn(paths, max_rows=, verify_checksums=, release=)` and `data.source: <source>` train on those files (with `schema`, if not registered yet)."
+    if schema is not None:
+        register_schema(schema, *([source] if source != schema.name else []))
     LOADERS[source] = fn
+    SOURCES[source] = functools.partial(_file_source, source)
+
+
+def register_source(name: str, load: Callable) -> None:
+    "Make `data.source: <name>` load through `load(cfg) -> (flows, schema, info)`: a source that is generated or recorded, not read from files."
+    SOURCES[name] = load
+
+
+def source_names() -> list[str]:
+    "Every name `data.source` accepts: the registered sources and the built-in ones registered on first use."
+    return sorted(set(SOURCES) | set(BUILTIN_SOURCES))
+
+
+def get_source(name: str) -> Callable:
+    "How `data.source: <name>` loads (`load(cfg) -> (flows, schema, info)`); KeyError naming the known sources."
+    if name not in SOURCES and name in BUILTIN_SOURCES:
+        importlib.import_module(BUILTIN_SOURCES[name])
+    if name not in SOURCES:
+        raise KeyError(f"no data source '{name}'; known: {', '.join(source_names())}")
+    return SOURCES[name]
+
+
+def _file_source(name: str, cfg) -> tuple[pd.DataFrame, FlowSchema, dict]:
+    "The flows in `cfg.data.paths`, read by the loader registered as `name`, with the schema of that name."
+    d = cfg.data
+    if not d.paths:
+        raise ValueError(f"data.paths is empty: source '{name}' needs the data set's files (e.g. data.paths=[../shared/data/...])")
+    df, report = load_flows(name, d.paths, max_rows=d.max_rows, verify_checksums=d.verify_checksums, release=d.release)
+    return df, get_schema(name), report.to_dict()
 
 
 register_loader(UNSW_NB15.name, lambda paths, *, release="original", **kw: load_unsw_nb15(paths, **kw))
@@ -824,22 +858,61 @@ def load_flows(
 ) -> tuple[pd.DataFrame, LoadReport]:
     "Load the flows of `source` from `paths` (files, folders, zips): `(flows frame, LoadReport)`."
     name = source
-    if name not in LOADERS and name not in _LOADER_PROVIDERS:
+    if name not in LOADERS:
         with contextlib.suppress(KeyError):
             name = get_schema(source).name
-    if name not in LOADERS and name in _LOADER_PROVIDERS:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(_LOADER_PROVIDERS[name])
-        if name not in LOADERS:
-            raise NotImplementedError(
-                f"source '{source}' is loaded by {_LOADER_PROVIDERS[name]}, which registered no loader "
-                "(it must call cyber_moe.data.register_loader)"
-            )
     if name not in LOADERS:
-        raise KeyError(f"no loader for source '{source}'; known: {', '.join(sorted(set(LOADERS) | set(_LOADER_PROVIDERS)))}")
+        raise KeyError(f"no loader for source '{source}' (files of flows); known: {', '.join(sorted(LOADERS))}")
     if max_rows is not None and max_rows <= 0:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
     return LOADERS[name](paths, max_rows=max_rows, verify_checksums=verify_checksums, release=release)
+
+# %% ../nbs/10_data.ipynb #acae54e37e7d407bbb7b55eff062a284
+def _nfstream_files(paths) -> list[Path]:
+    "The Parquet and CSV files named by `paths`: files, or folders (their *.parquet and *.csv, sorted)."
+    out: list[Path] = []
+    for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".parquet", ".csv"))
+            if not found:
+                raise DataError(f"{p}: folder holds no .parquet or .csv file of flows")
+            out += found
+        elif p.is_file():
+            if p.suffix.lower() not in (".parquet", ".csv"):
+                raise DataError(f"{p}: expected a .parquet or .csv file of NFStream flows")
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder (give Parquet or CSV files of NFStream flows)")
+    if not out:
+        raise DataError("no input files: give at least one Parquet or CSV file of NFStream flows, or a folder of them")
+    return out
+
+
+def load_nfstream_flows(
+    paths, *, max_rows: int | None = None, verify_checksums: bool = True, release: str = "original"
+) -> tuple[pd.DataFrame, LoadReport]:
+    "Labelled NFStream flows saved as Parquet or CSV (the columns `pcap_to_flows` gives, and `family`): `(flows, LoadReport)`."
+    schema = get_schema("nfstream")  # by name: its chapter comes later
+    report, parts, n = LoadReport(source=schema.name), [], 0
+    for p in _nfstream_files(paths):
+        try:
+            df = pd.read_parquet(p) if p.suffix.lower() == ".parquet" else pd.read_csv(p, low_memory=False)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise DataError(f"{p}: cannot be read as {p.suffix.lower()[1:]}: {e}") from e
+        schema.check_columns(df.columns, labels=True, where=str(p))
+        df = df if max_rows is None else df.head(max_rows - n)
+        report.files.append(FileRecord(name=str(p), variant="nfstream", sha256=sha256_of(p), rows=len(df)))
+        parts.append(df)
+        n += len(df)
+        if max_rows is not None and n >= max_rows:
+            break
+    df = pd.concat(parts, ignore_index=True)
+    report.n_rows = len(df)
+    report.class_counts = {str(k): int(v) for k, v in df[FAMILY].astype(str).value_counts().items()}
+    return df, report
+
+
+register_loader("nfstream", load_nfstream_flows)
 
 # %% ../nbs/10_data.ipynb #0cb8997e
 def _lint_rules() -> dict[str, object]:

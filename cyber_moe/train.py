@@ -18,6 +18,7 @@ import pandas as pd
 
 from .headline import headline_flat
 from .config import RunConfig, select_device, seed_everything, setup_logging, write_json, write_run_record
+from .data import get_source, register_source
 from .schema import FlowSchema, get_schema
 
 # %% auto #0
@@ -94,47 +95,49 @@ def _load_lab(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
     return df, schema, {"kind": "lab", "scenario": d.lab_scenario if not d.paths else None, **info, "test_sessions": test}
 
 # %% ../nbs/50_train.ipynb #cc9f3de8
-def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
-    "The flows of `cfg.data` with their schema and a description of their origin (files, hashes, counts)."
+def _lab_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
+    "data.source 'lab': recorded sessions; the simulator, said in the log and the record, where the lab cannot run."
+    from cyber_moe.lab import LabUnavailable
+
+    try:
+        return _load_lab(cfg)
+    except LabUnavailable as e:
+        msg = f"the traffic lab cannot run here ({e}); falling back to the simulator (data.source synth, split random)"
+        setup_logging(cfg.log_level).warning(msg)
+        df, schema, info = _synth_source(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "synth"})}))
+        return df, schema, {**info, "fallback": {"from": "lab", "to": "synth", "reason": str(e), "message": msg}}
+
+
+def _synth_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
+    "data.source 'synth': the embedded generator's traffic (cached under outputs), metered again with packets for a sequence model."
+    from cyber_moe.synth import load_or_generate
+
     d = cfg.data
-    if d.source == "lab":
-        from cyber_moe.lab import LabUnavailable
+    df, info = load_or_generate(
+        seed=d.synth_seed, n_days=d.synth_days, n_flows_target=d.synth_n_flows, out_dir=Path(cfg.outputs_dir) / "data"
+    )
+    schema, info = get_schema("synth"), dict(info)
+    if model_reads_sequences(cfg.model):  # the generator's capture metered again with each flow's first packets
+        import dataclasses
+        from cyber_moe.lab import LAB_SEQUENCE
+        from cyber_moe.nfstream import pcap_to_flows
+        from cyber_moe.synth import label_flows
 
-        try:
-            return _load_lab(cfg)
-        except LabUnavailable as e:
-            msg = f"the traffic lab cannot run here ({e}); falling back to the simulator (data.source synth, split random)"
-            setup_logging(cfg.log_level).warning(msg)
-            cfg = cfg.model_copy(update={"data": d.model_copy(update={"source": "synth"})})
-            df, schema, info = load_source(cfg)
-            return df, schema, {**info, "fallback": {"from": "lab", "to": "synth", "reason": str(e), "message": msg}}
-    if d.source == "synth":
-        from cyber_moe.synth import load_or_generate
+        df = label_flows(pcap_to_flows(info["pcap"], splt=LAB_SEQUENCE), pd.read_parquet(info["truth"]))
+        df.attrs = {}
+        schema = dataclasses.replace(schema, sequence=LAB_SEQUENCE)
+    return df, schema, info
 
-        df, info = load_or_generate(
-            seed=d.synth_seed, n_days=d.synth_days, n_flows_target=d.synth_n_flows, out_dir=Path(cfg.outputs_dir) / "data"
-        )
-        schema = get_schema("synth")
-        info = dict(info)
-        if model_reads_sequences(cfg.model):  # the generator's capture metered again with each flow's first packets
-            import dataclasses
-            from cyber_moe.lab import LAB_SEQUENCE
-            from cyber_moe.nfstream import pcap_to_flows
-            from cyber_moe.synth import label_flows
 
-            df = label_flows(pcap_to_flows(info["pcap"], splt=LAB_SEQUENCE), pd.read_parquet(info["truth"]))
-            df.attrs = {}
-            schema = dataclasses.replace(schema, sequence=LAB_SEQUENCE)
-    else:
-        from cyber_moe.data import load_flows
+register_source("lab", _lab_source)
+register_source("synth", _synth_source)
 
-        if not d.paths:
-            raise ValueError(f"data.paths is empty: source '{d.source}' needs the data set's files (e.g. data.paths=[../shared/data/...])")
-        df, report = load_flows(d.source, d.paths, max_rows=d.max_rows, verify_checksums=d.verify_checksums, release=d.release)
-        schema = get_schema(d.source)
-        info = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    if d.max_rows and len(df) > d.max_rows:
-        df = df.iloc[: d.max_rows]
+
+def load_source(cfg: RunConfig) -> tuple[pd.DataFrame, FlowSchema, dict]:
+    "The flows of `cfg.data` with their schema and a description of their origin (files, hashes, counts), from the source's registered loader."
+    df, schema, info = get_source(cfg.data.source)(cfg)
+    if cfg.data.max_rows and len(df) > cfg.data.max_rows:
+        df = df.iloc[: cfg.data.max_rows]
     return df.reset_index(drop=True), schema, info
 
 # %% ../nbs/50_train.ipynb #51185bfa
