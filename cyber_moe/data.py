@@ -9,7 +9,6 @@ import contextlib
 import csv
 import functools
 import hashlib
-import importlib
 import io
 import json
 import re
@@ -25,15 +24,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .config import terminal_safe
-from .schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema, SchemaError, get_schema, register_schema
+from .schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema, Registry, SchemaError, get_schema, register_schema
 
 # %% auto #0
-__all__ = ['ZIP_MAX_MEMBER_BYTES', 'ZIP_MAX_RATIO', 'MAX_LINE_BYTES', 'UNSW_RAW_IDENTIFIERS', 'LOADERS', 'SOURCES',
-           'BUILTIN_SOURCES', 'DataError', 'ChecksumError', 'FileRecord', 'LoadReport', 'FlowFile', 'expand_paths',
-           'sha256_of', 'read_header', 'clean_header', 'detect_source', 'read_flow_csv', 'recorded_checksum',
-           'unsw_raw_names', 'load_unsw_nb15', 'repair_label_text', 'parse_cic_timestamp', 'parse_cic_timestamps',
-           'load_cic_ids2017', 'engelen2021_time_test_mask', 'register_loader', 'register_source', 'source_names',
-           'get_source', 'load_flows', 'load_nfstream_flows', 'inspect_flows', 'format_inspect']
+__all__ = ['ZIP_MAX_MEMBER_BYTES', 'ZIP_MAX_RATIO', 'MAX_LINE_BYTES', 'UNSW_RAW_IDENTIFIERS', 'LOADERS', 'SOURCES', 'DataError',
+           'ChecksumError', 'FileRecord', 'LoadReport', 'FlowFile', 'expand_paths', 'sha256_of', 'read_header',
+           'clean_header', 'detect_source', 'read_flow_csv', 'recorded_checksum', 'unsw_raw_names', 'load_unsw_nb15',
+           'repair_label_text', 'parse_cic_timestamp', 'parse_cic_timestamps', 'load_cic_ids2017',
+           'engelen2021_time_test_mask', 'register_loader', 'register_source', 'source_names', 'get_source',
+           'load_flows', 'load_nfstream_flows', 'inspect_flows', 'format_inspect']
 
 # %% ../nbs/10_data.ipynb #fe526c1c
 class DataError(ValueError):
@@ -809,8 +808,7 @@ def engelen2021_time_test_mask(df: pd.DataFrame) -> pd.Series:
 
 # %% ../nbs/10_data.ipynb #cf1e0623
 LOADERS: dict[str, Callable[..., tuple[pd.DataFrame, LoadReport]]] = {}
-SOURCES: dict[str, Callable] = {}
-BUILTIN_SOURCES = {"synth": "cyber_moe.train", "lab": "cyber_moe.train"}  # sources these modules register when imported
+SOURCES = Registry("data source", {"synth": "cyber_moe.train", "lab": "cyber_moe.train"})  # train registers these two
 
 
 def register_loader(source: str, fn: Callable[..., tuple[pd.DataFrame, LoadReport]], *, schema: FlowSchema | None = None) -> None:
@@ -828,16 +826,12 @@ def register_source(name: str, load: Callable) -> None:
 
 def source_names() -> list[str]:
     "Every name `data.source` accepts: the registered sources and the built-in ones registered on first use."
-    return sorted(set(SOURCES) | set(BUILTIN_SOURCES))
+    return SOURCES.names()
 
 
 def get_source(name: str) -> Callable:
     "How `data.source: <name>` loads (`load(cfg) -> (flows, schema, info)`); KeyError naming the known sources."
-    if name not in SOURCES and name in BUILTIN_SOURCES:
-        importlib.import_module(BUILTIN_SOURCES[name])
-    if name not in SOURCES:
-        raise KeyError(f"no data source '{name}'; known: {', '.join(source_names())}")
-    return SOURCES[name]
+    return SOURCES.lookup(name)
 
 
 def _file_source(name: str, cfg) -> tuple[pd.DataFrame, FlowSchema, dict]:

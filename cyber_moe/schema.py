@@ -13,7 +13,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['FAMILY', 'IS_ATTACK', 'SEQ_CHANNELS', 'SEQ_PREFIX', 'SCHEMAS', 'UNSW_NB15', 'CIC_IDS2017', 'sequence_columns',
-           'SchemaError', 'FlowSchema', 'register_schema', 'get_schema', 'sequence_array']
+           'SchemaError', 'FlowSchema', 'Registry', 'register_schema', 'get_schema', 'sequence_array']
 
 # %% ../nbs/05_schema.ipynb #49f44d1b
 FAMILY = "family"
@@ -126,8 +126,27 @@ def from_dict(cls: FlowSchema, d: dict) -> "FlowSchema":
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 # %% ../nbs/05_schema.ipynb #e539d64d
-SCHEMAS: dict[str, FlowSchema] = {}
-_PROVIDERS = {"nfstream": "cyber_moe.nfstream", "synth": "cyber_moe.nfstream", "lab": "cyber_moe.lab"}
+class Registry(dict):
+    "Entries by name; a built-in entry's module (`builtin`: name -> module) registers it when it is first asked for."
+
+    def __init__(self, what: str, builtin: dict[str, str]):
+        super().__init__()
+        self.what, self.builtin = what, builtin
+
+    def names(self) -> list[str]:
+        "Every name: registered, or registered by its built-in module on first use."
+        return sorted(set(self) | set(self.builtin))
+
+    def lookup(self, name: str):
+        "The entry `name`, importing its built-in module first if needed; KeyError naming the known ones."
+        if name not in self and name in self.builtin:
+            importlib.import_module(self.builtin[name])
+        if name not in self:
+            raise KeyError(f"no {self.what} '{name}'; known: {', '.join(self.names())}")
+        return self[name]
+
+
+SCHEMAS = Registry("flow schema named", {"nfstream": "cyber_moe.nfstream", "synth": "cyber_moe.nfstream", "lab": "cyber_moe.lab"})
 
 
 def register_schema(schema: FlowSchema, *aliases: str) -> FlowSchema:
@@ -139,11 +158,7 @@ def register_schema(schema: FlowSchema, *aliases: str) -> FlowSchema:
 
 def get_schema(name: str) -> FlowSchema:
     "The registered schema of source `name` (e.g. 'unsw-nb15', 'cic-ids2017', 'nfstream')."
-    if name not in SCHEMAS and name in _PROVIDERS:
-        importlib.import_module(_PROVIDERS[name])
-    if name not in SCHEMAS:
-        raise KeyError(f"no flow schema named '{name}'; known: {', '.join(sorted(set(SCHEMAS) | set(_PROVIDERS)))}")
-    return SCHEMAS[name]
+    return SCHEMAS.lookup(name)
 
 # %% ../nbs/05_schema.ipynb #0b75ff49
 UNSW_NB15 = register_schema(
