@@ -477,7 +477,7 @@ def fig_flow_scores(verdict: pd.Series, *, classes: list[str], experts: list[str
 
 def fig_drift_view(psi: dict[str, float], *, top_k: int = 25):
     "The drift view: the features with the largest PSI against the training reference (threshold 0.25 marked)."
-    from cyber_moe.report import fig_drift
+    from cyber_moe.explain import fig_drift
 
     return fig_drift(psi, top_k=top_k)
 

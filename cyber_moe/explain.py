@@ -19,7 +19,7 @@ from .schema import FAMILY, FlowSchema, SchemaError
 __all__ = ['BACKGROUND_KEY', 'SEQ_PLAYERS', 'KIND_COLORS', 'SEQ_CHANNEL_LABELS', 'stratified_positions', 'make_background',
            'attach_background', 'bundle_background', 'reference_flow', 'FlowShap', 'shap_rows', 'explain_flow',
            'global_importance', 'feature_kind', 'fig_flow_explanation', 'fig_global_importance', 'sequence_strip',
-           'fig_sequence_strip']
+           'fig_sequence_strip', 'fig_drift']
 
 # %% ../nbs/48_explain.ipynb #526f2803
 BACKGROUND_KEY = "background"
@@ -557,5 +557,28 @@ def fig_sequence_strip(strip: dict, *, title: str | None = None):
         xaxis_title="packet position",
         height=260,
         margin={"l": 10, "r": 10, "t": 50, "b": 40},
+    )
+    return fig
+
+# %% ../nbs/48_explain.ipynb #c31f1ca4
+def fig_drift(psi: dict[str, float], *, top_k: int = 25, threshold: float = 0.25):
+    "Bar chart of the features with the largest PSI, with the usual drift threshold marked."
+    import plotly.graph_objects as go
+
+    items = sorted(psi.items(), key=lambda kv: -kv[1])[:top_k][::-1]
+    fig = go.Figure(
+        go.Bar(
+            x=[v for _, v in items],
+            y=[k for k, _ in items],
+            orientation="h",
+            marker_color=["#d62728" if v > threshold else "#1f77b4" for _, v in items],
+        )
+    )
+    fig.add_vline(x=threshold, line_dash="dash", annotation_text=f"PSI {threshold}")
+    fig.update_layout(
+        title="Drift: PSI of each feature against the training reference",
+        xaxis_title="PSI",
+        height=max(300, 22 * len(items) + 120),
+        margin=dict(l=220),
     )
     return fig

@@ -11,67 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import RunConfig, write_json
 from .headline import HEADLINE, headline_rows, html_table
 
 # %% auto #0
-__all__ = ['START', 'END', 'stage_explain', 'fig_drift', 'detection_rows', 'build_report', 'index_runs', 'results_markdown',
-           'update_readme']
-
-# %% ../nbs/74_report.ipynb #b18be054
-def stage_explain(cfg: RunConfig, prep=None, *, n: int = 60, n_background: int = 10) -> dict:
-    "SHAP importance (p_attack, per family, per expert) on `n` test flows and PSI drift of the test split; writes `explain/` and figures."
-    import mlflow
-    from cyber_moe.bundle import load_model_bundle
-    from cyber_moe.evaluate import save_figures
-    from cyber_moe.explain import fig_global_importance, shap_rows, stratified_positions
-    from cyber_moe.features import population_stability_index
-    from cyber_moe.train import load_prepared, mlflow_run
-
-    bundle = load_model_bundle(cfg.run_dir / "model")
-    prep = prep or load_prepared(cfg)
-    test = prep.rows("test")
-    rows = test.iloc[stratified_positions(test, n, cfg.seed)]
-    shap = shap_rows(bundle, rows, n_background=n_background, seed=cfg.seed)
-    views = {"p_attack": shap.importance(None), "family": shap.importance("family"), "expert": shap.importance("expert")}
-    drift = population_stability_index(bundle.preprocessor.reference, test, schema=bundle.schema)
-    out = cfg.run_dir / "explain"
-    write_json(out / "importance.json", {k: v.to_dict(orient="index") for k, v in views.items()} | {"n_rows": len(rows)})
-    write_json(out / "drift.json", {"reference": "training rows", "compared": "test split", "psi": drift})
-    figs = {
-        "shap_global": fig_global_importance(views["p_attack"], schema=bundle.schema, title="SHAP: mean |contribution| to p_attack"),
-        "shap_family": fig_global_importance(views["family"], schema=bundle.schema, title="SHAP per family (probability of each family)"),
-        "shap_expert": fig_global_importance(views["expert"], schema=bundle.schema, title="SHAP per expert (what drives the gate)"),
-        "drift": fig_drift(drift),
-    }
-    save_figures(figs, cfg.run_dir / "figures")
-    with mlflow_run(cfg, resume=True):
-        mlflow.log_artifacts(str(out), "explain")
-        mlflow.log_metric("test.drift.max_psi", float(max(drift.values())))
-    return {"importance": views, "drift": drift, "n_rows": len(rows)}
-
-
-def fig_drift(psi: dict[str, float], *, top_k: int = 25, threshold: float = 0.25):
-    "Bar chart of the features with the largest PSI, with the usual drift threshold marked."
-    import plotly.graph_objects as go
-
-    items = sorted(psi.items(), key=lambda kv: -kv[1])[:top_k][::-1]
-    fig = go.Figure(
-        go.Bar(
-            x=[v for _, v in items],
-            y=[k for k, _ in items],
-            orientation="h",
-            marker_color=["#d62728" if v > threshold else "#1f77b4" for _, v in items],
-        )
-    )
-    fig.add_vline(x=threshold, line_dash="dash", annotation_text=f"PSI {threshold}")
-    fig.update_layout(
-        title="Drift: PSI of each feature against the training reference",
-        xaxis_title="PSI",
-        height=max(300, 22 * len(items) + 120),
-        margin=dict(l=220),
-    )
-    return fig
+__all__ = ['START', 'END', 'detection_rows', 'build_report', 'index_runs', 'results_markdown', 'update_readme']
 
 # %% ../nbs/74_report.ipynb #c45bd9f6
 def detection_rows(metrics: dict) -> tuple[dict, dict]:

@@ -26,7 +26,8 @@ __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame
            'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'TrainSettings', 'lit_module',
            'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline',
            'evaluate_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment',
-           'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run']
+           'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run',
+           'stage_explain']
 
 # %% ../nbs/50_train.ipynb #32f53083
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
@@ -762,3 +763,34 @@ def train_run(cfg: RunConfig, *, enable_progress_bar: bool = True, register: boo
     prep = stage_data(cfg)
     stage_train(cfg, prep, enable_progress_bar=enable_progress_bar)
     return stage_evaluate(cfg, prep, register=register)
+
+# %% ../nbs/50_train.ipynb #acae54e37e7d407bbb7b55eff062a284
+def stage_explain(cfg: RunConfig, prep=None, *, n: int = 60, n_background: int = 10) -> dict:
+    "SHAP importance (p_attack, per family, per expert) on `n` test flows and PSI drift of the test split; writes `explain/` and figures."
+    import mlflow
+    from cyber_moe.bundle import load_model_bundle
+    from cyber_moe.evaluate import save_figures
+    from cyber_moe.explain import fig_drift, fig_global_importance, shap_rows, stratified_positions
+    from cyber_moe.features import population_stability_index
+
+    bundle = load_model_bundle(cfg.run_dir / "model")
+    prep = prep or load_prepared(cfg)
+    test = prep.rows("test")
+    rows = test.iloc[stratified_positions(test, n, cfg.seed)]
+    shap = shap_rows(bundle, rows, n_background=n_background, seed=cfg.seed)
+    views = {"p_attack": shap.importance(None), "family": shap.importance("family"), "expert": shap.importance("expert")}
+    drift = population_stability_index(bundle.preprocessor.reference, test, schema=bundle.schema)
+    out = cfg.run_dir / "explain"
+    write_json(out / "importance.json", {k: v.to_dict(orient="index") for k, v in views.items()} | {"n_rows": len(rows)})
+    write_json(out / "drift.json", {"reference": "training rows", "compared": "test split", "psi": drift})
+    figs = {
+        "shap_global": fig_global_importance(views["p_attack"], schema=bundle.schema, title="SHAP: mean |contribution| to p_attack"),
+        "shap_family": fig_global_importance(views["family"], schema=bundle.schema, title="SHAP per family (probability of each family)"),
+        "shap_expert": fig_global_importance(views["expert"], schema=bundle.schema, title="SHAP per expert (what drives the gate)"),
+        "drift": fig_drift(drift),
+    }
+    save_figures(figs, cfg.run_dir / "figures")
+    with mlflow_run(cfg, resume=True):
+        mlflow.log_artifacts(str(out), "explain")
+        mlflow.log_metric("test.drift.max_psi", float(max(drift.values())))
+    return {"importance": views, "drift": drift, "n_rows": len(rows)}

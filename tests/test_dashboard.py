@@ -33,7 +33,7 @@ PAGE_TIMEOUT_MS = 240_000  # a first Voila render runs the whole notebook: 20-40
 def run_outputs(tmp_path_factory, root, cli) -> Path:
     "An outputs folder with one smoke run: trained by `cyber-moe train`, with its config.yaml and the explain stage's SHAP/drift views."
     from cyber_moe.config import load_config, save_config
-    from cyber_moe.report import stage_explain
+    from cyber_moe.train import stage_explain
 
     out = tmp_path_factory.mktemp("dash") / "outputs"
     args = ["--params", str(root / "params" / "smoke.yaml"), "--set", f"outputs_dir={out}"]
