@@ -72,15 +72,21 @@ def apply_params(cfg: RunConfig, params: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"search space / trial parameters do not fit the config: {bad}") from None
 
 
-def _has_key(dotted: str) -> bool:
-    "Whether `dotted` names a field of `RunConfig` (section.key)."
+def _has_key(dotted: str, cfg: RunConfig) -> bool:
+    "Whether `dotted` names a field of `RunConfig` (section.key), or a setting inside a mapping `cfg` has (model.experts.tabm.k)."
+    from typing import get_args, get_origin
+
     from pydantic import BaseModel
 
     model: Any = RunConfig
-    for part in dotted.split("."):
+    raw: Any = cfg.model_dump(mode="json")
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
             return False
-        model = model.model_fields[part].annotation
+        model, raw = model.model_fields[part].annotation, raw.get(part) if isinstance(raw, dict) else None
+        if i < len(parts) - 1 and dict in (get_origin(model), *map(get_origin, get_args(model))):
+            return isinstance(raw, dict) and parts[i + 1] in raw  # an expert the config names; apply_params checks its settings
     return True
 
 
@@ -95,8 +101,11 @@ def validate_space(space: dict[str, dict], cfg: RunConfig) -> dict[str, dict]:
         raise ConfigError("the search space is empty: give at least one key, e.g. {'train.lr': {'low': 1e-4, 'high': 1e-2, 'log': True}}")
     for key, spec in space.items():
         where = f"search space key '{key}'"
-        if not _has_key(key):
-            raise ConfigError(f"{where}: not a config key (use dotted names of params/*.yaml such as model.d_token or train.lr)")
+        if not _has_key(key, cfg):
+            raise ConfigError(
+                f"{where}: not a config key (use dotted names of params/*.yaml such as model.d_token, train.lr, "
+                "or model.experts.tabm.k for an expert the config names)"
+            )
         if not isinstance(spec, dict) or set(spec) - _SPEC_KEYS:
             raise ConfigError(f"{where}: expected a mapping with 'choices' or 'low'/'high' (optional 'log', 'step'), got {spec!r}")
         if "choices" in spec:
