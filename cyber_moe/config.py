@@ -67,8 +67,8 @@ class DataConfig(_Section):
     def _known_source(cls, v: str) -> str:
         from cyber_moe.data import source_names  # the registry of data sources (chapter 10)
 
-        if v not in source_names():
-            raise ValueError(f"unknown data source '{v}'; known: {', '.join(source_names())}")
+        if v not in (names := source_names()):
+            raise ValueError(f"unknown data source '{v}'; known: {', '.join(names)}")
         return v
 
 

@@ -814,7 +814,7 @@ SOURCES = Registry("data source", {"synth": "cyber_moe.train", "lab": "cyber_moe
 def register_loader(source: str, fn: Callable[..., tuple[pd.DataFrame, LoadReport]], *, schema: FlowSchema | None = None) -> None:
     "Make `load_flows(source, ...)` call `fn(paths, max_rows=, verify_checksums=, release=)` and `data.source: <source>` train on those files (with `schema`, if not registered yet)."
     if schema is not None:
-        register_schema(schema, *([source] if source != schema.name else []))
+        register_schema(schema, source)
     LOADERS[source] = fn
     SOURCES[source] = functools.partial(_file_source, source)
 
