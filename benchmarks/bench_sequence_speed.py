@@ -4,7 +4,8 @@ On one recorded lab capture (default: the held-out session of bench_sequence.py)
 NFStream alone without and with `splt_analysis=32`, `score_pcap` with the default model plus the sequence expert and
 with the default model alone, and batch scoring of the metered flows through the MLflow pyfunc (ONNX Runtime, its default, and torch) and the
 bundle itself on ONNX Runtime, all on 2 threads. Untrained weights: inference costs what a trained model's costs.
-The load average before and after is recorded (the machine is shared).
+The sequence expert's settings are those of `--sequence-params` (params/lab-sequence.yaml). The load average before
+and after is recorded (the machine is shared).
 
     .venv/bin/python benchmarks/bench_sequence_speed.py --session outputs/seqlab/default-2 [--params params/default.yaml]
 """
@@ -29,8 +30,6 @@ from cyber_moe.nfstream import pcap_to_flows
 from cyber_moe.testing import untrained_bundle
 from cyber_moe.train import lab_schema
 
-SEQUENCE = {"d_seq": 64, "n_seq_layers": 3, "kernel_size": 3, "dropout": 0.1, "n_packets": LAB_SEQUENCE}
-
 
 def best_of(fn, repeats: int):
     "(result, best seconds of `repeats` calls)."
@@ -46,6 +45,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--session", default="outputs/seqlab/default-2")
     ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument("--sequence-params", default="params/lab-sequence.yaml", help="run whose sequence expert is measured")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="outputs/bench_sequence_speed.json")
     a = ap.parse_args(argv)
@@ -55,13 +55,14 @@ def main(argv=None):
     flows_lab, _ = read_session(a.session)
     e = cfg.model.experts
     plain = dict(e) if isinstance(e, dict) else {n: None for n in e}
+    sequence = dict(load_config(a.sequence_params).model.experts)["sequence"]
     bundles = {}
-    for name, experts, seq in (("default", plain, 0), ("default+sequence", {**plain, "sequence": SEQUENCE}, LAB_SEQUENCE)):
+    for name, experts, seq in (("default", plain, 0), ("default+sequence", {**plain, "sequence": sequence}, LAB_SEQUENCE)):
         mc = cfg.model.model_copy(update={"experts": experts})
         b = untrained_bundle(flows_lab, schema=lab_schema(cfg.data.lab_dst_port, sequence=seq), model_cfg=mc, name=name)
         b.threshold = float(np.median(b.predict(flows_lab.head(4000))["p_attack"]))
         bundles[name] = b
-    res = {"session": str(a.session), "load_before": os.getloadavg(), "rows": {}, "torch_threads": 2}
+    res = {"session": str(a.session), "sequence_expert": sequence, "load_before": os.getloadavg(), "rows": {}, "torch_threads": 2}
 
     def row(key, n, s):
         res["rows"][key] = {"flows": n, "seconds": round(s, 3), "flows_per_s": round(n / s, 1)}

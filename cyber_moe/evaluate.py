@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go  # imported where a figure is drawn: scoring a bundle does not need plotly
 
 # %% auto #0
-__all__ = ['OPERATING_RULES', 'DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'binary_metrics', 'confusion_counts',
-           'family_metrics', 'decide', 'choose_operating_point', 'reliability_bins', 'expected_calibration_error',
-           'negative_log_likelihood', 'apply_temperature', 'fit_temperature', 'gate_usage', 'calibration_metrics',
-           'evaluate_predictions', 'compare', 'write_metrics', 'fig_confusion', 'add_operating_point', 'fig_pr_roc',
-           'fig_per_class_f1', 'fig_gate_usage', 'fig_reliability', 'evaluation_figures', 'save_figures']
+__all__ = ['OPERATING_RULES', 'FAMILY_TILTS', 'DELTA_KEYS', 'MODEL_COLORS', 'fpr_at_recall', 'binary_metrics', 'confusion_counts',
+           'family_metrics', 'decide', 'choose_operating_point', 'tilt_families', 'choose_family_tilt',
+           'reliability_bins', 'expected_calibration_error', 'negative_log_likelihood', 'apply_temperature',
+           'fit_temperature', 'gate_usage', 'calibration_metrics', 'evaluate_predictions', 'compare', 'write_metrics',
+           'fig_confusion', 'add_operating_point', 'fig_pr_roc', 'fig_per_class_f1', 'fig_gate_usage',
+           'fig_reliability', 'evaluation_figures', 'save_figures']
 
 # %% ../nbs/46_evaluate.ipynb #b9439096
 def _labels(y, name: str, n_classes: int) -> np.ndarray:
@@ -217,6 +218,35 @@ def choose_operating_point(y_binary, p_attack, *, rule: str = "max_f1", target_f
         out["target_fpr"] = float(target_fpr)
     return out
 
+# %% ../nbs/46_evaluate.ipynb #18389521
+FAMILY_TILTS = tuple(np.round(np.arange(-1.0, 1.0001, 0.05), 2))
+
+
+def tilt_families(p_classes, prior, tau: float, *, benign_index: int = 0) -> np.ndarray:
+    "`p_classes` with the attack families reweighted by `prior ** -tau` among themselves; p(benign) unchanged."
+    p = np.asarray(p_classes, dtype=np.float64)
+    w = np.asarray(prior, dtype=np.float64)
+    if w.shape != (p.shape[1],) or not (w > 0).all():
+        raise ValueError(f"prior must hold {p.shape[1]} positive class frequencies, got shape {w.shape}")
+    attack = np.arange(p.shape[1]) != benign_index
+    a = p[:, attack] * w[attack] ** -tau
+    out = p.copy()
+    out[:, attack] = a / np.maximum(a.sum(1, keepdims=True), 1e-300) * (1.0 - p[:, [benign_index]])
+    return out
+
+
+def choose_family_tilt(
+    y_family, p_classes, prior, threshold: float, *, classes: list[str], taus=FAMILY_TILTS, benign_index: int = 0
+) -> dict:
+    "The tilt `tau` (see `tilt_families`) with the best family macro-F1 of `decide` on these (validation) rows, with that score and tau = 0's."
+    scores = [
+        family_metrics(y_family, p, classes, decide(p, threshold, benign_index=benign_index)["family_index"])["macro_f1"]
+        for p in (tilt_families(p_classes, prior, t, benign_index=benign_index) for t in taus)
+    ]
+    i = int(np.argmax(scores))
+    untilted = scores[list(taus).index(0.0)] if 0.0 in taus else None
+    return {"tau": float(taus[i]), "val_macro_f1": float(scores[i]), "val_macro_f1_untilted": untilted}
+
 # %% ../nbs/46_evaluate.ipynb #b3af94ac
 def _prob_table(probs) -> np.ndarray:
     "Checked [n, C] probabilities: [n, C] as they are, a 1-D array p(class 1) as [1 - p, p]."
@@ -386,7 +416,7 @@ def evaluate_predictions(
 
 DELTA_KEYS = {
     "binary": ("f1", "precision", "recall", "accuracy", "fpr", "roc_auc", "pr_auc", "fpr_at_recall_95", "fpr_at_recall_99"),
-    "family": ("macro_f1", "weighted_f1", "accuracy"),
+    "family": ("macro_f1", "weighted_f1", "accuracy", "macro_f1_tilted"),
     "calibration": ("ece_family", "ece_family_scaled", "nll_family", "nll_family_scaled", "ece_binary"),
 }
 

@@ -25,9 +25,9 @@ from .schema import FlowSchema, get_schema
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
            'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'TrainSettings', 'lit_module',
            'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline',
-           'evaluate_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment',
-           'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run',
-           'stage_explain']
+           'family_tilt', 'evaluate_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted',
+           'ensure_experiment', 'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train',
+           'stage_evaluate', 'train_run', 'stage_explain']
 
 # %% ../nbs/50_train.ipynb #32f53083
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
@@ -462,6 +462,24 @@ def _targets(arrays: dict) -> dict:
     return {"y_family": arrays["y_family"], "y_binary": arrays["y_binary"].astype(np.int64)}
 
 
+def family_tilt(prep: Prepared, p_val: np.ndarray, p_test: np.ndarray, threshold: float) -> dict:
+    "A model's lean towards rare families, measured: the tilt chosen on validation (`choose_family_tilt`, training priors) and its test family macro-F1."
+    from cyber_moe.evaluate import choose_family_tilt, decide, family_metrics, tilt_families
+
+    y_train = prep.arrays["train"]["y_family"]
+    prior = np.maximum(np.bincount(y_train, minlength=len(prep.classes)), 1) / max(len(y_train), 1)
+    tilt = choose_family_tilt(prep.arrays["val"]["y_family"], p_val, prior, threshold, classes=prep.classes)
+    p = tilt_families(p_test, prior, tilt["tau"])
+    test = family_metrics(prep.arrays["test"]["y_family"], p, prep.classes, decide(p, threshold)["family_index"])["macro_f1"]
+    return {**tilt, "test_macro_f1": test}
+
+
+def _add_tilt(metrics: dict, tilt: dict) -> dict:
+    "`metrics` with the family tilt measurement: `family.macro_f1_tilted` (compared like the headline) and `family.tilt`."
+    metrics["family"].update(macro_f1_tilted=tilt["test_macro_f1"], tilt={k: v for k, v in tilt.items() if k != "test_macro_f1"})
+    return metrics
+
+
 def _rule(prep: Prepared, rule: str, target_fpr: float):
     "The operating-point rule on the validation split: validation probabilities [N, C] (benign first) -> operating point."
     from cyber_moe.evaluate import choose_operating_point
@@ -494,7 +512,7 @@ def evaluate_baseline(prep: Prepared, baseline, *, rule: str = "max_f1", target_
         family_pred=vb["family_index"],
         operating_point=op_b,
     )
-    return base, base_pred
+    return _add_tilt(base, family_tilt(prep, pb_val, pb, op_b["threshold"])), base_pred
 
 # %% ../nbs/50_train.ipynb #3bbdbd90
 def evaluate_run(
@@ -529,6 +547,7 @@ def evaluate_run(
     p = _softmax(z)
     v = decide(p, op["threshold"])
     model_m, model_pred = _model_scores(prep, y, p, v, op, raw, z, z_val, experts)
+    _add_tilt(model_m, family_tilt(prep, p_val, p, op["threshold"]))
     base, base_pred = evaluate_baseline(prep, baseline, rule=rule, target_fpr=target_fpr)
     return compare(model_m, base), {"model": model_pred, "baseline": base_pred}
 
