@@ -698,9 +698,9 @@ def _mean_of_softmax_logits(logits_k: Tensor) -> Tensor:
 
 
 def _mean_of_sigmoid_logit(logit_k: Tensor) -> Tensor:
-    "[B, k] member logits -> [B] logit of the mean of the k sigmoids."
-    p = logit_k.float().sigmoid().mean(1).clamp(1e-7, 1 - 1e-7)
-    return torch.log(p) - torch.log1p(-p)
+    "[B, k] member logits -> [B] logit of the mean of the k sigmoids, in log space: no cancellation when the mean is near 0 or 1."
+    z = logit_k.float()  # log mean sigmoid(z) - log mean sigmoid(-z); log sigmoid(z) = -softplus(-z)
+    return torch.logsumexp(-F.softplus(-z), dim=1) - torch.logsumexp(-F.softplus(z), dim=1)
 
 # %% ../nbs/30_models.ipynb #242d5adf
 def _expert_nets(settings: Mapping[str, Mapping], sizes: Mapping, eval_chunk_size: int | None) -> nn.ModuleDict:
