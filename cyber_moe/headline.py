@@ -44,6 +44,7 @@ HEADLINE: tuple[Metric, ...] = (
     Metric("binary.fpr_at_recall_95", "FPR @95% recall", "lower"),
     Metric("binary.fpr_at_recall_99", "FPR @99% recall", "lower"),
     Metric("family.macro_f1", "family macro-F1"),
+    Metric("family.macro_f1_tilted", "family macro-F1, tilted"),
     Metric("family.weighted_f1", "family weighted F1"),
     Metric("family.accuracy", "family accuracy"),
     Metric("calibration.ece_family", "ECE", "lower"),
