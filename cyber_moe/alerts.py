@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .bundle import PREDICT_BATCH, ModelBundle, write_table
+from .bundle import PREDICT_BATCH, ModelBundle
+from .schema import write_table
 from .feedback import StoreUnavailable, flow_alert_id
 from .schema import SchemaError
 

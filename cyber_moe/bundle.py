@@ -30,15 +30,15 @@ from pydantic import ValidationError
 from .evaluate import decide
 from .features import Preprocessor
 from .models import MoEClassifier
-from .schema import FlowSchema, SchemaError
+from .schema import FlowSchema, SchemaError, read_raw, strip_columns, write_table
 
 # %% auto #0
 __all__ = ['BUNDLE_FORMAT', 'PREDICT_BATCH', 'ONNX_FILE', 'MANIFEST_EXCLUDE', 'PYFUNC_RUNTIMES', 'MODEL_URI_SCHEMES',
-           'network_outputs', 'strip_columns', 'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays',
-           'OnnxNetwork', 'export_onnx', 'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest',
-           'verify_manifest', 'check_net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs',
-           'save_pyfunc', 'log_pyfunc', 'model_uri_scheme', 'resolve_tracking_uri', 'use_mlflow_store',
-           'load_model_bundle', 'read_raw', 'write_table', 'score_file']
+           'network_outputs', 'ModelBundle', 'array_names', 'weights_sha256', 'probe_arrays', 'OnnxNetwork',
+           'export_onnx', 'preprocessor_kwargs', 'net_kwargs', 'BundleError', 'bundle_manifest', 'verify_manifest',
+           'check_net_kwargs', 'save_bundle', 'load_bundle', 'BundlePyfunc', 'signature_inputs', 'save_pyfunc',
+           'log_pyfunc', 'model_uri_scheme', 'resolve_tracking_uri', 'use_mlflow_store', 'load_model_bundle',
+           'score_file']
 
 # %% ../nbs/47_bundle.ipynb #b345a448
 BUNDLE_FORMAT = 2  # 2: one verdict from the family distribution and a validation operating point (issue 13)
@@ -55,12 +55,6 @@ def network_outputs(net: MoEClassifier, arrays: dict, *, batch_size: int = PREDI
             for k in outs:
                 outs[k].append(r[k].float().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
-
-
-def strip_columns(df: pd.DataFrame) -> pd.DataFrame:
-    "`df` with surrounding white space removed from column names (CIC-IDS2017 headers carry leading spaces)."
-    cols = [str(c).strip() for c in df.columns]
-    return df if cols == list(df.columns) else df.set_axis(cols, axis=1)
 
 # %% ../nbs/47_bundle.ipynb #b4ca962f
 class ModelBundle:
@@ -779,33 +773,6 @@ def load_model_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> Mo
     return load_bundle(_pyfunc_data_dir(Path(local)))
 
 # %% ../nbs/47_bundle.ipynb #26a13511
-def read_raw(path: str | Path) -> pd.DataFrame:
-    "Rows of a CSV (as published: BOM, spaced headers and Windows-1252 label bytes tolerated) or parquet file, unchanged."
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: input file not found")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    try:
-        df = pd.read_csv(path, encoding="utf-8-sig", low_memory=False)
-    except UnicodeDecodeError:
-        df = pd.read_csv(path, encoding="cp1252", low_memory=False)
-    except pd.errors.EmptyDataError:
-        raise SchemaError(f"{path}: the file is empty (expected a header and flow rows)") from None
-    return strip_columns(df)
-
-
-def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    "Write `df` to `path`: parquet for .parquet/.pq, CSV otherwise (folders created); the path."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        df.to_parquet(path, index=False)
-    else:
-        df.to_csv(path, index=False)
-    return path
-
-
 def score_file(
     model: str | Path | ModelBundle, input_path: str | Path, output_path: str | Path | None = None, *, batch_size: int = PREDICT_BATCH
 ) -> pd.DataFrame:

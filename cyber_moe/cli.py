@@ -607,7 +607,8 @@ def _add_watch_parser(sub) -> None:
 # %% ../nbs/90_cli.ipynb #269225ae
 def _cmd_explain(args: argparse.Namespace) -> int:
     import json
-    from cyber_moe.bundle import load_model_bundle, read_raw
+    from cyber_moe.bundle import load_model_bundle
+    from cyber_moe.schema import read_raw
     from cyber_moe.explain import explain_flow
 
     bundle, df = load_model_bundle(args.model), read_raw(args.input)

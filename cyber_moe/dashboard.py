@@ -399,7 +399,7 @@ def choose_flows(table: pd.DataFrame, *, family: str = "all", outcome: str = "al
 def read_upload(name: str, content: bytes, bundle) -> pd.DataFrame:
     "Raw flow rows of an uploaded file: CSV or parquet with the model's feature columns, or a pcap/pcapng metered by NFStream."
     from cyber_moe.alerts import is_capture
-    from cyber_moe.bundle import read_raw
+    from cyber_moe.schema import read_raw
     from cyber_moe.nfstream import pcap_to_flows
 
     if not content:

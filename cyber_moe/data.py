@@ -24,7 +24,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .config import terminal_safe
-from .schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema, Registry, SchemaError, get_schema, register_schema
+from cyber_moe.schema import (
+    CIC_IDS2017,
+    FAMILY,
+    IS_ATTACK,
+    UNSW_NB15,
+    FlowSchema,
+    Registry,
+    SchemaError,
+    get_schema,
+    read_raw,
+    register_schema,
+)
 
 # %% auto #0
 __all__ = ['ZIP_MAX_MEMBER_BYTES', 'ZIP_MAX_RATIO', 'MAX_LINE_BYTES', 'UNSW_RAW_IDENTIFIERS', 'LOADERS', 'SOURCES', 'DataError',
@@ -890,7 +901,7 @@ def load_nfstream_flows(
     report, parts, n = LoadReport(source=schema.name), [], 0
     for p in _nfstream_files(paths):
         try:
-            df = pd.read_parquet(p) if p.suffix.lower() == ".parquet" else pd.read_csv(p, low_memory=False)
+            df = read_raw(p)
         except (OSError, ValueError, pa.ArrowException) as e:
             raise DataError(f"{p}: cannot be read as {p.suffix.lower()[1:]}: {e}") from e
         schema.check_columns(df.columns, labels=True, where=str(p))

@@ -241,7 +241,7 @@ def suppress_alerts(scored: pd.DataFrame, bundle, rules: list) -> tuple[pd.DataF
 # %% ../nbs/88_distributed.ipynb #edc7708c
 def _read_unit(unit: WorkUnit) -> pd.DataFrame:
     "The rows of a flow unit: the whole file (as `read_raw` reads it) or its row groups."
-    from cyber_moe.bundle import read_raw, strip_columns
+    from cyber_moe.schema import read_raw, strip_columns
 
     if unit.row_groups is None:
         return read_raw(unit.path)

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .bundle import ModelBundle, strip_columns
+from .bundle import ModelBundle
+from .schema import strip_columns
 from .schema import FAMILY, FlowSchema, SchemaError
 
 # %% auto #0

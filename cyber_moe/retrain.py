@@ -348,7 +348,7 @@ def load_confirmed(store: str | Path) -> pd.DataFrame:
     "Confirmed alerts (features, alert family, latest verdict, corrected family) from a feedback store URL or a Parquet/CSV file."
     p = Path(str(store))
     if p.suffix.lower() in (".parquet", ".pq", ".csv"):
-        from cyber_moe.bundle import read_raw
+        from cyber_moe.schema import read_raw
 
         if not p.is_file():
             raise FeedbackError(f"{p}: no such file of confirmed verdicts")

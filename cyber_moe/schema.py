@@ -13,7 +13,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['FAMILY', 'IS_ATTACK', 'SEQ_CHANNELS', 'SEQ_PREFIX', 'SCHEMAS', 'UNSW_NB15', 'CIC_IDS2017', 'sequence_columns',
-           'SchemaError', 'FlowSchema', 'Registry', 'register_schema', 'get_schema', 'sequence_array']
+           'SchemaError', 'FlowSchema', 'Registry', 'register_schema', 'get_schema', 'sequence_array', 'strip_columns',
+           'read_raw', 'write_table']
 
 # %% ../nbs/05_schema.ipynb #49f44d1b
 FAMILY = "family"
@@ -370,3 +371,41 @@ def sequence_array(df, schema: FlowSchema, *, where: str = "input"):
     mask = ~pad
     x = np.stack([np.where(mask, d, 0.0), np.where(mask, ps, 0.0), np.where(mask, piat, 0.0)], axis=-1)
     return x.astype("float32"), mask
+
+# %% ../nbs/05_schema.ipynb #a9ee12ef
+def strip_columns(df):
+    "`df` with surrounding white space removed from column names (CIC-IDS2017 headers carry leading spaces)."
+    cols = [str(c).strip() for c in df.columns]
+    return df if cols == list(df.columns) else df.set_axis(cols, axis=1)
+
+
+def read_raw(path):
+    "Rows of a CSV (as published: BOM, spaced headers and Windows-1252 label bytes tolerated) or Parquet file, unchanged."
+    import pandas as pd
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: input file not found")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return strip_columns(pd.read_parquet(path))
+    try:
+        df = pd.read_csv(path, encoding="utf-8-sig", low_memory=False)
+    except UnicodeDecodeError:
+        df = pd.read_csv(path, encoding="cp1252", low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise SchemaError(f"{path}: the file is empty (expected a header and flow rows)") from None
+    return strip_columns(df)
+
+
+def write_table(df, path):
+    "Write `df` to `path`: Parquet for .parquet/.pq, CSV otherwise (folders created); the path."
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        df.to_parquet(path, index=False)
+    else:
+        df.to_csv(path, index=False)
+    return path
