@@ -24,18 +24,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .config import terminal_safe
-from cyber_moe.schema import (
-    CIC_IDS2017,
-    FAMILY,
-    IS_ATTACK,
-    UNSW_NB15,
-    FlowSchema,
-    Registry,
-    SchemaError,
-    get_schema,
-    read_raw,
-    register_schema,
-)
+from .schema import CIC_IDS2017, FAMILY, IS_ATTACK, UNSW_NB15, FlowSchema, Registry, SchemaError
+from .schema import get_schema, read_raw, register_schema
 
 # %% auto #0
 __all__ = ['ZIP_MAX_MEMBER_BYTES', 'ZIP_MAX_RATIO', 'MAX_LINE_BYTES', 'UNSW_RAW_IDENTIFIERS', 'LOADERS', 'SOURCES', 'DataError',
