@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=None, help="train.max_epochs (default: the params file's)")
     ap.add_argument("--outputs", default=str(ROOT / "outputs" / "bench"))
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args()
@@ -34,7 +34,8 @@ def main() -> int:
     from cyber_moe.train import train_run, load_prepared
 
     cfg = load_config(
-        ROOT / "params" / "unsw-nb15.yaml", [f"outputs_dir={args.outputs}", f"train.max_epochs={args.epochs}", *args.overrides]
+        ROOT / "params" / "unsw-nb15.yaml",
+        [f"outputs_dir={args.outputs}", *([f"train.max_epochs={args.epochs}"] if args.epochs else []), *args.overrides],
     )
     t0 = time.perf_counter()
     metrics = train_run(cfg, enable_progress_bar=False, register=False)
