@@ -26,9 +26,8 @@ import torch
 
 from . import __version__
 from .bundle import PREDICT_BATCH, ModelBundle
-from .schema import write_table
 from .feedback import StoreUnavailable, flow_alert_id
-from .schema import SchemaError
+from .schema import SchemaError, write_table
 
 if TYPE_CHECKING:  # NFStream is imported where captures are metered, not with the module
     from nfstream import NFStreamer

@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .bundle import ModelBundle
-from .schema import strip_columns
-from .schema import FAMILY, FlowSchema, SchemaError
+from .schema import FAMILY, FlowSchema, SchemaError, strip_columns
 
 # %% auto #0
 __all__ = ['BACKGROUND_KEY', 'SEQ_PLAYERS', 'KIND_COLORS', 'SEQ_CHANNEL_LABELS', 'stratified_positions', 'make_background',

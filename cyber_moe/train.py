@@ -25,9 +25,10 @@ from .schema import FlowSchema, get_schema
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
            'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'TrainSettings', 'lit_module',
            'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline',
-           'family_tilt', 'evaluate_hybrid', 'baseline_probs', 'evaluate_baseline', 'evaluate_run', 'save_prepared',
-           'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run', 'registered_name', 'data_origin',
-           'stage_data', 'stage_train', 'stage_evaluate', 'train_run', 'stage_explain']
+           'family_tilt', 'score_distribution', 'evaluate_hybrid', 'baseline_probs', 'evaluate_baseline',
+           'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run',
+           'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run',
+           'stage_explain']
 
 # %% ../nbs/50_train.ipynb #32f53083
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
@@ -480,23 +481,33 @@ def _add_tilt(metrics: dict, tilt: dict) -> dict:
     return metrics
 
 
-def evaluate_hybrid(prep: Prepared, p_val: np.ndarray, p_test: np.ndarray, op_for) -> dict:
-    "Test metrics of a combined distribution (the MoE's and LightGBM's mean), its operating point (`op_for`) and tilt chosen on validation like theirs."
+def score_distribution(prep: Prepared, p_val: np.ndarray, p_test: np.ndarray, op_for) -> tuple[dict, dict]:
+    "Test metrics (tilt included) and predictions of family probabilities [n, C] given for validation and test, at the operating point `op_for` picks on validation."
     from cyber_moe.evaluate import decide, evaluate_predictions
 
     op = op_for(p_val)
     v = decide(p_test, op["threshold"])
+    pred = {"p_family": p_test, "p_attack": v["p_attack"], "is_attack": v["is_attack"], "family_index": v["family_index"]}
     m = evaluate_predictions(
         **_targets(prep.arrays["test"]),
         p_family=p_test,
         p_attack=v["p_attack"],
         classes=prep.classes,
+        logits_val=_log_probs(p_val),
+        y_val=prep.arrays["val"]["y_family"],
+        logits=_log_probs(p_test),
         threshold=op["threshold"],
         family_pred=v["family_index"],
         operating_point=op,
     )
+    return _add_tilt(m, family_tilt(prep, p_val, p_test, op["threshold"])), pred
+
+
+def evaluate_hybrid(prep: Prepared, p_val: np.ndarray, p_test: np.ndarray, op_for) -> dict:
+    "Test metrics of a combined distribution (the MoE's and LightGBM's mean), its operating point (`op_for`) and tilt chosen on validation like theirs."
+    m, _ = score_distribution(prep, p_val, p_test, op_for)
     m["note"] = "mean of the MoE's and the baseline's family distributions, measured only: the served model is the MoE"
-    return _add_tilt(m, family_tilt(prep, p_val, p_test, op["threshold"]))
+    return m
 
 
 def _rule(prep: Prepared, rule: str, target_fpr: float):
@@ -515,29 +526,9 @@ def baseline_probs(prep: Prepared, baseline) -> tuple[np.ndarray, np.ndarray]:
     return tuple(baseline.predict_proba(baseline_matrix(prep, s, n_seq)) for s in ("val", "test"))
 
 
-def evaluate_baseline(prep: Prepared, baseline, *, rule: str = "max_f1", target_fpr: float = 0.01, probs=None) -> tuple[dict, dict]:
-    "The baseline's test metrics and predictions, its threshold chosen by `rule` on its own validation scores (`probs`: `baseline_probs`, computed when None)."
-    from cyber_moe.evaluate import decide, evaluate_predictions
-
-    y, op_for = _targets(prep.arrays["test"]), _rule(prep, rule, target_fpr)
-    val = prep.arrays["val"]
-    pb_val, pb = probs if probs is not None else baseline_probs(prep, baseline)
-    op_b = op_for(pb_val)  # the same rule, on the baseline's own validation scores
-    vb = decide(pb, op_b["threshold"])
-    base_pred = {"p_family": pb, "p_attack": vb["p_attack"], "is_attack": vb["is_attack"], "family_index": vb["family_index"]}
-    base = evaluate_predictions(
-        **y,
-        p_family=pb,
-        p_attack=vb["p_attack"],
-        classes=prep.classes,
-        logits_val=_log_probs(pb_val),
-        y_val=val["y_family"],
-        logits=_log_probs(pb),
-        threshold=op_b["threshold"],
-        family_pred=vb["family_index"],
-        operating_point=op_b,
-    )
-    return _add_tilt(base, family_tilt(prep, pb_val, pb, op_b["threshold"])), base_pred
+def evaluate_baseline(prep: Prepared, baseline, *, rule: str = "max_f1", target_fpr: float = 0.01) -> tuple[dict, dict]:
+    "The baseline's test metrics and predictions, its threshold chosen by `rule` on its own validation scores."
+    return score_distribution(prep, *baseline_probs(prep, baseline), _rule(prep, rule, target_fpr))
 
 # %% ../nbs/50_train.ipynb #3bbdbd90
 def evaluate_run(
@@ -574,7 +565,7 @@ def evaluate_run(
     model_m, model_pred = _model_scores(prep, y, p, v, op, raw, z, z_val, experts)
     _add_tilt(model_m, family_tilt(prep, p_val, p, op["threshold"]))
     pb_val, pb = baseline_probs(prep, baseline)
-    base, base_pred = evaluate_baseline(prep, baseline, rule=rule, target_fpr=target_fpr, probs=(pb_val, pb))
+    base, base_pred = score_distribution(prep, pb_val, pb, op_for)  # the same rule, on the baseline's own validation scores
     out = compare(model_m, base)
     out["hybrid"] = evaluate_hybrid(prep, (p_val + pb_val) / 2, (p + pb) / 2, op_for)
     return out, {"model": model_pred, "baseline": base_pred}
