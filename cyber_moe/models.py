@@ -558,7 +558,7 @@ class SequenceCNN(ExpertModule):
     "The packet-sequence expert: x_seq [B, N, 4] -> per-packet embedding -> dilated residual 1D convolutions -> masked pooling -> [B, d_seq]."
 
     inputs = ("x_seq",)
-    settings = dict(d_seq=64, n_seq_layers=3, kernel_size=3, dropout=0.1, n_packets=32)
+    settings = dict(d_seq=64, n_seq_layers=3, kernel_size=3, dropout=0.1, n_packets=32, truncate=0.0)
     min_eval_chunk_size = 1024
 
     def __init__(
@@ -569,6 +569,7 @@ class SequenceCNN(ExpertModule):
         kernel_size: int = 3,
         dropout: float = 0.1,
         n_packets: int = 32,
+        truncate: float = 0.0,
         eval_chunk_size: int | None = 1024,
     ):
         super().__init__()
@@ -578,16 +579,20 @@ class SequenceCNN(ExpertModule):
             raise ValueError(f"sequence expert: n_seq_layers must be >= 1, got {n_seq_layers}")
         if n_packets < 1:
             raise ValueError(f"sequence expert: n_packets must be >= 1, got {n_packets}")
+        if not 0.0 <= truncate < 1.0:
+            raise ValueError(f"sequence expert: truncate is the share of training flows cut short, in [0, 1); got {truncate}")
         c = d_seq
         self.embed = nn.Linear(3, c)
         self.convs = nn.ModuleList(nn.Conv1d(c, c, kernel_size, dilation=2**i, padding="same") for i in range(n_seq_layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(c) for _ in range(n_seq_layers))
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(2 * c + 1, d_seq)
-        self.n_packets, self.d_out, self.eval_chunk_size = n_packets, d_seq, eval_chunk_size
+        self.n_packets, self.d_out, self.eval_chunk_size, self.truncate = n_packets, d_seq, eval_chunk_size, truncate
 
     def _forward(self, x_seq: Tensor) -> Tensor:
         m = x_seq[..., 3:4]  # [B, N, 1]: 1 for a real packet
+        if self.training and self.truncate:
+            m = self._cut(m)
         h = (self.embed(x_seq[..., :3]) * m).transpose(1, 2)  # [B, c, N]
         mt = m.transpose(1, 2)
         for conv, norm in zip(self.convs, self.norms):
@@ -596,6 +601,16 @@ class SequenceCNN(ExpertModule):
         mean = h.sum(-1) / n
         mx = (h - (1 - mt) * 1e4).amax(-1) * (mt.sum(-1) > 0)  # max over real packets (0 for an empty flow)
         return F.relu(self.out(torch.cat([mean, mx, mt.mean(-1)], 1)))
+
+# %% ../nbs/30_models.ipynb #1ea7d9fc
+@patch
+def _cut(self: SequenceCNN, m: Tensor) -> Tensor:
+    "The mask [B, N, 1] with a `truncate` share of rows cut to a random prefix of 1..length real packets."
+    n = m.sum(1, keepdim=True)  # [B, 1, 1] real packets (they come first)
+    cut = torch.rand_like(n) < self.truncate
+    keep = torch.floor(torch.rand_like(n) * n) + 1  # uniform in 1..n
+    pos = torch.arange(m.shape[1], device=m.device, dtype=m.dtype)[None, :, None]
+    return torch.where(cut, m * (pos < keep), m)
 
 # %% ../nbs/30_models.ipynb #3e0e51d0
 def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:
