@@ -450,17 +450,19 @@ def test_reload_reaches_every_worker(unsw_bundles, unsw, tmp_path):
         out = []
         for _ in range(n):
             with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as c:
-                out.append(c.post("/predict", json=flow).json()["model_version"])
+                out.append(c.post("/predict", json=flow).json().get("model_version"))
         return out
 
     with Server(unsw_bundles[0], log_path=tmp_path / "server.log", workers=2, env=env, wait=False) as s:
         s.wait_ready()
-        time.sleep(3)  # both workers loaded
+        _wait_both_workers_ready(s)
         assert set(versions()) == {"1"}
         r = httpx.post(s.url + "/admin/reload", json={"model_uri": str(unsw_bundles[1])}, headers=AUTH, timeout=120)
         assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
-        time.sleep(4)  # the other worker polls every 0.5 s and loads v2
-        assert set(versions()) == {"2"}
+        deadline = time.time() + 60  # the other worker polls every 0.5 s and loads v2
+        while set(seen := versions()) != {"2"} and time.time() < deadline:
+            time.sleep(0.5)
+        assert set(seen) == {"2"}, seen
         events = [json.loads(ln) for ln in s.log().splitlines() if ln.startswith("{")]
     reloaded = {(e["pid"], e["via"]) for e in events if e.get("event") == "model_reloaded"}
     assert {via for _, via in reloaded} == {"admin", "reload_dir"} and len({pid for pid, _ in reloaded}) == 2, reloaded
