@@ -138,7 +138,7 @@ def test_crashing_step_is_recorded_and_labels_stay_correct(cli, tmp_path):
     assert info["failed_steps"] == ["slowloris"] and _clean(info), _leftovers(info)
     step = next(s for s in info["steps"] if s["name"] == "slowloris")
     assert step["status"] == "failed" and "SIGKILL" in step["error"]
-    assert step["t_end"] - step["t_start"] < 4  # killed part-way through its 10 s
+    assert step["t_end"] - step["t_start"] < 8  # killed part-way through its 10 s (about 2 s in; 8 leaves room for a loaded machine)
     flows = pd.read_parquet(out / "flows.parquet")
     mine = flows[flows.step == "slowloris"]
     assert len(mine) > 0 and (mine.family == "slowhttp").all()
