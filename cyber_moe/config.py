@@ -170,6 +170,12 @@ class TrainConfig(_Section):
         1.0, ge=0, le=1, description="weighted losses: class weight (n / count)^power; 1 inverse frequency, 0.5 square root, 0 none"
     )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="share of each family target spread over all classes")
+    distill: float = Field(
+        0.0, ge=0, lt=1, description="weight of the LightGBM teacher's out-of-fold family distribution in the family loss (0: labels only)"
+    )
+    distill_folds: int = Field(
+        5, ge=2, le=20, description="distill > 0: folds of the teacher's out-of-fold predictions on the training rows"
+    )
     operating_point: Literal["max_f1", "target_fpr"] = Field(
         "max_f1", description="how is_attack's threshold on p_attack = 1 - p(benign) is chosen on validation"
     )

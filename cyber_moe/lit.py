@@ -27,13 +27,14 @@ from torchmetrics.classification import BinaryAUROC, BinaryF1Score, MulticlassAc
 log = logging.getLogger("cyber_moe")
 
 # %% auto #0
-__all__ = ['log', 'FEATURE_KEYS', 'SEQUENCE_KEY', 'TARGET_KEYS', 'FlowDataset', 'flow_loader', 'FlowDataModule',
+__all__ = ['log', 'FEATURE_KEYS', 'SEQUENCE_KEY', 'TARGET_KEYS', 'SOFT_KEY', 'FlowDataset', 'flow_loader', 'FlowDataModule',
            'class_weights_from', 'focal_loss', 'MoELitModule', 'EpochLog', 'make_trainer']
 
 # %% ../nbs/40_lit.ipynb #2f9bcc84
 FEATURE_KEYS = ("x_num", "x_cat", "x_time")
 SEQUENCE_KEY = "x_seq"  # packet sequences [n, N, 4]: carried along when the arrays hold them (schemas with sequences)
 TARGET_KEYS = ("y_family", "y_binary")
+SOFT_KEY = "y_soft"  # a teacher's family distribution [n, C] per training row (distillation): carried along when present
 _DTYPES = {
     "x_num": torch.float32,
     "x_cat": torch.long,
@@ -41,6 +42,7 @@ _DTYPES = {
     "x_seq": torch.float32,
     "y_family": torch.long,
     "y_binary": torch.float32,
+    "y_soft": torch.float32,
 }
 
 
@@ -50,8 +52,7 @@ class FlowDataset(Dataset):
     def __init__(self, arrays: Mapping[str, np.ndarray], *, targets: bool = True, name: str = "arrays"):
         keys = FEATURE_KEYS + (TARGET_KEYS if targets else ())
         missing = [k for k in keys if k not in arrays]
-        if SEQUENCE_KEY in arrays:
-            keys = keys + (SEQUENCE_KEY,)
+        keys = keys + tuple(k for k in (SEQUENCE_KEY, SOFT_KEY) if k in arrays)
         if missing:
             raise KeyError(
                 f"{name}: missing {', '.join(missing)} (expected the dict of Preprocessor.transform plus encode_targets: {', '.join(keys)})"
@@ -66,6 +67,10 @@ class FlowDataset(Dataset):
         if SEQUENCE_KEY in self.tensors and (self.tensors[SEQUENCE_KEY].ndim != 3 or self.tensors[SEQUENCE_KEY].shape[2] != 4):
             raise ValueError(
                 f"{name}: x_seq must be [rows, packets, 4] (direction, size, time, mask), got shape {tuple(self.tensors[SEQUENCE_KEY].shape)}"
+            )
+        if SOFT_KEY in self.tensors and self.tensors[SOFT_KEY].ndim != 2:
+            raise ValueError(
+                f"{name}: y_soft must be [rows, classes] (a distribution per row), got shape {tuple(self.tensors[SOFT_KEY].shape)}"
             )
         self.n = next(iter(n.values()))
 
@@ -203,10 +208,13 @@ class MoELitModule(L.LightningModule):
         load_balance_weight: float = 0.01,
         warmup_frac: float = 0.1,
         label_smoothing: float = 0.0,
+        distill: float = 0.0,
     ):
         super().__init__()
         if loss not in ("weighted_ce", "focal", "ce"):
             raise ValueError(f"loss={loss!r}: choose 'weighted_ce', 'focal' or 'ce'")
+        if not 0.0 <= distill < 1.0:
+            raise ValueError(f"distill={distill}: the teacher's weight in the family loss must be in [0, 1)")
         n_classes = int(getattr(net, "n_classes"))
         if loss == "weighted_ce" and class_weights is None:
             raise ValueError(
@@ -230,15 +238,23 @@ class MoELitModule(L.LightningModule):
 
 # %% ../nbs/40_lit.ipynb #9ba208cf
 @patch
-def family_loss(self: MoELitModule, logits: Tensor, target: Tensor) -> Tensor:
-    "The family term chosen by `loss`; logits [B, C], or [B, k, C] for an ensemble (every member against the target)."
+def family_loss(self: MoELitModule, logits: Tensor, target: Tensor, soft: Tensor | None = None) -> Tensor:
+    "The family term chosen by `loss`; logits [B, C], or [B, k, C] for an ensemble (every member against the target); mixed with a teacher's `soft` [B, C] by `distill`."
     if logits.ndim == 3:
-        target = target.repeat_interleave(logits.shape[1])
-        logits = logits.flatten(0, 1)
+        k = logits.shape[1]
+        target, logits = target.repeat_interleave(k), logits.flatten(0, 1)
+        soft = None if soft is None else soft.repeat_interleave(k, 0)
     if self.hparams.loss == "focal":
-        return focal_loss(logits, target, gamma=self.hparams.focal_gamma, weight=self.class_weights)
-    weight = self.class_weights if self.hparams.loss == "weighted_ce" else None
-    return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.hparams.get("label_smoothing", 0.0))
+        hard = focal_loss(logits, target, gamma=self.hparams.focal_gamma, weight=self.class_weights)
+    else:
+        weight = self.class_weights if self.hparams.loss == "weighted_ce" else None
+        hard = F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.hparams.get("label_smoothing", 0.0))
+    a = self.hparams.get("distill", 0.0)
+    if soft is None or not a:
+        return hard
+    per_row = -(soft.float() * logits.float().log_softmax(-1)).sum(-1)  # cross-entropy against the teacher's distribution
+    w = self.class_weights[target] if self.class_weights is not None and self.hparams.loss != "ce" else torch.ones_like(per_row)
+    return (1 - a) * hard + a * (w * per_row).sum() / w.sum()  # weighted by the row's family like the hard term
 
 
 @patch
@@ -249,7 +265,7 @@ def _step(self: MoELitModule, batch: Mapping[str, Tensor], split: str) -> Tensor
         bce = F.binary_cross_entropy_with_logits(out["binary_k"].float(), yb)
     else:
         bce = F.binary_cross_entropy_with_logits(out["binary"].float(), batch["y_binary"])
-    fam = self.family_loss(out.get("family_k", out["family"]), batch["y_family"])
+    fam = self.family_loss(out.get("family_k", out["family"]), batch["y_family"], batch.get(SOFT_KEY))
     loss = bce + self.hparams.family_loss_weight * fam + self.hparams.load_balance_weight * out["aux_loss"].float()
     n = batch["y_family"].shape[0]
     getattr(self, f"{split}_binary").update(out["binary"].detach().float().sigmoid(), batch["y_binary"].long())

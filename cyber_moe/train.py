@@ -25,9 +25,9 @@ from .schema import FlowSchema, get_schema
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
            'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'TrainSettings', 'lit_module',
            'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline',
-           'family_tilt', 'score_distribution', 'evaluate_hybrid', 'baseline_probs', 'evaluate_baseline',
-           'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment', 'mlflow_run',
-           'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run',
+           'teacher_targets', 'family_tilt', 'score_distribution', 'evaluate_hybrid', 'baseline_probs',
+           'evaluate_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment',
+           'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run',
            'stage_explain']
 
 # %% ../nbs/50_train.ipynb #32f53083
@@ -156,6 +156,7 @@ class Prepared:
     preprocessor: Any
     arrays: dict[str, dict[str, np.ndarray]]
     source: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # work shared by the trials of a sweep (the teacher)
 
     @property
     def classes(self) -> list[str]:
@@ -229,6 +230,7 @@ class FitResult:
     epochs: int
     seconds: float
     checkpoint: str | None
+    teacher: dict | None = None  # distillation: how the teacher's targets were made
 
 # %% ../nbs/50_train.ipynb #9746aa09
 @dataclass
@@ -247,6 +249,7 @@ class TrainSettings:
     family_loss_weight: float = 1.0
     label_smoothing: float = 0.0
     load_balance_weight: float = 0.01
+    distill: float = 0.0
 
     @classmethod
     def from_run(cls, cfg: RunConfig, *, epochs: int | None = None, lr_scale: float = 1.0, seed: int | None = None) -> "TrainSettings":
@@ -282,6 +285,7 @@ def lit_module(net, y_family: np.ndarray, n_classes: int, s: TrainSettings):
         family_loss_weight=s.family_loss_weight,
         load_balance_weight=s.load_balance_weight,
         label_smoothing=s.label_smoothing,
+        distill=s.distill,
     )
 
 
@@ -323,8 +327,10 @@ def fit_moe(
     seed_everything(cfg.seed)
     kwargs = network_kwargs(cfg, prep.preprocessor)
     net = MoEClassifier(**kwargs)
+    train = _with_unknown_codes(prep.arrays["train"], unknown_rate, cfg.seed)
+    soft, teacher = teacher_targets(cfg, prep) if t.distill else (None, None)
     dm = FlowDataModule(
-        train=_with_unknown_codes(prep.arrays["train"], unknown_rate, cfg.seed),
+        train=train if soft is None else {**train, "y_soft": soft},
         val=prep.arrays["val"],
         batch_size=t.batch_size,
         num_workers=t.num_workers,
@@ -351,6 +357,7 @@ def fit_moe(
         epochs=trainer.current_epoch,
         seconds=seconds,
         checkpoint=best_path or None,
+        teacher=teacher,
     )
 
 # %% ../nbs/50_train.ipynb #9cb99f8f
@@ -396,15 +403,16 @@ def baseline_matrix(prep: Prepared, split: str, sequence: int = 0) -> np.ndarray
     return np.concatenate([X, flat_sequence(prep.rows(split), sequence, where=f"{split} split")], 1) if sequence else X
 
 # %% ../nbs/50_train.ipynb #ec030afe
-def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None):
-    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`)."
+def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None, rows: np.ndarray | None = None):
+    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`); `rows` selects training rows."
     from cyber_moe.baseline import baseline_feature_names, categorical_indices, fit_baseline
 
     b = cfg.baseline
     n = baseline_sequence(cfg, prep) if sequence is None else sequence
+    rows = slice(None) if rows is None else rows
     return fit_baseline(
-        X_train=baseline_matrix(prep, "train", n),
-        y_train=prep.arrays["train"]["y_family"],
+        X_train=baseline_matrix(prep, "train", n)[rows],
+        y_train=prep.arrays["train"]["y_family"][rows],
         X_val=baseline_matrix(prep, "val", n),
         y_val=prep.arrays["val"]["y_family"],
         categorical_idx=categorical_indices(prep.schema),
@@ -417,6 +425,30 @@ def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = N
         benign_index=0,
         feature_names=baseline_feature_names(prep.schema, n),
     )
+
+# %% ../nbs/50_train.ipynb #8dd0d8092fe74a7c96281538738b07e2
+def teacher_targets(cfg: RunConfig, prep: Prepared) -> tuple[np.ndarray, dict]:
+    "The run's LightGBM family distribution on each training row, out of fold, as distillation targets [n_train, C]; and how it was made."
+    k, n = cfg.train.distill_folds, baseline_sequence(cfg, prep)
+    key = ("teacher", k, cfg.seed, n, json.dumps(cfg.baseline.model_dump(), sort_keys=True))
+    if key not in prep.cache:
+        t0 = time.perf_counter()
+        y = prep.arrays["train"]["y_family"]
+        fold = np.random.default_rng(cfg.seed).permutation(len(y)) % k
+        X = baseline_matrix(prep, "train", n)
+        soft = np.zeros((len(y), len(prep.classes)), dtype="float32")
+        for f in range(k):
+            held = fold == f
+            soft[held] = fit_run_baseline(cfg, prep, sequence=n, rows=~held).predict_proba(X[held])
+        acc = float((soft.argmax(1) == y).mean())
+        prep.cache[key] = (
+            soft,
+            {"kind": "lightgbm, out of fold", "folds": k, "seconds": round(time.perf_counter() - t0, 2), "accuracy": acc},
+        )
+        setup_logging(cfg.log_level).info(
+            "distillation teacher: %d LightGBM folds in %.0f s, out-of-fold accuracy %.4f", k, time.perf_counter() - t0, acc
+        )
+    return prep.cache[key]
 
 # %% ../nbs/50_train.ipynb #94b0451a
 def _log_probs(p: np.ndarray) -> np.ndarray:
@@ -740,6 +772,7 @@ def stage_train(cfg: RunConfig, prep: Prepared | None = None, *, enable_progress
             "train_rows": len(prep.split.train),
             "temporal_expert": bundle.extra["temporal_expert"],
             "baseline_sequence_packets": sequence_length_of(baseline.feature_names),
+            "teacher": fit.teacher,
         }
         write_json(cfg.run_dir / "training.json", summary)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
