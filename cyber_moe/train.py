@@ -403,17 +403,21 @@ def baseline_matrix(prep: Prepared, split: str, sequence: int = 0) -> np.ndarray
     return np.concatenate([X, flat_sequence(prep.rows(split), sequence, where=f"{split} split")], 1) if sequence else X
 
 # %% ../nbs/50_train.ipynb #ec030afe
-def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None, rows: np.ndarray | None = None):
-    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`); `rows` selects training rows."
+def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None):
+    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`)."
+    n = baseline_sequence(cfg, prep) if sequence is None else sequence
+    return _fit_lightgbm(cfg, prep, baseline_matrix(prep, "train", n), prep.arrays["train"]["y_family"], baseline_matrix(prep, "val", n), n)
+
+
+def _fit_lightgbm(cfg: RunConfig, prep: Prepared, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, n: int):
+    "LightGBM with the run's baseline settings on these training rows (`baseline_matrix` columns with `n` packets), early-stopped on validation."
     from cyber_moe.baseline import baseline_feature_names, categorical_indices, fit_baseline
 
     b = cfg.baseline
-    n = baseline_sequence(cfg, prep) if sequence is None else sequence
-    rows = slice(None) if rows is None else rows
     return fit_baseline(
-        X_train=baseline_matrix(prep, "train", n)[rows],
-        y_train=prep.arrays["train"]["y_family"][rows],
-        X_val=baseline_matrix(prep, "val", n),
+        X_train=X_train,
+        y_train=y_train,
+        X_val=X_val,
         y_val=prep.arrays["val"]["y_family"],
         categorical_idx=categorical_indices(prep.schema),
         n_classes=len(prep.classes),
@@ -435,19 +439,14 @@ def teacher_targets(cfg: RunConfig, prep: Prepared) -> tuple[np.ndarray, dict]:
         t0 = time.perf_counter()
         y = prep.arrays["train"]["y_family"]
         fold = np.random.default_rng(cfg.seed).permutation(len(y)) % k
-        X = baseline_matrix(prep, "train", n)
+        X, X_val = baseline_matrix(prep, "train", n), baseline_matrix(prep, "val", n)  # built once for all folds
         soft = np.zeros((len(y), len(prep.classes)), dtype="float32")
         for f in range(k):
             held = fold == f
-            soft[held] = fit_run_baseline(cfg, prep, sequence=n, rows=~held).predict_proba(X[held])
-        acc = float((soft.argmax(1) == y).mean())
-        prep.cache[key] = (
-            soft,
-            {"kind": "lightgbm, out of fold", "folds": k, "seconds": round(time.perf_counter() - t0, 2), "accuracy": acc},
-        )
-        setup_logging(cfg.log_level).info(
-            "distillation teacher: %d LightGBM folds in %.0f s, out-of-fold accuracy %.4f", k, time.perf_counter() - t0, acc
-        )
+            soft[held] = _fit_lightgbm(cfg, prep, X[~held], y[~held], X_val, n).predict_proba(X[held])
+        acc, seconds = float((soft.argmax(1) == y).mean()), time.perf_counter() - t0
+        prep.cache[key] = soft, {"kind": "lightgbm, out of fold", "folds": k, "seconds": round(seconds, 2), "accuracy": acc}
+        setup_logging(cfg.log_level).info("distillation teacher: %d LightGBM folds in %.0f s, out-of-fold accuracy %.4f", k, seconds, acc)
     return prep.cache[key]
 
 # %% ../nbs/50_train.ipynb #94b0451a
