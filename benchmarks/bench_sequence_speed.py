@@ -2,7 +2,8 @@
 
 On one recorded lab capture (default: the held-out session of bench_sequence.py), in the same run:
 NFStream alone without and with `splt_analysis=32`, `score_pcap` with the default model plus the sequence expert and
-with the default model alone, and batch scoring of the metered flows through the MLflow pyfunc (ONNX Runtime, its default, and torch) and the
+with the default model alone (these four alternate for `--rounds` rounds: medians, and ratios within each round),
+and batch scoring of the metered flows through the MLflow pyfunc (ONNX Runtime, its default, and torch) and the
 bundle itself on ONNX Runtime, all on 2 threads. Untrained weights: inference costs what a trained model's costs.
 The sequence expert's settings are those of `--sequence-params` (params/lab-sequence.yaml). The load average before
 and after is recorded (the machine is shared).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +48,8 @@ def main(argv=None):
     ap.add_argument("--session", default="outputs/seqlab/default-2")
     ap.add_argument("--params", default="params/default.yaml")
     ap.add_argument("--sequence-params", default="params/lab-sequence.yaml", help="run whose sequence expert is measured")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many calls for the batch-scoring steps")
+    ap.add_argument("--rounds", type=int, default=7, help="alternated rounds of the pcap steps (medians reported)")
     ap.add_argument("--out", default="outputs/bench_sequence_speed.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -68,13 +71,24 @@ def main(argv=None):
         res["rows"][key] = {"flows": n, "seconds": round(s, 3), "flows_per_s": round(n / s, 1)}
         print(key, res["rows"][key], flush=True)
 
-    flows, s = best_of(lambda: pcap_to_flows(pcap, allow_truncated=True), a.repeats)
-    row("nfstream", len(flows), s)
-    flows_s, s = best_of(lambda: pcap_to_flows(pcap, allow_truncated=True, splt=LAB_SEQUENCE), a.repeats)
-    row("nfstream splt=32", len(flows_s), s)
-    for name, b in bundles.items():
-        out, s = best_of(lambda: score_pcap(b, pcap, allow_truncated=True), a.repeats)
-        row(f"score_pcap {name}", len(out), s)
+    # the pcap steps alternate, round after round, and each round gives its own ratios: on a shared 2-core machine the
+    # speed drifts by tens of percent within minutes, and a ratio of two steps measured minutes apart measures the drift
+    pcap_steps = {
+        "nfstream": lambda: pcap_to_flows(pcap, allow_truncated=True),
+        "nfstream splt=32": lambda: pcap_to_flows(pcap, allow_truncated=True, splt=LAB_SEQUENCE),
+        **{f"score_pcap {name}": (lambda b=b: score_pcap(b, pcap, allow_truncated=True)) for name, b in bundles.items()},
+    }
+    n_flows = {k: len(f()) for k, f in pcap_steps.items()}  # warm-up
+    times: dict[str, list] = {k: [] for k in pcap_steps}
+    for _ in range(a.rounds):
+        for k, f in pcap_steps.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    for k, ts in times.items():
+        row(k, n_flows[k], statistics.median(ts))
+        res["rows"][k]["rounds_seconds"] = [round(t, 3) for t in ts]
+    flows_s = pcap_to_flows(pcap, allow_truncated=True, splt=LAB_SEQUENCE)
     import mlflow
 
     with tempfile.TemporaryDirectory() as d:
@@ -94,10 +108,14 @@ def main(argv=None):
             row(f"  preprocessing only {name}", len(flows_s), s)
             _, s = best_of(lambda: b.predict_arrays(arrays), a.repeats)
             row(f"  network only {name} (torch)", len(flows_s), s)
-    r = res["rows"]
-    res["ratio_score_pcap_seq_vs_nfstream_splt"] = r["score_pcap default+sequence"]["flows_per_s"] / r["nfstream splt=32"]["flows_per_s"]
-    res["ratio_score_pcap_seq_vs_nfstream"] = r["score_pcap default+sequence"]["flows_per_s"] / r["nfstream"]["flows_per_s"]
-    res["ratio_score_pcap_default_vs_nfstream"] = r["score_pcap default"]["flows_per_s"] / r["nfstream"]["flows_per_s"]
+
+    def ratio(step, against):  # median over rounds of NFStream's time / the step's time in the same round
+        return round(statistics.median([n / s for n, s in zip(times[against], times[step])]), 3)
+
+    res["ratio_score_pcap_seq_vs_nfstream_splt"] = ratio("score_pcap default+sequence", "nfstream splt=32")
+    res["ratio_score_pcap_seq_vs_nfstream"] = ratio("score_pcap default+sequence", "nfstream")
+    res["ratio_score_pcap_default_vs_nfstream"] = ratio("score_pcap default", "nfstream")
+    res["rounds"] = a.rounds
     res["load_after"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -11,10 +11,10 @@ import ipaddress
 import json
 import logging
 import os
-import queue
 import struct
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -163,15 +163,46 @@ _ORDER = ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_po
 _END = object()
 
 
-def _reader(streamer: NFStreamer, q: queue.Queue) -> None:
-    "Thread body: put (keys for the first flow else None, values) per flow on `q`, then (_END, error or None)."
+class _Inbox:
+    "Flows from one reader thread to one scorer: no lock per flow; the scorer is woken when it waits for a first flow, when `batch_size` are waiting, and at the end."
+
+    def __init__(self, *, batch_size: int, limit: int):
+        self.items: deque = deque()
+        self.ready, self.space = threading.Event(), threading.Event()
+        self.batch_size, self.limit, self.idle = batch_size, limit, True
+
+    def put(self, item: tuple) -> None:
+        "Reader side: add `item`, after waiting while `limit` items are waiting."
+        while len(self.items) >= self.limit:
+            self.space.wait(0.05)
+            self.space.clear()
+        self.items.append(item)
+        if self.idle or len(self.items) >= self.batch_size or item[0] is _END:
+            self.ready.set()
+
+    def take(self, timeout: float | None, *, idle: bool) -> list:
+        "Scorer side: every waiting item, after waiting up to `timeout` s if there is none; `idle`: the scorer holds no flow, so wake it for the first."
+        self.idle = idle
+        if not self.items:  # checked after `idle` is set: a flow added in between is seen here or wakes the wait
+            self.ready.wait(timeout)
+        self.ready.clear()
+        out = []
+        while self.items:
+            out.append(self.items.popleft())
+        self.idle = False
+        self.space.set()
+        return out
+
+
+def _reader(streamer: NFStreamer, inbox: _Inbox) -> None:
+    "Thread body: put (keys for the first flow else None, values) per flow in `inbox`, then (_END, error or None)."
     err = None
     try:
         for i, flow in enumerate(streamer):
-            q.put((flow.keys() if i == 0 else None, flow.values()))
+            inbox.put((flow.keys() if i == 0 else None, flow.values()))
     except Exception as e:
         err = e
-    q.put((_END, err))
+    inbox.put((_END, err))
 
 
 @contextmanager
@@ -203,7 +234,7 @@ def _open_streamer(source: str | Path, *, bpf_filter: str | None, max_flows: int
 
 # %% ../nbs/72_alerts.ipynb #9edbf77a
 def _score_rows(bundle: ModelBundle, rows: list, keys, *, splt: int, n_threads: int, features: bool, stats: dict) -> pd.DataFrame:
-    "Score the NFStream flows in `rows` (columns `keys`), count them in `stats` and empty `rows`."
+    "Score the NFStream flows in `rows` (columns `keys`) and count them in `stats`."
     from cyber_moe.nfstream import derive_columns, flatten_splt
 
     flows = pd.DataFrame(rows, columns=keys)
@@ -213,7 +244,6 @@ def _score_rows(bundle: ModelBundle, rows: list, keys, *, splt: int, n_threads: 
         out = score_flows(bundle, derive_columns(flows), features=features)
     stats["n_flows"] += len(rows)
     stats["n_batches"] += 1
-    rows.clear()
     return out
 
 # %% ../nbs/72_alerts.ipynb #06a44f6c
@@ -245,32 +275,32 @@ def scored_batches(
     stats.update(source=str(source), n_flows=0, n_batches=0, interrupted=False, n_threads=n_threads)
     if info is not None:
         stats.update(n_packets=info["n_packets"], truncated=info["truncated_at"] is not None)
-    q: queue.Queue = queue.Queue(maxsize=4 * batch_size)
-    threading.Thread(target=_reader, args=(streamer, q), daemon=True, name="nfstream-reader").start()
-    keys, rows, first_at, err = None, [], None, None
-    batch = lambda: _score_rows(bundle, rows, keys, splt=splt, n_threads=n_threads, features=features, stats=stats)
+    inbox = _Inbox(batch_size=batch_size, limit=4 * batch_size)
+    threading.Thread(target=_reader, args=(streamer, inbox), daemon=True, name="nfstream-reader").start()
+    keys, rows, first_at, err, done = None, [], None, None, False
+
+    def batch():  # the oldest `batch_size` waiting flows
+        out = _score_rows(bundle, rows[:batch_size], keys, splt=splt, n_threads=n_threads, features=features, stats=stats)
+        del rows[:batch_size]
+        return out
 
     try:
-        while True:
+        while not done:
             wait = None if first_at is None else max(0.0, first_at + max_delay_s - time.monotonic())
-            try:
-                k, v = q.get(timeout=wait)
-            except queue.Empty:
-                k, v = None, None  # no new flow, but the oldest waiting one is due
-            if k is _END:
-                err = v
-                break
-            if v is not None:
+            for k, v in inbox.take(wait, idle=not rows):
+                if k is _END:
+                    err, done = v, True
+                    break
                 keys = keys or k
                 rows.append(v)
-                if first_at is None:
-                    first_at = time.monotonic()
-            if rows and (len(rows) >= batch_size or time.monotonic() >= first_at + max_delay_s):
+            if rows and first_at is None:
+                first_at = time.monotonic()
+            while len(rows) >= batch_size or (rows and time.monotonic() >= first_at + max_delay_s):
                 yield batch()
-                first_at = None
+                first_at = time.monotonic() if rows else None
     except KeyboardInterrupt:
         stats["interrupted"] = True
-    if rows:
+    while rows:
         yield batch()
     if err is not None:
         raise (PcapError if is_file else CaptureError)(

@@ -48,13 +48,22 @@ PREDICT_BATCH = 512  # rows per network call: a batch's activations stay in the 
 def network_outputs(net: MoEClassifier, arrays: dict, *, batch_size: int = PREDICT_BATCH) -> dict[str, np.ndarray]:
     "Uncalibrated binary logits [n], family logits [n, C] and gate weights [n, E] of `net` over preprocessed arrays."
     outs: dict[str, list] = {"binary": [], "family": [], "gate": []}
+    names = [k for k in array_names(net) if k in arrays]
+    order = None
+    if "x_seq" in names and len(arrays["x_seq"]):  # calls of flows of like length: the sequence expert cuts each after its longest flow
+        order = np.argsort(arrays["x_seq"][..., 3].sum(1), kind="stable")
+        arrays = {k: arrays[k][order] for k in names}
     net.eval()
     with torch.inference_mode():
         for s in range(0, len(arrays["x_num"]), batch_size):
-            r = net(*(torch.from_numpy(np.ascontiguousarray(arrays[k][s : s + batch_size])) for k in array_names(net) if k in arrays))
+            r = net(*(torch.from_numpy(np.ascontiguousarray(arrays[k][s : s + batch_size])) for k in names))
             for k in outs:
                 outs[k].append(r[k].float().numpy())
-    return {k: np.concatenate(v) for k, v in outs.items()}
+    out = {k: np.concatenate(v) for k, v in outs.items()}
+    if order is not None:
+        for k, v in out.items():
+            v[order] = v.copy()  # back to the rows' own order
+    return out
 
 # %% ../nbs/47_bundle.ipynb #b4ca962f
 class ModelBundle:

@@ -589,7 +589,8 @@ class SequenceCNN(ExpertModule):
         self.out = nn.Linear(2 * c + 1, d_seq)
         self.n_packets, self.d_out, self.eval_chunk_size, self.truncate = n_packets, d_seq, eval_chunk_size, truncate
 
-    def _forward(self, x_seq: Tensor) -> Tensor:
+    def _forward(self, x_seq: Tensor, n_packets: int | None = None) -> Tensor:
+        "x_seq [B, N, 4] -> [B, d_seq]; `n_packets` the N the flows were metered with when x_seq is cut shorter (see `forward`)."
         m = x_seq[..., 3:4]  # [B, N, 1]: 1 for a real packet
         if self.training and self.truncate:
             m = self._cut(m)
@@ -600,7 +601,8 @@ class SequenceCNN(ExpertModule):
         n = mt.sum(-1).clamp_min(1.0)
         mean = h.sum(-1) / n
         mx = (h - (1 - mt) * 1e4).amax(-1) * (mt.sum(-1) > 0)  # max over real packets (0 for an empty flow)
-        return F.relu(self.out(torch.cat([mean, mx, mt.mean(-1)], 1)))
+        share = mt.sum(-1) / (n_packets or x_seq.shape[1])  # the share of real positions
+        return F.relu(self.out(torch.cat([mean, mx, share], 1)))
 
 # %% ../nbs/30_models.ipynb #1ea7d9fc
 @patch
@@ -611,6 +613,21 @@ def _cut(self: SequenceCNN, m: Tensor) -> Tensor:
     keep = torch.floor(torch.rand_like(n) * n) + 1  # uniform in 1..n
     pos = torch.arange(m.shape[1], device=m.device, dtype=m.dtype)[None, :, None]
     return torch.where(cut, m * (pos < keep), m)
+
+# %% ../nbs/30_models.ipynb #acae54e37e7d407bbb7b55eff062a284
+@patch
+def forward(self: SequenceCNN, x_seq: Tensor) -> Tensor:  # noqa: F811 (patched onto its class)
+    "[B, d_seq]; when evaluating, rows sorted by length and each chunk cut after its longest flow's last real packet (same outputs)."
+    if self.training or len(x_seq) == 0:
+        return self._forward(x_seq)
+    n, out = x_seq[..., 3].sum(1), None
+    order = torch.argsort(n, stable=True)
+    for part in order.split(self.eval_chunk_size or len(order)):
+        cut = max(1, int(n[part].max()))
+        h = self._forward(x_seq[part, :cut], x_seq.shape[1])
+        out = h.new_empty(len(order), h.shape[1]) if out is None else out
+        out[part] = h
+    return out
 
 # %% ../nbs/30_models.ipynb #3e0e51d0
 def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:

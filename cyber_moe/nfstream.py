@@ -5,6 +5,7 @@
 # %% ../nbs/12_nfstream.ipynb #c1e9cee6
 from __future__ import annotations
 
+import itertools
 import mmap
 import struct
 from pathlib import Path
@@ -167,12 +168,16 @@ _SPLT_LISTS = {"dir": "splt_direction", "ps": "splt_ps", "piat": "splt_piat_ms"}
 
 def flatten_splt(flows: pd.DataFrame, n: int) -> pd.DataFrame:
     "Replace NFStream's list columns (splt_direction, splt_ps, splt_piat_ms; -1 padded) by flat `splt_dir_i`, `splt_ps_i`, `splt_piat_i`."
-    cols = {}
-    for ch, src in _SPLT_LISTS.items():
-        a = np.array([list(v) for v in flows[src]], dtype="float64").reshape(len(flows), n)
-        for i in range(n):
-            cols[f"{SEQ_PREFIX[ch]}{i}"] = a[:, i]
-    out = pd.concat([flows.drop(columns=list(_SPLT_LISTS.values())), pd.DataFrame(cols, index=flows.index)], axis=1)
+    parts = []
+    for src in _SPLT_LISTS.values():
+        lists = flows[src].tolist()
+        bad = next((i for i, v in enumerate(lists) if len(v) != n), None)
+        if bad is not None:
+            raise ValueError(f"{src}: flow {bad} holds {len(lists[bad])} packet(s), expected {n} (NFStream's splt_analysis={n})")
+        parts.append(np.fromiter(itertools.chain.from_iterable(lists), dtype="float64", count=len(lists) * n).reshape(-1, n))
+    names = [f"{SEQ_PREFIX[ch]}{i}" for ch in _SPLT_LISTS for i in range(n)]
+    seq = pd.DataFrame(np.hstack(parts), columns=names, index=flows.index)
+    out = pd.concat([flows.drop(columns=list(_SPLT_LISTS.values())), seq], axis=1)
     out.attrs = flows.attrs
     return out
 
