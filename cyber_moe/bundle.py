@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from .evaluate import decide
 from .features import Preprocessor
-from .models import MoEClassifier
+from .models import MoEClassifier, packet_counts
 from .schema import FlowSchema, SchemaError, read_raw, strip_columns, write_table
 
 # %% auto #0
@@ -51,7 +51,7 @@ def network_outputs(net: MoEClassifier, arrays: dict, *, batch_size: int = PREDI
     names = [k for k in array_names(net) if k in arrays]
     order = None
     if "x_seq" in names and len(arrays["x_seq"]):  # calls of flows of like length: the sequence expert cuts each after its longest flow
-        order = np.argsort(arrays["x_seq"][..., 3].sum(1), kind="stable")
+        order = np.argsort(packet_counts(arrays["x_seq"]), kind="stable")
         arrays = {k: arrays[k][order] for k in names}
     net.eval()
     with torch.inference_mode():

@@ -19,7 +19,7 @@ from fastcore.basics import patch
 __all__ = ['EMBEDDINGS', 'INPUTS', 'EXPERTS', 'DEFAULT_EXPERTS', 'FLAT_SETTINGS', 'check_embedding', 'NumEmbedding', 'Expert',
            'register_expert', 'check_expert_names', 'resolve_experts', 'ExpertModule', 'FeatureTokenizer',
            'MultiheadAttention', 'ReGLU', 'TransformerBlock', 'FTTransformer', 'TemporalCNN', 'TabMExpert',
-           'SequenceCNN', 'load_balance_loss', 'Gate', 'MoEClassifier', 'n_parameters']
+           'SequenceCNN', 'packet_counts', 'load_balance_loss', 'Gate', 'MoEClassifier', 'n_parameters']
 
 # %% ../nbs/30_models.ipynb #330249a1
 EMBEDDINGS = ("none", "linear", "ple", "periodic")
@@ -615,12 +615,17 @@ def _cut(self: SequenceCNN, m: Tensor) -> Tensor:
     return torch.where(cut, m * (pos < keep), m)
 
 # %% ../nbs/30_models.ipynb #acae54e37e7d407bbb7b55eff062a284
+def packet_counts(x_seq):
+    "Real packets per flow of packet sequences x_seq [B, N, 4] (the sum of the mask channel); numpy or torch."
+    return x_seq[..., 3].sum(1)
+
+
 @patch
 def forward(self: SequenceCNN, x_seq: Tensor) -> Tensor:  # noqa: F811 (patched onto its class)
     "[B, d_seq]; when evaluating, rows sorted by length and each chunk cut after its longest flow's last real packet (same outputs)."
     if self.training or len(x_seq) == 0:
         return self._forward(x_seq)
-    n, out = x_seq[..., 3].sum(1), None
+    n, out = packet_counts(x_seq), None
     order = torch.argsort(n, stable=True)
     for part in order.split(self.eval_chunk_size or len(order)):
         cut = max(1, int(n[part].max()))
