@@ -10,12 +10,15 @@ import hashlib
 import ipaddress
 import json
 import logging
+import multiprocessing
 import os
+import queue
+import signal
 import struct
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -164,7 +167,7 @@ _END = object()
 
 
 class _Inbox:
-    "Flows from one reader thread to one scorer: no lock per flow; the scorer is woken when it waits for a first flow, when `batch_size` are waiting, and at the end."
+    "Flows from one reader thread to one consumer: no lock per flow; the consumer is woken when it waits for a first flow, when `batch_size` are waiting, and at the end."
 
     def __init__(self, *, batch_size: int, limit: int):
         self.items: deque = deque()
@@ -181,7 +184,7 @@ class _Inbox:
             self.ready.set()
 
     def take(self, timeout: float | None, *, idle: bool) -> list:
-        "Scorer side: every waiting item, after waiting up to `timeout` s if there is none; `idle`: the scorer holds no flow, so wake it for the first."
+        "Consumer side: every waiting item, after waiting up to `timeout` s if there is none; `idle`: the consumer holds no flow, so wake it for the first."
         self.idle = idle
         if not self.items:  # checked after `idle` is set: a flow added in between is seen here or wakes the wait
             self.ready.wait(timeout)
@@ -195,13 +198,21 @@ class _Inbox:
 
 
 def _reader(streamer: NFStreamer, inbox: _Inbox) -> None:
-    "Thread body: put (keys for the first flow else None, values) per flow in `inbox`, then (_END, error or None)."
-    err = None
+    "Put (keys for the first flow else None, values) per flow in `inbox`, then (_END, error message or None); KeyboardInterrupt (the reader process's SIGTERM) ends the stream early."
+    from cyber_moe.nfstream import flow_values
+
+    err, values = None, None
     try:
-        for i, flow in enumerate(streamer):
-            inbox.put((flow.keys() if i == 0 else None, flow.values()))
+        for flow in streamer:
+            keys = None
+            if values is None:
+                keys = flow.keys()
+                values = flow_values(keys)
+            inbox.put((keys, values(flow)))
+    except KeyboardInterrupt:
+        pass
     except Exception as e:
-        err = e
+        err = str(e) or type(e).__name__
     inbox.put((_END, err))
 
 
@@ -214,6 +225,117 @@ def _torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+# %% ../nbs/72_alerts.ipynb #5d0c2f7b
+def _frame(rows: list, keys: list, splt: int) -> pd.DataFrame:
+    "NFStream flows (value lists `rows`, columns `keys`) as a `score_flows` frame: packets flattened when `splt` > 0, rates derived."
+    from cyber_moe.nfstream import derive_columns, flatten_splt
+
+    flows = pd.DataFrame(rows, columns=keys)
+    return derive_columns(flatten_splt(flows, splt) if splt else flows)
+
+
+def _read_process(streamer: NFStreamer, conn, inlet, splt: int, batch_size: int, max_delay_s: float) -> None:
+    "Reader process body: send ('flows', frame) to `conn` per batch of NFStream's flows (`batch_size`, or the oldest `max_delay_s` old), then ('end', error message or None)."
+    inlet.close()  # the scorer's end: were it kept open here, a send to a scorer that died would block for ever
+
+    def stop(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)
+    inbox = _Inbox(batch_size=batch_size, limit=4 * batch_size)
+
+    def batches():
+        keys, rows, first_at, end = None, [], None, None
+        while end is None:
+            wait = None if first_at is None else max(0.0, first_at + max_delay_s - time.monotonic())
+            for k, v in inbox.take(wait, idle=not rows):
+                if k is _END:
+                    end = (v,)
+                    break
+                keys = keys or k
+                rows.append(v)
+            if rows and first_at is None:
+                first_at = time.monotonic()
+            while len(rows) >= batch_size or (rows and (end or time.monotonic() >= first_at + max_delay_s)):
+                conn.send(("flows", _frame(rows[:batch_size], keys, splt)))
+                del rows[:batch_size]
+                first_at = time.monotonic() if rows else None
+        conn.send(("end", end[0]))
+
+    def ship():
+        try:
+            batches()
+        except Exception as e:  # stop NFStream, and keep taking its flows so that it is not blocked meanwhile
+            try:
+                conn.send(("end", f"the reader could not pass flows on: {type(e).__name__}: {e}"))
+            except OSError:
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)
+            while not any(k is _END for k, _ in inbox.take(None, idle=True)):
+                pass
+
+    shipper = threading.Thread(target=ship, name="flow-batcher")
+    shipper.start()
+    try:
+        _reader(streamer, inbox)
+    except KeyboardInterrupt:  # SIGTERM outside NFStream's loop
+        inbox.put((_END, None))
+    shipper.join()
+    conn.close()
+
+# %% ../nbs/72_alerts.ipynb #c7a9e514
+def _start_reader(streamer: NFStreamer, *, splt: int, batch_size: int, max_delay_s: float, ahead: int = 4):
+    "Fork the reader process on `streamer`; returns it and a queue of its messages: ('flows', frame)..., then ('end', error or None)."
+    ctx = multiprocessing.get_context("fork")
+    inlet, outlet = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_read_process, args=(streamer, outlet, inlet, splt, batch_size, max_delay_s), name="nfstream-reader")
+    proc.start()
+    outlet.close()
+    msgs: queue.Queue = queue.Queue(maxsize=ahead)
+
+    def receive():
+        try:
+            while True:
+                msg = inlet.recv()
+                msgs.put(msg)
+                if msg[0] == "end":
+                    return
+        except (EOFError, OSError):
+            proc.join(5)
+            msgs.put(("end", f"NFStream's reader process ended without finishing the stream (exit code {proc.exitcode})"))
+        finally:
+            inlet.close()
+
+    threading.Thread(target=receive, daemon=True, name="nfstream-receiver").start()
+    return proc, msgs
+
+
+def _stop_reader(proc, msgs: queue.Queue, *, ended: bool, timeout: float = 10.0) -> list[pd.DataFrame]:
+    "End the reader: wait for it if `ended`, else SIGTERM it and collect the frames it still sends; it and its meters are killed after `timeout` s."
+    frames, deadline = [], time.monotonic() + timeout
+    if not ended and proc.is_alive():
+        proc.terminate()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                kind, v = msgs.get(timeout=left)
+            except queue.Empty:
+                break
+            if kind != "flows":
+                break
+            frames.append(v)
+    proc.join(max(0.0, deadline - time.monotonic()))
+    if proc.is_alive():
+        import psutil  # NFStream's dependency, as NFStream is
+
+        with suppress(psutil.Error):
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                p.kill()
+        proc.kill()
+        proc.join()
+    return frames
 
 # %% ../nbs/72_alerts.ipynb #6c051c30
 def _open_streamer(source: str | Path, *, bpf_filter: str | None, max_flows: int | None, splt: int, nfstream_opts: dict):
@@ -233,16 +355,11 @@ def _open_streamer(source: str | Path, *, bpf_filter: str | None, max_flows: int
         ) from None
 
 # %% ../nbs/72_alerts.ipynb #9edbf77a
-def _score_rows(bundle: ModelBundle, rows: list, keys, *, splt: int, n_threads: int, features: bool, stats: dict) -> pd.DataFrame:
-    "Score the NFStream flows in `rows` (columns `keys`) and count them in `stats`."
-    from cyber_moe.nfstream import derive_columns, flatten_splt
-
-    flows = pd.DataFrame(rows, columns=keys)
-    if splt:
-        flows = flatten_splt(flows, splt)
+def _score_frame(bundle: ModelBundle, flows: pd.DataFrame, *, n_threads: int, features: bool, stats: dict) -> pd.DataFrame:
+    "Score the flows of one `_frame` with `n_threads` torch threads and count them in `stats`."
     with _torch_threads(n_threads):
-        out = score_flows(bundle, derive_columns(flows), features=features)
-    stats["n_flows"] += len(rows)
+        out = score_flows(bundle, flows, features=features)
+    stats["n_flows"] += len(flows)
     stats["n_batches"] += 1
     return out
 
@@ -275,37 +392,29 @@ def scored_batches(
     stats.update(source=str(source), n_flows=0, n_batches=0, interrupted=False, n_threads=n_threads)
     if info is not None:
         stats.update(n_packets=info["n_packets"], truncated=info["truncated_at"] is not None)
-    inbox = _Inbox(batch_size=batch_size, limit=4 * batch_size)
-    threading.Thread(target=_reader, args=(streamer, inbox), daemon=True, name="nfstream-reader").start()
-    keys, rows, first_at, err, done = None, [], None, None, False
-
-    def batch():  # the oldest `batch_size` waiting flows
-        out = _score_rows(bundle, rows[:batch_size], keys, splt=splt, n_threads=n_threads, features=features, stats=stats)
-        del rows[:batch_size]
-        return out
-
+    proc, msgs = _start_reader(streamer, splt=splt, batch_size=batch_size, max_delay_s=max_delay_s)
+    held, err, done = [], None, False  # held: frames received and not yet yielded scored
     try:
-        while not done:
-            wait = None if first_at is None else max(0.0, first_at + max_delay_s - time.monotonic())
-            for k, v in inbox.take(wait, idle=not rows):
-                if k is _END:
+        try:
+            while True:
+                kind, v = msgs.get()
+                if kind == "end":
                     err, done = v, True
                     break
-                keys = keys or k
-                rows.append(v)
-            if rows and first_at is None:
-                first_at = time.monotonic()
-            while len(rows) >= batch_size or (rows and time.monotonic() >= first_at + max_delay_s):
-                yield batch()
-                first_at = time.monotonic() if rows else None
-    except KeyboardInterrupt:
-        stats["interrupted"] = True
-    while rows:
-        yield batch()
+                held.append(v)
+                out = _score_frame(bundle, v, n_threads=n_threads, features=features, stats=stats)
+                held.pop()
+                yield out
+        except KeyboardInterrupt:
+            stats["interrupted"] = True
+            held += _stop_reader(proc, msgs, ended=False)
+            done = True
+        while held:
+            yield _score_frame(bundle, held.pop(0), n_threads=n_threads, features=features, stats=stats)
+    finally:
+        _stop_reader(proc, msgs, ended=done)
     if err is not None:
-        raise (PcapError if is_file else CaptureError)(
-            f"{source}: NFStream stopped after {stats['n_flows']:,} flow(s), all scored: {err}"
-        ) from err
+        raise (PcapError if is_file else CaptureError)(f"{source}: NFStream stopped after {stats['n_flows']:,} flow(s), all scored: {err}")
 
 # %% ../nbs/72_alerts.ipynb #ce1dca6e
 def score_pcap(
