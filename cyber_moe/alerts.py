@@ -239,16 +239,23 @@ def _read_process(streamer: NFStreamer, conn, inlet, splt: int, batch_size: int,
     "Reader process body: send ('flows', frame) to `conn` per batch of NFStream's flows (`batch_size`, or the oldest `max_delay_s` old), then ('end', error message or None)."
     inlet.close()  # the scorer's end: were it kept open here, a send to a scorer that died would block for ever
 
+    reader = os.getpid()
+
     def stop(*_):
+        if os.getpid() != reader:  # a meter, which inherits this handler: die as NFStream expects when it stops one
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, stop)
     inbox = _Inbox(batch_size=batch_size, limit=4 * batch_size)
+    end = None  # (error or None,) once NFStream's stream has ended
 
     def batches():
-        keys, rows, first_at, end = None, [], None, None
+        nonlocal end
+        keys, rows, first_at = None, [], None
         while end is None:
             wait = None if first_at is None else max(0.0, first_at + max_delay_s - time.monotonic())
             for k, v in inbox.take(wait, idle=not rows):
@@ -273,9 +280,10 @@ def _read_process(streamer: NFStreamer, conn, inlet, splt: int, batch_size: int,
                 conn.send(("end", f"the reader could not pass flows on: {type(e).__name__}: {e}"))
             except OSError:
                 pass
-            os.kill(os.getpid(), signal.SIGTERM)
-            while not any(k is _END for k, _ in inbox.take(None, idle=True)):
-                pass
+            if end is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+                while not any(k is _END for k, _ in inbox.take(None, idle=True)):
+                    pass
 
     shipper = threading.Thread(target=ship, name="flow-batcher")
     shipper.start()
