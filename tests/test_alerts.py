@@ -256,3 +256,33 @@ def test_cli_score_goes_on_when_the_store_is_unreachable(cli, bundle, capture, s
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == int(scored["is_attack"].sum())
     assert "going on without feedback" in r.stderr and "secret" not in r.stderr, r.stderr
+
+
+def test_ctrl_c_stops_watch_and_leaves_no_process(cli, bundle, tmp_path):
+    "Ctrl-C (SIGINT to the process group, as a terminal sends it) stops `watch` on a live interface: exit 0, its summary, no reader or meter left."
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    model = save_bundle(bundle, tmp_path / "model")
+    cmd = [cli, "watch", "--model", str(model), "--interface", "lo", "--alerts", str(tmp_path / "w.jsonl")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline, kids = time.monotonic() + 90, []
+        while time.monotonic() < deadline and len(kids) < 2 and p.poll() is None:  # the reader and its meter
+            time.sleep(0.2)
+            kids = psutil.Process(p.pid).children(recursive=True)
+        assert len(kids) >= 2, (kids, p.poll())
+        time.sleep(1.0)  # the scorer waits for flows by now
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err
+    assert "watched lo:" in err and "(stopped by Ctrl-C)" in err and "Traceback" not in err, err
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive, alive
