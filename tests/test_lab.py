@@ -1,6 +1,6 @@
 """The traffic lab for real: namespaces, services, clients and attack tools, recorded through the CLI.
 
-Two smoke sessions are recorded at once (different seeds, so concurrent runs are exercised too), one is
+Three smoke sessions are recorded at once (different seeds, so concurrent runs are exercised too), one is
 interrupted with SIGTERM and one has a step crash on purpose. After each, nothing of the lab may be left:
 no namespace, no process, no work folder.
 """
@@ -57,15 +57,15 @@ def _record(cli, out, seed, *extra):
 
 @pytest.fixture(scope="module")
 def sessions(cli, tmp_path_factory):
-    "Seeds 1 and 2 of the smoke scenario, recorded at the same time."
+    "Seeds 1, 2 and 45 of the smoke scenario, recorded at the same time."
     d = tmp_path_factory.mktemp("lab")
     start = time.time()
-    procs = {seed: _record(cli, d / f"s{seed}", seed) for seed in (1, 2)}
+    procs = {seed: _record(cli, d / f"s{seed}", seed) for seed in (1, 2, 45)}
     outs = {seed: p.communicate(timeout=180) for seed, p in procs.items()}
     for seed, p in procs.items():
         assert p.returncode == 0, (seed, outs[seed])
     assert time.time() - start < 90
-    return {seed: d / f"s{seed}" for seed in (1, 2)}
+    return {seed: d / f"s{seed}" for seed in (1, 2, 45)}
 
 
 def test_outputs_and_cleanup(sessions):
@@ -76,8 +76,8 @@ def test_outputs_and_cleanup(sessions):
             assert (out / f).is_file(), f
         assert info["capture_s"] < 30 and info["tcpdump"]["dropped_by_kernel"] == 0
         assert _clean(info), _leftovers(info)
-    a, b = (json.loads((o / "session.json").read_text()) for o in sessions.values())
-    assert a["run_id"] != b["run_id"]
+    run_ids = [json.loads((o / "session.json").read_text())["run_id"] for o in sessions.values()]
+    assert len(set(run_ids)) == len(run_ids), run_ids
 
 
 def test_every_family_present_and_every_flow_accounted(sessions):
@@ -146,9 +146,22 @@ def test_crashing_step_is_recorded_and_labels_stay_correct(cli, tmp_path):
     assert set(flows.family) == set(load_scenario(SMOKE).families)  # the other steps ran on
 
 
-def test_model_from_one_session_flags_the_families_of_another(sessions):
-    "LightGBM on seed 1's flows, scored on seed 2's: every attack family mostly flagged, benign mostly not."
-    train, test = (pd.read_parquet(sessions[s] / "flows.parquet") for s in (1, 2))
+def test_model_from_two_sessions_flags_the_families_of_a_third(sessions):
+    """LightGBM on seeds 1 and 45's flows, scored on seed 2's: every attack family mostly flagged, benign mostly not.
+
+    Each seed draws its own tool settings, so one session shows one shape per family. Trained on seed 1 alone, seed 2's
+    slow-body flows were flagged at 89-97% in 17 of 19 recordings and at 8% in two (and in one CI run): seed 1 aims slow
+    body at the server's "/", seed 2 at "/login.html", and the trees may key on the size of the server's answer (seeds 1
+    and 3, both at "/": 11% once). So, as `params/default.yaml` does, the model trains on two sessions that between them
+    aim at what the held-out one does: seed 45 sends slow bodies to "/login.html" too, every 2 s (seed 1 every 6 s, seed
+    2 every 4 s). Seeds 1 and 45 gave 100% on every family in 6 of 6 recordings.
+    """
+    plans = {s: plan_session(load_scenario(SMOKE), s, Path("/x")) for s in (1, 2, 45)}
+    slow = {s: [c.argv for st in p.steps if st.family == "slowhttp" for c in st.commands] for s, p in plans.items()}
+    shape = {s: [(a[a.index("-u") + 1].rsplit("/", 1)[1], a[a.index("-i") + 1]) for a in argvs] for s, argvs in slow.items()}
+    assert shape == {1: [("", "6")], 2: [("login.html", "4")], 45: [("login.html", "2")]}, shape
+    train = pd.concat([pd.read_parquet(sessions[s] / "flows.parquet") for s in (1, 45)], ignore_index=True)
+    test = pd.read_parquet(sessions[2] / "flows.parquet")
     feats = list(LAB.numeric + LAB.categorical + LAB.timing)
     model = lgb.LGBMClassifier(n_estimators=150, num_leaves=15, learning_rate=0.1, min_child_samples=5, verbose=-1, random_state=0)
     model.fit(train[feats].astype("float64"), train["is_attack"])
