@@ -162,7 +162,6 @@ class CaptureError(ValueError):
     "A capture source NFStream cannot open (unknown interface, no permission): the message says what to check."
 
 
-_ORDER = ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"]  # pcap_to_flows' row order
 _END = object()
 
 
@@ -199,16 +198,12 @@ class _Inbox:
 
 def _reader(streamer: NFStreamer, inbox: _Inbox) -> None:
     "Put (keys for the first flow else None, values) per flow in `inbox`, then (_END, error message or None); KeyboardInterrupt (the reader process's SIGTERM) ends the stream early."
-    from cyber_moe.nfstream import flow_values
+    from cyber_moe.nfstream import flow_rows
 
-    err, values = None, None
+    err = None
     try:
-        for flow in streamer:
-            keys = None
-            if values is None:
-                keys = flow.keys()
-                values = flow_values(keys)
-            inbox.put((keys, values(flow)))
+        for item in flow_rows(streamer):
+            inbox.put(item)
     except KeyboardInterrupt:
         pass
     except Exception as e:
@@ -227,16 +222,10 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 # %% ../nbs/72_alerts.ipynb #5d0c2f7b
-def _frame(rows: list, keys: list, splt: int) -> pd.DataFrame:
-    "NFStream flows (value lists `rows`, columns `keys`) as a `score_flows` frame: packets flattened when `splt` > 0, rates derived."
-    from cyber_moe.nfstream import derive_columns, flatten_splt
-
-    flows = pd.DataFrame(rows, columns=keys)
-    return derive_columns(flatten_splt(flows, splt) if splt else flows)
-
-
 def _read_process(streamer: NFStreamer, conn, inlet, splt: int, batch_size: int, max_delay_s: float) -> None:
     "Reader process body: send ('flows', frame) to `conn` per batch of NFStream's flows (`batch_size`, or the oldest `max_delay_s` old), then ('end', error message or None)."
+    from cyber_moe.nfstream import flow_frame
+
     inlet.close()  # the scorer's end: were it kept open here, a send to a scorer that died would block for ever
 
     reader = os.getpid()
@@ -267,7 +256,7 @@ def _read_process(streamer: NFStreamer, conn, inlet, splt: int, batch_size: int,
             if rows and first_at is None:
                 first_at = time.monotonic()
             while len(rows) >= batch_size or (rows and (end or time.monotonic() >= first_at + max_delay_s)):
-                conn.send(("flows", _frame(rows[:batch_size], keys, splt)))
+                conn.send(("flows", flow_frame(rows[:batch_size], keys, splt)))
                 del rows[:batch_size]
                 first_at = time.monotonic() if rows else None
         conn.send(("end", end[0]))
@@ -364,7 +353,7 @@ def _open_streamer(source: str | Path, *, bpf_filter: str | None, max_flows: int
 
 # %% ../nbs/72_alerts.ipynb #9edbf77a
 def _score_frame(bundle: ModelBundle, flows: pd.DataFrame, *, n_threads: int, features: bool, stats: dict) -> pd.DataFrame:
-    "Score the flows of one `_frame` with `n_threads` torch threads and count them in `stats`."
+    "Score the flows of one `flow_frame` with `n_threads` torch threads and count them in `stats`."
     with _torch_threads(n_threads):
         out = score_flows(bundle, flows, features=features)
     stats["n_flows"] += len(flows)
@@ -436,7 +425,7 @@ def score_pcap(
     **nfstream_opts,
 ) -> pd.DataFrame:
     "Meter `pcap_path` with NFStream (`pcap_to_flows` options in `nfstream_opts`) and score every flow; rows in `pcap_to_flows` order."
-    from cyber_moe.nfstream import PcapError, check_pcap, pcap_to_flows
+    from cyber_moe.nfstream import FLOW_ORDER, PcapError, check_pcap, pcap_to_flows
 
     _check_nfstream_bundle(bundle)
     info = check_pcap(pcap_path)
@@ -453,7 +442,7 @@ def score_pcap(
         raise PcapError(
             f"{pcap_path}: NFStream found no IP flow in {info['n_packets']} packet(s); check that the capture holds Ethernet/IP traffic"
         )
-    out = pd.concat(parts, ignore_index=True).sort_values(_ORDER, kind="stable", ignore_index=True)
+    out = pd.concat(parts, ignore_index=True).sort_values(FLOW_ORDER, kind="stable", ignore_index=True)
     out["id"] = np.arange(len(out), dtype="int64")
     out.attrs["model"] = parts[0].attrs["model"]
     out.attrs["capture"] = {

@@ -9,6 +9,7 @@ import itertools
 import mmap
 import operator
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from nfstream import NFStreamer
 from .schema import FAMILY, SEQ_PREFIX, FlowSchema, register_schema
 
 # %% auto #0
-__all__ = ['RATES', 'NFSTREAM_IDENTIFIERS', 'NFSTREAM', 'derive_columns', 'PcapError', 'check_pcap', 'flatten_splt',
-           'flow_values', 'streamer_opts', 'pcap_to_flows']
+__all__ = ['RATES', 'NFSTREAM_IDENTIFIERS', 'NFSTREAM', 'FLOW_ORDER', 'derive_columns', 'PcapError', 'check_pcap', 'flatten_splt',
+           'flow_values', 'flow_rows', 'flow_frame', 'streamer_opts', 'pcap_to_flows']
 
 # %% ../nbs/12_nfstream.ipynb #ac0bc995
 _FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
@@ -188,15 +189,33 @@ def flow_values(keys: list[str]):
     return operator.attrgetter(*keys)
 
 
+def flow_rows(flows: Iterable) -> Iterator[tuple[list[str] | None, tuple]]:
+    "(keys, values) per NFStream flow of `flows`: the keys with the first flow only (None after), the values by one `flow_values` getter."
+    values = None
+    for flow in flows:
+        keys = None
+        if values is None:
+            keys = list(flow.keys())
+            values = flow_values(keys)
+        yield keys, values(flow)
+
+
+FLOW_ORDER = ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"]  # rows of `pcap_to_flows`
+
+
+def flow_frame(rows: list[tuple], keys: list[str], splt: int = 0) -> pd.DataFrame:
+    "NFStream's flows (value tuples `rows`, columns `keys`) as a frame: packets flattened when `splt` > 0, `RATES` added."
+    flows = pd.DataFrame(rows, columns=keys)
+    return derive_columns(flatten_splt(flows, int(splt)) if splt else flows)
+
+
 def _meter(path: Path, opts: dict) -> tuple[list[str], list[tuple]]:
     "Run NFStream over `path`; raise `PcapError` naming how many flows were read if it fails part-way."
     keys, rows = None, []
     try:
-        for flow in NFStreamer(source=str(path), **opts):
-            if keys is None:
-                keys = list(flow.keys())
-                values = flow_values(keys)
-            rows.append(values(flow))
+        for k, v in flow_rows(NFStreamer(source=str(path), **opts)):
+            keys = keys or k
+            rows.append(v)
     except ValueError as e:
         raise PcapError(f"{path}: NFStream could not read the capture after {len(rows)} flow(s): {e}") from e
     return keys or [], rows
@@ -242,12 +261,7 @@ def pcap_to_flows(
         raise PcapError(
             f"{path}: NFStream found no IP flow in {info['n_packets']} packet(s); check that the capture holds Ethernet/IP traffic"
         )
-    flows = pd.DataFrame(rows, columns=keys)
-    flows = flows.sort_values(
-        ["bidirectional_first_seen_ms", "src_ip", "src_port", "dst_ip", "dst_port", "protocol"], kind="stable", ignore_index=True
-    )
+    flows = flow_frame(rows, keys, splt).sort_values(FLOW_ORDER, kind="stable", ignore_index=True)
     flows["id"] = np.arange(len(flows), dtype="int64")
-    if splt:
-        flows = flatten_splt(flows, int(splt))
     flows.attrs["nfstream"] = {**opts, "n_packets": info["n_packets"], "truncated": info["truncated_at"] is not None}
-    return derive_columns(flows)
+    return flows
