@@ -35,6 +35,8 @@ from .schema import SchemaError, write_table
 if TYPE_CHECKING:  # NFStream is imported where captures are metered, not with the module
     from nfstream import NFStreamer
 
+_log = logging.getLogger("cyber_moe.alerts")
+
 # %% auto #0
 __all__ = ['FLOW_COLUMNS', 'CAPTURE_SUFFIXES', 'ALERT_FORMATS', 'ECS_VERSION', 'SID_BASE', 'TRANSPORT', 'EVE_PROTO', 'CATEGORY',
            'community_id', 'community_ids', 'is_capture', 'score_flows', 'CaptureError', 'scored_batches', 'score_pcap',
@@ -228,17 +230,15 @@ def _read_process(streamer: NFStreamer, conn, inlet, splt: int, batch_size: int,
 
     inlet.close()  # the scorer's end: were it kept open here, a send to a scorer that died would block for ever
 
-    reader = os.getpid()
-
     def stop(*_):
-        if os.getpid() != reader:  # a meter, which inherits this handler: die as NFStream expects when it stops one
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, stop)
+    # NFStream's meters are forked from here. A Python handler runs only between bytecodes, and a meter waiting in
+    # libpcap on a quiet interface runs none: it would outlive NFStream's SIGTERM. So they get the default back.
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     inbox = _Inbox(batch_size=batch_size, limit=4 * batch_size)
     end = None  # (error or None,) once NFStream's stream has ended
 
@@ -327,6 +327,7 @@ def _stop_reader(proc, msgs: queue.Queue, *, ended: bool, timeout: float = 10.0)
     if proc.is_alive():
         import psutil  # NFStream's dependency, as NFStream is
 
+        _log.warning("NFStream's reader process did not stop within %.0f s; killing it and its meters", timeout)
         with suppress(psutil.Error):
             for p in psutil.Process(proc.pid).children(recursive=True):
                 p.kill()
@@ -771,9 +772,6 @@ def summary_table(scored: pd.DataFrame) -> str:
         }
         lines.append(tab.to_string(formatters=fmt))
     return "\n".join(lines)
-
-# %% ../nbs/72_alerts.ipynb #ec604b4f
-_log = logging.getLogger("cyber_moe.alerts")
 
 # %% ../nbs/72_alerts.ipynb #50507847
 def watch(

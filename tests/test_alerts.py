@@ -260,6 +260,7 @@ def test_cli_score_goes_on_when_the_store_is_unreachable(cli, bundle, capture, s
 
 def test_ctrl_c_stops_watch_and_leaves_no_process(cli, bundle, tmp_path):
     "Ctrl-C (SIGINT to the process group, as a terminal sends it) stops `watch` on a live interface: exit 0, its summary, no reader or meter left."
+    import contextlib
     import os
     import signal
     import subprocess
@@ -269,7 +270,8 @@ def test_ctrl_c_stops_watch_and_leaves_no_process(cli, bundle, tmp_path):
 
     model = save_bundle(bundle, tmp_path / "model")
     cmd = [cli, "watch", "--model", str(model), "--interface", "lo", "--alerts", str(tmp_path / "w.jsonl")]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack: what a hang was waiting for
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
         deadline, kids = time.monotonic() + 90, []
         while time.monotonic() < deadline and len(kids) < 2 and p.poll() is None:  # the reader and its meter
@@ -278,11 +280,20 @@ def test_ctrl_c_stops_watch_and_leaves_no_process(cli, bundle, tmp_path):
         assert len(kids) >= 2, (kids, p.poll())
         time.sleep(1.0)  # the scorer waits for flows by now
         os.killpg(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            states = [(k.pid, k.name(), k.status()) for k in kids if k.is_running()]
+            for k in [psutil.Process(p.pid), *kids]:
+                with contextlib.suppress(psutil.Error):
+                    k.send_signal(signal.SIGABRT)
+            out, err = p.communicate(timeout=30)
+            raise AssertionError(f"watch did not end 60 s after Ctrl-C; children {states}; stderr:\n{err}") from None
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, err
     assert "watched lo:" in err and "(stopped by Ctrl-C)" in err and "Traceback" not in err, err
+    assert "did not stop" not in err, err  # stopped by SIGTERM, meters included, not killed after the time-out
     _, alive = psutil.wait_procs(kids, timeout=10)
     assert not alive, alive
