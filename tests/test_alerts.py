@@ -264,12 +264,16 @@ def test_ctrl_c_stops_watch_and_leaves_no_process(cli, bundle, tmp_path):
     import os
     import signal
     import subprocess
+    import sys
     import time
 
     import psutil
 
     model = save_bundle(bundle, tmp_path / "model")
-    cmd = [cli, "watch", "--model", str(model), "--interface", "lo", "--alerts", str(tmp_path / "w.jsonl")]
+    # as from a terminal: SIGINT at its default, whatever this process inherited (a shell without job control starts
+    # background commands with SIGINT ignored, and Python then leaves Ctrl-C ignored too)
+    dfl = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    cmd = [sys.executable, "-c", dfl, cli, "watch", "--model", str(model), "--interface", "lo", "--alerts", str(tmp_path / "w.jsonl")]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack: what a hang was waiting for
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
