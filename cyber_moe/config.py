@@ -88,7 +88,7 @@ class SplitConfig(_Section):
 
 # %% ../nbs/00_config.ipynb #22cb582f
 class NumericConfig(_Section):
-    "How numeric features reach the networks: clipping of the scaled values, tree bins (piecewise-linear) and periodic embeddings."
+    "How numeric features reach the networks: clipping of the scaled values, value encodings, tree bins (piecewise-linear) and periodic embeddings."
 
     clip: Literal["hard", "smooth"] = Field(
         "hard",
@@ -101,6 +101,13 @@ class NumericConfig(_Section):
         description="piecewise-linear embeddings: at most this many bins per column, cut by a decision tree on the training labels",
     )
     bin_min_samples_leaf: int = Field(64, ge=1, description="smallest training leaf of the bin-cutting trees")
+    target_encoding: bool = Field(
+        False,
+        description="value encodings: one more network input per numeric column, the smoothed attack rate of its exact value "
+        "among the training rows (out of fold on those rows); the LightGBM baseline keeps the original columns",
+    )
+    encoding_smoothing: float = Field(10.0, gt=0, description="value encodings: weight of the training prior, in rows")
+    encoding_folds: int = Field(5, ge=2, le=50, description="value encodings: folds of the training rows' out-of-fold rates")
     n_frequencies: int = Field(48, ge=1, description="periodic embeddings: frequencies per feature")
     frequency_scale: float = Field(0.01, gt=0, description="periodic embeddings: initial scale of the frequencies")
     d_gate_embedding: int = Field(

@@ -18,10 +18,10 @@ from scipy.special import ndtri
 from .schema import FAMILY, IS_ATTACK, FlowSchema, SchemaError, sequence_array
 
 # %% auto #0
-__all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'CLIP_MODES', 'SEQ_FEATURES', 'feature_groups',
-           'SplitResult', 'split_flows', 'category_strings', 'reference_profile', 'population_stability_index',
-           'fit_tree_bins', 'NumericScaler', 'CategoryEncoder', 'FittedState', 'Preprocessor', 'fit_sequence_scaling',
-           'scale_sequences']
+__all__ = ['SPLITS', 'TEST_POLICY', 'MISSING_CATEGORY', 'NONFINITE_POLICIES', 'CLIP_MODES', 'ENCODING_SUFFIX', 'SEQ_FEATURES',
+           'feature_groups', 'SplitResult', 'split_flows', 'category_strings', 'reference_profile',
+           'population_stability_index', 'value_rates', 'lookup_rates', 'out_of_fold_rates', 'fit_tree_bins',
+           'NumericScaler', 'CategoryEncoder', 'FittedState', 'Preprocessor', 'fit_sequence_scaling', 'scale_sequences']
 
 # %% ../nbs/20_features.ipynb #28fccb26
 SPLITS = ("train", "val", "test")
@@ -383,12 +383,51 @@ def population_stability_index(profile: dict, df: pd.DataFrame, *, schema: FlowS
         out[c] = psi(np.append(ref["shares"], ref["other_share"]), np.append(q, 1 - q.sum()))
     return out
 
+# %% ../nbs/20_features.ipynb #a7e1c002
+def value_rates(x: np.ndarray, y: np.ndarray, *, prior: float, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    "(the distinct finite values of `x`, sorted; each one's attack rate among the rows, (attacks + smoothing * prior) / (rows + smoothing))."
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x)
+    vals, inv = np.unique(x[ok], return_inverse=True)
+    n = np.bincount(inv, minlength=len(vals))
+    s = np.bincount(inv, weights=y[ok], minlength=len(vals))
+    return vals, (s + smoothing * prior) / (n + smoothing)
+
+
+def lookup_rates(vals: np.ndarray, rates: np.ndarray, x: np.ndarray, prior: float) -> np.ndarray:
+    "The rate of each value of `x` in a `value_rates` table; `prior` for a value it lacks (never seen, NaN, infinite)."
+    x = np.asarray(x, np.float64)
+    out = np.full(len(x), float(prior))
+    if len(vals):
+        i = np.minimum(np.searchsorted(vals, x), len(vals) - 1)
+        hit = vals[i] == x
+        out[hit] = rates[i[hit]]
+    return out
+
+
+def out_of_fold_rates(X: np.ndarray, y: np.ndarray, *, n_folds: int, seed: int, smoothing: float, prior: float) -> np.ndarray:
+    "Rates [n, columns of `X`] of the training rows, each row's from the other folds (rows dealt into `n_folds` folds by a `seed`ed permutation)."
+    X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
+    fold = np.random.default_rng(seed).permutation(len(X)) % n_folds
+    out = np.empty(X.shape)
+    for f in range(n_folds):
+        held = fold == f
+        for j in range(X.shape[1]):
+            vals, rates = value_rates(X[~held, j], y[~held], prior=prior, smoothing=smoothing)
+            out[held, j] = lookup_rates(vals, rates, X[held, j], prior)
+    return out
+
 # %% ../nbs/20_features.ipynb #101f268e
 _FORMAT = "cyber-moe-preprocessor"
 _FILE = "preprocessor.json"
-_VERSIONS = (1,)  # layouts of preprocessor.json this code reads; 1: {classes, num, cat, reference, fit_report, seq?, bins?}
+_VERSIONS = (
+    1,
+    2,
+)  # layouts of preprocessor.json this code reads; 1: {classes, num, cat, reference, fit_report, seq?, bins?}; 2: 1 + encodings
 NONFINITE_POLICIES = ("nan_indicator", "clip", "error")
 CLIP_MODES = ("hard", "smooth")
+ENCODING_SUFFIX = "_attack_rate"  # x_num column of a numeric column's value encoding: <column>_attack_rate
+_ENCODING_KEYS = {"smoothing": 10.0, "n_folds": 5, "seed": 0, "columns": None}
 
 # %% ../nbs/20_features.ipynb #6dcffe70
 def fit_tree_bins(
@@ -594,7 +633,7 @@ class CategoryEncoder:
 # %% ../nbs/20_features.ipynb #c962c6da
 @dataclass
 class FittedState:
-    "Everything `Preprocessor.fit` learns: classes, the numeric scaler, one encoder per categorical column, the drift reference, and optional sequence scaling and tree bins."
+    "Everything `Preprocessor.fit` learns: classes, the numeric scaler, one encoder per categorical column, the drift reference, and optional sequence scaling, tree bins and value encodings."
 
     classes: list[str]
     num: NumericScaler
@@ -603,6 +642,7 @@ class FittedState:
     fit_report: dict = field(default_factory=dict)
     seq: dict | None = None
     bins: dict | None = None
+    encodings: dict | None = None
 
     def to_dict(self) -> dict:
         "Plain JSON-ready dict (the layout of `preprocessor.json`'s `state`)."
@@ -612,6 +652,8 @@ class FittedState:
         d |= {"reference": self.reference, "fit_report": self.fit_report}
         if self.bins is not None:
             d["bins"] = self.bins
+        if self.encodings is not None:
+            d["encodings"] = self.encodings
         return d
 
     @classmethod
@@ -626,6 +668,7 @@ class FittedState:
                 fit_report=d.get("fit_report", {}),
                 seq=d.get("seq"),
                 bins=d.get("bins"),
+                encodings=d.get("encodings"),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(
@@ -634,6 +677,28 @@ class FittedState:
             ) from None
 
 # %% ../nbs/20_features.ipynb #18b20083
+def _encoding_params(p: dict | None, schema: FlowSchema) -> dict | None:
+    "`Preprocessor`'s `target_encoding` with its defaults filled in (columns: every numeric column), checked; None: no encodings."
+    if p is None or p is False:
+        return None
+    if not isinstance(p, dict) or set(p) - set(_ENCODING_KEYS):
+        raise ValueError(f"Preprocessor: target_encoding must be None or a dict with keys {', '.join(_ENCODING_KEYS)}, not {p!r}")
+    p = {**_ENCODING_KEYS, **p}
+    p["columns"] = list(schema.numeric) if p["columns"] is None else list(p["columns"])
+    bad = [c for c in p["columns"] if c not in schema.numeric]
+    if bad or not p["columns"]:
+        raise ValueError(
+            f"Preprocessor: target_encoding columns must be numeric columns of {schema.name}; "
+            f"{', '.join(bad) or 'none given'} {'is' if len(bad) == 1 else 'are'} not ({', '.join(schema.numeric[:5])}, ...)"
+        )
+    taken = [c + ENCODING_SUFFIX for c in p["columns"] if c + ENCODING_SUFFIX in schema.features]
+    if taken:
+        raise ValueError(f"Preprocessor: the schema already has column(s) {', '.join(taken)}, the names of value encodings")
+    if not (isinstance(p["smoothing"], (int, float)) and p["smoothing"] > 0 and isinstance(p["n_folds"], int) and p["n_folds"] >= 2):
+        raise ValueError(f"Preprocessor: target_encoding needs smoothing > 0 and n_folds >= 2, got {p['smoothing']!r} and {p['n_folds']!r}")
+    return {**p, "smoothing": float(p["smoothing"])}
+
+
 class Preprocessor:
     "Raw flow rows -> model arrays (x_num, x_cat, x_time, and x_seq for a schema with sequences) and targets; every statistic from the rows given to `fit`."
 
@@ -652,6 +717,7 @@ class Preprocessor:
         n_profile_bins: int = 10,
         clip_mode: str = "hard",
         bins: dict | None = None,
+        target_encoding: dict | None = None,
     ):
         if scaler not in ("robust", "quantile"):
             raise ValueError(f"Preprocessor: scaler '{scaler}' unknown; use 'robust' or 'quantile'")
@@ -667,6 +733,7 @@ class Preprocessor:
             raise ValueError(f"Preprocessor: clip_mode '{clip_mode}' unknown; use one of {', '.join(CLIP_MODES)}")
         if bins is not None and (not isinstance(bins, dict) or set(bins) - {"n_bins", "min_samples_leaf"}):
             raise ValueError(f"Preprocessor: bins must be None or a dict with n_bins and min_samples_leaf, not {bins!r}")
+        target_encoding = _encoding_params(target_encoding, schema)
         if max_categories < 1 or min_count < 1 or n_quantiles < 2 or (clip is not None and clip <= 0):
             raise ValueError("Preprocessor: max_categories and min_count must be >= 1, n_quantiles >= 2, clip > 0 or None")
         self.schema = schema
@@ -682,6 +749,7 @@ class Preprocessor:
             n_profile_bins=n_profile_bins,
             clip_mode=clip_mode,
             bins=dict(bins) if bins else None,
+            target_encoding=target_encoding,
         )
         self.state: FittedState | None = None
 
@@ -696,9 +764,35 @@ class Preprocessor:
 
 # %% ../nbs/20_features.ipynb #8f2fd22e
 @patch(as_prop=True)
-def num_columns(self: Preprocessor) -> list[str]:
-    "Numeric then timing columns: the order of the numeric pipeline (x_num columns, then x_time columns)."
+def input_columns(self: Preprocessor) -> list[str]:
+    "The raw numeric then timing columns read from each row (the columns of `transform_values`' `X`)."
     return list(self.schema.numeric + self.schema.timing)
+
+
+@patch(as_prop=True)
+def encoded_columns(self: Preprocessor) -> list[str]:
+    "The value encodings' columns, `<column>_attack_rate` per encoded numeric column (empty without encodings)."
+    te = self.params["target_encoding"]
+    return [c + ENCODING_SUFFIX for c in te["columns"]] if te else []
+
+
+@patch(as_prop=True)
+def x_num_columns(self: Preprocessor) -> list[str]:
+    "The columns of `x_num`: the schema's numeric columns, then the value encodings."
+    return list(self.schema.numeric) + self.encoded_columns
+
+
+@patch(as_prop=True)
+def num_columns(self: Preprocessor) -> list[str]:
+    "The order of the numeric pipeline: the `x_num` columns, then the timing (`x_time`) columns."
+    return self.x_num_columns + list(self.schema.timing)
+
+
+@patch(as_prop=True)
+def array_sources(self: Preprocessor) -> list[str]:
+    "The raw feature each column of `x_num`, `x_cat` then `x_time` is computed from (a value encoding's is its column)."
+    te = self.params["target_encoding"]
+    return list(self.schema.numeric) + list(te["columns"] if te else []) + list(self.schema.categorical) + list(self.schema.timing)
 
 
 @patch(as_prop=True)
@@ -727,7 +821,7 @@ def categorical_features(self: Preprocessor) -> list[str]:
 
 @patch(as_prop=True)
 def bins(self: Preprocessor) -> list[list[float] | None] | None:
-    "Tree bin edges per `num_columns` column, fitted on the training rows (None for a column without bins); None when fitted without bins."
+    "Tree bin edges per `num_columns` column (value encodings included), fitted on the training rows (None for a column without bins); None when fitted without bins."
     b = self._fitted().bins
     return None if b is None else list(b["edges"])
 
@@ -755,7 +849,7 @@ def fit(self: Preprocessor, df: pd.DataFrame) -> Preprocessor:
     "Learn every statistic from `df`, the training rows (never validation or test rows)."
     where, p, sc = "training rows", self.params, self.schema
     cols = _feature_columns(df, sc, where)
-    num = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
+    raw = _numeric_matrix(df, [cols[c] for c in self.input_columns], self.input_columns, where)
     fam = self._families(df, where)
     seen = set(fam)
     unknown = sorted(seen - set(sc.classes))
@@ -763,6 +857,8 @@ def fit(self: Preprocessor, df: pd.DataFrame) -> Preprocessor:
         raise SchemaError(
             f"{where}: label(s) not among the {sc.name} classes: {', '.join(unknown)}; add them to the schema's classes or label_aliases"
         )
+    encodings = self._fit_encodings(raw, fam) if p["target_encoding"] else None
+    num = self._with_encodings(raw, self._out_of_fold(raw, fam, encodings, where) if encodings else None)
     if p["nonfinite"] == "error" and not np.isfinite(num).all():
         bad = _nonfinite_counts(num, self.num_columns)
         raise SchemaError(
@@ -788,6 +884,7 @@ def fit(self: Preprocessor, df: pd.DataFrame) -> Preprocessor:
         cat=cat,
         reference=reference_profile(df, schema=sc, n_bins=p["n_profile_bins"]),
         seq=fit_sequence_scaling(df, sc, where=where) if sc.sequence else None,
+        encodings=encodings,
     )
     self.state.fit_report = {
         "n_rows": len(df),
@@ -805,7 +902,7 @@ def _fit_bins(self: Preprocessor, df: pd.DataFrame, fam: np.ndarray, where: str)
     "Tree bins of every numeric column on its scaled training values and the family labels; constant columns are named in a warning."
     import warnings
 
-    arr = self.transform(df, where=where)
+    arr = self.transform(df, where=where, out_of_fold=True)
     Z = np.concatenate([arr["x_num"], arr["x_time"]], axis=1)
     y = pd.Index(self.classes).get_indexer(fam)
     edges, failed = fit_tree_bins(Z, y, self.num_columns, **self.params["bins"])
@@ -819,18 +916,91 @@ def _fit_bins(self: Preprocessor, df: pd.DataFrame, fam: np.ndarray, where: str)
             stacklevel=3,
         )
 
+# %% ../nbs/20_features.ipynb #a7e1c005
+def _rows_digest(X: np.ndarray, y: np.ndarray) -> str:
+    "A digest of raw values and binary labels, in order: which rows `fit` saw."
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(X, np.float64).tobytes() + np.asarray(y, np.uint8).tobytes()).hexdigest()
+
+
+@patch
+def _encoding_input(self: Preprocessor, raw: np.ndarray) -> np.ndarray:
+    "The raw columns `raw` [n, input_columns] that get value encodings."
+    idx = [self.input_columns.index(c) for c in self.params["target_encoding"]["columns"]]
+    return raw[:, idx]
+
+
+@patch
+def _fit_encodings(self: Preprocessor, raw: np.ndarray, fam: np.ndarray) -> dict:
+    "Value tables of the training rows (raw values [n, input_columns], family names)."
+    te, y = self.params["target_encoding"], (fam != self.schema.benign).astype(np.float64)
+    prior, V = float(y.mean()), self._encoding_input(raw)
+    tables = [value_rates(V[:, j], y, prior=prior, smoothing=te["smoothing"]) for j in range(V.shape[1])]
+    return {
+        "prior": prior,
+        "values": [v.tolist() for v, _ in tables],
+        "rates": [r.tolist() for _, r in tables],
+        "n_rows": len(raw),
+        "rows_digest": _rows_digest(raw, y),
+    }
+
+
+@patch
+def _out_of_fold(self: Preprocessor, raw: np.ndarray, fam: np.ndarray, enc: dict, where: str) -> np.ndarray:
+    "Out-of-fold value encodings [n, encoded columns] of the rows given to `fit` (checked by their digest)."
+    te, y = self.params["target_encoding"], (np.asarray(fam) != self.schema.benign).astype(np.float64)
+    if len(raw) != enc["n_rows"] or _rows_digest(raw, y) != enc["rows_digest"]:
+        raise ValueError(
+            f"{where}: out-of-fold value encodings are only for the rows given to fit, in the same order "
+            f"({enc['n_rows']:,} rows; got {len(raw):,} other rows); transform other rows without out_of_fold"
+        )
+    return out_of_fold_rates(
+        self._encoding_input(raw), y, n_folds=te["n_folds"], seed=te["seed"], smoothing=te["smoothing"], prior=enc["prior"]
+    )
+
+
+@patch
+def _lookup(self: Preprocessor, raw: np.ndarray) -> np.ndarray:
+    "Value encodings [n, encoded columns] of any rows: the training rows' rates, the prior for values they never held."
+    enc = self.state.encodings
+    if "_tables" not in self.__dict__:  # arrays, once per preprocessor
+        self._tables = [(np.asarray(v, np.float64), np.asarray(r, np.float64)) for v, r in zip(enc["values"], enc["rates"])]
+    V = self._encoding_input(raw)
+    return (
+        np.column_stack([lookup_rates(v, r, V[:, j], enc["prior"]) for j, (v, r) in enumerate(self._tables)])
+        if len(V)
+        else np.empty((0, V.shape[1]))
+    )
+
+
+@patch
+def _with_encodings(self: Preprocessor, raw: np.ndarray, enc: np.ndarray | None) -> np.ndarray:
+    "Raw values [n, input_columns] -> [n, num_columns]: the encodings inserted after the schema's numeric columns."
+    if enc is None:
+        return raw
+    k = len(self.schema.numeric)
+    return np.concatenate([raw[:, :k], enc, raw[:, k:]], axis=1)
+
+
+@patch
+def without_encodings(self: Preprocessor, arrays: dict) -> dict:
+    "`transform` output with `x_num` cut to the schema's numeric columns (what the LightGBM baseline reads)."
+    return {**arrays, "x_num": arrays["x_num"][:, : len(self.schema.numeric)]}
+
 # %% ../nbs/20_features.ipynb #64da71b8
 @patch
 def transform(
-    self: Preprocessor, df: pd.DataFrame, *, where: str = "input", indicators: bool = False, report: bool = False
+    self: Preprocessor, df: pd.DataFrame, *, where: str = "input", indicators: bool = False, report: bool = False, out_of_fold: bool = False
 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict]:
-    "Raw rows (columns by name, any order, extras ignored) -> dict x_num float32, x_cat int64, x_time float32; with `report`, (arrays, report)."
+    "Raw rows (columns by name, any order, extras ignored) -> dict x_num float32, x_cat int64, x_time float32; with `report`, (arrays, report). `out_of_fold`: `df` is the frame given to `fit`, whose rows get out-of-fold value encodings."
     self._fitted()
     cols = _feature_columns(df, self.schema, where)
-    X = _numeric_matrix(df, [cols[c] for c in self.num_columns], self.num_columns, where)
+    X = _numeric_matrix(df, [cols[c] for c in self.input_columns], self.input_columns, where)
     cats = [category_strings(df[cols[c]]) for c in self.schema.categorical]
     seq = sequence_array(df, self.schema, where=where) if self.schema.sequence else None
-    out, rep = self.transform_values(X, cats, where=where, indicators=indicators, seq=seq)
+    enc = self._out_of_fold(X, self._families(df, where), self.state.encodings, where) if out_of_fold and self.state.encodings else None
+    out, rep = self.transform_values(X, cats, where=where, indicators=indicators, seq=seq, encodings=enc)
     return (out, rep) if report else out
 
 # %% ../nbs/20_features.ipynb #1915411a
@@ -843,17 +1013,20 @@ def transform_values(
     where: str = "input",
     indicators: bool = False,
     seq: tuple | None = None,
+    encodings: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    "`transform` without a frame: raw values [n, len(num_columns)], one array of category strings per categorical feature and, for a schema with sequences, `seq` = `sequence_array`'s (x, mask) -> (arrays, report)."
+    "`transform` without a frame: raw values [n, len(input_columns)], one array of category strings per categorical feature and, for a schema with sequences, `seq` = `sequence_array`'s (x, mask) -> (arrays, report); `encodings` replaces the looked-up value encodings (out of fold)."
     st, p, sc = self._fitted(), self.params, self.schema
     X = np.asarray(X, np.float64)
-    if X.ndim != 2 or X.shape[1] != len(self.num_columns) or len(cats) != len(sc.categorical) or any(len(c) != len(X) for c in cats):
+    if X.ndim != 2 or X.shape[1] != len(self.input_columns) or len(cats) != len(sc.categorical) or any(len(c) != len(X) for c in cats):
         raise ValueError(
-            f"{where}: expected raw values [n, {len(self.num_columns)}] (columns {', '.join(self.num_columns[:4])}...) and "
+            f"{where}: expected raw values [n, {len(self.input_columns)}] (columns {', '.join(self.input_columns[:4])}...) and "
             f"{len(sc.categorical)} category arrays of n strings ({', '.join(sc.categorical)}); got {X.shape} and "
             f"{[len(c) for c in cats]}"
         )
     X = X.astype(np.float32).astype(np.float64)  # the float32 rounding of _numeric_matrix, for callers without a frame
+    if st.encodings is not None:
+        X = self._with_encodings(X, self._lookup(X) if encodings is None else encodings)
     rep = {"n_rows": len(X), "nonfinite": _nonfinite_counts(X, self.num_columns)}
     nonfin = ~np.isfinite(X)
     if p["nonfinite"] == "error" and nonfin.any():
@@ -876,7 +1049,7 @@ def transform_values(
         for key, k in (("unknown_categories", 0), ("other_categories", 1)):
             if (code == k).any():
                 rep[key][name] = int((code == k).sum())
-    n_num = len(sc.numeric)
+    n_num = len(self.x_num_columns)
     out = {"x_num": Z[:, :n_num].astype(np.float32), "x_cat": x_cat, "x_time": Z[:, n_num:].astype(np.float32)}
     if indicators:
         out["x_nonfinite"] = nonfin.astype(np.uint8)
@@ -906,10 +1079,10 @@ def encode_targets(self: Preprocessor, df: pd.DataFrame, *, where: str = "input"
 
 @patch
 def feature_frame(self: Preprocessor, arrays: dict[str, np.ndarray]) -> pd.DataFrame:
-    "A flat frame (schema.features order) of `transform` output for the LightGBM baseline; categoricals as int codes."
+    "A flat frame (`x_num`, `x_cat`, `x_time` columns) of `transform` output; categoricals as int codes."
     sc = self.schema
     parts = [
-        pd.DataFrame(arrays["x_num"], columns=list(sc.numeric)),
+        pd.DataFrame(arrays["x_num"], columns=self.x_num_columns),
         pd.DataFrame(arrays["x_cat"], columns=list(sc.categorical)),
         pd.DataFrame(arrays["x_time"], columns=list(sc.timing)),
     ]
@@ -928,7 +1101,7 @@ def save(self: Preprocessor, path: str | Path) -> Path:
         json.dumps(
             {
                 "format": _FORMAT,
-                "version": _VERSIONS[-1],
+                "version": 2 if self._fitted().encodings is not None else 1,  # older readers refuse only what they cannot apply
                 "schema": self.schema.to_dict(),
                 "params": self.params,
                 "state": self._fitted().to_dict(),
