@@ -318,10 +318,11 @@ def export_onnx(net: MoEClassifier, *, atol: float = 1e-4) -> tuple[bytes, dict]
 
 # %% ../nbs/47_bundle.ipynb #ffdf7076
 def preprocessor_kwargs(model_cfg) -> dict:
-    "The `Preprocessor` arguments a `ModelConfig` needs: smooth or hard clipping, and tree bins when a part uses 'ple' embeddings."
+    "The `Preprocessor` arguments a `ModelConfig` needs: smooth or hard clipping, tree bins when a part uses 'ple' embeddings, and value encodings."
     num = model_cfg.numeric
     bins = {"n_bins": num.n_bins, "min_samples_leaf": num.bin_min_samples_leaf} if "ple" in model_cfg.embedding_kinds() else None
-    return {"clip_mode": num.clip, "bins": bins}
+    te = {"smoothing": num.encoding_smoothing, "n_folds": num.encoding_folds} if num.target_encoding else None
+    return {"clip_mode": num.clip, "bins": bins, "target_encoding": te}
 
 
 def net_kwargs(model_cfg, preprocessor: Preprocessor) -> dict:
@@ -336,11 +337,12 @@ def net_kwargs(model_cfg, preprocessor: Preprocessor) -> dict:
                 "build it with Preprocessor(..., **preprocessor_kwargs(model_cfg))"
             )
     return dict(
-        n_num=len(s.numeric),
+        n_num=len(preprocessor.x_num_columns),
         cat_cardinalities=list(preprocessor.cat_cardinalities),
         n_time=len(s.timing),
         n_classes=len(preprocessor.classes),
         bins=bins,
+        n_encoded=len(preprocessor.encoded_columns),
         **model_cfg.model_dump(mode="json", exclude={"load_balance_weight"}),
     )
 
@@ -415,11 +417,13 @@ def check_net_kwargs(kw: Any, preprocessor: Preprocessor, weights: dict[str, tor
         raise BundleError(f"net_kwargs: expected a mapping of MoEClassifier arguments, got {type(kw).__name__}")
     s = preprocessor.schema
     fixed = {
-        "n_num": len(s.numeric),
+        "n_num": len(preprocessor.x_num_columns),
         "cat_cardinalities": list(preprocessor.cat_cardinalities),
         "n_time": len(s.timing),
         "n_classes": len(preprocessor.classes),
     }
+    if preprocessor.encoded_columns or "n_encoded" in kw:  # bundles saved before value encodings do not name it
+        fixed["n_encoded"] = len(preprocessor.encoded_columns)
     for k, want in fixed.items():
         got = kw.get(k)
         if type(got) is not type(want) or got != want:

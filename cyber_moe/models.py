@@ -204,12 +204,14 @@ class ExpertModule(nn.Module):
         bins: Sequence | None,
         embedding_kw: Mapping,
         eval_chunk_size: int | None,
+        n_encoded: int = 0,
         **settings,
     ) -> "ExpertModule":
         "The expert for these data sizes: `settings` plus the sizes its constructor takes (by name); `eval_chunk_size` at least `min_eval_chunk_size`."
         if cls.min_eval_chunk_size:
             eval_chunk_size = max(eval_chunk_size or 0, cls.min_eval_chunk_size)
         sizes = dict(n_num=n_num, cat_cardinalities=cat_cardinalities, n_time=n_time, bins=bins, embedding_kw=embedding_kw)
+        sizes["n_encoded"] = n_encoded  # how many of the n_num columns are value encodings (the last ones)
         takes = inspect.signature(cls.__init__).parameters
         return cls(**{k: v for k, v in sizes.items() if k in takes}, eval_chunk_size=eval_chunk_size, **settings)
 
@@ -485,7 +487,7 @@ class TabMExpert(ExpertModule):
     "The TabM expert: an efficient ensemble of `k` MLPs over numeric embeddings and one-hot categories -> [B, k, d_block]."
 
     inputs = ("x_num", "x_cat", "x_time")
-    settings = dict(k=16, n_blocks=2, d_block=256, dropout=0.1, embedding="ple", d_embedding=16, timing=True)
+    settings = dict(k=16, n_blocks=2, d_block=256, dropout=0.1, embedding="ple", d_embedding=16, timing=True, d_encoding=0)
     min_eval_chunk_size = 2048  # its k-member batched products pay off on larger chunks
 
     def __init__(
@@ -501,6 +503,8 @@ class TabMExpert(ExpertModule):
         embedding: str = "ple",
         d_embedding: int = 16,
         timing: bool = True,
+        d_encoding: int = 0,
+        n_encoded: int = 0,
         bins: Sequence | None = None,
         embedding_kw: Mapping | None = None,
         eval_chunk_size: int | None = 2048,
@@ -511,17 +515,28 @@ class TabMExpert(ExpertModule):
         check_embedding(embedding, "tabm expert")
         if k < 1:
             raise ValueError(f"tabm expert: k must be >= 1, got {k}")
+        if not 0 <= d_encoding <= 1024:
+            raise ValueError(f"tabm expert: d_encoding must be 0 (value encodings as plain values) to 1024, got {d_encoding}")
+        if not 0 <= n_encoded <= n_num:
+            raise ValueError(f"tabm expert: n_encoded must be between 0 and n_num ({n_num}), got {n_encoded}")
         self.use_time = bool(timing) and n_time > 0
-        n = n_num + (n_time if self.use_time else 0)
+        embeds = embedding not in ("none", "linear")
+        # value encodings (the last n_enc x_num columns) apart from the other columns: plain values, or their own embedding
+        self.n_enc = n_encoded if embeds else 0
+        n_emb = n_num - self.n_enc
+        n = n_emb + (n_time if self.use_time else 0)
         cards = [int(c) for c in cat_cardinalities]
-        if n + len(cards) == 0:
+        if n + self.n_enc + len(cards) == 0:
             raise ValueError("tabm expert: no numeric or categorical features to read")
-        self.embed = None
-        if n and embedding not in ("none", "linear"):
-            b = None if bins is None else list(bins[:n_num]) + (list(bins[n_num : n_num + n_time]) if self.use_time else [])
-            kw = {k_: v for k_, v in (embedding_kw or {}).items() if k_ in ("n_frequencies", "frequency_scale")}
+        kw = {k_: v for k_, v in (embedding_kw or {}).items() if k_ in ("n_frequencies", "frequency_scale")}
+        self.embed = self.embed_enc = None
+        if n and embeds:
+            b = None if bins is None else list(bins[:n_emb]) + (list(bins[n_num : n_num + n_time]) if self.use_time else [])
             self.embed = NumEmbedding(n_features=n, d_embedding=d_embedding, kind=embedding, bins=b, **kw)
-        d_num = n * d_embedding if self.embed is not None else n
+        if self.n_enc and d_encoding:
+            b = None if bins is None else list(bins[n_emb:n_num])
+            self.embed_enc = NumEmbedding(n_features=self.n_enc, d_embedding=d_encoding, kind=embedding, bins=b, **kw)
+        d_num = (n * d_embedding if self.embed is not None else n) + self.n_enc * (d_encoding or 1)
         # embeddings and one-hot categories are made here (a column without bins falls back to a linear embedding; a float
         # one-hot exports to ONNX), so TabM sees one flat float vector; TabM initialises its first adapter per input column
         self.cards = cards
@@ -542,9 +557,15 @@ class TabMExpert(ExpertModule):
 # %% ../nbs/30_models.ipynb #12a73242
 @patch
 def _forward(self: TabMExpert, x_num: Tensor, x_cat: Tensor, x_time: Tensor) -> Tensor:  # noqa: F811 (patched onto its class)
+    enc = None
+    if self.n_enc:
+        x_num, enc = x_num[:, : -self.n_enc], x_num[:, -self.n_enc :]
+        enc = enc if self.embed_enc is None else self.embed_enc(enc).flatten(1)
     x = torch.cat([x_num, x_time], 1) if self.use_time else x_num
     if self.embed is not None:
         x = self.embed(x).flatten(1)
+    if enc is not None:
+        x = torch.cat([x, enc], 1)
     if self.cards:
         hot = x.new_zeros(x.shape[0], sum(self.cards))
         hot = hot.scatter(1, x_cat + self.cat_offsets, 1.0)
@@ -773,6 +794,7 @@ class MoEClassifier(nn.Module):
         head_dropout: float = 0.1,
         bins: Sequence[Sequence[float] | None] | None = None,
         eval_chunk_size: int | None = 256,
+        n_encoded: int = 0,
         **flat,
     ):
         super().__init__()
@@ -787,7 +809,8 @@ class MoEClassifier(nn.Module):
         self.register_buffer("_cards", torch.tensor(self.cat_cardinalities, dtype=torch.long), persistent=False)
         # the data sizes, bins and numeric settings: the same for every expert and the gate
         sizes = dict(n_num=n_num, cat_cardinalities=self.cat_cardinalities, n_time=n_time, bins=bins, embedding_kw=dict(numeric or {}))
-        self.nets = _expert_nets(settings, sizes, eval_chunk_size)
+        self.n_encoded = int(n_encoded)  # the last n_encoded x_num columns are value encodings (experts may read them apart)
+        self.nets = _expert_nets(settings, {**sizes, "n_encoded": self.n_encoded}, eval_chunk_size)
         self.k = max(int(getattr(net, "k", 1)) for net in self.nets.values())
         self.proj = nn.ModuleDict({e: nn.Linear(self.nets[e].d_out, d_head) for e in self.experts})
         self.gate = _moe_gate(self.experts, sizes, d_gate=d_gate, top_k=gate_top_k, noise=gate_noise, embedding=gate_embedding)
