@@ -103,25 +103,26 @@ SEQ_PLAYERS = ("seq_direction", "seq_size", "seq_iat")  # one player per packet-
 
 
 def _players(bundle: ModelBundle, per_position: bool = False) -> tuple[list[str], np.ndarray]:
-    "(player names, player of each encoded column): the raw features, then for a sequence model one player per channel (or per channel and packet position)."
-    M, N = len(bundle.schema.features), bundle.schema.sequence
+    "(player names, player of each encoded column): the raw features (a value encoding goes with its column), then for a sequence model one player per channel (or per channel and packet position)."
+    feats, N = list(bundle.schema.features), bundle.schema.sequence
+    M, flat = len(feats), np.array([feats.index(s) for s in bundle.preprocessor.array_sources])
     if not N:
-        return list(bundle.schema.features), np.arange(M)
+        return feats, flat
     ch = np.tile(np.array([0, 1, 2, 1]), N)  # x_seq channels dir, size, time, mask: the mask goes with size
     if not per_position:
-        return list(bundle.schema.features) + list(SEQ_PLAYERS), np.concatenate([np.arange(M), M + ch])
+        return feats + list(SEQ_PLAYERS), np.concatenate([flat, M + ch])
     names = [f"{p}_{i}" for p in SEQ_PLAYERS for i in range(N)]  # channel by channel, positions in order
-    return list(bundle.schema.features) + names, np.concatenate([np.arange(M), M + ch * N + np.repeat(np.arange(N), 4)])
+    return feats + names, np.concatenate([flat, M + ch * N + np.repeat(np.arange(N), 4)])
 
 # %% ../nbs/48_explain.ipynb #3d66fc75
 def _encode(bundle: ModelBundle, df: pd.DataFrame, where: str) -> np.ndarray:
-    "float64 [n, M (+ 4 N)] preprocessed values in `schema.features` order (category codes as floats), then the flat x_seq of a sequence model."
+    "float64 [n, columns of x_num, x_cat, x_time (+ 4 N)] preprocessed values (category codes as floats), then the flat x_seq of a sequence model."
     a = bundle.preprocessor.transform(df, where=where)
     z = np.hstack([a["x_num"].astype(np.float64), a["x_cat"].astype(np.float64), a["x_time"].astype(np.float64)])
-    if z.shape[1] != len(bundle.schema.features):
+    if z.shape[1] != len(bundle.preprocessor.array_sources):
         raise RuntimeError(
-            f"{where}: the preprocessor made {z.shape[1]} array columns for {len(bundle.schema.features)} raw features; "
-            "explanations need one column per raw feature"
+            f"{where}: the preprocessor made {z.shape[1]} array columns but names the sources of "
+            f"{len(bundle.preprocessor.array_sources)}; explanations need the raw feature of every column"
         )
     if "x_seq" in a:
         z = np.hstack([z, a["x_seq"].reshape(len(z), -1).astype(np.float64)])
@@ -130,7 +131,7 @@ def _encode(bundle: ModelBundle, df: pd.DataFrame, where: str) -> np.ndarray:
 
 def _evaluate(bundle: ModelBundle, z: np.ndarray) -> np.ndarray:
     "Model outputs [n, 1 + n_classes + n_experts] (p_attack, family probabilities, gate weights) of encoded rows `z`."
-    n_num, n_cat, M = len(bundle.schema.numeric), len(bundle.schema.categorical), len(bundle.schema.features)
+    n_num, n_cat, M = len(bundle.preprocessor.x_num_columns), len(bundle.schema.categorical), len(bundle.preprocessor.array_sources)
     arrays = {
         "x_num": z[:, :n_num].astype(np.float32),
         "x_cat": np.rint(z[:, n_num : n_num + n_cat]).astype(np.int64),

@@ -431,8 +431,8 @@ def _feedback_data(champion: ModelBundle, confirmed: pd.DataFrame, model, *, run
         run_dir = Path(outputs_dir or find_project_root() / "outputs") / run_name
     cfg, orig = run_rows(run_dir)
     pre = champion.preprocessor
-    A = lambda df, where: {**pre.transform(df, where=where), **pre.encode_targets(df, where=where)}
-    arrays = {n: A(df, f"original {n} split") for n, df in orig.items()}
+    A = lambda df, where, oof=False: {**pre.transform(df, where=where, out_of_fold=oof), **pre.encode_targets(df, where=where)}
+    arrays = {n: A(df, f"original {n} split", n == "train") for n, df in orig.items()}  # training rows: out-of-fold encodings
     fb = {k: A(df, f"confirmed verdicts ({k})") for k, df in parts.items()}
     return labelled, parts, run_dir, cfg, orig, arrays, fb
 

@@ -102,7 +102,7 @@ def make_demo_bundle(
     df = demo_flows(n_rows, seed=seed) if df is None else df
     pre = Preprocessor(schema=schema).fit(df)
     kw = dict(
-        n_num=len(schema.numeric),
+        n_num=len(pre.x_num_columns),
         cat_cardinalities=pre.cat_cardinalities,
         n_time=len(schema.timing),
         n_classes=len(pre.classes),

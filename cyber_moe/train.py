@@ -198,7 +198,10 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
     arrays = {}
     for name in SPLITS:
         part = frame.iloc[getattr(split, name)]
-        arrays[name] = {**pre.transform(part, where=f"{name} split"), **pre.encode_targets(part, where=f"{name} split")}
+        arrays[name] = {  # the training rows get out-of-fold value encodings (when the model uses them)
+            **pre.transform(part, where=f"{name} split", out_of_fold=name == "train"),
+            **pre.encode_targets(part, where=f"{name} split"),
+        }
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source or {})
 
 # %% ../nbs/50_train.ipynb #16102875
@@ -395,31 +398,39 @@ def baseline_sequence(cfg: RunConfig, prep: Prepared) -> int:
     return prep.schema.sequence or n
 
 
-def baseline_matrix(prep: Prepared, split: str, sequence: int = 0) -> np.ndarray:
-    "The baseline's matrix of split `split`: the preprocessed flow statistics, then `sequence` packets as flat raw columns."
+def baseline_matrix(prep: Prepared, split: str, sequence: int = 0, *, encodings: bool = False) -> np.ndarray:
+    "The baseline's matrix of split `split`: the preprocessed flow statistics (the value encodings only with `encodings`), then `sequence` packets as flat raw columns."
     from cyber_moe.baseline import flat_sequence, stack_features
 
-    X = stack_features(prep.arrays[split])
+    a = prep.arrays[split]
+    X = stack_features(a if encodings else prep.preprocessor.without_encodings(a))
     return np.concatenate([X, flat_sequence(prep.rows(split), sequence, where=f"{split} split")], 1) if sequence else X
 
 # %% ../nbs/50_train.ipynb #ec030afe
-def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None):
-    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`)."
+def fit_run_baseline(cfg: RunConfig, prep: Prepared, *, sequence: int | None = None, encodings: bool = False):
+    "The LightGBM baseline of this run, on the same split and preprocessed features as the MoE (plus the flat packet sequence, see `baseline_sequence`); `encodings`: given the value encodings too (a comparison, not the baseline)."
     n = baseline_sequence(cfg, prep) if sequence is None else sequence
-    return _fit_lightgbm(cfg, prep, baseline_matrix(prep, "train", n), prep.arrays["train"]["y_family"], baseline_matrix(prep, "val", n), n)
+    X, X_val = (baseline_matrix(prep, s, n, encodings=encodings) for s in ("train", "val"))
+    return _fit_lightgbm(cfg, prep, X, prep.arrays["train"]["y_family"], X_val, n, encodings=encodings)
 
 
-def _fit_lightgbm(cfg: RunConfig, prep: Prepared, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, n: int):
+def _fit_lightgbm(
+    cfg: RunConfig, prep: Prepared, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, n: int, *, encodings: bool = False
+):
     "LightGBM with the run's baseline settings on these training rows (`baseline_matrix` columns with `n` packets), early-stopped on validation."
     from cyber_moe.baseline import baseline_feature_names, categorical_indices, fit_baseline
 
+    names, cat = baseline_feature_names(prep.schema, n), categorical_indices(prep.schema)
+    if encodings:  # the encoded columns sit after the schema's numeric ones
+        k, e = len(prep.schema.numeric), prep.preprocessor.encoded_columns
+        names, cat = names[:k] + e + names[k:], [i + len(e) for i in cat]
     b = cfg.baseline
     return fit_baseline(
         X_train=X_train,
         y_train=y_train,
         X_val=X_val,
         y_val=prep.arrays["val"]["y_family"],
-        categorical_idx=categorical_indices(prep.schema),
+        categorical_idx=cat,
         n_classes=len(prep.classes),
         n_estimators=b.n_estimators,
         num_leaves=b.num_leaves,
@@ -427,7 +438,7 @@ def _fit_lightgbm(cfg: RunConfig, prep: Prepared, X_train: np.ndarray, y_train: 
         seed=cfg.seed,
         classes=prep.classes,
         benign_index=0,
-        feature_names=baseline_feature_names(prep.schema, n),
+        feature_names=names,
     )
 
 # %% ../nbs/50_train.ipynb #8dd0d8092fe74a7c96281538738b07e2
@@ -553,8 +564,8 @@ def baseline_probs(prep: Prepared, baseline) -> tuple[np.ndarray, np.ndarray]:
     "The baseline's family probabilities (validation, test), on the columns it was fit on."
     from cyber_moe.baseline import sequence_length_of
 
-    n_seq = sequence_length_of(baseline.feature_names)
-    return tuple(baseline.predict_proba(baseline_matrix(prep, s, n_seq)) for s in ("val", "test"))
+    n_seq, enc = sequence_length_of(baseline.feature_names), bool(set(baseline.feature_names) & set(prep.preprocessor.encoded_columns))
+    return tuple(baseline.predict_proba(baseline_matrix(prep, s, n_seq, encodings=enc)) for s in ("val", "test"))
 
 
 def evaluate_baseline(prep: Prepared, baseline, *, rule: str = "max_f1", target_fpr: float = 0.01) -> tuple[dict, dict]:
@@ -628,7 +639,10 @@ def load_prepared(cfg: RunConfig) -> Prepared:
     split = SplitResult(train=idx["train"], val=idx["val"], test=idx["test"], record=json.loads((folder / "split.json").read_text()))
     pre = Preprocessor.load(folder / "preprocessor")
     arrays = {
-        n: {**pre.transform(frame.iloc[idx[n]], where=f"{n} split"), **pre.encode_targets(frame.iloc[idx[n]], where=f"{n} split")}
+        n: {
+            **pre.transform(frame.iloc[idx[n]], where=f"{n} split", out_of_fold=n == "train"),
+            **pre.encode_targets(frame.iloc[idx[n]], where=f"{n} split"),
+        }
         for n in SPLITS
     }
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source)

@@ -46,13 +46,15 @@ def unsw(shared_data) -> pd.DataFrame:
     return df.sample(8000, random_state=0).reset_index(drop=True)
 
 
-def train_bundle(frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: int = 0, **sizes) -> tuple[ModelBundle, pd.DataFrame]:
-    "Split `frame`, fit the preprocessing and a small MoE (plain torch loop) on the training rows; the bundle and the test rows."
+def train_bundle(
+    frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: int = 0, pre_kwargs: dict | None = None, **sizes
+) -> tuple[ModelBundle, pd.DataFrame]:
+    "Split `frame`, fit the preprocessing (`pre_kwargs`) and a small MoE (plain torch loop) on the training rows; the bundle and the test rows."
     split = split_flows(frame, schema=schema, seed=seed)
     train, val, test = split.frames(frame)
-    pre = Preprocessor(schema=schema).fit(train)
+    pre = Preprocessor(schema=schema, **(pre_kwargs or {})).fit(train)
     kw = dict(
-        n_num=len(schema.numeric),
+        n_num=len(pre.x_num_columns),
         cat_cardinalities=list(pre.cat_cardinalities),
         n_time=len(schema.timing),
         n_classes=len(pre.classes),
@@ -60,7 +62,7 @@ def train_bundle(frame: pd.DataFrame, schema: FlowSchema, *, steps: int, seed: i
     )
     torch.manual_seed(seed)
     net = MoEClassifier(**kw)
-    t = {k: torch.from_numpy(v) for k, v in {**pre.transform(train), **pre.encode_targets(train)}.items()}
+    t = {k: torch.from_numpy(v) for k, v in {**pre.transform(train, out_of_fold=True), **pre.encode_targets(train)}.items()}
     w = torch.from_numpy(1 / np.bincount(t["y_family"].numpy(), minlength=len(pre.classes)).clip(1)).float()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
@@ -170,6 +172,24 @@ def test_planted_feature_ranks_first_and_hidden_columns_never_appear(planted):
     # `sttl` and the labels are in every row but not in this schema: they never appear
     e = explain_flow(b, tcp.iloc[0], top_k=None)
     assert {c["feature"] for c in e["contributions"]} == set(PLANT.features)
+
+
+def test_value_encodings_go_with_their_columns(unsw):
+    "With value encodings, x_num has a second column per numeric feature; each raw feature is still one player, additive."
+    df = unsw.copy()
+    attack = df["stcpb"].to_numpy() >= 2**31
+    df[FAMILY] = np.where(attack, "Exploits", "Normal")
+    df[IS_ATTACK] = attack.astype("int8")
+    df["attack_cat"], df["label"] = df[FAMILY], df[IS_ATTACK]
+    b, test = train_bundle(
+        df, PLANT, steps=500, pre_kwargs={"target_encoding": {}}, d_token=8, n_blocks=1, n_heads=2, d_temporal=8, d_gate=8, d_head=16
+    )
+    assert b.preprocessor.encoded_columns == [c + "_attack_rate" for c in PLANT.numeric] and b.net.n_num == 12
+    assert (b.predict(test)["is_attack"].to_numpy() == test[IS_ATTACK].to_numpy()).mean() > 0.9
+    res = shap_rows(b, test.iloc[:6], n_background=20)
+    assert res.features == list(PLANT.features) and res.values.shape[1] == 10
+    np.testing.assert_allclose(res.base_values + res.values.sum(1), res.predictions, atol=1e-9)
+    assert global_importance(b, test, n=60, n_background=15).columns[0] == "stcpb"
 
 
 def test_matches_shap_exact_explainer(planted):

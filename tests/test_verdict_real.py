@@ -65,6 +65,25 @@ def test_every_row_through_the_bundle_and_the_pyfunc(unsw, bundle, tmp_path):
     assert (via["family"].to_numpy() == out["family"].to_numpy()).all()
 
 
+def test_value_encodings_score_every_row_alike_in_the_bundle_and_the_pyfunc(unsw, tmp_path):
+    "A model with value encodings: the saved pyfunc looks them up from raw rows exactly as the bundle does, on every row."
+    cfg = ModelConfig(
+        experts={"tabm": {"k": 2, "d_block": 32, "d_embedding": 4}}, d_head=16, numeric={"n_bins": 8, "target_encoding": True}
+    )
+    schema = get_schema("unsw-nb15")
+    b = untrained_bundle(unsw.sample(5000, random_state=0), schema=schema, model_cfg=cfg, seed=3)
+    assert b.preprocessor.encoded_columns == [c + "_attack_rate" for c in schema.numeric] and b.net.n_num == 2 * len(schema.numeric)
+    b.threshold = float(np.median(b.predict(unsw.head(5000))["p_attack"]))
+    out = b.predict(unsw, class_probs=True)
+    check_rule(out, b.classes, schema.benign, b.threshold)
+    save_pyfunc(b, tmp_path / "model", example=unsw.head(5))
+    via = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(
+        unsw.drop(columns=[FAMILY, IS_ATTACK]), params={"class_probs": True, "runtime": "torch"}
+    )
+    np.testing.assert_allclose(via["p_attack"].to_numpy(), out["p_attack"].to_numpy(), atol=1e-6)
+    assert (via["family"].to_numpy() == out["family"].to_numpy()).all()
+
+
 def test_every_row_through_the_cli(unsw, bundle, cli, shared_data, tmp_path):
     save_pyfunc(bundle, tmp_path / "model", example=unsw.head(5))
     r = subprocess.run(
