@@ -101,15 +101,20 @@ PLANT = FlowSchema(
 )
 
 
-@pytest.fixture(scope="module")
-def planted(unsw):
+def planted_frame(unsw: pd.DataFrame) -> pd.DataFrame:
     "Real UNSW-NB15 feature values with a planted label: attack iff the top bit of the source TCP base sequence number is set."
     df = unsw.copy()
     attack = df["stcpb"].to_numpy() >= 2**31
     df[FAMILY] = np.where(attack, "Exploits", "Normal")
     df[IS_ATTACK] = attack.astype("int8")
     df["attack_cat"], df["label"] = df[FAMILY], df[IS_ATTACK]
-    return train_bundle(df, PLANT, steps=500, d_token=8, n_blocks=1, n_heads=2, d_temporal=8, d_gate=8, d_head=16)
+    return df
+
+
+@pytest.fixture(scope="module")
+def planted(unsw):
+    "A small MoE trained on `planted_frame`."
+    return train_bundle(planted_frame(unsw), PLANT, steps=500, d_token=8, n_blocks=1, n_heads=2, d_temporal=8, d_gate=8, d_head=16)
 
 
 def test_trained_model_is_explained_additively(trained):
@@ -176,13 +181,17 @@ def test_planted_feature_ranks_first_and_hidden_columns_never_appear(planted):
 
 def test_value_encodings_go_with_their_columns(unsw):
     "With value encodings, x_num has a second column per numeric feature; each raw feature is still one player, additive."
-    df = unsw.copy()
-    attack = df["stcpb"].to_numpy() >= 2**31
-    df[FAMILY] = np.where(attack, "Exploits", "Normal")
-    df[IS_ATTACK] = attack.astype("int8")
-    df["attack_cat"], df["label"] = df[FAMILY], df[IS_ATTACK]
     b, test = train_bundle(
-        df, PLANT, steps=500, pre_kwargs={"target_encoding": {}}, d_token=8, n_blocks=1, n_heads=2, d_temporal=8, d_gate=8, d_head=16
+        planted_frame(unsw),
+        PLANT,
+        steps=500,
+        pre_kwargs={"target_encoding": {}},
+        d_token=8,
+        n_blocks=1,
+        n_heads=2,
+        d_temporal=8,
+        d_gate=8,
+        d_head=16,
     )
     assert b.preprocessor.encoded_columns == [c + "_attack_rate" for c in PLANT.numeric] and b.net.n_num == 12
     assert (b.predict(test)["is_attack"].to_numpy() == test[IS_ATTACK].to_numpy()).mean() > 0.9
