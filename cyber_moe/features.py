@@ -420,10 +420,8 @@ def out_of_fold_rates(X: np.ndarray, y: np.ndarray, *, n_folds: int, seed: int, 
 # %% ../nbs/20_features.ipynb #101f268e
 _FORMAT = "cyber-moe-preprocessor"
 _FILE = "preprocessor.json"
-_VERSIONS = (
-    1,
-    2,
-)  # layouts of preprocessor.json this code reads; 1: {classes, num, cat, reference, fit_report, seq?, bins?}; 2: 1 + encodings
+# layouts of preprocessor.json this code reads; 1: {classes, num, cat, reference, fit_report, seq?, bins?}; 2: 1 + encodings
+_VERSIONS = (1, 2)
 NONFINITE_POLICIES = ("nan_indicator", "clip", "error")
 CLIP_MODES = ("hard", "smooth")
 ENCODING_SUFFIX = "_attack_rate"  # x_num column of a numeric column's value encoding: <column>_attack_rate
@@ -643,6 +641,12 @@ class FittedState:
     seq: dict | None = None
     bins: dict | None = None
     encodings: dict | None = None
+    encoding_tables: list | None = field(default=None, init=False, repr=False, compare=False)  # arrays for lookups
+
+    def __post_init__(self):
+        if self.encodings is not None:  # once per fitted state, so that transforming never writes
+            e = self.encodings
+            self.encoding_tables = [(np.asarray(v, np.float64), np.asarray(r, np.float64)) for v, r in zip(e["values"], e["rates"])]
 
     def to_dict(self) -> dict:
         "Plain JSON-ready dict (the layout of `preprocessor.json`'s `state`)."
@@ -963,12 +967,9 @@ def _out_of_fold(self: Preprocessor, raw: np.ndarray, fam: np.ndarray, enc: dict
 @patch
 def _lookup(self: Preprocessor, raw: np.ndarray) -> np.ndarray:
     "Value encodings [n, encoded columns] of any rows: the training rows' rates, the prior for values they never held."
-    enc = self.state.encodings
-    if "_tables" not in self.__dict__:  # arrays, once per preprocessor
-        self._tables = [(np.asarray(v, np.float64), np.asarray(r, np.float64)) for v, r in zip(enc["values"], enc["rates"])]
-    V = self._encoding_input(raw)
+    st, V = self._fitted(), self._encoding_input(raw)
     return (
-        np.column_stack([lookup_rates(v, r, V[:, j], enc["prior"]) for j, (v, r) in enumerate(self._tables)])
+        np.column_stack([lookup_rates(v, r, V[:, j], st.encodings["prior"]) for j, (v, r) in enumerate(st.encoding_tables)])
         if len(V)
         else np.empty((0, V.shape[1]))
     )
