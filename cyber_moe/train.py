@@ -9,7 +9,7 @@ import contextlib
 import json
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,12 @@ from .schema import FlowSchema, get_schema
 
 # %% auto #0
 __all__ = ['SPLITS', 'EXPERIMENT', 'lab_schema', 'model_reads_sequences', 'frame_sequence_length', 'temporal_expert',
-           'load_source', 'Prepared', 'prepare', 'network_kwargs', 'FitResult', 'TrainSettings', 'lit_module',
-           'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence', 'baseline_matrix', 'fit_run_baseline',
-           'teacher_targets', 'family_tilt', 'score_distribution', 'evaluate_hybrid', 'baseline_probs',
-           'evaluate_baseline', 'evaluate_run', 'save_prepared', 'load_prepared', 'flatten_dotted', 'ensure_experiment',
-           'mlflow_run', 'registered_name', 'data_origin', 'stage_data', 'stage_train', 'stage_evaluate', 'train_run',
-           'stage_explain']
+           'load_source', 'Prepared', 'prepare', 'split_arrays', 'prepared_for', 'network_kwargs', 'FitResult',
+           'TrainSettings', 'lit_module', 'fit_moe', 'calibrate', 'operating_point', 'baseline_sequence',
+           'baseline_matrix', 'fit_run_baseline', 'teacher_targets', 'family_tilt', 'score_distribution',
+           'evaluate_hybrid', 'baseline_probs', 'evaluate_baseline', 'evaluate_run', 'save_prepared', 'load_prepared',
+           'flatten_dotted', 'ensure_experiment', 'mlflow_run', 'registered_name', 'data_origin', 'stage_data',
+           'stage_train', 'stage_evaluate', 'train_run', 'stage_explain']
 
 # %% ../nbs/50_train.ipynb #32f53083
 def lab_schema(dst_port: str = "drop", sequence: int = 0) -> FlowSchema:
@@ -195,14 +195,32 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
     )
     train = frame.iloc[split.train]
     pre = Preprocessor(schema=schema, **preprocessor_kwargs(cfg.model)).fit(train)  # tree bins too when the model uses them
-    arrays = {}
-    for name in SPLITS:
-        part = frame.iloc[getattr(split, name)]
-        arrays[name] = {  # the training rows get out-of-fold value encodings (when the model uses them)
-            **pre.transform(part, where=f"{name} split", out_of_fold=name == "train"),
-            **pre.encode_targets(part, where=f"{name} split"),
-        }
+    arrays = split_arrays(pre, frame, {n: getattr(split, n) for n in SPLITS})
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source or {})
+
+
+def split_arrays(pre, frame: pd.DataFrame, rows: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    "Model arrays and targets of each split (name -> row positions of `frame`); the training rows get out-of-fold value encodings."
+    return {
+        n: {
+            **pre.transform(frame.iloc[idx], where=f"{n} split", out_of_fold=n == "train"),
+            **pre.encode_targets(frame.iloc[idx], where=f"{n} split"),
+        }
+        for n, idx in rows.items()
+    }
+
+
+def prepared_for(cfg: RunConfig, prep: Prepared) -> Prepared:
+    "`prep`, or its split with the preprocessing refit on the training rows when `cfg.model` needs other preprocessing (tree bins, clipping, value encodings), as a sweep's trial may."
+    from cyber_moe.bundle import preprocessor_kwargs
+    from cyber_moe.features import Preprocessor
+
+    pre = Preprocessor(schema=prep.schema, **{**prep.preprocessor.params, **preprocessor_kwargs(cfg.model)})
+    if pre.params == prep.preprocessor.params:
+        return prep
+    pre.fit(prep.rows("train"))
+    arrays = split_arrays(pre, prep.frame, {n: getattr(prep.split, n) for n in prep.arrays})
+    return replace(prep, preprocessor=pre, arrays=arrays)  # the same cache: the teacher reads no preprocessing it changes
 
 # %% ../nbs/50_train.ipynb #16102875
 def network_kwargs(cfg: RunConfig, pre) -> dict:
@@ -638,13 +656,7 @@ def load_prepared(cfg: RunConfig) -> Prepared:
     idx = np.load(folder / "split.npz")
     split = SplitResult(train=idx["train"], val=idx["val"], test=idx["test"], record=json.loads((folder / "split.json").read_text()))
     pre = Preprocessor.load(folder / "preprocessor")
-    arrays = {
-        n: {
-            **pre.transform(frame.iloc[idx[n]], where=f"{n} split", out_of_fold=n == "train"),
-            **pre.encode_targets(frame.iloc[idx[n]], where=f"{n} split"),
-        }
-        for n in SPLITS
-    }
+    arrays = split_arrays(pre, frame, {n: idx[n] for n in SPLITS})
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source)
 
 # %% ../nbs/50_train.ipynb #482eda9f

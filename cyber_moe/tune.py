@@ -27,6 +27,7 @@ from cyber_moe.train import (
     fit_moe,
     load_prepared,
     prepare,
+    prepared_for,
     save_prepared,
     stage_evaluate,
     stage_train,
@@ -329,7 +330,7 @@ def __call__(self: Objective, trial) -> float:
         logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=cfg.mlflow_uri, run_id=run_id)
         fit = fit_moe(
             cfg,
-            self.prep,
+            prepared_for(cfg, self.prep),  # refit preprocessing when the trial's config asks for other bins or encodings
             logger=logger,
             callbacks=[PyTorchLightningPruningCallback(trial, monitor=MONITOR)],
             enable_progress_bar=False,
@@ -540,6 +541,7 @@ def register_best(cfg: RunConfig, study, prep: Prepared, *, parent_run_id: str, 
         client.log_batch(run_id, params=params[i : i + 100])
     client.log_metric(run_id, f"{MONITOR}_trial", best.value)
     write_json(best_cfg.run_dir / "mlflow.json", {"run_id": run_id, "experiment": EXPERIMENT, "tracking_uri": cfg.mlflow_uri})
+    prep = prepared_for(best_cfg, prep)  # the best trial's preprocessing (bins, value encodings), as it was trained
     stage_train(best_cfg, prep, enable_progress_bar=False)
     metrics = stage_evaluate(best_cfg, prep, register=register)
     client.set_terminated(run_id, "FINISHED")
