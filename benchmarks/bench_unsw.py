@@ -30,9 +30,9 @@ def main() -> int:
 
     import mlflow
     import pandas as pd
-    from cyber_moe.baseline import Baseline, measure_predict_rate, stack_features
+    from cyber_moe.baseline import Baseline, measure_predict_rate, sequence_length_of
     from cyber_moe.config import load_config, write_json
-    from cyber_moe.train import evaluate_baseline, fit_run_baseline, load_prepared, train_run
+    from cyber_moe.train import baseline_matrix, evaluate_baseline, fit_run_baseline, load_prepared, train_run
 
     cfg = load_config(
         ROOT / "params" / "unsw-nb15.yaml",
@@ -54,7 +54,7 @@ def main() -> int:
         reps += 1
     moe_rate = reps * len(raw) / (time.perf_counter() - t)
     base = Baseline.load(cfg.run_dir / "baseline")
-    X = stack_features(prep.preprocessor.without_encodings(prep.arrays["test"]))
+    X = baseline_matrix(prep, "test", sequence_length_of(base.feature_names))
     lgb_rate = measure_predict_rate(base.predict_proba, X)
 
     m, b = metrics["model"], metrics["baseline"]

@@ -420,6 +420,7 @@ def _scores(bundle: ModelBundle, fb_arrays: dict, fb_rows: pd.DataFrame, test_ar
 def _feedback_data(champion: ModelBundle, confirmed: pd.DataFrame, model, *, run_dir, outputs_dir, fractions, seed: int):
     "The labelled verdicts, their parts, the run folder, its config and rows, and the arrays of both (rows and verdicts)."
     from cyber_moe.config import find_project_root
+    from cyber_moe.train import split_arrays
 
     labelled = feedback_targets(confirmed, champion.classes, benign=champion.schema.benign)
     champion.schema.check_columns(labelled.columns, where="confirmed verdicts")
@@ -431,9 +432,8 @@ def _feedback_data(champion: ModelBundle, confirmed: pd.DataFrame, model, *, run
         run_dir = Path(outputs_dir or find_project_root() / "outputs") / run_name
     cfg, orig = run_rows(run_dir)
     pre = champion.preprocessor
-    A = lambda df, where, oof=False: {**pre.transform(df, where=where, out_of_fold=oof), **pre.encode_targets(df, where=where)}
-    arrays = {n: A(df, f"original {n} split", n == "train") for n, df in orig.items()}  # training rows: out-of-fold encodings
-    fb = {k: A(df, f"confirmed verdicts ({k})") for k, df in parts.items()}
+    arrays = split_arrays(pre, orig, where="original {} split")  # the original training rows: out-of-fold encodings
+    fb = split_arrays(pre, parts, where="confirmed verdicts ({})")
     return labelled, parts, run_dir, cfg, orig, arrays, fb
 
 # %% ../nbs/89_retrain.ipynb #23dd420d

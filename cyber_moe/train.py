@@ -195,18 +195,15 @@ def prepare(cfg: RunConfig, frame: pd.DataFrame | None = None, schema: FlowSchem
     )
     train = frame.iloc[split.train]
     pre = Preprocessor(schema=schema, **preprocessor_kwargs(cfg.model)).fit(train)  # tree bins too when the model uses them
-    arrays = split_arrays(pre, frame, {n: getattr(split, n) for n in SPLITS})
+    arrays = split_arrays(pre, {n: frame.iloc[getattr(split, n)] for n in SPLITS})
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source or {})
 
 
-def split_arrays(pre, frame: pd.DataFrame, rows: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    "Model arrays and targets of each split (name -> row positions of `frame`); the training rows get out-of-fold value encodings."
+def split_arrays(pre, parts: dict[str, pd.DataFrame], *, where: str = "{} split") -> dict[str, dict[str, np.ndarray]]:
+    "Model arrays and targets of each part (name -> raw rows; `where` names it in errors); the part named 'train' must be the rows `pre` was fit on: it gets out-of-fold value encodings."
     return {
-        n: {
-            **pre.transform(frame.iloc[idx], where=f"{n} split", out_of_fold=n == "train"),
-            **pre.encode_targets(frame.iloc[idx], where=f"{n} split"),
-        }
-        for n, idx in rows.items()
+        n: {**pre.transform(df, where=where.format(n), out_of_fold=n == "train"), **pre.encode_targets(df, where=where.format(n))}
+        for n, df in parts.items()
     }
 
 
@@ -219,7 +216,7 @@ def prepared_for(cfg: RunConfig, prep: Prepared) -> Prepared:
     if pre.params == prep.preprocessor.params:
         return prep
     pre.fit(prep.rows("train"))
-    arrays = split_arrays(pre, prep.frame, {n: getattr(prep.split, n) for n in prep.arrays})
+    arrays = split_arrays(pre, {n: prep.rows(n) for n in prep.arrays})
     return replace(prep, preprocessor=pre, arrays=arrays)  # the same cache: the teacher reads no preprocessing it changes
 
 # %% ../nbs/50_train.ipynb #16102875
@@ -656,7 +653,7 @@ def load_prepared(cfg: RunConfig) -> Prepared:
     idx = np.load(folder / "split.npz")
     split = SplitResult(train=idx["train"], val=idx["val"], test=idx["test"], record=json.loads((folder / "split.json").read_text()))
     pre = Preprocessor.load(folder / "preprocessor")
-    arrays = split_arrays(pre, frame, {n: idx[n] for n in SPLITS})
+    arrays = split_arrays(pre, {n: frame.iloc[idx[n]] for n in SPLITS})
     return Prepared(frame=frame, schema=schema, split=split, preprocessor=pre, arrays=arrays, source=source)
 
 # %% ../nbs/50_train.ipynb #482eda9f
